@@ -1,0 +1,95 @@
+"""Supported MoE architectures, described as data.
+
+Every supported model is a decoder whose MoE blocks hold a *router* (a module with a
+``[num_experts, hidden]`` weight) and routed *experts* in one of two layouts:
+
+- ``fused``: transformers-native 3D tensors ``experts.gate_up_proj [E, 2I, H]`` and
+  ``experts.down_proj [E, H, I]``, called as ``experts(hidden, top_k_index, top_k_weights)``.
+- ``modulelist``: ``experts`` is an ``nn.ModuleList`` of MLPs with ``gate_proj/up_proj/down_proj``,
+  as in DeepSeek-MoE-16B's remote code, whose block routes through ``block.moe_infer(x,
+  flat_expert_indices, flat_expert_weights)``.
+
+Adding an architecture is one :class:`ArchSpec` row in :data:`ARCHITECTURES`. A model type not in
+the table is still accepted when it has the common shape (see :func:`spec_for`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moeprune.errors import MoePruneError
+
+# Config keys that hold the routed-expert count, in the order we look for them.
+NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k")
+BLOCK_ATTRS = ("mlp", "block_sparse_moe", "moe", "feed_forward")
+ROUTER_ATTRS = ("gate", "router")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How to find and edit the routed experts of one architecture."""
+
+    name: str
+    num_experts_key: str  # the config key written when the expert count changes
+    routing: str  # rule name in moeprune.arch.routing, used to re-route with cached logits
+    layout: str = "fused"  # "fused" | "modulelist"
+    router_attr: str = "gate"
+    experts_attr: str = "experts"
+    top_k_key: str = "num_experts_per_tok"
+    # Per-expert router vectors that are sliced together with the router rows.
+    router_vectors: tuple[str, ...] = ("bias",)
+    # Config keys with routing groups (DeepSeek): the kept count must split evenly over them.
+    group_key: str | None = None
+    topk_group_key: str | None = None
+    # Submodules that are not routed experts and are never scored or pruned (documentation).
+    shared: tuple[str, ...] = ()
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    spec.name: spec
+    for spec in (
+        # Qwen1.5-MoE: 60 experts top-4, shared expert with a sigmoid gate, norm_topk_prob false.
+        ArchSpec("qwen2_moe", "num_experts", "softmax_topk", shared=("shared_expert", "shared_expert_gate")),
+        ArchSpec("qwen3_moe", "num_experts", "softmax_topk"),
+        ArchSpec("olmoe", "num_experts", "softmax_topk"),
+        # Mixtral renormalises the top-k weights unconditionally.
+        ArchSpec("mixtral", "num_local_experts", "softmax_topk_renorm"),
+        ArchSpec(
+            "deepseek_v2",
+            "n_routed_experts",
+            "deepseek_v2",
+            group_key="n_group",
+            topk_group_key="topk_group",
+            shared=("shared_experts",),
+        ),
+        # Sigmoid scores, e_score_correction_bias, group-limited top-k over n_group groups.
+        ArchSpec(
+            "deepseek_v3",
+            "n_routed_experts",
+            "deepseek_v3",
+            router_vectors=("bias", "e_score_correction_bias"),
+            group_key="n_group",
+            topk_group_key="topk_group",
+            shared=("shared_experts",),
+        ),
+        # DeepSeek-MoE-16B (trust_remote_code): ModuleList experts routed by block.moe_infer.
+        ArchSpec("deepseek", "n_routed_experts", "deepseek_moe", layout="modulelist", shared=("shared_experts",)),
+    )
+}
+
+
+def spec_for(config) -> ArchSpec:
+    """The table row for ``config.model_type``, or a duck-typed row for an unknown MoE of the common shape."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    key = next((k for k in NUM_EXPERTS_KEYS if isinstance(getattr(config, k, None), int)), None)
+    if key is None:
+        raise MoePruneError(
+            f"Model type {model_type!r} is not a supported MoE: its config has none of the expert-count keys "
+            f"{list(NUM_EXPERTS_KEYS)}. If it is an MoE, add an ArchSpec row to moeprune.arch.adapters.ARCHITECTURES."
+        )
+    top_k_key = next((k for k in TOP_K_KEYS if isinstance(getattr(config, k, None), int)), TOP_K_KEYS[0])
+    # softmax_topk honours config.norm_topk_prob, the common switch among such models.
+    return ArchSpec(f"generic:{model_type}", key, "softmax_topk", top_k_key=top_k_key)

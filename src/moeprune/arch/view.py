@@ -1,0 +1,139 @@
+"""One generic view of a model's MoE layers, whatever the architecture.
+
+:func:`moe_layers` finds every decoder layer whose feed-forward is a routed MoE block (checking
+the module, not the layer index: Qwen's ``decoder_sparse_step`` and DeepSeek's
+``first_k_dense_replace`` leave some layers dense) and wraps it in a :class:`MoELayer`, which
+knows how to run one expert on its tokens and how routed-expert calls are made, so that profiling,
+reconstruction and surgery never look at the architecture again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moeprune.arch.adapters import BLOCK_ATTRS, ROUTER_ATTRS, ArchSpec, spec_for
+from moeprune.errors import MoePruneError
+
+# (hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> routed output [T, H]
+RoutedCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class MoELayer:
+    index: int  # decoder-layer index
+    block: nn.Module
+    router: nn.Module
+    experts: nn.Module
+    spec: ArchSpec
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.router.weight.shape[0])
+
+    def expert_forward(self, expert: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The expert's unweighted output f_e(h) on the tokens ``hidden [n, H]``."""
+        if self.spec.layout == "modulelist":
+            return self.experts[expert](hidden)
+        # Same operations, in the same order, as transformers' eager experts forward.
+        gate, up = nn.functional.linear(hidden, self.experts.gate_up_proj[expert]).chunk(2, dim=-1)
+        return nn.functional.linear(self.experts.act_fn(gate) * up, self.experts.down_proj[expert])
+
+    def install_routed_call(self, call: RoutedCall) -> Callable[[], None]:
+        """Replace the model's routed-expert computation by ``call``; returns a function that undoes it."""
+        if self.spec.layout == "modulelist":
+            top_k = _block_top_k(self.block)
+
+            def moe_infer(x, flat_expert_indices, flat_expert_weights):
+                index = flat_expert_indices.view(-1, top_k)
+                weights = flat_expert_weights.view(-1, top_k)
+                return call(x, index, weights)
+
+            self.block.moe_infer = moe_infer
+            return lambda: self.block.__dict__.pop("moe_infer", None)
+        self.experts.forward = call
+        return lambda: self.experts.__dict__.pop("forward", None)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder layers (``model.model.layers`` for every supported architecture)."""
+    base = getattr(model, "base_model", model)
+    layers = getattr(base, "layers", None)
+    if isinstance(layers, nn.ModuleList):
+        return layers
+    for name, module in model.named_modules():
+        if name.endswith("layers") and isinstance(module, nn.ModuleList) and len(module) > 0:
+            return module
+    raise MoePruneError(f"Could not find the decoder layers (a ModuleList named 'layers') in {type(model).__name__}.")
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    """Every MoE layer of ``model``, in order; an error naming what was missing if there is none."""
+    spec = spec_for(model.config)
+    found = []
+    for index, layer in enumerate(decoder_layers(model)):
+        block = next((getattr(layer, a) for a in BLOCK_ATTRS if hasattr(layer, a)), None)
+        if block is None:
+            continue
+        router = _router_of(block, spec)
+        experts = getattr(block, spec.experts_attr, None)
+        if router is None or experts is None:
+            continue
+        found.append(MoELayer(index, block, router, experts, _resolve_layout(spec, experts, block)))
+    if not found:
+        raise MoePruneError(
+            f"{type(model).__name__} ({getattr(model.config, 'model_type', '?')}) has no MoE layer that moeprune "
+            f"recognises: looked for a block {list(BLOCK_ATTRS)} holding a router {list(ROUTER_ATTRS)} with a "
+            f"[num_experts, hidden] weight and an '{spec.experts_attr}' module. Is this a Mixture-of-Experts model?"
+        )
+    return found
+
+
+def top_k_of(model: nn.Module) -> int:
+    spec = spec_for(model.config)
+    value = getattr(model.config, spec.top_k_key, None)
+    if not isinstance(value, int):
+        raise MoePruneError(f"Config has no integer {spec.top_k_key!r} (experts per token).")
+    return value
+
+
+def _router_of(block: nn.Module, spec: ArchSpec) -> nn.Module | None:
+    names = (spec.router_attr, *[a for a in ROUTER_ATTRS if a != spec.router_attr])
+    for name in names:
+        module = getattr(block, name, None)
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.Module) and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            return module
+    return None
+
+
+def _resolve_layout(spec: ArchSpec, experts: nn.Module, block: nn.Module) -> ArchSpec:
+    """Check the experts module matches the spec's layout (and pick one for duck-typed models)."""
+    from dataclasses import replace
+
+    if isinstance(experts, nn.ModuleList):
+        if not hasattr(block, "moe_infer"):
+            raise MoePruneError(
+                f"{type(block).__name__} holds ModuleList experts but no moe_infer(x, indices, weights) method; "
+                "moeprune cannot observe its routing. Add an ArchSpec for it."
+            )
+        return spec if spec.layout == "modulelist" else replace(spec, layout="modulelist")
+    gate_up = getattr(experts, "gate_up_proj", None)
+    if isinstance(gate_up, torch.Tensor) and gate_up.dim() == 3 and hasattr(experts, "down_proj"):
+        return spec if spec.layout == "fused" else replace(spec, layout="fused")
+    raise MoePruneError(
+        f"{type(experts).__name__} is neither fused experts (3D gate_up_proj/down_proj) nor a ModuleList of "
+        "expert MLPs; moeprune does not know how to run or slice it. Add an ArchSpec for it."
+    )
+
+
+def _block_top_k(block: nn.Module) -> int:
+    for owner in (block, getattr(block, "gate", None), getattr(block, "config", None)):
+        for name in ("num_experts_per_tok", "top_k"):
+            value = getattr(owner, name, None)
+            if isinstance(value, int):
+                return value
+    raise MoePruneError(f"Cannot find top-k on {type(block).__name__}.")

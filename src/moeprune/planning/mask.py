@@ -1,0 +1,149 @@
+"""The expert mask: which routed experts each MoE layer keeps, in a stable JSON format.
+
+```
+{"format": "moeprune.mask/1", "model": ..., "method": ..., "retain": rho, "num_experts": N,
+ "kept_per_layer": K, "protect_budget": B | null, "seed": ..., "candidate": ...,
+ "layers": {"<decoder layer index>": {"kept": [sorted original ids], "protected": [ids]}}}
+```
+
+Extra per-layer fields (e.g. a reconstruction loss) and top-level fields (``extra``) are allowed;
+readers ignore what they do not know.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moeprune.errors import MoePruneError
+from moeprune.io import write_json_atomic
+
+MASK_FORMAT = "moeprune.mask/1"
+
+
+def kept_count(retain: float, num_experts: int, top_k: int | None = None) -> int:
+    """K = floor(rho * N), validated: rho in (0, 1] and K >= top-k (the router must still find k experts)."""
+    if not 0.0 < retain <= 1.0:
+        raise MoePruneError(f"Retain ratio {retain} is outside (0, 1]; pass e.g. --retain 0.5 to keep half.")
+    # The epsilon keeps 0.3 * 10 (= 2.9999999999999996 in floats) at 3, as a reader expects.
+    k = math.floor(retain * num_experts + 1e-9)
+    if k < 1:
+        raise MoePruneError(f"Retain ratio {retain} keeps no expert out of {num_experts}; raise --retain.")
+    if top_k is not None and k < top_k:
+        raise MoePruneError(
+            f"Retain ratio {retain} keeps K={k} of {num_experts} experts, fewer than the router's top-k={top_k}; "
+            f"the pruned model could not route. Use --retain >= {math.ceil(top_k / num_experts * 1000) / 1000}."
+        )
+    return k
+
+
+@dataclass
+class LayerMask:
+    kept: list[int]
+    protected: list[int] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kept": sorted(int(e) for e in self.kept), "protected": [int(e) for e in self.protected], **self.extra}
+
+
+@dataclass
+class ExpertMask:
+    model: str
+    method: str
+    retain: float
+    num_experts: int
+    kept_per_layer: int
+    layers: dict[int, LayerMask]
+    protect_budget: int | None = None
+    seed: int | None = None
+    candidate: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Every layer keeps exactly K distinct valid ids, and protects only kept ones."""
+        for layer, lm in self.layers.items():
+            ids = list(lm.kept)
+            if len(set(ids)) != len(ids):
+                raise MoePruneError(f"Mask layer {layer} lists an expert twice: {ids}.")
+            if len(ids) != self.kept_per_layer:
+                raise MoePruneError(f"Mask layer {layer} keeps {len(ids)} experts, expected {self.kept_per_layer}.")
+            bad = [e for e in ids if not 0 <= e < self.num_experts]
+            if bad:
+                raise MoePruneError(f"Mask layer {layer} keeps experts {bad} outside 0..{self.num_experts - 1}.")
+            unkept = set(lm.protected) - set(ids)
+            if unkept:
+                raise MoePruneError(f"Mask layer {layer} protects experts {sorted(unkept)} that it does not keep.")
+
+    def kept(self, layer: int) -> list[int]:
+        return sorted(self.layers[layer].kept)
+
+    def check_model(self, model_layers: list[int], num_experts: int, model_name: str | None = None) -> None:
+        """Fail with a clear message when this mask was made for a different model."""
+        where = f" (mask made for {self.model!r})" if self.model else ""
+        if num_experts != self.num_experts:
+            raise MoePruneError(
+                f"The mask is for a model with {self.num_experts} experts per layer{where}, but "
+                f"{model_name or 'this model'} has {num_experts}. Plan a mask from a profile of this model."
+            )
+        if sorted(self.layers) != sorted(model_layers):
+            raise MoePruneError(
+                f"The mask covers MoE layers {sorted(self.layers)}{where}, but {model_name or 'this model'} has MoE "
+                f"layers {sorted(model_layers)}. Plan a mask from a profile of this model."
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": MASK_FORMAT,
+            "model": self.model,
+            "method": self.method,
+            "retain": self.retain,
+            "num_experts": self.num_experts,
+            "kept_per_layer": self.kept_per_layer,
+            "protect_budget": self.protect_budget,
+            "seed": self.seed,
+            "candidate": self.candidate,
+            "layers": {str(layer): self.layers[layer].to_json() for layer in sorted(self.layers)},
+            **({"extra": self.extra} if self.extra else {}),
+        }
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(path, self.to_json())
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> ExpertMask:
+        if obj.get("format") != MASK_FORMAT:
+            raise MoePruneError(f"Not a moeprune mask (format {obj.get('format')!r}, expected {MASK_FORMAT!r}).")
+        layers = {}
+        for key, entry in obj["layers"].items():
+            extra = {k: v for k, v in entry.items() if k not in ("kept", "protected")}
+            layers[int(key)] = LayerMask(list(entry["kept"]), list(entry.get("protected", [])), extra)
+        return cls(
+            model=obj.get("model", ""),
+            method=obj["method"],
+            retain=float(obj["retain"]),
+            num_experts=int(obj["num_experts"]),
+            kept_per_layer=int(obj["kept_per_layer"]),
+            layers=layers,
+            protect_budget=obj.get("protect_budget"),
+            seed=obj.get("seed"),
+            candidate=obj.get("candidate"),
+            extra=obj.get("extra", {}),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExpertMask:
+        path = Path(path)
+        if not path.exists():
+            raise MoePruneError(f"Mask file {path} not found; create one with `moeprune plan`.")
+        try:
+            obj = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise MoePruneError(f"Mask file {path} is not valid JSON: {err}.") from err
+        return cls.from_json(obj)

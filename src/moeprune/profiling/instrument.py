@@ -1,0 +1,114 @@
+"""The instrumented MoE forward: the model's own routed-expert computation, observed on the way.
+
+We replace each MoE layer's routed-expert call (see :meth:`MoELayer.install_routed_call`) by
+:func:`routed_forward`, which computes exactly what the model computes (same experts, same tokens,
+same weights, contributions summed in the same expert order) but hands each expert's *unweighted*
+output to an observer before weighting it. Each expert runs only on the tokens routed to it, so
+profiling costs one forward pass, not one pass per expert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from moeprune.arch.view import MoELayer
+from moeprune.profiling.stats import SUM_FIELDS, ExpertStats
+
+# observer(expert, token_rows [n], weights [n], unweighted_output [n, H])
+Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def routed_forward(
+    layer: MoELayer,
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    observer: Observer | None = None,
+) -> torch.Tensor:
+    """sum_k w_k * f_{e_k}(h) for every token, observing each expert's unweighted output."""
+    top_k = top_k_index.shape[-1]
+    flat_index = top_k_index.reshape(-1)
+    flat_weights = top_k_weights.reshape(-1)
+    # A stable sort groups each expert's (token, slot) pairs, tokens in ascending order.
+    order = torch.argsort(flat_index, stable=True)
+    counts = torch.bincount(flat_index, minlength=layer.num_experts).tolist()
+    output = torch.zeros_like(hidden)
+    start = 0
+    for expert, n in enumerate(counts):
+        if n == 0:
+            continue
+        pairs = order[start : start + n]
+        start += n
+        tokens = pairs // top_k
+        unweighted = layer.expert_forward(expert, hidden[tokens])
+        weights = flat_weights[pairs]
+        if observer is not None:
+            observer(expert, tokens, weights, unweighted)
+        output.index_add_(0, tokens, (unweighted * weights[:, None]).to(output.dtype))
+    return output
+
+
+class StatsRecorder:
+    """Accumulates :class:`ExpertStats` sums while installed on a model's MoE layers.
+
+    Set :attr:`valid_tokens` (bool ``[batch * seq]``, flattened like the MoE block flattens its input)
+    before each forward so padding is excluded.
+    """
+
+    def __init__(self, layers: list[MoELayer], device: torch.device | str = "cpu") -> None:
+        self.layers = layers
+        self.rows = {layer.index: row for row, layer in enumerate(layers)}
+        num_experts = layers[0].num_experts
+        shape = (len(layers), num_experts)
+        self.sums = {name: torch.zeros(shape, dtype=torch.float64, device=device) for name in SUM_FIELDS}
+        self.valid_tokens: torch.Tensor | None = None
+
+    def observer_for(self, layer: MoELayer) -> Observer:
+        row = self.rows[layer.index]
+
+        def observe(expert: int, tokens: torch.Tensor, weights: torch.Tensor, unweighted: torch.Tensor) -> None:
+            norms = unweighted.float().norm(dim=-1).double()
+            gates = weights.double()
+            if self.valid_tokens is not None:
+                keep = self.valid_tokens[tokens].double()
+                norms, gates = norms * keep, gates * keep
+                count = keep.sum()
+            else:
+                count = torch.tensor(float(tokens.numel()), dtype=torch.float64, device=norms.device)
+            self.sums["count"][row, expert] += count
+            self.sums["gate_sum"][row, expert] += gates.sum()
+            self.sums["reap_sum"][row, expert] += (gates * norms).sum()
+            self.sums["norm_sum"][row, expert] += norms.sum()
+
+        return observe
+
+    @contextmanager
+    def installed(self) -> Iterator[StatsRecorder]:
+        """Observe every MoE layer inside the ``with`` block; the model is restored afterwards."""
+        undo = []
+        try:
+            for layer in self.layers:
+                observer = self.observer_for(layer)
+
+                def call(hidden, index, weights, _layer=layer, _observer=observer):
+                    return routed_forward(_layer, hidden, index, weights, _observer)
+
+                undo.append(layer.install_routed_call(call))
+            yield self
+        finally:
+            for restore in undo:
+                restore()
+
+    def take(self, meta: dict | None = None) -> ExpertStats:
+        """The sums so far as :class:`ExpertStats` on CPU; the recorder starts again from zero."""
+        stats = ExpertStats(
+            layers=torch.tensor([layer.index for layer in self.layers], dtype=torch.int64),
+            meta=dict(meta or {}),
+            **{name: tensor.cpu().clone() for name, tensor in self.sums.items()},
+        )
+        for tensor in self.sums.values():
+            tensor.zero_()
+        return stats

@@ -1,0 +1,207 @@
+"""Per-expert routing statistics as float64 sums, so they merge exactly.
+
+A corpus profile holds, for every MoE layer (row) and routed expert (column):
+
+- ``count``    tokens routed to the expert
+- ``gate_sum`` sum of g_e(x), the router weight the model applies (after any top-k renormalisation)
+- ``reap_sum`` sum of g_e(x) * ||f_e(h_x)||_2, f_e the expert's unweighted output
+- ``norm_sum`` sum of ||f_e(h_x)||_2
+
+plus ``layers``, the decoder-layer index of each row. Because every field is a sum, profiles of
+disjoint token sets add up to the profile of their union: resuming, data-parallel shards and
+adding a corpus later are all :meth:`ExpertStats.merge`.
+
+On disk a profile is a directory with ``<corpus>.safetensors`` (the tensors) and
+``<corpus>.json`` (metadata: model, config hash, corpus spec, samples, seq len, seed, tokens,
+library versions) for each corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from moeprune.errors import MoePruneError
+from moeprune.io import write_json_atomic
+
+SUM_FIELDS = ("count", "gate_sum", "reap_sum", "norm_sum")
+PROFILE_FORMAT = "moeprune.profile/1"
+
+
+@dataclass
+class ExpertStats:
+    """Sums for one corpus: each field is a float64 tensor ``[num_moe_layers, num_experts]``."""
+
+    layers: torch.Tensor  # int64 [L], decoder-layer index of each row
+    count: torch.Tensor
+    gate_sum: torch.Tensor
+    reap_sum: torch.Tensor
+    norm_sum: torch.Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def zeros(cls, layers: list[int], num_experts: int, meta: dict[str, Any] | None = None) -> ExpertStats:
+        shape = (len(layers), num_experts)
+        sums = {name: torch.zeros(shape, dtype=torch.float64) for name in SUM_FIELDS}
+        return cls(layers=torch.tensor(layers, dtype=torch.int64), meta=dict(meta or {}), **sums)
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.count.shape[1])
+
+    @property
+    def layer_ids(self) -> list[int]:
+        return [int(i) for i in self.layers]
+
+    @property
+    def tokens(self) -> float:
+        """Tokens seen per layer (each token is routed to top-k experts, so count sums to k * tokens)."""
+        return float(self.meta.get("tokens", 0))
+
+    def reap_score(self) -> torch.Tensor:
+        """REAP utility per expert: mean over routed tokens of g_e * ||f_e||; 0 for never-routed experts."""
+        return _safe_div(self.reap_sum, self.count)
+
+    def frequency(self) -> torch.Tensor:
+        """Fraction of this corpus's routing decisions that went to each expert (rows sum to 1)."""
+        return _safe_div(self.count, self.count.sum(dim=1, keepdim=True))
+
+    def merge(self, other: ExpertStats) -> ExpertStats:
+        """Sum two profiles of disjoint token sets of the same model."""
+        if not torch.equal(self.layers, other.layers) or self.count.shape != other.count.shape:
+            raise MoePruneError(
+                "Cannot merge profiles of different shapes "
+                f"(layers {self.layer_ids} x {self.num_experts} vs {other.layer_ids} x {other.num_experts}); "
+                "were they made from the same model?"
+            )
+        sums = {name: getattr(self, name) + getattr(other, name) for name in SUM_FIELDS}
+        meta = dict(self.meta)
+        for key in ("tokens", "samples"):
+            if key in self.meta or key in other.meta:
+                meta[key] = self.meta.get(key, 0) + other.meta.get(key, 0)
+        return ExpertStats(layers=self.layers.clone(), meta=meta, **sums)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {name: getattr(self, name).contiguous() for name in SUM_FIELDS}
+        out["layers"] = self.layers.contiguous()
+        return out
+
+    def save(self, path: str | Path) -> None:
+        """Write ``path`` (.safetensors) and its ``.json`` metadata, each atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(self.tensors(), tmp, metadata={"format": PROFILE_FORMAT})
+            # Metadata first: a .safetensors without its .json is treated as unfinished.
+            write_json_atomic(path.with_suffix(".json"), {"format": PROFILE_FORMAT, **self.meta})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExpertStats:
+        path = Path(path)
+        if not path.exists():
+            raise MoePruneError(f"Profile file {path} not found.")
+        tensors = load_file(str(path))
+        missing = [name for name in (*SUM_FIELDS, "layers") if name not in tensors]
+        if missing:
+            raise MoePruneError(f"{path} is not a moeprune profile: missing tensors {missing}.")
+        meta_path = path.with_suffix(".json")
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        meta.pop("format", None)
+        return cls(
+            layers=tensors["layers"].to(torch.int64),
+            meta=meta,
+            **{name: tensors[name].to(torch.float64) for name in SUM_FIELDS},
+        )
+
+
+@dataclass
+class Profile:
+    """Statistics of one model on several corpora, keyed by corpus name (in profiling order)."""
+
+    corpora: dict[str, ExpertStats]
+
+    def __post_init__(self) -> None:
+        if not self.corpora:
+            raise MoePruneError("A profile needs at least one corpus.")
+        first = next(iter(self.corpora.values()))
+        for name, stats in self.corpora.items():
+            if not torch.equal(stats.layers, first.layers) or stats.count.shape != first.count.shape:
+                raise MoePruneError(f"Corpus {name!r} was profiled on a model of a different shape.")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.corpora)
+
+    @property
+    def layer_ids(self) -> list[int]:
+        return next(iter(self.corpora.values())).layer_ids
+
+    @property
+    def num_experts(self) -> int:
+        return next(iter(self.corpora.values())).num_experts
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Metadata of the first corpus (model, config hash, top-k, ...; shared by all corpora)."""
+        return next(iter(self.corpora.values())).meta
+
+    def pooled(self) -> ExpertStats:
+        """All corpora summed, as if they were one corpus."""
+        stats = list(self.corpora.values())
+        total = stats[0]
+        for other in stats[1:]:
+            total = total.merge(other)
+        return total
+
+    def reap_scores(self) -> torch.Tensor:
+        """Per-corpus REAP scores stacked: ``[num_corpora, num_moe_layers, num_experts]``."""
+        return torch.stack([s.reap_score() for s in self.corpora.values()])
+
+    def save(self, directory: str | Path) -> None:
+        for name, stats in self.corpora.items():
+            stats.save(Path(directory) / f"{name}.safetensors")
+
+    @classmethod
+    def load(cls, directory: str | Path, corpora: list[str] | None = None) -> Profile:
+        """Load every finished corpus in ``directory`` (or just ``corpora``, in that order)."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise MoePruneError(f"Profile directory {directory} not found; run `moeprune profile` first.")
+        if corpora is None:
+            done = finished_corpora(directory)
+            corpora = sorted(done, key=lambda n: done[n])
+        if not corpora:
+            raise MoePruneError(f"{directory} holds no finished corpus profile (<corpus>.safetensors).")
+        return cls({name: ExpertStats.load(directory / f"{name}.safetensors") for name in corpora})
+
+
+def finished_corpora(directory: str | Path) -> dict[str, float]:
+    """Corpus names with a complete profile in ``directory``, mapped to their finishing time."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return {}
+    done = {}
+    for path in directory.glob("*.safetensors"):
+        if path.name.startswith(".") or path.stem.endswith(".partial"):
+            continue
+        if path.with_suffix(".json").exists():
+            meta = json.loads(path.with_suffix(".json").read_text())
+            done[path.stem] = float(meta.get("finished_at", path.stat().st_mtime))
+    return done
+
+
+def _safe_div(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    return torch.where(denominator > 0, numerator / denominator.clamp_min(1e-300), torch.zeros_like(numerator))
