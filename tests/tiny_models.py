@@ -36,10 +36,11 @@ COMMON = dict(
 )
 
 
-def _configs(num_experts: int = 8, top_k: int = 2) -> dict:
+def _configs(num_experts: int = 8, top_k: int = 2, vocab_size: int = 128) -> dict:
+    common = {**COMMON, "vocab_size": vocab_size}
     return {
         "qwen2_moe": Qwen2MoeConfig(
-            **COMMON,
+            **common,
             num_experts=num_experts,
             num_experts_per_tok=top_k,
             moe_intermediate_size=16,
@@ -49,15 +50,22 @@ def _configs(num_experts: int = 8, top_k: int = 2) -> dict:
             mlp_only_layers=[1],  # one dense layer: layers must be found by module, not index
         ),
         "qwen3_moe": Qwen3MoeConfig(
-            **COMMON, head_dim=8, num_experts=num_experts, num_experts_per_tok=top_k,
-            moe_intermediate_size=16, norm_topk_prob=True,
+            **common,
+            head_dim=8,
+            num_experts=num_experts,
+            num_experts_per_tok=top_k,
+            moe_intermediate_size=16,
+            norm_topk_prob=True,
         ),
-        "mixtral": MixtralConfig(**COMMON, num_local_experts=num_experts, num_experts_per_tok=top_k),
+        "mixtral": MixtralConfig(**common, num_local_experts=num_experts, num_experts_per_tok=top_k),
         "olmoe": OlmoeConfig(
-            **COMMON, num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=False,
+            **common,
+            num_experts=num_experts,
+            num_experts_per_tok=top_k,
+            norm_topk_prob=False,
         ),
         "deepseek_v2": DeepseekV2Config(
-            **{**COMMON, "num_key_value_heads": 4},
+            **{**common, "num_key_value_heads": 4},
             n_routed_experts=num_experts,
             num_experts_per_tok=top_k,
             moe_intermediate_size=16,
@@ -72,7 +80,7 @@ def _configs(num_experts: int = 8, top_k: int = 2) -> dict:
             routed_scaling_factor=1.0,
         ),
         "deepseek_v3": DeepseekV3Config(
-            **{**COMMON, "num_key_value_heads": 4},
+            **{**common, "num_key_value_heads": 4},
             n_routed_experts=num_experts,
             num_experts_per_tok=top_k,
             moe_intermediate_size=16,
@@ -94,16 +102,16 @@ def _configs(num_experts: int = 8, top_k: int = 2) -> dict:
 ARCH_NAMES = ["qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "deepseek"]
 
 
-def build_model(arch: str, num_experts: int = 8, top_k: int = 2, seed: int = 0):
+def build_model(arch: str, num_experts: int = 8, top_k: int = 2, seed: int = 0, vocab_size: int = 128):
     """A tiny random fp32 model of ``arch`` in eval mode, with decisive, varied routing."""
     torch.manual_seed(seed)
     if arch == "deepseek":
         from tests.remote_code.modeling_deepseek import DeepseekConfig, DeepseekForCausalLM
 
-        config = DeepseekConfig(n_routed_experts=num_experts, num_experts_per_tok=top_k)
+        config = DeepseekConfig(n_routed_experts=num_experts, num_experts_per_tok=top_k, vocab_size=vocab_size)
         model = DeepseekForCausalLM(config)
     else:
-        config = _configs(num_experts, top_k)[arch]
+        config = _configs(num_experts, top_k, vocab_size)[arch]
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _spread_weights(model)
     return model.eval()

@@ -114,7 +114,10 @@ class DeepseekMoE(nn.Module):
         self.config = config
         self.num_experts_per_tok = config.num_experts_per_tok
         self.experts = nn.ModuleList(
-            [DeepseekMLP(config, intermediate_size=config.moe_intermediate_size) for _ in range(config.n_routed_experts)]
+            [
+                DeepseekMLP(config, intermediate_size=config.moe_intermediate_size)
+                for _ in range(config.n_routed_experts)
+            ]
         )
         self.gate = MoEGate(config)
         if config.n_shared_experts is not None:
@@ -145,9 +148,7 @@ class DeepseekMoE(nn.Module):
             exp_token_idx = token_idxs[start_idx:end_idx]
             expert_out = expert(x[exp_token_idx])
             expert_out.mul_(flat_expert_weights[idxs[start_idx:end_idx]])
-            expert_cache.scatter_reduce_(
-                0, exp_token_idx.view(-1, 1).repeat(1, x.shape[-1]), expert_out, reduce="sum"
-            )
+            expert_cache.scatter_reduce_(0, exp_token_idx.view(-1, 1).repeat(1, x.shape[-1]), expert_out, reduce="sum")
         return expert_cache
 
 
@@ -173,8 +174,14 @@ class DeepseekAttention(nn.Module):
         def heads(t):
             return t.view(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2)
 
-        q, k, v = heads(self.q_proj(hidden_states)), heads(self.k_proj(hidden_states)), heads(self.v_proj(hidden_states))
-        inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, self.head_dim, 2, device=q.device).float() / self.head_dim))
+        q, k, v = (
+            heads(self.q_proj(hidden_states)),
+            heads(self.k_proj(hidden_states)),
+            heads(self.v_proj(hidden_states)),
+        )
+        inv_freq = 1.0 / (
+            self.rope_theta ** (torch.arange(0, self.head_dim, 2, device=q.device).float() / self.head_dim)
+        )
         freqs = torch.outer(torch.arange(q_len, device=q.device).float(), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)

@@ -85,9 +85,9 @@ def layer_selection(selections: Selections, layer: int, experts: list[int], k: i
     allowed = set(experts)
     chosen = [e for e in dict.fromkeys(selections[layer]) if e in allowed]
     if len(chosen) != k:
-        where = "" if len(experts) == len(selections) else f" among experts {experts[0]}..{experts[-1]}"
         raise MoePruneError(
-            f"The {what} keeps {len(chosen)} experts in MoE layer {layer}{where}, expected {k}; "
+            f"The {what} keeps {len(chosen)} experts in MoE layer {layer} among experts "
+            f"{experts[0]}..{experts[-1]}, expected {k}; "
             "make it with the same retain ratio (and, for grouped routing, K/n_group per group)."
         )
     return chosen
@@ -98,7 +98,8 @@ def select_precomputed(ctx: PlanContext, row: int, experts: list[int]) -> LayerM
     if ctx.precomputed is None:
         raise MoePruneError(
             f"Method {ctx.method!r} selects experts with the model, not from the profile alone: pass its "
-            "selections as precomputed={decoder_layer: [kept ids]} (or plan it with the model loaded)."
+            "selections as precomputed={decoder_layer: [kept ids]} (candidate_masks= when it is "
+            "tb-coverage's candidate), or plan it with the model loaded."
         )
-    kept = layer_selection(ctx.precomputed, ctx.layer(row), experts, ctx.kept_per_layer, f"{ctx.method} selection")
-    return LayerMask(kept)
+    what = f"{ctx.method} selection"
+    return LayerMask(layer_selection(ctx.precomputed, ctx.layer(row), experts, ctx.kept_per_layer, what))

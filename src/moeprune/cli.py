@@ -1,0 +1,344 @@
+"""The ``moeprune`` console script: profile, plan, apply, prune (all three), eval, experiment, inspect."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from moeprune.errors import MoePruneError
+
+EXAMPLES = {
+    "prune": "moeprune prune Qwen/Qwen1.5-MoE-A2.7B --retain 0.5 --out qwen-50/\n"
+    "  moeprune prune bundled --corpus wiki --corpus web --samples 64 --seq-len 256 --retain 0.5 --out pruned/",
+    "profile": "moeprune profile MODEL --corpus wikitext2 --corpus c4 --out prof/\n"
+    "  torchrun --nproc-per-node 4 -m moeprune profile MODEL --out prof/   # data parallel",
+    "plan": "moeprune plan prof/ --method tb-coverage --retain 0.25 0.5 0.75 --out masks/",
+    "apply": "moeprune apply MODEL masks/tb-coverage-0.50.json --out qwen-50/",
+    "eval": "moeprune eval MODEL --mask masks/tb-coverage-0.50.json --ppl wikitext2 c4 --tasks arc_easy piqa",
+    "experiment": "moeprune experiment bundled --preset bundled --out runs/bundled/",
+    "inspect": "moeprune inspect MODEL | moeprune inspect prof/ | moeprune inspect masks/tb-coverage-0.50.json",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except MoePruneError as err:
+        print(f"moeprune: error: {err}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moeprune",
+        description="Prune routed experts from Mixture-of-Experts LMs (Generic TB-Coverage and baselines).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()),
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for name, adder, summary in (
+        ("prune", _add_prune, "profile, plan and apply in one go"),
+        ("profile", _add_profile, "per-expert statistics of the dense model on each corpus"),
+        ("plan", _add_plan, "expert masks from a profile"),
+        ("apply", _add_apply, "write the pruned checkpoint for a mask"),
+        ("eval", _add_eval, "perplexity and zero-shot accuracy, optionally under a mask"),
+        ("experiment", _add_experiment, "the paper's grid: methods x retain ratios, tables and plots"),
+        ("inspect", _add_inspect, "summarise a model, a profile directory or a mask"),
+    ):
+        sub = verbs.add_parser(
+            name,
+            help=summary,
+            description=summary,
+            epilog="example:\n  " + EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        adder(sub)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------- options
+def _model_options(p: argparse.ArgumentParser, positional: bool = True) -> None:
+    if positional:
+        p.add_argument("model", help="local checkpoint directory, hub id, or 'bundled' (the shipped testbed)")
+    g = p.add_argument_group("model loading")
+    g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default: auto)")
+    g.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: where transformers loads)")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own modeling code")
+
+
+def _calibration_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration")
+    g.add_argument(
+        "--corpus",
+        action="append",
+        dest="corpora",
+        metavar="SPEC",
+        help="repeatable: wikitext2, c4, wiki, web, FILE.txt|.jsonl|.parquet, hf:ID[:CONFIG][:SPLIT]"
+        "[:FIELD], NAME=SPEC (default: wikitext2 and c4)",
+    )
+    g.add_argument("--samples", type=int, default=512, help="sequences per corpus (default 512)")
+    g.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
+    g.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+
+
+def _plan_options(p: argparse.ArgumentParser, many: bool) -> None:
+    g = p.add_argument_group("planning")
+    g.add_argument("--method", default="tb-coverage", help="one of: " + ", ".join(_methods()))
+    if many:
+        g.add_argument("--retain", type=float, nargs="+", required=True, help="retain ratios rho in (0, 1]")
+    else:
+        g.add_argument("--retain", type=float, required=True, help="retain ratio rho in (0, 1]")
+    g.add_argument(
+        "--protect-budget",
+        "-B",
+        type=int,
+        default=None,
+        help="TB-Coverage's protected experts per layer (default: 20 for N=60, 24 for N=64, else N/3)",
+    )
+    g.add_argument("--candidate", default=None, help="TB-Coverage's candidate method (default: expert-sparsity)")
+    g.add_argument("--plan-seed", type=int, default=None, help="seed of the random method (default: --seed or 0)")
+    r = p.add_argument_group("reconstruction (expert-sparsity)")
+    r.add_argument(
+        "--recon-corpus",
+        default=None,
+        help="corpus to reconstruct on (default: c4 if profiled, else the last profiled corpus)",
+    )
+    r.add_argument("--recon-samples", type=int, default=64, help="sequences (default 64)")
+    r.add_argument("--recon-seq-len", type=int, default=None, help="tokens per sequence (default: --seq-len or 1024)")
+
+
+def _methods() -> list[str]:
+    from moeprune.planning import METHODS
+
+    return list(METHODS)
+
+
+# ------------------------------------------------------------------------------------------------ verbs
+def _add_profile(p: argparse.ArgumentParser) -> None:
+    _model_options(p)
+    _calibration_options(p)
+    p.add_argument("--out", required=True, help="profile directory (finished corpora in it are reused)")
+    p.set_defaults(run=_run_profile)
+
+
+def _run_profile(args: argparse.Namespace) -> None:
+    from moeprune import api
+
+    _init_distributed()
+    prof = api.profile(
+        args.model,
+        args.corpora or list(api.DEFAULT_CORPORA),
+        args.out,
+        samples=args.samples,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        dtype=args.dtype,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(f"profile of {len(prof.names)} corpora ({', '.join(prof.names)}) in {args.out}")
+
+
+def _add_plan(p: argparse.ArgumentParser) -> None:
+    p.add_argument("profile", help="profile directory written by `moeprune profile`")
+    _plan_options(p, many=True)
+    _model_options(p, positional=False)
+    p.add_argument("--model", default=None, help="model for expert-sparsity (default: the profile's model)")
+    p.add_argument("--out", required=True, help="directory for the mask files (<method>-<rho>.json)")
+    p.set_defaults(run=_run_plan)
+
+
+def _run_plan(args: argparse.Namespace) -> None:
+    from moeprune import api
+
+    masks = api.plan_many(
+        args.profile,
+        args.method,
+        args.retain,
+        seed=_plan_seed(args),
+        protect_budget=args.protect_budget,
+        candidate=args.candidate,
+        model=args.model,
+        reconstruction=_recon(args),
+    )
+    for mask in masks:
+        path = Path(args.out) / api.mask_filename(mask)
+        mask.save(path)
+        print(f"{path}: keeps {mask.kept_per_layer} of {mask.num_experts} experts in {len(mask.layers)} layers")
+
+
+def _add_apply(p: argparse.ArgumentParser) -> None:
+    _model_options(p)
+    p.add_argument("mask", help="mask.json written by `moeprune plan`")
+    p.add_argument("--out", required=True, help="directory for the pruned checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-verify", action="store_true", help="skip reloading the export to compare logits")
+    p.set_defaults(run=_run_apply)
+
+
+def _run_apply(args: argparse.Namespace) -> None:
+    from moeprune import api
+
+    out = api.apply(
+        args.model,
+        args.mask,
+        args.out,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        overwrite=args.overwrite,
+        verify=not args.no_verify,
+    )
+    print(f"pruned checkpoint written to {out}")
+
+
+def _add_prune(p: argparse.ArgumentParser) -> None:
+    _model_options(p)
+    _calibration_options(p)
+    _plan_options(p, many=False)
+    p.add_argument("--out", required=True, help="directory for the pruned checkpoint")
+    p.add_argument("--workdir", default=None, help="where the profile and mask are kept (default: OUT.work)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(run=_run_prune)
+
+
+def _run_prune(args: argparse.Namespace) -> None:
+    from moeprune import api
+
+    out = api.prune(
+        args.model,
+        args.retain,
+        args.out,
+        method=args.method,
+        corpora=args.corpora or list(api.DEFAULT_CORPORA),
+        workdir=args.workdir,
+        samples=args.samples,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        protect_budget=args.protect_budget,
+        candidate=args.candidate,
+        reconstruction=_recon(args),
+        dtype=args.dtype,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        overwrite=args.overwrite,
+    )
+    print(f"pruned checkpoint written to {out}")
+
+
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    _model_options(p)
+    p.add_argument("--mask", default=None, help="mask.json applied in memory (no export needed)")
+    p.add_argument(
+        "--ppl",
+        nargs="*",
+        default=["wikitext2", "c4"],
+        help="perplexity datasets: wikitext2, c4, wiki, web, FILE.txt (default: wikitext2 c4)",
+    )
+    p.add_argument("--ppl-seq-len", type=int, default=2048, help="perplexity window (default 2048)")
+    p.add_argument(
+        "--tasks",
+        nargs="*",
+        default=None,
+        help="lm-eval tasks (default: the six of Common Avg; 'bundled' for the offline tasks; none to skip)",
+    )
+    p.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
+    p.add_argument("--eval-batch-size", type=int, default=8, help="lm-eval batch size (default 8)")
+    p.add_argument("--out", default=None, help="results JSON file (default: print only)")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+    from moeprune.evaluation.runner import evaluate_model
+
+    results = evaluate_model(
+        args.model,
+        mask=args.mask,
+        ppl_datasets=args.ppl,
+        seq_len=args.ppl_seq_len,
+        tasks=args.tasks,
+        limit=args.limit,
+        batch_size=args.eval_batch_size,
+        dtype=args.dtype,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        out=args.out,
+    )
+    print(json.dumps(results.get("summary", results), indent=2))
+
+
+def _add_experiment(p: argparse.ArgumentParser) -> None:
+    _model_options(p)
+    p.add_argument("--preset", choices=["paper", "bundled"], default=None,
+                   help="paper: wikitext2+c4, 512x1024, B=20/24, six tasks, seeds 0-4,42; bundled: the testbed, fast")
+    p.add_argument("--retain", type=float, nargs="+", default=None, help="retain ratios (default 0.25 0.5 0.75)")
+    p.add_argument("--methods", nargs="+", default=None, help="methods (default: all)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="random-method seeds (default 0 1 2 3 4 42)")
+    p.add_argument("--corpus", action="append", dest="corpora", metavar="SPEC", help="profiling corpora")
+    p.add_argument("--samples", type=int, default=None, help="calibration sequences per corpus")
+    p.add_argument("--seq-len", type=int, default=None, help="calibration tokens per sequence")
+    p.add_argument("--ppl", nargs="*", default=None, help="perplexity datasets")
+    p.add_argument("--ppl-seq-len", type=int, default=None, help="perplexity window")
+    p.add_argument("--tasks", nargs="*", default=None, help="zero-shot tasks")
+    p.add_argument("--limit", type=int, default=None, help="examples per task")
+    p.add_argument("--out", required=True, help="experiment directory (finished cells are reused)")
+    p.set_defaults(run=_run_experiment)
+
+
+def _run_experiment(args: argparse.Namespace) -> None:
+    from moeprune.evaluation.experiment import run_experiment_cli
+
+    run_experiment_cli(args)
+
+
+def _add_inspect(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", help="a model (directory or hub id), a profile directory or a mask .json")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own modeling code")
+    p.set_defaults(run=_run_inspect)
+
+
+def _run_inspect(args: argparse.Namespace) -> None:
+    from moeprune.inspect import describe
+
+    print(describe(args.target, trust_remote_code=args.trust_remote_code))
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _plan_seed(args: argparse.Namespace) -> int:
+    return args.plan_seed if args.plan_seed is not None else getattr(args, "seed", 0) or 0
+
+
+def _recon(args: argparse.Namespace) -> dict:
+    return {
+        "corpus": args.recon_corpus,
+        "samples": args.recon_samples,
+        "seq_len": args.recon_seq_len or getattr(args, "seq_len", None) or 1024,
+        "dtype": args.dtype,
+        "device": args.device,
+        "trust_remote_code": args.trust_remote_code,
+    }
+
+
+def _init_distributed() -> None:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: nccl on GPUs, gloo on CPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,180 @@
+"""Planning: turn a profile into an :class:`ExpertMask` (which experts each MoE layer keeps).
+
+Every method is one module with a function ``(ctx, row, experts) -> LayerMask`` (see
+:mod:`moeprune.planning.base`) and one line in :data:`METHODS`. :func:`plan` validates the request up
+front, splits grouped-routing layers into their groups, runs the method and assembles the mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from moeprune.errors import MoePruneError
+from moeprune.planning import aggregate, frequency, reap, tb_coverage
+from moeprune.planning import random_method as random_
+from moeprune.planning.base import Method, PlanContext, Selections, select_precomputed
+from moeprune.planning.groups import expert_groups, split_budget
+from moeprune.planning.mask import ExpertMask, LayerMask, kept_count
+from moeprune.profiling.stats import Profile
+
+METHODS: dict[str, Method] = {
+    "random": random_.select,
+    "frequency": frequency.select,
+    "reap": reap.select,
+    "mean-score": aggregate.mean_score,
+    "max-score": aggregate.max_score,
+    "tb-coverage": tb_coverage.select,
+    # Chooses with the model (reconstruction); its selections arrive as plan(..., precomputed=...).
+    "expert-sparsity": select_precomputed,
+}
+PROTECTING = {"tb-coverage"}  # methods that take a protect budget B and a candidate
+SEEDED = {"random"}  # methods whose result depends on the seed
+
+# Paper settings (arXiv 2607.01710): B=20 of N=60 experts, B=24 of N=64.
+PAPER_PROTECT_BUDGETS = {60: 20, 64: 24}
+
+__all__ = ["METHODS", "PlanContext", "default_protect_budget", "plan"]
+
+
+def default_protect_budget(num_experts: int, kept: int) -> int:
+    """The paper's B for N=60 (20) and N=64 (24); otherwise round(N/3), the same ~1/3 ratio. At most K."""
+    return min(PAPER_PROTECT_BUDGETS.get(num_experts, round(num_experts / 3)), kept)
+
+
+def plan(
+    profile: Profile,
+    method: str,
+    retain: float,
+    *,
+    seed: int = 0,
+    protect_budget: int | None = None,
+    candidate: str | None = None,
+    candidate_masks: Selections | None = None,
+    precomputed: Selections | None = None,
+    model: Any = None,
+) -> ExpertMask:
+    """Keep K = floor(retain * N) experts in every MoE layer of ``profile`` by ``method``.
+
+    ``protect_budget`` (B, default :func:`default_protect_budget`), ``candidate`` (a method name,
+    default ``tb_coverage.DEFAULT_CANDIDATE``) and ``candidate_masks`` ({decoder layer: kept ids}, a
+    candidate made elsewhere; ``candidate`` then only labels it) apply to tb-coverage. ``precomputed``
+    carries the selections of a method that needs the model, e.g. expert-sparsity.
+    """
+    fn = _lookup(method)
+    meta, num_experts = profile.meta, profile.num_experts
+    kept = kept_count(retain, num_experts, meta.get("top_k"))
+    groups = expert_groups(meta, num_experts, kept)
+    budget, candidate = _protection(method, num_experts, kept, protect_budget, candidate, candidate_masks)
+    seeded = method in SEEDED or (candidate_masks is None and candidate in SEEDED)
+    if seeded and (not isinstance(seed, int) or seed < 0):
+        raise MoePruneError(f"Seed {seed!r} must be a non-negative integer.")
+    ctx = PlanContext(
+        profile=profile,
+        method=method,
+        kept_per_layer=kept,
+        seed=seed,
+        protect_budget=budget or 0,
+        candidate=candidate,
+        candidate_masks=_normalise(candidate_masks),
+        precomputed=_normalise(precomputed),
+        model=model,
+    )
+    layers = {ctx.layer(row): _plan_layer(fn, ctx, row, groups) for row in range(len(profile.layer_ids))}
+    extra = {"corpora": profile.names}
+    if meta.get("config_hash"):
+        extra["config_hash"] = meta["config_hash"]
+    return ExpertMask(
+        model=str(meta.get("model", "")),
+        method=method,
+        retain=retain,
+        num_experts=num_experts,
+        kept_per_layer=kept,
+        layers=layers,
+        protect_budget=budget,
+        seed=seed if seeded else None,
+        candidate=candidate,
+        extra=extra,
+    )
+
+
+def _lookup(method: str) -> Method:
+    if method not in METHODS:
+        raise MoePruneError(f"Unknown planning method {method!r}; known methods: {', '.join(METHODS)}.")
+    return METHODS[method]
+
+
+def _protection(
+    method: str,
+    num_experts: int,
+    kept: int,
+    budget: int | None,
+    candidate: str | None,
+    candidate_masks: Selections | None,
+) -> tuple[int | None, str | None]:
+    """Validated (B, candidate name) for a protecting method; (None, None) for the others."""
+    if method not in PROTECTING:
+        given = [name for name, v in [("protect_budget", budget), ("candidate", candidate)] if v is not None]
+        if candidate_masks is not None:
+            given.append("candidate_masks")
+        if given:
+            raise MoePruneError(
+                f"{', '.join(given)} only apply to {', '.join(sorted(PROTECTING))}; drop them for {method!r}."
+            )
+        return None, None
+    if budget is None:
+        budget = default_protect_budget(num_experts, kept)
+    if budget < 0:
+        raise MoePruneError(f"Protect budget B={budget} is negative; use 0 (keep the candidate) or more.")
+    if budget > kept:
+        raise MoePruneError(
+            f"Protect budget B={budget} exceeds the K={kept} experts kept per layer; protected experts must "
+            f"all be kept, so use B <= {kept} or raise the retain ratio."
+        )
+    if candidate_masks is not None:
+        return budget, candidate or "precomputed"
+    candidate = candidate or tb_coverage.DEFAULT_CANDIDATE
+    if candidate not in METHODS or candidate in PROTECTING:
+        usable = [name for name in METHODS if name not in PROTECTING]
+        raise MoePruneError(
+            f"Unknown candidate method {candidate!r} for {method}; use one of: {', '.join(usable)}."
+        )
+    return budget, candidate
+
+
+def _normalise(selections: Selections | None) -> Selections | None:
+    """Integer keys and ids, whether the selections came from Python or from JSON (string keys)."""
+    if selections is None:
+        return None
+    return {int(layer): [int(e) for e in ids] for layer, ids in selections.items()}
+
+
+def _plan_layer(fn: Method, ctx: PlanContext, row: int, groups: list[list[int]]) -> LayerMask:
+    """Run the method in each routing group with its share of K and B, and join the groups' masks."""
+    if len(groups) == 1:
+        return _checked(fn(ctx, row, groups[0]), ctx, row, groups[0])
+    per_group = ctx.kept_per_layer // len(groups)
+    parts = []
+    for experts, budget in zip(groups, split_budget(ctx.protect_budget, len(groups)), strict=True):
+        group_ctx = replace(ctx, kept_per_layer=per_group, protect_budget=budget)
+        parts.append(_checked(fn(group_ctx, row, experts), group_ctx, row, experts))
+    extra: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.extra.items():
+            extra.setdefault(key, []).extend(value if isinstance(value, list) else [value])
+    return LayerMask(
+        kept=[e for part in parts for e in part.kept],
+        protected=[e for part in parts for e in part.protected],
+        extra=extra,
+    )
+
+
+def _checked(mask: LayerMask, ctx: PlanContext, row: int, experts: list[int]) -> LayerMask:
+    # A method that breaks the contract is a bug; say which method and layer rather than fail later.
+    stray = sorted(set(mask.kept) - set(experts))
+    if len(set(mask.kept)) != ctx.kept_per_layer or stray:
+        raise MoePruneError(
+            f"Method {ctx.method!r} kept {sorted(mask.kept)} in MoE layer {ctx.layer(row)}; expected "
+            f"{ctx.kept_per_layer} distinct experts among {experts[0]}..{experts[-1]}."
+        )
+    return mask

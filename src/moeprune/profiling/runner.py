@@ -1,0 +1,217 @@
+"""Profile a dense MoE model on each corpus: one instrumented forward pass over the calibration windows.
+
+Resumable at two levels: a finished corpus (``<corpus>.safetensors`` + ``.json``) is skipped when its
+metadata matches the request, and within a corpus the sums so far are checkpointed to
+``<corpus>.partial.safetensors`` every ``checkpoint_every`` batches, so a killed run restarts from
+the last checkpoint. Under ``torchrun`` (torch.distributed initialised) each rank takes every
+world-size-th batch and the sums are all-reduced at every checkpoint; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from moeprune.arch.view import moe_layers, top_k_of
+from moeprune.data.corpora import CorpusSpec
+from moeprune.data.sampling import calibration_windows
+from moeprune.errors import MoePruneError
+from moeprune.loading import config_hash, model_name
+from moeprune.profiling.instrument import StatsRecorder
+from moeprune.profiling.stats import ExpertStats, Profile, finished_corpora
+
+# Metadata that must match for a saved corpus profile (or checkpoint) to be reused.
+IDENTITY_KEYS = ("config_hash", "corpus", "samples_requested", "seq_len", "seed")
+
+
+@dataclass
+class ProfileSettings:
+    num_samples: int = 512
+    seq_len: int = 1024
+    batch_size: int = 4
+    seed: int = 0
+    checkpoint_every: int = 16  # batches between partial-sum checkpoints
+
+    def validate(self) -> None:
+        for name in ("num_samples", "seq_len", "batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise MoePruneError(f"{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)}).")
+
+
+def model_meta(model) -> dict[str, Any]:
+    """What a profile records about the model it came from (planning reads top_k and groups here)."""
+    from moeprune.arch.adapters import spec_for
+
+    spec = spec_for(model.config)
+    layers = moe_layers(model)
+    config = model.config
+    return {
+        "model": model_name(model),
+        "model_type": getattr(config, "model_type", None),
+        "config_hash": config_hash(config),
+        "num_experts": layers[0].num_experts,
+        "top_k": top_k_of(model),
+        "moe_layers": [layer.index for layer in layers],
+        "n_group": getattr(config, spec.group_key, None) if spec.group_key else None,
+        "topk_group": getattr(config, spec.topk_group_key, None) if spec.topk_group_key else None,
+    }
+
+
+def profile_model(
+    model,
+    tokenizer,
+    corpora: list[CorpusSpec],
+    out_dir: str | Path,
+    settings: ProfileSettings | None = None,
+    progress: bool = True,
+) -> Profile:
+    """Profile ``model`` on every corpus into ``out_dir``; finished corpora are reused, not recomputed."""
+    settings = settings or ProfileSettings()
+    settings.validate()
+    out_dir = Path(out_dir)
+    if len({spec.name for spec in corpora}) != len(corpora):
+        raise MoePruneError("Two corpora share a name; name them with NAME=SPEC.")
+    base_meta = {**model_meta(model), **_library_versions(), "settings": asdict(settings)}
+    for spec in corpora:
+        path = out_dir / f"{spec.name}.safetensors"
+        wanted = _identity(base_meta, spec, settings)
+        if spec.name in finished_corpora(out_dir) and _matches(ExpertStats.load(path).meta, wanted):
+            _log(progress, f"corpus {spec.name}: already profiled in {path}, skipping")
+            continue
+        windows = calibration_windows(spec, tokenizer, settings.num_samples, settings.seq_len, settings.seed)
+        meta = {**base_meta, **wanted, "samples": int(windows.shape[0]), "tokens": int(windows.numel())}
+        stats = profile_windows(
+            model,
+            windows,
+            settings,
+            meta,
+            out_dir / f"{spec.name}.partial.safetensors",
+            progress=progress,
+            desc=f"profile {spec.name}",
+        )
+        if _is_rank0():
+            stats.meta["finished_at"] = time.time()
+            stats.save(path)
+            _remove_partial(out_dir / f"{spec.name}.partial.safetensors")
+    _barrier()
+    return Profile.load(out_dir, [spec.name for spec in corpora])
+
+
+@torch.inference_mode()
+def profile_windows(
+    model,
+    windows: torch.Tensor,
+    settings: ProfileSettings,
+    meta: dict[str, Any],
+    partial_path: Path | None = None,
+    progress: bool = True,
+    desc: str = "profile",
+) -> ExpertStats:
+    """Sums over ``windows [S, L]``, checkpointed to ``partial_path`` so an interrupted run resumes."""
+    layers = moe_layers(model)
+    device = next(model.parameters()).device
+    recorder = StatsRecorder(layers, device=device)
+    total, done = _resume(partial_path, meta, layers)
+    batches = list(torch.split(windows, settings.batch_size))
+    rank, world = _rank_world()
+    bar = tqdm(total=len(batches), initial=done, desc=desc, unit="batch", disable=not progress or rank != 0)
+    with recorder.installed():
+        for step in range(done, len(batches)):
+            if step % world == rank:
+                batch = batches[step].to(device)
+                model.base_model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
+            bar.update(1)
+            finished = step + 1
+            if finished % settings.checkpoint_every == 0 or finished == len(batches):
+                total = total.merge(_reduced(recorder.take()))
+                total.meta.update(meta, batches_done=finished)
+                if partial_path is not None and finished < len(batches) and _is_rank0():
+                    total.save(partial_path)
+    bar.close()
+    total.meta.pop("batches_done", None)
+    return total
+
+
+def _resume(partial_path: Path | None, meta: dict[str, Any], layers) -> tuple[ExpertStats, int]:
+    empty = ExpertStats.zeros([layer.index for layer in layers], layers[0].num_experts, meta)
+    if partial_path is None or not partial_path.exists() or not partial_path.with_suffix(".json").exists():
+        return empty, 0
+    partial = ExpertStats.load(partial_path)
+    if not _matches(partial.meta, {k: meta[k] for k in IDENTITY_KEYS}) or partial.meta.get("world_size", 1) != meta.get(
+        "world_size", 1
+    ):
+        return empty, 0
+    return partial, int(partial.meta.get("batches_done", 0))
+
+
+def _identity(base_meta: dict[str, Any], spec: CorpusSpec, settings: ProfileSettings) -> dict[str, Any]:
+    return {
+        "config_hash": base_meta["config_hash"],
+        "corpus": spec.describe(),
+        "samples_requested": settings.num_samples,
+        "seq_len": settings.seq_len,
+        "seed": settings.seed,
+        "world_size": _rank_world()[1],
+    }
+
+
+def _matches(meta: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    return all(meta.get(key) == wanted.get(key) for key in IDENTITY_KEYS)
+
+
+def _reduced(stats: ExpertStats) -> ExpertStats:
+    """All-reduce the sums over data-parallel ranks (a no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        for name in ("count", "gate_sum", "reap_sum", "norm_sum"):
+            tensor = getattr(stats, name)
+            # gloo and nccl both reduce float64 exactly enough for sums of this size.
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            reduced = tensor.to(device)
+            dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+            setattr(stats, name, reduced.cpu())
+    return stats
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _is_rank0() -> bool:
+    return _rank_world()[0] == 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _remove_partial(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.with_suffix(".json").unlink(missing_ok=True)
+
+
+def _library_versions() -> dict[str, Any]:
+    import transformers
+
+    import moeprune
+
+    return {
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "moeprune": moeprune.__version__,
+        }
+    }
+
+
+def _log(progress: bool, message: str) -> None:
+    if progress and _is_rank0():
+        tqdm.write(message)
