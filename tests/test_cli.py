@@ -18,8 +18,19 @@ CALIBRATION = ["--samples", "4", "--seq-len", "32", "--batch-size", "2"]
 @pytest.fixture(scope="module")
 def profiled(tiny_checkpoint, text_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("prof")
-    code = main(["profile", str(tiny_checkpoint), "--corpus", "wiki", "--corpus", f"notes={text_corpus}",
-                 *CALIBRATION, "--out", str(out)])
+    code = main(
+        [
+            "profile",
+            str(tiny_checkpoint),
+            "--corpus",
+            "wiki",
+            "--corpus",
+            f"notes={text_corpus}",
+            *CALIBRATION,
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     return out
 
@@ -34,8 +45,24 @@ def test_profile_writes_one_file_per_corpus(profiled):
 
 def test_plan_apply_round_trip(profiled, tiny_checkpoint, tmp_path, capsys):
     masks = tmp_path / "masks"
-    assert main(["plan", str(profiled), "--method", "tb-coverage", "--candidate", "reap", "--retain", "0.5",
-                 "0.75", "--out", str(masks)]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                str(profiled),
+                "--method",
+                "tb-coverage",
+                "--candidate",
+                "reap",
+                "--retain",
+                "0.5",
+                "0.75",
+                "--out",
+                str(masks),
+            ]
+        )
+        == 0
+    )
     files = sorted(p.name for p in masks.iterdir())
     assert files == ["tb-coverage-0.50.json", "tb-coverage-0.75.json"]
     mask = ExpertMask.load(masks / "tb-coverage-0.50.json")
@@ -76,27 +103,41 @@ def _error(capsys, argv: list[str]) -> str:
 
 
 def test_errors_name_the_problem_and_the_fix(profiled, tiny_checkpoint, tmp_path, capsys):
-    assert "fewer than the router's top-k=2" in _error(capsys, ["plan", str(profiled), "--method", "reap",
-                                                                "--retain", "0.125", "--out", str(tmp_path)])
-    assert "outside (0, 1]" in _error(capsys, ["plan", str(profiled), "--method", "reap", "--retain", "1.5",
-                                               "--out", str(tmp_path)])
-    assert "Unknown planning method 'nope'" in _error(capsys, ["plan", str(profiled), "--method", "nope",
-                                                               "--retain", "0.5", "--out", str(tmp_path)])
-    missing = _error(capsys, ["profile", str(tiny_checkpoint), "--corpus", str(tmp_path / "absent.txt"),
-                              "--out", str(tmp_path / "p")])
+    assert "fewer than the router's top-k=2" in _error(
+        capsys, ["plan", str(profiled), "--method", "reap", "--retain", "0.125", "--out", str(tmp_path)]
+    )
+    assert "outside (0, 1]" in _error(
+        capsys, ["plan", str(profiled), "--method", "reap", "--retain", "1.5", "--out", str(tmp_path)]
+    )
+    assert "Unknown planning method 'nope'" in _error(
+        capsys, ["plan", str(profiled), "--method", "nope", "--retain", "0.5", "--out", str(tmp_path)]
+    )
+    missing = _error(
+        capsys,
+        ["profile", str(tiny_checkpoint), "--corpus", str(tmp_path / "absent.txt"), "--out", str(tmp_path / "p")],
+    )
     assert "absent.txt not found" in missing
-    assert "not found; create one" in _error(capsys, ["apply", str(tiny_checkpoint), str(tmp_path / "m.json"),
-                                                      "--out", str(tmp_path / "o")])
+    assert "not found; create one" in _error(
+        capsys, ["apply", str(tiny_checkpoint), str(tmp_path / "m.json"), "--out", str(tmp_path / "o")]
+    )
 
 
 def test_non_moe_model_is_refused(tmp_path, capsys, tokenizer):
-    dense = AutoModelForCausalLM.from_config(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32,
-                                                         intermediate_size=64, num_hidden_layers=1,
-                                                         num_attention_heads=4, num_key_value_heads=2))
+    dense = AutoModelForCausalLM.from_config(
+        Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     dense.save_pretrained(tmp_path / "dense")
     tokenizer.save_pretrained(tmp_path / "dense")
-    err = _error(capsys, ["profile", str(tmp_path / "dense"), "--corpus", "wiki", *CALIBRATION,
-                          "--out", str(tmp_path / "p")])
+    err = _error(
+        capsys, ["profile", str(tmp_path / "dense"), "--corpus", "wiki", *CALIBRATION, "--out", str(tmp_path / "p")]
+    )
     assert "not a supported MoE" in err and "qwen2" in err
 
 
@@ -107,6 +148,7 @@ def test_mask_for_another_model_is_refused(profiled, tmp_path, capsys, tokenizer
     save_model(build_model("qwen2_moe", num_experts=16, vocab_size=len(tokenizer)), other)
     tokenizer.save_pretrained(other)
     main(["plan", str(profiled), "--method", "frequency", "--retain", "0.5", "--out", str(tmp_path / "m")])
-    err = _error(capsys, ["apply", str(other), str(tmp_path / "m" / "frequency-0.50.json"),
-                          "--out", str(tmp_path / "o")])
+    err = _error(
+        capsys, ["apply", str(other), str(tmp_path / "m" / "frequency-0.50.json"), "--out", str(tmp_path / "o")]
+    )
     assert "8 experts per layer" in err and "has 16" in err

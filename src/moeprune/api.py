@@ -44,6 +44,7 @@ def profile(
     seq_len: int = 1024,
     batch_size: int = 4,
     seed: int = 0,
+    checkpoint_every: int = 16,
     dtype: str = "auto",
     device: str | None = None,
     tokenizer: Any = None,
@@ -54,7 +55,9 @@ def profile(
     model = _model(model, dtype, device, trust_remote_code)
     tokenizer = _tokenizer(tokenizer, model, trust_remote_code)
     specs = [c if isinstance(c, CorpusSpec) else parse_corpus(c) for c in corpora]
-    settings = ProfileSettings(num_samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed)
+    settings = ProfileSettings(
+        num_samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every
+    )
     return profile_model(model, tokenizer, specs, out, settings, progress=progress)
 
 

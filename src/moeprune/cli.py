@@ -85,6 +85,9 @@ def _calibration_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
     g.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument(
+        "--checkpoint-every", type=int, default=16, help="batches between checkpoints of partial sums (default 16)"
+    )
 
 
 def _plan_options(p: argparse.ArgumentParser, many: bool) -> None:
@@ -139,6 +142,7 @@ def _run_profile(args: argparse.Namespace) -> None:
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
         dtype=args.dtype,
         device=args.device,
         trust_remote_code=args.trust_remote_code,
@@ -276,8 +280,12 @@ def _run_eval(args: argparse.Namespace) -> None:
 
 def _add_experiment(p: argparse.ArgumentParser) -> None:
     _model_options(p)
-    p.add_argument("--preset", choices=["paper", "bundled"], default=None,
-                   help="paper: wikitext2+c4, 512x1024, B=20/24, six tasks, seeds 0-4,42; bundled: the testbed, fast")
+    p.add_argument(
+        "--preset",
+        choices=["paper", "bundled"],
+        default=None,
+        help="paper: wikitext2+c4, 512x1024, B=20/24, six tasks, seeds 0-4,42; bundled: the testbed, fast",
+    )
     p.add_argument("--retain", type=float, nargs="+", default=None, help="retain ratios (default 0.25 0.5 0.75)")
     p.add_argument("--methods", nargs="+", default=None, help="methods (default: all)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="random-method seeds (default 0 1 2 3 4 42)")

@@ -39,8 +39,8 @@ def _reference_sums(model, ids: torch.Tensor, valid: torch.Tensor | None = None)
     hooks = []
     for layer in layers:
 
-        def router_hook(module, args, output, _i=layer.index):
-            if layer.spec.layout == "modulelist":  # DeepSeek-MoE gate: (topk_idx, topk_weight, aux)
+        def router_hook(module, args, output, _i=layer.index, _layout=layer.spec.layout):
+            if _layout == "modulelist":  # DeepSeek-MoE gate: (topk_idx, topk_weight, aux)
                 routes[_i] = (output[0], output[1])
             else:  # transformers routers: (logits, weights, indices)
                 routes[_i] = (output[2], output[1])

@@ -1,0 +1,96 @@
+"""A killed profiling run resumes to the uninterrupted result; torchrun data parallelism equals one process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from moeprune.profiling.stats import SUM_FIELDS, ExpertStats
+
+ARGS = ["--corpus", "wiki", "--samples", "48", "--seq-len", "32", "--batch-size", "2"]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "moeprune", "profile", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _assert_same(a: ExpertStats, b: ExpertStats) -> None:
+    assert torch.equal(a.count, b.count)
+    for name in SUM_FIELDS:
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-12, atol=1e-9, msg=name)
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tiny_checkpoint, tmp_path):
+    reference = tmp_path / "reference"
+    subprocess.run(
+        _cli(str(tiny_checkpoint), *ARGS, "--out", str(reference)), check=True, env=_env(), capture_output=True
+    )
+
+    resumed = tmp_path / "resumed"
+    partial = resumed / "wiki.partial.safetensors"
+    process = subprocess.Popen(
+        _cli(str(tiny_checkpoint), *ARGS, "--checkpoint-every", "1", "--out", str(resumed)),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while not partial.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert partial.exists(), "the run finished or died before its first checkpoint; cannot test resuming"
+    assert not (resumed / "wiki.safetensors").exists()
+    done = ExpertStats.load(partial).meta["batches_done"]
+    assert 0 < done < 24
+
+    subprocess.run(
+        _cli(str(tiny_checkpoint), *ARGS, "--checkpoint-every", "1", "--out", str(resumed)),
+        check=True,
+        env=_env(),
+        capture_output=True,
+    )
+    assert not partial.exists(), "the checkpoint is removed once the corpus is finished"
+    _assert_same(ExpertStats.load(resumed / "wiki.safetensors"), ExpertStats.load(reference / "wiki.safetensors"))
+
+
+def test_torchrun_two_processes_equal_one(tiny_checkpoint, tmp_path):
+    single = tmp_path / "single"
+    subprocess.run(_cli(str(tiny_checkpoint), *ARGS, "--out", str(single)), check=True, env=_env(), capture_output=True)
+    parallel = tmp_path / "parallel"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run(
+        [
+            str(torchrun),
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29517",
+            "-m",
+            "moeprune",
+            "profile",
+            str(tiny_checkpoint),
+            *ARGS,
+            "--checkpoint-every",
+            "5",
+            "--out",
+            str(parallel),
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    one, two = ExpertStats.load(single / "wiki.safetensors"), ExpertStats.load(parallel / "wiki.safetensors")
+    _assert_same(two, one)
+    assert two.meta["world_size"] == 2 and two.meta["tokens"] == one.meta["tokens"]
