@@ -30,6 +30,22 @@ from moeprune.profiling.stats import Profile
 log = logging.getLogger("moeprune")
 
 DEFAULT_CORPORA = ("wikitext2", "c4")
+# Calibration defaults: the paper's (512 x 1024 on WikiText2 and C4), and a fast one for the bundled testbed.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"corpora": DEFAULT_CORPORA, "samples": 512, "seq_len": 1024, "recon_samples": 64, "recon_seq_len": 1024},
+    "bundled": {"corpora": ("wiki", "web"), "samples": 128, "seq_len": 256, "recon_samples": 32, "recon_seq_len": 256},
+}
+
+
+def preset_for(model: Any) -> dict[str, Any]:
+    """The bundled testbed model gets the fast preset; every other model the paper's settings."""
+    from moeprune.bundled import bundled_model_path
+
+    name = str(model or "")
+    bundled = name == "bundled" or (bool(name) and Path(name).resolve() == bundled_model_path().resolve())
+    return PRESETS["bundled" if bundled else "paper"]
+
+
 # The reconstruction candidate is fitted on C4 in the paper; without C4 we use the last profiled corpus.
 RECONSTRUCTION_CORPUS = "c4"
 NEEDS_MODEL = {"expert-sparsity"}
@@ -45,18 +61,32 @@ def profile(
     batch_size: int = 4,
     seed: int = 0,
     checkpoint_every: int = 16,
+    sequential: bool | None = None,
     dtype: str = "auto",
     device: str | None = None,
     tokenizer: Any = None,
     trust_remote_code: bool = False,
     progress: bool = True,
 ) -> Profile:
-    """Profile ``model`` (a loaded model, a local path or a hub id) on each corpus into ``out``."""
+    """Profile ``model`` (a loaded model, a local path or a hub id) on each corpus into ``out``.
+
+    ``sequential=True`` keeps the weights on the CPU and runs one decoder layer at a time on ``device``;
+    ``None`` (default) does so only when a model given by name does not fit in the free GPU memory.
+    """
+    sequential_device = None
+    if sequential or (sequential is None and not isinstance(model, torch.nn.Module) and not _fits(model, device)):
+        sequential_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cpu"
     model = _model(model, dtype, device, trust_remote_code)
     tokenizer = _tokenizer(tokenizer, model, trust_remote_code)
     specs = [c if isinstance(c, CorpusSpec) else parse_corpus(c) for c in corpora]
     settings = ProfileSettings(
-        num_samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every
+        num_samples=samples,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        sequential_device=sequential_device,
     )
     return profile_model(model, tokenizer, specs, out, settings, progress=progress)
 
@@ -181,9 +211,13 @@ def prune(
     device: str | None = None,
     trust_remote_code: bool = False,
     overwrite: bool = False,
+    ppl_datasets: Sequence[str] | None = None,
     progress: bool = True,
 ) -> Path:
-    """Profile, plan and apply in one call; the profile is kept in ``workdir`` (default ``OUT.work``)."""
+    """Profile, plan and apply in one call; the profile is kept in ``workdir`` (default ``OUT.work``).
+
+    With ``ppl_datasets`` the dense model and the written checkpoint are scored on those held-out sets
+    and a table is printed (and saved as ``workdir/perplexity.json``)."""
     workdir = Path(workdir) if workdir else Path(str(out).rstrip("/") + ".work")
     loaded = _model(model, dtype, device, trust_remote_code)
     tokenizer = _tokenizer(None, loaded, trust_remote_code)
@@ -210,7 +244,49 @@ def prune(
         progress=progress,
     )
     mask.save(workdir / mask_filename(mask))
-    return apply(loaded, mask, out, tokenizer=tokenizer, overwrite=overwrite, progress=progress)
+    dense_ppl = _perplexities(loaded, tokenizer, ppl_datasets, progress) if ppl_datasets else None
+    written = apply(loaded, mask, out, tokenizer=tokenizer, overwrite=overwrite, progress=progress)
+    if dense_ppl is not None:
+        pruned = load_model(written, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        pruned_ppl = _perplexities(pruned, tokenizer, ppl_datasets, progress)
+        _report_perplexity(dense_ppl, pruned_ppl, mask, workdir)
+    return written
+
+
+def _perplexities(model: Any, tokenizer: Any, datasets: Sequence[str], progress: bool) -> dict[str, dict]:
+    from moeprune.evaluation.perplexity import perplexity
+
+    seq_len = min(2048, int(getattr(model.config, "max_position_embeddings", 2048) or 2048))
+    return {name: perplexity(model, tokenizer, name, seq_len=seq_len, progress=progress) for name in datasets}
+
+
+def _report_perplexity(dense: dict[str, dict], pruned: dict[str, dict], mask: ExpertMask, workdir: Path) -> None:
+    from moeprune.io import write_json_atomic
+
+    print(f"\nheld-out perplexity, {mask.method} keeping {mask.kept_per_layer} of {mask.num_experts} experts per layer")
+    print(f"{'dataset':<12}{'dense':>10}{'pruned':>10}{'ratio':>8}")
+    for name in dense:
+        a, b = dense[name]["ppl"], pruned[name]["ppl"]
+        print(f"{name:<12}{a:>10.2f}{b:>10.2f}{b / a:>8.2f}")
+    write_json_atomic(workdir / "perplexity.json", {"dense": dense, "pruned": pruned, "mask": mask.to_json()})
+
+
+def _fits(model: Any, device: str | None) -> bool:
+    """Whether the weights fit in 90% of the free memory of the target GPU (always true without one)."""
+    if not torch.cuda.is_available() or (device is not None and not str(device).startswith("cuda")):
+        return True
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from moeprune.loading import load_config
+
+    config = load_config(model)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    dtype_bytes = torch.tensor([], dtype=getattr(config, "dtype", None) or torch.bfloat16).element_size()
+    needed = sum(p.numel() for p in skeleton.parameters()) * dtype_bytes
+    free, _ = torch.cuda.mem_get_info(torch.device(device or "cuda"))
+    return needed < 0.9 * free
 
 
 def _candidate(method: str, candidate: str | None) -> str | None:

@@ -79,15 +79,12 @@ def _calibration_options(p: argparse.ArgumentParser) -> None:
         dest="corpora",
         metavar="SPEC",
         help="repeatable: wikitext2, c4, wiki, web, FILE.txt|.jsonl|.parquet, hf:ID[:CONFIG][:SPLIT]"
-        "[:FIELD], NAME=SPEC (default: wikitext2 and c4)",
+        "[:FIELD], NAME=SPEC (default: wikitext2 and c4; for the bundled model: wiki and web)",
     )
-    g.add_argument("--samples", type=int, default=512, help="sequences per corpus (default 512)")
-    g.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
+    g.add_argument("--samples", type=int, default=None, help="sequences per corpus (default 512; bundled: 128)")
+    g.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 1024; bundled: 256)")
     g.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    g.add_argument(
-        "--checkpoint-every", type=int, default=16, help="batches between checkpoints of partial sums (default 16)"
-    )
 
 
 def _plan_options(p: argparse.ArgumentParser, many: bool) -> None:
@@ -112,8 +109,8 @@ def _plan_options(p: argparse.ArgumentParser, many: bool) -> None:
         default=None,
         help="corpus to reconstruct on (default: c4 if profiled, else the last profiled corpus)",
     )
-    r.add_argument("--recon-samples", type=int, default=64, help="sequences (default 64)")
-    r.add_argument("--recon-seq-len", type=int, default=None, help="tokens per sequence (default: --seq-len or 1024)")
+    r.add_argument("--recon-samples", type=int, default=None, help="sequences (default 64; bundled: 32)")
+    r.add_argument("--recon-seq-len", type=int, default=None, help="tokens per sequence (default 1024; bundled: 256)")
 
 
 def _methods() -> list[str]:
@@ -127,6 +124,16 @@ def _add_profile(p: argparse.ArgumentParser) -> None:
     _model_options(p)
     _calibration_options(p)
     p.add_argument("--out", required=True, help="profile directory (finished corpora in it are reused)")
+    p.add_argument(
+        "--sequential",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run one decoder layer at a time on --device, weights on the CPU (default: only when the model "
+        "does not fit in free GPU memory)",
+    )
+    p.add_argument(
+        "--checkpoint-every", type=int, default=16, help="batches between checkpoints of partial sums (default 16)"
+    )
     p.set_defaults(run=_run_profile)
 
 
@@ -134,15 +141,17 @@ def _run_profile(args: argparse.Namespace) -> None:
     from moeprune import api
 
     _init_distributed()
+    calibration = _calibration(args)
     prof = api.profile(
         args.model,
-        args.corpora or list(api.DEFAULT_CORPORA),
+        calibration["corpora"],
         args.out,
-        samples=args.samples,
-        seq_len=args.seq_len,
+        samples=calibration["samples"],
+        seq_len=calibration["seq_len"],
         batch_size=args.batch_size,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
+        sequential=args.sequential,
         dtype=args.dtype,
         device=args.device,
         trust_remote_code=args.trust_remote_code,
@@ -161,7 +170,10 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
 
 def _run_plan(args: argparse.Namespace) -> None:
     from moeprune import api
+    from moeprune.profiling.stats import Profile
 
+    # expert-sparsity reloads the profiled model unless told otherwise; its preset follows that model.
+    args.model = args.model or Profile.load(args.profile).meta.get("model")
     masks = api.plan_many(
         args.profile,
         args.method,
@@ -209,21 +221,29 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="directory for the pruned checkpoint")
     p.add_argument("--workdir", default=None, help="where the profile and mask are kept (default: OUT.work)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--ppl",
+        nargs="*",
+        default=None,
+        metavar="DATASET",
+        help="print dense and pruned perplexity on these held-out sets (e.g. wiki web, wikitext2 c4)",
+    )
     p.set_defaults(run=_run_prune)
 
 
 def _run_prune(args: argparse.Namespace) -> None:
     from moeprune import api
 
+    calibration = _calibration(args)
     out = api.prune(
         args.model,
         args.retain,
         args.out,
         method=args.method,
-        corpora=args.corpora or list(api.DEFAULT_CORPORA),
+        corpora=calibration["corpora"],
         workdir=args.workdir,
-        samples=args.samples,
-        seq_len=args.seq_len,
+        samples=calibration["samples"],
+        seq_len=calibration["seq_len"],
         batch_size=args.batch_size,
         seed=args.seed,
         protect_budget=args.protect_budget,
@@ -233,6 +253,7 @@ def _run_prune(args: argparse.Namespace) -> None:
         device=args.device,
         trust_remote_code=args.trust_remote_code,
         overwrite=args.overwrite,
+        ppl_datasets=args.ppl,
     )
     print(f"pruned checkpoint written to {out}")
 
@@ -319,15 +340,30 @@ def _run_inspect(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def _calibration(args: argparse.Namespace) -> dict:
+    """Explicit flags win; otherwise the preset of the model (the bundled testbed has a fast one)."""
+    from moeprune.api import preset_for
+
+    preset = preset_for(args.model)
+    return {
+        "corpora": args.corpora or list(preset["corpora"]),
+        "samples": args.samples or preset["samples"],
+        "seq_len": args.seq_len or preset["seq_len"],
+    }
+
+
 def _plan_seed(args: argparse.Namespace) -> int:
     return args.plan_seed if args.plan_seed is not None else getattr(args, "seed", 0) or 0
 
 
 def _recon(args: argparse.Namespace) -> dict:
+    from moeprune.api import preset_for
+
+    preset = preset_for(getattr(args, "model", None) or "")
     return {
         "corpus": args.recon_corpus,
-        "samples": args.recon_samples,
-        "seq_len": args.recon_seq_len or getattr(args, "seq_len", None) or 1024,
+        "samples": args.recon_samples or preset["recon_samples"],
+        "seq_len": args.recon_seq_len or preset["recon_seq_len"],
         "dtype": args.dtype,
         "device": args.device,
         "trust_remote_code": args.trust_remote_code,

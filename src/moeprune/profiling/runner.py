@@ -37,6 +37,8 @@ class ProfileSettings:
     batch_size: int = 4
     seed: int = 0
     checkpoint_every: int = 16  # batches between partial-sum checkpoints
+    # Run one decoder layer at a time on this device, weights kept on the CPU (see profiling.sequential).
+    sequential_device: str | None = None
 
     def validate(self) -> None:
         for name in ("num_samples", "seq_len", "batch_size", "checkpoint_every"):
@@ -86,15 +88,11 @@ def profile_model(
             continue
         windows = calibration_windows(spec, tokenizer, settings.num_samples, settings.seq_len, settings.seed)
         meta = {**base_meta, **wanted, "samples": int(windows.shape[0]), "tokens": int(windows.numel())}
-        stats = profile_windows(
-            model,
-            windows,
-            settings,
-            meta,
-            out_dir / f"{spec.name}.partial.safetensors",
-            progress=progress,
-            desc=f"profile {spec.name}",
-        )
+        if settings.sequential_device is not None:
+            stats = _sequential(model, windows, settings, meta, progress, f"profile {spec.name} (layer by layer)")
+        else:
+            partial = out_dir / f"{spec.name}.partial.safetensors"
+            stats = profile_windows(model, windows, settings, meta, partial, progress, f"profile {spec.name}")
         if _is_rank0():
             stats.meta["finished_at"] = time.time()
             stats.save(path)
@@ -136,6 +134,16 @@ def profile_windows(
     bar.close()
     total.meta.pop("batches_done", None)
     return total
+
+
+def _sequential(model, windows, settings: ProfileSettings, meta, progress: bool, desc: str) -> ExpertStats:
+    from moeprune.profiling.sequential import profile_windows_sequential
+
+    if _rank_world()[1] > 1:
+        raise MoePruneError("Layer-sequential profiling runs in one process; drop --sequential or torchrun.")
+    return profile_windows_sequential(
+        model, windows, settings.batch_size, meta, settings.sequential_device, progress=progress, desc=desc
+    )
 
 
 def _resume(partial_path: Path | None, meta: dict[str, Any], layers) -> tuple[ExpertStats, int]:
