@@ -17,8 +17,9 @@ import torch
 from moeprune.arch.view import MoELayer
 from moeprune.profiling.stats import SUM_FIELDS, ExpertStats
 
-# observer(expert, token_rows [n], weights [n], unweighted_output [n, H])
-Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+# observer(flat_expert_index [T*k], flat_weights [T*k], flat_norms [T*k], top_k): one call per layer and batch,
+# with ||f_e(h)||_2 of every (token, slot) pair, pairs in token-major order (pair p belongs to token p // k).
+Observer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], None]
 
 
 def routed_forward(
@@ -28,7 +29,7 @@ def routed_forward(
     top_k_weights: torch.Tensor,
     observer: Observer | None = None,
 ) -> torch.Tensor:
-    """sum_k w_k * f_{e_k}(h) for every token, observing each expert's unweighted output."""
+    """sum_k w_k * f_{e_k}(h) for every token, handing the norms of the unweighted outputs to ``observer``."""
     top_k = top_k_index.shape[-1]
     flat_index = top_k_index.reshape(-1)
     flat_weights = top_k_weights.reshape(-1)
@@ -36,6 +37,7 @@ def routed_forward(
     order = torch.argsort(flat_index, stable=True)
     counts = torch.bincount(flat_index, minlength=layer.num_experts).tolist()
     output = torch.zeros_like(hidden)
+    norms = torch.empty(flat_index.shape, dtype=torch.float32, device=hidden.device) if observer else None
     start = 0
     for expert, n in enumerate(counts):
         if n == 0:
@@ -44,10 +46,11 @@ def routed_forward(
         start += n
         tokens = pairs // top_k
         unweighted = layer.expert_forward(expert, hidden[tokens])
-        weights = flat_weights[pairs]
-        if observer is not None:
-            observer(expert, tokens, weights, unweighted)
-        output.index_add_(0, tokens, (unweighted * weights[:, None]).to(output.dtype))
+        if norms is not None:
+            norms[pairs] = unweighted.float().norm(dim=-1)
+        output.index_add_(0, tokens, (unweighted * flat_weights[pairs, None]).to(output.dtype))
+    if observer is not None:
+        observer(flat_index, flat_weights, norms, top_k)
     return output
 
 
@@ -61,30 +64,28 @@ class StatsRecorder:
     def __init__(self, layers: list[MoELayer], device: torch.device | str = "cpu") -> None:
         self.layers = layers
         self.rows = {layer.index: row for row, layer in enumerate(layers)}
-        num_experts = layers[0].num_experts
-        shape = (len(layers), num_experts)
+        self.num_experts = layers[0].num_experts
+        shape = (len(layers), self.num_experts)
         self.sums = {name: torch.zeros(shape, dtype=torch.float64, device=device) for name in SUM_FIELDS}
         self.valid_tokens: torch.Tensor | None = None
 
     def observer_for(self, layer: MoELayer) -> Observer:
         row = self.rows[layer.index]
 
-        def observe(expert: int, tokens: torch.Tensor, weights: torch.Tensor, unweighted: torch.Tensor) -> None:
-            norms = unweighted.float().norm(dim=-1).double()
-            gates = weights.double()
+        def observe(flat_index: torch.Tensor, flat_weights: torch.Tensor, norms: torch.Tensor, top_k: int) -> None:
+            # One bincount per statistic and layer: no per-expert work on the hot path.
+            valid = torch.ones_like(norms, dtype=torch.float64)
             if self.valid_tokens is not None:
-                keep = self.valid_tokens[tokens].double()
-                norms, gates = norms * keep, gates * keep
-                count = keep.sum()
-            else:
-                count = torch.tensor(float(tokens.numel()), dtype=torch.float64, device=norms.device)
-            self.sums["count"][row, expert] += count
-            self.sums["gate_sum"][row, expert] += gates.sum()
-            self.sums["reap_sum"][row, expert] += (gates * norms).sum()
-            self.sums["norm_sum"][row, expert] += norms.sum()
+                valid = self.valid_tokens.to(norms.device).repeat_interleave(top_k).double()
+            gates = flat_weights.double() * valid
+            norms = norms.double() * valid
+            n = self.num_experts
+            self.sums["count"][row] += torch.bincount(flat_index, weights=valid, minlength=n)
+            self.sums["gate_sum"][row] += torch.bincount(flat_index, weights=gates, minlength=n)
+            self.sums["reap_sum"][row] += torch.bincount(flat_index, weights=gates * norms, minlength=n)
+            self.sums["norm_sum"][row] += torch.bincount(flat_index, weights=norms, minlength=n)
 
         return observe
-
     @contextmanager
     def installed(self) -> Iterator[StatsRecorder]:
         """Observe every MoE layer inside the ``with`` block; the model is restored afterwards."""

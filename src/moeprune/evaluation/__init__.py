@@ -1,0 +1,103 @@
+"""Evaluation: perplexity (SparseGPT/Wanda protocol), zero-shot accuracy via lm-eval, model footprint.
+
+:func:`evaluate` runs all of them on one in-memory model (dense, masked or pruned) and returns one
+JSON-able dict; :func:`save_results` writes it atomically. Protocols: docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moeprune.evaluation.footprint import compare_footprints, footprint
+from moeprune.evaluation.perplexity import PPL_DATASETS, perplexity
+from moeprune.evaluation.zeroshot import (
+    COMMON_AVG_METRIC,
+    COMMON_TASKS,
+    TASK_PRESETS,
+    common_avg,
+    expand_tasks,
+    zero_shot,
+)
+from moeprune.io import write_json_atomic
+
+
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    *,
+    ppl_datasets: Sequence[str] = ("wikitext2", "c4"),
+    seq_len: int = 2048,
+    ppl_batch_size: int = 1,
+    max_windows: int | None = None,
+    ppl_sources: Mapping[str, str | Path] | None = None,
+    tasks: str | Sequence[str] | None = COMMON_TASKS,
+    limit: int | float | None = None,
+    batch_size: int | str = 8,
+    max_length: int | None = None,
+    include_path: str | Path | Sequence[str | Path] | None = None,
+    progress: bool = True,
+    metadata: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Perplexity on each of ``ppl_datasets`` and zero-shot accuracy on ``tasks`` (None or () skips it).
+
+    ``metadata`` (e.g. model path, mask file, method) is copied into the result as is.
+    """
+    start = time.time()
+    results: dict[str, Any] = {"metadata": dict(metadata or {}), "footprint": footprint(model)}
+    results["perplexity"] = {
+        name: perplexity(model, tokenizer, name, seq_len=seq_len, batch_size=ppl_batch_size,
+                         max_windows=max_windows, progress=progress, sources=ppl_sources)
+        for name in ppl_datasets
+    }
+    if tasks:
+        results["zero_shot"] = zero_shot(model, tokenizer, tasks=tasks, limit=limit, batch_size=batch_size,
+                                         max_length=max_length, include_path=include_path)
+    results["versions"] = versions()
+    results["seconds"] = round(time.time() - start, 1)
+    return results
+
+
+def versions() -> dict[str, str]:
+    """Library versions that change numbers (recorded with every result)."""
+    import transformers
+
+    import moeprune
+
+    found = {"python": platform.python_version(), "torch": torch.__version__,
+             "transformers": transformers.__version__, "moeprune": getattr(moeprune, "__version__", "unknown")}
+    try:
+        import lm_eval
+
+        found["lm_eval"] = getattr(lm_eval, "__version__", "unknown")
+    except ImportError:
+        found["lm_eval"] = "not installed"
+    return found
+
+
+def save_results(results: Mapping[str, Any], path: str | Path) -> Path:
+    """Write ``results`` as JSON atomically (a crash never leaves half a file)."""
+    write_json_atomic(path, dict(results))
+    return Path(path)
+
+
+__all__ = [
+    "COMMON_AVG_METRIC",
+    "COMMON_TASKS",
+    "PPL_DATASETS",
+    "TASK_PRESETS",
+    "common_avg",
+    "compare_footprints",
+    "evaluate",
+    "expand_tasks",
+    "footprint",
+    "perplexity",
+    "save_results",
+    "versions",
+    "zero_shot",
+]
