@@ -42,6 +42,30 @@ class MoELayer:
         gate, up = nn.functional.linear(hidden, self.experts.gate_up_proj[expert]).chunk(2, dim=-1)
         return nn.functional.linear(self.experts.act_fn(gate) * up, self.experts.down_proj[expert])
 
+    def unweighted_pairs(self, hidden: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
+        """f_e(h) for every (token, slot) pair, token-major (row t * k + j is slot j of token t).
+
+        Fused experts are run through the model's own experts implementation (grouped_mm, batched_mm,
+        eager or a hub kernel: whatever the model is configured with) as a top-1 call with weight 1 per
+        pair, so profiling costs what the model's forward costs. ModuleList experts run expert by expert
+        on their routed tokens, as the model's own loop does.
+        """
+        top_k = top_k_index.shape[-1]
+        flat_index = top_k_index.reshape(-1)
+        if self.spec.layout == "fused":
+            pairs = hidden.repeat_interleave(top_k, dim=0)
+            ones = torch.ones(flat_index.shape[0], 1, dtype=hidden.dtype, device=hidden.device)
+            return type(self.experts).forward(self.experts, pairs, flat_index[:, None], ones)
+        out = hidden.new_empty(flat_index.shape[0], hidden.shape[-1])
+        order = torch.argsort(flat_index, stable=True)
+        start = 0
+        for expert, n in enumerate(torch.bincount(flat_index, minlength=self.num_experts).tolist()):
+            if n:
+                pairs = order[start : start + n]
+                out[pairs] = self.expert_forward(expert, hidden[pairs // top_k]).to(out.dtype)
+                start += n
+        return out
+
     def install_routed_call(self, call: RoutedCall) -> Callable[[], None]:
         """Replace the model's routed-expert computation by ``call``; returns a function that undoes it."""
         if self.spec.layout == "modulelist":

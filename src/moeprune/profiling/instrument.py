@@ -1,10 +1,11 @@
 """The instrumented MoE forward: the model's own routed-expert computation, observed on the way.
 
 We replace each MoE layer's routed-expert call (see :meth:`MoELayer.install_routed_call`) by
-:func:`routed_forward`, which computes exactly what the model computes (same experts, same tokens,
-same weights, contributions summed in the same expert order) but hands each expert's *unweighted*
-output to an observer before weighting it. Each expert runs only on the tokens routed to it, so
-profiling costs one forward pass, not one pass per expert.
+:func:`routed_forward`, which computes what the model computes (same experts, same tokens, same
+weights; only the order of the k-term sums may differ in the last bit) but takes the norm of each
+expert's *unweighted* output before weighting it. The experts run through the model's own experts
+implementation, and only on the tokens routed to them, so profiling costs one forward pass, not
+one pass per expert.
 """
 
 from __future__ import annotations
@@ -30,28 +31,13 @@ def routed_forward(
     observer: Observer | None = None,
 ) -> torch.Tensor:
     """sum_k w_k * f_{e_k}(h) for every token, handing the norms of the unweighted outputs to ``observer``."""
-    top_k = top_k_index.shape[-1]
-    flat_index = top_k_index.reshape(-1)
-    flat_weights = top_k_weights.reshape(-1)
-    # A stable sort groups each expert's (token, slot) pairs, tokens in ascending order.
-    order = torch.argsort(flat_index, stable=True)
-    counts = torch.bincount(flat_index, minlength=layer.num_experts).tolist()
-    output = torch.zeros_like(hidden)
-    norms = torch.empty(flat_index.shape, dtype=torch.float32, device=hidden.device) if observer else None
-    start = 0
-    for expert, n in enumerate(counts):
-        if n == 0:
-            continue
-        pairs = order[start : start + n]
-        start += n
-        tokens = pairs // top_k
-        unweighted = layer.expert_forward(expert, hidden[tokens])
-        if norms is not None:
-            norms[pairs] = unweighted.float().norm(dim=-1)
-        output.index_add_(0, tokens, (unweighted * flat_weights[pairs, None]).to(output.dtype))
+    tokens, top_k = top_k_index.shape
+    unweighted = layer.unweighted_pairs(hidden, top_k_index)  # [T * k, H]
     if observer is not None:
-        observer(flat_index, flat_weights, norms, top_k)
-    return output
+        norms = torch.linalg.vector_norm(unweighted, dim=-1, dtype=torch.float32)
+        observer(top_k_index.reshape(-1), top_k_weights.reshape(-1), norms, top_k)
+    weighted = unweighted.view(tokens, top_k, -1) * top_k_weights.unsqueeze(-1)
+    return weighted.sum(dim=1).to(hidden.dtype)
 
 
 class StatsRecorder:

@@ -1,0 +1,144 @@
+"""Model-free apply: prune a safetensors checkpoint shard by shard, without building the model.
+
+Peak memory is about the largest shard, so a 671B checkpoint prunes on a machine that could never
+hold it. The rules are by tensor name, for the hub's layouts:
+
+- per-expert keys ``...layers.{i}.<block>.experts.{j}.<rest>``: kept ``j`` renumbered to its rank
+  among the kept ids, removed ``j`` dropped;
+- fused keys ``...layers.{i}.<block>.experts.<param>`` whose first dimension is N: rows sliced;
+- router keys ``...layers.{i}.<block>.<gate|router>.<weight|bias|e_score_correction_bias>`` whose first
+  dimension is N: rows sliced;
+
+then the config's expert count and ``model.safetensors.index.json`` are rewritten. Other files
+(tokenizer, remote code, generation config) are copied as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from moeprune.arch.adapters import ROUTER_ATTRS, spec_for
+from moeprune.errors import MoePruneError
+from moeprune.io import atomic_directory
+from moeprune.planning.mask import ExpertMask
+
+EXPERT_KEY = re.compile(r"^(?P<head>.*\.layers\.(?P<layer>\d+)\.[^.]+\.experts)\.(?P<expert>\d+)\.(?P<rest>.+)$")
+FUSED_KEY = re.compile(r"^.*\.layers\.(?P<layer>\d+)\.[^.]+\.experts\.[^.]+$")
+ROUTER_KEY = re.compile(
+    r"^.*\.layers\.(?P<layer>\d+)\.[^.]+\.(?:" + "|".join(ROUTER_ATTRS) + r")\.(?:weight|bias|e_score_correction_bias)$"
+)
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def prune_checkpoint_files(
+    source: str | Path, mask: ExpertMask, out: str | Path, *, overwrite: bool = False, progress: bool = True
+) -> Path:
+    """Write the pruned checkpoint of the local safetensors checkpoint ``source`` into ``out``."""
+    source = Path(source)
+    shards = _shards(source)
+    config = json.loads((source / "config.json").read_text())
+    _check_mask(config, mask)
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        weight_map: dict[str, str] = {}
+        total_size = 0
+        routers: set[int] = set()
+        for shard in tqdm(shards, desc="prune shards", unit="shard", disable=not progress):
+            tensors = _pruned_shard(source / shard, mask, routers)
+            save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
+            weight_map.update({name: shard for name in tensors})
+            total_size += sum(t.numel() * t.element_size() for t in tensors.values())
+        if routers != set(mask.layers):
+            raise MoePruneError(
+                f"The mask covers MoE layers {sorted(mask.layers)} but the checkpoint has routers of "
+                f"{mask.num_experts} experts in layers {sorted(routers)}: the mask is for a different model."
+            )
+        if (source / INDEX_FILE).exists():
+            index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        _copy_other_files(source, tmp, set(shards))
+        (tmp / "config.json").write_text(json.dumps(_pruned_config(config, mask), indent=2) + "\n")
+        mask.save(tmp / "mask.json")
+    return Path(out)
+
+
+def _shards(source: Path) -> list[str]:
+    index = source / INDEX_FILE
+    if index.exists():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (source / "model.safetensors").exists():
+        return ["model.safetensors"]
+    raise MoePruneError(
+        f"{source} holds no safetensors checkpoint (model.safetensors or {INDEX_FILE}); model-free apply needs one. "
+        "Use `moeprune apply` without --model-free to load and re-save it."
+    )
+
+
+def _check_mask(config: dict, mask: ExpertMask) -> None:
+    spec = spec_for(_Namespace(config))
+    num_experts = config.get(spec.num_experts_key)
+    if num_experts != mask.num_experts:
+        raise MoePruneError(
+            f"The mask is for a model with {mask.num_experts} experts per layer (mask made for {mask.model!r}), "
+            f"but this checkpoint's {spec.num_experts_key} is {num_experts}. Plan a mask from a profile of this model."
+        )
+
+
+def _pruned_shard(path: Path, mask: ExpertMask, routers: set[int]) -> dict[str, torch.Tensor]:
+    """The shard's tensors after pruning; adds to ``routers`` the layers whose router rows were sliced."""
+    out: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt") as handle:
+        for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+            renamed = _prune_tensor(name, lambda n=name: handle.get_tensor(n), mask)
+            if renamed is None:
+                continue
+            out[renamed[0]] = renamed[1].contiguous()
+            router = ROUTER_KEY.match(name)
+            if router and name.endswith(".weight") and int(router["layer"]) in mask.layers:
+                routers.add(int(router["layer"]))
+    return out
+
+
+def _prune_tensor(name: str, load, mask: ExpertMask) -> tuple[str, torch.Tensor] | None:
+    """The (new name, tensor) this tensor becomes, or None when it belongs to a removed expert."""
+    match = EXPERT_KEY.match(name)
+    if match and int(match["layer"]) in mask.layers:
+        kept = mask.kept(int(match["layer"]))
+        expert = int(match["expert"])
+        if expert not in kept:
+            return None
+        return f"{match['head']}.{kept.index(expert)}.{match['rest']}", load()
+    for pattern in (FUSED_KEY, ROUTER_KEY):
+        match = pattern.match(name)
+        if match and int(match["layer"]) in mask.layers:
+            tensor = load()
+            if tensor.dim() >= 1 and tensor.shape[0] == mask.num_experts:
+                return name, tensor[mask.kept(int(match["layer"]))]
+            return name, tensor
+    return name, load()
+
+
+def _pruned_config(config: dict, mask: ExpertMask) -> dict:
+    spec = spec_for(_Namespace(config))
+    return {**config, spec.num_experts_key: mask.kept_per_layer}
+
+
+def _copy_other_files(source: Path, target: Path, shards: set[str]) -> None:
+    skip = shards | {INDEX_FILE, "config.json", "mask.json"}
+    for path in source.iterdir():
+        if path.is_file() and path.name not in skip and not path.name.startswith("."):
+            shutil.copy2(path, target / path.name)
+
+
+class _Namespace:
+    """config.json as attributes, enough for the adapter table (remote-code models have no config class here)."""
+
+    def __init__(self, data: dict) -> None:
+        self.__dict__.update(data)

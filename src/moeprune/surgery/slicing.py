@@ -1,0 +1,202 @@
+"""Physical expert pruning: slice the routed experts and router rows a mask keeps, in place.
+
+Kept experts are renumbered 0..K-1 in sorted original-id order. For the router that is the same as
+setting the removed experts' router logits to -inf (see docs/apply.md), which is why an in-memory
+masked model and the exported checkpoint give equal logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from moeprune.arch.adapters import NUM_EXPERTS_KEYS
+from moeprune.arch.view import MoELayer, moe_layers, top_k_of
+from moeprune.errors import MoePruneError
+from moeprune.loading import model_name
+from moeprune.planning.groups import expert_groups
+from moeprune.planning.mask import ExpertMask
+
+# Module attributes that cache the routed-expert count (matched by name, never by value alone, so that
+# e.g. a hidden size that happens to equal N is left alone).
+EXPERT_COUNT_ATTRS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts", "n_experts")
+
+
+def slice_moe_layer(layer: MoELayer, kept: list[int]) -> None:
+    """Keep only the experts ``kept`` (original ids) of one MoE layer, renumbered 0..K-1, in place."""
+    num_experts = layer.num_experts
+    ids = _checked_ids(kept, num_experts, layer.index)
+    if layer.spec.layout == "modulelist":
+        new_experts = nn.ModuleList([layer.experts[i] for i in ids])
+        setattr(layer.block, layer.spec.experts_attr, new_experts)
+        layer.experts = new_experts
+    else:
+        # Every per-expert tensor (gate_up_proj, down_proj and any [E, ...] bias) has the expert on dim 0.
+        _slice_tensors(layer.experts, num_experts, ids, names=None)
+    _slice_tensors(layer.router, num_experts, ids, names=("weight", *layer.spec.router_vectors))
+    for module in (layer.block, layer.router, layer.experts):
+        _set_expert_counts(module, num_experts, len(ids))
+
+
+def apply_mask(model: nn.Module, mask: ExpertMask) -> nn.Module:
+    """Prune ``model`` in place to the experts ``mask`` keeps, after checking the mask fits it; returns it."""
+    layers = moe_layers(model)
+    num_experts = _common_num_experts(layers)
+    mask.check_model([layer.index for layer in layers], num_experts, model_name(model))
+    check_mask_routable(model, mask)
+    for layer in layers:
+        slice_moe_layer(layer, mask.kept(layer.index))
+    _set_config_count(model.config, layers[0].spec.num_experts_key, num_experts, mask.kept_per_layer)
+    return model
+
+
+def check_mask_routable(model: nn.Module, mask: ExpertMask) -> None:
+    """The router must still find top-k experts, and grouped routers need the same count in every group."""
+    top_k = top_k_of(model)
+    if mask.kept_per_layer < top_k:
+        raise MoePruneError(
+            f"The mask keeps K={mask.kept_per_layer} experts per layer, fewer than the router's "
+            f"top-k={top_k}; the pruned model could not route. Plan a mask with "
+            f"--retain >= {top_k}/{mask.num_experts}."
+        )
+    meta = _group_meta(model.config, top_k)
+    if meta is None:
+        return
+    # Raises with the nearest valid retain ratios when K does not split over the groups.
+    groups = expert_groups(meta, mask.num_experts, mask.kept_per_layer)
+    per_group = mask.kept_per_layer // len(groups)
+    for layer in sorted(mask.layers):
+        kept = set(mask.kept(layer))
+        counts = [len(kept.intersection(group)) for group in groups]
+        if any(count != per_group for count in counts):
+            raise MoePruneError(
+                f"Mask layer {layer} keeps {counts} experts in the router's n_group={len(groups)} routing "
+                f"groups, but every group must keep K/n_group={per_group}: an uneven mask silently regroups "
+                "the experts and changes the model. Re-plan the mask with `moeprune plan`, which plans "
+                "inside each group."
+            )
+
+
+@contextmanager
+def masked(model: nn.Module, mask: ExpertMask) -> Iterator[nn.Module]:
+    """Apply ``mask`` in memory for the ``with`` block, then put back the original experts, router and config.
+
+    Restoring reattaches the original Parameter, buffer and module objects (nothing is copied), so many
+    masks can be evaluated on one loaded model and the model afterwards is exactly what it was.
+    """
+    layers = moe_layers(model)
+    snapshots = [_Snapshot.take(m) for layer in layers for m in (layer.block, layer.router, layer.experts)]
+    config_state = {k: v for k, v in vars(model.config).items() if k in NUM_EXPERTS_KEYS}
+    try:
+        apply_mask(model, mask)
+        yield model
+    finally:
+        for snapshot in snapshots:
+            snapshot.restore()
+        for key in NUM_EXPERTS_KEYS:
+            if key in vars(model.config) and key not in config_state:
+                delattr(model.config, key)
+        for key, value in config_state.items():
+            setattr(model.config, key, value)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of ``model`` (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class _Snapshot:
+    """The tensors, submodules and expert-count attributes of one module, by reference."""
+
+    module: nn.Module
+    parameters: dict[str, Any] = field(default_factory=dict)
+    buffers: dict[str, Any] = field(default_factory=dict)
+    modules: dict[str, Any] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def take(cls, module: nn.Module) -> _Snapshot:
+        counts = {k: v for k, v in vars(module).items() if k in EXPERT_COUNT_ATTRS}
+        return cls(module, dict(module._parameters), dict(module._buffers), dict(module._modules), counts)
+
+    def restore(self) -> None:
+        for live, saved in ((self.module._parameters, self.parameters), (self.module._buffers, self.buffers),
+                            (self.module._modules, self.modules)):
+            live.clear()
+            live.update(saved)
+        for key, value in self.counts.items():
+            setattr(self.module, key, value)
+
+
+def _checked_ids(kept: list[int], num_experts: int, layer: int) -> list[int]:
+    ids = sorted(int(e) for e in kept)
+    if len(set(ids)) != len(ids) or not ids or ids[0] < 0 or ids[-1] >= num_experts:
+        raise MoePruneError(
+            f"Layer {layer}: kept experts {ids} must be distinct ids in 0..{num_experts - 1} (at least one)."
+        )
+    return ids
+
+
+def _slice_tensors(module: nn.Module, num_experts: int, ids: list[int], names: tuple[str, ...] | None) \
+        -> None:
+    """Replace the module's own [num_experts, ...] tensors (all, or only ``names``) by their kept rows."""
+    for name, param in list(module._parameters.items()):
+        if _per_expert(name, param, num_experts, names):
+            rows = param.detach().index_select(0, torch.tensor(ids, device=param.device))
+            # A new Parameter, not an in-place edit, so masked() can reattach the untouched original.
+            module._parameters[name] = nn.Parameter(rows, requires_grad=param.requires_grad)
+    for name, buffer in list(module._buffers.items()):
+        if _per_expert(name, buffer, num_experts, names):
+            # Assigning into _buffers keeps the buffer's persistent/non-persistent registration.
+            module._buffers[name] = buffer.index_select(0, torch.tensor(ids, device=buffer.device))
+
+
+def _per_expert(name: str, tensor: torch.Tensor | None, num_experts: int,
+                names: tuple[str, ...] | None) -> bool:
+    if tensor is None or tensor.dim() == 0 or tensor.shape[0] != num_experts:
+        return False
+    return names is None or name in names
+
+
+def _set_expert_counts(module: nn.Module, old: int, new: int) -> None:
+    for name in EXPERT_COUNT_ATTRS:
+        if vars(module).get(name) == old:
+            setattr(module, name, new)
+
+
+def _set_config_count(config: Any, key: str, old: int, new: int) -> None:
+    """Write K to the spec's key, and to every alias still reading N, so that all readers agree."""
+    setattr(config, key, new)
+    for alias in NUM_EXPERTS_KEYS:
+        if getattr(config, alias, None) == old:
+            setattr(config, alias, new)
+
+
+def _common_num_experts(layers: list[MoELayer]) -> int:
+    counts = {layer.index: layer.num_experts for layer in layers}
+    if len(set(counts.values())) != 1:
+        raise MoePruneError(
+            f"MoE layers hold different expert counts {counts}; a Hugging Face config stores one count for "
+            "all layers, so this model is already inconsistent (was it pruned unevenly?)."
+        )
+    return next(iter(counts.values()))
+
+
+def _group_meta(config: Any, top_k: int) -> dict[str, Any] | None:
+    """Routing-group settings when the router really routes by groups (DeepSeek n_group > 1), else None."""
+    n_group = getattr(config, "n_group", None) or 1
+    # DeepSeek-V2's greedy top-k ignores the groups; group_limited_greedy (and V3) use them.
+    if n_group <= 1 or getattr(config, "topk_method", None) == "greedy":
+        return None
+    return {
+        "n_group": n_group,
+        "topk_group": getattr(config, "topk_group", None) or n_group,
+        "top_k": top_k,
+        "model_type": getattr(config, "model_type", None),
+    }

@@ -1,0 +1,75 @@
+"""Model-free apply on multi-shard checkpoints writes the same tensors as the in-memory export."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moeprune.arch import moe_layers
+from moeprune.errors import MoePruneError
+from moeprune.planning.mask import ExpertMask, LayerMask
+from moeprune.surgery import export_pruned
+from moeprune.surgery.shards import prune_checkpoint_files
+from tests.tiny_models import build_model
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(shard))
+    return out
+
+
+def _random_mask(model, kept: int, seed: int = 0) -> ExpertMask:
+    """A random mask keeping ``kept`` experts per layer (K/G per routing group for grouped routers)."""
+    rng = random.Random(seed)
+    layers = moe_layers(model)
+    n = layers[0].num_experts
+    groups = getattr(model.config, "n_group", None) or 1
+    size, per = n // groups, kept // groups
+
+    def choose() -> list[int]:
+        return sorted(e for g in range(groups) for e in rng.sample(range(g * size, (g + 1) * size), per))
+
+    return ExpertMask("tiny", "random", kept / n, n, kept, {layer.index: LayerMask(choose()) for layer in layers})
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral", "deepseek_v3"])
+def test_shard_by_shard_equals_in_memory_export(arch, tmp_path):
+    model = build_model(arch)
+    source = tmp_path / "source"
+    model.save_pretrained(source, max_shard_size="40KB")
+    assert len(list(source.glob("*.safetensors"))) > 3, "the test needs a multi-shard checkpoint"
+    mask = _random_mask(model, 4)
+
+    in_memory = export_pruned(source, mask, tmp_path / "in_memory", progress=False)
+    model_free = prune_checkpoint_files(source, mask, tmp_path / "model_free", progress=False)
+
+    expected, got = _tensors(in_memory), _tensors(model_free)
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+    index = json.loads((model_free / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(got)
+    assert all((model_free / shard).exists() for shard in index["weight_map"].values())
+    config = json.loads((model_free / "config.json").read_text())
+    assert config == {
+        **json.loads((source / "config.json").read_text()),
+        **{k: config[k] for k in config if k in ("num_experts", "num_local_experts", "n_routed_experts")},
+    }
+    assert json.loads((in_memory / "config.json").read_text()).get("num_experts", 4) == 4
+    assert ExpertMask.load(model_free / "mask.json").layers == mask.layers
+
+
+def test_mask_for_another_model_is_refused(tmp_path):
+    model = build_model("qwen2_moe")
+    model.save_pretrained(tmp_path / "source")
+    other = _random_mask(build_model("qwen2_moe", num_experts=16), 8)
+    with pytest.raises(MoePruneError, match="16 experts per layer"):
+        prune_checkpoint_files(tmp_path / "source", other, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
