@@ -20,7 +20,7 @@ import torch
 
 from moeprune.data.corpora import CorpusSpec, parse_corpus
 from moeprune.errors import MoePruneError
-from moeprune.loading import load_model, load_tokenizer, model_name, resolve_model_path
+from moeprune.loading import load_model, load_tokenizer, model_name, resolve_model_path  # noqa: F401 (re-export)
 from moeprune.planning import METHODS
 from moeprune.planning import plan as plan_from_profile
 from moeprune.planning.mask import ExpertMask, kept_count
@@ -32,8 +32,22 @@ log = logging.getLogger("moeprune")
 DEFAULT_CORPORA = ("wikitext2", "c4")
 # Calibration defaults: the paper's (512 x 1024 on WikiText2 and C4), and a fast one for the bundled testbed.
 PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {"corpora": DEFAULT_CORPORA, "samples": 512, "seq_len": 1024, "recon_samples": 64, "recon_seq_len": 1024},
-    "bundled": {"corpora": ("wiki", "web"), "samples": 128, "seq_len": 256, "recon_samples": 32, "recon_seq_len": 256},
+    "paper": {
+        "corpora": DEFAULT_CORPORA,
+        "samples": 512,
+        "seq_len": 1024,
+        "recon_samples": 64,
+        "recon_seq_len": 1024,
+        "ppl_seq_len": 2048,
+    },
+    "bundled": {
+        "corpora": ("wiki", "web"),
+        "samples": 128,
+        "seq_len": 256,
+        "recon_samples": 32,
+        "recon_seq_len": 256,
+        "ppl_seq_len": 256,
+    },  # the testbed model was trained on 256-token windows
 }
 
 
@@ -49,6 +63,9 @@ def preset_for(model: Any) -> dict[str, Any]:
 # The reconstruction candidate is fitted on C4 in the paper; without C4 we use the last profiled corpus.
 RECONSTRUCTION_CORPUS = "c4"
 NEEDS_MODEL = {"expert-sparsity"}
+# The paper's candidate mask: layerwise reconstruction (ExpertSparsity) on C4. planning.plan alone, which
+# never sees the model, falls back to tb_coverage.DEFAULT_CANDIDATE (reap).
+TB_COVERAGE_CANDIDATE = "expert-sparsity"
 
 
 def profile(
@@ -150,8 +167,11 @@ def plan_many(
             kwargs["precomputed"] = chosen
         mask = plan_from_profile(prof, method, retain, **kwargs)
         if selections is not None:
-            for layer, (_, loss) in selections[k].items():
-                mask.layers[layer].extra.setdefault("reconstruction_loss", loss)
+            # For tb-coverage the loss is its candidate's, not the final mask's: say so in the name.
+            prefix = "" if method in NEEDS_MODEL else "candidate_"
+            for layer, result in selections[k].items():
+                mask.layers[layer].extra[prefix + "reconstruction_loss"] = float(result.loss)
+                mask.layers[layer].extra[prefix + "search"] = result.search
         masks.append(mask)
     return masks
 
@@ -244,19 +264,32 @@ def prune(
         progress=progress,
     )
     mask.save(workdir / mask_filename(mask))
-    dense_ppl = _perplexities(loaded, tokenizer, ppl_datasets, progress) if ppl_datasets else None
-    written = apply(loaded, mask, out, tokenizer=tokenizer, overwrite=overwrite, progress=progress)
+    ppl_seq_len = preset_for(model)["ppl_seq_len"]
+    dense_ppl = _perplexities(loaded, tokenizer, ppl_datasets, ppl_seq_len, progress) if ppl_datasets else None
+    # Exported from the checkpoint itself when we have one, so the output keeps its dtype (on a CPU the
+    # loaded copy is float32, see loading.load_model).
+    source = loaded if isinstance(model, torch.nn.Module) else model
+    written = apply(
+        source,
+        mask,
+        out,
+        dtype=dtype,
+        tokenizer=tokenizer,
+        overwrite=overwrite,
+        trust_remote_code=trust_remote_code,
+        progress=progress,
+    )
     if dense_ppl is not None:
         pruned = load_model(written, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        pruned_ppl = _perplexities(pruned, tokenizer, ppl_datasets, progress)
+        pruned_ppl = _perplexities(pruned, tokenizer, ppl_datasets, ppl_seq_len, progress)
         _report_perplexity(dense_ppl, pruned_ppl, mask, workdir)
     return written
 
 
-def _perplexities(model: Any, tokenizer: Any, datasets: Sequence[str], progress: bool) -> dict[str, dict]:
+def _perplexities(model: Any, tokenizer: Any, datasets: Sequence[str], seq_len: int, progress: bool) -> dict[str, dict]:
     from moeprune.evaluation.perplexity import perplexity
 
-    seq_len = min(2048, int(getattr(model.config, "max_position_embeddings", 2048) or 2048))
+    seq_len = min(seq_len, int(getattr(model.config, "max_position_embeddings", seq_len) or seq_len))
     return {name: perplexity(model, tokenizer, name, seq_len=seq_len, progress=progress) for name in datasets}
 
 
@@ -292,9 +325,7 @@ def _fits(model: Any, device: str | None) -> bool:
 def _candidate(method: str, candidate: str | None) -> str | None:
     if method != "tb-coverage":
         return candidate
-    from moeprune.planning.tb_coverage import DEFAULT_CANDIDATE
-
-    return candidate or DEFAULT_CANDIDATE
+    return candidate or TB_COVERAGE_CANDIDATE
 
 
 def _reconstruct(
@@ -319,7 +350,7 @@ def _reconstruct(
     )
     workdir = Path(options.get("workdir") or workdir or "moeprune-work")
     key = f"{spec.name}-{windows.shape[0]}x{windows.shape[1]}-seed{options.get('seed', 0)}"
-    return reconstruction_selection(loaded, windows, kept, workdir, key, progress=progress)
+    return reconstruction_selection(loaded, windows, kept, workdir, key, corpus=spec.name, progress=progress)
 
 
 def _reconstruction_corpus(prof: Profile, name: str | None) -> CorpusSpec:

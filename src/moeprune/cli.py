@@ -196,17 +196,35 @@ def _add_apply(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="directory for the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-verify", action="store_true", help="skip reloading the export to compare logits")
+    p.add_argument("--tokenizer", default=None, help="tokenizer to save with the export (default: the model's)")
+    p.add_argument(
+        "--model-free",
+        action="store_true",
+        help="prune a local safetensors checkpoint shard by shard without building the model (peak memory about "
+        "one shard; no logits verification)",
+    )
     p.set_defaults(run=_run_apply)
 
 
 def _run_apply(args: argparse.Namespace) -> None:
     from moeprune import api
 
+    if args.model_free:
+        from moeprune.planning.mask import ExpertMask
+        from moeprune.surgery.shards import prune_checkpoint_files
+
+        source = Path(api.resolve_model_path(args.model))
+        if not source.is_dir():
+            raise MoePruneError(f"--model-free needs a local checkpoint directory; {source} is not one.")
+        out = prune_checkpoint_files(source, ExpertMask.load(args.mask), args.out, overwrite=args.overwrite)
+        print(f"pruned checkpoint written to {out} (model-free, shard by shard)")
+        return
     out = api.apply(
         args.model,
         args.mask,
         args.out,
         dtype=args.dtype,
+        tokenizer=args.tokenizer,
         trust_remote_code=args.trust_remote_code,
         overwrite=args.overwrite,
         verify=not args.no_verify,

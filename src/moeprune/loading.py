@@ -67,7 +67,7 @@ def load_model(
     """Load a causal LM in eval mode; ``device_map`` (e.g. "auto") goes to accelerate."""
     path = resolve_model_path(model)
     config = load_config(path, trust_remote_code)
-    kwargs = {"dtype": parse_dtype(dtype), "trust_remote_code": trust_remote_code}
+    kwargs = {"dtype": _auto_dtype(parse_dtype(dtype), device, device_map), "trust_remote_code": trust_remote_code}
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
@@ -79,6 +79,21 @@ def load_model(
     loaded.eval()
     loaded.name_or_path = path
     return loaded
+
+
+def checkpoint_dtype(config) -> torch.dtype:
+    """The dtype the checkpoint's weights are stored in (float32 when the config does not say)."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return DTYPES.get(value, torch.float32) if isinstance(value, str) else value
+
+
+def _auto_dtype(dtype: torch.dtype | str, device: str | None, device_map) -> torch.dtype | str:
+    """ "auto" keeps the checkpoint's dtype, except on a CPU-only run: half-precision matmuls are many
+    times slower than fp32 on CPUs, so there "auto" means float32."""
+    on_cpu = device_map is None and (
+        str(device).startswith("cpu") or (device is None and not torch.cuda.is_available())
+    )
+    return torch.float32 if dtype == "auto" and on_cpu else dtype
 
 
 def load_tokenizer(model: str | Path, trust_remote_code: bool = False):

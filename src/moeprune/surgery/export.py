@@ -19,7 +19,14 @@ from transformers import AutoModelForCausalLM
 
 from moeprune.errors import MoePruneError
 from moeprune.io import atomic_directory
-from moeprune.loading import load_model, load_tokenizer, model_name, resolve_model_path
+from moeprune.loading import (
+    checkpoint_dtype,
+    load_config,
+    load_model,
+    load_tokenizer,
+    model_name,
+    resolve_model_path,
+)
 from moeprune.planning.mask import ExpertMask
 from moeprune.surgery.model_card import CardInfo, render_model_card
 from moeprune.surgery.slicing import apply_mask, count_parameters, masked
@@ -146,6 +153,8 @@ def _model(model_or_path: nn.Module | str | Path, dtype: str | torch.dtype,
            trust_remote_code: bool) -> tuple[nn.Module, bool]:
     """The model to prune, and whether we loaded it (then it may be pruned in place, without restoring)."""
     if isinstance(model_or_path, (str, Path)):
+        if dtype == "auto":  # the export keeps the checkpoint's own dtype, even on a CPU
+            dtype = checkpoint_dtype(load_config(model_or_path, trust_remote_code))
         return load_model(model_or_path, dtype=dtype, trust_remote_code=trust_remote_code), True
     return model_or_path.eval(), False
 

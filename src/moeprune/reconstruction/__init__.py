@@ -1,0 +1,118 @@
+"""``expert-sparsity``: the reconstruction baseline of Lu et al. (2024), "Not All Experts are Equal".
+
+Per MoE layer keep the K experts whose mask minimises ``||Z - Z_mask||_F`` over calibration tokens
+(see :mod:`.loss` for the exact Gram formulation and :mod:`.search` for the search). The pipeline:
+
+1. :func:`capture_moe_inputs` runs the dense model once and stores every MoE layer's input in
+   ``<workdir>/reconstruction/<key>/`` (skipped when already there);
+2. per layer, :class:`LayerProblem` caches router logits and the expert Gram matrices;
+3. :func:`search_layer` picks K experts, for every requested K from the same Gram.
+
+:func:`reconstruction_selection` returns ``{K: {decoder layer: SearchResult}}``;
+:func:`selections` turns one K into ``{layer: kept ids}`` for ``planning.plan(..., precomputed=...)``
+or as TB-Coverage's ``candidate_masks``; :func:`expert_sparsity_mask` builds the mask directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moeprune.arch.view import moe_layers, top_k_of
+from moeprune.errors import MoePruneError
+from moeprune.loading import config_hash, model_name
+from moeprune.planning.mask import ExpertMask, LayerMask, kept_count
+from moeprune.reconstruction.capture import WorkDir, capture_moe_inputs
+from moeprune.reconstruction.loss import DEFAULT_TOKEN_CHUNK, LayerProblem
+from moeprune.reconstruction.search import EXACT_LIMIT, MAX_SWAP_PASSES, SearchResult, search_layer
+
+# Default calibration: 64 windows of 1024 tokens from C4 (65,536 tokens; Gram T x N^2 x 4 B per layer).
+DEFAULT_CORPUS = "c4"
+DEFAULT_SAMPLES = 64
+DEFAULT_SEQ_LEN = 1024
+
+Results = dict[int, dict[int, SearchResult]]  # K -> decoder layer -> result
+
+__all__ = [
+    "DEFAULT_CORPUS",
+    "DEFAULT_SAMPLES",
+    "DEFAULT_SEQ_LEN",
+    "LayerProblem",
+    "SearchResult",
+    "WorkDir",
+    "capture_moe_inputs",
+    "expert_sparsity_mask",
+    "reconstruction_selection",
+    "search_layer",
+    "selections",
+]
+
+
+def reconstruction_selection(
+    model: nn.Module,
+    token_windows: torch.Tensor,
+    kept_per_layer: int | list[int],
+    workdir: str | Path,
+    key: str,
+    *,
+    batch_size: int = 4,
+    token_chunk: int = DEFAULT_TOKEN_CHUNK,
+    max_tokens: int | None = None,
+    exact_limit: int = EXACT_LIMIT,
+    max_swap_passes: int = MAX_SWAP_PASSES,
+    corpus: str | None = None,
+    progress: bool = True,
+) -> Results:
+    """``{K: {decoder layer: SearchResult}}`` for every K, sharing one capture and one Gram per layer."""
+    from tqdm.auto import tqdm
+
+    ks = sorted({kept_per_layer} if isinstance(kept_per_layer, int) else set(kept_per_layer))
+    capture_moe_inputs(model, token_windows, workdir, key, batch_size=batch_size, progress=progress, corpus=corpus)
+    work = WorkDir(workdir, key)
+    results: Results = {k: {} for k in ks}
+    for layer in tqdm(moe_layers(model), desc="expert-sparsity search", disable=not progress):
+        problem = LayerProblem.build(layer, model.config, work.load_layer(layer.index), token_chunk, max_tokens)
+        for k in ks:
+            results[k][layer.index] = search_layer(problem, k, exact_limit, max_swap_passes)
+        del problem  # free this layer's Gram before the next one is built
+    return results
+
+
+def selections(results: Results, kept: int) -> dict[int, list[int]]:
+    """``{decoder layer: kept ids}`` for one K, as ``plan(..., precomputed=...)`` takes it."""
+    if kept not in results:
+        raise MoePruneError(f"No expert-sparsity search for K={kept}; searched K in {sorted(results)}.")
+    return {layer: list(result.kept) for layer, result in results[kept].items()}
+
+
+def expert_sparsity_mask(
+    model: nn.Module,
+    token_windows: torch.Tensor,
+    retain: float,
+    workdir: str | Path,
+    key: str,
+    **options: Any,
+) -> ExpertMask:
+    """The ``expert-sparsity`` mask keeping K = floor(retain * N) experts per layer (options as above)."""
+    num_experts = moe_layers(model)[0].num_experts
+    kept = kept_count(retain, num_experts, top_k_of(model))
+    results = reconstruction_selection(model, token_windows, kept, workdir, key, **options)[kept]
+    layers = {
+        index: LayerMask(r.kept, [], {"reconstruction_loss": r.loss, "search": r.search})
+        for index, r in results.items()
+    }
+    extra = {"config_hash": config_hash(model.config), "calibration": key, "tokens": int(token_windows.numel())}
+    if options.get("corpus"):
+        extra["corpora"] = [options["corpus"]]
+    return ExpertMask(
+        model=model_name(model),
+        method="expert-sparsity",
+        retain=retain,
+        num_experts=num_experts,
+        kept_per_layer=kept,
+        layers=layers,
+        extra=extra,
+    )

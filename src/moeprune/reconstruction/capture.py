@@ -1,0 +1,207 @@
+"""Capture every MoE block's input from the dense model, once, into the work directory.
+
+Layout::
+
+    <workdir>/reconstruction/<key>/layer_<i>.safetensors   {"hidden": [T, H]} in the model dtype
+    <workdir>/reconstruction/<key>/meta.json               written last: its presence means complete
+    <workdir>/reconstruction/<key>/parts/batch_<b>.safetensors   (only while capturing, with
+    <workdir>/reconstruction/<key>/pending.json                  the capture's spec, to resume it)
+
+Each batch's inputs (all layers) are written as one part file as soon as the batch has run, so memory
+holds one batch of activations; a crashed capture resumes after its last complete part. At the end
+each layer's parts are joined into ``layer_<i>.safetensors``. Every file is written atomically
+(temporary name, then rename). A later call with the same key and the same model and tokens finds
+``meta.json`` and returns at once; the same key with other data is an error, never silently reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from moeprune.arch.view import moe_layers
+from moeprune.errors import MoePruneError
+from moeprune.io import write_json_atomic
+from moeprune.loading import config_hash, model_name
+
+CAPTURE_FORMAT = "moeprune.reconstruction-inputs/1"
+
+
+class WorkDir:
+    """Paths of one capture: ``<root>/reconstruction/<key>/``."""
+
+    def __init__(self, root: str | Path, key: str) -> None:
+        if not key or any(c in key for c in "/\\") or key.startswith("."):
+            raise MoePruneError(f"Capture key {key!r} must be a plain name (no slashes), e.g. 'c4-64x1024-s0'.")
+        self.root = Path(root)
+        self.key = key
+        self.dir = self.root / "reconstruction" / key
+
+    @property
+    def meta_path(self) -> Path:
+        return self.dir / "meta.json"
+
+    @property
+    def pending_path(self) -> Path:
+        return self.dir / "pending.json"  # the capture in progress (resumed only if the same)
+
+    @property
+    def parts_dir(self) -> Path:
+        return self.dir / "parts"
+
+    def layer_path(self, layer: int) -> Path:
+        return self.dir / f"layer_{layer}.safetensors"
+
+    def part_path(self, batch: int) -> Path:
+        return self.parts_dir / f"batch_{batch:05d}.safetensors"
+
+    def read_meta(self) -> dict[str, Any] | None:
+        import json
+
+        return json.loads(self.meta_path.read_text()) if self.meta_path.exists() else None
+
+    def load_layer(self, layer: int) -> torch.Tensor:
+        """The captured inputs ``[T, H]`` of decoder layer ``layer``."""
+        path = self.layer_path(layer)
+        if not path.exists():
+            raise MoePruneError(f"No captured inputs for layer {layer} in {self.dir}; run the capture first.")
+        with safe_open(path, framework="pt") as handle:
+            return handle.get_tensor("hidden")
+
+
+def tokens_hash(token_windows: torch.Tensor) -> str:
+    data = token_windows.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def capture_moe_inputs(
+    model: nn.Module,
+    token_windows: torch.Tensor,
+    workdir: str | Path,
+    key: str,
+    batch_size: int = 4,
+    progress: bool = True,
+    corpus: str | None = None,
+) -> Path:
+    """Write each MoE layer's input on ``token_windows [S, L]`` under the work directory; returns its folder."""
+    work = WorkDir(workdir, key)
+    meta = _expected_meta(model, token_windows, corpus)
+    if _already_captured(work, meta):
+        return work.dir
+    layers = [layer.index for layer in moe_layers(model)]
+    batches = range(0, token_windows.shape[0], batch_size)
+    _start(work, {**meta, "batch_size": batch_size})
+    todo = [(b, s) for b, s in enumerate(batches) if not work.part_path(b).exists()]
+    _run_batches(model, token_windows, batch_size, work, todo, progress)
+    for index in layers:
+        _join_parts(work, index, len(batches))
+    write_json_atomic(work.meta_path, {**meta, "layers": layers})
+    shutil.rmtree(work.parts_dir, ignore_errors=True)
+    work.pending_path.unlink(missing_ok=True)
+    return work.dir
+
+
+def _start(work: WorkDir, pending: dict[str, Any]) -> None:
+    """Resume an interrupted capture of the same data; discard one of other data under this key."""
+    import json
+
+    if work.pending_path.exists() and json.loads(work.pending_path.read_text()) != pending:
+        shutil.rmtree(work.dir)
+    work.parts_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(work.pending_path, pending)
+
+
+def _expected_meta(model: nn.Module, token_windows: torch.Tensor, corpus: str | None) -> dict[str, Any]:
+    if token_windows.dim() != 2:
+        raise MoePruneError(f"Token windows must be [samples, seq_len], got shape {tuple(token_windows.shape)}.")
+    return {
+        "format": CAPTURE_FORMAT,
+        "model": model_name(model),
+        "config_hash": config_hash(model.config),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "corpus": corpus,
+        "samples": int(token_windows.shape[0]),
+        "seq_len": int(token_windows.shape[1]),
+        "tokens": int(token_windows.numel()),
+        "tokens_sha256": tokens_hash(token_windows),
+    }
+
+
+def _already_captured(work: WorkDir, meta: dict[str, Any]) -> bool:
+    found = work.read_meta()
+    if found is None:
+        return False
+    same = all(found.get(k) == meta[k] for k in ("config_hash", "tokens_sha256", "dtype"))
+    if not same:
+        raise MoePruneError(
+            f"{work.dir} holds inputs captured from another model or other tokens (key {work.key!r}); "
+            "use another key or delete that folder."
+        )
+    return True
+
+
+def _run_batches(
+    model: nn.Module,
+    token_windows: torch.Tensor,
+    batch_size: int,
+    work: WorkDir,
+    todo: list[tuple[int, int]],
+    progress: bool,
+) -> None:
+    from tqdm.auto import tqdm
+
+    layers = moe_layers(model)
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [layer.block.register_forward_pre_hook(_recorder(captured, layer.index), with_kwargs=True)
+             for layer in layers]
+    # The base model stops before the LM head, whose output we never need.
+    runner = getattr(model, "base_model", model)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for batch, start in tqdm(todo, desc="capture MoE inputs", disable=not progress):
+                captured.clear()
+                runner(input_ids=token_windows[start : start + batch_size].to(device), use_cache=False)
+                _save_atomic({f"layer_{i}": t for i, t in captured.items()}, work.part_path(batch))
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _recorder(captured: dict[int, torch.Tensor], index: int):
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        captured[index] = hidden.detach().reshape(-1, hidden.shape[-1]).to("cpu").contiguous()
+
+    return hook
+
+
+def _join_parts(work: WorkDir, layer: int, num_batches: int) -> None:
+    if work.layer_path(layer).exists():
+        return
+    pieces = []
+    for batch in range(num_batches):
+        with safe_open(work.part_path(batch), framework="pt") as handle:
+            pieces.append(handle.get_tensor(f"layer_{layer}"))
+    _save_atomic({"hidden": torch.cat(pieces)}, work.layer_path(layer))
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
