@@ -91,10 +91,10 @@ _DROP_LINK = re.compile(r"^(file|image|category|media|[a-z]{2,3}(-[a-z]+)?):", r
 def clean_wikitext(wikitext: str) -> str:
     """Wikitext -> prose: drop templates, refs, tables, files, categories, interwikis."""
     code = mwparserfromhell.parse(wikitext)
-    for tag in code.filter_tags(recursive=False):
+    for tag in code.filter_tags(recursive=True):
         if str(tag.tag).lower() in {"ref", "table", "gallery", "math", "references"}:
             _safe_remove(code, tag)
-    for link in code.filter_wikilinks(recursive=False):
+    for link in code.filter_wikilinks(recursive=True):
         if _DROP_LINK.match(str(link.title).strip()):
             _safe_remove(code, link)
     text = code.strip_code(normalize=True, collapse=True)
@@ -219,11 +219,7 @@ class _HandbookText(HTMLParser):
     def _is_skipped(self, tag: str, attrs: list[tuple[str, str | None]]) -> bool:
         a = dict(attrs)
         classes = set((a.get("class") or "").split())
-        return (
-            tag in self.SKIP_TAGS
-            or a.get("id") in self.SKIP_IDS
-            or bool(classes & self.SKIP_CLASSES)
-        )
+        return tag in self.SKIP_TAGS or a.get("id") in self.SKIP_IDS or bool(classes & self.SKIP_CLASSES)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self._depth += 1

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import BUNDLED, CORPORA, MODEL_DIR, read_corpus
+from common import BUNDLED, CORPORA, MODEL_DIR, REPO, read_corpus
 from transformers import AutoTokenizer, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 log = logging.getLogger("train_model")
@@ -147,7 +147,7 @@ def train(args: argparse.Namespace) -> dict[str, object]:
     tokenizer = AutoTokenizer.from_pretrained(args.out)
     train_streams = [tokenize_split(tokenizer, name, "train") for name in CORPORA]
     val_streams = {name: tokenize_split(tokenizer, name, "validation") for name in CORPORA}
-    log.info("train tokens per corpus: %s", dict(zip(CORPORA, map(len, train_streams))))
+    log.info("train tokens per corpus: %s", {n: len(s) for n, s in zip(CORPORA, train_streams, strict=True)})
 
     config = build_config(len(tokenizer), tokenizer.eos_token_id)
     model = Qwen2MoeForCausalLM(config)
@@ -176,13 +176,14 @@ def train(args: argparse.Namespace) -> dict[str, object]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        ce_ema = float(ce) if ce_ema is None else 0.95 * ce_ema + 0.05 * float(ce)
+        ce_val = ce.item()
+        ce_ema = ce_val if ce_ema is None else 0.95 * ce_ema + 0.05 * ce_val
         if step % args.log_every == 0:
             ent = routing_entropy(out.router_logits, top_k)
             tok_s = step * batch[:, :-1].numel() / (time.monotonic() - start)
             log.info(
                 "step %d  ce %.3f (ema %.3f)  balance %.3f  lr %.2e  entropy/lnN %s  %.0f tok/s",
-                step, float(ce), ce_ema, float(balance), opt.param_groups[0]["lr"],
+                step, ce_val, ce_ema, float(balance), opt.param_groups[0]["lr"],
                 [round(e / math.log(config.num_experts), 3) for e in ent], tok_s,
             )  # fmt: skip
         if time.monotonic() - last_ckpt >= args.ckpt_minutes * 60:
@@ -199,10 +200,17 @@ def train(args: argparse.Namespace) -> dict[str, object]:
         "final_train_ce_ema": round(ce_ema or float("nan"), 4),
         "val_ce": {k: round(v, 4) for k, v in val.items()},
         "parameters": sum(p.numel() for p in model.parameters()),
-        "recipe": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "recipe": {k: _portable(v) for k, v in vars(args).items()},
     }
     log.info("done: %s", summary)
     return summary
+
+
+def _portable(value: object) -> object:
+    """Paths inside the repository are recorded relative to it (the summary is shipped)."""
+    if isinstance(value, Path):
+        return str(value.relative_to(REPO)) if value.is_relative_to(REPO) else str(value)
+    return value
 
 
 def parse_args() -> argparse.Namespace:
@@ -214,7 +222,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=16)  # 16 x 256 = 4096 tokens per step
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup-steps", type=int, default=50)
-    ap.add_argument("--balance-coef", type=float, default=0.02)
+    ap.add_argument("--balance-coef", type=float, default=0.05)
     ap.add_argument("--ckpt-minutes", type=float, default=4.0)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--log-file", type=Path, default=Path("/tmp/moeprune_train_model.log"))
