@@ -282,10 +282,13 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ppl",
         nargs="*",
-        default=["wikitext2", "c4"],
-        help="perplexity datasets: wikitext2, c4, wiki, web, FILE.txt (default: wikitext2 c4)",
+        default=None,
+        help="perplexity datasets: wikitext2, c4, wiki, web, FILE.txt (default: wikitext2 c4; bundled: wiki web)",
     )
-    p.add_argument("--ppl-seq-len", type=int, default=2048, help="perplexity window (default 2048)")
+    p.add_argument(
+        "--ppl-seq-len", type=int, default=None, help="perplexity window (default: min(2048, max positions))"
+    )
+    _ppl_data_option(p)
     p.add_argument(
         "--tasks",
         nargs="*",
@@ -299,6 +302,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> None:
+    from moeprune.evaluation.experiment import parse_ppl_data
     from moeprune.evaluation.runner import evaluate_model
 
     results = evaluate_model(
@@ -313,6 +317,7 @@ def _run_eval(args: argparse.Namespace) -> None:
         device=args.device,
         trust_remote_code=args.trust_remote_code,
         out=args.out,
+        ppl_sources=parse_ppl_data(args.ppl_data),
     )
     print(json.dumps(results.get("summary", results), indent=2))
 
@@ -335,6 +340,14 @@ def _add_experiment(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ppl-seq-len", type=int, default=None, help="perplexity window")
     p.add_argument("--tasks", nargs="*", default=None, help="zero-shot tasks")
     p.add_argument("--limit", type=int, default=None, help="examples per task")
+    _ppl_data_option(p)
+    p.add_argument("--batch-size", type=int, default=None, help="calibration sequences per forward pass")
+    p.add_argument("--eval-batch-size", type=int, default=None, help="lm-eval batch size")
+    p.add_argument("--protect-budget", "-B", type=int, default=None, help="TB-Coverage's protect budget")
+    p.add_argument("--candidate", default=None, help="TB-Coverage's candidate method (default: expert-sparsity)")
+    p.add_argument("--recon-corpus", default=None, help="expert-sparsity corpus (default: c4 or the last corpus)")
+    p.add_argument("--recon-samples", type=int, default=None, help="expert-sparsity sequences")
+    p.add_argument("--recon-seq-len", type=int, default=None, help="expert-sparsity tokens per sequence")
     p.add_argument("--out", required=True, help="experiment directory (finished cells are reused)")
     p.set_defaults(run=_run_experiment)
 
@@ -343,6 +356,16 @@ def _run_experiment(args: argparse.Namespace) -> None:
     from moeprune.evaluation.experiment import run_experiment_cli
 
     run_experiment_cli(args)
+
+
+def _ppl_data_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ppl-data",
+        nargs="*",
+        default=None,
+        metavar="NAME=PATH",
+        help="local files replacing hub perplexity data, e.g. wikitext2=wiki.test.raw c4=c4-validation.json.gz",
+    )
 
 
 def _add_inspect(p: argparse.ArgumentParser) -> None:

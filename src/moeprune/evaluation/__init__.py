@@ -51,13 +51,28 @@ def evaluate(
     start = time.time()
     results: dict[str, Any] = {"metadata": dict(metadata or {}), "footprint": footprint(model)}
     results["perplexity"] = {
-        name: perplexity(model, tokenizer, name, seq_len=seq_len, batch_size=ppl_batch_size,
-                         max_windows=max_windows, progress=progress, sources=ppl_sources)
+        name: perplexity(
+            model,
+            tokenizer,
+            name,
+            seq_len=seq_len,
+            batch_size=ppl_batch_size,
+            max_windows=max_windows,
+            progress=progress,
+            sources=ppl_sources,
+        )
         for name in ppl_datasets
     }
     if tasks:
-        results["zero_shot"] = zero_shot(model, tokenizer, tasks=tasks, limit=limit, batch_size=batch_size,
-                                         max_length=max_length, include_path=include_path)
+        results["zero_shot"] = zero_shot(
+            model,
+            tokenizer,
+            tasks=tasks,
+            limit=limit,
+            batch_size=batch_size,
+            max_length=max_length,
+            include_path=include_path,
+        )
     results["versions"] = versions()
     results["seconds"] = round(time.time() - start, 1)
     return results
@@ -69,8 +84,12 @@ def versions() -> dict[str, str]:
 
     import moeprune
 
-    found = {"python": platform.python_version(), "torch": torch.__version__,
-             "transformers": transformers.__version__, "moeprune": getattr(moeprune, "__version__", "unknown")}
+    found = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "moeprune": getattr(moeprune, "__version__", "unknown"),
+    }
     try:
         import lm_eval
 

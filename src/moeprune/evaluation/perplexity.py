@@ -30,14 +30,18 @@ LOGIT_CHUNK = 512  # positions per fp32 log-softmax chunk: bounds memory for 150
 
 PROTOCOLS = {
     "wikitext2": "Salesforce/wikitext wikitext-2-raw-v1 test rows joined with '\\n\\n', tokenised once",
-    "c4": (f"allenai/c4 en validation shard 00000-of-00008, first {C4_DOCUMENTS} documents joined with ' ', "
-           f"tokenised once, first {C4_WINDOWS} x seq_len tokens"),
+    "c4": (
+        f"allenai/c4 en validation shard 00000-of-00008, first {C4_DOCUMENTS} documents joined with ' ', "
+        f"tokenised once, first {C4_WINDOWS} x seq_len tokens"
+    ),
     "wiki": "moeprune bundled 'wiki' corpus, test split, documents joined with '\\n\\n', tokenised once",
     "web": "moeprune bundled 'web' corpus, test split, documents joined with '\\n\\n', tokenised once",
     "file": "local text file, read as is, tokenised once",
 }
-WINDOWING = ("non-overlapping windows of seq_len tokens, tail dropped; seq_len-1 predicted tokens per window; "
-             "ppl = exp(sum token NLL / predicted tokens), NLL in fp32, summed in fp64")
+WINDOWING = (
+    "non-overlapping windows of seq_len tokens, tail dropped; seq_len-1 predicted tokens per window; "
+    "ppl = exp(sum token NLL / predicted tokens), NLL in fp32, summed in fp64"
+)
 
 
 def perplexity(
@@ -84,8 +88,10 @@ def _check_seq_len(model: torch.nn.Module, seq_len: int) -> None:
     if seq_len < 2:
         raise MoePruneError(f"seq_len must be at least 2 (got {seq_len}).")
     if isinstance(limit, int) and seq_len > limit:
-        raise MoePruneError(f"seq_len={seq_len} exceeds the model's max_position_embeddings={limit}; "
-                            f"pass a smaller --seq-len (e.g. {limit}).")
+        raise MoePruneError(
+            f"seq_len={seq_len} exceeds the model's max_position_embeddings={limit}; "
+            f"pass a smaller --seq-len (e.g. {limit})."
+        )
 
 
 def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
@@ -103,8 +109,9 @@ def split_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = Non
 
 
 @torch.no_grad()
-def window_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 1, progress: bool = False,
-               desc: str = "ppl") -> float:
+def window_nll(
+    model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 1, progress: bool = False, desc: str = "ppl"
+) -> float:
     """Summed NLL (float64) of every window's tokens 1..seq_len-1 given the tokens before them."""
     from tqdm.auto import tqdm
 
@@ -112,7 +119,7 @@ def window_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     total = torch.zeros((), dtype=torch.float64)
     starts = range(0, windows.shape[0], batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
-        batch = windows[start:start + batch_size].to(device)
+        batch = windows[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
         total += sequence_nll(logits[:, :-1], batch[:, 1:]).cpu()
     return float(total)
@@ -122,8 +129,8 @@ def sequence_nll(logits: torch.Tensor, labels: torch.Tensor, chunk: int = LOGIT_
     """Sum of -log p(label) in float64; log-softmax in fp32, a chunk of positions at a time."""
     total = torch.zeros((), dtype=torch.float64, device=logits.device)
     for start in range(0, logits.shape[1], chunk):
-        part = logits[:, start:start + chunk].float()
-        nll = F.cross_entropy(part.flatten(0, 1), labels[:, start:start + chunk].flatten(), reduction="none")
+        part = logits[:, start : start + chunk].float()
+        nll = F.cross_entropy(part.flatten(0, 1), labels[:, start : start + chunk].flatten(), reduction="none")
         total += nll.double().sum()
     return total
 
@@ -136,6 +143,7 @@ def _input_device(model: torch.nn.Module) -> torch.device:
 
 
 # --- evaluation texts -------------------------------------------------------------------------
+
 
 def load_eval_text(dataset: str, sources: Mapping[str, str | Path] | None = None) -> tuple[str, str, str]:
     """(name, text, protocol description) for a dataset name or a local file path."""
@@ -154,8 +162,9 @@ def load_eval_text(dataset: str, sources: Mapping[str, str | Path] | None = None
     path = Path(dataset)
     if path.is_file():
         return path.name, path.read_text(encoding="utf-8"), f"{PROTOCOLS['file']} ({path})"
-    raise MoePruneError(f"Unknown perplexity dataset {dataset!r}: use one of {list(PPL_DATASETS)} or a path "
-                        "to a local text file.")
+    raise MoePruneError(
+        f"Unknown perplexity dataset {dataset!r}: use one of {list(PPL_DATASETS)} or a path to a local text file."
+    )
 
 
 def _local_text(name: str, path: Path) -> str:

@@ -70,8 +70,16 @@ def zero_shot(
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     try:
         raw = lm_eval.simple_evaluate(
-            model=lm, tasks=names, num_fewshot=0, limit=limit, task_manager=manager, log_samples=False,
-            bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+            model=lm,
+            tasks=names,
+            num_fewshot=0,
+            limit=limit,
+            task_manager=manager,
+            log_samples=False,
+            bootstrap_iters=1000,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
             fewshot_random_seed=seed,
         )
     except Exception as err:  # hub tasks offline fail deep inside datasets

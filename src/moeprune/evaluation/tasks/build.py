@@ -53,8 +53,13 @@ def sentence_spans(doc: str) -> list[tuple[int, int, str]]:
 
 def _is_sentence(text: str) -> bool:
     # Hard-wrapped lines (single newlines) are kept as they are; a blank line ends a paragraph.
-    return (SENTENCE_CHARS[0] <= len(text) <= SENTENCE_CHARS[1] and "\n\n" not in text
-            and text[0].isupper() and text[-1] in ".!?\"')]" and sum(c.isalpha() for c in text) > len(text) / 2)
+    return (
+        SENTENCE_CHARS[0] <= len(text) <= SENTENCE_CHARS[1]
+        and "\n\n" not in text
+        and text[0].isupper()
+        and text[-1] in ".!?\"')]"
+        and sum(c.isalpha() for c in text) > len(text) / 2
+    )
 
 
 def candidates(doc_index: int, doc: str) -> list[Candidate]:
@@ -72,9 +77,10 @@ def candidates(doc_index: int, doc: str) -> list[Candidate]:
         context_end = spans[i - 1][1]
         # The longest run of whole sentences before it that fits in CONTEXT_CHARS[1], starting at a
         # capital letter (a split after an abbreviation such as "Mr." starts lower-case).
-        first = next((j for j in range(i) if context_end - spans[j][0] <= CONTEXT_CHARS[1]
-                      and doc[spans[j][0]].isupper()), i - 1)
-        context = doc[spans[first][0]:context_end].strip()
+        first = next(
+            (j for j in range(i) if context_end - spans[j][0] <= CONTEXT_CHARS[1] and doc[spans[j][0]].isupper()), i - 1
+        )
+        context = doc[spans[first][0] : context_end].strip()
         if len(context) >= CONTEXT_CHARS[0]:
             found.append(Candidate(doc_index, context, sentence))
     return found
@@ -92,8 +98,14 @@ def _distractors(rng: random.Random, true: Candidate, pool: list[Candidate], k: 
 def _item(rng: random.Random, task: str, index: int, corpus: str, true: Candidate, wrong: list[str]) -> dict:
     choices = [true.sentence, *wrong]
     rng.shuffle(choices)
-    return {"id": f"{task}-{index:04d}", "corpus": corpus, "doc": true.doc, "context": true.context,
-            "choices": choices, "gold": choices.index(true.sentence)}
+    return {
+        "id": f"{task}-{index:04d}",
+        "corpus": corpus,
+        "doc": true.doc,
+        "context": true.context,
+        "choices": choices,
+        "gold": choices.index(true.sentence),
+    }
 
 
 def _unseen(cands: list[Candidate], corpus: str) -> list[Candidate]:
@@ -116,8 +128,11 @@ def build_cont(corpus: str, pool: list[Candidate], n: int = CONT_ITEMS) -> list[
 def build_cross(pools: dict[str, list[Candidate]], n: int = CROSS_ITEMS) -> list[dict]:
     """2-way: the true next sentence vs a length-matched sentence from the other corpus."""
     rng = random.Random(f"{SEED}-cross")
-    picked = [(corpus, other, c) for corpus, other in (("wiki", "web"), ("web", "wiki"))
-              for c in rng.sample(pools[corpus], min(n // 2, len(pools[corpus])))]
+    picked = [
+        (corpus, other, c)
+        for corpus, other in (("wiki", "web"), ("web", "wiki"))
+        for c in rng.sample(pools[corpus], min(n // 2, len(pools[corpus])))
+    ]
     rng.shuffle(picked)  # interleave the corpora, so that lm-eval's --limit still sees both
     items = []
     for corpus, other, c in picked:

@@ -1,0 +1,400 @@
+"""The paper's grid: every method x retain ratio (random once per seed), evaluated against the dense model.
+
+``out_dir`` layout (every file written atomically, every stage resumable)::
+
+    profile/            api.profile (finished corpora are reused)
+    masks/<m>-<rho>[-seed<s>].json
+    cells/<cell-id>.json   one evaluation each: "dense" or the mask's file stem; a finished cell is skipped
+    experiment.json     the settings; a rerun with different settings is refused (its cells would not compare)
+    results.json, results.csv, report.md, plots/*.png
+
+One model is loaded for everything: profiling, reconstruction and every cell (masks are applied in
+memory with ``surgery.masked``, which restores the model afterwards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from moeprune.errors import MoePruneError
+from moeprune.io import write_json_atomic
+from moeprune.planning.mask import ExpertMask
+
+DEFAULT_RETAINS = (0.25, 0.5, 0.75)
+DEFAULT_SEEDS = (0, 1, 2, 3, 4, 42)
+DENSE = "dense"
+
+# Evaluation presets; calibration comes from api.PRESETS. ppl_seq_len None = min(2048, max positions).
+EVAL_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"ppl_datasets": ("wikitext2", "c4"), "ppl_seq_len": None, "tasks": None, "seeds": DEFAULT_SEEDS},
+    # 256: the testbed model was trained on 256-token windows (as `moeprune prune bundled --ppl` uses).
+    "bundled": {"ppl_datasets": ("wiki", "web"), "ppl_seq_len": 256, "tasks": ["bundled"], "seeds": (0, 1, 2, 3, 4, 5)},
+}
+
+
+def all_methods() -> list[str]:
+    from moeprune.planning import METHODS
+
+    return list(METHODS)
+
+
+def run_experiment(
+    model: Any,
+    out_dir: str | Path,
+    *,
+    retains: Sequence[float] = DEFAULT_RETAINS,
+    methods: Sequence[str] | None = None,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    corpora: Sequence[str] = ("wikitext2", "c4"),
+    samples: int = 512,
+    seq_len: int = 1024,
+    batch_size: int = 4,
+    ppl_datasets: Sequence[str] = ("wikitext2", "c4"),
+    ppl_seq_len: int | None = None,
+    ppl_sources: Mapping[str, str | Path] | None = None,
+    max_windows: int | None = None,
+    tasks: str | Sequence[str] | None = None,
+    limit: int | float | None = None,
+    eval_batch_size: int | str = 8,
+    protect_budget: int | None = None,
+    candidate: str | None = None,
+    reconstruction: dict[str, Any] | None = None,
+    dtype: str = "auto",
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    plots: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Profile once, plan every mask, evaluate dense + every mask, write results, report and plots.
+
+    Returns ``{"settings", "cells", "files"}``; ``cells[0]`` is the dense model."""
+    from moeprune.api import _model, _tokenizer
+    from moeprune.evaluation.runner import default_seq_len, resolve_tasks
+
+    out = Path(out_dir)
+    methods = list(methods or all_methods())
+    loaded = _model(model, dtype, device, trust_remote_code)
+    tokenizer = _tokenizer(None, loaded, trust_remote_code)
+    eval_settings = {
+        "ppl_datasets": list(ppl_datasets),
+        "ppl_seq_len": default_seq_len(loaded, ppl_seq_len),
+        "ppl_sources": {k: str(v) for k, v in (ppl_sources or {}).items()},
+        "max_windows": max_windows,
+        "tasks": resolve_tasks(tasks),
+        "limit": limit,
+        "eval_batch_size": eval_batch_size,
+    }
+    calibration = {
+        "corpora": list(corpora),
+        "samples": samples,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "protect_budget": protect_budget,
+        "candidate": candidate,
+        "reconstruction": {k: v for k, v in (reconstruction or {}).items() if k != "device"},
+    }
+    settings = {
+        "model": str(model) if isinstance(model, (str, Path)) else _name(loaded),
+        "retains": list(retains),
+        "methods": methods,
+        "seeds": list(seeds),
+        "calibration": calibration,
+        "evaluation": eval_settings,
+    }
+    _check_settings(out, settings)
+    _profile(loaded, tokenizer, out, calibration, progress)
+    masks = plan_grid(out, loaded, retains, methods, seeds, calibration, reconstruction or {}, progress)
+    cells = evaluate_grid(loaded, tokenizer, out, masks, eval_settings, progress)
+    files = write_outputs(out, settings, cells, plots=plots)
+    return {"settings": settings, "cells": cells, "files": {k: str(v) for k, v in files.items()}}
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def _check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Refuse to mix cells computed under other calibration or evaluation settings; the grid may grow."""
+    path = out / "experiment.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        for key in ("model", "calibration", "evaluation"):
+            if old.get(key) != json.loads(json.dumps(settings[key])):
+                raise MoePruneError(
+                    f"{out} holds an experiment with other {key} settings ({old.get(key)} vs "
+                    f"{settings[key]}); its cells would not compare. Use another --out, or delete {out}."
+                )
+    write_json_atomic(path, settings)
+
+
+def _profile(model: Any, tokenizer: Any, out: Path, calibration: dict[str, Any], progress: bool) -> None:
+    from moeprune import api
+
+    api.profile(
+        model,
+        calibration["corpora"],
+        out / "profile",
+        samples=calibration["samples"],
+        seq_len=calibration["seq_len"],
+        batch_size=calibration["batch_size"],
+        tokenizer=tokenizer,
+        progress=progress,
+    )
+
+
+def plan_grid(
+    out: Path,
+    model: Any,
+    retains: Sequence[float],
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    calibration: dict[str, Any],
+    reconstruction: dict[str, Any],
+    progress: bool = True,
+) -> list[tuple[Path, ExpertMask]]:
+    """Every mask of the grid as (file, mask); masks already in ``out/masks`` are loaded, not re-planned."""
+    from moeprune.planning import SEEDED
+
+    planned: list[tuple[Path, ExpertMask]] = []
+    es_masks: dict[float, ExpertMask] = {}
+    # expert-sparsity first: tb-coverage with its default candidate reuses those selections.
+    order = sorted(methods, key=lambda m: 0 if m == "expert-sparsity" else 1)
+    for method in order:
+        for seed in seeds if method in SEEDED else [None]:
+            paths = [out / "masks" / _mask_name(method, r, seed) for r in retains]
+            if all(p.exists() for p in paths):
+                masks = [ExpertMask.load(p) for p in paths]
+            else:
+                masks = _plan(out, model, method, retains, seed, calibration, reconstruction, es_masks, progress)
+                for path, mask in zip(paths, masks, strict=True):
+                    mask.save(path)
+            if method == "expert-sparsity":
+                es_masks = {m.retain: m for m in masks}
+            planned.extend(zip(paths, masks, strict=True))
+    # Table order: by method as the user listed them.
+    return sorted(planned, key=lambda pm: (list(methods).index(pm[1].method), pm[1].retain, pm[1].seed or 0))
+
+
+def _mask_name(method: str, retain: float, seed: int | None) -> str:
+    # Same name as api.mask_filename gives the planned mask (seed recorded only for seeded methods).
+    return f"{method}-{retain:.2f}" + (f"-seed{seed}" if seed is not None else "") + ".json"
+
+
+def _plan(
+    out: Path,
+    model: Any,
+    method: str,
+    retains: Sequence[float],
+    seed: int | None,
+    calibration: dict[str, Any],
+    reconstruction: dict[str, Any],
+    es_masks: dict[float, ExpertMask],
+    progress: bool,
+) -> list[ExpertMask]:
+    from moeprune import api
+    from moeprune.profiling.stats import Profile
+
+    candidate = calibration["candidate"]
+    budget = calibration["protect_budget"] if method == "tb-coverage" else None
+    if method == "tb-coverage" and candidate in (None, "expert-sparsity") and all(r in es_masks for r in retains):
+        # The same candidate plan_many would compute, without a second reconstruction search.
+        prof = Profile.load(out / "profile")
+        return [_tb_from_candidate(prof, es_masks[r], budget) for r in retains]
+    return api.plan_many(
+        out / "profile",
+        method,
+        list(retains),
+        seed=seed or 0,
+        protect_budget=budget,
+        candidate=candidate if method == "tb-coverage" else None,
+        model=model,
+        reconstruction=reconstruction,
+        progress=progress,
+    )
+
+
+def _tb_from_candidate(prof: Any, candidate: ExpertMask, budget: int | None) -> ExpertMask:
+    """TB-Coverage on a planned expert-sparsity mask, recorded as api.plan_many records it."""
+    from moeprune.planning import plan
+
+    mask = plan(
+        prof,
+        "tb-coverage",
+        candidate.retain,
+        protect_budget=budget,
+        candidate="expert-sparsity",
+        candidate_masks={layer: candidate.kept(layer) for layer in candidate.layers},
+    )
+    for layer, lm in candidate.layers.items():
+        for key in ("reconstruction_loss", "search"):
+            if key in lm.extra:
+                mask.layers[layer].extra[f"candidate_{key}"] = lm.extra[key]
+    return mask
+
+
+def cell_id(mask: ExpertMask | None) -> str:
+    from moeprune.api import mask_filename
+
+    return DENSE if mask is None else mask_filename(mask).removesuffix(".json")
+
+
+def evaluate_grid(
+    model: Any,
+    tokenizer: Any,
+    out: Path,
+    masks: Sequence[tuple[Path, ExpertMask]],
+    eval_settings: dict[str, Any],
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Dense first, then every mask; each cell is written to ``out/cells`` as soon as it is done, and a
+    cell whose file exists is read back instead of recomputed (resume after a crash or a kill)."""
+    from moeprune.evaluation import footprint
+
+    dense_fp = footprint(model)
+    cells = []
+    for path, mask in [(None, None), *masks]:
+        file = out / "cells" / f"{cell_id(mask)}.json"
+        if file.exists():
+            cells.append(json.loads(file.read_text()))
+            continue
+        cell = run_cell(model, tokenizer, mask, path, dense_fp, eval_settings, progress)
+        write_json_atomic(file, cell)
+        cells.append(cell)
+    return cells
+
+
+def run_cell(
+    model: Any,
+    tokenizer: Any,
+    mask: ExpertMask | None,
+    mask_path: Path | None,
+    dense_fp: dict[str, int],
+    eval_settings: dict[str, Any],
+    progress: bool,
+) -> dict[str, Any]:
+    """One evaluation, with the fields the report groups by (cell, method, retain, seed) on top."""
+    from moeprune.evaluation.runner import evaluate_loaded
+
+    result = evaluate_loaded(
+        model,
+        tokenizer,
+        mask=mask,
+        mask_path=mask_path,
+        dense_footprint=dense_fp,
+        ppl_datasets=eval_settings["ppl_datasets"],
+        seq_len=eval_settings["ppl_seq_len"],
+        ppl_sources=eval_settings["ppl_sources"] or None,
+        max_windows=eval_settings["max_windows"],
+        tasks=eval_settings["tasks"],
+        limit=eval_settings["limit"],
+        batch_size=eval_settings["eval_batch_size"],
+        progress=progress,
+        metadata={"model": _name(model)},
+    )
+    head = {
+        "cell": cell_id(mask),
+        "method": DENSE if mask is None else mask.method,
+        "retain": 1.0 if mask is None else mask.retain,
+        "seed": None if mask is None else mask.seed,
+        "kept_per_layer": None if mask is None else mask.kept_per_layer,
+    }
+    return {**head, **result}
+
+
+def write_outputs(
+    out: Path, settings: dict[str, Any], cells: list[dict[str, Any]], plots: bool = True
+) -> dict[str, Path]:
+    """results.json (settings + every cell), results.csv (one row per cell), report.md and the plots."""
+    from moeprune.evaluation import report
+
+    files = {"results_json": out / "results.json", "results_csv": out / "results.csv", "report": out / "report.md"}
+    write_json_atomic(files["results_json"], {"settings": settings, "cells": cells})
+    _write_text(files["results_csv"], report.to_csv(cells))
+    images: dict[str, Path] = {}
+    if plots:
+        from moeprune.evaluation import plots as plotting
+
+        images = plotting.write_plots(cells, out / "plots", profile_dir=out / "profile")
+    _write_text(
+        files["report"], report.render_report(cells, settings, {k: v.relative_to(out) for k, v in images.items()})
+    )
+    return {**files, **images}
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _name(model: Any) -> str:
+    from moeprune.loading import model_name
+
+    return model_name(model)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def experiment_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``run_experiment`` keyword arguments from the CLI: explicit flags win over the preset, and without
+    ``--preset`` the model picks one (the bundled testbed gets the fast one)."""
+    from moeprune.api import PRESETS, preset_for
+
+    name = args.preset or ("bundled" if preset_for(args.model) is PRESETS["bundled"] else "paper")
+    cal, ev = PRESETS[name], EVAL_PRESETS[name]
+    pick = _picker(args)
+    recon = {
+        "corpus": pick("recon_corpus", None),
+        "samples": pick("recon_samples", cal["recon_samples"]),
+        "seq_len": pick("recon_seq_len", cal["recon_seq_len"]),
+        "dtype": args.dtype,
+        "device": args.device,
+        "trust_remote_code": args.trust_remote_code,
+    }
+    return {
+        "retains": pick("retain", DEFAULT_RETAINS),
+        "methods": pick("methods", None),
+        "seeds": pick("seeds", ev["seeds"]),
+        "corpora": pick("corpora", cal["corpora"]),
+        "samples": pick("samples", cal["samples"]),
+        "seq_len": pick("seq_len", cal["seq_len"]),
+        "batch_size": pick("batch_size", 4),
+        "ppl_datasets": pick("ppl", ev["ppl_datasets"]),
+        "ppl_seq_len": pick("ppl_seq_len", ev["ppl_seq_len"]),
+        "ppl_sources": parse_ppl_data(pick("ppl_data", None)),
+        "tasks": pick("tasks", ev["tasks"]),
+        "limit": pick("limit", None),
+        "eval_batch_size": pick("eval_batch_size", 8),
+        "protect_budget": pick("protect_budget", None),
+        "candidate": pick("candidate", None),
+        "reconstruction": recon,
+        "dtype": args.dtype,
+        "device": args.device,
+        "trust_remote_code": args.trust_remote_code,
+    }
+
+
+def _picker(args: argparse.Namespace):
+    # getattr: flags the parser may not define yet fall back to the preset.
+    def pick(name: str, default: Any) -> Any:
+        value = getattr(args, name, None)
+        return default if value is None else value
+
+    return pick
+
+
+def parse_ppl_data(items: Sequence[str] | None) -> dict[str, str] | None:
+    """``NAME=PATH`` pairs (local copies of hub perplexity sets) as a dict."""
+    if not items:
+        return None
+    bad = [item for item in items if "=" not in item]
+    if bad:
+        raise MoePruneError(f"--ppl-data takes NAME=PATH (e.g. wikitext2=/data/wiki.test.raw); got {bad}.")
+    return dict(item.split("=", 1) for item in items)
+
+
+def run_experiment_cli(args: argparse.Namespace) -> dict[str, Any]:
+    result = run_experiment(args.model, args.out, **experiment_options(args))
+    print(Path(result["files"]["report"]).read_text())
+    print(f"experiment written to {args.out} ({len(result['cells'])} cells)")
+    return result

@@ -1,0 +1,142 @@
+"""PNG plots of an experiment (matplotlib, Agg backend: no display needed).
+
+- ``common_avg.png``: Common Avg vs retain ratio per method (random: mean with std error bars);
+- ``ppl_<dataset>.png``: perplexity vs retain ratio per method, log scale, dense as a dashed line;
+- ``ranking_overlap.png``: per MoE layer, how much the corpora agree on the top-K experts by REAP score,
+  ``|top-K(A) ∩ top-K(B)| / K`` for K = N/4, N/2, 3N/4 (mean over corpus pairs when there are more than two).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moeprune.evaluation.report import DENSE, METHOD_NAMES, dataset_label, datasets_of
+
+OVERLAP_FRACTIONS = (0.25, 0.5, 0.75)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # before pyplot is imported anywhere; headless servers have no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_plots(
+    cells: Sequence[Mapping[str, Any]], out_dir: str | Path, profile_dir: str | Path | None = None
+) -> dict[str, Path]:
+    """Every plot the data allows, as {name: path}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    if any(c["summary"].get("common_avg") is not None for c in cells):
+        files["common_avg"] = plot_metric(
+            cells, lambda c: c["summary"].get("common_avg"), "Common Avg", out / "common_avg.png"
+        )
+    for dataset in datasets_of(cells):
+        # A dataset may be a file path: name the PNG after the file only.
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(dataset).name)
+        files[f"ppl_{stem}"] = plot_metric(
+            cells,
+            lambda c, d=dataset: c["summary"]["ppl"].get(d),
+            f"{dataset_label(dataset)} perplexity",
+            out / f"ppl_{stem}.png",
+            log=True,
+        )
+    if profile_dir is not None and Path(profile_dir).is_dir():
+        from moeprune.profiling.stats import Profile
+
+        prof = Profile.load(profile_dir)
+        if len(prof.names) > 1:
+            files["ranking_overlap"] = plot_overlap(
+                prof.reap_scores(), prof.layer_ids, prof.names, out / "ranking_overlap.png"
+            )
+    return files
+
+
+def series(
+    cells: Sequence[Mapping[str, Any]], value: Callable[[Mapping[str, Any]], float | None]
+) -> dict[str, list[tuple[float, float, float]]]:
+    """{method: [(retain, mean, std)]} over the pruned cells; std is 0 for a method with one cell per ratio."""
+    grouped: dict[str, dict[float, list[float]]] = {}
+    for cell in cells:
+        v = value(cell)
+        if cell["method"] != DENSE and v is not None:
+            grouped.setdefault(cell["method"], {}).setdefault(float(cell["retain"]), []).append(float(v))
+    return {
+        method: [
+            (r, statistics.fmean(vs), statistics.stdev(vs) if len(vs) > 1 else 0.0) for r, vs in sorted(by.items())
+        ]
+        for method, by in grouped.items()
+    }
+
+
+def plot_metric(
+    cells: Sequence[Mapping[str, Any]],
+    value: Callable[[Mapping[str, Any]], float | None],
+    label: str,
+    path: Path,
+    log: bool = False,
+) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, points in series(cells, value).items():
+        xs, ys, errs = zip(*points, strict=True)
+        ax.errorbar(
+            xs, ys, yerr=errs if any(errs) else None, marker="o", capsize=3, label=METHOD_NAMES.get(method, method)
+        )
+    dense = [v for c in cells if c["method"] == DENSE and (v := value(c)) is not None]
+    if dense:
+        ax.axhline(dense[0], color="black", linestyle="--", linewidth=1, label="Dense")
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("retain ratio")
+    ax.set_ylabel(label)
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def ranking_overlap(scores: torch.Tensor, k: int) -> list[float]:
+    """Per MoE layer, mean over corpus pairs of |top-k(A) ∩ top-k(B)| / k; ``scores`` is [corpora, layers, N]."""
+    top = scores.topk(k, dim=-1).indices  # [corpora, layers, k]
+    layers = scores.shape[1]
+    pairs = list(itertools.combinations(range(scores.shape[0]), 2))
+    out = []
+    for layer in range(layers):
+        shared = [len(set(top[a, layer].tolist()) & set(top[b, layer].tolist())) / k for a, b in pairs]
+        out.append(statistics.fmean(shared) if shared else 1.0)
+    return out
+
+
+def plot_overlap(scores: torch.Tensor, layer_ids: Sequence[int], names: Sequence[str], path: Path) -> Path:
+    plt = _pyplot()
+    num_experts = scores.shape[-1]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for fraction in OVERLAP_FRACTIONS:
+        k = max(1, round(fraction * num_experts))
+        label = f"K={k} ({fraction:.0%} of {num_experts})"
+        ax.plot(list(layer_ids), ranking_overlap(scores, k), marker="o", label=label)
+    ax.set_xticks(list(layer_ids))
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("top-K overlap")
+    ax.set_title(f"REAP top-K agreement between corpora ({', '.join(names)})", fontsize="small")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

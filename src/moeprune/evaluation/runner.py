@@ -1,0 +1,184 @@
+"""The ``eval`` verb: load a model once, optionally apply a mask in memory, evaluate, summarise, save.
+
+The mask is applied with :func:`moeprune.surgery.masked`, which slices the experts physically for the
+duration of the evaluation, so the numbers (and the footprint) are those of the exported checkpoint
+without writing one. :func:`evaluate_loaded` is the part the experiment grid reuses per cell on one
+loaded model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moeprune.evaluation import compare_footprints, evaluate, footprint
+from moeprune.evaluation.zeroshot import COMMON_TASKS, expand_tasks
+from moeprune.io import write_json_atomic
+from moeprune.planning.mask import ExpertMask
+
+DEFAULT_PPL_SEQ_LEN = 2048  # the SparseGPT/Wanda window, clamped to the model's max positions
+NO_TASKS = {"none", ""}
+
+
+def resolve_tasks(tasks: str | Sequence[str] | None) -> list[str]:
+    """None -> the six Common Avg tasks; [] or ["none"] -> no zero-shot; presets ("bundled") expand."""
+    if tasks is None:
+        return list(COMMON_TASKS)
+    names = [tasks] if isinstance(tasks, str) else list(tasks)
+    if not names or all(n.strip().lower() in NO_TASKS for n in names):
+        return []
+    return expand_tasks([n for n in names if n.strip().lower() not in NO_TASKS])
+
+
+def default_seq_len(model: torch.nn.Module, seq_len: int | None) -> int:
+    """An explicit ``seq_len`` is kept (perplexity refuses one beyond max positions, with the fix);
+    ``None`` means min(2048, max_position_embeddings)."""
+    if seq_len is not None:
+        return int(seq_len)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    return min(DEFAULT_PPL_SEQ_LEN, int(limit)) if isinstance(limit, int) and limit > 1 else DEFAULT_PPL_SEQ_LEN
+
+
+def default_ppl_datasets(model: Any, datasets: Sequence[str] | None) -> list[str]:
+    """Given datasets as they are; else the bundled corpora for the testbed (offline) and the paper's otherwise."""
+    if datasets is not None:
+        return list(datasets)
+    from moeprune.api import PRESETS, preset_for
+
+    bundled = isinstance(model, (str, Path)) and preset_for(model) is PRESETS["bundled"]
+    return ["wiki", "web"] if bundled else ["wikitext2", "c4"]
+
+
+def mask_record(mask: ExpertMask, path: str | Path | None = None) -> dict[str, Any]:
+    """What a result needs to say about its mask (the full mask stays in its own file)."""
+    return {
+        "file": str(path) if path is not None else None,
+        "method": mask.method,
+        "retain": mask.retain,
+        "kept_per_layer": mask.kept_per_layer,
+        "num_experts": mask.num_experts,
+        "protect_budget": mask.protect_budget,
+        "seed": mask.seed,
+        "candidate": mask.candidate,
+    }
+
+
+def evaluate_model(
+    model: str | Path | torch.nn.Module,
+    *,
+    mask: ExpertMask | str | Path | None = None,
+    ppl_datasets: Sequence[str] | None = None,
+    seq_len: int | None = None,
+    tasks: str | Sequence[str] | None = None,
+    limit: int | float | None = None,
+    batch_size: int | str = 8,
+    dtype: str = "auto",
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    out: str | Path | None = None,
+    ppl_sources: Mapping[str, str | Path] | None = None,
+    tokenizer: Any = None,
+    max_windows: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Perplexity and zero-shot accuracy of ``model`` (a path, hub id, "bundled" or a loaded model), under
+    ``mask`` when given; the result (with a ``summary``) is written atomically to ``out`` when given.
+
+    ``ppl_datasets=None``: wiki and web for the bundled testbed, wikitext2 and c4 otherwise."""
+    from moeprune.api import _model, _tokenizer
+
+    loaded = _model(model, dtype, device, trust_remote_code)
+    tok = _tokenizer(tokenizer, loaded, trust_remote_code)
+    mask_path = None if mask is None or isinstance(mask, ExpertMask) else mask
+    if mask_path is not None:
+        mask = ExpertMask.load(mask_path)
+    results = evaluate_loaded(
+        loaded,
+        tok,
+        mask=mask,
+        mask_path=mask_path,
+        ppl_datasets=default_ppl_datasets(model, ppl_datasets),
+        seq_len=seq_len,
+        tasks=tasks,
+        limit=limit,
+        batch_size=batch_size,
+        ppl_sources=ppl_sources,
+        max_windows=max_windows,
+        progress=progress,
+        metadata={"model": str(model) if isinstance(model, (str, Path)) else _name(loaded)},
+    )
+    if out is not None:
+        write_json_atomic(out, results)
+    return results
+
+
+def evaluate_loaded(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    *,
+    mask: ExpertMask | None = None,
+    mask_path: str | Path | None = None,
+    dense_footprint: dict[str, int] | None = None,
+    ppl_datasets: Sequence[str] = ("wikitext2", "c4"),
+    seq_len: int | None = None,
+    tasks: str | Sequence[str] | None = None,
+    limit: int | float | None = None,
+    batch_size: int | str = 8,
+    ppl_sources: Mapping[str, str | Path] | None = None,
+    max_windows: int | None = None,
+    progress: bool = True,
+    metadata: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One evaluation of an already loaded model, dense or under ``mask`` (restored afterwards)."""
+    from moeprune.surgery import masked
+
+    # Measured before masking: masked() slices in place, so footprint() inside it is the pruned size.
+    dense = dense_footprint or footprint(model)
+    kwargs = {
+        "ppl_datasets": tuple(ppl_datasets),
+        "seq_len": default_seq_len(model, seq_len),
+        "ppl_sources": ppl_sources,
+        "max_windows": max_windows,
+        "tasks": resolve_tasks(tasks),
+        "limit": limit,
+        "batch_size": batch_size,
+        "progress": progress,
+        "metadata": dict(metadata or {}),
+    }
+    if mask is None:
+        results = evaluate(model, tokenizer, **kwargs)
+    else:
+        with masked(model, mask):
+            results = evaluate(model, tokenizer, **kwargs)
+    results["mask"] = None if mask is None else mask_record(mask, mask_path)
+    results["footprint_vs_dense"] = compare_footprints(dense, results["footprint"])
+    results["summary"] = summarise(results)
+    return results
+
+
+def summarise(results: Mapping[str, Any]) -> dict[str, Any]:
+    """The numbers the tables need: ppl per dataset, each task's Common Avg metric, Common Avg, footprint."""
+    zs = results.get("zero_shot") or {}
+    used = zs.get("common_avg_metrics", {})
+    ratios = results.get("footprint_vs_dense", {})
+    fp = results.get("footprint", {})
+    return {
+        "ppl": {name: r["ppl"] for name, r in results.get("perplexity", {}).items()},
+        "tasks": {task: zs["tasks"][task][metric] for task, metric in used.items()},
+        "task_metrics": dict(used),
+        "common_avg": zs.get("common_avg"),
+        "params": fp.get("params_total"),
+        "params_routed_experts": fp.get("params_routed_experts"),
+        "bytes": fp.get("bytes"),
+        "params_ratio": ratios.get("params_total_ratio"),
+        "bytes_ratio": ratios.get("bytes_ratio"),
+    }
+
+
+def _name(model: torch.nn.Module) -> str:
+    from moeprune.loading import model_name
+
+    return model_name(model)

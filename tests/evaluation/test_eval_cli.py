@@ -1,0 +1,94 @@
+"""``moeprune eval``: a mask applied in memory scores exactly like the exported pruned checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import Qwen2MoeConfig
+
+from moeprune.bundled import read_bundled_corpus
+from moeprune.cli import main
+from moeprune.evaluation.runner import default_ppl_datasets, default_seq_len, resolve_tasks, summarise
+from moeprune.evaluation.zeroshot import COMMON_TASKS
+from moeprune.planning.mask import ExpertMask, LayerMask
+from moeprune.surgery import export_pruned
+
+PPL = ["--ppl-seq-len", "64", "--tasks", "none", "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def short_text(tmp_path_factory):
+    """About 800 tokens (a dozen 64-token windows): the tiny model scores it in seconds."""
+    path = tmp_path_factory.mktemp("text") / "short.txt"
+    path.write_text("\n\n".join(read_bundled_corpus("web", "test"))[:4000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def mask_file(tiny_checkpoint, tmp_path_factory):
+    # The tiny qwen2_moe has MoE layers 0 and 2 (layer 1 is dense), 8 experts each.
+    mask = ExpertMask(model=str(tiny_checkpoint), method="reap", retain=0.5, num_experts=8, kept_per_layer=4,
+                      layers={0: LayerMask([0, 2, 5, 7]), 2: LayerMask([1, 2, 3, 6])})
+    path = tmp_path_factory.mktemp("mask") / "reap-0.50.json"
+    mask.save(path)
+    return path
+
+
+def _eval(model, out, short_text, *extra) -> dict:
+    assert main(["eval", str(model), "--ppl", str(short_text), *PPL, "--out", str(out), *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def test_masked_eval_equals_exported_checkpoint(tiny_checkpoint, mask_file, short_text, tmp_path, capsys):
+    masked = _eval(tiny_checkpoint, tmp_path / "masked.json", short_text, "--mask", str(mask_file))
+    exported = export_pruned(str(tiny_checkpoint), mask_file, tmp_path / "pruned", dtype="float32", progress=False)
+    pruned = _eval(exported, tmp_path / "pruned.json", short_text)
+    dense = _eval(tiny_checkpoint, tmp_path / "dense.json", short_text)
+    name = str(short_text)
+    assert masked["summary"]["ppl"][name] == pytest.approx(pruned["summary"]["ppl"][name], rel=1e-5)
+    assert abs(masked["summary"]["ppl"][name] / dense["summary"]["ppl"][name] - 1) > 1e-4  # the mask matters
+    assert masked["footprint"] == pruned["footprint"]  # masked() slices physically: same size as the export
+    assert masked["summary"]["params_ratio"] < 1 and dense["summary"]["params_ratio"] == 1
+    assert masked["mask"]["method"] == "reap" and masked["mask"]["kept_per_layer"] == 4
+    assert masked["mask"]["file"] == str(mask_file) and dense["mask"] is None
+    assert "zero_shot" not in masked and masked["perplexity"][name]["seq_len"] == 64
+    assert '"ppl"' in capsys.readouterr().out  # the summary is printed
+
+
+def test_summary_from_results():
+    results = {
+        "perplexity": {"wiki": {"ppl": 12.5}},
+        "zero_shot": {"tasks": {"arc_easy": {"acc": 0.5, "acc_norm": 0.6}, "boolq": {"acc": 0.7, "acc_norm": 0.1}},
+                      "common_avg": 0.65, "common_avg_metrics": {"arc_easy": "acc_norm", "boolq": "acc"}},
+        "footprint": {"params_total": 50, "params_routed_experts": 30, "bytes": 100},
+        "footprint_vs_dense": {"params_total_ratio": 0.5, "bytes_ratio": 0.5},
+    }
+    assert summarise(results) == {
+        "ppl": {"wiki": 12.5}, "tasks": {"arc_easy": 0.6, "boolq": 0.7},
+        "task_metrics": {"arc_easy": "acc_norm", "boolq": "acc"}, "common_avg": 0.65, "params": 50,
+        "params_routed_experts": 30, "bytes": 100, "params_ratio": 0.5, "bytes_ratio": 0.5,
+    }
+
+
+def test_resolve_tasks():
+    assert resolve_tasks(None) == list(COMMON_TASKS)
+    assert resolve_tasks([]) == [] and resolve_tasks(["none"]) == [] and resolve_tasks("none") == []
+    assert resolve_tasks(["bundled", "piqa"]) == ["bundled_wiki_cont", "bundled_web_cont", "bundled_cross_cont",
+                                                  "piqa"]
+
+
+def test_default_seq_len():
+    class Model:
+        config = Qwen2MoeConfig(max_position_embeddings=1024)
+
+    assert default_seq_len(Model(), None) == 1024
+    assert default_seq_len(Model(), 256) == 256
+    Model.config = Qwen2MoeConfig(max_position_embeddings=32768)
+    assert default_seq_len(Model(), None) == 2048
+
+
+def test_default_ppl_datasets(tiny_checkpoint):
+    assert default_ppl_datasets("bundled", None) == ["wiki", "web"]  # offline for the testbed
+    assert default_ppl_datasets(str(tiny_checkpoint), None) == ["wikitext2", "c4"]
+    assert default_ppl_datasets("bundled", []) == [] and default_ppl_datasets("bundled", ["c4"]) == ["c4"]
