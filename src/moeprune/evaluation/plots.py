@@ -101,12 +101,7 @@ def plot_metric(
         ax.set_yscale("log")
     ax.set_xlabel("retain ratio")
     ax.set_ylabel(label)
-    ax.legend(fontsize="small")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path)
 
 
 def ranking_overlap(scores: torch.Tensor, k: int) -> list[float]:
@@ -134,6 +129,11 @@ def plot_overlap(scores: torch.Tensor, layer_ids: Sequence[int], names: Sequence
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("top-K overlap")
     ax.set_title(f"REAP top-K agreement between corpora ({', '.join(names)})", fontsize="small")
+    return _save(plt, fig, ax, path)
+
+
+def _save(plt, fig, ax, path: Path) -> Path:
+    """Legend, grid, tight layout, PNG at 120 dpi, and the figure closed (matplotlib keeps them otherwise)."""
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     fig.tight_layout()

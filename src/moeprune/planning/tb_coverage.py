@@ -21,8 +21,9 @@ import torch
 from moeprune.planning.base import PlanContext, layer_selection, ranked
 from moeprune.planning.mask import LayerMask
 
-# The candidate used when none is named. The paper starts from a reconstruction-based mask
-# (expert-sparsity); this switches to it once that method can run from the planner.
+# The candidate used when none is named and none is precomputed. The paper starts from a reconstruction
+# mask (expert-sparsity), which needs the model: moeprune.api / `moeprune plan` compute it and pass it in
+# as candidate_masks (api.TB_COVERAGE_CANDIDATE). This model-free planner alone falls back to REAP.
 DEFAULT_CANDIDATE = "reap"
 
 
