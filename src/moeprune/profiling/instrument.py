@@ -60,13 +60,15 @@ class StatsRecorder:
 
         def observe(flat_index: torch.Tensor, flat_weights: torch.Tensor, norms: torch.Tensor, top_k: int) -> None:
             # One bincount per statistic and layer: no per-expert work on the hot path.
-            valid = torch.ones_like(norms, dtype=torch.float64)
-            if self.valid_tokens is not None:
-                valid = self.valid_tokens.to(norms.device).repeat_interleave(top_k).double()
-            gates = flat_weights.double() * valid
-            norms = norms.double() * valid
             n = self.num_experts
-            self.sums["count"][row] += torch.bincount(flat_index, weights=valid, minlength=n)
+            gates, norms = flat_weights.double(), norms.double()
+            if self.valid_tokens is None:
+                count = torch.bincount(flat_index, minlength=n).double()
+            else:  # padding: weight every pair by its token's validity
+                valid = self.valid_tokens.to(norms.device).repeat_interleave(top_k).double()
+                gates, norms = gates * valid, norms * valid
+                count = torch.bincount(flat_index, weights=valid, minlength=n)
+            self.sums["count"][row] += count
             self.sums["gate_sum"][row] += torch.bincount(flat_index, weights=gates, minlength=n)
             self.sums["reap_sum"][row] += torch.bincount(flat_index, weights=gates * norms, minlength=n)
             self.sums["norm_sum"][row] += torch.bincount(flat_index, weights=norms, minlength=n)
