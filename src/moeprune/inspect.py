@@ -34,6 +34,9 @@ def describe_model(target: str, trust_remote_code: bool = False) -> str:
     layers = moe_layers(model)
     routed = sum(p.numel() for layer in layers for p in layer.experts.parameters())
     total = sum(p.numel() for p in model.parameters())
+    output, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if getattr(config, "tie_word_embeddings", False) and output is not None and output.weight is not embed.weight:
+        total -= output.weight.numel()  # on the meta device ties are not made; tied weights are one tensor
     return "\n".join(
         [
             f"model        {target}",
