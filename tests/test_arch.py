@@ -42,8 +42,9 @@ def test_unknown_model_type_of_the_common_shape_works_by_duck_typing(tmp_path):
     export_pruned(model, mask, tmp_path / "out", progress=False)
 
 
-def test_config_without_an_expert_count_is_not_a_moe():
-    config = Qwen2Config(
+def _dense_config() -> Qwen2Config:
+    """A tiny dense (non-MoE) decoder config."""
+    return Qwen2Config(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=1,
@@ -51,19 +52,16 @@ def test_config_without_an_expert_count_is_not_a_moe():
         num_key_value_heads=2,
         vocab_size=64,
     )
+
+
+def test_config_without_an_expert_count_is_not_a_moe():
+    config = _dense_config()
     with pytest.raises(MoePruneError, match="not a supported MoE.*expert-count keys"):
         spec_for(config)
 
 
 def test_expert_count_but_no_recognisable_blocks_names_what_was_missing():
-    config = Qwen2Config(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-    )
+    config = _dense_config()
     model = AutoModelForCausalLM.from_config(config)
     model.config.num_experts = 8  # claims to be an MoE, but its MLPs have no router or experts
     with pytest.raises(MoePruneError, match=r"no MoE layer.*router \['gate', 'router'\].*experts"):

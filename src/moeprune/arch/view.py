@@ -10,7 +10,7 @@ reconstruction and surgery never look at the architecture again.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -136,8 +136,6 @@ def _router_of(block: nn.Module, spec: ArchSpec) -> nn.Module | None:
 
 def _resolve_layout(spec: ArchSpec, experts: nn.Module, block: nn.Module) -> ArchSpec:
     """Check the experts module matches the spec's layout (and pick one for duck-typed models)."""
-    from dataclasses import replace
-
     if isinstance(experts, nn.ModuleList):
         if not hasattr(block, "moe_infer"):
             raise MoePruneError(
