@@ -64,6 +64,9 @@ def test_shard_by_shard_equals_in_memory_export(arch, tmp_path):
     }
     assert json.loads((in_memory / "config.json").read_text()).get("num_experts", 4) == 4
     assert ExpertMask.load(model_free / "mask.json").layers == mask.layers
+    card = (model_free / "README.md").read_text()
+    before = sum(t.numel() for t in _tensors(source).values())
+    assert f"{before:,} -> {sum(t.numel() for t in got.values()):,}" in card and "--model-free" in card
 
 
 def test_mask_for_another_model_is_refused(tmp_path):

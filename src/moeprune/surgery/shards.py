@@ -29,6 +29,7 @@ from moeprune.arch.adapters import ROUTER_ATTRS, spec_for
 from moeprune.errors import MoePruneError
 from moeprune.io import atomic_directory
 from moeprune.planning.mask import ExpertMask
+from moeprune.surgery.model_card import CardInfo, render_model_card
 
 EXPERT_KEY = re.compile(r"^(?P<head>.*\.layers\.(?P<layer>\d+)\.[^.]+\.experts)\.(?P<expert>\d+)\.(?P<rest>.+)$")
 FUSED_KEY = re.compile(r"^.*\.layers\.(?P<layer>\d+)\.[^.]+\.experts\.[^.]+$")
@@ -49,9 +50,12 @@ def prune_checkpoint_files(
     with atomic_directory(out, overwrite=overwrite) as tmp:
         weight_map: dict[str, str] = {}
         total_size = 0
+        params_before = params_after = 0
         routers: set[int] = set()
         for shard in tqdm(shards, desc="prune shards", unit="shard", disable=not progress):
+            params_before += _shard_numel(source / shard)
             tensors = _pruned_shard(source / shard, mask, routers)
+            params_after += sum(t.numel() for t in tensors.values())
             save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
             weight_map.update({name: shard for name in tensors})
             total_size += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -66,7 +70,19 @@ def prune_checkpoint_files(
         _copy_other_files(source, tmp, set(shards))
         (tmp / "config.json").write_text(json.dumps(_pruned_config(config, mask), indent=2) + "\n")
         mask.save(tmp / "mask.json")
+        # Counted from the tensors on disk: tied embeddings stored twice would be counted twice.
+        card = CardInfo(str(source), str(out), mask, params_before, params_after)
+        (tmp / "README.md").write_text(render_model_card(card).replace("moeprune apply", "moeprune apply --model-free"))
     return Path(out)
+
+
+def _shard_numel(path: Path) -> int:
+    with safe_open(str(path), framework="pt") as handle:
+        total = 0
+        for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+            shape = handle.get_slice(name).get_shape()
+            total += int(torch.tensor(shape).prod()) if shape else 1
+        return total
 
 
 def _shards(source: Path) -> list[str]:
@@ -131,7 +147,7 @@ def _pruned_config(config: dict, mask: ExpertMask) -> dict:
 
 
 def _copy_other_files(source: Path, target: Path, shards: set[str]) -> None:
-    skip = shards | {INDEX_FILE, "config.json", "mask.json"}
+    skip = shards | {INDEX_FILE, "config.json", "mask.json", "README.md"}
     for path in source.iterdir():
         if path.is_file() and path.name not in skip and not path.name.startswith("."):
             shutil.copy2(path, target / path.name)
