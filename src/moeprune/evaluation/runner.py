@@ -52,6 +52,14 @@ def default_ppl_datasets(model: Any, datasets: Sequence[str] | None) -> list[str
     return ["wiki", "web"] if bundled else ["wikitext2", "c4"]
 
 
+def _preset_seq_len(model: Any) -> int | None:
+    """The bundled testbed is scored on the 256-token windows it was trained on (as prune and experiment do)."""
+    from moeprune.api import PRESETS, preset_for
+
+    bundled = isinstance(model, (str, Path)) and preset_for(model) is PRESETS["bundled"]
+    return PRESETS["bundled"]["ppl_seq_len"] if bundled else None
+
+
 def mask_record(mask: ExpertMask, path: str | Path | None = None) -> dict[str, Any]:
     """What a result needs to say about its mask (the full mask stays in its own file)."""
     return {
@@ -101,7 +109,7 @@ def evaluate_model(
         mask=mask,
         mask_path=mask_path,
         ppl_datasets=default_ppl_datasets(model, ppl_datasets),
-        seq_len=seq_len,
+        seq_len=seq_len if seq_len is not None else _preset_seq_len(model),
         tasks=tasks,
         limit=limit,
         batch_size=batch_size,
