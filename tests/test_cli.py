@@ -152,3 +152,34 @@ def test_mask_for_another_model_is_refused(profiled, tmp_path, capsys, tokenizer
         capsys, ["apply", str(other), str(tmp_path / "m" / "frequency-0.50.json"), "--out", str(tmp_path / "o")]
     )
     assert "8 experts per layer" in err and "has 16" in err
+
+
+def test_profile_from_another_model_is_refused(profiled, tmp_path, capsys, tokenizer):
+    from tests.tiny_models import build_model, save_model
+
+    other = tmp_path / "other"
+    save_model(build_model("qwen2_moe", seed=1, vocab_size=len(tokenizer)), other)
+    tokenizer.save_pretrained(other)
+    # Same shape, different architecture settings: its config hash differs from the profiled model's.
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
+    err = _error(
+        capsys,
+        [
+            "plan",
+            str(profiled),
+            "--method",
+            "expert-sparsity",
+            "--retain",
+            "0.5",
+            "--model",
+            str(other),
+            "--recon-samples",
+            "2",
+            "--recon-seq-len",
+            "16",
+            "--out",
+            str(tmp_path / "m"),
+        ],
+    )
+    assert "The profile was made from" in err and "config hash" in err

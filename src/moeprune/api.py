@@ -340,6 +340,7 @@ def _reconstruct(
         if not model:
             raise MoePruneError("expert-sparsity needs the model: pass --model (the profile records none).")
     loaded = _model(model, options.get("dtype", "auto"), options.get("device"), options.get("trust_remote_code", False))
+    _check_same_model(prof, loaded)
     spec = _reconstruction_corpus(prof, options.get("corpus"))
     windows = calibration_windows(
         spec,
@@ -351,6 +352,19 @@ def _reconstruct(
     workdir = Path(options.get("workdir") or workdir or "moeprune-work")
     key = f"{spec.name}-{windows.shape[0]}x{windows.shape[1]}-seed{options.get('seed', 0)}"
     return reconstruction_selection(loaded, windows, kept, workdir, key, corpus=spec.name, progress=progress)
+
+
+def _check_same_model(prof: Profile, model: Any) -> None:
+    """A profile is only meaningful for the model it was made from: refuse any other."""
+    from moeprune.loading import config_hash
+
+    recorded, actual = prof.meta.get("config_hash"), config_hash(model.config)
+    if recorded and recorded != actual:
+        raise MoePruneError(
+            f"The profile was made from {prof.meta.get('model')!r} (config hash {recorded}), but the model given "
+            f"for planning, {model_name(model)!r}, has config hash {actual}. Profile this model first, or pass "
+            "the profiled model with --model."
+        )
 
 
 def _reconstruction_corpus(prof: Profile, name: str | None) -> CorpusSpec:
