@@ -62,12 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------- options
-def _model_options(p: argparse.ArgumentParser, positional: bool = True) -> None:
+def _model_options(p: argparse.ArgumentParser, positional: bool = True, device: bool = True) -> None:
     if positional:
         p.add_argument("model", help="local checkpoint directory, hub id, or 'bundled' (the shipped testbed)")
     g = p.add_argument_group("model loading")
     g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default: auto)")
-    g.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: where transformers loads)")
+    if device:
+        g.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: where transformers loads)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own modeling code")
 
 
@@ -191,7 +192,7 @@ def _run_plan(args: argparse.Namespace) -> None:
 
 
 def _add_apply(p: argparse.ArgumentParser) -> None:
-    _model_options(p)
+    _model_options(p, device=False)  # export works where the weights load; nothing to place
     p.add_argument("mask", help="mask.json written by `moeprune plan`")
     p.add_argument("--out", required=True, help="directory for the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
