@@ -51,13 +51,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_for(model: Any) -> dict[str, Any]:
-    """The bundled testbed model gets the fast preset; every other model the paper's settings."""
+def is_bundled(model: Any) -> bool:
+    """Whether ``model`` names the bundled testbed: ``bundled`` or its directory (a loaded model never does)."""
     from moeprune.bundled import bundled_model_path
 
-    name = str(model or "")
-    bundled = name == "bundled" or (bool(name) and Path(name).resolve() == bundled_model_path().resolve())
-    return PRESETS["bundled" if bundled else "paper"]
+    if not isinstance(model, str | Path) or not str(model):
+        return False
+    return str(model) == "bundled" or Path(model).resolve() == bundled_model_path().resolve()
+
+
+def preset_for(model: Any) -> dict[str, Any]:
+    """The bundled testbed model gets the fast preset; every other model the paper's settings."""
+    return PRESETS["bundled" if is_bundled(model) else "paper"]
 
 
 # The reconstruction candidate is fitted on C4 in the paper; without C4 we use the last profiled corpus.

@@ -338,9 +338,9 @@ def _name(model: Any) -> str:
 def experiment_options(args: argparse.Namespace) -> dict[str, Any]:
     """``run_experiment`` keyword arguments from the CLI: explicit flags win over the preset, and without
     ``--preset`` the model picks one (the bundled testbed gets the fast one)."""
-    from moeprune.api import PRESETS, preset_for
+    from moeprune.api import PRESETS, is_bundled
 
-    name = args.preset or ("bundled" if preset_for(args.model) is PRESETS["bundled"] else "paper")
+    name = args.preset or ("bundled" if is_bundled(args.model) else "paper")
     cal, ev = PRESETS[name], EVAL_PRESETS[name]
     pick = _picker(args)
     recon = {

@@ -46,18 +46,16 @@ def default_ppl_datasets(model: Any, datasets: Sequence[str] | None) -> list[str
     """Given datasets as they are; else the bundled corpora for the testbed (offline) and the paper's otherwise."""
     if datasets is not None:
         return list(datasets)
-    from moeprune.api import PRESETS, preset_for
+    from moeprune.api import is_bundled
 
-    bundled = isinstance(model, (str, Path)) and preset_for(model) is PRESETS["bundled"]
-    return ["wiki", "web"] if bundled else ["wikitext2", "c4"]
+    return ["wiki", "web"] if is_bundled(model) else ["wikitext2", "c4"]
 
 
 def _preset_seq_len(model: Any) -> int | None:
     """The bundled testbed is scored on the 256-token windows it was trained on (as prune and experiment do)."""
-    from moeprune.api import PRESETS, preset_for
+    from moeprune.api import PRESETS, is_bundled
 
-    bundled = isinstance(model, (str, Path)) and preset_for(model) is PRESETS["bundled"]
-    return PRESETS["bundled"]["ppl_seq_len"] if bundled else None
+    return PRESETS["bundled"]["ppl_seq_len"] if is_bundled(model) else None
 
 
 def mask_record(mask: ExpertMask, path: str | Path | None = None) -> dict[str, Any]:
