@@ -39,7 +39,7 @@ def _random_mask(model, kept: int, seed: int = 0) -> ExpertMask:
     return ExpertMask("tiny", "random", kept / n, n, kept, {layer.index: LayerMask(choose()) for layer in layers})
 
 
-@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral", "deepseek_v3", "deepseek"])
 def test_shard_by_shard_equals_in_memory_export(arch, tmp_path):
     model = build_model(arch)
     source = tmp_path / "source"

@@ -6,7 +6,6 @@ up as large logit differences instead of hiding in near-uniform routing.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from transformers import (
     Qwen3MoeConfig,
 )
 
-REMOTE_CODE_DIR = Path(__file__).parent / "remote_code"
+from tests.deepseek_checkpoint import copy_remote_code, hub_config
 
 COMMON = dict(
     vocab_size=128,
@@ -105,10 +104,10 @@ ARCH_NAMES = ["qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v2", "deep
 def build_model(arch: str, num_experts: int = 8, top_k: int = 2, seed: int = 0, vocab_size: int = 128):
     """A tiny random fp32 model of ``arch`` in eval mode, with decisive, varied routing."""
     torch.manual_seed(seed)
-    if arch == "deepseek":
-        from tests.remote_code.modeling_deepseek import DeepseekConfig, DeepseekForCausalLM
+    if arch == "deepseek":  # DeepSeek-MoE-16B's hub config fields at tiny sizes, built by moeprune's port
+        from moeprune.models.deepseek_moe import DeepseekConfig, DeepseekForCausalLM
 
-        config = DeepseekConfig(n_routed_experts=num_experts, num_experts_per_tok=top_k, vocab_size=vocab_size)
+        config = DeepseekConfig.from_dict(hub_config(num_experts, top_k, vocab_size))
         model = DeepseekForCausalLM(config)
     else:
         config = _configs(num_experts, top_k, vocab_size)[arch]
@@ -118,17 +117,12 @@ def build_model(arch: str, num_experts: int = 8, top_k: int = 2, seed: int = 0, 
 
 
 def save_model(model, path: Path) -> Path:
-    """save_pretrained, plus remote code + auto_map for the DeepSeek-MoE stand-in (as on the hub)."""
+    """save_pretrained; a DeepSeek-MoE folder also gets the auto_map code files, as on the hub (stand-ins that
+    raise if executed: see tests/deepseek_checkpoint.py)."""
     path = Path(path)
+    model.save_pretrained(path)
     if model.config.model_type == "deepseek":
-        model.config.auto_map = {
-            "AutoConfig": "modeling_deepseek.DeepseekConfig",
-            "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM",
-        }
-        model.save_pretrained(path)
-        shutil.copy(REMOTE_CODE_DIR / "modeling_deepseek.py", path / "modeling_deepseek.py")
-    else:
-        model.save_pretrained(path)
+        copy_remote_code(path)
     return path
 
 

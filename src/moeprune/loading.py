@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from moeprune.errors import MoePruneError
+from moeprune.models import register as register_ports
 
 DTYPES = {
     "float32": torch.float32,
@@ -41,6 +42,8 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
 
 
 def load_config(model: str | Path, trust_remote_code: bool = False):
+    # Model types moeprune maintains a port of (DeepSeek-MoE) load through it, never through their hub code.
+    register_ports()
     path = resolve_model_path(model)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
