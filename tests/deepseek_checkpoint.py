@@ -34,46 +34,66 @@ AUTO_MAP = {
 }
 
 
+# deepseek-ai/deepseek-moe-16b-base's config.json, every field as published.
+DEEPSEEK_MOE_16B_CONFIG = {
+    "architectures": ["DeepseekForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "auto_map": AUTO_MAP,
+    "aux_loss_alpha": 0.001,
+    "bos_token_id": 100000,
+    "eos_token_id": 100001,
+    "first_k_dense_replace": 1,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "initializer_range": 0.02,
+    "intermediate_size": 10944,
+    "max_position_embeddings": 4096,
+    "model_type": "deepseek",
+    "moe_intermediate_size": 1408,
+    "moe_layer_freq": 1,
+    "n_routed_experts": 64,
+    "n_shared_experts": 2,
+    "norm_topk_prob": False,
+    "num_attention_heads": 16,
+    "num_experts_per_tok": 6,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 16,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 10000,
+    "scoring_func": "softmax",
+    "seq_aux": True,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.36.0",
+    "use_cache": True,
+    "vocab_size": 102400,
+}
+
+
 def hub_config(
     num_experts: int = 8, top_k: int = 2, vocab_size: int = 128, norm_topk_prob: bool = False
 ) -> dict:
-    """deepseek-moe-16b-base's config.json, field for field, at tiny sizes."""
-    return {
-        "architectures": ["DeepseekForCausalLM"],
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "auto_map": dict(AUTO_MAP),
-        "aux_loss_alpha": 0.001,
+    """deepseek-moe-16b-base's config.json, field for field, at tiny sizes (fp32, token ids in the vocabulary)."""
+    return json.loads(json.dumps({
+        **DEEPSEEK_MOE_16B_CONFIG,
         "bos_token_id": 1,
         "eos_token_id": 2,
-        "first_k_dense_replace": 1,
-        "hidden_act": "silu",
         "hidden_size": 32,
-        "initializer_range": 0.02,
         "intermediate_size": 48,
         "max_position_embeddings": 128,
-        "model_type": "deepseek",
         "moe_intermediate_size": 16,
-        "moe_layer_freq": 1,
         "n_routed_experts": num_experts,
-        "n_shared_experts": 2,
         "norm_topk_prob": norm_topk_prob,
         "num_attention_heads": 4,
         "num_experts_per_tok": top_k,
         "num_hidden_layers": 3,
         "num_key_value_heads": 4,
-        "pretraining_tp": 1,
-        "rms_norm_eps": 1e-06,
-        "rope_scaling": None,
-        "rope_theta": 10000,
-        "scoring_func": "softmax",
-        "seq_aux": True,
-        "tie_word_embeddings": False,
         "torch_dtype": "float32",
-        "transformers_version": "4.36.0",
-        "use_cache": True,
         "vocab_size": vocab_size,
-    }
+    }))  # a deep copy: callers may edit it
 
 
 def random_state(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -20,7 +20,14 @@ from moeprune.inspect import describe
 from moeprune.loading import load_model
 from moeprune.planning.mask import ExpertMask
 from moeprune.surgery import masked
-from tests.deepseek_checkpoint import REMOTE_FILES, hub_config, random_state, reference_logits, write_checkpoint
+from tests.deepseek_checkpoint import (
+    DEEPSEEK_MOE_16B_CONFIG,
+    REMOTE_FILES,
+    hub_config,
+    random_state,
+    reference_logits,
+    write_checkpoint,
+)
 
 PORT_MODULE = "moeprune.models.deepseek_moe"
 CALIBRATION = ["--samples", "4", "--seq-len", "32", "--batch-size", "2"]
@@ -130,3 +137,16 @@ def test_profile_plan_apply_keeps_the_hub_format(hub_folder, tmp_path) -> None:
     assert set(saved) == set(expected)
     assert all(torch.equal(saved[name], expected[name]) for name in expected)
     assert all((out / name).read_text() == (path / name).read_text() for name in REMOTE_FILES)
+
+
+def test_the_published_16b_config_builds_the_published_model(tmp_path) -> None:
+    """The real config.json, full size, on the meta device: 16.4B parameters, 2.8B of them active per token."""
+    path = tmp_path / "deepseek-moe-16b-base"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(DEEPSEEK_MOE_16B_CONFIG))
+    text = describe(str(path), trust_remote_code=True)
+    assert "MoE layers   27 of 28" in text and "64 routed per layer, top-6, shared: shared_experts" in text
+    total = float(re.search(r"parameters\s+([\d.]+)M total", text).group(1)) * 1e6
+    routed = float(re.search(r"([\d.]+)M in routed experts", text).group(1)) * 1e6
+    assert abs(total / 1e9 - 16.38) < 0.01
+    assert abs((total - routed * 58 / 64) / 1e9 - 2.8) < 0.1  # 6 of 64 routed experts run per token
