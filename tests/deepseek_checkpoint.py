@@ -168,7 +168,10 @@ def _attention(x: torch.Tensor, state: dict, prefix: str, config: dict) -> torch
         return (x @ state[f"{prefix}.{name}.weight"].T).view(batch, seq, heads, dim).transpose(1, 2)
 
     inv_freq = 1.0 / (config["rope_theta"] ** (torch.arange(0, dim, 2).double() / dim))
-    angles = torch.outer(torch.arange(seq).double(), inv_freq)
+    scaling = config["rope_scaling"] or {"type": None}
+    assert scaling["type"] in (None, "linear"), "the reference implements no other RoPE scaling"
+    positions = torch.arange(seq).double() / scaling.get("factor", 1.0)  # linear scaling divides positions
+    angles = torch.outer(positions, inv_freq)
     cos, sin = torch.cat((angles, angles), -1).cos().float(), torch.cat((angles, angles), -1).sin().float()
     q, k, v = _rotate(split("q_proj"), cos, sin), _rotate(split("k_proj"), cos, sin), split("v_proj")
     scores = q @ k.transpose(-1, -2) / math.sqrt(dim)

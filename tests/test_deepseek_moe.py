@@ -73,6 +73,19 @@ def test_renormalised_top_k_equals_the_reference(tmp_path) -> None:
     assert (_logits(model, ids) - reference_logits(state, config, ids)).abs().max().item() <= 1e-5
 
 
+def test_linear_rope_scaling_equals_the_reference_and_is_saved_as_the_hub_writes_it(tmp_path) -> None:
+    config = hub_config()
+    config["rope_scaling"] = {"type": "linear", "factor": 4.0}
+    state = random_state(config, seed=2)
+    model = load_model(write_checkpoint(tmp_path / "linear", config, state), dtype="float32")
+    ids = _ids(config)
+    assert (_logits(model, ids) - reference_logits(state, config, ids)).abs().max().item() <= 1e-5
+    model.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["rope_scaling"] == {"type": "linear", "factor": 4.0} and saved["rope_theta"] == 10000
+    assert "rope_parameters" not in saved and saved["torch_dtype"] == "float32"
+
+
 def test_loads_identically_twice(hub_folder) -> None:
     path, config, _ = hub_folder
     first, second = (load_model(path, dtype="float32") for _ in range(2))
