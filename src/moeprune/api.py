@@ -21,7 +21,7 @@ import torch
 from moeprune.data.corpora import CorpusSpec, parse_corpus
 from moeprune.errors import MoePruneError
 from moeprune.loading import load_model, load_tokenizer, model_name, resolve_model_path  # noqa: F401 (re-export)
-from moeprune.planning import METHODS
+from moeprune.planning import METHODS, candidate_needed
 from moeprune.planning import plan as plan_from_profile
 from moeprune.planning.mask import ExpertMask, kept_count
 from moeprune.profiling.runner import ProfileSettings, profile_model
@@ -160,21 +160,24 @@ def plan_many(
     candidate = _candidate(method, candidate)
     kept = [kept_count(r, prof.num_experts, prof.meta.get("top_k")) for r in retains]
     selections = None
-    if method in NEEDS_MODEL or candidate in NEEDS_MODEL:
-        selections = _reconstruct(prof, kept, model, workdir, reconstruction or {}, progress)
+    # TB-Coverage with B >= K protects all K experts: its candidate is not needed there (issue 9).
+    needed = [k for k in kept if method in NEEDS_MODEL or candidate_needed(prof.num_experts, k, protect_budget)]
+    if needed and (method in NEEDS_MODEL or candidate in NEEDS_MODEL):
+        selections = _reconstruct(prof, needed, model, workdir, reconstruction or {}, progress)
     masks = []
     for retain, k in zip(retains, kept, strict=True):
-        chosen = None if selections is None else {layer: kept for layer, (kept, _) in selections[k].items()}
+        found = None if selections is None else selections.get(k)
+        chosen = None if found is None else {layer: kept for layer, (kept, _) in found.items()}
         kwargs: dict[str, Any] = {"seed": seed}
         if method == "tb-coverage":
             kwargs.update(protect_budget=protect_budget, candidate=candidate, candidate_masks=chosen)
         elif method in NEEDS_MODEL:
             kwargs["precomputed"] = chosen
         mask = plan_from_profile(prof, method, retain, **kwargs)
-        if selections is not None:
+        if found is not None:
             # For tb-coverage the loss is its candidate's, not the final mask's: say so in the name.
             prefix = "" if method in NEEDS_MODEL else "candidate_"
-            for layer, result in selections[k].items():
+            for layer, result in found.items():
                 mask.layers[layer].extra[prefix + "reconstruction_loss"] = float(result.loss)
                 mask.layers[layer].extra[prefix + "search"] = result.search
         masks.append(mask)

@@ -189,6 +189,8 @@ def _run_plan(args: argparse.Namespace) -> None:
         path = Path(args.out) / api.mask_filename(mask)
         mask.save(path)
         print(f"{path}: keeps {mask.kept_per_layer} of {mask.num_experts} experts in {len(mask.layers)} layers")
+        for note in mask.notes:
+            print(f"  note: {note}")
 
 
 def _add_apply(p: argparse.ArgumentParser) -> None:

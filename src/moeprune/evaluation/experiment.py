@@ -226,7 +226,7 @@ def _tb_from_candidate(prof: Any, candidate: ExpertMask, budget: int | None) -> 
         candidate="expert-sparsity",
         candidate_masks={layer: candidate.kept(layer) for layer in candidate.layers},
     )
-    for layer, lm in candidate.layers.items():
+    for layer, lm in candidate.layers.items() if mask.candidate_used else ():
         for key in ("reconstruction_loss", "search"):
             if key in lm.extra:
                 mask.layers[layer].extra[f"candidate_{key}"] = lm.extra[key]
