@@ -186,7 +186,7 @@ def plan_many(
 
 def mask_filename(mask: ExpertMask) -> str:
     seed = f"-seed{mask.seed}" if mask.seed is not None else ""
-    return f"{mask.method}-{mask.retain:.2f}{seed}.json"
+    return f"{mask.variant}-{mask.retain:.2f}{seed}.json"
 
 
 def apply(

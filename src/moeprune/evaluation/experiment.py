@@ -295,6 +295,7 @@ def run_cell(
     head = {
         "cell": cell_id(mask),
         "method": DENSE if mask is None else mask.method,
+        "variant": DENSE if mask is None else mask.variant,
         "retain": 1.0 if mask is None else mask.retain,
         "seed": None if mask is None else mask.seed,
         "kept_per_layer": None if mask is None else mask.kept_per_layer,

@@ -1,6 +1,7 @@
 """PNG plots of an experiment (matplotlib, Agg backend: no display needed).
 
-- ``common_avg.png``: Common Avg vs retain ratio per method (random: mean with std error bars);
+- ``common_avg.png`` / ``bundled_avg.png``: that average vs retain ratio per method (random: mean with
+  std error bars);
 - ``ppl_<dataset>.png``: perplexity vs retain ratio per method, log scale, dense as a dashed line;
 - ``ranking_overlap.png``: per MoE layer, how much the corpora agree on the top-K experts by REAP score,
   ``|top-K(A) ∩ top-K(B)| / K`` for K = N/4, N/2, 3N/4 (mean over corpus pairs when there are more than two).
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from moeprune.evaluation.report import DENSE, METHOD_NAMES, dataset_label, datasets_of
+from moeprune.evaluation.report import DENSE, dataset_label, datasets_of, method_label, variant_of
 
 OVERLAP_FRACTIONS = (0.25, 0.5, 0.75)
 
@@ -38,10 +39,9 @@ def write_plots(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
-    if any(c["summary"].get("common_avg") is not None for c in cells):
-        files["common_avg"] = plot_metric(
-            cells, lambda c: c["summary"].get("common_avg"), "Common Avg", out / "common_avg.png"
-        )
+    for key, title in (("common_avg", "Common Avg"), ("bundled_avg", "Bundled Avg")):
+        if any(c["summary"].get(key) is not None for c in cells):
+            files[key] = plot_metric(cells, lambda c, k=key: c["summary"].get(k), title, out / f"{key}.png")
     for dataset in datasets_of(cells):
         # A dataset may be a file path: name the PNG after the file only.
         stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(dataset).name)
@@ -66,12 +66,12 @@ def write_plots(
 def series(
     cells: Sequence[Mapping[str, Any]], value: Callable[[Mapping[str, Any]], float | None]
 ) -> dict[str, list[tuple[float, float, float]]]:
-    """{method: [(retain, mean, std)]} over the pruned cells; std is 0 for a method with one cell per ratio."""
+    """{variant: [(retain, mean, std)]} over the pruned cells; std is 0 for a variant with one cell per ratio."""
     grouped: dict[str, dict[float, list[float]]] = {}
     for cell in cells:
         v = value(cell)
         if cell["method"] != DENSE and v is not None:
-            grouped.setdefault(cell["method"], {}).setdefault(float(cell["retain"]), []).append(float(v))
+            grouped.setdefault(variant_of(cell), {}).setdefault(float(cell["retain"]), []).append(float(v))
     return {
         method: [
             (r, statistics.fmean(vs), statistics.stdev(vs) if len(vs) > 1 else 0.0) for r, vs in sorted(by.items())
@@ -89,11 +89,11 @@ def plot_metric(
 ) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method, points in series(cells, value).items():
+    lines = series(cells, value)
+    for variant, points in lines.items():
         xs, ys, errs = zip(*points, strict=True)
-        ax.errorbar(
-            xs, ys, yerr=errs if any(errs) else None, marker="o", capsize=3, label=METHOD_NAMES.get(method, method)
-        )
+        label = method_label(variant, list(lines))
+        ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", capsize=3, label=label)
     dense = [v for c in cells if c["method"] == DENSE and (v := value(c)) is not None]
     if dense:
         ax.axhline(dense[0], color="black", linestyle="--", linewidth=1, label="Dense")

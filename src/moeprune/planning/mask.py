@@ -88,6 +88,12 @@ class ExpertMask:
             if unkept:
                 raise MoePruneError(f"Mask layer {layer} protects experts {sorted(unkept)} that it does not keep.")
 
+    @property
+    def variant(self) -> str:
+        """The method as grids and tables tell its variants apart: ``extra["variant"]`` when set (e.g.
+        ``reap@code`` for REAP ranked on one corpus, ``tb-coverage@B4`` in a protect-budget sweep)."""
+        return str(self.extra.get("variant") or self.method)
+
     def kept(self, layer: int) -> list[int]:
         return sorted(self.layers[layer].kept)
 
