@@ -298,6 +298,32 @@ def beats(mine: Mapping[str, Any], others: Sequence[Mapping[str, Any]], key: str
     return f"{wins}/{len(values)}"
 
 
+# ------------------------------------------------------------------------------------------------ B sweep
+def sweep_cells(cells: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """TB-Coverage cells of a protect-budget sweep (variants ``tb-coverage@B<b>``)."""
+    return [c for c in cells if variant_of(c).startswith("tb-coverage@B")]
+
+
+def budget_used(cell: Mapping[str, Any]) -> int | None:
+    return (cell.get("mask") or {}).get("protect_budget")
+
+
+def budget_table(cells: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: per retain ratio (high to low) each B of the sweep, as asked and as used, and the metrics."""
+    sweep = sweep_cells(cells)
+    if not sweep:
+        return ""
+    keys = [(f"ppl:{d}", f"{dataset_label(d)} PPL ↓") for d in datasets_of(cells)]
+    keys += [(key, header) for key, header in AVERAGES.items() if _has(cells, key)]
+    lines = [_header(["Retain", "B asked", "B used", *(h for _, h in keys)])]
+    ordered = sorted(sweep, key=lambda c: (-float(c["retain"]), budget_used(c) or 0, variant_of(c)))
+    for cell in ordered:
+        asked = variant_of(cell).split("@B", 1)[1]
+        used = f"{budget_used(cell)}{CLAMPED if candidate_unused(cell) else ''}"
+        lines.append(_row([_retain_label(cell), asked, used, *(_fmt(k, _value(cell, k)) for k, _ in keys)]))
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------ files
 def render_report(
     cells: Sequence[Mapping[str, Any]],
@@ -321,6 +347,14 @@ def render_report(
     second = table2(cells)
     if second:
         parts += ["## Table 2: TB-Coverage against each random seed", second]
+    sweep = budget_table(cells)
+    if sweep:
+        parts += [
+            "## Protect budget sensitivity",
+            sweep,
+            "B used: B asked, clamped to K; `auto` picks B per ratio by held-out NLL on the calibration corpora "
+            "(never evaluation data; the tried budgets and scores are in the mask's `extra.auto_budget`).",
+        ]
     if images:
         parts += ["## Plots", "\n".join(f"![{name}]({path})" for name, path in images.items())]
     return "\n\n".join(parts) + "\n"

@@ -31,6 +31,7 @@ METHODS: dict[str, Method] = {
 CLAMP_NOTE_START = "TB-Coverage is round-robin alone"
 PROTECTING = {"tb-coverage"}  # methods that take a protect budget B and a candidate
 SEEDED = {"random"}  # methods whose result depends on the seed
+SCORED_ON_ONE_CORPUS = {"reap"}  # methods that can rank on one named corpus (score_corpus) instead of the pool
 
 # Paper settings (arXiv 2607.01710): B=20 of N=60 experts, B=24 of N=64.
 PAPER_PROTECT_BUDGETS = {60: 20, 64: 24}
@@ -65,15 +66,19 @@ def plan(
     candidate_masks: Selections | None = None,
     precomputed: Selections | None = None,
     model: Any = None,
+    score_corpus: str | None = None,
 ) -> ExpertMask:
     """Keep K = floor(retain * N) experts in every MoE layer of ``profile`` by ``method``.
 
     ``protect_budget`` (B, default :func:`default_protect_budget`), ``candidate`` (a method name,
     default ``tb_coverage.DEFAULT_CANDIDATE``) and ``candidate_masks`` ({decoder layer: kept ids}, a
     candidate made elsewhere; ``candidate`` then only labels it) apply to tb-coverage. ``precomputed``
-    carries the selections of a method that needs the model, e.g. expert-sparsity.
+    carries the selections of a method that needs the model, e.g. expert-sparsity. ``score_corpus`` (reap
+    only) ranks on that profiled corpus alone instead of the pooled corpora; the mask's variant is then
+    ``reap@<corpus>``.
     """
     fn = _lookup(method)
+    _check_score_corpus(profile, method, score_corpus)
     meta, num_experts = profile.meta, profile.num_experts
     kept = kept_count(retain, num_experts, meta.get("top_k"))
     groups = expert_groups(meta, num_experts, kept)
@@ -92,9 +97,12 @@ def plan(
         candidate_masks=_normalise(candidate_masks),
         precomputed=_normalise(precomputed),
         model=model,
+        score_corpus=score_corpus,
     )
     layers = {ctx.layer(row): _plan_layer(fn, ctx, row, groups) for row in range(len(profile.layer_ids))}
-    extra = {"corpora": profile.names}
+    extra: dict[str, Any] = {"corpora": profile.names}
+    if score_corpus is not None:
+        extra.update(corpora=[score_corpus], score_corpus=score_corpus, variant=f"{method}@{score_corpus}")
     if meta.get("config_hash"):
         extra["config_hash"] = meta["config_hash"]
     mask = ExpertMask(
@@ -129,6 +137,18 @@ def record_protection(mask: ExpertMask, requested: int | str) -> None:
         )
 
 
+def _check_score_corpus(profile: Profile, method: str, corpus: str | None) -> None:
+    if corpus is None:
+        return
+    if method not in SCORED_ON_ONE_CORPUS:
+        raise MoePruneError(f"A REAP corpus (--reap-corpus) only applies to reap; drop it for {method!r}.")
+    if corpus not in profile.names:
+        raise MoePruneError(
+            f"REAP corpus {corpus!r} is not in the profile (it holds {', '.join(profile.names)}). Profile it first, "
+            f"e.g. `moeprune profile MODEL --corpus {corpus}=SPEC --out PROFILE_DIR`, and plan from that profile."
+        )
+
+
 def _lookup(method: str) -> Method:
     if method not in METHODS:
         raise MoePruneError(f"Unknown planning method {method!r}; known methods: {', '.join(METHODS)}.")
@@ -155,6 +175,11 @@ def _protection(
         return None, None
     if budget is None:
         budget = default_protect_budget(num_experts, kept)
+    if budget == "auto":
+        raise MoePruneError(
+            "B='auto' scores budgets with the model on held-out calibration windows: plan with moeprune.api.plan "
+            "or `moeprune plan`/`experiment -B auto`, which load the model, or give B as a number."
+        )
     if not isinstance(budget, int) or isinstance(budget, bool):
         raise MoePruneError(f"Protect budget B={budget!r} must be a whole number; pass e.g. -B 20.")
     if budget < 0:
