@@ -72,3 +72,19 @@ def test_non_integer_budget_is_refused(budget) -> None:
 
     with pytest.raises(MoePruneError, match="whole number"):
         plan(random_profile(2, 1, 8), "tb-coverage", 0.5, protect_budget=budget)
+
+
+def test_cli_budget_is_a_number_or_auto(tmp_path, capsys) -> None:
+    from moeprune.cli import budget_arg
+
+    assert budget_arg("20") == 20 and budget_arg("AUTO") == "auto"
+    with pytest.raises(SystemExit) as err:
+        main(["plan", str(tmp_path), "-B", "twenty", "--retain", "0.5", "--out", str(tmp_path)])
+    assert err.value.code == 2 and "not a whole number or 'auto'" in capsys.readouterr().err
+
+
+def test_model_free_plan_refuses_auto_with_the_fix() -> None:
+    from moeprune.errors import MoePruneError
+
+    with pytest.raises(MoePruneError, match="B='auto'.*load the model"):
+        plan(random_profile(2, 1, 8), "tb-coverage", 0.5, protect_budget="auto")
