@@ -149,18 +149,8 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
 def _profile(model: Any, tokenizer: Any, out: Path, calibration: dict[str, Any], progress: bool) -> None:
     from moeprune import api
 
-    api.profile(
-        model,
-        calibration["corpora"],
-        out / "profile",
-        samples=calibration["samples"],
-        seq_len=calibration["seq_len"],
-        batch_size=calibration["batch_size"],
-        tokenizer=tokenizer,
-        progress=progress,
-    )
     reap = calibration.get("reap_corpus")
-    if reap:
+    if reap:  # first: a hub corpus that cannot load (offline) fails before the long generic profile
         api.profile(
             model,
             [reap["corpus"]],
@@ -171,6 +161,16 @@ def _profile(model: Any, tokenizer: Any, out: Path, calibration: dict[str, Any],
             tokenizer=tokenizer,
             progress=progress,
         )
+    api.profile(
+        model,
+        calibration["corpora"],
+        out / "profile",
+        samples=calibration["samples"],
+        seq_len=calibration["seq_len"],
+        batch_size=calibration["batch_size"],
+        tokenizer=tokenizer,
+        progress=progress,
+    )
 
 
 def plan_grid(

@@ -364,10 +364,14 @@ def _settings_text(settings: Mapping[str, Any]) -> str:
     if not settings:
         return ""
     cal, ev = settings.get("calibration", {}), settings.get("evaluation", {})
+    reap = cal.get("reap_corpus")
+    extras = f"; REAP (code) on {reap['corpus']}, {reap['samples']} x {reap['seq_len']} tokens" if reap else ""
+    if cal.get("protect_budget") is not None:
+        extras += f"; TB-Coverage B: {cal['protect_budget']}"
     return (
-        f"Calibration: {', '.join(cal.get('corpora', []))}, {cal.get('samples')} x {cal.get('seq_len')} tokens; "
-        f"perplexity windows of {ev.get('ppl_seq_len')} tokens; tasks: {', '.join(ev.get('tasks', [])) or 'none'}"
-        f" (limit {ev.get('limit')}); random seeds {settings.get('seeds')}."
+        f"Calibration: {', '.join(cal.get('corpora', []))}, {cal.get('samples')} x {cal.get('seq_len')} tokens"
+        f"{extras}; perplexity windows of {ev.get('ppl_seq_len')} tokens; tasks: "
+        f"{', '.join(ev.get('tasks', [])) or 'none'} (limit {ev.get('limit')}); random seeds {settings.get('seeds')}."
     )
 
 
