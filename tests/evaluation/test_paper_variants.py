@@ -133,3 +133,26 @@ def test_labels_and_old_cells():
     old = {"cell": "tb-coverage-0.25", "method": "tb-coverage", "retain": 0.25, "kept_per_layer": 8,
            "mask": {"protect_budget": 8, "kept_per_layer": 8}, "summary": {"ppl": {"wiki": 3.0}}}
     assert report.candidate_unused(old) and "25% (K=8, B=8)" in report.clamp_note([old])
+
+
+def test_auto_on_a_planned_expert_sparsity_candidate(tiny_checkpoint, tmp_path):
+    from moeprune.evaluation import experiment
+    from moeprune.planning import plan
+    from moeprune.planning.mask import ExpertMask
+
+    prof = api.profile(str(tiny_checkpoint), ["wiki", "web"], tmp_path / "prof", samples=4, seq_len=32,
+                       batch_size=2, progress=False)
+    reap = plan(prof, "reap", 0.5)
+    candidate = ExpertMask.from_json({**reap.to_json(), "method": "expert-sparsity"})
+    for layer in candidate.layers.values():
+        layer.extra.update(reconstruction_loss=1.5, search="exact")
+    model = api._model(str(tiny_checkpoint), "auto", None, False)
+    mask = experiment._tb_from_candidate(prof, candidate, "auto", model, experiment._held_out(prof, model))
+    record = mask.extra["auto_budget"]
+    assert mask.protect_budget_requested == "auto" and mask.protect_budget == record["chosen"]
+    assert mask.candidate == "expert-sparsity" and set(record["tried"]) == {"0", "1", "2", "3", "4"}
+    if mask.candidate_used:  # the candidate's loss is copied only when the candidate counted
+        assert all(lm.extra["candidate_reconstruction_loss"] == 1.5 for lm in mask.layers.values())
+    # B=0 is the candidate itself: its score is that of the candidate mask.
+    b0 = auto_budget.held_out_nll(model, candidate, experiment._held_out(prof, model))
+    assert record["tried"]["0"]["nll"] == pytest.approx(sum(b0.values()) / 2)
