@@ -168,6 +168,9 @@ def plot_budget(
             ax.plot([b], [v], marker="*", markersize=14, linestyle="", color=color, label=f"auto, retain {retain:.0%}")
     if log:
         ax.set_yscale("log")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # B is a count of experts
     ax.set_xlabel("protect budget B (as used: at most K)")
     ax.set_ylabel(label)
     ax.set_title(f"TB-Coverage: {label} vs protect budget", fontsize="small")

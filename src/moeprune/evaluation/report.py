@@ -242,10 +242,11 @@ def clamp_note(cells: Sequence[Mapping[str, Any]]) -> str:
         return ""
     where = sorted({(float(c["retain"]), c.get("kept_per_layer"), _budget_text(c)) for c in hit}, reverse=True)
     text = "; ".join(f"{100 * r:.0f}% (K={k}, {b})" for r, k, b in where)
+    names = ", ".join(sorted({str((c.get("mask") or {}).get("candidate")) for c in hit}))
     return (
         f"{CLAMPED} TB-Coverage with B >= K at {text}: B is clamped to K, so every kept expert is protected by "
-        "round-robin over the corpus rankings and the candidate (the reconstruction mask) is not used; "
-        "those rows are the round-robin alone."
+        f"round-robin over the corpus rankings and the candidate ({names}) is not used; those rows are the "
+        "round-robin alone."
     )
 
 
