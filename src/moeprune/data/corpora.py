@@ -37,6 +37,9 @@ class CorpusSpec:
     split: str = "train"
     field: str = "text"
     data_files: str | None = None
+    # "articles": rows are lines of one text to be cut into articles (WikiText). Recorded in profiles, so a
+    # profile sampled the older way (one row per document) is not silently reused.
+    documents: str | None = None
 
     def describe(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -44,7 +47,7 @@ class CorpusSpec:
 
 # The paper's generic corpora, as hub datasets.
 KNOWN_HUB = {
-    "wikitext2": dict(source="Salesforce/wikitext", config="wikitext-2-raw-v1"),
+    "wikitext2": dict(source="Salesforce/wikitext", config="wikitext-2-raw-v1", documents="articles"),
     "c4": dict(source="allenai/c4", data_files="en/c4-train.00000-of-01024.json.gz"),
     # REAP's calibration corpus (Lasby et al.), which the TB-Coverage paper runs its "original REAP" on.
     "evol-codealpaca": dict(source="theblackcat102/evol-codealpaca-v1", field="instruction+output"),
@@ -121,7 +124,8 @@ def load_documents(spec: CorpusSpec, max_documents: int | None = None) -> list[s
     else:
         rows = _load_with_datasets(spec)
         # WikiText's rows are lines (each keeps its "\n"): join them back and cut whole articles.
-        docs = wikitext_articles("".join(rows)) if spec.source == WIKITEXT_SOURCE else rows
+        joined = spec.documents == "articles" or spec.source == WIKITEXT_SOURCE
+        docs = wikitext_articles("".join(rows)) if joined else rows
     docs = [d for d in docs if d and d.strip()]
     return docs[:max_documents] if max_documents else docs
 
