@@ -100,6 +100,7 @@ def _plan_options(p: argparse.ArgumentParser, many: bool) -> None:
         "-B",
         type=budget_arg,
         default=None,
+        metavar="B",
         help="TB-Coverage's protected experts per layer, or 'auto' (picked per ratio on held-out calibration "
         "windows); default: 20 for N=60, 24 for N=64, else N/3; B > K is clamped to K and noted in the mask",
     )
@@ -361,6 +362,7 @@ def _add_experiment(p: argparse.ArgumentParser) -> None:
         type=budget_arg,
         nargs="+",
         default=None,
+        metavar="B",
         help="TB-Coverage's protect budget: one value, 'auto', or several (e.g. 0 4 8 auto) for a sensitivity sweep",
     )
     p.add_argument(
