@@ -21,7 +21,7 @@ import torch
 from moeprune.data.corpora import CorpusSpec, parse_corpus
 from moeprune.errors import MoePruneError
 from moeprune.loading import load_model, load_tokenizer, model_name, resolve_model_path  # noqa: F401 (re-export)
-from moeprune.planning import METHODS
+from moeprune.planning import METHODS, auto_budget, candidate_needed, paper_protect_budget
 from moeprune.planning import plan as plan_from_profile
 from moeprune.planning.mask import ExpertMask, kept_count
 from moeprune.profiling.runner import ProfileSettings, profile_model
@@ -119,10 +119,11 @@ def plan(
     retain: float = 0.5,
     *,
     seed: int = 0,
-    protect_budget: int | None = None,
+    protect_budget: int | str | None = None,
     candidate: str | None = None,
     model: Any = None,
     reconstruction: dict[str, Any] | None = None,
+    score_corpus: str | None = None,
     progress: bool = True,
 ) -> ExpertMask:
     """One mask; see :func:`plan_many` for several retain ratios sharing one reconstruction."""
@@ -135,6 +136,7 @@ def plan(
         candidate=candidate,
         model=model,
         reconstruction=reconstruction,
+        score_corpus=score_corpus,
         progress=progress,
     )[0]
 
@@ -145,14 +147,16 @@ def plan_many(
     retains: Sequence[float],
     *,
     seed: int = 0,
-    protect_budget: int | None = None,
+    protect_budget: int | str | None = None,
     candidate: str | None = None,
     model: Any = None,
     reconstruction: dict[str, Any] | None = None,
+    score_corpus: str | None = None,
     progress: bool = True,
 ) -> list[ExpertMask]:
-    """Masks for every retain ratio. Methods that need the model (expert-sparsity, and tb-coverage with
-    that candidate) load it from ``model`` or from the path recorded in the profile."""
+    """Masks for every retain ratio. Methods that need the model (expert-sparsity, tb-coverage with that
+    candidate, tb-coverage with ``protect_budget="auto"``) load it from ``model`` or from the path recorded
+    in the profile. ``score_corpus`` ranks reap on that profiled corpus alone."""
     workdir = Path(profile) if isinstance(profile, (str, Path)) else None
     prof = Profile.load(profile) if workdir is not None else profile
     if method not in METHODS:
@@ -160,21 +164,37 @@ def plan_many(
     candidate = _candidate(method, candidate)
     kept = [kept_count(r, prof.num_experts, prof.meta.get("top_k")) for r in retains]
     selections = None
-    if method in NEEDS_MODEL or candidate in NEEDS_MODEL:
-        selections = _reconstruct(prof, kept, model, workdir, reconstruction or {}, progress)
+    auto = method == "tb-coverage" and protect_budget == auto_budget.AUTO
+    if auto:  # loaded once, shared with the reconstruction below
+        model, held_out = _auto_budget_setup(prof, model, reconstruction or {})
+    # TB-Coverage with B >= K protects all K experts: its candidate is not needed there (issue 9).
+    needed = [
+        k for k in kept if method in NEEDS_MODEL or auto or candidate_needed(prof.num_experts, k, protect_budget)
+    ]
+    if needed and (method in NEEDS_MODEL or candidate in NEEDS_MODEL):
+        selections = _reconstruct(prof, needed, model, workdir, reconstruction or {}, progress)
     masks = []
     for retain, k in zip(retains, kept, strict=True):
-        chosen = None if selections is None else {layer: kept for layer, (kept, _) in selections[k].items()}
+        found = None if selections is None else selections.get(k)
+        chosen = None if found is None else {layer: kept for layer, (kept, _) in found.items()}
         kwargs: dict[str, Any] = {"seed": seed}
         if method == "tb-coverage":
             kwargs.update(protect_budget=protect_budget, candidate=candidate, candidate_masks=chosen)
         elif method in NEEDS_MODEL:
             kwargs["precomputed"] = chosen
-        mask = plan_from_profile(prof, method, retain, **kwargs)
-        if selections is not None:
+        if score_corpus is not None:
+            kwargs["score_corpus"] = score_corpus
+        if auto:
+            def plan_with(budget: int, retain: float = retain, kwargs: dict = kwargs) -> ExpertMask:
+                return plan_from_profile(prof, method, retain, **{**kwargs, "protect_budget": budget})
+
+            mask = auto_budget.choose(plan_with, k, paper_protect_budget(prof.num_experts), model, held_out)
+        else:
+            mask = plan_from_profile(prof, method, retain, **kwargs)
+        if found is not None and mask.candidate_used is not False:
             # For tb-coverage the loss is its candidate's, not the final mask's: say so in the name.
             prefix = "" if method in NEEDS_MODEL else "candidate_"
-            for layer, result in selections[k].items():
+            for layer, result in found.items():
                 mask.layers[layer].extra[prefix + "reconstruction_loss"] = float(result.loss)
                 mask.layers[layer].extra[prefix + "search"] = result.search
         masks.append(mask)
@@ -183,7 +203,7 @@ def plan_many(
 
 def mask_filename(mask: ExpertMask) -> str:
     seed = f"-seed{mask.seed}" if mask.seed is not None else ""
-    return f"{mask.method}-{mask.retain:.2f}{seed}.json"
+    return f"{mask.variant}-{mask.retain:.2f}{seed}.json"
 
 
 def apply(
@@ -325,6 +345,17 @@ def _fits(model: Any, device: str | None) -> bool:
     needed = sum(p.numel() for p in skeleton.parameters()) * dtype_bytes
     free, _ = torch.cuda.mem_get_info(torch.device(device or "cuda"))
     return needed < 0.9 * free
+
+
+def _auto_budget_setup(prof: Profile, model: Any, options: dict[str, Any]) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The loaded model and the held-out calibration windows that ``-B auto`` scores budgets on."""
+    model = model if model is not None else prof.meta.get("model")
+    if not model:
+        raise MoePruneError("-B auto needs the model: pass --model (the profile records none).")
+    trust = options.get("trust_remote_code", False)
+    loaded = _model(model, options.get("dtype", "auto"), options.get("device"), trust)
+    _check_same_model(prof, loaded)
+    return loaded, auto_budget.held_out_sets(prof, _tokenizer(None, loaded, trust))
 
 
 def _candidate(method: str, candidate: str | None) -> str | None:

@@ -98,10 +98,19 @@ def _plan_options(p: argparse.ArgumentParser, many: bool) -> None:
     g.add_argument(
         "--protect-budget",
         "-B",
-        type=int,
+        type=budget_arg,
         default=None,
-        help="TB-Coverage's protected experts per layer (default: 20 for N=60, 24 for N=64, else N/3)",
+        metavar="B",
+        help="TB-Coverage's protected experts per layer, or 'auto' (picked per ratio on held-out calibration "
+        "windows); default: 20 for N=60, 24 for N=64, else N/3; B > K is clamped to K and noted in the mask",
     )
+    if many:  # plan only: prune profiles its own corpora, pooled
+        g.add_argument(
+            "--reap-corpus",
+            default=None,
+            metavar="NAME",
+            help="reap: rank on this profiled corpus alone instead of all corpora pooled (e.g. a code corpus)",
+        )
     g.add_argument("--candidate", default=None, help="TB-Coverage's candidate method (default: expert-sparsity)")
     g.add_argument("--plan-seed", type=int, default=None, help="seed of the random method (default: --seed or 0)")
     r = p.add_argument_group("reconstruction (expert-sparsity)")
@@ -184,11 +193,14 @@ def _run_plan(args: argparse.Namespace) -> None:
         candidate=args.candidate,
         model=args.model,
         reconstruction=_recon(args),
+        score_corpus=args.reap_corpus,
     )
     for mask in masks:
         path = Path(args.out) / api.mask_filename(mask)
         mask.save(path)
         print(f"{path}: keeps {mask.kept_per_layer} of {mask.num_experts} experts in {len(mask.layers)} layers")
+        for note in mask.notes:
+            print(f"  note: {note}")
 
 
 def _add_apply(p: argparse.ArgumentParser) -> None:
@@ -344,7 +356,24 @@ def _add_experiment(p: argparse.ArgumentParser) -> None:
     _ppl_data_option(p)
     p.add_argument("--batch-size", type=int, default=None, help="calibration sequences per forward pass")
     p.add_argument("--eval-batch-size", type=int, default=None, help="lm-eval batch size")
-    p.add_argument("--protect-budget", "-B", type=int, default=None, help="TB-Coverage's protect budget")
+    p.add_argument(
+        "--protect-budget",
+        "-B",
+        type=budget_arg,
+        nargs="+",
+        default=None,
+        metavar="B",
+        help="TB-Coverage's protect budget: one value, 'auto', or several (e.g. 0 4 8 auto) for a sensitivity sweep",
+    )
+    p.add_argument(
+        "--reap-corpus",
+        default=None,
+        metavar="SPEC",
+        help="also run REAP ranked on this corpus alone, e.g. code=evol-codealpaca or "
+        "code=FILE.jsonl:instruction+output (paper preset: code=evol-codealpaca; 'none' to skip)",
+    )
+    p.add_argument("--reap-samples", type=int, default=None, help="REAP-corpus sequences (paper: 128)")
+    p.add_argument("--reap-seq-len", type=int, default=None, help="REAP-corpus tokens per sequence (paper: 2048)")
     p.add_argument("--candidate", default=None, help="TB-Coverage's candidate method (default: expert-sparsity)")
     p.add_argument("--recon-corpus", default=None, help="expert-sparsity corpus (default: c4 or the last corpus)")
     p.add_argument("--recon-samples", type=int, default=None, help="expert-sparsity sequences")
@@ -382,6 +411,16 @@ def _run_inspect(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def budget_arg(text: str) -> int | str:
+    """A protect budget on the command line: a whole number or 'auto'."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'auto' (e.g. -B 20, -B auto)") from None
+
+
 def _calibration(args: argparse.Namespace) -> dict:
     """Explicit flags win; otherwise the preset of the model (the bundled testbed has a fast one)."""
     from moeprune.api import preset_for

@@ -89,7 +89,10 @@ def describe_mask(path: Path) -> str:
         f"{mask.num_experts} experts in {len(mask.layers)} layers (model {mask.model or '?'})"
     ]
     if mask.protect_budget is not None:
-        lines.append(f"  protect budget B={mask.protect_budget}, candidate {mask.candidate}")
+        asked = mask.protect_budget_requested
+        asked_text = f" (asked {asked})" if asked is not None and asked != mask.protect_budget else ""
+        lines.append(f"  protect budget B={mask.protect_budget}{asked_text}, candidate {mask.candidate}")
+    lines += [f"  note: {note}" for note in mask.notes]
     for layer in sorted(mask.layers):
         entry = mask.layers[layer]
         extra = {k: v for k, v in entry.extra.items() if isinstance(v, int | float | str)}

@@ -66,7 +66,7 @@ def test_summary_from_results():
     }
     assert summarise(results) == {
         "ppl": {"wiki": 12.5}, "tasks": {"arc_easy": 0.6, "boolq": 0.7},
-        "task_metrics": {"arc_easy": "acc_norm", "boolq": "acc"}, "common_avg": 0.65, "params": 50,
+        "task_metrics": {"arc_easy": "acc_norm", "boolq": "acc"}, "common_avg": 0.65, "bundled_avg": None, "params": 50,
         "params_routed_experts": 30, "bytes": 100, "params_ratio": 0.5, "bytes_ratio": 0.5,
     }
 

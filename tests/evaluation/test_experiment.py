@@ -170,7 +170,7 @@ def test_table1_rows_bold_and_random_mean_std():
 
 def test_common_avg_note_names_metrics():
     note = report.common_avg_note(CELLS)
-    assert "acc_norm for ARC-e; acc for BoolQ" in note and "2 tasks" in note
+    assert "acc_norm for ARC-e; acc for BoolQ" in note and "six tasks ARC-c, ARC-e" in note
     assert report.common_avg_note([]) == ""
 
 

@@ -7,7 +7,16 @@ import json
 import pytest
 
 from moeprune.evaluation import evaluate, save_results
-from moeprune.evaluation.zeroshot import COMMON_TASKS, common_avg, expand_tasks
+from moeprune.evaluation.tasks import BUNDLED_TASKS
+from moeprune.evaluation.zeroshot import (
+    COMMON_TASKS,
+    FEWSHOT,
+    bundled_avg,
+    common_avg,
+    expand_tasks,
+    task_metrics,
+    zero_shot,
+)
 from tests.evaluation import bundled_tokenizer, tiny_lm
 
 LIMIT = 8
@@ -28,9 +37,10 @@ def test_bundled_tasks_run(results):
         assert 0.0 <= metrics["acc"] <= 1.0 and 0.0 <= metrics["acc_norm"] <= 1.0
         assert "acc_stderr" in metrics and "acc_norm_stderr" in metrics
     mean = sum(m["acc_norm"] for m in zs["tasks"].values()) / 3
-    assert zs["common_avg"] == pytest.approx(mean)
-    assert set(zs["common_avg_metrics"].values()) == {"acc_norm"}
-    assert zs["settings"]["num_fewshot"] == 0 and zs["settings"]["limit"] == LIMIT
+    # The bundled tasks have their own average; Common Avg needs the six named tasks.
+    assert zs["bundled_avg"] == pytest.approx(mean) and zs["common_avg"] is None
+    assert set(zs["task_metrics"].values()) == {"acc_norm"}
+    assert set(zs["settings"]["num_fewshot"].values()) == {0} and zs["settings"]["limit"] == LIMIT
     assert zs["settings"]["lm_eval_version"] == results["versions"]["lm_eval"]
 
 
@@ -44,16 +54,42 @@ def test_evaluate_record_and_save(results, tmp_path):
     assert json.loads(path.read_text()) == json.loads(json.dumps(results))
 
 
-def test_common_avg_metric_table():
-    per_task = {
-        "arc_challenge": {"acc": 0.1, "acc_norm": 0.2},
-        "winogrande": {"acc": 0.6, "acc_norm": 0.9},  # table: acc, even though acc_norm is there
-        "mmlu": {"acc": 0.3},  # not in the table, no acc_norm: acc
-        "gsm8k": {"exact_match@strict-match": 0.05},  # no acc metric: left out
-    }
-    avg, used = common_avg(per_task)
-    assert used == {"arc_challenge": "acc_norm", "winogrande": "acc", "mmlu": "acc"}
-    assert avg == pytest.approx((0.2 + 0.6 + 0.3) / 3)
+def _six(**extra):
+    per_task = {task: {"acc": 0.1 * i, "acc_norm": 0.1 * i + 0.05} for i, task in enumerate(COMMON_TASKS, 1)}
+    return {**per_task, **extra}
+
+
+def test_common_avg_is_the_six_tasks_only():
+    expected = (0.15 + 0.25 + 0.35 + 0.45 + 0.5 + 0.6) / 6  # acc_norm for ARC/HellaSwag/PIQA, acc for WG/BoolQ
+    avg, used = common_avg(_six())
+    assert avg == pytest.approx(expected) and used["winogrande"] == "acc" and used["piqa"] == "acc_norm"
+    # Adding MMLU, GSM8K or a bundled task never moves the headline.
+    more = _six(mmlu={"acc": 0.9}, gsm8k={"exact_match@strict-match": 0.02}, bundled_web_cont={"acc_norm": 0.99})
+    assert common_avg(more)[0] == pytest.approx(expected)
+    assert task_metrics(more)["gsm8k"] == "exact_match@strict-match" and task_metrics(more)["mmlu"] == "acc"
+    # Five of the six: no Common Avg at all rather than a different average under the same name.
+    five = {t: m for t, m in _six().items() if t != "boolq"}
+    assert common_avg(five) == (None, {})
+    assert bundled_avg(more) is None
+    three = {t: {"acc_norm": v} for t, v in zip(BUNDLED_TASKS, (0.3, 0.4, 0.8), strict=True)}
+    assert bundled_avg(three) == pytest.approx(0.5)
+
+
+def test_stress_tasks_run_with_their_shots(monkeypatch):
+    import lm_eval
+
+    calls = []
+
+    def fake_evaluate(*, tasks, num_fewshot, **kwargs):
+        calls.append((list(tasks), num_fewshot))
+        return {"results": {t: {"acc,none": 0.5, "exact_match,strict-match": 0.25} for t in tasks}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake_evaluate)
+    tok = bundled_tokenizer()
+    out = zero_shot(tiny_lm(len(tok)), tok, tasks="stress,bundled_wiki_cont")
+    assert calls == [(["bundled_wiki_cont"], 0), (["minerva_math500"], 4), (["mmlu", "gsm8k"], 5)]
+    assert out["settings"]["num_fewshot"] == {**FEWSHOT, "bundled_wiki_cont": 0}
+    assert out["tasks"]["gsm8k"]["exact_match@strict-match"] == 0.25 and out["common_avg"] is None
 
 
 def test_expand_tasks():

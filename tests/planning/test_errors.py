@@ -31,9 +31,9 @@ def test_unknown_method_lists_the_known_ones(profile) -> None:
         plan(profile, "reapp", 0.5)
 
 
-def test_budget_above_k(profile) -> None:
-    with pytest.raises(MoePruneError, match=r"B=5 exceeds the K=4.*must all be kept.*B <= 4"):
-        plan(profile, "tb-coverage", 0.5, protect_budget=5)
+def test_budget_above_k_is_clamped_not_refused(profile) -> None:
+    mask = plan(profile, "tb-coverage", 0.5, protect_budget=5)
+    assert (mask.protect_budget, mask.protect_budget_requested, mask.candidate_used) == (4, 5, False)
 
 
 def test_negative_budget(profile) -> None:

@@ -102,3 +102,19 @@ def test_mask_json_round_trips(method: str) -> None:
     back = ExpertMask.from_json(json.loads(text))
     assert back.to_json() == mask.to_json()
     assert back.model == "test/tiny-moe" and back.method == method and back.kept_per_layer == 8
+
+
+def test_reap_on_one_named_corpus() -> None:
+    from moeprune import api
+    from moeprune.errors import MoePruneError
+
+    # corpus0 prefers the high ids, corpus1 the low ones; the pooled ranking follows corpus1's larger counts.
+    profile = make_profile([[1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1]], [[1] * 6, [100] * 6])
+    assert plan(profile, "reap", 0.5).kept(1) == [0, 1, 2]
+    on_code = plan(profile, "reap", 0.5, score_corpus="corpus0")
+    assert on_code.kept(1) == [3, 4, 5] and on_code.variant == "reap@corpus0"
+    assert on_code.extra["corpora"] == ["corpus0"] and api.mask_filename(on_code) == "reap@corpus0-0.50.json"
+    with pytest.raises(MoePruneError, match=r"'code' is not in the profile.*corpus0, corpus1.*--corpus code="):
+        plan(profile, "reap", 0.5, score_corpus="code")
+    with pytest.raises(MoePruneError, match="only applies to reap"):
+        plan(profile, "frequency", 0.5, score_corpus="corpus0")

@@ -2,14 +2,21 @@
 
 A spec is a string:
 
-- ``wikitext2``  Salesforce/wikitext, wikitext-2-raw-v1, train split (through ``datasets``)
+- ``wikitext2``  Salesforce/wikitext, wikitext-2-raw-v1, train split (through ``datasets``); its rows are
+  single lines (headings, paragraphs, blank lines), so they are joined back into the raw text and cut
+  into whole **articles** at the level-1 headings (`` = Title = ``): a document is one article with its
+  section headings and paragraphs in their original order
 - ``c4``         allenai/c4, ``en/c4-train.00000-of-01024.json.gz`` (through ``datasets``)
 - ``wiki``, ``web``  the bundled testbed corpora (train split; ``wiki:test`` picks a split)
-- a local file: ``.txt`` (documents separated by blank lines), ``.jsonl`` (a ``text`` field, or
+- ``evol-codealpaca``  theblackcat102/evol-codealpaca-v1, train split, instruction and output joined
+  (REAP's own calibration corpus)
+- a local file: ``.txt`` (documents separated by blank lines; a WikiText raw file such as
+  ``wiki.train.raw`` is cut into articles as above), ``.jsonl`` (a ``text`` field, or
   ``file.jsonl:FIELD``), ``.parquet`` (a ``text`` column, or ``file.parquet:FIELD``)
 - ``hf:ID[:CONFIG][:SPLIT][:FIELD]`` any hub dataset (defaults: no config, ``train``, ``text``)
 
-``NAME=SPEC`` gives the corpus another name (the profile file is ``NAME.safetensors``).
+A field may join several with ``+`` (``file.jsonl:instruction+output``): the fields are joined with a
+blank line. ``NAME=SPEC`` gives the corpus another name (the profile file is ``NAME.safetensors``).
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ class CorpusSpec:
     split: str = "train"
     field: str = "text"
     data_files: str | None = None
+    # "articles": rows are lines of one text to be cut into articles (WikiText). Recorded in profiles, so a
+    # profile sampled the older way (one row per document) is not silently reused.
+    documents: str | None = None
 
     def describe(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -37,9 +47,14 @@ class CorpusSpec:
 
 # The paper's generic corpora, as hub datasets.
 KNOWN_HUB = {
-    "wikitext2": dict(source="Salesforce/wikitext", config="wikitext-2-raw-v1"),
+    "wikitext2": dict(source="Salesforce/wikitext", config="wikitext-2-raw-v1", documents="articles"),
     "c4": dict(source="allenai/c4", data_files="en/c4-train.00000-of-01024.json.gz"),
+    # REAP's calibration corpus (Lasby et al.), which the TB-Coverage paper runs its "original REAP" on.
+    "evol-codealpaca": dict(source="theblackcat102/evol-codealpaca-v1", field="instruction+output"),
 }
+WIKITEXT_SOURCE = "Salesforce/wikitext"
+# A WikiText level-1 heading line, " = Title = " (sections are " = = Title = = ").
+_ARTICLE_HEADING = re.compile(r"^ = [^=\n].* = $", re.MULTILINE)
 
 
 def parse_corpus(spec: str) -> CorpusSpec:
@@ -105,10 +120,22 @@ def load_documents(spec: CorpusSpec, max_documents: int | None = None) -> list[s
         docs = read_bundled_corpus(spec.source, spec.split)
     elif spec.kind == "txt":
         text = Path(spec.source).read_text(encoding="utf-8")
-        docs = [d for d in re.split(r"\n\s*\n", text) if d.strip()]
+        docs = wikitext_articles(text) if _ARTICLE_HEADING.search(text) else re.split(r"\n\s*\n", text)
     else:
-        docs = _load_with_datasets(spec)
+        rows = _load_with_datasets(spec)
+        # WikiText's rows are lines (each keeps its "\n"): join them back and cut whole articles.
+        joined = spec.documents == "articles" or spec.source == WIKITEXT_SOURCE
+        docs = wikitext_articles("".join(rows)) if joined else rows
+    docs = [d for d in docs if d and d.strip()]
     return docs[:max_documents] if max_documents else docs
+
+
+def wikitext_articles(text: str) -> list[str]:
+    """WikiText raw text cut before every level-1 heading: one string per article (text before the first
+    heading, if any, is its own piece)."""
+    starts = [m.start() for m in _ARTICLE_HEADING.finditer(text)]
+    bounds = [0, *starts, len(text)] if not starts or starts[0] else [*starts, len(text)]
+    return [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if text[a:b].strip()]
 
 
 def _load_with_datasets(spec: CorpusSpec) -> list[str]:
@@ -125,14 +152,23 @@ def _load_with_datasets(spec: CorpusSpec) -> list[str]:
     except (ConnectionError, OSError, ValueError) as err:
         if spec.kind != "hub":
             raise MoePruneError(f"Cannot read corpus file {spec.source}: {err}") from err
+        example = (
+            f"{spec.name}=/path/to/{spec.name}.txt (or .jsonl with a 'text' field, or .parquet)"
+            if spec.field == "text"
+            else f"{spec.name}=/path/to/{spec.name}.jsonl:{spec.field} (a local copy of {spec.source})"
+        )
         raise MoePruneError(
             f"Corpus {spec.name!r} ({spec.source}) cannot be loaded: the Hugging Face hub is unreachable or the "
-            f"dataset is not cached ({type(err).__name__}). Pass a local file instead, e.g. "
-            f"--corpus {spec.name}=/path/to/{spec.name}.txt (or .jsonl with a 'text' field, or .parquet)."
+            f"dataset is not cached ({type(err).__name__}). Pass a local file instead, e.g. {example}."
         ) from err
-    if spec.field not in table.column_names:
-        raise MoePruneError(f"Corpus {spec.name!r} has no field {spec.field!r}; its fields are {table.column_names}.")
-    return [t for t in table[spec.field] if t and t.strip()]
+    fields = spec.field.split("+")
+    missing = [f for f in fields if f not in table.column_names]
+    if missing:
+        raise MoePruneError(f"Corpus {spec.name!r} has no field {missing[0]!r}; its fields are {table.column_names}.")
+    if len(fields) == 1:
+        return [t or "" for t in table[fields[0]]]
+    columns = [table[f] for f in fields]
+    return ["\n\n".join(str(v) for v in values if v) for values in zip(*columns, strict=True)]
 
 
 def _safe_name(name: str) -> str:

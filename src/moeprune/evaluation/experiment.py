@@ -36,6 +36,15 @@ EVAL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# REAP as its authors calibrate it (the paper's "original REAP"): Evol-CodeAlpaca, 128 x 2048, run next to the
+# generic (pooled WikiText2 + C4) REAP and labelled "REAP (code)". The bundled testbed has no code corpus.
+REAP_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"reap_corpus": "code=evol-codealpaca", "reap_samples": 128, "reap_seq_len": 2048},
+    "bundled": {"reap_corpus": None, "reap_samples": 128, "reap_seq_len": 256},
+}
+REAP_PROFILE = "profile-reap"  # its own profile, so the generic methods never see the REAP corpus
+
+
 def all_methods() -> list[str]:
     from moeprune.planning import METHODS
 
@@ -60,8 +69,11 @@ def run_experiment(
     tasks: str | Sequence[str] | None = None,
     limit: int | float | None = None,
     eval_batch_size: int | str = 8,
-    protect_budget: int | None = None,
+    protect_budget: int | str | Sequence[int | str] | None = None,
     candidate: str | None = None,
+    reap_corpus: str | None = None,
+    reap_samples: int = 128,
+    reap_seq_len: int = 2048,
     reconstruction: dict[str, Any] | None = None,
     dtype: str = "auto",
     device: str | None = None,
@@ -70,6 +82,10 @@ def run_experiment(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Profile once, plan every mask, evaluate dense + every mask, write results, report and plots.
+
+    ``protect_budget``: one B (a number or "auto"), or several for a sweep (TB-Coverage planned once per B,
+    rows "TB-Coverage (B=b)", a sensitivity table and plots). ``reap_corpus`` (a corpus spec): REAP is also
+    ranked on that corpus alone (profiled separately, ``reap_samples`` x ``reap_seq_len``), as "reap@NAME".
 
     Returns ``{"settings", "cells", "files"}``; ``cells[0]`` is the dense model."""
     from moeprune.api import _model, _tokenizer
@@ -97,6 +113,8 @@ def run_experiment(
         "candidate": candidate,
         "reconstruction": {k: v for k, v in (reconstruction or {}).items() if k != "device"},
     }
+    if reap_corpus and "reap" in methods:  # recorded only when used, so older experiment.json files still match
+        calibration["reap_corpus"] = {"corpus": reap_corpus, "samples": reap_samples, "seq_len": reap_seq_len}
     settings = {
         "model": str(model) if isinstance(model, (str, Path)) else _name(loaded),
         "retains": list(retains),
@@ -131,6 +149,18 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
 def _profile(model: Any, tokenizer: Any, out: Path, calibration: dict[str, Any], progress: bool) -> None:
     from moeprune import api
 
+    reap = calibration.get("reap_corpus")
+    if reap:  # first: a hub corpus that cannot load (offline) fails before the long generic profile
+        api.profile(
+            model,
+            [reap["corpus"]],
+            out / REAP_PROFILE,
+            samples=reap["samples"],
+            seq_len=reap["seq_len"],
+            batch_size=calibration["batch_size"],
+            tokenizer=tokenizer,
+            progress=progress,
+        )
     api.profile(
         model,
         calibration["corpora"],
@@ -162,18 +192,44 @@ def plan_grid(
     order = sorted(methods, key=lambda m: 0 if m == "expert-sparsity" else 1)
     for method in order:
         for seed in seeds if method in SEEDED else [None]:
-            paths = [out / "masks" / _mask_name(method, r, seed) for r in retains]
-            if all(p.exists() for p in paths):
-                masks = [ExpertMask.load(p) for p in paths]
-            else:
-                masks = _plan(out, model, method, retains, seed, calibration, reconstruction, es_masks, progress)
-                for path, mask in zip(paths, masks, strict=True):
-                    mask.save(path)
-            if method == "expert-sparsity":
-                es_masks = {m.retain: m for m in masks}
-            planned.extend(zip(paths, masks, strict=True))
+            for variant, options in _variants(method, calibration):
+                paths = [out / "masks" / _mask_name(variant, r, seed) for r in retains]
+                if all(p.exists() for p in paths):
+                    masks = [ExpertMask.load(p) for p in paths]
+                else:
+                    masks = _plan(out, model, method, retains, seed, calibration, reconstruction, es_masks, progress,
+                                  **options)
+                    for path, mask in zip(paths, masks, strict=True):
+                        if variant != mask.variant:
+                            mask.extra["variant"] = variant
+                        mask.save(path)
+                if method == "expert-sparsity":
+                    es_masks = {m.retain: m for m in masks}
+                planned.extend(zip(paths, masks, strict=True))
     # Table order: by method as the user listed them.
     return sorted(planned, key=lambda pm: (list(methods).index(pm[1].method), pm[1].retain, pm[1].seed or 0))
+
+
+def budgets_of(protect_budget: int | str | Sequence[int | str] | None) -> list[int | str | None]:
+    """The B values of the grid: one (a number, "auto" or None for the default) or a sweep."""
+    if protect_budget is None or isinstance(protect_budget, (int, str)):
+        return [protect_budget]
+    return list(dict.fromkeys(protect_budget)) or [None]
+
+
+def _variants(method: str, calibration: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(variant, _plan options) per row the method gets: one, or one per B of a sweep, or REAP twice."""
+    if method == "tb-coverage":
+        budgets = budgets_of(calibration["protect_budget"])
+        if len(budgets) == 1:
+            return [(method, {"budget": budgets[0]})]
+        return [(f"{method}@B{b}", {"budget": b}) for b in budgets]
+    if method == "reap" and calibration.get("reap_corpus"):
+        from moeprune.data.corpora import parse_corpus
+
+        name = parse_corpus(calibration["reap_corpus"]["corpus"]).name
+        return [(method, {}), (f"reap@{name}", {"profile": REAP_PROFILE, "score_corpus": name})]
+    return [(method, {})]
 
 
 def _mask_name(method: str, retain: float, seed: int | None) -> str:
@@ -191,42 +247,62 @@ def _plan(
     reconstruction: dict[str, Any],
     es_masks: dict[float, ExpertMask],
     progress: bool,
+    budget: int | str | None = None,
+    profile: str = "profile",
+    score_corpus: str | None = None,
 ) -> list[ExpertMask]:
     from moeprune import api
     from moeprune.profiling.stats import Profile
 
     candidate = calibration["candidate"]
-    budget = calibration["protect_budget"] if method == "tb-coverage" else None
     if method == "tb-coverage" and candidate in (None, "expert-sparsity") and all(r in es_masks for r in retains):
         # The same candidate plan_many would compute, without a second reconstruction search.
         prof = Profile.load(out / "profile")
-        return [_tb_from_candidate(prof, es_masks[r], budget) for r in retains]
+        held_out = _held_out(prof, model) if budget == "auto" else None
+        return [_tb_from_candidate(prof, es_masks[r], budget, model, held_out) for r in retains]
     return api.plan_many(
-        out / "profile",
+        out / profile,
         method,
         list(retains),
         seed=seed or 0,
-        protect_budget=budget,
+        protect_budget=budget if method == "tb-coverage" else None,
         candidate=candidate if method == "tb-coverage" else None,
         model=model,
         reconstruction=reconstruction,
+        score_corpus=score_corpus,
         progress=progress,
     )
 
 
-def _tb_from_candidate(prof: Any, candidate: ExpertMask, budget: int | None) -> ExpertMask:
-    """TB-Coverage on a planned expert-sparsity mask, recorded as api.plan_many records it."""
-    from moeprune.planning import plan
+def _held_out(prof: Any, model: Any) -> dict[str, Any]:
+    from moeprune.api import _tokenizer
+    from moeprune.planning import auto_budget
 
-    mask = plan(
-        prof,
-        "tb-coverage",
-        candidate.retain,
-        protect_budget=budget,
-        candidate="expert-sparsity",
-        candidate_masks={layer: candidate.kept(layer) for layer in candidate.layers},
-    )
-    for layer, lm in candidate.layers.items():
+    return auto_budget.held_out_sets(prof, _tokenizer(None, model, False))
+
+
+def _tb_from_candidate(
+    prof: Any, candidate: ExpertMask, budget: int | str | None, model: Any = None, held_out: dict | None = None
+) -> ExpertMask:
+    """TB-Coverage on a planned expert-sparsity mask, recorded as api.plan_many records it."""
+    from moeprune.planning import auto_budget, paper_protect_budget, plan
+
+    def plan_with(b: int | None) -> ExpertMask:
+        return plan(
+            prof,
+            "tb-coverage",
+            candidate.retain,
+            protect_budget=b,
+            candidate="expert-sparsity",
+            candidate_masks={layer: candidate.kept(layer) for layer in candidate.layers},
+        )
+
+    if budget == auto_budget.AUTO:
+        k, paper = candidate.kept_per_layer, paper_protect_budget(prof.num_experts)
+        mask = auto_budget.choose(plan_with, k, paper, model, held_out or {})
+    else:
+        mask = plan_with(budget)
+    for layer, lm in candidate.layers.items() if mask.candidate_used else ():
         for key in ("reconstruction_loss", "search"):
             if key in lm.extra:
                 mask.layers[layer].extra[f"candidate_{key}"] = lm.extra[key]
@@ -295,6 +371,7 @@ def run_cell(
     head = {
         "cell": cell_id(mask),
         "method": DENSE if mask is None else mask.method,
+        "variant": DENSE if mask is None else mask.variant,
         "retain": 1.0 if mask is None else mask.retain,
         "seed": None if mask is None else mask.seed,
         "kept_per_layer": None if mask is None else mask.kept_per_layer,
@@ -341,7 +418,7 @@ def experiment_options(args: argparse.Namespace) -> dict[str, Any]:
     from moeprune.api import PRESETS, is_bundled
 
     name = args.preset or ("bundled" if is_bundled(args.model) else "paper")
-    cal, ev = PRESETS[name], EVAL_PRESETS[name]
+    cal, ev, reap = PRESETS[name], EVAL_PRESETS[name], REAP_PRESETS[name]
     pick = _picker(args)
     recon = {
         "corpus": pick("recon_corpus", None),
@@ -365,13 +442,25 @@ def experiment_options(args: argparse.Namespace) -> dict[str, Any]:
         "tasks": pick("tasks", ev["tasks"]),
         "limit": pick("limit", None),
         "eval_batch_size": pick("eval_batch_size", 8),
-        "protect_budget": pick("protect_budget", None),
+        "protect_budget": _single(pick("protect_budget", None)),
         "candidate": pick("candidate", None),
+        "reap_corpus": _none_if_off(pick("reap_corpus", reap["reap_corpus"])),
+        "reap_samples": pick("reap_samples", reap["reap_samples"]),
+        "reap_seq_len": pick("reap_seq_len", reap["reap_seq_len"]),
         "reconstruction": recon,
         "dtype": args.dtype,
         "device": args.device,
         "trust_remote_code": args.trust_remote_code,
     }
+
+
+def _single(values: Any) -> Any:
+    """``-B 20`` arrives as [20]: one value is not a sweep."""
+    return values[0] if isinstance(values, list) and len(values) == 1 else values
+
+
+def _none_if_off(corpus: str | None) -> str | None:
+    return None if corpus is None or corpus.lower() in ("none", "off", "") else corpus
 
 
 def _picker(args: argparse.Namespace):

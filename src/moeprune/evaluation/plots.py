@@ -1,7 +1,10 @@
 """PNG plots of an experiment (matplotlib, Agg backend: no display needed).
 
-- ``common_avg.png``: Common Avg vs retain ratio per method (random: mean with std error bars);
+- ``common_avg.png`` / ``bundled_avg.png``: that average vs retain ratio per method (random: mean with
+  std error bars);
 - ``ppl_<dataset>.png``: perplexity vs retain ratio per method, log scale, dense as a dashed line;
+- ``budget_<metric>.png`` (a protect-budget sweep): TB-Coverage's metric vs B per retain ratio, ``auto`` as
+  a star at the B it chose;
 - ``ranking_overlap.png``: per MoE layer, how much the corpora agree on the top-K experts by REAP score,
   ``|top-K(A) ∩ top-K(B)| / K`` for K = N/4, N/2, 3N/4 (mean over corpus pairs when there are more than two).
 """
@@ -17,7 +20,15 @@ from typing import Any
 
 import torch
 
-from moeprune.evaluation.report import DENSE, METHOD_NAMES, dataset_label, datasets_of
+from moeprune.evaluation.report import (
+    DENSE,
+    budget_used,
+    dataset_label,
+    datasets_of,
+    method_label,
+    sweep_cells,
+    variant_of,
+)
 
 OVERLAP_FRACTIONS = (0.25, 0.5, 0.75)
 
@@ -38,10 +49,9 @@ def write_plots(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
-    if any(c["summary"].get("common_avg") is not None for c in cells):
-        files["common_avg"] = plot_metric(
-            cells, lambda c: c["summary"].get("common_avg"), "Common Avg", out / "common_avg.png"
-        )
+    for key, title in (("common_avg", "Common Avg"), ("bundled_avg", "Bundled Avg")):
+        if any(c["summary"].get(key) is not None for c in cells):
+            files[key] = plot_metric(cells, lambda c, k=key: c["summary"].get(k), title, out / f"{key}.png")
     for dataset in datasets_of(cells):
         # A dataset may be a file path: name the PNG after the file only.
         stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(dataset).name)
@@ -52,6 +62,8 @@ def write_plots(
             out / f"ppl_{stem}.png",
             log=True,
         )
+    if sweep_cells(cells):
+        files.update(_budget_plots(cells, out))
     if profile_dir is not None and Path(profile_dir).is_dir():
         from moeprune.profiling.stats import Profile
 
@@ -66,12 +78,12 @@ def write_plots(
 def series(
     cells: Sequence[Mapping[str, Any]], value: Callable[[Mapping[str, Any]], float | None]
 ) -> dict[str, list[tuple[float, float, float]]]:
-    """{method: [(retain, mean, std)]} over the pruned cells; std is 0 for a method with one cell per ratio."""
+    """{variant: [(retain, mean, std)]} over the pruned cells; std is 0 for a variant with one cell per ratio."""
     grouped: dict[str, dict[float, list[float]]] = {}
     for cell in cells:
         v = value(cell)
         if cell["method"] != DENSE and v is not None:
-            grouped.setdefault(cell["method"], {}).setdefault(float(cell["retain"]), []).append(float(v))
+            grouped.setdefault(variant_of(cell), {}).setdefault(float(cell["retain"]), []).append(float(v))
     return {
         method: [
             (r, statistics.fmean(vs), statistics.stdev(vs) if len(vs) > 1 else 0.0) for r, vs in sorted(by.items())
@@ -89,11 +101,11 @@ def plot_metric(
 ) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method, points in series(cells, value).items():
+    lines = series(cells, value)
+    for variant, points in lines.items():
         xs, ys, errs = zip(*points, strict=True)
-        ax.errorbar(
-            xs, ys, yerr=errs if any(errs) else None, marker="o", capsize=3, label=METHOD_NAMES.get(method, method)
-        )
+        label = method_label(variant, list(lines))
+        ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", capsize=3, label=label)
     dense = [v for c in cells if c["method"] == DENSE and (v := value(c)) is not None]
     if dense:
         ax.axhline(dense[0], color="black", linestyle="--", linewidth=1, label="Dense")
@@ -101,6 +113,67 @@ def plot_metric(
         ax.set_yscale("log")
     ax.set_xlabel("retain ratio")
     ax.set_ylabel(label)
+    return _save(plt, fig, ax, path)
+
+
+def _budget_plots(cells: Sequence[Mapping[str, Any]], out: Path) -> dict[str, Path]:
+    """``budget_<metric>.png``: the metric vs B per retain ratio, for each average and perplexity set."""
+    metrics: list[tuple[str, Callable[[Mapping[str, Any]], float | None], str, bool]] = [
+        (key, lambda c, k=key: c["summary"].get(k), title, False)
+        for key, title in (("common_avg", "Common Avg"), ("bundled_avg", "Bundled Avg"))
+        if any(c["summary"].get(key) is not None for c in cells)
+    ]
+    for dataset in datasets_of(cells):
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(dataset).name)
+        title = f"{dataset_label(dataset)} PPL"
+        metrics.append((f"ppl_{stem}", lambda c, d=dataset: c["summary"]["ppl"].get(d), title, True))
+    return {
+        f"budget_{name}": plot_budget(cells, value, label, out / f"budget_{name}.png", log=log)
+        for name, value, label, log in metrics
+    }
+
+
+def budget_series(
+    cells: Sequence[Mapping[str, Any]], value: Callable[[Mapping[str, Any]], float | None]
+) -> dict[float, dict[str, list[tuple[int, float]]]]:
+    """{retain: {"fixed": [(B used, value)] sorted by B, "auto": [(B chosen, value)]}} over a B sweep."""
+    out: dict[float, dict[str, list[tuple[int, float]]]] = {}
+    for cell in sweep_cells(cells):
+        v, b = value(cell), budget_used(cell)
+        if v is None or b is None:
+            continue
+        kind = "auto" if variant_of(cell).endswith("@Bauto") else "fixed"
+        out.setdefault(float(cell["retain"]), {"fixed": [], "auto": []})[kind].append((int(b), float(v)))
+    for series_ in out.values():
+        series_["fixed"].sort()
+    return out
+
+
+def plot_budget(
+    cells: Sequence[Mapping[str, Any]],
+    value: Callable[[Mapping[str, Any]], float | None],
+    label: str,
+    path: Path,
+    log: bool = False,
+) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for retain, points in sorted(budget_series(cells, value).items(), reverse=True):
+        line = None
+        if points["fixed"]:
+            xs, ys = zip(*points["fixed"], strict=True)
+            (line,) = ax.plot(xs, ys, marker="o", label=f"retain {retain:.0%}")
+        for b, v in points["auto"]:
+            color = line.get_color() if line is not None else None
+            ax.plot([b], [v], marker="*", markersize=14, linestyle="", color=color, label=f"auto, retain {retain:.0%}")
+    if log:
+        ax.set_yscale("log")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # B is a count of experts
+    ax.set_xlabel("protect budget B (as used: at most K)")
+    ax.set_ylabel(label)
+    ax.set_title(f"TB-Coverage: {label} vs protect budget", fontsize="small")
     return _save(plt, fig, ax, path)
 
 

@@ -1,8 +1,10 @@
 """Tables from a list of experiment cells (pure functions: cells in, markdown/CSV strings out).
 
 A cell is what ``experiment.run_cell`` writes: ``{"cell", "method", "retain", "seed", "kept_per_layer",
-"summary": {"ppl": {dataset: ppl}, "tasks": {task: value}, "task_metrics": {task: metric},
-"common_avg", "params", "bytes", "params_ratio", "bytes_ratio"}}``; the dense cell has method "dense".
+"variant", "summary": {"ppl": {dataset: ppl}, "tasks": {task: value}, "task_metrics": {task: metric},
+"common_avg", "bundled_avg", "params", "bytes", "params_ratio", "bytes_ratio"}}``; the dense cell has
+method "dense". Rows are told apart by ``variant`` (the method, or e.g. ``reap@code`` for REAP ranked on
+one corpus, ``tb-coverage@B4`` in a protect-budget sweep).
 
 Table 1 follows the paper's Table 1: a Dense row, then one group per retain ratio with a row per method
 (random as mean ± sample std over its seeds), the best value of each group in bold. Table 2 sets each
@@ -40,8 +42,14 @@ TASK_NAMES = {
     "bundled_wiki_cont": "wiki-cont",
     "bundled_web_cont": "web-cont",
     "bundled_cross_cont": "cross-cont",
+    "mmlu": "MMLU (5-shot)",
+    "gsm8k": "GSM8K (5-shot)",
+    "minerva_math500": "MATH-500 (4-shot)",
 }
+AVERAGES = {"common_avg": "Common Avg ↑", "bundled_avg": "Bundled Avg ↑"}
+CLAMPED = "†"  # marks TB-Coverage rows whose B >= K (round-robin alone, candidate unused)
 MISSING = "–"
+COMMON_SIX = ("arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande", "boolq")  # = zeroshot.COMMON_TASKS
 Stat = tuple[float, float | None]  # (mean, std over seeds or None)
 
 
@@ -67,9 +75,40 @@ def _columns(cells: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, str]]:
     """(key, header, better) per metric column; better is "low", "high" or "" (not ranked)."""
     cols = [(f"ppl:{d}", f"{dataset_label(d)} PPL ↓", "low") for d in datasets_of(cells)]
     cols += [(f"task:{t}", TASK_NAMES.get(t, t), "high") for t in tasks_of(cells)]
-    if any(c["summary"].get("common_avg") is not None for c in cells):
-        cols.append(("common_avg", "Common Avg ↑", "high"))
+    cols += [(key, header, "high") for key, header in AVERAGES.items() if _has(cells, key)]
     return [*cols, ("params_ratio", "Params (× dense)", ""), ("bytes_ratio", "Bytes (× dense)", "")]
+
+
+def _has(cells: Sequence[Mapping[str, Any]], key: str) -> bool:
+    return any(c["summary"].get(key) is not None for c in cells)
+
+
+def variant_of(cell: Mapping[str, Any]) -> str:
+    """The row a cell belongs to: its variant (cells written before variants existed: the method)."""
+    return str(cell.get("variant") or (cell.get("mask") or {}).get("variant") or cell["method"])
+
+
+def candidate_unused(cell: Mapping[str, Any]) -> bool:
+    """TB-Coverage with B >= K: the mask's record, or (older cells) B equal to K."""
+    mask = cell.get("mask") or {}
+    if mask.get("candidate_used") is not None:
+        return not mask["candidate_used"]
+    budget, kept = mask.get("protect_budget"), mask.get("kept_per_layer")
+    return budget is not None and kept is not None and budget >= kept
+
+
+def method_label(variant: str, variants: Sequence[str] = ()) -> str:
+    """``reap@code`` -> "REAP (code)", ``tb-coverage@B4`` -> "TB-Coverage (B=4)"; plain REAP is
+    "REAP (generic)" when a corpus-calibrated REAP is in the same table."""
+    method, _, detail = variant.partition("@")
+    name = METHOD_NAMES.get(method, method)
+    if detail.startswith("B") and method == "tb-coverage":
+        return f"{name} (B={detail[1:]})"
+    if detail:
+        return f"{name} ({detail})"
+    if method == "reap" and any(v.startswith("reap@") for v in variants):
+        return f"{name} (generic)"
+    return name
 
 
 def _value(cell: Mapping[str, Any], key: str) -> float | None:
@@ -94,7 +133,7 @@ def _fmt(key: str, value: float | None) -> str:
     """PPL as is, accuracies in percent (as the paper prints them), ratios with 3 decimals."""
     if value is None:
         return MISSING
-    if key.startswith("task:") or key == "common_avg":
+    if key.startswith("task:") or key in AVERAGES:
         return f"{100 * value:.2f}"
     if key.endswith("_ratio"):
         return f"{value:.3f}"
@@ -116,8 +155,8 @@ def group_rows(cells: Sequence[Mapping[str, Any]]) -> list[tuple[float, str, lis
     order they first appear; a seeded method's seeds share one row."""
     rows: dict[tuple[float, str], list[Mapping[str, Any]]] = {}
     for cell in cells:
-        rows.setdefault((float(cell["retain"]), cell["method"]), []).append(cell)
-    methods = _ordered(c["method"] for c in cells)
+        rows.setdefault((float(cell["retain"]), variant_of(cell)), []).append(cell)
+    methods = _ordered(variant_of(c) for c in cells)
     order = sorted(rows, key=lambda rm: (rm[1] != DENSE, -rm[0], methods.index(rm[1])))
     return [(retain, method, rows[(retain, method)]) for retain, method in order]
 
@@ -136,6 +175,7 @@ def table1(cells: Sequence[Mapping[str, Any]]) -> str:
     """Markdown: Dense on top, then per retain ratio one row per method; best per group in bold."""
     cols = _columns(cells)
     lines = [_header(["Retain", "Method", *(h for _, h, _ in cols)])]
+    variants = _ordered(variant_of(c) for c in cells)
     groups: dict[float, list[tuple[str, list[Mapping[str, Any]]]]] = {}
     for retain, method, members in group_rows(cells):
         groups.setdefault(-1.0 if method == DENSE else retain, []).append((method, members))
@@ -147,7 +187,7 @@ def table1(cells: Sequence[Mapping[str, Any]]) -> str:
         ]
         for i, (method, members) in enumerate(rows):
             texts = [_cell_text(key, stats[i][j], i in bold[j]) for j, (key, _, _) in enumerate(cols)]
-            lines.append(_row([_retain_label(members[0]), _method_label(method, members), *texts]))
+            lines.append(_row([_retain_label(members[0]), _method_label(method, members, variants), *texts]))
     return "\n".join(lines)
 
 
@@ -158,8 +198,8 @@ def _retain_label(cell: Mapping[str, Any]) -> str:
     return f"{100 * float(cell['retain']):.0f}%" + (f" (K={k})" if k is not None else "")
 
 
-def _method_label(method: str, members: Sequence[Mapping[str, Any]]) -> str:
-    name = METHOD_NAMES.get(method, method)
+def _method_label(variant: str, members: Sequence[Mapping[str, Any]], variants: Sequence[str] = ()) -> str:
+    name = method_label(variant, variants) + (CLAMPED if any(candidate_unused(c) for c in members) else "")
     return f"{name} ({len(members)} seeds)" if len(members) > 1 else name
 
 
@@ -172,7 +212,7 @@ def _row(texts: Sequence[str]) -> str:
 
 
 def common_avg_note(cells: Sequence[Mapping[str, Any]]) -> str:
-    """Which metric each task contributes to Common Avg, as recorded in the cells."""
+    """What each task column and average is, from the metrics recorded in the cells."""
     used: dict[str, str] = {}
     for cell in cells:
         used.update(cell["summary"].get("task_metrics", {}))
@@ -182,24 +222,51 @@ def common_avg_note(cells: Sequence[Mapping[str, Any]]) -> str:
     for task, metric in used.items():
         by_metric.setdefault(metric, []).append(TASK_NAMES.get(task, task))
     parts = "; ".join(f"{metric} for {', '.join(tasks)}" for metric, tasks in by_metric.items())
+    lines = [f"Task columns (lm-evaluation-harness; 0-shot unless marked, accuracies in percent): {parts}."]
+    if _has(cells, "common_avg"):
+        lines.append(
+            "Common Avg: the unweighted mean over the six tasks ARC-c, ARC-e, HellaSwag, PIQA, WinoGrande and "
+            "BoolQ only (other tasks, such as the stress tests, never enter it)."
+        )
+    elif any(t in COMMON_SIX for t in used):
+        lines.append("Common Avg: not reported, since not all six of its tasks were evaluated.")
+    if _has(cells, "bundled_avg"):
+        lines.append("Bundled Avg: the mean over the three offline bundled tasks (not the paper's Common Avg).")
+    return " ".join(lines)
+
+
+def clamp_note(cells: Sequence[Mapping[str, Any]]) -> str:
+    """Which TB-Coverage rows had B >= K, so that the candidate played no part."""
+    hit = [c for c in cells if candidate_unused(c)]
+    if not hit:
+        return ""
+    where = sorted({(float(c["retain"]), c.get("kept_per_layer"), _budget_text(c)) for c in hit}, reverse=True)
+    text = "; ".join(f"{100 * r:.0f}% (K={k}, {b})" for r, k, b in where)
+    names = ", ".join(sorted({str((c.get("mask") or {}).get("candidate")) for c in hit}))
     return (
-        f"Common Avg is the unweighted mean over the {len(used)} tasks of one metric each: {parts}. "
-        "Accuracies in percent, 0-shot (lm-evaluation-harness)."
+        f"{CLAMPED} TB-Coverage with B >= K at {text}: B is clamped to K, so every kept expert is protected by "
+        f"round-robin over the corpus rankings and the candidate ({names}) is not used; those rows are the "
+        "round-robin alone."
     )
+
+
+def _budget_text(cell: Mapping[str, Any]) -> str:
+    mask = cell.get("mask") or {}
+    asked, used = mask.get("protect_budget_requested"), mask.get("protect_budget")
+    return f"B={asked} asked, {used} used" if asked is not None and asked != used else f"B={used}"
 
 
 # ------------------------------------------------------------------------------------------------ Table 2
 def table2(cells: Sequence[Mapping[str, Any]], ours: str = "tb-coverage", baseline: str = "random") -> str:
     """Markdown: per retain ratio each ``baseline`` seed, ``ours``, and on how many seeds ours is better."""
     keys = [(f"ppl:{d}", f"{dataset_label(d)} PPL ↓", "low") for d in datasets_of(cells)]
-    if any(c["summary"].get("common_avg") is not None for c in cells):
-        keys.append(("common_avg", "Common Avg ↑", "high"))
+    keys += [(key, header, "high") for key, header in AVERAGES.items() if _has(cells, key)]
     lines = [_header(["Retain", "Mask", *(h for _, h, _ in keys)])]
     found = False
     for retain, method, members in group_rows(cells):
         if method != baseline:
             continue
-        mine = [c for c in cells if c["method"] == ours and float(c["retain"]) == retain]
+        mine = [c for c in cells if variant_of(c) == ours and float(c["retain"]) == retain]
         if not mine:
             continue
         found = True
@@ -232,6 +299,32 @@ def beats(mine: Mapping[str, Any], others: Sequence[Mapping[str, Any]], key: str
     return f"{wins}/{len(values)}"
 
 
+# ------------------------------------------------------------------------------------------------ B sweep
+def sweep_cells(cells: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """TB-Coverage cells of a protect-budget sweep (variants ``tb-coverage@B<b>``)."""
+    return [c for c in cells if variant_of(c).startswith("tb-coverage@B")]
+
+
+def budget_used(cell: Mapping[str, Any]) -> int | None:
+    return (cell.get("mask") or {}).get("protect_budget")
+
+
+def budget_table(cells: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: per retain ratio (high to low) each B of the sweep, as asked and as used, and the metrics."""
+    sweep = sweep_cells(cells)
+    if not sweep:
+        return ""
+    keys = [(f"ppl:{d}", f"{dataset_label(d)} PPL ↓") for d in datasets_of(cells)]
+    keys += [(key, header) for key, header in AVERAGES.items() if _has(cells, key)]
+    lines = [_header(["Retain", "B asked", "B used", *(h for _, h in keys)])]
+    ordered = sorted(sweep, key=lambda c: (-float(c["retain"]), budget_used(c) or 0, variant_of(c)))
+    for cell in ordered:
+        asked = variant_of(cell).split("@B", 1)[1]
+        used = f"{budget_used(cell)}{CLAMPED if candidate_unused(cell) else ''}"
+        lines.append(_row([_retain_label(cell), asked, used, *(_fmt(k, _value(cell, k)) for k, _ in keys)]))
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------ files
 def render_report(
     cells: Sequence[Mapping[str, Any]],
@@ -246,9 +339,7 @@ def render_report(
         "## Table 1: methods per retain ratio",
         table1(cells),
     ]
-    note = common_avg_note(cells)
-    if note:
-        parts.append(note)
+    parts += [note for note in (common_avg_note(cells), clamp_note(cells)) if note]
     parts.append(
         "Random: mean ± sample standard deviation over its seeds. Bold: best of the retain group "
         "(lowest PPL, highest accuracy). Params/Bytes: the pruned model's parameters and bytes over "
@@ -257,6 +348,14 @@ def render_report(
     second = table2(cells)
     if second:
         parts += ["## Table 2: TB-Coverage against each random seed", second]
+    sweep = budget_table(cells)
+    if sweep:
+        parts += [
+            "## Protect budget sensitivity",
+            sweep,
+            "B used: B asked, clamped to K; `auto` picks B per ratio by held-out NLL on the calibration corpora "
+            "(never evaluation data; the tried budgets and scores are in the mask's `extra.auto_budget`).",
+        ]
     if images:
         parts += ["## Plots", "\n".join(f"![{name}]({path})" for name, path in images.items())]
     return "\n\n".join(parts) + "\n"
@@ -266,25 +365,31 @@ def _settings_text(settings: Mapping[str, Any]) -> str:
     if not settings:
         return ""
     cal, ev = settings.get("calibration", {}), settings.get("evaluation", {})
+    reap = cal.get("reap_corpus")
+    extras = f"; REAP (code) on {reap['corpus']}, {reap['samples']} x {reap['seq_len']} tokens" if reap else ""
+    if cal.get("protect_budget") is not None:
+        extras += f"; TB-Coverage B: {cal['protect_budget']}"
     return (
-        f"Calibration: {', '.join(cal.get('corpora', []))}, {cal.get('samples')} x {cal.get('seq_len')} tokens; "
-        f"perplexity windows of {ev.get('ppl_seq_len')} tokens; tasks: {', '.join(ev.get('tasks', [])) or 'none'}"
-        f" (limit {ev.get('limit')}); random seeds {settings.get('seeds')}."
+        f"Calibration: {', '.join(cal.get('corpora', []))}, {cal.get('samples')} x {cal.get('seq_len')} tokens"
+        f"{extras}; perplexity windows of {ev.get('ppl_seq_len')} tokens; tasks: "
+        f"{', '.join(ev.get('tasks', [])) or 'none'} (limit {ev.get('limit')}); random seeds {settings.get('seeds')}."
     )
 
 
 def to_csv(cells: Sequence[Mapping[str, Any]]) -> str:
-    """One row per cell: identifiers, ppl per dataset, each task's Common Avg metric, Common Avg, footprint."""
+    """One row per cell: identifiers, ppl per dataset, each task's metric, the averages, footprint."""
     datasets, tasks = datasets_of(cells), tasks_of(cells)
     fields = [
         "cell",
         "method",
+        "variant",
         "retain",
         "seed",
         "kept_per_layer",
         *(f"ppl_{d}" for d in datasets),
         *tasks,
         "common_avg",
+        "bundled_avg",
         "params",
         "bytes",
         "params_ratio",
@@ -295,9 +400,10 @@ def to_csv(cells: Sequence[Mapping[str, Any]]) -> str:
     writer.writeheader()
     for cell in cells:
         s = cell["summary"]
-        row = {k: cell.get(k) for k in fields[:5]}
+        row = {k: cell.get(k) for k in fields[:6]}
+        row["variant"] = variant_of(cell)
         row.update({f"ppl_{d}": s.get("ppl", {}).get(d) for d in datasets})
         row.update({t: s.get("tasks", {}).get(t) for t in tasks})
-        row.update({k: s.get(k) for k in fields[-5:]})
+        row.update({k: s.get(k) for k in fields[-6:]})
         writer.writerow(row)
     return buffer.getvalue()

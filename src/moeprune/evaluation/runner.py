@@ -69,6 +69,10 @@ def mask_record(mask: ExpertMask, path: str | Path | None = None) -> dict[str, A
         "protect_budget": mask.protect_budget,
         "seed": mask.seed,
         "candidate": mask.candidate,
+        "variant": mask.variant,
+        "protect_budget_requested": mask.protect_budget_requested,
+        "candidate_used": mask.candidate_used,
+        "notes": list(mask.notes),
     }
 
 
@@ -166,9 +170,9 @@ def evaluate_loaded(
 
 
 def summarise(results: Mapping[str, Any]) -> dict[str, Any]:
-    """The numbers the tables need: ppl per dataset, each task's Common Avg metric, Common Avg, footprint."""
+    """The numbers the tables need: ppl per dataset, each task's reported metric, the averages, footprint."""
     zs = results.get("zero_shot") or {}
-    used = zs.get("common_avg_metrics", {})
+    used = zs.get("task_metrics", zs.get("common_avg_metrics", {}))
     ratios = results.get("footprint_vs_dense", {})
     fp = results.get("footprint", {})
     return {
@@ -176,6 +180,7 @@ def summarise(results: Mapping[str, Any]) -> dict[str, Any]:
         "tasks": {task: zs["tasks"][task][metric] for task, metric in used.items()},
         "task_metrics": dict(used),
         "common_avg": zs.get("common_avg"),
+        "bundled_avg": zs.get("bundled_avg"),
         "params": fp.get("params_total"),
         "params_routed_experts": fp.get("params_routed_experts"),
         "bytes": fp.get("bytes"),

@@ -1,9 +1,15 @@
-"""Zero-shot accuracy through lm-evaluation-harness, on an in-memory model (masked or pruned).
+"""Accuracy through lm-evaluation-harness, on an in-memory model (masked or pruned).
 
-Common Avg is the unweighted mean over the evaluated tasks of one metric per task, chosen by
-``COMMON_AVG_METRIC`` (the metrics pruning papers report: acc_norm where lm-eval length-normalises
-multi-token choices, acc for WinoGrande and BoolQ); tasks not in the table use acc_norm if they
-report it, else acc, and tasks with neither (e.g. gsm8k) are left out of the average.
+Each task reports one metric (``REPORT_METRIC``: the metrics pruning papers report, acc_norm where
+lm-eval length-normalises multi-token choices, acc for WinoGrande, BoolQ and MMLU, exact match for the
+generative stress tests). Two averages, each defined only when all of its tasks were evaluated:
+
+- **Common Avg**: the unweighted mean over the six tasks of ``COMMON_TASKS`` (ARC-c, ARC-e, HellaSwag,
+  PIQA, WinoGrande, BoolQ) and nothing else, so adding MMLU or any other task never moves it;
+  ``None`` when any of the six is missing;
+- **Bundled Avg**: the mean acc_norm over the three offline bundled tasks (``BUNDLED_TASKS``).
+
+Every task runs 0-shot except those in ``FEWSHOT`` (the stress tests, with lm-eval's usual shots).
 """
 
 from __future__ import annotations
@@ -19,6 +25,11 @@ from moeprune.errors import MoePruneError
 from moeprune.evaluation.tasks import BUNDLED_TASKS, TASKS_DIR
 
 COMMON_TASKS: tuple[str, ...] = ("arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande", "boolq")
+# The paper's stress tests: MMLU (5-shot, lm-eval's `mmlu` group, acc weighted by subtask size), GSM8K
+# (lm-eval's `gsm8k`: 5-shot, exact match of the "#### N" answer, strict-match filter) and MATH-500
+# (lm-eval's `minerva_math500`: Minerva's 4-shot prompt, exact match of the boxed answer).
+STRESS_TASKS: tuple[str, ...] = ("mmlu", "gsm8k", "minerva_math500")
+FEWSHOT: dict[str, int] = {"mmlu": 5, "gsm8k": 5, "minerva_math500": 4}
 COMMON_AVG_METRIC: dict[str, str] = {
     "arc_challenge": "acc_norm",
     "arc_easy": "acc_norm",
@@ -26,13 +37,17 @@ COMMON_AVG_METRIC: dict[str, str] = {
     "piqa": "acc_norm",
     "winogrande": "acc",
     "boolq": "acc",
+}
+REPORT_METRIC: dict[str, str] = {
+    **COMMON_AVG_METRIC,
     # Offline tasks over the bundled corpora: acc_norm, as for HellaSwag (also a continuation task).
-    "bundled_wiki_cont": "acc_norm",
-    "bundled_web_cont": "acc_norm",
-    "bundled_cross_cont": "acc_norm",
+    **{task: "acc_norm" for task in BUNDLED_TASKS},
+    "mmlu": "acc",
+    "gsm8k": "exact_match@strict-match",
+    "minerva_math500": "exact_match",
 }
 # Names that expand to several tasks (``--tasks common,bundled``).
-TASK_PRESETS: dict[str, tuple[str, ...]] = {"common": COMMON_TASKS, "bundled": BUNDLED_TASKS}
+TASK_PRESETS: dict[str, tuple[str, ...]] = {"common": COMMON_TASKS, "bundled": BUNDLED_TASKS, "stress": STRESS_TASKS}
 
 
 def expand_tasks(tasks: str | Sequence[str]) -> list[str]:
@@ -56,7 +71,7 @@ def zero_shot(
     include_path: str | Path | Sequence[str | Path] | None = None,
     seed: int = 1234,
 ) -> dict[str, Any]:
-    """Run lm-eval's ``simple_evaluate`` with 0 shots; per-task metrics, Common Avg and the settings used.
+    """Run lm-eval's ``simple_evaluate`` (0 shots, or ``FEWSHOT``'s); per-task metrics, the averages, settings.
 
     The bundled offline tasks are always on the include path; ``include_path`` adds more task folders.
     """
@@ -68,34 +83,42 @@ def zero_shot(
     manager = TaskManager(include_path=_include_paths(include_path))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    try:
-        raw = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=names,
-            num_fewshot=0,
-            limit=limit,
-            task_manager=manager,
-            log_samples=False,
-            bootstrap_iters=1000,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-        )
-    except Exception as err:  # hub tasks offline fail deep inside datasets
-        raise MoePruneError(
-            f"lm-eval could not run {names}: {err.__class__.__name__}: {err}. Hub tasks (arc_*, hellaswag, ...) "
-            "need their datasets online or in the HF cache; offline, use --tasks bundled."
-        ) from err
+    raw: dict[str, Any] = {"results": {}, "n-samples": {}}
+    shots = {name: FEWSHOT.get(name, 0) for name in names}
+    # One simple_evaluate per shot count: its num_fewshot applies to every task it is given.
+    for count in sorted(set(shots.values())):
+        try:
+            part = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=[name for name in names if shots[name] == count],
+                num_fewshot=count,
+                limit=limit,
+                task_manager=manager,
+                log_samples=False,
+                bootstrap_iters=1000,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+            )
+        except Exception as err:  # hub tasks offline fail deep inside datasets
+            raise MoePruneError(
+                f"lm-eval could not run {names}: {err.__class__.__name__}: {err}. Hub tasks (arc_*, hellaswag, "
+                "...) need their datasets online or in the HF cache; offline, use --tasks bundled."
+            ) from err
+        for key in raw:
+            raw[key].update(part.get(key, {}))
     per_task = {name: _task_metrics(raw["results"].get(name, {}), raw.get("n-samples", {}).get(name)) for name in names}
     avg, used = common_avg(per_task)
     return {
         "tasks": per_task,
+        "task_metrics": task_metrics(per_task),
         "common_avg": avg,
         "common_avg_metrics": used,
+        "bundled_avg": bundled_avg(per_task),
         "settings": {
             "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
-            "num_fewshot": 0,
+            "num_fewshot": shots,
             "limit": limit,
             "batch_size": batch_size,
             "max_length": lm.max_length,
@@ -127,16 +150,32 @@ def _task_metrics(row: dict[str, Any], samples: dict[str, int] | None) -> dict[s
     return out
 
 
-def metric_for_avg(task: str, metrics: dict[str, Any]) -> str | None:
-    """The metric a task contributes to Common Avg, or None when it has none of acc_norm/acc."""
-    if task in COMMON_AVG_METRIC:
-        return COMMON_AVG_METRIC[task]
-    return next((m for m in ("acc_norm", "acc") if m in metrics), None)
+def metric_for_task(task: str, metrics: dict[str, Any]) -> str | None:
+    """The metric a task reports in the tables: ``REPORT_METRIC``'s, else acc_norm, acc or exact_match."""
+    if task in REPORT_METRIC:
+        return REPORT_METRIC[task]
+    return next((m for m in ("acc_norm", "acc", "exact_match") if m in metrics), None)
+
+
+def task_metrics(per_task: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """{task: the metric it reports} for the tasks that report it."""
+    return {t: m for t, metrics in per_task.items() if (m := metric_for_task(t, metrics)) and m in metrics}
+
+
+def _mean_over(per_task: dict[str, dict[str, Any]], tasks: Sequence[str]) -> tuple[float | None, dict[str, str]]:
+    """Unweighted mean of each task's reported metric, or None unless every one of ``tasks`` has it."""
+    used = {t: m for t, m in task_metrics(per_task).items() if t in tasks}
+    if len(used) < len(tasks):
+        return None, {}
+    return sum(per_task[t][used[t]] for t in tasks) / len(tasks), {t: used[t] for t in tasks}
 
 
 def common_avg(per_task: dict[str, dict[str, Any]]) -> tuple[float | None, dict[str, str]]:
-    """Unweighted mean over tasks of each task's ``metric_for_avg``; also which metric each task used."""
-    used = {t: m for t, metrics in per_task.items() if (m := metric_for_avg(t, metrics)) and m in metrics}
-    if not used:
-        return None, used
-    return sum(per_task[t][m] for t, m in used.items()) / len(used), used
+    """Common Avg: the mean over the six ``COMMON_TASKS`` only (None unless all six were evaluated), and
+    which metric each of them contributed."""
+    return _mean_over(per_task, COMMON_TASKS)
+
+
+def bundled_avg(per_task: dict[str, dict[str, Any]]) -> float | None:
+    """Bundled Avg: mean acc_norm over the three offline bundled tasks (None unless all three ran)."""
+    return _mean_over(per_task, BUNDLED_TASKS)[0]

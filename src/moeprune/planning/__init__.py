@@ -28,18 +28,31 @@ METHODS: dict[str, Method] = {
     # Chooses with the model (reconstruction); its selections arrive as plan(..., precomputed=...).
     "expert-sparsity": select_precomputed,
 }
+CLAMP_NOTE_START = "TB-Coverage is round-robin alone"
 PROTECTING = {"tb-coverage"}  # methods that take a protect budget B and a candidate
 SEEDED = {"random"}  # methods whose result depends on the seed
+SCORED_ON_ONE_CORPUS = {"reap"}  # methods that can rank on one named corpus (score_corpus) instead of the pool
 
 # Paper settings (arXiv 2607.01710): B=20 of N=60 experts, B=24 of N=64.
 PAPER_PROTECT_BUDGETS = {60: 20, 64: 24}
 
-__all__ = ["METHODS", "PlanContext", "default_protect_budget", "plan"]
+__all__ = ["METHODS", "PlanContext", "candidate_needed", "default_protect_budget", "plan"]
+
+
+def paper_protect_budget(num_experts: int) -> int:
+    """The paper's B for N=60 (20) and N=64 (24); otherwise round(N/3), the same ~1/3 ratio."""
+    return PAPER_PROTECT_BUDGETS.get(num_experts, round(num_experts / 3))
 
 
 def default_protect_budget(num_experts: int, kept: int) -> int:
-    """The paper's B for N=60 (20) and N=64 (24); otherwise round(N/3), the same ~1/3 ratio. At most K."""
-    return min(PAPER_PROTECT_BUDGETS.get(num_experts, round(num_experts / 3)), kept)
+    """:func:`paper_protect_budget`, at most K (B > K is clamped to K)."""
+    return min(paper_protect_budget(num_experts), kept)
+
+
+def candidate_needed(num_experts: int, kept: int, protect_budget: int | None) -> bool:
+    """Whether TB-Coverage at K=``kept`` uses its candidate: only while B < K (B >= K protects all K)."""
+    budget = paper_protect_budget(num_experts) if protect_budget is None else protect_budget
+    return budget < kept
 
 
 def plan(
@@ -53,18 +66,23 @@ def plan(
     candidate_masks: Selections | None = None,
     precomputed: Selections | None = None,
     model: Any = None,
+    score_corpus: str | None = None,
 ) -> ExpertMask:
     """Keep K = floor(retain * N) experts in every MoE layer of ``profile`` by ``method``.
 
     ``protect_budget`` (B, default :func:`default_protect_budget`), ``candidate`` (a method name,
     default ``tb_coverage.DEFAULT_CANDIDATE``) and ``candidate_masks`` ({decoder layer: kept ids}, a
     candidate made elsewhere; ``candidate`` then only labels it) apply to tb-coverage. ``precomputed``
-    carries the selections of a method that needs the model, e.g. expert-sparsity.
+    carries the selections of a method that needs the model, e.g. expert-sparsity. ``score_corpus`` (reap
+    only) ranks on that profiled corpus alone instead of the pooled corpora; the mask's variant is then
+    ``reap@<corpus>``.
     """
     fn = _lookup(method)
+    _check_score_corpus(profile, method, score_corpus)
     meta, num_experts = profile.meta, profile.num_experts
     kept = kept_count(retain, num_experts, meta.get("top_k"))
     groups = expert_groups(meta, num_experts, kept)
+    requested = paper_protect_budget(num_experts) if protect_budget is None else protect_budget
     budget, candidate = _protection(method, num_experts, kept, protect_budget, candidate, candidate_masks)
     seeded = method in SEEDED or (candidate_masks is None and candidate in SEEDED)
     if seeded and (not isinstance(seed, int) or seed < 0):
@@ -79,12 +97,15 @@ def plan(
         candidate_masks=_normalise(candidate_masks),
         precomputed=_normalise(precomputed),
         model=model,
+        score_corpus=score_corpus,
     )
     layers = {ctx.layer(row): _plan_layer(fn, ctx, row, groups) for row in range(len(profile.layer_ids))}
-    extra = {"corpora": profile.names}
+    extra: dict[str, Any] = {"corpora": profile.names}
+    if score_corpus is not None:
+        extra.update(corpora=[score_corpus], score_corpus=score_corpus, variant=f"{method}@{score_corpus}")
     if meta.get("config_hash"):
         extra["config_hash"] = meta["config_hash"]
-    return ExpertMask(
+    mask = ExpertMask(
         model=str(meta.get("model", "")),
         method=method,
         retain=retain,
@@ -96,6 +117,36 @@ def plan(
         candidate=candidate,
         extra=extra,
     )
+    if method in PROTECTING:
+        record_protection(mask, requested)
+    return mask
+
+
+def record_protection(mask: ExpertMask, requested: int | str) -> None:
+    """Write B as requested, whether the candidate counted, and a note when B >= K made it irrelevant."""
+    mask.protect_budget_requested = requested
+    k, budget = mask.kept_per_layer, mask.protect_budget or 0
+    mask.candidate_used = budget < k
+    mask.notes = [n for n in mask.notes if not n.startswith(CLAMP_NOTE_START)]
+    if not mask.candidate_used:
+        clamped = isinstance(requested, int) and requested > k
+        asked = f"B={requested} > K={k}, so B is clamped to K" if clamped else f"B = K = {k}"
+        mask.notes.append(
+            f"{CLAMP_NOTE_START}: {asked}; every kept expert is protected by round-robin over the corpus "
+            f"rankings, and the candidate ({mask.candidate}) is not computed or used."
+        )
+
+
+def _check_score_corpus(profile: Profile, method: str, corpus: str | None) -> None:
+    if corpus is None:
+        return
+    if method not in SCORED_ON_ONE_CORPUS:
+        raise MoePruneError(f"A REAP corpus (--reap-corpus) only applies to reap; drop it for {method!r}.")
+    if corpus not in profile.names:
+        raise MoePruneError(
+            f"REAP corpus {corpus!r} is not in the profile (it holds {', '.join(profile.names)}). Profile it first, "
+            f"e.g. `moeprune profile MODEL --corpus {corpus}=SPEC --out PROFILE_DIR`, and plan from that profile."
+        )
 
 
 def _lookup(method: str) -> Method:
@@ -124,13 +175,17 @@ def _protection(
         return None, None
     if budget is None:
         budget = default_protect_budget(num_experts, kept)
+    if budget == "auto":
+        raise MoePruneError(
+            "B='auto' scores budgets with the model on held-out calibration windows: plan with moeprune.api.plan "
+            "or `moeprune plan`/`experiment -B auto`, which load the model, or give B as a number."
+        )
+    if not isinstance(budget, int) or isinstance(budget, bool):
+        raise MoePruneError(f"Protect budget B={budget!r} must be a whole number; pass e.g. -B 20.")
     if budget < 0:
         raise MoePruneError(f"Protect budget B={budget} is negative; use 0 (keep the candidate) or more.")
-    if budget > kept:
-        raise MoePruneError(
-            f"Protect budget B={budget} exceeds the K={kept} experts kept per layer; protected experts must "
-            f"all be kept, so use B <= {kept} or raise the retain ratio."
-        )
+    # Protected experts must all be kept: B > K is clamped to K (recorded in the mask, see record_protection).
+    budget = min(budget, kept)
     if candidate_masks is not None:
         return budget, candidate or "precomputed"
     candidate = candidate or tb_coverage.DEFAULT_CANDIDATE

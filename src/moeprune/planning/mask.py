@@ -6,6 +6,10 @@
  "layers": {"<decoder layer index>": {"kept": [sorted original ids], "protected": [ids]}}}
 ```
 
+Protecting methods (tb-coverage) also write ``protect_budget_requested`` (the B asked for, or "auto"),
+``candidate_used`` (false when B >= K: every kept expert is protected, the candidate is not computed)
+and ``notes`` (sentences saying so). ``protect_budget`` is always the B actually used.
+
 Extra per-layer fields (e.g. a reconstruction loss) and top-level fields (``extra``) are allowed;
 readers ignore what they do not know.
 """
@@ -62,6 +66,9 @@ class ExpertMask:
     seed: int | None = None
     candidate: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    protect_budget_requested: int | str | None = None  # B as asked ("auto" or a number, maybe > K)
+    candidate_used: bool | None = None  # False when B >= K: the candidate played no part
+    notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -80,6 +87,12 @@ class ExpertMask:
             unkept = set(lm.protected) - set(ids)
             if unkept:
                 raise MoePruneError(f"Mask layer {layer} protects experts {sorted(unkept)} that it does not keep.")
+
+    @property
+    def variant(self) -> str:
+        """The method as grids and tables tell its variants apart: ``extra["variant"]`` when set (e.g.
+        ``reap@code`` for REAP ranked on one corpus, ``tb-coverage@B4`` in a protect-budget sweep)."""
+        return str(self.extra.get("variant") or self.method)
 
     def kept(self, layer: int) -> list[int]:
         return sorted(self.layers[layer].kept)
@@ -109,8 +122,19 @@ class ExpertMask:
             "protect_budget": self.protect_budget,
             "seed": self.seed,
             "candidate": self.candidate,
+            **self._protection_json(),
             "layers": {str(layer): self.layers[layer].to_json() for layer in sorted(self.layers)},
             **({"extra": self.extra} if self.extra else {}),
+        }
+
+    def _protection_json(self) -> dict[str, Any]:
+        # Only protecting methods write these, so other masks keep their old shape.
+        if self.protect_budget_requested is None and self.candidate_used is None and not self.notes:
+            return {}
+        return {
+            "protect_budget_requested": self.protect_budget_requested,
+            "candidate_used": self.candidate_used,
+            "notes": list(self.notes),
         }
 
     def save(self, path: str | Path) -> None:
@@ -135,6 +159,9 @@ class ExpertMask:
             seed=obj.get("seed"),
             candidate=obj.get("candidate"),
             extra=obj.get("extra", {}),
+            protect_budget_requested=obj.get("protect_budget_requested"),
+            candidate_used=obj.get("candidate_used"),
+            notes=list(obj.get("notes", [])),
         )
 
     @classmethod

@@ -9,7 +9,9 @@ Per MoE layer:
 4. while more than K are kept, drop the unprotected kept expert with the lowest mean score (mean over
    corpora of the REAP scores).
 
-With B = 0 the result is the candidate; with one corpus the protected set is its top B.
+With B = 0 the result is the candidate; with one corpus the protected set is its top B. With B >= K
+(B is clamped to K) every kept expert is protected, so the result is the round-robin alone and the
+candidate is never computed (a reconstruction candidate would cost minutes per layer for nothing).
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ DEFAULT_CANDIDATE = "reap"
 
 
 def select(ctx: PlanContext, row: int, experts: list[int]) -> LayerMask:
-    candidate = candidate_selection(ctx, row, experts)
     rankings = [ranked(scores[row], experts) for scores in ctx.corpus_scores]
-    protected = round_robin(rankings, ctx.protect_budget)
+    protected = round_robin(rankings, min(ctx.protect_budget, ctx.kept_per_layer))
+    if len(protected) == ctx.kept_per_layer:
+        return LayerMask(protected, protected)
+    candidate = candidate_selection(ctx, row, experts)
     kept, dropped = trim(candidate, protected, ctx.mean_scores[row], ctx.kept_per_layer)
     return LayerMask(kept, protected, {"candidate": sorted(candidate), "dropped": dropped})
 

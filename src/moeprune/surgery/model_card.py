@@ -36,7 +36,10 @@ def render_model_card(info: CardInfo) -> str:
         "",
         "| | |",
         "|---|---|",
-        f"| Method | {mask.method}" + (f" (candidate {mask.candidate})" if mask.candidate else "") + " |",
+        f"| Method | {mask.variant}"
+        + (f" (candidate {mask.candidate}{'' if mask.candidate_used is not False else ', unused: B >= K'})"
+           if mask.candidate else "")
+        + " |",
         f"| Retain ratio | {mask.retain:g} |",
         f"| Experts kept per layer | {k} of {n} |",
         f"| Protected budget B | {budget} |",
