@@ -14,6 +14,8 @@ A spec is a string:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +60,10 @@ def _parse_body(spec: str) -> CorpusSpec:
         return CorpusSpec(name=spec, kind="hub", **KNOWN_HUB[spec])
     head, _, split = spec.partition(":")
     if head in BUNDLED_CORPORA:
+        from moeprune.bundled import SPLITS
+
+        if split and split not in SPLITS:
+            raise MoePruneError(f"Corpus {spec!r}: the bundled corpora have splits {', '.join(SPLITS)}; not {split!r}.")
         return CorpusSpec(
             name=head if not split or split == "train" else f"{head}-{split}",
             kind="bundled",
@@ -97,6 +103,18 @@ def _parse_file(spec: str) -> CorpusSpec:
     return CorpusSpec(name=_safe_name(Path(path).stem), kind=kind, source=str(Path(path).resolve()), field=field)
 
 
+def corpus_fingerprint(spec: CorpusSpec) -> str | None:
+    """SHA-256 of a local corpus file (None for hub and bundled corpora): an edited file at the same path is
+    a different corpus, and a profile of the old one must not be reused."""
+    if spec.kind not in ("txt", "jsonl", "parquet"):
+        return None
+    digest = hashlib.sha256()
+    with Path(spec.source).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_documents(spec: CorpusSpec, max_documents: int | None = None) -> list[str]:
     """The corpus's documents (non-empty strings), in their stored order."""
     if spec.kind == "bundled":
@@ -104,16 +122,32 @@ def load_documents(spec: CorpusSpec, max_documents: int | None = None) -> list[s
 
         docs = read_bundled_corpus(spec.source, spec.split)
     elif spec.kind == "txt":
-        text = Path(spec.source).read_text(encoding="utf-8")
-        docs = [d for d in re.split(r"\n\s*\n", text) if d.strip()]
+        docs = [d for d in re.split(r"\n\s*\n", _read_text(Path(spec.source))) if d.strip()]
     else:
         docs = _load_with_datasets(spec)
     return docs[:max_documents] if max_documents else docs
 
 
+def _read_text(path: Path) -> str:
+    """A .txt corpus as UTF-8 text; binary or other encodings fail with the fix."""
+    data = path.read_bytes()
+    if b"\x00" in data[:65536]:
+        raise MoePruneError(f"Corpus file {path} looks binary (it holds NUL bytes), not text; pass a UTF-8 .txt file.")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise MoePruneError(
+            f"Corpus file {path} is not UTF-8 text (byte {err.start}: {data[err.start:err.start + 1]!r}); convert it, "
+            f"e.g. iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8.txt."
+        ) from err
+
+
 def _load_with_datasets(spec: CorpusSpec) -> list[str]:
     import datasets
+    from datasets.exceptions import DatasetGenerationError
 
+    if spec.kind == "jsonl":
+        _check_jsonl(Path(spec.source), spec.field)
     try:
         if spec.kind in ("jsonl", "parquet"):
             builder = "json" if spec.kind == "jsonl" else "parquet"
@@ -122,7 +156,7 @@ def _load_with_datasets(spec: CorpusSpec) -> list[str]:
             table = datasets.load_dataset(spec.source, data_files={spec.split: spec.data_files}, split=spec.split)
         else:
             table = datasets.load_dataset(spec.source, spec.config, split=spec.split)
-    except (ConnectionError, OSError, ValueError) as err:
+    except (ConnectionError, OSError, ValueError, DatasetGenerationError) as err:
         if spec.kind != "hub":
             raise MoePruneError(f"Cannot read corpus file {spec.source}: {err}") from err
         raise MoePruneError(
@@ -132,7 +166,37 @@ def _load_with_datasets(spec: CorpusSpec) -> list[str]:
         ) from err
     if spec.field not in table.column_names:
         raise MoePruneError(f"Corpus {spec.name!r} has no field {spec.field!r}; its fields are {table.column_names}.")
-    return [t for t in table[spec.field] if t and t.strip()]
+    values = table[spec.field]
+    wrong = next((i for i, t in enumerate(values) if t is not None and not isinstance(t, str)), None)
+    if wrong is not None:
+        raise MoePruneError(
+            f"Corpus {spec.name!r}: field {spec.field!r} of record {wrong + 1} is {values[wrong]!r}, not a string; "
+            "every record's text field must be a string."
+        )
+    return [t for t in values if t and t.strip()]
+
+
+def _check_jsonl(path: Path, field: str) -> None:
+    """Every line of a .jsonl corpus is a JSON object whose ``field`` is a string (or null): one line names
+    the first bad one, instead of a pyarrow traceback."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise MoePruneError(
+                    f"Corpus file {path} line {number} is not valid JSON ({err}); fix or drop that line."
+                ) from err
+            if not isinstance(record, dict):
+                raise MoePruneError(f"Corpus file {path} line {number} is not a JSON object; write one object a line.")
+            value = record.get(field)
+            if value is not None and not isinstance(value, str):
+                raise MoePruneError(
+                    f"Corpus file {path} line {number}: field {field!r} is {value!r}, not a string; every record's "
+                    f"text must be a string (or name another field with {path.name}:FIELD)."
+                )
 
 
 def _safe_name(name: str) -> str:

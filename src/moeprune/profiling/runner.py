@@ -19,15 +19,17 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from moeprune.arch.view import moe_layers, top_k_of
-from moeprune.data.corpora import CorpusSpec
+from moeprune.data.corpora import CorpusSpec, corpus_fingerprint
 from moeprune.data.sampling import calibration_windows
 from moeprune.errors import MoePruneError
 from moeprune.loading import config_hash, model_name
 from moeprune.profiling.instrument import StatsRecorder
 from moeprune.profiling.stats import ExpertStats, Profile, finished_corpora
 
-# Metadata that must match for a saved corpus profile (or checkpoint) to be reused.
-IDENTITY_KEYS = ("config_hash", "corpus", "samples_requested", "seq_len", "seed")
+# Metadata that must match for a saved corpus profile (or checkpoint) to be reused: everything that changes
+# the windows (a local corpus file's content included). The batch size does not: a checkpoint records the
+# windows done, so a run resumed with another --batch-size continues at the next window.
+IDENTITY_KEYS = ("config_hash", "corpus", "corpus_sha256", "samples_requested", "seq_len", "seed")
 
 
 @dataclass
@@ -116,23 +118,25 @@ def profile_windows(
     device = next(model.parameters()).device
     recorder = StatsRecorder(layers, device=device)
     total, done = _resume(partial_path, meta, layers)
-    batches = list(torch.split(windows, settings.batch_size))
+    remaining = windows[done:]
+    batches = list(torch.split(remaining, settings.batch_size)) if len(remaining) else []
     rank, world = _rank_world()
-    bar = tqdm(total=len(batches), initial=done, desc=desc, unit="batch", disable=not progress or rank != 0)
+    bar = tqdm(total=len(windows), initial=done, desc=desc, unit="seq", disable=not progress or rank != 0)
     with recorder.installed():
-        for step in range(done, len(batches)):
+        for step in range(len(batches)):
             if step % world == rank:
                 batch = batches[step].to(device)
                 model.base_model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
-            bar.update(1)
+            bar.update(len(batches[step]))
             finished = step + 1
             if finished % settings.checkpoint_every == 0 or finished == len(batches):
                 total = total.merge(_reduced(recorder.take()))
-                total.meta.update(meta, batches_done=finished)
+                windows_done = done + sum(len(b) for b in batches[:finished])
+                total.meta.update(meta, windows_done=windows_done)
                 if partial_path is not None and finished < len(batches) and _is_rank0():
                     total.save(partial_path)
     bar.close()
-    total.meta.pop("batches_done", None)
+    total.meta.pop("windows_done", None)
     return total
 
 
@@ -150,18 +154,29 @@ def _resume(partial_path: Path | None, meta: dict[str, Any], layers) -> tuple[Ex
     empty = ExpertStats.zeros([layer.index for layer in layers], layers[0].num_experts, meta)
     if partial_path is None or not partial_path.exists() or not partial_path.with_suffix(".json").exists():
         return empty, 0
-    partial = ExpertStats.load(partial_path)
+    try:
+        partial = ExpertStats.load(partial_path)
+    except MoePruneError:  # a corrupt checkpoint is only lost time: start the corpus over
+        return empty, 0
     if not _matches(partial.meta, {k: meta[k] for k in IDENTITY_KEYS}) or partial.meta.get("world_size", 1) != meta.get(
         "world_size", 1
     ):
         return empty, 0
-    return partial, int(partial.meta.get("batches_done", 0))
+    return partial, _windows_done(partial.meta)
+
+
+def _windows_done(meta: dict[str, Any]) -> int:
+    """Windows a checkpoint covers; checkpoints of older versions counted batches of their own batch size."""
+    if "windows_done" in meta:
+        return int(meta["windows_done"])
+    return int(meta.get("batches_done", 0)) * int(meta.get("settings", {}).get("batch_size", 0))
 
 
 def _identity(base_meta: dict[str, Any], spec: CorpusSpec, settings: ProfileSettings) -> dict[str, Any]:
     return {
         "config_hash": base_meta["config_hash"],
         "corpus": spec.describe(),
+        "corpus_sha256": corpus_fingerprint(spec),
         "samples_requested": settings.num_samples,
         "seq_len": settings.seq_len,
         "seed": settings.seed,
