@@ -97,6 +97,7 @@ def check_output_dir(
     file, exists without ``overwrite``, overlaps a source (equal, inside or containing it), cannot be
     written, has a name too long for the filesystem, or is being written by another process."""
     out = Path(out)
+    check_name_length(out, flag)  # first: a name over the limit makes even exists() fail
     if out.exists() and not out.is_dir():
         raise MoePruneError(f"{flag} {out} is a file, not a directory; choose a directory path.")
     check_not_overlapping(out, sources, flag)
@@ -104,7 +105,6 @@ def check_output_dir(
         raise MoePruneError(f"{out} already exists; choose another {flag} or pass --overwrite.")
     if out.exists():
         check_replaceable(out, flag)
-    check_name_length(out, flag)
     check_writable_parent(out, flag)
     with output_lock(out):  # fails now, not after the work, when another process writes there
         pass
@@ -114,9 +114,9 @@ def check_output_dir(
 def check_output_file(out: str | Path, flag: str = "--out") -> Path:
     """A results file must not be a directory and its folder must be writable (checked before the work)."""
     out = Path(out)
+    check_name_length(out, flag)
     if out.is_dir():
         raise MoePruneError(f"{flag} {out} is a directory; give a file name such as {out / 'results.json'}.")
-    check_name_length(out, flag)
     check_writable_parent(out, flag)
     return out
 

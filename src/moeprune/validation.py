@@ -88,10 +88,10 @@ def _flag(name: str) -> str:
 
 def _check_profile(args: argparse.Namespace) -> None:
     check_not_a_file(args.out)
+    check_corpora(args.corpora)
     config = check_model(args.model, args.trust_remote_code, weights=True)
     check_tokenizer_source(args.model, getattr(args, "tokenizer", None))
     check_seq_len(config, _effective(args, "seq_len"), "--seq-len")
-    check_corpora(args.corpora)
 
 
 def _effective(args: argparse.Namespace, name: str) -> Any:
@@ -145,6 +145,7 @@ def _check_prune(args: argparse.Namespace) -> None:
     from moeprune.loading import resolve_model_path
 
     check_method(args.method, args.protect_budget, args.candidate)
+    check_corpora(args.corpora)
     source = Path(resolve_model_path(args.model))
     workdir = args.workdir or str(args.out).rstrip("/") + ".work"
     sources = [source if source.exists() else None, workdir]
@@ -156,7 +157,6 @@ def _check_prune(args: argparse.Namespace) -> None:
     if _reconstructs(args.method, args.candidate):
         check_seq_len(config, _effective(args, "recon_seq_len"), "--recon-seq-len")
     check_retain_for_config(config, args.retain)
-    check_corpora(args.corpora)
 
 
 def _reconstructs(method: str, candidate: str | None) -> bool:
@@ -179,6 +179,7 @@ def _check_experiment(args: argparse.Namespace) -> None:
     from moeprune.planning import METHODS, PROTECTING
 
     check_not_a_file(args.out)
+    check_corpora(args.corpora)
     unknown = [m for m in args.methods or [] if m not in METHODS]
     if unknown:
         raise MoePruneError(f"Unknown method(s) {unknown} in --methods; known methods: {', '.join(METHODS)}.")
@@ -196,7 +197,6 @@ def _check_experiment(args: argparse.Namespace) -> None:
         check_seq_len(config, getattr(args, flag), f"--{_flag(flag)}")
     if args.retain:
         check_retain_for_config(config, args.retain)
-    check_corpora(args.corpora)
 
 
 # -------------------------------------------------------------------------------------- flag checks
@@ -244,18 +244,19 @@ def check_not_a_file(path: str | Path, flag: str = "--out") -> None:
     from moeprune.io import check_name_length, check_writable_parent
 
     path = Path(path)
+    check_name_length(path, flag)
     if path.exists() and not path.is_dir():
         raise MoePruneError(f"{flag} {path} is a file, not a directory; choose a directory path.")
-    check_name_length(path, flag)
     check_writable_parent(path, flag)
 
 
 def check_corpora(specs: Sequence[str] | None) -> None:
-    """Parse every --corpus now (an unknown split or a missing file fails before the model loads)."""
-    from moeprune.data.corpora import parse_corpus
+    """Parse every --corpus and read local text files now (an unknown split, a missing file or one that is not
+    UTF-8 text fails before the model loads)."""
+    from moeprune.data.corpora import check_corpus_file, parse_corpus
 
     for spec in specs or []:
-        parse_corpus(spec)
+        check_corpus_file(parse_corpus(spec))
 
 
 # ------------------------------------------------------------------------------------- model checks
@@ -398,8 +399,9 @@ def check_mask_for_config(mask: Any, config: Any, *, force: bool = False) -> Non
     if meta["num_experts"] != mask.num_experts:
         where = f" (mask made for {mask.model!r})" if mask.model else ""
         raise MoePruneError(
-            f"The mask is for a model with {mask.num_experts} experts per layer{where}, but this model's "
-            f"{meta['num_experts_key']} is {meta['num_experts']}. Plan a mask from a profile of this model."
+            f"The mask is for a model with {mask.num_experts} experts per layer{where}, but this model has "
+            f"{meta['num_experts']} ({meta['num_experts_key']} in its config.json). Plan a mask from a profile of "
+            "this model."
         )
     check_mask_hash(mask, config, force)
     check_mask_routable(mask, meta)

@@ -103,6 +103,14 @@ def _parse_file(spec: str) -> CorpusSpec:
     return CorpusSpec(name=_safe_name(Path(path).stem), kind=kind, source=str(Path(path).resolve()), field=field)
 
 
+def check_corpus_file(spec: CorpusSpec) -> None:
+    """A local .txt or .jsonl corpus is readable text (checked before the model loads)."""
+    if spec.kind == "txt":
+        _read_text(Path(spec.source))
+    elif spec.kind == "jsonl":
+        _check_jsonl(Path(spec.source), spec.field)
+
+
 def corpus_fingerprint(spec: CorpusSpec) -> str | None:
     """SHA-256 of a local corpus file (None for hub and bundled corpora): an edited file at the same path is
     a different corpus, and a profile of the old one must not be reused."""
