@@ -230,6 +230,13 @@ def test_w6_a_profile_folder_mixing_two_models_is_refused(profiled, tmp_path, ca
                 "different models", untouched=(tmp_path,))
 
 
+def test_w6_profiling_another_model_into_a_profile_folder_is_refused(profiled, model, tmp_path, capsys):
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-3}))  # same shape, other model
+    prof = shutil.copytree(profiled, tmp_path / "prof")
+    refused(capsys, ["profile", model, *CALIBRATION, "--out", prof], "another model", untouched=(tmp_path,))
+
+
 @pytest.mark.parametrize("flag", ["--samples", "--seq-len", "--batch-size"])
 def test_w7_zero_samples_or_seq_len_is_an_error_not_the_default(flag, tiny_checkpoint, tmp_path, capsys):
     argv = ["profile", tiny_checkpoint, *CALIBRATION, "--out", tmp_path / "p", flag, "0"]  # the last one wins

@@ -153,6 +153,9 @@ def plan_many(
 ) -> list[ExpertMask]:
     """Masks for every retain ratio. Methods that need the model (expert-sparsity, and tb-coverage with
     that candidate) load it from ``model`` or from the path recorded in the profile."""
+    from moeprune.validation import check_method
+
+    check_method(method, protect_budget, candidate)  # -B/--candidate that the method would ignore fail here
     workdir = Path(profile) if isinstance(profile, (str, Path)) else None
     prof = Profile.load(profile) if workdir is not None else profile
     if method not in METHODS:

@@ -92,6 +92,10 @@ def _check_profile(args: argparse.Namespace) -> None:
     config = check_model(args.model, args.trust_remote_code, weights=True)
     check_tokenizer_source(args.model, getattr(args, "tokenizer", None))
     check_seq_len(config, _effective(args, "seq_len"), "--seq-len")
+    from moeprune.loading import config_hash
+    from moeprune.profiling.stats import check_one_model
+
+    check_one_model(args.out, config_hash(config))
 
 
 def _effective(args: argparse.Namespace, name: str) -> Any:

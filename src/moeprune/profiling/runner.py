@@ -24,7 +24,7 @@ from moeprune.data.sampling import calibration_windows
 from moeprune.errors import MoePruneError
 from moeprune.loading import config_hash, model_name
 from moeprune.profiling.instrument import StatsRecorder
-from moeprune.profiling.stats import ExpertStats, Profile, finished_corpora
+from moeprune.profiling.stats import ExpertStats, Profile, check_one_model, finished_corpora
 
 # Metadata that must match for a saved corpus profile (or checkpoint) to be reused: everything that changes
 # the windows (a local corpus file's content included). The batch size does not: a checkpoint records the
@@ -82,6 +82,13 @@ def profile_model(
     if len({spec.name for spec in corpora}) != len(corpora):
         raise MoePruneError("Two corpora share a name; name them with NAME=SPEC.")
     base_meta = {**model_meta(model), **_library_versions(), "settings": asdict(settings)}
+    check_one_model(out_dir, base_meta["config_hash"])
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and limit > 1 and settings.seq_len > limit:
+        raise MoePruneError(
+            f"--seq-len {settings.seq_len} exceeds the model's max_position_embeddings={limit}; pass --seq-len "
+            f"{limit} or less."
+        )
     for spec in corpora:
         path = out_dir / f"{spec.name}.safetensors"
         wanted = _identity(base_meta, spec, settings)

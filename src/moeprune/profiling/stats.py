@@ -232,6 +232,19 @@ def finished_corpora(directory: str | Path) -> dict[str, float]:
     return done
 
 
+def check_one_model(directory: str | Path, config_hash: str) -> None:
+    """Refuse to add a model's corpora to a folder holding another model's (planning would mix them, and a
+    corpus of the same name would replace the other model's profile)."""
+    directory = Path(directory)
+    for name in finished_corpora(directory):
+        other = read_meta(directory / f"{name}.json").get("config_hash")
+        if other and other != config_hash:
+            raise MoePruneError(
+                f"{directory} holds the profile of another model ({name}: config hash {other}, this model's is "
+                f"{config_hash}); a profile folder holds one model's corpora. Choose another --out."
+            )
+
+
 def read_meta(path: Path) -> dict[str, Any]:
     """A corpus profile's metadata (empty when absent); a corrupt file is a MoePruneError with the fix."""
     if not path.exists():
