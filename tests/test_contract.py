@@ -437,6 +437,16 @@ def test_l8_hints_name_the_right_fix(tiny_checkpoint, profiled, tmp_path, capsys
             "this model has 4 (num_local_experts", untouched=(tmp_path,))
 
 
+def test_l8_model_free_refuses_a_mask_that_leaves_out_a_moe_layer(tmp_path, capsys):
+    mixtral = save_model(build_model("mixtral", num_experts=4), tmp_path / "mixtral")  # 3 MoE layers
+    mask = write_mask(tmp_path / "m.json", {
+        "format": "moeprune.mask/1", "model": "x", "method": "reap", "retain": 0.5, "num_experts": 4,
+        "kept_per_layer": 2, "layers": {str(i): {"kept": [0, 1]} for i in range(2)},
+    })
+    refused(capsys, ["apply", mixtral, mask, "--out", tmp_path / "out", "--model-free"], "layers [0, 1, 2]",
+            untouched=(tmp_path,))
+
+
 def test_l9_leftovers_of_killed_runs_are_cleaned(model, mask_file, tmp_path):
     out = tmp_path / "pruned"
     for leftover in (".pruned.k1ll3d00.tmp", ".pruned.k1ll3d01.tmp"):

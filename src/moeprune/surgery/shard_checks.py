@@ -1,6 +1,8 @@
 """What model-free apply can verify without building the model: from safetensors headers alone.
 
-Before writing: the source index names only tensors its shards hold, and every MoE layer of the mask holds
+Before writing: the source index names only tensors its shards hold, the mask covers exactly the layers
+with an N-expert router (a layer left out would keep N experts under a config that says K), and every
+MoE layer of the mask holds
 all N experts (per-expert keys ``experts.0 .. experts.N-1`` for every weight). After writing: the output's
 tensors are exactly the source's, pruned by the mask (kept experts renumbered, removed ones gone, fused and
 router tensors with K rows), each with the expected shape, and the new index names every written tensor.
@@ -38,9 +40,20 @@ def header_shapes(folder: Path, shards: list[str]) -> dict[str, tuple[str, tuple
 
 def check_source(folder: Path, shards: list[str], mask: ExpertMask) -> dict[str, tuple[str, tuple[int, ...]]]:
     """The source's index agrees with its shards and every mask layer holds all N experts."""
-    from moeprune.surgery.shards import EXPERT_KEY
+    from moeprune.surgery.shards import EXPERT_KEY, ROUTER_KEY
 
     shapes = header_shapes(folder, shards)
+    routers = {
+        int(match["layer"])
+        for name, (_, shape) in shapes.items()
+        if name.endswith(".weight") and (match := ROUTER_KEY.match(name)) and shape and shape[0] == mask.num_experts
+    }
+    if routers != set(mask.layers):
+        raise MoePruneError(
+            f"The mask covers MoE layers {sorted(mask.layers)} but the checkpoint has routers of {mask.num_experts} "
+            f"experts in layers {sorted(routers)}: the mask is for a different model. Plan a mask from a profile "
+            "of this model."
+        )
     index = folder / INDEX_FILE
     if index.exists():
         listed = json.loads(index.read_text())["weight_map"]
