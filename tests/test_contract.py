@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from moeprune.cli import main
@@ -326,6 +327,12 @@ def test_t10_full_or_read_only_disk(code, expected, model, profiled, mask_file, 
     monkeypatch.setattr("moeprune.surgery.shards.save_file", fails)
     refused(capsys, ["apply", model, mask_file, "--out", tmp_path / "out", "--model-free"], expected,
             untouched=(tmp_path,))
+    def safetensors_fails(*args, **kwargs):  # how safetensors' Rust writer reports it (measured on a full tmpfs)
+        raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})")
+
+    monkeypatch.setattr("moeprune.surgery.shards.save_file", safetensors_fails)
+    refused(capsys, ["apply", model, mask_file, "--out", tmp_path / "out", "--model-free"], expected,
+            untouched=(tmp_path,))
     monkeypatch.setattr("moeprune.io.tempfile.mkstemp", fails)
     refused(capsys, ["plan", profiled, "--method", "reap", "--retain", "0.5", "--out", tmp_path / "masks"], expected,
             untouched=(tmp_path,))
@@ -412,6 +419,9 @@ def test_l6_late_errors_come_before_profiling(tiny_checkpoint, model, mask_file,
             "Unknown method(s) ['foo']", untouched=(tmp_path,))
     refused(capsys, ["prune", tiny_checkpoint, *CALIBRATION, "--method", "reap", "--retain", "0.2",
                      "--out", tmp_path / "o"], "fewer than the router's top-k=2", untouched=(tmp_path,))
+    refused(capsys, ["prune", tiny_checkpoint, *CALIBRATION, "--method", "reap", "--retain", "0.5",
+                     "--out", tmp_path / "o", "--workdir", tmp_path / "o" / "work"], "contains the source",
+            untouched=(tmp_path,))
     existing = tmp_path / "existing"
     ok(["apply", model, mask_file, "--out", existing, "--model-free"])
     refused(capsys, ["prune", tiny_checkpoint, *CALIBRATION, "--method", "reap", "--retain", "0.5",

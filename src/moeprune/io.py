@@ -54,10 +54,18 @@ def environment_error(err: OSError) -> MoePruneError | None:
 @contextmanager
 def environment_errors() -> Iterator[None]:
     """Turn a full disk, a read-only filesystem, a denied permission ... into a MoePruneError."""
+    from safetensors import SafetensorError
+
     try:
         yield
     except OSError as err:
         converted = environment_error(err)
+        if converted is None:
+            raise
+        raise converted from err
+    except SafetensorError as err:  # its Rust writer reports OS errors as "... (os error 28)"
+        code = re.search(r"os error (\d+)", str(err))
+        converted = environment_error(OSError(int(code[1]), os.strerror(int(code[1])))) if code else None
         if converted is None:
             raise
         raise converted from err
@@ -122,10 +130,11 @@ def check_output_file(out: str | Path, flag: str = "--out") -> Path:
 
 
 def check_not_overlapping(out: Path, sources: Iterable[str | Path | None], flag: str = "--out") -> None:
-    """``out`` must not be, contain or lie inside any source (writing it would replace or delete the source)."""
+    """``out`` must not be, contain or lie inside any source (writing it would replace or delete the source).
+    String sources that do not exist (hub ids) are skipped; Path sources are checked even before they exist."""
     target = out.resolve()
     for source in sources:
-        if source is None or not Path(source).exists():
+        if source is None or (not isinstance(source, Path) and not Path(source).exists()):
             continue
         src = Path(source).resolve()
         if target == src or src in target.parents or target in src.parents:

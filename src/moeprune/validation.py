@@ -151,7 +151,7 @@ def _check_prune(args: argparse.Namespace) -> None:
     check_method(args.method, args.protect_budget, args.candidate)
     check_corpora(args.corpora)
     source = Path(resolve_model_path(args.model))
-    workdir = args.workdir or str(args.out).rstrip("/") + ".work"
+    workdir = Path(args.workdir or str(args.out).rstrip("/") + ".work")
     sources = [source if source.exists() else None, workdir]
     check_output_dir(args.out, sources=sources, overwrite=args.overwrite)
     check_not_a_file(workdir, "--workdir")
