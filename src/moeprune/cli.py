@@ -28,10 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         from moeprune.io import environment_errors
-        from moeprune.validation import check_args
+        from moeprune.validation import check_args, held_outputs
 
         check_args(args)  # everything that can fail before the expensive work (docs/errors.md)
-        with environment_errors():  # a full disk or a read-only folder is one line, not a traceback
+        # A full disk or a read-only folder is one line, not a traceback; --out is locked for the whole run.
+        with environment_errors(), held_outputs(args):
             return int(args.run(args) or 0)
     except MoePruneError as err:
         print(f"moeprune: error: {err}", file=sys.stderr)

@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,13 @@ def check_args(args: argparse.Namespace) -> None:
     }.get(args.verb)
     if check is not None:
         check(args)
+
+
+def held_outputs(args: argparse.Namespace) -> AbstractContextManager:
+    """The lock on apply's and prune's --out, held for the whole run: a second writer fails at its start."""
+    from moeprune.io import output_lock
+
+    return output_lock(args.out) if args.verb in ("apply", "prune") else nullcontext()
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
