@@ -414,6 +414,22 @@ def test_l5_a_changed_corpus_file_is_profiled_again(tiny_checkpoint, text_corpus
     assert not torch.equal(second.reap_sum, first.reap_sum)
 
 
+def test_l5_another_tokenizer_is_profiled_again(tiny_checkpoint, tmp_path, capsys):
+    other = copy_model(tiny_checkpoint, tmp_path / "other-tokenizer")
+    definition = json.loads((other / "tokenizer.json").read_text())
+    vocab = definition["model"]["vocab"]
+    a, b = list(vocab)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # same size, other ids: other windows
+    (other / "tokenizer.json").write_text(json.dumps(definition))
+    argv = ["profile", tiny_checkpoint, *CALIBRATION, "--out", tmp_path / "p"]
+    ok(argv)
+    capsys.readouterr()
+    ok([*argv, "--tokenizer", other])
+    assert "already profiled" not in capsys.readouterr().out
+    ok([*argv, "--tokenizer", other])
+    assert "already profiled" in capsys.readouterr().out
+
+
 def test_l6_late_errors_come_before_profiling(tiny_checkpoint, model, mask_file, tmp_path, capsys):
     refused(capsys, ["experiment", tiny_checkpoint, "--methods", "reap", "foo", "--out", tmp_path / "e"],
             "Unknown method(s) ['foo']", untouched=(tmp_path,))

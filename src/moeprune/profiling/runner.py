@@ -9,6 +9,8 @@ world-size-th batch and the sums are all-reduced at every checkpoint; only rank 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,9 +29,9 @@ from moeprune.profiling.instrument import StatsRecorder
 from moeprune.profiling.stats import ExpertStats, Profile, check_one_model, finished_corpora
 
 # Metadata that must match for a saved corpus profile (or checkpoint) to be reused: everything that changes
-# the windows (a local corpus file's content included). The batch size does not: a checkpoint records the
-# windows done, so a run resumed with another --batch-size continues at the next window.
-IDENTITY_KEYS = ("config_hash", "corpus", "corpus_sha256", "samples_requested", "seq_len", "seed")
+# the windows (the tokenizer and a local corpus file's content included). The batch size does not: a
+# checkpoint records the windows done, so a run resumed with another --batch-size continues at the next one.
+IDENTITY_KEYS = ("config_hash", "tokenizer_sha256", "corpus", "corpus_sha256", "samples_requested", "seq_len", "seed")
 
 
 @dataclass
@@ -82,6 +84,7 @@ def profile_model(
     if len({spec.name for spec in corpora}) != len(corpora):
         raise MoePruneError("Two corpora share a name; name them with NAME=SPEC.")
     base_meta = {**model_meta(model), **_library_versions(), "settings": asdict(settings)}
+    base_meta["tokenizer_sha256"] = tokenizer_fingerprint(tokenizer)
     check_one_model(out_dir, base_meta["config_hash"])
     limit = getattr(model.config, "max_position_embeddings", None)
     if isinstance(limit, int) and limit > 1 and settings.seq_len > limit:
@@ -182,6 +185,7 @@ def _windows_done(meta: dict[str, Any]) -> int:
 def _identity(base_meta: dict[str, Any], spec: CorpusSpec, settings: ProfileSettings) -> dict[str, Any]:
     return {
         "config_hash": base_meta["config_hash"],
+        "tokenizer_sha256": base_meta["tokenizer_sha256"],
         "corpus": spec.describe(),
         "corpus_sha256": corpus_fingerprint(spec),
         "samples_requested": settings.num_samples,
@@ -189,6 +193,14 @@ def _identity(base_meta: dict[str, Any], spec: CorpusSpec, settings: ProfileSett
         "seed": settings.seed,
         "world_size": _rank_world()[1],
     }
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """SHA-256 of what makes the windows: the tokenizer's full definition (fast tokenizers) or its vocabulary,
+    and the EOS id that separates documents."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{definition}\neos={tokenizer.eos_token_id}".encode()).hexdigest()
 
 
 def _matches(meta: dict[str, Any], wanted: dict[str, Any]) -> bool:
