@@ -78,7 +78,7 @@ def _model_options(p: argparse.ArgumentParser, positional: bool = True, device: 
     g.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own modeling code")
     if positional:
         g.add_argument(
-            "--tokenizer", default=None, help="tokenizer path or hub id (default: the model's; required when the "
+            "--tokenizer", default=None, help="tokenizer path or hub id (default: the model's; needed when the "
             "model folder has no tokenizer files)"
         )
 
