@@ -157,6 +157,9 @@ def plan_many(
     """Masks for every retain ratio. Methods that need the model (expert-sparsity, tb-coverage with that
     candidate, tb-coverage with ``protect_budget="auto"``) load it from ``model`` or from the path recorded
     in the profile. ``score_corpus`` ranks reap on that profiled corpus alone."""
+    from moeprune.validation import check_method
+
+    check_method(method, protect_budget, candidate)  # -B/--candidate that the method would ignore fail here
     workdir = Path(profile) if isinstance(profile, (str, Path)) else None
     prof = Profile.load(profile) if workdir is not None else profile
     if method not in METHODS:
@@ -216,14 +219,22 @@ def apply(
     trust_remote_code: bool = False,
     overwrite: bool = False,
     verify: bool = True,
+    force: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Write the pruned checkpoint to ``out`` (atomically, verified against the in-memory masked model)."""
-    from moeprune.surgery import export_pruned
+    """Write the pruned checkpoint to ``out`` (atomically, verified against the in-memory masked model).
 
+    ``force`` accepts a mask planned for a model with another config hash."""
+    from moeprune.surgery import export_pruned
+    from moeprune.validation import check_mask_for_config, model_config
+
+    mask_file = None if isinstance(mask, ExpertMask) else mask
     mask = mask if isinstance(mask, ExpertMask) else ExpertMask.load(mask)
     if isinstance(model, str | Path):
         model = resolve_model_path(model)
+    config = model.config if isinstance(model, torch.nn.Module) else model_config(model, trust_remote_code)
+    check_mask_for_config(mask, config, force=force)
+    _check_output(out, model, overwrite, mask_file)
     return export_pruned(
         model,
         mask,
@@ -255,6 +266,7 @@ def prune(
     dtype: str = "auto",
     device: str | None = None,
     trust_remote_code: bool = False,
+    tokenizer: Any = None,
     overwrite: bool = False,
     ppl_datasets: Sequence[str] | None = None,
     progress: bool = True,
@@ -264,8 +276,9 @@ def prune(
     With ``ppl_datasets`` the dense model and the written checkpoint are scored on those held-out sets
     and a table is printed (and saved as ``workdir/perplexity.json``)."""
     workdir = Path(workdir) if workdir else Path(str(out).rstrip("/") + ".work")
+    _check_output(out, model, overwrite, workdir)  # before profiling, not after
     loaded = _model(model, dtype, device, trust_remote_code)
-    tokenizer = _tokenizer(None, loaded, trust_remote_code)
+    tokenizer = _tokenizer(tokenizer, loaded, trust_remote_code)
     profile(
         loaded,
         corpora,
@@ -285,7 +298,7 @@ def prune(
         protect_budget=protect_budget,
         candidate=candidate,
         model=loaded,
-        reconstruction=reconstruction,
+        reconstruction={**(reconstruction or {}), "tokenizer": tokenizer},
         progress=progress,
     )
     mask.save(workdir / mask_filename(mask))
@@ -380,7 +393,7 @@ def _reconstruct(
     spec = _reconstruction_corpus(prof, options.get("corpus"))
     windows = calibration_windows(
         spec,
-        _tokenizer(None, loaded, options.get("trust_remote_code", False)),
+        _tokenizer(options.get("tokenizer"), loaded, options.get("trust_remote_code", False)),
         options.get("samples", 64),
         options.get("seq_len", 1024),
         options.get("seed", 0),
@@ -412,12 +425,28 @@ def _reconstruction_corpus(prof: Profile, name: str | None) -> CorpusSpec:
 
 
 def _model(model: Any, dtype: str, device: str | None, trust_remote_code: bool):
+    from moeprune.validation import check_checkpoint_files, check_device
+
     if isinstance(model, torch.nn.Module):
         return model
+    check_device(device)
+    check_checkpoint_files(model)  # a truncated download is one line, not a safetensors traceback
     return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
 
 
 def _tokenizer(tokenizer: Any, model: Any, trust_remote_code: bool):
+    from moeprune.validation import check_tokenizer, check_tokenizer_source
+
     if tokenizer is None or isinstance(tokenizer, str | Path):
-        return load_tokenizer(tokenizer or model_name(model), trust_remote_code)
+        source = tokenizer or model_name(model)
+        check_tokenizer_source(str(source), None)
+        return check_tokenizer(load_tokenizer(source, trust_remote_code), source)
     return tokenizer
+
+
+def _check_output(out: str | Path, model: Any, overwrite: bool, *other_sources: Any) -> None:
+    """The output directory must not overlap the model (or the other sources), nor exist without overwrite."""
+    from moeprune.io import check_output_dir
+
+    source = resolve_model_path(model) if isinstance(model, str | Path) else None
+    check_output_dir(out, sources=[source, *other_sources], overwrite=overwrite)

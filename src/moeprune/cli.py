@@ -27,7 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.run(args) or 0)
+        from moeprune.io import environment_errors
+        from moeprune.validation import check_args, held_outputs
+
+        check_args(args)  # everything that can fail before the expensive work (docs/errors.md)
+        # A full disk or a read-only folder is one line, not a traceback; --out is locked for the whole run.
+        with environment_errors(), held_outputs(args):
+            return int(args.run(args) or 0)
     except MoePruneError as err:
         print(f"moeprune: error: {err}", file=sys.stderr)
         return 2
@@ -70,6 +76,11 @@ def _model_options(p: argparse.ArgumentParser, positional: bool = True, device: 
     if device:
         g.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: where transformers loads)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own modeling code")
+    if positional:
+        g.add_argument(
+            "--tokenizer", default=None, help="tokenizer path or hub id (default: the model's; needed when the "
+            "model folder has no tokenizer files)"
+        )
 
 
 def _calibration_options(p: argparse.ArgumentParser) -> None:
@@ -164,6 +175,7 @@ def _run_profile(args: argparse.Namespace) -> None:
         sequential=args.sequential,
         dtype=args.dtype,
         device=args.device,
+        tokenizer=args.tokenizer,
         trust_remote_code=args.trust_remote_code,
     )
     print(f"profile of {len(prof.names)} corpora ({', '.join(prof.names)}) in {args.out}")
@@ -209,7 +221,7 @@ def _add_apply(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="directory for the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-verify", action="store_true", help="skip reloading the export to compare logits")
-    p.add_argument("--tokenizer", default=None, help="tokenizer to save with the export (default: the model's)")
+    _force_option(p)
     p.add_argument(
         "--model-free",
         action="store_true",
@@ -241,6 +253,7 @@ def _run_apply(args: argparse.Namespace) -> None:
         trust_remote_code=args.trust_remote_code,
         overwrite=args.overwrite,
         verify=not args.no_verify,
+        force=args.force,
     )
     print(f"pruned checkpoint written to {out}")
 
@@ -283,6 +296,7 @@ def _run_prune(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         device=args.device,
         trust_remote_code=args.trust_remote_code,
+        tokenizer=args.tokenizer,
         overwrite=args.overwrite,
         ppl_datasets=args.ppl,
     )
@@ -292,6 +306,7 @@ def _run_prune(args: argparse.Namespace) -> None:
 def _add_eval(p: argparse.ArgumentParser) -> None:
     _model_options(p)
     p.add_argument("--mask", default=None, help="mask.json applied in memory (no export needed)")
+    _force_option(p)
     p.add_argument(
         "--ppl",
         nargs="*",
@@ -331,6 +346,7 @@ def _run_eval(args: argparse.Namespace) -> None:
         trust_remote_code=args.trust_remote_code,
         out=args.out,
         ppl_sources=parse_ppl_data(args.ppl_data),
+        tokenizer=args.tokenizer,
     )
     print(json.dumps(results.get("summary", results), indent=2))
 
@@ -398,6 +414,12 @@ def _ppl_data_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _force_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--force", action="store_true", help="accept a mask planned for a model with another config hash"
+    )
+
+
 def _add_inspect(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", help="a model (directory or hub id), a profile directory or a mask .json")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own modeling code")
@@ -428,8 +450,9 @@ def _calibration(args: argparse.Namespace) -> dict:
     preset = preset_for(args.model)
     return {
         "corpora": args.corpora or list(preset["corpora"]),
-        "samples": args.samples or preset["samples"],
-        "seq_len": args.seq_len or preset["seq_len"],
+        # "is None", not "or": --samples 0 is an error (validation), never the default.
+        "samples": preset["samples"] if args.samples is None else args.samples,
+        "seq_len": preset["seq_len"] if args.seq_len is None else args.seq_len,
     }
 
 
@@ -443,8 +466,9 @@ def _recon(args: argparse.Namespace) -> dict:
     preset = preset_for(getattr(args, "model", None) or "")
     return {
         "corpus": args.recon_corpus,
-        "samples": args.recon_samples or preset["recon_samples"],
-        "seq_len": args.recon_seq_len or preset["recon_seq_len"],
+        "samples": preset["recon_samples"] if args.recon_samples is None else args.recon_samples,
+        "seq_len": preset["recon_seq_len"] if args.recon_seq_len is None else args.recon_seq_len,
+        "tokenizer": getattr(args, "tokenizer", None),
         "dtype": args.dtype,
         "device": args.device,
         "trust_remote_code": args.trust_remote_code,

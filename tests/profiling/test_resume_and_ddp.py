@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -14,6 +13,20 @@ import torch
 from moeprune.profiling.stats import SUM_FIELDS, ExpertStats
 
 ARGS = ["--corpus", "wiki", "--samples", "48", "--seq-len", "32", "--batch-size", "2"]
+# The CLI, with the process killing itself (SIGKILL: no cleanup runs) right after its third checkpoint.
+KILLED_AFTER_THIRD_CHECKPOINT = """
+import os, signal, sys
+from moeprune.profiling.stats import ExpertStats
+real_save, saves = ExpertStats.save, []
+def save(self, path):
+    real_save(self, path)
+    saves.append(path)
+    if len(saves) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+ExpertStats.save = save
+from moeprune.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def _cli(*args: str) -> list[str]:
@@ -38,21 +51,16 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_checkpoint, tmp_pat
 
     resumed = tmp_path / "resumed"
     partial = resumed / "wiki.partial.safetensors"
-    process = subprocess.Popen(
-        _cli(str(tiny_checkpoint), *ARGS, "--checkpoint-every", "1", "--out", str(resumed)),
+    # SIGKILL at a fixed point (right after the third checkpoint), not after a race against the clock.
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_THIRD_CHECKPOINT, "profile", str(tiny_checkpoint), *ARGS,
+         "--checkpoint-every", "1", "--out", str(resumed)],
         env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        capture_output=True,
     )
-    deadline = time.time() + 120
-    while not partial.exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert partial.exists(), "the run finished or died before its first checkpoint; cannot test resuming"
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (resumed / "wiki.safetensors").exists()
-    done = ExpertStats.load(partial).meta["batches_done"]
-    assert 0 < done < 24
+    assert ExpertStats.load(partial).meta["windows_done"] == 3 * 2  # three batches of two
 
     subprocess.run(
         _cli(str(tiny_checkpoint), *ARGS, "--checkpoint-every", "1", "--out", str(resumed)),

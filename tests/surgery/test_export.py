@@ -91,6 +91,7 @@ def test_existing_output_needs_overwrite(sources, tmp_path: Path) -> None:
     out = tmp_path / "pruned"
     out.mkdir()
     (out / "old.txt").write_text("x")
+    (out / "mask.json").write_text("{}")  # a previous moeprune output: --overwrite replaces only those
     mask = make_mask(build_model("qwen3_moe"))
     with pytest.raises(MoePruneError, match=r"already exists.*--overwrite"):
         _export("qwen3_moe", sources("qwen3_moe"), mask, out)

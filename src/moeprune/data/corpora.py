@@ -21,6 +21,8 @@ blank line. ``NAME=SPEC`` gives the corpus another name (the profile file is ``N
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +75,10 @@ def _parse_body(spec: str) -> CorpusSpec:
         return CorpusSpec(name=spec, kind="hub", **KNOWN_HUB[spec])
     head, _, split = spec.partition(":")
     if head in BUNDLED_CORPORA:
+        from moeprune.bundled import SPLITS
+
+        if split and split not in SPLITS:
+            raise MoePruneError(f"Corpus {spec!r}: the bundled corpora have splits {', '.join(SPLITS)}; not {split!r}.")
         return CorpusSpec(
             name=head if not split or split == "train" else f"{head}-{split}",
             kind="bundled",
@@ -112,6 +118,26 @@ def _parse_file(spec: str) -> CorpusSpec:
     return CorpusSpec(name=_safe_name(Path(path).stem), kind=kind, source=str(Path(path).resolve()), field=field)
 
 
+def check_corpus_file(spec: CorpusSpec) -> None:
+    """A local .txt or .jsonl corpus is readable text (checked before the model loads)."""
+    if spec.kind == "txt":
+        _read_text(Path(spec.source))
+    elif spec.kind == "jsonl":
+        _check_jsonl(Path(spec.source), spec.field)
+
+
+def corpus_fingerprint(spec: CorpusSpec) -> str | None:
+    """SHA-256 of a local corpus file (None for hub and bundled corpora): an edited file at the same path is
+    a different corpus, and a profile of the old one must not be reused."""
+    if spec.kind not in ("txt", "jsonl", "parquet"):
+        return None
+    digest = hashlib.sha256()
+    with Path(spec.source).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_documents(spec: CorpusSpec, max_documents: int | None = None) -> list[str]:
     """The corpus's documents (non-empty strings), in their stored order."""
     if spec.kind == "bundled":
@@ -119,7 +145,7 @@ def load_documents(spec: CorpusSpec, max_documents: int | None = None) -> list[s
 
         docs = read_bundled_corpus(spec.source, spec.split)
     elif spec.kind == "txt":
-        text = Path(spec.source).read_text(encoding="utf-8")
+        text = _read_text(Path(spec.source))
         docs = wikitext_articles(text) if _ARTICLE_HEADING.search(text) else re.split(r"\n\s*\n", text)
     else:
         rows = _load_with_datasets(spec)
@@ -138,9 +164,26 @@ def wikitext_articles(text: str) -> list[str]:
     return [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if text[a:b].strip()]
 
 
+def _read_text(path: Path) -> str:
+    """A .txt corpus as UTF-8 text; binary or other encodings fail with the fix."""
+    data = path.read_bytes()
+    if b"\x00" in data[:65536]:
+        raise MoePruneError(f"Corpus file {path} looks binary (it holds NUL bytes), not text; pass a UTF-8 .txt file.")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise MoePruneError(
+            f"Corpus file {path} is not UTF-8 text (byte {err.start}: {data[err.start:err.start + 1]!r}); convert it, "
+            f"e.g. iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8.txt."
+        ) from err
+
+
 def _load_with_datasets(spec: CorpusSpec) -> list[str]:
     import datasets
+    from datasets.exceptions import DatasetGenerationError
 
+    if spec.kind == "jsonl":
+        _check_jsonl(Path(spec.source), spec.field)
     try:
         if spec.kind in ("jsonl", "parquet"):
             builder = "json" if spec.kind == "jsonl" else "parquet"
@@ -149,7 +192,7 @@ def _load_with_datasets(spec: CorpusSpec) -> list[str]:
             table = datasets.load_dataset(spec.source, data_files={spec.split: spec.data_files}, split=spec.split)
         else:
             table = datasets.load_dataset(spec.source, spec.config, split=spec.split)
-    except (ConnectionError, OSError, ValueError) as err:
+    except (ConnectionError, OSError, ValueError, DatasetGenerationError) as err:
         if spec.kind != "hub":
             raise MoePruneError(f"Cannot read corpus file {spec.source}: {err}") from err
         example = (
@@ -165,10 +208,41 @@ def _load_with_datasets(spec: CorpusSpec) -> list[str]:
     missing = [f for f in fields if f not in table.column_names]
     if missing:
         raise MoePruneError(f"Corpus {spec.name!r} has no field {missing[0]!r}; its fields are {table.column_names}.")
-    if len(fields) == 1:
-        return [t or "" for t in table[fields[0]]]
     columns = [table[f] for f in fields]
-    return ["\n\n".join(str(v) for v in values if v) for values in zip(*columns, strict=True)]
+    for name, values in zip(fields, columns, strict=True):
+        wrong = next((i for i, t in enumerate(values) if t is not None and not isinstance(t, str)), None)
+        if wrong is not None:
+            raise MoePruneError(
+                f"Corpus {spec.name!r}: field {name!r} of record {wrong + 1} is {values[wrong]!r}, not a string; "
+                "every record's text field must be a string."
+            )
+    if len(fields) == 1:
+        return [t or "" for t in columns[0]]
+    return ["\n\n".join(v for v in values if v) for values in zip(*columns, strict=True)]
+
+
+def _check_jsonl(path: Path, field: str) -> None:
+    """Every line of a .jsonl corpus is a JSON object whose ``field`` (each of ``a+b``) is a string (or null):
+    one line names the first bad one, instead of a pyarrow traceback."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise MoePruneError(
+                    f"Corpus file {path} line {number} is not valid JSON ({err}); fix or drop that line."
+                ) from err
+            if not isinstance(record, dict):
+                raise MoePruneError(f"Corpus file {path} line {number} is not a JSON object; write one object a line.")
+            for name in field.split("+"):  # "a+b" joins fields (see _load_with_datasets)
+                value = record.get(name)
+                if value is not None and not isinstance(value, str):
+                    raise MoePruneError(
+                        f"Corpus file {path} line {number}: field {name!r} is {value!r}, not a string; every "
+                        f"record's text must be a string (or name another field with {path.name}:FIELD)."
+                    )
 
 
 def _safe_name(name: str) -> str:

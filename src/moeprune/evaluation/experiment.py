@@ -78,6 +78,7 @@ def run_experiment(
     dtype: str = "auto",
     device: str | None = None,
     trust_remote_code: bool = False,
+    tokenizer: Any = None,
     plots: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -94,7 +95,7 @@ def run_experiment(
     out = Path(out_dir)
     methods = list(methods or all_methods())
     loaded = _model(model, dtype, device, trust_remote_code)
-    tokenizer = _tokenizer(None, loaded, trust_remote_code)
+    tokenizer = _tokenizer(tokenizer, loaded, trust_remote_code)
     eval_settings = {
         "ppl_datasets": list(ppl_datasets),
         "ppl_seq_len": default_seq_len(loaded, ppl_seq_len),
@@ -125,7 +126,8 @@ def run_experiment(
     }
     _check_settings(out, settings)
     _profile(loaded, tokenizer, out, calibration, progress)
-    masks = plan_grid(out, loaded, retains, methods, seeds, calibration, reconstruction or {}, progress)
+    recon = {**(reconstruction or {}), "tokenizer": tokenizer}  # not in the settings: an object
+    masks = plan_grid(out, loaded, retains, methods, seeds, calibration, recon, progress)
     cells = evaluate_grid(loaded, tokenizer, out, masks, eval_settings, progress)
     files = write_outputs(out, settings, cells, plots=plots)
     return {"settings": settings, "cells": cells, "files": {k: str(v) for k, v in files.items()}}
@@ -451,6 +453,7 @@ def experiment_options(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": args.dtype,
         "device": args.device,
         "trust_remote_code": args.trust_remote_code,
+        "tokenizer": pick("tokenizer", None),
     }
 
 

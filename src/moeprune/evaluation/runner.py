@@ -99,7 +99,10 @@ def evaluate_model(
 
     ``ppl_datasets=None``: wiki and web for the bundled testbed, wikitext2 and c4 otherwise."""
     from moeprune.api import _model, _tokenizer
+    from moeprune.io import check_output_file
 
+    if out is not None:
+        check_output_file(out)  # an unwritable --out fails now, not after the evaluation
     loaded = _model(model, dtype, device, trust_remote_code)
     tok = _tokenizer(tokenizer, loaded, trust_remote_code)
     mask_path = None if mask is None or isinstance(mask, ExpertMask) else mask

@@ -142,18 +142,22 @@ class ExpertMask:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> ExpertMask:
+        """A mask from its JSON object, every field type-checked (an id 1.5 or "3" is refused, not rounded)."""
+        if not isinstance(obj, dict):
+            raise MoePruneError(f"Not a moeprune mask: a JSON {type(obj).__name__}, expected an object.")
         if obj.get("format") != MASK_FORMAT:
             raise MoePruneError(f"Not a moeprune mask (format {obj.get('format')!r}, expected {MASK_FORMAT!r}).")
+        _check_fields(obj)
         layers = {}
         for key, entry in obj["layers"].items():
             extra = {k: v for k, v in entry.items() if k not in ("kept", "protected")}
             layers[int(key)] = LayerMask(list(entry["kept"]), list(entry.get("protected", [])), extra)
         return cls(
-            model=obj.get("model", ""),
+            model=obj.get("model") or "",
             method=obj["method"],
             retain=float(obj["retain"]),
-            num_experts=int(obj["num_experts"]),
-            kept_per_layer=int(obj["kept_per_layer"]),
+            num_experts=obj["num_experts"],
+            kept_per_layer=obj["kept_per_layer"],
             layers=layers,
             protect_budget=obj.get("protect_budget"),
             seed=obj.get("seed"),
@@ -170,7 +174,42 @@ class ExpertMask:
         if not path.exists():
             raise MoePruneError(f"Mask file {path} not found; create one with `moeprune plan`.")
         try:
-            obj = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise MoePruneError(f"Mask file {path} is not valid JSON: {err}.") from err
-        return cls.from_json(obj)
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            message = f"Mask file {path} is not valid JSON ({err}); re-create it with `moeprune plan`."
+            raise MoePruneError(message) from err
+        try:
+            return cls.from_json(obj)
+        except MoePruneError as err:
+            raise MoePruneError(f"Mask file {path}: {err}") from err
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_fields(obj: dict[str, Any]) -> None:
+    """Types and structure of a mask's JSON, with the field named on failure."""
+    fix = "re-create the mask with `moeprune plan`"
+    for key, ok, kind in (
+        ("method", lambda v: isinstance(v, str), "a string"),
+        ("retain", lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number"),
+        ("num_experts", lambda v: _is_int(v) and v > 0, "a positive integer"),
+        ("kept_per_layer", lambda v: _is_int(v) and v > 0, "a positive integer"),
+        ("layers", lambda v: isinstance(v, dict) and v, "a non-empty object {layer: {\"kept\": [ids]}}"),
+    ):
+        if key not in obj:
+            raise MoePruneError(f"the mask lacks the field {key!r}; {fix}.")
+        if not ok(obj[key]):
+            raise MoePruneError(f"the mask's {key!r} is {obj[key]!r}, not {kind}; {fix}.")
+    for key, entry in obj["layers"].items():
+        if not key.lstrip("-").isdigit() or int(key) < 0:
+            raise MoePruneError(f"the mask's layer key {key!r} is not a decoder-layer index; {fix}.")
+        if not isinstance(entry, dict) or "kept" not in entry:
+            raise MoePruneError(f"mask layer {key} is {entry!r}, not an object with a \"kept\" list; {fix}.")
+        for field_name in ("kept", "protected"):
+            ids = entry.get(field_name, [])
+            if not isinstance(ids, list) or not all(_is_int(e) for e in ids):
+                raise MoePruneError(
+                    f"mask layer {key} {field_name!r} is {ids!r}; expert ids must be a list of integers; {fix}."
+                )

@@ -9,6 +9,8 @@ world-size-th batch and the sums are all-reduced at every checkpoint; only rank 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,15 +21,17 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from moeprune.arch.view import moe_layers, top_k_of
-from moeprune.data.corpora import CorpusSpec
+from moeprune.data.corpora import CorpusSpec, corpus_fingerprint
 from moeprune.data.sampling import calibration_windows
 from moeprune.errors import MoePruneError
 from moeprune.loading import config_hash, model_name
 from moeprune.profiling.instrument import StatsRecorder
-from moeprune.profiling.stats import ExpertStats, Profile, finished_corpora
+from moeprune.profiling.stats import ExpertStats, Profile, check_one_model, finished_corpora
 
-# Metadata that must match for a saved corpus profile (or checkpoint) to be reused.
-IDENTITY_KEYS = ("config_hash", "corpus", "samples_requested", "seq_len", "seed")
+# Metadata that must match for a saved corpus profile (or checkpoint) to be reused: everything that changes
+# the windows (the tokenizer and a local corpus file's content included). The batch size does not: a
+# checkpoint records the windows done, so a run resumed with another --batch-size continues at the next one.
+IDENTITY_KEYS = ("config_hash", "tokenizer_sha256", "corpus", "corpus_sha256", "samples_requested", "seq_len", "seed")
 
 
 @dataclass
@@ -80,6 +84,14 @@ def profile_model(
     if len({spec.name for spec in corpora}) != len(corpora):
         raise MoePruneError("Two corpora share a name; name them with NAME=SPEC.")
     base_meta = {**model_meta(model), **_library_versions(), "settings": asdict(settings)}
+    base_meta["tokenizer_sha256"] = tokenizer_fingerprint(tokenizer)
+    check_one_model(out_dir, base_meta["config_hash"])
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and limit > 1 and settings.seq_len > limit:
+        raise MoePruneError(
+            f"--seq-len {settings.seq_len} exceeds the model's max_position_embeddings={limit}; pass --seq-len "
+            f"{limit} or less."
+        )
     for spec in corpora:
         path = out_dir / f"{spec.name}.safetensors"
         wanted = _identity(base_meta, spec, settings)
@@ -116,23 +128,25 @@ def profile_windows(
     device = next(model.parameters()).device
     recorder = StatsRecorder(layers, device=device)
     total, done = _resume(partial_path, meta, layers)
-    batches = list(torch.split(windows, settings.batch_size))
+    remaining = windows[done:]
+    batches = list(torch.split(remaining, settings.batch_size)) if len(remaining) else []
     rank, world = _rank_world()
-    bar = tqdm(total=len(batches), initial=done, desc=desc, unit="batch", disable=not progress or rank != 0)
+    bar = tqdm(total=len(windows), initial=done, desc=desc, unit="seq", disable=not progress or rank != 0)
     with recorder.installed():
-        for step in range(done, len(batches)):
+        for step in range(len(batches)):
             if step % world == rank:
                 batch = batches[step].to(device)
                 model.base_model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
-            bar.update(1)
+            bar.update(len(batches[step]))
             finished = step + 1
             if finished % settings.checkpoint_every == 0 or finished == len(batches):
                 total = total.merge(_reduced(recorder.take()))
-                total.meta.update(meta, batches_done=finished)
+                windows_done = done + sum(len(b) for b in batches[:finished])
+                total.meta.update(meta, windows_done=windows_done)
                 if partial_path is not None and finished < len(batches) and _is_rank0():
                     total.save(partial_path)
     bar.close()
-    total.meta.pop("batches_done", None)
+    total.meta.pop("windows_done", None)
     return total
 
 
@@ -150,23 +164,43 @@ def _resume(partial_path: Path | None, meta: dict[str, Any], layers) -> tuple[Ex
     empty = ExpertStats.zeros([layer.index for layer in layers], layers[0].num_experts, meta)
     if partial_path is None or not partial_path.exists() or not partial_path.with_suffix(".json").exists():
         return empty, 0
-    partial = ExpertStats.load(partial_path)
+    try:
+        partial = ExpertStats.load(partial_path)
+    except MoePruneError:  # a corrupt checkpoint is only lost time: start the corpus over
+        return empty, 0
     if not _matches(partial.meta, {k: meta[k] for k in IDENTITY_KEYS}) or partial.meta.get("world_size", 1) != meta.get(
         "world_size", 1
     ):
         return empty, 0
-    return partial, int(partial.meta.get("batches_done", 0))
+    return partial, _windows_done(partial.meta)
+
+
+def _windows_done(meta: dict[str, Any]) -> int:
+    """Windows a checkpoint covers; checkpoints of older versions counted batches of their own batch size."""
+    if "windows_done" in meta:
+        return int(meta["windows_done"])
+    return int(meta.get("batches_done", 0)) * int(meta.get("settings", {}).get("batch_size", 0))
 
 
 def _identity(base_meta: dict[str, Any], spec: CorpusSpec, settings: ProfileSettings) -> dict[str, Any]:
     return {
         "config_hash": base_meta["config_hash"],
+        "tokenizer_sha256": base_meta["tokenizer_sha256"],
         "corpus": spec.describe(),
+        "corpus_sha256": corpus_fingerprint(spec),
         "samples_requested": settings.num_samples,
         "seq_len": settings.seq_len,
         "seed": settings.seed,
         "world_size": _rank_world()[1],
     }
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """SHA-256 of what makes the windows: the tokenizer's full definition (fast tokenizers) or its vocabulary,
+    and the EOS id that separates documents."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{definition}\neos={tokenizer.eos_token_id}".encode()).hexdigest()
 
 
 def _matches(meta: dict[str, Any], wanted: dict[str, Any]) -> bool:

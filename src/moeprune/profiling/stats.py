@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from moeprune.errors import MoePruneError
@@ -113,18 +114,40 @@ class ExpertStats:
         path = Path(path)
         if not path.exists():
             raise MoePruneError(f"Profile file {path} not found.")
-        tensors = load_file(str(path))
+        redo = "delete it and re-run `moeprune profile` (finished corpora are kept)"
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise MoePruneError(f"Profile file {path} is truncated or corrupt ({err}); {redo}.") from err
         missing = [name for name in (*SUM_FIELDS, "layers") if name not in tensors]
         if missing:
-            raise MoePruneError(f"{path} is not a moeprune profile: missing tensors {missing}.")
-        meta_path = path.with_suffix(".json")
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+            raise MoePruneError(f"{path} is not a moeprune profile: missing tensors {missing}; {redo}.")
+        meta = read_meta(path.with_suffix(".json"))
         meta.pop("format", None)
-        return cls(
+        stats = cls(
             layers=tensors["layers"].to(torch.int64),
             meta=meta,
             **{name: tensors[name].to(torch.float64) for name in SUM_FIELDS},
         )
+        problem = stats.problem()
+        if problem:
+            raise MoePruneError(f"Profile file {path} is invalid: {problem}; {redo}.")
+        return stats
+
+    def problem(self) -> str | None:
+        """Why these sums cannot be a profile (NaN/inf, negative, fractional counts, wrong shapes), or None."""
+        shape = (len(self.layers), self.count.shape[-1] if self.count.dim() == 2 else -1)
+        for name in SUM_FIELDS:
+            tensor = getattr(self, name)
+            if tuple(tensor.shape) != shape:
+                return f"{name} has shape {list(tensor.shape)}, expected {list(shape)}"
+            if not torch.isfinite(tensor).all():
+                return f"{name} holds NaN or infinite values"
+            if (tensor < 0).any():
+                return f"{name} holds negative values"
+        if not torch.equal(self.count, self.count.round()):
+            return "count holds fractional token counts"
+        return None
 
 
 @dataclass
@@ -140,6 +163,12 @@ class Profile:
         for name, stats in self.corpora.items():
             if not torch.equal(stats.layers, first.layers) or stats.count.shape != first.count.shape:
                 raise MoePruneError(f"Corpus {name!r} was profiled on a model of a different shape.")
+        hashes = {name: s.meta["config_hash"] for name, s in self.corpora.items() if s.meta.get("config_hash")}
+        if len(set(hashes.values())) > 1:
+            raise MoePruneError(
+                f"The profile mixes corpora of different models (config hashes {hashes}); a profile folder must hold "
+                "one model's corpora. Move the other model's files to their own folder."
+            )
 
     @property
     def names(self) -> list[str]:
@@ -198,9 +227,37 @@ def finished_corpora(directory: str | Path) -> dict[str, float]:
         if path.name.startswith(".") or path.stem.endswith(".partial"):
             continue
         if path.with_suffix(".json").exists():
-            meta = json.loads(path.with_suffix(".json").read_text())
+            meta = read_meta(path.with_suffix(".json"))
             done[path.stem] = float(meta.get("finished_at", path.stat().st_mtime))
     return done
+
+
+def check_one_model(directory: str | Path, config_hash: str) -> None:
+    """Refuse to add a model's corpora to a folder holding another model's (planning would mix them, and a
+    corpus of the same name would replace the other model's profile)."""
+    directory = Path(directory)
+    for name in finished_corpora(directory):
+        other = read_meta(directory / f"{name}.json").get("config_hash")
+        if other and other != config_hash:
+            raise MoePruneError(
+                f"{directory} holds the profile of another model ({name}: config hash {other}, this model's is "
+                f"{config_hash}); a profile folder holds one model's corpora. Choose another --out."
+            )
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """A corpus profile's metadata (empty when absent); a corrupt file is a MoePruneError with the fix."""
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MoePruneError(
+            f"Profile metadata {path} is corrupt ({err}); delete it and its .safetensors and re-run `moeprune profile`."
+        ) from err
+    if not isinstance(meta, dict):
+        raise MoePruneError(f"Profile metadata {path} is not a JSON object; delete it and re-run `moeprune profile`.")
+    return meta
 
 
 def _safe_div(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from moeprune.errors import MoePruneError
-from moeprune.io import atomic_directory
+from moeprune.io import atomic_directory, check_output_dir
 from moeprune.loading import (
     checkpoint_dtype,
     load_config,
@@ -59,8 +59,9 @@ def export_pruned(
     in fp32 and its logits compared with the in-memory pruned model (max |diff| <= 1e-5).
     """
     out = Path(out_dir)
-    if out.exists() and not overwrite:  # fail before the (possibly long) model load
-        raise MoePruneError(f"{out} already exists; choose another --out or pass --overwrite.")
+    # Fail before the (possibly long) model load: an existing --out, or one overlapping the source.
+    source_path = resolve_model_path(model_or_path) if isinstance(model_or_path, str | Path) else None
+    check_output_dir(out, sources=[source_path], overwrite=overwrite)
     if not isinstance(mask, ExpertMask):
         mask = ExpertMask.load(mask)
     steps = tqdm(total=4 if verify else 3, desc="apply", disable=not progress, unit="step")

@@ -27,9 +27,11 @@ from tqdm.auto import tqdm
 
 from moeprune.arch.adapters import ROUTER_ATTRS, spec_for
 from moeprune.errors import MoePruneError
-from moeprune.io import atomic_directory
+from moeprune.io import atomic_directory, check_output_dir
 from moeprune.planning.mask import ExpertMask
 from moeprune.surgery.model_card import CardInfo, render_model_card
+from moeprune.surgery.shard_checks import check_source, check_written, expected_output
+from moeprune.validation import check_mask_for_config
 
 EXPERT_KEY = re.compile(r"^(?P<head>.*\.layers\.(?P<layer>\d+)\.[^.]+\.experts)\.(?P<expert>\d+)\.(?P<rest>.+)$")
 FUSED_KEY = re.compile(r"^.*\.layers\.(?P<layer>\d+)\.[^.]+\.experts\.[^.]+$")
@@ -44,9 +46,11 @@ def prune_checkpoint_files(
 ) -> Path:
     """Write the pruned checkpoint of the local safetensors checkpoint ``source`` into ``out``."""
     source = Path(source)
+    check_output_dir(out, sources=[source], overwrite=overwrite)
     shards = _shards(source)
     config = json.loads((source / "config.json").read_text())
-    _check_mask(config, mask)
+    check_mask_for_config(mask, config)  # the checks plain apply makes: expert count, top-k, routing groups
+    expected = expected_output(check_source(source, shards, mask), mask)  # from the headers, before writing
     with atomic_directory(out, overwrite=overwrite) as tmp:
         weight_map: dict[str, str] = {}
         total_size = 0
@@ -73,6 +77,7 @@ def prune_checkpoint_files(
         # Counted from the tensors on disk: tied embeddings stored twice would be counted twice.
         card = CardInfo(str(source), str(out), mask, params_before, params_after)
         (tmp / "README.md").write_text(render_model_card(card).replace("moeprune apply", "moeprune apply --model-free"))
+        check_written(tmp, expected, (source / INDEX_FILE).exists())
     return Path(out)
 
 
@@ -95,16 +100,6 @@ def _shards(source: Path) -> list[str]:
         f"{source} holds no safetensors checkpoint (model.safetensors or {INDEX_FILE}); model-free apply needs one. "
         "Use `moeprune apply` without --model-free to load and re-save it."
     )
-
-
-def _check_mask(config: dict, mask: ExpertMask) -> None:
-    spec = spec_for(_Namespace(config))
-    num_experts = config.get(spec.num_experts_key)
-    if num_experts != mask.num_experts:
-        raise MoePruneError(
-            f"The mask is for a model with {mask.num_experts} experts per layer (mask made for {mask.model!r}), "
-            f"but this checkpoint's {spec.num_experts_key} is {num_experts}. Plan a mask from a profile of this model."
-        )
 
 
 def _pruned_shard(path: Path, mask: ExpertMask, routers: set[int]) -> dict[str, torch.Tensor]:

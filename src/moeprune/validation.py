@@ -1,0 +1,467 @@
+"""Checks that run before any expensive work: flags, devices, output paths, checkpoints, tokenizers, masks.
+
+The CLI calls :func:`check_args` right after parsing, so a bad flag, an output that would overlap the
+model, a mask for another model or a retain ratio the router cannot use fails in a second with one line
+naming the problem and the fix, instead of after profiling and reconstruction. Each check is also a plain
+function the Python API calls (docs/errors.md lists the cases and their tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+from moeprune.errors import MoePruneError
+from moeprune.io import check_output_dir, check_output_file
+
+# Files of which at least one makes a directory hold a tokenizer (transformers 5 silently builds an empty,
+# one-token tokenizer for a directory with none of them).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
+# Flags that must be at least 1 (0 used to fall back to the preset silently).
+POSITIVE_FLAGS = (
+    "samples",
+    "seq_len",
+    "batch_size",
+    "checkpoint_every",
+    "recon_samples",
+    "recon_seq_len",
+    "ppl_seq_len",
+    "eval_batch_size",
+    "limit",
+)
+NON_NEGATIVE_FLAGS = ("seed", "plan_seed", "protect_budget")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def check_args(args: argparse.Namespace) -> None:
+    """Every check of ``args`` that needs no model weights, for the verb being run."""
+    _check_numbers(args)
+    check_device(getattr(args, "device", None))
+    if getattr(args, "dtype", None) is not None:
+        from moeprune.loading import parse_dtype
+
+        parse_dtype(args.dtype)
+    check = {
+        "profile": _check_profile,
+        "plan": _check_plan,
+        "apply": _check_apply,
+        "prune": _check_prune,
+        "eval": _check_eval,
+        "experiment": _check_experiment,
+    }.get(args.verb)
+    if check is not None:
+        check(args)
+
+
+def held_outputs(args: argparse.Namespace) -> AbstractContextManager:
+    """The lock on apply's and prune's --out, held for the whole run: a second writer fails at its start."""
+    from moeprune.io import output_lock
+
+    return output_lock(args.out) if args.verb in ("apply", "prune") else nullcontext()
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    for name in POSITIVE_FLAGS:
+        if any(value < 1 for value in _numbers(args, name)):
+            raise MoePruneError(
+                f"--{_flag(name)} must be at least 1 (got {getattr(args, name)}); omit it for the default."
+            )
+    for name in NON_NEGATIVE_FLAGS:
+        if any(value < 0 for value in _numbers(args, name)):
+            raise MoePruneError(f"--{_flag(name)} must be 0 or more (got {getattr(args, name)}).")
+    seeds = getattr(args, "seeds", None) or []
+    if any(seed < 0 for seed in seeds):
+        raise MoePruneError(f"--seeds must be 0 or more (got {seeds}).")
+    retains = getattr(args, "retain", None)
+    for retain in [retains] if isinstance(retains, float) else retains or []:
+        if not 0.0 < retain <= 1.0:
+            raise MoePruneError(f"Retain ratio {retain} is outside (0, 1]; pass e.g. --retain 0.5 to keep half.")
+
+
+def _numbers(args: argparse.Namespace, name: str) -> list[int | float]:
+    """The numeric values of a flag that may also be a word ("auto") or a list (-B 0 4 8 auto)."""
+    value = getattr(args, name, None)
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+
+
+def _flag(name: str) -> str:
+    return {"protect_budget": "protect-budget (-B)"}.get(name, name.replace("_", "-"))
+
+
+def _check_profile(args: argparse.Namespace) -> None:
+    check_not_a_file(args.out)
+    check_corpora(args.corpora)
+    config = check_model(args.model, args.trust_remote_code, weights=True)
+    check_tokenizer_source(args.model, getattr(args, "tokenizer", None))
+    check_seq_len(config, _effective(args, "seq_len"), "--seq-len")
+    from moeprune.loading import config_hash
+    from moeprune.profiling.stats import check_one_model
+
+    check_one_model(args.out, config_hash(config))
+
+
+def _effective(args: argparse.Namespace, name: str) -> Any:
+    """The flag's value, or the model's preset when it is omitted (what the verb will use)."""
+    from moeprune.api import preset_for
+
+    value = getattr(args, name, None)
+    return preset_for(args.model).get(name) if value is None else value
+
+
+def _check_plan(args: argparse.Namespace) -> None:
+    check_not_a_file(args.out)
+    check_method(args.method, args.protect_budget, args.candidate)
+
+
+def _check_apply(args: argparse.Namespace) -> None:
+    from moeprune.loading import resolve_model_path
+
+    source = Path(resolve_model_path(args.model))
+    if args.model_free and not source.is_dir():
+        raise MoePruneError(f"--model-free needs a local checkpoint directory; {source} is not one.")
+    check_output_dir(args.out, sources=[source if source.exists() else None, args.mask], overwrite=args.overwrite)
+    if args.tokenizer:
+        check_tokenizer_source(args.tokenizer, None)
+    mask = load_mask(args.mask)
+    if args.model_free:
+        check_checkpoint_files(source)
+        config = _config_or_json(source, args.trust_remote_code)
+    else:
+        config = check_model(args.model, args.trust_remote_code, weights=True)
+    check_mask_for_config(mask, config, force=args.force)
+
+
+def _config_or_json(folder: Path, trust_remote_code: bool) -> Any:
+    """The config object when transformers can build it (for the config hash), else config.json's dict:
+    model-free apply never runs the checkpoint's code, so it must not need --trust-remote-code."""
+    from moeprune.loading import load_config
+
+    try:
+        return load_config(folder, trust_remote_code)
+    except MoePruneError:
+        path = folder / "config.json"
+        if not path.exists():
+            raise MoePruneError(
+                f"{folder} has no config.json; model-free apply needs a Hugging Face checkpoint."
+            ) from None
+        return json.loads(path.read_text())
+
+
+def _check_prune(args: argparse.Namespace) -> None:
+    from moeprune.loading import resolve_model_path
+
+    check_method(args.method, args.protect_budget, args.candidate)
+    check_corpora(args.corpora)
+    source = Path(resolve_model_path(args.model))
+    workdir = Path(args.workdir or str(args.out).rstrip("/") + ".work")
+    sources = [source if source.exists() else None, workdir]
+    check_output_dir(args.out, sources=sources, overwrite=args.overwrite)
+    check_not_a_file(workdir, "--workdir")
+    config = check_model(args.model, args.trust_remote_code, weights=True)
+    check_tokenizer_source(args.model, args.tokenizer)
+    check_seq_len(config, _effective(args, "seq_len"), "--seq-len")
+    if _reconstructs(args.method, args.candidate):
+        check_seq_len(config, _effective(args, "recon_seq_len"), "--recon-seq-len")
+    check_retain_for_config(config, args.retain)
+
+
+def _reconstructs(method: str, candidate: str | None) -> bool:
+    from moeprune.api import NEEDS_MODEL, TB_COVERAGE_CANDIDATE
+
+    return method in NEEDS_MODEL or (method == "tb-coverage" and (candidate or TB_COVERAGE_CANDIDATE) in NEEDS_MODEL)
+
+
+def _check_eval(args: argparse.Namespace) -> None:
+    if args.out:
+        check_output_file(args.out)
+    config = check_model(args.model, args.trust_remote_code, weights=True)
+    check_tokenizer_source(args.model, args.tokenizer)
+    check_seq_len(config, args.ppl_seq_len, "--ppl-seq-len")
+    if args.mask:
+        check_mask_for_config(load_mask(args.mask), config, force=args.force)
+
+
+def _check_experiment(args: argparse.Namespace) -> None:
+    from moeprune.planning import METHODS, PROTECTING
+
+    check_not_a_file(args.out)
+    check_corpora(args.corpora)
+    unknown = [m for m in args.methods or [] if m not in METHODS]
+    if unknown:
+        raise MoePruneError(f"Unknown method(s) {unknown} in --methods; known methods: {', '.join(METHODS)}.")
+    tb_given = args.protect_budget is not None or args.candidate is not None
+    if tb_given and args.methods and not set(args.methods) & PROTECTING:
+        raise MoePruneError(
+            "-B/--protect-budget and --candidate only apply to tb-coverage, which --methods leaves out; "
+            "drop them or add tb-coverage to --methods."
+        )
+    if args.candidate is not None:
+        check_method("tb-coverage", None, args.candidate)
+    config = check_model(args.model, args.trust_remote_code, weights=True)
+    check_tokenizer_source(args.model, getattr(args, "tokenizer", None))
+    for flag in ("seq_len", "recon_seq_len", "ppl_seq_len"):
+        check_seq_len(config, getattr(args, flag), f"--{_flag(flag)}")
+    if args.retain:
+        check_retain_for_config(config, args.retain)
+
+
+# -------------------------------------------------------------------------------------- flag checks
+def check_method(method: str, protect_budget: int | None, candidate: str | None) -> None:
+    """A known method; -B and --candidate only with tb-coverage (other methods would ignore them)."""
+    from moeprune.planning import METHODS, PROTECTING
+
+    if method not in METHODS:
+        raise MoePruneError(f"Unknown planning method {method!r}; known methods: {', '.join(METHODS)}.")
+    if method not in PROTECTING:
+        given = [flag for flag, value in (("-B", protect_budget), ("--candidate", candidate)) if value is not None]
+        if given:
+            raise MoePruneError(
+                f"{' and '.join(given)} only apply to tb-coverage; {method!r} would ignore them. Drop them or use "
+                "--method tb-coverage."
+            )
+    elif candidate is not None and (candidate not in METHODS or candidate in PROTECTING):
+        usable = [name for name in METHODS if name not in PROTECTING]
+        raise MoePruneError(f"Unknown candidate method {candidate!r} for tb-coverage; use one of: {', '.join(usable)}.")
+
+
+def check_device(device: str | None) -> None:
+    """A device torch knows and this machine has (``--device cuda`` on a machine without CUDA fails here)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise MoePruneError(f"Unknown --device {device!r}: {err}. Use e.g. cpu, cuda or cuda:1.") from err
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MoePruneError(f"--device {device}: this machine has no usable CUDA GPU; use --device cpu.")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise MoePruneError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0."
+            )
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise MoePruneError(f"--device {device}: MPS is not available here; use --device cpu.")
+
+
+def check_not_a_file(path: str | Path, flag: str = "--out") -> None:
+    """An output directory that already exists as a file fails now, not at the first write."""
+    from moeprune.io import check_name_length, check_writable_parent
+
+    path = Path(path)
+    check_name_length(path, flag)
+    if path.exists() and not path.is_dir():
+        raise MoePruneError(f"{flag} {path} is a file, not a directory; choose a directory path.")
+    check_writable_parent(path, flag)
+
+
+def check_corpora(specs: Sequence[str] | None) -> None:
+    """Parse every --corpus and read local text files now (an unknown split, a missing file or one that is not
+    UTF-8 text fails before the model loads)."""
+    from moeprune.data.corpora import check_corpus_file, parse_corpus
+
+    for spec in specs or []:
+        check_corpus_file(parse_corpus(spec))
+
+
+# ------------------------------------------------------------------------------------- model checks
+def check_model(model: str, trust_remote_code: bool = False, weights: bool = False):
+    """The model's config (MoePruneError when it cannot be read); with ``weights``, a local checkpoint's
+    safetensors files must be complete (a truncated download fails here, not deep inside transformers)."""
+    from moeprune.loading import load_config
+
+    config = load_config(model, trust_remote_code)
+    if weights:
+        check_checkpoint_files(model)
+    return config
+
+
+def model_config(model: str, trust_remote_code: bool = False):
+    from moeprune.loading import load_config
+
+    return load_config(model, trust_remote_code)
+
+
+def check_checkpoint_files(model: Any) -> None:
+    """Every safetensors file of a local checkpoint opens (its header covers the file) and every shard the
+    index names exists."""
+    from safetensors import SafetensorError, safe_open
+
+    from moeprune.loading import resolve_model_path
+
+    if not isinstance(model, str | Path):
+        return
+    folder = Path(resolve_model_path(model))
+    if not folder.is_dir():
+        return
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise MoePruneError(f"{index} is corrupt ({err}); re-download the checkpoint.") from err
+        missing = sorted(s for s in shards if not (folder / s).exists())
+        if missing:
+            raise MoePruneError(f"{folder} lacks the shard(s) {missing} its index names; re-download the checkpoint.")
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise MoePruneError(
+                f"{path} is truncated or corrupt ({err}); re-download or re-save the checkpoint."
+            ) from err
+
+
+def check_tokenizer_source(model: str, tokenizer: str | None) -> None:
+    """A local model folder without tokenizer files needs --tokenizer (transformers would build an empty one)."""
+    from moeprune.loading import resolve_model_path
+
+    source = Path(resolve_model_path(tokenizer or model))
+    if source.is_dir() and not any((source / name).exists() for name in TOKENIZER_FILES):
+        flag = "--tokenizer" if tokenizer else "the model folder"
+        raise MoePruneError(
+            f"{flag} {source} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); pass "
+            "--tokenizer PATH_OR_ID naming the model's tokenizer."
+        )
+
+
+def check_tokenizer(tokenizer: Any, source: Any) -> Any:
+    """Refuse an empty tokenizer (transformers 5 returns one of length 1 for a folder without its files)."""
+    try:
+        size = len(tokenizer)
+    except TypeError:
+        return tokenizer
+    if size < 2:
+        raise MoePruneError(
+            f"The tokenizer loaded from {source} is empty ({size} token); the folder has no tokenizer files. "
+            "Pass --tokenizer PATH_OR_ID naming the model's tokenizer."
+        )
+    return tokenizer
+
+
+def max_positions(config: Any) -> int | None:
+    value = getattr(config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 1 else None
+
+
+def check_seq_len(config: Any, seq_len: int | None, flag: str) -> None:
+    """Windows longer than the model's positions would be scored out of its range (eval refuses them too)."""
+    limit = max_positions(config)
+    if seq_len is not None and limit is not None and seq_len > limit:
+        raise MoePruneError(
+            f"{flag} {seq_len} (given or the default) exceeds the model's max_position_embeddings={limit}; "
+            f"pass {flag} {limit} or less."
+        )
+
+
+def routing_meta(config: Any) -> dict[str, Any]:
+    """Expert count, top-k and routing groups from a config (an object or a config.json dict)."""
+    from moeprune.arch.adapters import spec_for
+
+    if isinstance(config, dict):
+        config = argparse.Namespace(**config)
+    spec = spec_for(config)
+    top_k = getattr(config, spec.top_k_key, None)
+    n_group = getattr(config, spec.group_key, None) if spec.group_key else None
+    # DeepSeek-V2's greedy top-k ignores the groups (as surgery.slicing does).
+    if getattr(config, "topk_method", None) == "greedy":
+        n_group = None
+    return {
+        "num_experts_key": spec.num_experts_key,
+        "num_experts": getattr(config, spec.num_experts_key, None),
+        "top_k": top_k if isinstance(top_k, int) else None,
+        "n_group": n_group,
+        "topk_group": getattr(config, spec.topk_group_key, None) if spec.topk_group_key else None,
+        "model_type": getattr(config, "model_type", None),
+    }
+
+
+def check_retain_for_config(config: Any, retains: float | Sequence[float]) -> None:
+    """K = floor(rho * N) must reach top-k and split over routing groups: checked before profiling."""
+    from moeprune.planning.groups import expert_groups
+    from moeprune.planning.mask import kept_count
+
+    meta = routing_meta(config)
+    if not isinstance(meta["num_experts"], int):
+        return
+    for retain in [retains] if isinstance(retains, float | int) else retains:
+        kept = kept_count(retain, meta["num_experts"], meta["top_k"])
+        expert_groups(meta, meta["num_experts"], kept)
+
+
+# -------------------------------------------------------------------------------------- mask checks
+def load_mask(path: str | Path):
+    from moeprune.planning.mask import ExpertMask
+
+    return ExpertMask.load(path)
+
+
+def check_mask_for_config(mask: Any, config: Any, *, force: bool = False) -> None:
+    """The mask fits this model: its expert count, its config hash (unless ``force``), the router's top-k
+    and its routing groups (the same per-group count in every group)."""
+    meta = routing_meta(config)
+    if meta["num_experts"] != mask.num_experts:
+        where = f" (mask made for {mask.model!r})" if mask.model else ""
+        raise MoePruneError(
+            f"The mask is for a model with {mask.num_experts} experts per layer{where}, but this model has "
+            f"{meta['num_experts']} ({meta['num_experts_key']} in its config.json). Plan a mask from a profile of "
+            "this model."
+        )
+    check_mask_hash(mask, config, force)
+    check_mask_routable(mask, meta)
+
+
+def check_mask_hash(mask: Any, config: Any, force: bool) -> None:
+    from moeprune.loading import config_hash
+
+    recorded = mask.extra.get("config_hash")
+    if not recorded or force or isinstance(config, dict):
+        return
+    actual = config_hash(config)
+    if recorded != actual:
+        raise MoePruneError(
+            f"The mask was planned for {mask.model!r} (config hash {recorded}), but this model's config hash is "
+            f"{actual}: a mask of another model of the same shape prunes the wrong experts. Plan a mask from a "
+            "profile of this model, or pass --force if the two configs differ only in ways you know are harmless."
+        )
+
+
+def check_mask_routable(mask: Any, meta: dict[str, Any]) -> None:
+    """K >= top-k, and with grouped routing the same number kept in every group of every layer."""
+    from moeprune.planning.groups import expert_groups
+
+    top_k = meta.get("top_k")
+    if top_k is not None and mask.kept_per_layer < top_k:
+        raise MoePruneError(
+            f"The mask keeps K={mask.kept_per_layer} experts per layer, fewer than the router's top-k={top_k}; "
+            f"the pruned model could not route. Plan a mask with --retain >= "
+            f"{math.ceil(top_k / mask.num_experts * 1000) / 1000}."
+        )
+    if not meta.get("n_group") or int(meta["n_group"]) <= 1:
+        return
+    groups = expert_groups(meta, mask.num_experts, mask.kept_per_layer)
+    per_group = mask.kept_per_layer // len(groups)
+    for layer in sorted(mask.layers):
+        kept = set(mask.kept(layer))
+        counts = [len(kept.intersection(group)) for group in groups]
+        if any(count != per_group for count in counts):
+            raise MoePruneError(
+                f"Mask layer {layer} keeps {counts} experts in the router's n_group={len(groups)} routing groups, "
+                f"but every group must keep K/n_group={per_group}: an uneven mask silently regroups experts. "
+                "Plan the mask with moeprune plan, which keeps the same number inside each group."
+            )
