@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -83,7 +84,7 @@ def test_torchrun_two_processes_equal_one(tiny_checkpoint, tmp_path):
             "--nproc-per-node",
             "2",
             "--master-port",
-            "29517",
+            str(_free_port()),
             "-m",
             "moeprune",
             "profile",
@@ -102,3 +103,10 @@ def test_torchrun_two_processes_equal_one(tiny_checkpoint, tmp_path):
     one, two = ExpertStats.load(single / "wiki.safetensors"), ExpertStats.load(parallel / "wiki.safetensors")
     _assert_same(two, one)
     assert two.meta["world_size"] == 2 and two.meta["tokens"] == one.meta["tokens"]
+
+
+def _free_port() -> int:
+    """A port no one listens on now: a fixed one collides with any other run of this test on the machine."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
