@@ -29,6 +29,7 @@ from moeprune.arch.adapters import ROUTER_ATTRS, spec_for
 from moeprune.errors import MoePruneError
 from moeprune.io import atomic_directory
 from moeprune.planning.mask import ExpertMask
+from moeprune.surgery.config_json import with_expert_count
 from moeprune.surgery.model_card import CardInfo, render_model_card
 
 EXPERT_KEY = re.compile(r"^(?P<head>.*\.layers\.(?P<layer>\d+)\.[^.]+\.experts)\.(?P<expert>\d+)\.(?P<rest>.+)$")
@@ -142,8 +143,8 @@ def _prune_tensor(name: str, load, mask: ExpertMask) -> tuple[str, torch.Tensor]
 
 
 def _pruned_config(config: dict, mask: ExpertMask) -> dict:
-    spec = spec_for(_Namespace(config))
-    return {**config, spec.num_experts_key: mask.kept_per_layer}
+    """The source's config.json, every field kept, with the expert count (and any alias of it) set to K."""
+    return with_expert_count(config, mask.num_experts, mask.kept_per_layer)
 
 
 def _copy_other_files(source: Path, target: Path, shards: set[str]) -> None:
