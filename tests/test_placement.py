@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from moeprune import api, loading
+from moeprune.errors import MoePruneError
 from moeprune.loading import load_model, weight_bytes
 from tests.tiny_models import build_model, save_model
 
@@ -90,6 +91,12 @@ def test_without_cuda_the_model_loads_on_the_cpu(bf16_checkpoint, calls, monkeyp
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     call = _load(bf16_checkpoint, calls)
     assert "device_map" not in call and call["dtype"] == torch.float32
+
+
+def test_asking_for_cuda_without_it_names_the_fix(bf16_checkpoint, calls, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(MoePruneError, match=r"--device cuda:1 .*no CUDA device.*--device cpu"):
+        load_model(bf16_checkpoint, device="cuda:1")
 
 
 def test_profile_loads_a_fitting_model_on_the_gpu(bf16_checkpoint, calls, monkeypatch) -> None:

@@ -109,6 +109,9 @@ def choose_device_map(config, dtype: torch.dtype | str, device: str | None,
             return "auto"
         if str(device).startswith("cpu"):
             return None
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise MoePruneError(f"--device {device} asks for CUDA, but torch sees no CUDA device here; "
+                                "drop --device (the CPU is then used) or pass --device cpu.")
         return {"": _normalised(device)}
     if not torch.cuda.is_available():
         return None

@@ -73,10 +73,10 @@ def export_pruned(
 
     A model object is pruned only for the duration of the export and restored afterwards; a path or hub
     id is loaded with ``dtype`` ("auto": the checkpoint's own) on ``device`` (default: the GPU when there
-    is one, see loading.load_model). ``tokenizer`` is
-    a path or a tokenizer object (default: the model's own directory, skipped with a warning when it has
-    none). With ``verify`` the written checkpoint is reloaded in the same dtype and placement and its
-    weights and logits compared with the in-memory pruned model's (see :class:`Reference`).
+    is one, see loading.load_model). ``tokenizer`` is a path or a tokenizer object (default: the model's
+    own directory, skipped with a warning when it has none). With ``verify`` the written checkpoint is
+    reloaded in the same dtype and placement and its weights and logits compared with the in-memory
+    pruned model's (see :class:`Reference`).
     """
     out = Path(out_dir)
     if out.exists() and not overwrite:  # fail before the (possibly long) model load
