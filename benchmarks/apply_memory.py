@@ -3,7 +3,9 @@
 Builds a random Qwen2-MoE checkpoint on disk (a few hundred MB in bf16 by default), then runs apply
 once per retain ratio, each in a fresh process, and prints the peak resident set *added by apply*
 (peak RSS minus the RSS after importing torch, transformers and moeprune) divided by the checkpoint's
-bytes on disk. Target: <= 1.2 at every retain ratio.
+bytes on disk, for all memory (RSS) and for private memory only (anon: without the page cache of the
+memory-mapped safetensors files, which the kernel reclaims when memory runs short). With CUDA, apply runs
+on the GPU and its peak GPU memory / checkpoint bytes is printed too. Target: <= 1.2 at every retain ratio.
 
 ``--compare-src DIR`` runs the same apply with another moeprune source tree (e.g. an older commit
 extracted with ``git archive``) side by side, so the table shows old and new behaviour measured on the
@@ -73,13 +75,22 @@ def child(args: argparse.Namespace) -> None:
                       {i: LayerMask(sorted(rng.sample(range(n), kept))) for i in range(layers)})
     baseline, anon_baseline = _status_kib("VmRSS"), _status_kib("RssAnon")
     sampler = _AnonPeak()
-    if args.mode == "model-free":
+    if args.mode == "load":  # the floor: transformers' own from_pretrained in the checkpoint dtype
+        transformers.AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype="auto")
+    elif args.mode == "model-free":
         prune_checkpoint_files(args.checkpoint, mask, args.out, overwrite=True, progress=False)
     else:
         export_pruned(args.checkpoint, mask, args.out, overwrite=True, verify=args.mode == "apply", progress=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     print(json.dumps({"baseline_kib": baseline, "peak_kib": peak, "anon_baseline_kib": anon_baseline,
-                      "anon_peak_kib": sampler.stop()}))
+                      "anon_peak_kib": sampler.stop(), "gpu_peak_bytes": _gpu_peak()}))
+
+
+def _gpu_peak() -> int | None:
+    """Peak GPU memory allocated by torch (apply loads onto the GPU when there is one), else None."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
 
 
 def _status_kib(field: str) -> int:
@@ -124,6 +135,12 @@ def measure(src: Path, checkpoint: Path, retain: float, mode: str, out: Path) ->
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=None, help="where the checkpoint and outputs go (default: a temp dir)")
@@ -133,7 +150,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--retains", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     parser.add_argument("--modes", nargs="+", default=["apply", "model-free"],
-                        help="apply (with verification), apply-no-verify, model-free")
+                        help="apply (with verification), apply-no-verify, model-free, "
+                        "load (from_pretrained only: the floor)")
     parser.add_argument("--compare-src", default=None, help="another moeprune src/ to measure side by side")
     # child-process arguments
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -153,7 +171,9 @@ def main() -> None:
         print(f"checkpoint: {checkpoint.name}, {size / 2**20:.0f} MiB of safetensors ({args.dtype})")
         print("RSS = (peak RSS - RSS after imports) / checkpoint bytes; anon = the same for private (anonymous)")
         print("memory, i.e. without the reclaimable page cache of mapped files. Target <= 1.2.\n")
-        header = "| mode | retain | " + " | ".join(f"{name} RSS | {name} anon" for name in sources) + " |"
+        gpu = _has_cuda()
+        columns = ["RSS", "anon"] + (["GPU"] if gpu else [])
+        header = "| mode | retain | " + " | ".join(f"{n} {c}" for n in sources for c in columns) + " |"
         print(header)
         print("|" + "---|" * (header.count("|") - 1))
         for mode in args.modes:
@@ -162,11 +182,13 @@ def main() -> None:
                 for name, src in sources.items():
                     result = measure(src, checkpoint, retain, mode, root / f"out-{name}")
                     if "error" in result:
-                        cells += [f"error: {result['error'][:60]}", ""]
+                        cells += [f"error: {result['error'][:60]}"] + [""] * (len(columns) - 1)
                         continue
                     added = (result["peak_kib"] - result["baseline_kib"]) * 1024
                     anon = (result["anon_peak_kib"] - result["anon_baseline_kib"]) * 1024
                     cells += [f"{added / size:.2f}", f"{anon / size:.2f}"]
+                    if gpu:
+                        cells.append(f"{(result['gpu_peak_bytes'] or 0) / size:.2f}")
                 print(f"| {mode} | {retain:.2f} | " + " | ".join(cells) + " |", flush=True)
 
 
