@@ -92,13 +92,17 @@ def profile(
 ) -> Profile:
     """Profile ``model`` (a loaded model, a local path or a hub id) on each corpus into ``out``.
 
-    ``sequential=True`` keeps the weights on the CPU and runs one decoder layer at a time on ``device``;
-    ``None`` (default) does so only when a model given by name does not fit in the free GPU memory.
+    A model given by name loads like :func:`moeprune.loading.load_model` places it (on the GPU when there
+    is one). ``sequential=True`` keeps the weights on the CPU and runs one decoder layer at a time on
+    ``device``; ``None`` (default) does so only when a model given by name does not fit in the free GPU
+    memory (of ``device``, or of all visible GPUs).
     """
     sequential_device = None
-    if sequential or (sequential is None and not isinstance(model, torch.nn.Module) and not _fits(model, device)):
+    if sequential is None and not isinstance(model, torch.nn.Module):
+        sequential = not _fits(model, device, dtype, trust_remote_code)
+    if sequential:
         sequential_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        device = "cpu"
+        device, dtype = "cpu", _sequential_dtype(model, dtype, sequential_device, trust_remote_code)
     model = _model(model, dtype, device, trust_remote_code)
     tokenizer = _tokenizer(tokenizer, model, trust_remote_code)
     specs = [c if isinstance(c, CorpusSpec) else parse_corpus(c) for c in corpora]
@@ -216,6 +220,7 @@ def apply(
     *,
     dtype: str = "auto",
     tokenizer: Any = None,
+    device: str | None = None,
     trust_remote_code: bool = False,
     overwrite: bool = False,
     verify: bool = True,
@@ -224,7 +229,8 @@ def apply(
 ) -> Path:
     """Write the pruned checkpoint to ``out`` (atomically, verified against the in-memory masked model).
 
-    ``force`` accepts a mask planned for a model with another config hash."""
+    A model given by name loads in its checkpoint dtype on the GPU when there is one (``device`` as in
+    :func:`moeprune.loading.load_model`). ``force`` accepts a mask planned for a model with another config hash."""
     from moeprune.surgery import export_pruned
     from moeprune.validation import check_mask_for_config, model_config
 
@@ -241,6 +247,7 @@ def apply(
         out,
         tokenizer=tokenizer,
         dtype=dtype,
+        device=device,
         trust_remote_code=trust_remote_code,
         overwrite=overwrite,
         verify=verify,
@@ -307,12 +314,15 @@ def prune(
     # Exported from the checkpoint itself when we have one, so the output keeps its dtype (on a CPU the
     # loaded copy is float32, see loading.load_model).
     source = loaded if isinstance(model, torch.nn.Module) else model
+    if not isinstance(model, torch.nn.Module):
+        del loaded  # apply reloads the checkpoint: never hold two dense copies (GPU or CPU) at once
     written = apply(
         source,
         mask,
         out,
         dtype=dtype,
         tokenizer=tokenizer,
+        device=device,
         overwrite=overwrite,
         trust_remote_code=trust_remote_code,
         progress=progress,
@@ -342,22 +352,21 @@ def _report_perplexity(dense: dict[str, dict], pruned: dict[str, dict], mask: Ex
     write_json_atomic(workdir / "perplexity.json", {"dense": dense, "pruned": pruned, "mask": mask.to_json()})
 
 
-def _fits(model: Any, device: str | None) -> bool:
-    """Whether the weights fit in 90% of the free memory of the target GPU (always true without one)."""
-    if not torch.cuda.is_available() or (device is not None and not str(device).startswith("cuda")):
-        return True
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+def _fits(model: Any, device: str | None, dtype: str = "auto", trust_remote_code: bool = False) -> bool:
+    """Whether the weights (in ``dtype``) fit in the free memory of the GPU(s) they would load on."""
+    from moeprune.loading import fits_on_gpus
 
-    from moeprune.loading import load_config
+    return fits_on_gpus(model, dtype, device, trust_remote_code)
 
-    config = load_config(model)
-    with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config)
-    dtype_bytes = torch.tensor([], dtype=getattr(config, "dtype", None) or torch.bfloat16).element_size()
-    needed = sum(p.numel() for p in skeleton.parameters()) * dtype_bytes
-    free, _ = torch.cuda.mem_get_info(torch.device(device or "cuda"))
-    return needed < 0.9 * free
+
+def _sequential_dtype(model: Any, dtype: str, run_on: str, trust_remote_code: bool) -> str | torch.dtype:
+    """Weights parked on the CPU for a layer-sequential run keep the checkpoint's dtype when the layers
+    run on an accelerator ("auto" would mean fp32 for CPU-loaded weights, see loading.load_model)."""
+    if dtype != "auto" or str(run_on).startswith("cpu") or isinstance(model, torch.nn.Module):
+        return dtype
+    from moeprune.loading import checkpoint_dtype, load_config
+
+    return checkpoint_dtype(load_config(model, trust_remote_code))
 
 
 def _auto_budget_setup(prof: Profile, model: Any, options: dict[str, Any]) -> tuple[Any, dict[str, torch.Tensor]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -23,9 +24,17 @@ EXAMPLES = {
 }
 
 
+WHERE_IT_RUNS = (
+    "where it runs: with CUDA, models load onto the GPU in their checkpoint dtype (bf16), spread over all visible\n"
+    "  GPUs when one is too small; --device cpu (or no GPU) loads on the CPU, where --dtype auto means float32\n"
+    "  (apply keeps the checkpoint dtype everywhere). -q/--quiet and -v/--verbose set how much is logged."
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _configure_logging(args)
     try:
         from moeprune.io import environment_errors
         from moeprune.validation import check_args, held_outputs
@@ -60,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=summary,
             description=summary,
-            epilog="example:\n  " + EXAMPLES[name],
+            epilog="example:\n  " + EXAMPLES[name] + "\n\n" + WHERE_IT_RUNS,
             formatter_class=argparse.RawDescriptionHelpFormatter,
+            parents=[_output_options()],
         )
         adder(sub)
     return parser
@@ -72,9 +82,18 @@ def _model_options(p: argparse.ArgumentParser, positional: bool = True, device: 
     if positional:
         p.add_argument("model", help="local checkpoint directory, hub id, or 'bundled' (the shipped testbed)")
     g = p.add_argument_group("model loading")
-    g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default: auto)")
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto | float32 | bfloat16 | float16 (default auto: the checkpoint's dtype; float32 on the CPU)",
+    )
     if device:
-        g.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: where transformers loads)")
+        g.add_argument(
+            "--device",
+            default=None,
+            help="cpu, cuda, cuda:1, or auto (spread over all GPUs) (default: the GPU if there is one, spread over "
+            "all visible GPUs when it is too small, else the CPU)",
+        )
     g.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own modeling code")
     if positional:
         g.add_argument(
@@ -216,7 +235,7 @@ def _run_plan(args: argparse.Namespace) -> None:
 
 
 def _add_apply(p: argparse.ArgumentParser) -> None:
-    _model_options(p, device=False)  # export works where the weights load; nothing to place
+    _model_options(p)
     p.add_argument("mask", help="mask.json written by `moeprune plan`")
     p.add_argument("--out", required=True, help="directory for the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -250,6 +269,7 @@ def _run_apply(args: argparse.Namespace) -> None:
         args.out,
         dtype=args.dtype,
         tokenizer=args.tokenizer,
+        device=args.device,
         trust_remote_code=args.trust_remote_code,
         overwrite=args.overwrite,
         verify=not args.no_verify,
@@ -441,6 +461,27 @@ def budget_arg(text: str) -> int | str:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'auto' (e.g. -B 20, -B auto)") from None
+
+
+def _output_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    loudness = parent.add_argument_group("output").add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", action="store_true", help="print only warnings and errors")
+    loudness.add_argument("-v", "--verbose", action="store_true", help="also print debug messages")
+    return parent
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    """moeprune's log lines (placement, verification, progress of stages) go to stderr at INFO by default."""
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    logger = logging.getLogger("moeprune")
+    for old in [h for h in logger.handlers if getattr(h, "moeprune_cli", False)]:  # main() run again
+        logger.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("moeprune: %(message)s"))
+    handler.moeprune_cli = True
+    logger.addHandler(handler)
+    logger.setLevel(level)
 
 
 def _calibration(args: argparse.Namespace) -> dict:

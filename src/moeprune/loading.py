@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -11,6 +12,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from moeprune.errors import MoePruneError
 from moeprune.models import register as register_ports
+
+log = logging.getLogger(__name__)
+
+# Weights may take this share of a GPU's free memory; the rest is for activations and the CUDA context.
+FIT_FRACTION = 0.9
 
 DTYPES = {
     "float32": torch.float32,
@@ -67,21 +73,84 @@ def load_model(
     trust_remote_code: bool = False,
     device_map: str | dict | None = None,
 ) -> PreTrainedModel:
-    """Load a causal LM in eval mode; ``device_map`` (e.g. "auto") goes to accelerate."""
+    """Load a causal LM in eval mode, placed the way the field's tools place it.
+
+    ``device_map`` (e.g. "auto") goes to transformers/accelerate as given; otherwise see
+    :func:`choose_device_map`: with CUDA and no ``device`` the weights load straight onto one GPU, or are
+    spread over all visible GPUs when one is not enough; ``device="cpu"`` keeps them on the CPU.
+    ``dtype="auto"`` keeps the checkpoint's dtype (bf16 for most hub MoEs), except on the CPU, where it
+    means float32 (half-precision matmuls are many times slower there).
+    """
     path = resolve_model_path(model)
     config = load_config(path, trust_remote_code)
-    kwargs = {"dtype": _auto_dtype(parse_dtype(dtype), device, device_map), "trust_remote_code": trust_remote_code}
+    torch_dtype = parse_dtype(dtype)
+    if device_map is None:
+        device_map = choose_device_map(config, torch_dtype, device, trust_remote_code)
+    kwargs = {"dtype": _auto_dtype(torch_dtype, device_map), "trust_remote_code": trust_remote_code}
     if device_map is not None:
         kwargs["device_map"] = device_map
+    log.info("Loading %s (%s) on %s", path, kwargs["dtype"], _placement_name(device_map))
     try:
         loaded = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
     except OSError as err:
         raise MoePruneError(f"Cannot load the weights of {path}: {err}") from err
-    if device is not None and device_map is None:
-        loaded = loaded.to(device)
     loaded.eval()
     loaded.name_or_path = path
     return loaded
+
+
+def choose_device_map(config, dtype: torch.dtype | str, device: str | None,
+                      trust_remote_code: bool = False) -> str | dict | None:
+    """Where the weights go: None (the CPU), ``{"": device}`` (one device) or "auto" (accelerate spreads them).
+
+    ``device`` "cpu" -> CPU; "auto" -> "auto"; any other device -> all weights on it. Without ``device``:
+    the CPU when CUDA is absent; under torchrun each rank's own GPU; else the current GPU when the weights
+    fit in ``FIT_FRACTION`` of its free memory, otherwise "auto" over all visible GPUs (then CPU).
+    """
+    if device is not None:
+        if str(device) == "auto":
+            return "auto"
+        if str(device).startswith("cpu"):
+            return None
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise MoePruneError(f"--device {device} asks for CUDA, but torch sees no CUDA device here; "
+                                "drop --device (the CPU is then used) or pass --device cpu.")
+        return {"": _normalised(device)}
+    if not torch.cuda.is_available():
+        return None
+    gpu = torch.cuda.current_device()
+    if _distributed() or weight_bytes(config, dtype, trust_remote_code) <= FIT_FRACTION * _free_bytes(gpu):
+        return {"": gpu}
+    log.info("The weights do not fit on GPU %d alone: spreading them over all visible GPUs (device_map='auto')",
+             gpu)
+    return "auto"
+
+
+def fits_on_gpus(model: str | Path, dtype: str | torch.dtype | None = "auto", device: str | None = None,
+                 trust_remote_code: bool = False) -> bool:
+    """Whether the weights fit in ``FIT_FRACTION`` of the free memory of ``device``, or of all visible GPUs
+    when ``device`` is None (True on a CPU run: there is nothing to fit)."""
+    if not torch.cuda.is_available() or (device is not None and not str(device).startswith("cuda")):
+        return True
+    config = load_config(model, trust_remote_code)
+    if device is not None:
+        free = _free_bytes(torch.device(_normalised(device)).index)
+    elif _distributed():
+        free = _free_bytes(torch.cuda.current_device())
+    else:
+        free = sum(_free_bytes(i) for i in range(torch.cuda.device_count()))
+    return weight_bytes(config, parse_dtype(dtype), trust_remote_code) <= FIT_FRACTION * free
+
+
+def weight_bytes(config, dtype: torch.dtype | str = "auto", trust_remote_code: bool = False) -> int:
+    """Bytes of the model's weights in ``dtype`` ("auto": the checkpoint's), from an empty (meta) skeleton."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    target = checkpoint_dtype(config) if dtype == "auto" else dtype
+    size = torch.tensor([], dtype=target).element_size()
+    return sum(p.numel() * (size if p.is_floating_point() else p.element_size()) for p in skeleton.parameters())
 
 
 def checkpoint_dtype(config) -> torch.dtype:
@@ -90,13 +159,37 @@ def checkpoint_dtype(config) -> torch.dtype:
     return DTYPES.get(value, torch.float32) if isinstance(value, str) else value
 
 
-def _auto_dtype(dtype: torch.dtype | str, device: str | None, device_map) -> torch.dtype | str:
-    """ "auto" keeps the checkpoint's dtype, except on a CPU-only run: half-precision matmuls are many
-    times slower than fp32 on CPUs, so there "auto" means float32."""
-    on_cpu = device_map is None and (
-        str(device).startswith("cpu") or (device is None and not torch.cuda.is_available())
-    )
-    return torch.float32 if dtype == "auto" and on_cpu else dtype
+def _auto_dtype(dtype: torch.dtype | str, device_map) -> torch.dtype | str:
+    """ "auto" keeps the checkpoint's dtype, except for weights loaded on the CPU (device_map None):
+    half-precision matmuls are many times slower than fp32 on CPUs, so there "auto" means float32."""
+    return torch.float32 if dtype == "auto" and device_map is None else dtype
+
+
+def _normalised(device: str | torch.device) -> str:
+    """``cuda`` -> ``cuda:<current>``, so that a device map names one concrete device."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
+def _free_bytes(gpu: int) -> int:
+    return torch.cuda.mem_get_info(gpu)[0]
+
+
+def _distributed() -> bool:
+    """Under torchrun every rank holds a whole replica on its own GPU: never spread a model over GPUs."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def _placement_name(device_map) -> str:
+    if device_map is None:
+        return "cpu"
+    if isinstance(device_map, dict) and set(device_map) == {""}:
+        value = device_map[""]
+        return f"cuda:{value}" if isinstance(value, int) else str(value)
+    return f"device_map={device_map!r}"
 
 
 def load_tokenizer(model: str | Path, trust_remote_code: bool = False):

@@ -132,17 +132,18 @@ def test_bf16_checkpoint_exports_in_bf16_and_verifies(tmp_path: Path) -> None:
         assert handle.get_tensor(_tensor_names(out)[0]).dtype == torch.bfloat16
 
 
-def test_verification_compares_logits_not_only_weights(sources, tmp_path: Path) -> None:
+def test_verification_compares_logits_not_only_weights(sources, tmp_path: Path, monkeypatch) -> None:
+    from moeprune.surgery import export
+
     model = load_model(sources("qwen3_moe"), dtype="float32")
-    original_save = model.save_pretrained
+    original = export.pruned_config_json
 
-    def save_with_wrong_config(directory, **kwargs):
-        original_save(directory, **kwargs)
-        config = json.loads((Path(directory) / "config.json").read_text())
+    def wrong_config(*args):
+        config = original(*args)
         config["norm_topk_prob"] = not config["norm_topk_prob"]  # same weights, different routing
-        (Path(directory) / "config.json").write_text(json.dumps(config))
+        return config
 
-    model.save_pretrained = save_with_wrong_config
+    monkeypatch.setattr(export, "pruned_config_json", wrong_config)
     with pytest.raises(MoePruneError, match=r"Verification failed.*logits differ"):
         export_pruned(model, make_mask(model), tmp_path / "pruned", progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -68,10 +68,12 @@ class StatsRecorder:
                 valid = self.valid_tokens.to(norms.device).repeat_interleave(top_k).double()
                 gates, norms = gates * valid, norms * valid
                 count = torch.bincount(flat_index, weights=valid, minlength=n)
-            self.sums["count"][row] += count
-            self.sums["gate_sum"][row] += torch.bincount(flat_index, weights=gates, minlength=n)
-            self.sums["reap_sum"][row] += torch.bincount(flat_index, weights=gates * norms, minlength=n)
-            self.sums["norm_sum"][row] += torch.bincount(flat_index, weights=norms, minlength=n)
+            # .to(): with a model spread over GPUs (device_map="auto") this layer may sit on another device.
+            home = self.sums["count"].device
+            self.sums["count"][row] += count.to(home)
+            self.sums["gate_sum"][row] += torch.bincount(flat_index, weights=gates, minlength=n).to(home)
+            self.sums["reap_sum"][row] += torch.bincount(flat_index, weights=gates * norms, minlength=n).to(home)
+            self.sums["norm_sum"][row] += torch.bincount(flat_index, weights=norms, minlength=n).to(home)
 
         return observe
     @contextmanager

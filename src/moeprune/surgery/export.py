@@ -2,20 +2,28 @@
 
 Everything is written into a temporary sibling directory and renamed into place only after the reloaded
 checkpoint has been verified against the in-memory pruned model, so a failure never leaves half an output.
+
+Memory: the model is pruned in place in its own dtype and on its own device (a GPU when there is one, see
+loading.load_model); verification takes the pruned model's logits and weight fingerprints first, frees
+the model (when it loaded it), and only then reloads the written checkpoint, so at no time are two full
+models or an fp32 copy held.
 """
 
 from __future__ import annotations
 
+import gc
+import hashlib
+import json
 import logging
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
 
 from moeprune.errors import MoePruneError
 from moeprune.io import atomic_directory, check_output_dir
@@ -28,12 +36,21 @@ from moeprune.loading import (
     resolve_model_path,
 )
 from moeprune.planning.mask import ExpertMask
+from moeprune.surgery.config_json import pruned_config_json, source_config_json
 from moeprune.surgery.model_card import CardInfo, render_model_card
 from moeprune.surgery.slicing import apply_mask, count_parameters, masked
 
 log = logging.getLogger(__name__)
 
-VERIFY_ATOL = 1e-5
+VERIFY_ATOL = 1e-5  # fp32 checkpoints
+# Half-precision checkpoints: relative to the largest logit. The reload runs the same kernels in the same
+# dtype (exact on CPU); this only absorbs nondeterministic GPU kernels, far below what a wrong weight,
+# routing or rope setting changes.
+VERIFY_HALF_RTOL = 1e-2
+# Weights are written in shards of at most this size (the hub's usual size): a model on a GPU is staged
+# to CPU memory one shard at a time by safetensors.
+MAX_SHARD_SIZE = "5GB"
+FINGERPRINT_CHUNK = 1 << 26  # bytes hashed per step, so GPU tensors are copied to the CPU in small pieces
 VERIFY_SHAPE = (2, 32)  # random sequences x tokens compared at verification
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model")
@@ -46,6 +63,7 @@ def export_pruned(
     *,
     tokenizer: Any = None,
     dtype: str | torch.dtype = "auto",
+    device: str | None = None,
     trust_remote_code: bool = False,
     overwrite: bool = False,
     verify: bool = True,
@@ -54,9 +72,11 @@ def export_pruned(
     """Prune a model to ``mask`` and save it as a checkpoint in ``out_dir``; returns ``out_dir``.
 
     A model object is pruned only for the duration of the export and restored afterwards; a path or hub
-    id is loaded with ``dtype``. ``tokenizer`` is a path or a tokenizer object (default: the model's own
-    directory, skipped with a warning when it has none). With ``verify`` the written checkpoint is reloaded
-    in fp32 and its logits compared with the in-memory pruned model (max |diff| <= 1e-5).
+    id is loaded with ``dtype`` ("auto": the checkpoint's own) on ``device`` (default: the GPU when there
+    is one, see loading.load_model). ``tokenizer`` is a path or a tokenizer object (default: the model's
+    own directory, skipped with a warning when it has none). With ``verify`` the written checkpoint is
+    reloaded in the same dtype and placement and its weights and logits compared with the in-memory
+    pruned model's (see :class:`Reference`).
     """
     out = Path(out_dir)
     # Fail before the (possibly long) model load: an existing --out, or one overlapping the source.
@@ -67,20 +87,25 @@ def export_pruned(
     steps = tqdm(total=4 if verify else 3, desc="apply", disable=not progress, unit="step")
     try:
         _step(steps, "loading model")
-        model, owned = _model(model_or_path, dtype, trust_remote_code)
+        model, owned = _model(model_or_path, dtype, device, trust_remote_code)
         source = model_name(model_or_path if isinstance(model_or_path, (str, Path)) else model)
         source_dir = _local_dir(source)
         # Whoever hands us a loaded remote-code model has already trusted that code.
         trust = trust_remote_code or (not owned and bool(getattr(model.config, "auto_map", None)))
         tok = _tokenizer(tokenizer, source, source_dir, trust)
         params_before = count_parameters(model)
-        with _pruned(model, mask, owned):
-            info = CardInfo(source, str(out), mask, params_before, count_parameters(model))
-            with atomic_directory(out, overwrite=overwrite) as tmp:
-                _write(model, tok, mask, info, source_dir, tmp, steps)
-                if verify:
-                    _step(steps, "verifying reloaded checkpoint")
-                    verify_checkpoint(model, tmp, trust_remote_code=trust)
+        with atomic_directory(out, overwrite=overwrite) as tmp:
+            with _pruned(model, mask, owned):
+                info = CardInfo(source, str(out), mask, params_before, count_parameters(model))
+                reference = Reference.of(model) if verify else None
+                _write(model, tok, mask, info, source_dir or source, tmp, steps)
+            if reference is not None:
+                placement = _placement(model)
+                if owned:  # ours alone: free it before the reload, so two models are never held
+                    del model
+                    _release_memory()
+                _step(steps, "verifying reloaded checkpoint")
+                reference.check(tmp, placement, trust_remote_code=trust)
         _step(steps, "done")
     finally:
         steps.close()
@@ -90,58 +115,123 @@ def export_pruned(
 
 
 @torch.no_grad()
-def verify_checkpoint(model: nn.Module, path: str | Path, *, trust_remote_code: bool = False,
-                      atol: float = VERIFY_ATOL) -> float:
-    """Reload ``path`` in fp32 and compare its weights and logits with ``model``'s (upcast to fp32 meanwhile).
+def verify_checkpoint(model: nn.Module, path: str | Path, *, trust_remote_code: bool = False) -> float:
+    """Reload ``path`` like ``model`` is placed, in its dtype, and compare weights and logits with ``model``.
 
-    Weights must be equal; returns the logits' max |diff| and raises MoePruneError above ``atol``.
+    Weights must be equal; returns the logits' max |diff| and raises MoePruneError above the tolerance.
     """
-    device = model.get_input_embeddings().weight.device
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, VERIFY_SHAPE, generator=generator).to(device)
-    kwargs: dict[str, Any] = {"dtype": torch.float32, "trust_remote_code": trust_remote_code}
-    if getattr(model, "hf_device_map", None):
-        kwargs["device_map"] = model.hf_device_map  # same placement, same kernels
-    reloaded = AutoModelForCausalLM.from_pretrained(str(path), **kwargs).eval()
-    if "device_map" not in kwargs:
-        reloaded.to(device)
-    with _fp32(model):
+    return Reference.of(model).check(path, _placement(model), trust_remote_code=trust_remote_code)
+
+
+@dataclass
+class Reference:
+    """What the reloaded checkpoint must reproduce: the pruned model's logits on fixed random tokens and
+    a fingerprint (shape, dtype, sha256 of the bytes) of every parameter. Taken before the export, so the
+    pruned model need not be kept for the comparison."""
+
+    ids: torch.Tensor
+    logits: torch.Tensor
+    fingerprints: dict[str, tuple]
+    dtype: torch.dtype
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, model: nn.Module) -> Reference:
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, model.config.vocab_size, VERIFY_SHAPE, generator=generator)
+        logits = _logits(model, ids)
         # Random tokens need not reach every expert, so the weights are compared too.
-        _compare_weights(model, reloaded)
-        expected = model(input_ids=ids).logits.float()
-    actual = reloaded(input_ids=ids).logits.float()
-    del reloaded
-    diff = (actual - expected).abs().max().item() if actual.shape == expected.shape else float("inf")
-    if not diff <= atol:  # also catches NaN
-        raise MoePruneError(
-            f"Verification failed: the reloaded checkpoint's logits differ from the pruned model's by "
-            f"{diff:.3g} (> {atol:g}); nothing was written. This is a moeprune bug for this architecture: "
-            "please report it (or pass verify=False / --no-verify at your own risk)."
-        )
-    log.info("Verified: reloaded logits match the in-memory pruned model (max |diff| %.3g)", diff)
-    return diff
+        fingerprints = {name: fingerprint(p) for name, p in model.named_parameters()}
+        return cls(ids, logits, fingerprints, _float_dtype(model))
+
+    @torch.no_grad()
+    def check(self, path: str | Path, placement: dict[str, Any], *, trust_remote_code: bool = False) -> float:
+        reloaded = load_model(path, dtype=self.dtype, trust_remote_code=trust_remote_code, **placement)
+        self._compare_weights(reloaded)
+        actual = _logits(reloaded, self.ids)
+        del reloaded
+        expected = self.logits
+        diff = (actual - expected).abs().max().item() if actual.shape == expected.shape else float("inf")
+        tolerance = _tolerance(self.dtype, expected)
+        if not diff <= tolerance:  # also catches NaN
+            raise MoePruneError(
+                f"Verification failed: the reloaded checkpoint's logits differ from the pruned model's by "
+                f"{diff:.3g} (> {tolerance:.3g}); nothing was written. This is a moeprune bug for this "
+                "architecture: please report it (or pass verify=False / --no-verify at your own risk)."
+            )
+        log.info("Verified: reloaded logits match the in-memory pruned model (max |diff| %.3g, %s)", diff,
+                 str(self.dtype).removeprefix("torch."))
+        return diff
+
+    def _compare_weights(self, reloaded: nn.Module) -> None:
+        actual = {name: fingerprint(p) for name, p in reloaded.named_parameters()}
+        wrong = sorted(set(self.fingerprints) ^ set(actual))
+        wrong += [name for name in sorted(set(self.fingerprints) & set(actual))
+                  if not _same(self.fingerprints[name], actual[name])]
+        if wrong:
+            raise MoePruneError(
+                f"Verification failed: the reloaded checkpoint's weights differ from the pruned model's in "
+                f"{len(wrong)} tensors ({', '.join(wrong[:3])}...); nothing was written. This is a moeprune bug "
+                "for this architecture: please report it (or pass verify=False / --no-verify at your own risk)."
+            )
 
 
-def _compare_weights(model: nn.Module, reloaded: nn.Module) -> None:
-    expected, actual = dict(model.named_parameters()), dict(reloaded.named_parameters())
-    wrong = sorted(set(expected) ^ set(actual))
-    wrong += [name for name in sorted(set(expected) & set(actual))
-              if not torch.equal(expected[name].to(actual[name].device), actual[name])]
-    if wrong:
-        raise MoePruneError(
-            f"Verification failed: the reloaded checkpoint's weights differ from the pruned model's in "
-            f"{len(wrong)} tensors ({', '.join(wrong[:3])}...); nothing was written. This is a moeprune bug "
-            "for this architecture: please report it (or pass verify=False / --no-verify at your own risk)."
-        )
+def fingerprint(tensor: torch.Tensor) -> tuple:
+    """(shape, dtype, sha256 of the raw bytes) of a tensor on any device; no digest for meta tensors."""
+    data = tensor.detach()
+    if data.device.type == "meta":  # offloaded to disk by accelerate: nothing to hash here
+        return tuple(data.shape), str(data.dtype), None
+    digest = hashlib.sha256()
+    for chunk in data.contiguous().reshape(-1).view(torch.uint8).split(FINGERPRINT_CHUNK):
+        digest.update(chunk.cpu().numpy())  # zero-copy for CPU tensors
+    return tuple(data.shape), str(data.dtype), digest.hexdigest()
 
 
-def _write(model: nn.Module, tok: Any, mask: ExpertMask, info: CardInfo, source_dir: Path | None,
+def _same(expected: tuple, actual: tuple) -> bool:
+    if expected[2] is None or actual[2] is None:
+        return expected[:2] == actual[:2]
+    return expected == actual
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    device = model.get_input_embeddings().weight.device
+    return model(input_ids=ids.to(device)).logits.float().cpu()
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _tolerance(dtype: torch.dtype, expected: torch.Tensor) -> float:
+    if dtype in (torch.float32, torch.float64):
+        return VERIFY_ATOL
+    return VERIFY_HALF_RTOL * max(1.0, expected.abs().max().item())
+
+
+def _placement(model: nn.Module) -> dict[str, Any]:
+    """load_model arguments that put a reload where ``model`` is (same devices, same kernels)."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        return {"device_map": dict(device_map)}
+    device = model.get_input_embeddings().weight.device
+    return {"device": "cpu"} if device.type == "cpu" else {"device_map": {"": str(device)}}
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _write(model: nn.Module, tok: Any, mask: ExpertMask, info: CardInfo, source: str | Path,
            tmp: Path, steps: tqdm) -> None:
     _step(steps, "saving weights")
     # Default save_pretrained: hub-style per-expert keys, which every transformers version reloads.
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
+    _write_config(tmp, source, mask)
     if tok is not None:
         tok.save_pretrained(tmp)
+    source_dir = _local_dir(str(source))
     if source_dir is not None:
         for code in source_dir.glob("*.py"):  # remote modeling code (trust_remote_code models)
             if not (tmp / code.name).exists():
@@ -150,13 +240,22 @@ def _write(model: nn.Module, tok: Any, mask: ExpertMask, info: CardInfo, source_
     (tmp / "README.md").write_text(render_model_card(info))
 
 
-def _model(model_or_path: nn.Module | str | Path, dtype: str | torch.dtype,
+def _write_config(tmp: Path, source: str | Path, mask: ExpertMask) -> None:
+    """Replace transformers' config.json by the source's own with the expert count edited (portable to
+    transformers 4.x readers and other tools; see surgery/config_json.py)."""
+    saved = json.loads((tmp / "config.json").read_text())
+    config = pruned_config_json(source_config_json(source), saved, mask.num_experts, mask.kept_per_layer)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _model(model_or_path: nn.Module | str | Path, dtype: str | torch.dtype, device: str | None,
            trust_remote_code: bool) -> tuple[nn.Module, bool]:
     """The model to prune, and whether we loaded it (then it may be pruned in place, without restoring)."""
     if isinstance(model_or_path, (str, Path)):
         if dtype == "auto":  # the export keeps the checkpoint's own dtype, even on a CPU
             dtype = checkpoint_dtype(load_config(model_or_path, trust_remote_code))
-        return load_model(model_or_path, dtype=dtype, trust_remote_code=trust_remote_code), True
+        loaded = load_model(model_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        return loaded, True
     return model_or_path.eval(), False
 
 
@@ -188,31 +287,6 @@ def _tokenizer(tokenizer: Any, source: str, source_dir: Path | None, trust_remot
 def _local_dir(source: str) -> Path | None:
     path = Path(resolve_model_path(source))
     return path if path.is_dir() else None
-
-
-@contextmanager
-def _fp32(model: nn.Module):
-    """Upcast floating tensors to fp32 in place for the block, then restore each one's dtype exactly."""
-    changed: list[tuple[dict, str, torch.dtype]] = []
-    for module in model.modules():
-        for table in (module._parameters, module._buffers):
-            for name, tensor in table.items():
-                if tensor is not None and tensor.is_floating_point() and tensor.dtype != torch.float32:
-                    changed.append((table, name, tensor.dtype))
-                    _set_data(table, name, tensor.float())
-    try:
-        yield model
-    finally:
-        for table, name, dtype in changed:
-            _set_data(table, name, table[name].to(dtype))
-
-
-def _set_data(table: dict, name: str, value: torch.Tensor) -> None:
-    # Parameters keep their identity (masked() and optimisers hold references); buffers are replaced.
-    if isinstance(table[name], nn.Parameter):
-        table[name].data = value.data if isinstance(value, nn.Parameter) else value
-    else:
-        table[name] = value
 
 
 def _step(steps: tqdm, what: str) -> None:

@@ -25,10 +25,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from moeprune.arch.adapters import ROUTER_ATTRS, spec_for
+from moeprune.arch.adapters import ROUTER_ATTRS
 from moeprune.errors import MoePruneError
 from moeprune.io import atomic_directory, check_output_dir
 from moeprune.planning.mask import ExpertMask
+from moeprune.surgery.config_json import with_expert_count
 from moeprune.surgery.model_card import CardInfo, render_model_card
 from moeprune.surgery.shard_checks import check_source, check_written, expected_output
 from moeprune.validation import check_mask_for_config
@@ -137,8 +138,8 @@ def _prune_tensor(name: str, load, mask: ExpertMask) -> tuple[str, torch.Tensor]
 
 
 def _pruned_config(config: dict, mask: ExpertMask) -> dict:
-    spec = spec_for(_Namespace(config))
-    return {**config, spec.num_experts_key: mask.kept_per_layer}
+    """The source's config.json, every field kept, with the expert count (and any alias of it) set to K."""
+    return with_expert_count(config, mask.num_experts, mask.kept_per_layer)
 
 
 def _copy_other_files(source: Path, target: Path, shards: set[str]) -> None:

@@ -1,0 +1,77 @@
+"""config.json of a pruned checkpoint: the source's own file with only the expert count changed.
+
+transformers 5 ``save_pretrained`` writes its own view of a config: ``rope_parameters`` and ``dtype``
+instead of ``rope_theta``, ``rope_scaling`` and ``torch_dtype``. A transformers 4.x reader (and other
+tools, e.g. older vLLM) then silently falls back to rope_theta 10000, where Qwen1.5-MoE needs 1e6, and
+DeepSeek-V2-Lite loses its yarn ``rope_scaling``. So the exported config.json is the source's config.json,
+field for field, with the expert count (and any alias of it) set to K; keys that transformers 5 wrote and
+the source lacks are merged in (transformers 5 reads them first, 4.x ignores them). When the source file
+cannot be found (a model built in memory), the legacy keys are derived from transformers 5's own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from moeprune.arch.adapters import NUM_EXPERTS_KEYS
+
+log = logging.getLogger(__name__)
+
+
+def source_config_json(source: str | Path | None) -> dict[str, Any] | None:
+    """The raw config.json of ``source`` (a local directory, or a hub id in the local cache), else None."""
+    if source is None:
+        return None
+    path = Path(source) / "config.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    try:
+        from transformers import PretrainedConfig
+
+        # Raw JSON, no class-specific rewriting; only from the local cache (the model was loaded from it).
+        config, _ = PretrainedConfig.get_config_dict(str(source), local_files_only=True)
+        return config
+    except (OSError, ValueError):
+        return None
+
+
+def pruned_config_json(source: dict[str, Any] | None, saved: dict[str, Any], num_experts: int,
+                       kept: int) -> dict[str, Any]:
+    """The config.json to write: ``source`` (else ``saved`` plus legacy keys) with N -> K and the dtype saved."""
+    if source is None:
+        log.warning("The source config.json was not found: writing transformers' config with rope_theta, "
+                    "rope_scaling and torch_dtype added for older readers.")
+        config = {**saved, **legacy_keys(saved)}
+    else:
+        config = {**saved, **source}
+    config = with_expert_count(config, num_experts, kept)
+    saved_dtype = saved.get("dtype") or saved.get("torch_dtype")
+    if saved_dtype is not None:
+        # The weights' own dtype: differs from the source's when the user asked for another --dtype.
+        config["torch_dtype"] = saved_dtype
+        if "dtype" in config:
+            config["dtype"] = saved_dtype
+    return config
+
+
+def with_expert_count(config: dict[str, Any], num_experts: int, kept: int) -> dict[str, Any]:
+    """``config`` with every expert-count key that reads N (the architecture's key and its aliases) set to K."""
+    edited = {key: kept for key in NUM_EXPERTS_KEYS if config.get(key) == num_experts}
+    return {**config, **edited}
+
+
+def legacy_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """rope_theta, rope_scaling and torch_dtype as transformers 4.x writes them, from transformers 5's keys."""
+    out: dict[str, Any] = {}
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        out["rope_theta"] = rope["rope_theta"]
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if scaling.get("rope_type", "default") != "default":
+            out["rope_scaling"] = {"type": scaling["rope_type"], **scaling}
+    if "dtype" in config:
+        out["torch_dtype"] = config["dtype"]
+    return out
