@@ -24,6 +24,9 @@ NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe
 TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k")
 BLOCK_ATTRS = ("mlp", "block_sparse_moe", "moe", "feed_forward")
 ROUTER_ATTRS = ("gate", "router")
+# Config keys of group-limited routing (DeepSeek-V3 and its many relatives: GLM-4.5, dots1, Kimi, ...).
+GROUP_KEYS = ("n_group", "num_expert_group")
+TOPK_GROUP_KEYS = ("topk_group",)
 
 
 @dataclass(frozen=True)
@@ -93,3 +96,18 @@ def spec_for(config) -> ArchSpec:
     top_k_key = next((k for k in TOP_K_KEYS if isinstance(getattr(config, k, None), int)), TOP_K_KEYS[0])
     # softmax_topk honours config.norm_topk_prob, the common switch among such models.
     return ArchSpec(f"generic:{model_type}", key, "softmax_topk", top_k_key=top_k_key)
+
+
+def routing_groups(config) -> tuple[int, int] | None:
+    """(n_group, topk_group) when the router picks groups of experts first, else None.
+
+    Read from the config whatever the table row says: group-limited routing appears in many families
+    beyond DeepSeek (glm4_moe, dots1, kimi_linear, ...). DeepSeek-V2's ``topk_method="greedy"`` ignores
+    its groups.
+    """
+    n_group = next((getattr(config, k) for k in GROUP_KEYS if isinstance(getattr(config, k, None), int)), 1)
+    if n_group <= 1 or getattr(config, "topk_method", None) == "greedy":
+        return None
+    topk_group = next((getattr(config, k) for k in TOPK_GROUP_KEYS if isinstance(getattr(config, k, None), int)),
+                      n_group)
+    return n_group, topk_group

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeprune.arch.adapters import NUM_EXPERTS_KEYS
+from moeprune.arch.adapters import NUM_EXPERTS_KEYS, routing_groups
 from moeprune.arch.view import MoELayer, moe_layers, top_k_of
 from moeprune.errors import MoePruneError
 from moeprune.loading import model_name
@@ -28,7 +28,13 @@ EXPERT_COUNT_ATTRS = ("num_experts", "n_routed_experts", "num_local_experts", "m
 
 
 def slice_moe_layer(layer: MoELayer, kept: list[int]) -> None:
-    """Keep only the experts ``kept`` (original ids) of one MoE layer, renumbered 0..K-1, in place."""
+    """Keep only the experts ``kept`` (original ids) of one MoE layer, renumbered 0..K-1, in place.
+
+    Besides the experts and the router rows, every per-expert vector of the block is sliced wherever it
+    sits (``gate.e_score_correction_bias``, ``mlp.e_score_correction_bias``, ``feed_forward.expert_bias``,
+    ``gate.moe_statics.e_score_correction_bias``, ...); a larger per-expert tensor outside the experts and
+    the router is refused rather than left unsliced.
+    """
     num_experts = layer.num_experts
     ids = _checked_ids(kept, num_experts, layer.index)
     if layer.spec.layout == "modulelist":
@@ -37,10 +43,41 @@ def slice_moe_layer(layer: MoELayer, kept: list[int]) -> None:
         layer.experts = new_experts
     else:
         # Every per-expert tensor (gate_up_proj, down_proj and any [E, ...] bias) has the expert on dim 0.
-        _slice_tensors(layer.experts, num_experts, ids, names=None)
-    _slice_tensors(layer.router, num_experts, ids, names=("weight", *layer.spec.router_vectors))
-    for module in (layer.block, layer.router, layer.experts):
+        _slice_tensors(layer.experts, num_experts, ids)
+    # Router rows past N (zero-compute experts, a "no expert" column) are not prunable and stay last.
+    rows = layer.router.weight.shape[0]
+    _slice_tensors(layer.router, rows, ids + list(range(num_experts, rows)))
+    _slice_block_vectors(layer, num_experts, ids)
+    for module in _layer_modules(layer):
         _set_expert_counts(module, num_experts, len(ids))
+
+
+def _layer_modules(layer: MoELayer) -> list[nn.Module]:
+    """The block's modules and the router and experts (which may sit outside the block)."""
+    seen: dict[int, nn.Module] = {}
+    for module in (*layer.block.modules(), *layer.router.modules(), *layer.experts.modules()):
+        seen.setdefault(id(module), module)
+    return list(seen.values())
+
+
+def _slice_block_vectors(layer: MoELayer, num_experts: int, ids: list[int]) -> None:
+    """Slice the block's per-expert ``[N]`` vectors outside the router and experts; refuse what cannot be placed."""
+    # The router's own tensors are sliced already; its submodules (e.g. ERNIE's gate.moe_statics) are not.
+    handled = {id(layer.router), *(id(m) for m in layer.experts.modules())}
+    for name, module in layer.block.named_modules():
+        if id(module) in handled or "shared" in name:
+            continue
+        for tensor_name, tensor in (*module._parameters.items(), *module._buffers.items()):
+            if tensor is None or tensor.dim() == 0 or tensor.shape[0] != num_experts:
+                continue
+            if tensor.dim() > 1:
+                where = ".".join(p for p in (name, tensor_name) if p)
+                raise MoePruneError(
+                    f"Layer {layer.index}: {where} {tuple(tensor.shape)} looks per-expert (first dimension "
+                    f"{num_experts}) but is neither the router nor the experts, so moeprune cannot slice it "
+                    "safely; add an ArchSpec row for this architecture in moeprune.arch.adapters."
+                )
+            _slice_tensors(module, num_experts, ids, names=(tensor_name,))
 
 
 def apply_mask(model: nn.Module, mask: ExpertMask) -> nn.Module:
@@ -90,7 +127,7 @@ def masked(model: nn.Module, mask: ExpertMask) -> Iterator[nn.Module]:
     masks can be evaluated on one loaded model and the model afterwards is exactly what it was.
     """
     layers = moe_layers(model)
-    snapshots = [_Snapshot.take(m) for layer in layers for m in (layer.block, layer.router, layer.experts)]
+    snapshots = [_Snapshot.take(m) for layer in layers for m in _layer_modules(layer)]
     config_state = {k: v for k, v in vars(model.config).items() if k in NUM_EXPERTS_KEYS}
     try:
         apply_mask(model, mask)
@@ -143,7 +180,7 @@ def _checked_ids(kept: list[int], num_experts: int, layer: int) -> list[int]:
     return ids
 
 
-def _slice_tensors(module: nn.Module, num_experts: int, ids: list[int], names: tuple[str, ...] | None) \
+def _slice_tensors(module: nn.Module, num_experts: int, ids: list[int], names: tuple[str, ...] | None = None) \
         -> None:
     """Replace the module's own [num_experts, ...] tensors (all, or only ``names``) by their kept rows."""
     for name, param in list(module._parameters.items()):
@@ -189,14 +226,13 @@ def _common_num_experts(layers: list[MoELayer]) -> int:
 
 
 def _group_meta(config: Any, top_k: int) -> dict[str, Any] | None:
-    """Routing-group settings when the router really routes by groups (DeepSeek n_group > 1), else None."""
-    n_group = getattr(config, "n_group", None) or 1
-    # DeepSeek-V2's greedy top-k ignores the groups; group_limited_greedy (and V3) use them.
-    if n_group <= 1 or getattr(config, "topk_method", None) == "greedy":
+    """Routing-group settings when the router really routes by groups (n_group > 1), else None."""
+    groups = routing_groups(config)
+    if groups is None:
         return None
     return {
-        "n_group": n_group,
-        "topk_group": getattr(config, "topk_group", None) or n_group,
+        "n_group": groups[0],
+        "topk_group": groups[1],
         "top_k": top_k,
         "model_type": getattr(config, "model_type", None),
     }

@@ -1,0 +1,254 @@
+"""The architecture sweep: every MoE causal LM of the installed transformers, pruned end to end.
+
+For each model type :func:`run_case` builds a tiny random model from its config class (structural
+switches kept: a dense layer where the family has one, routing groups, shared experts, ...), then runs
+profile -> plan -> apply (export, reload) and compares the reloaded checkpoint's logits with an
+independent reference: the *dense* model whose removed experts are taken out of routing (their router
+logits at -inf, or their choice bias at -inf for sigmoid routers with a correction bias).
+
+Used by tests/test_architecture_sweep.py and scripts/support_matrix.py (which writes docs/support_matrix.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from moeprune.arch.view import moe_layers
+from moeprune.errors import MoePruneError
+from moeprune.loading import load_model
+from moeprune.planning import plan
+from moeprune.profiling.runner import ProfileSettings, model_meta, profile_windows
+from moeprune.profiling.stats import Profile
+from moeprune.surgery import export_pruned
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ATOL = 1e-5
+TOKENS = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+EXPERT_KEY = re.compile(r"expert")
+
+# Tiny sizes set on every config that has the key (kept small so the whole sweep runs in minutes on 2 cores).
+TINY = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=128,
+    moe_intermediate_size=16,
+    expert_ffn_hidden_size=16,
+    shared_expert_intermediate_size=24,
+    moe_shared_expert_intermediate_size=24,
+    num_experts=8,
+    num_local_experts=8,
+    n_routed_experts=8,
+    moe_num_experts=8,
+    num_experts_per_tok=2,
+    num_experts_per_token=2,
+    moe_top_k=2,
+    top_k_experts=2,
+    first_k_dense_replace=1,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    tie_word_embeddings=False,
+)
+# Grouped routers keep their groups: 8 experts in 2 groups, both groups searched.
+GROUPS = dict(n_group=2, topk_group=2, num_expert_group=2, topk_group_count=2)
+
+# Multi-head latent attention (DeepSeek-V2 style): every head has its own KV, small ranks.
+MLA = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8,
+           v_head_dim=8, qk_head_dim=16)
+# Settings a config leaves None by default but the model needs (shared experts present, as in the checkpoints).
+FILL_NONE = dict(n_shared_experts=1, num_shared_experts=1, moe_num_shared_experts=1)
+
+# Extra config settings per model type, for what the generic tiny sizes cannot express.
+OVERRIDES: dict[str, dict[str, Any]] = {}
+
+
+@dataclass
+class CaseResult:
+    model_type: str
+    status: str  # "exact" | "refused" | "wrong" | "error"
+    reason: str = ""
+    diff: float | None = None
+
+
+def moe_model_types() -> list[str]:
+    """Causal-LM model types of the installed transformers whose config names an expert count."""
+    found = []
+    for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        keys = _config_keys(model_type)
+        if keys is not None and any(EXPERT_KEY.search(k) for k in keys):
+            found.append(model_type)
+    return sorted(found)
+
+
+def tiny_config(model_type: str):
+    """The model type's config with tiny sizes, 8 experts top-2, and its structural switches kept."""
+    config_class = CONFIG_MAPPING[model_type]
+    defaults = config_class().to_dict()
+    settings = {k: v for k, v in {**TINY, **GROUPS}.items() if k in defaults}
+    if "kv_lora_rank" in defaults:
+        settings.update({k: v for k, v in MLA.items() if k in defaults and defaults[k] is not None})
+    settings.update({k: v for k, v in FILL_NONE.items() if k in defaults and defaults[k] is None})
+    settings.update(_layer_lists(defaults, settings.get("num_hidden_layers", 3)))
+    settings.update(OVERRIDES.get(model_type, {}))
+    return config_class(**{**defaults, **settings})
+
+
+def build_model(model_type: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=torch.float32)
+    _spread_weights(model)
+    return model.eval()
+
+
+def run_case(model_type: str, workdir: Path | None = None) -> CaseResult:
+    """Profile, plan, export and reload ``model_type``'s tiny model; the status says how it went."""
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        try:
+            diff = _prune_and_compare(model_type, workdir)
+        except MoePruneError as err:
+            return CaseResult(model_type, "refused", str(err))
+        except Exception as err:  # noqa: BLE001 - the sweep reports every other failure as a traceback
+            last = traceback.extract_tb(err.__traceback__)[-1]
+            where = f"{Path(last.filename).name}:{last.lineno}"
+            return CaseResult(model_type, "error", f"{type(err).__name__}: {err} ({where})")
+    status = "exact" if diff <= ATOL else "wrong"
+    return CaseResult(model_type, status, "" if status == "exact" else f"max |diff| {diff:.3g}", diff)
+
+
+@torch.no_grad()
+def _prune_and_compare(model_type: str, workdir: Path) -> float:
+    dense = build_model(model_type)
+    profile = _profile(dense)
+    mask = plan(profile, "reap", 0.5)
+    dense.name_or_path = str(workdir)  # a local source without tokenizer files: export looks no further
+    out = export_pruned(dense, mask, workdir / "pruned", progress=False)
+    pruned = load_model(out, dtype="float32")
+    reference = reference_logits(dense, mask)
+    if torch.equal(reference, _logits(dense)):
+        raise AssertionError("pruning changed nothing: the check has no teeth for this model")
+    return (_logits(pruned) - reference).abs().max().item()
+
+
+def _profile(model: nn.Module) -> Profile:
+    windows = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(2))
+    settings = ProfileSettings(num_samples=4, seq_len=16, batch_size=2)
+    stats = profile_windows(model, windows, settings, model_meta(model), progress=False)
+    return Profile({"random": stats})
+
+
+@torch.no_grad()
+def reference_logits(dense: nn.Module, mask) -> torch.Tensor:
+    """Logits of the dense model with the removed experts taken out of routing (restored afterwards)."""
+    with contextlib.ExitStack() as stack:
+        for layer in moe_layers(dense):
+            removed = sorted(set(range(layer.num_experts)) - set(mask.kept(layer.index)))
+            stack.enter_context(_removed_from_routing(layer, removed))
+        return _logits(dense)
+
+
+@contextlib.contextmanager
+def _removed_from_routing(layer, removed: list[int]) -> Iterator[None]:
+    """Router logits of ``removed`` at -inf; a correction bias there at -inf too (sigmoid routers)."""
+    calls, real_linear, forward = [], F.linear, layer.router.forward
+    num_experts = layer.num_experts
+
+    def linear(x, weight, bias=None):
+        out = real_linear(x, weight, bias)
+        if out.shape[-1] >= num_experts and weight is layer.router.weight:
+            calls.append(1)
+            column_mask = torch.zeros(out.shape[-1], dtype=out.dtype, device=out.device)
+            column_mask[removed] = float("-inf")
+            out = out + column_mask
+        return out
+
+    def masked_forward(*args, **kwargs):
+        with mock.patch.object(F, "linear", linear):
+            return forward(*args, **kwargs)
+
+    biases = [t for t in _choice_biases(layer) if t.shape[0] == num_experts]
+    saved = [t.clone() for t in biases]
+    layer.router.forward = masked_forward
+    try:
+        for tensor in biases:
+            tensor[removed] = float("-inf")
+        yield
+    finally:
+        del layer.router.forward
+        for tensor, original in zip(biases, saved):
+            tensor.copy_(original)
+    if not calls:
+        raise AssertionError("the reference never masked the router's logits")
+
+
+def _choice_biases(layer) -> list[torch.Tensor]:
+    names = ("e_score_correction_bias", "expert_bias")
+    return [t for name, t in layer.block.named_buffers() if name.rsplit(".", 1)[-1] in names] + [
+        p.data for name, p in layer.block.named_parameters() if name.rsplit(".", 1)[-1] in names
+    ]
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    return model(input_ids=TOKENS).logits.float()
+
+
+def _config_keys(model_type: str) -> list[str] | None:
+    try:
+        config = CONFIG_MAPPING[model_type]()
+    except Exception:  # noqa: BLE001 - a config that cannot be built with defaults is not swept
+        return None
+    values = config.to_dict()
+    return list(values) + list((values.get("text_config") or {}))
+
+
+def _layer_lists(defaults: dict[str, Any], layers: int) -> dict[str, Any]:
+    """Per-layer lists in the config cut to ``layers`` entries, keeping one of each kind they hold."""
+    old = defaults.get("num_hidden_layers")
+    cut = {}
+    for key, value in defaults.items():
+        if isinstance(value, list) and old and len(value) == old and old != layers:
+            kinds = list(dict.fromkeys(value))
+            cut[key] = (kinds + value)[:layers] if len(kinds) <= layers else value[:layers]
+    return cut
+
+
+@torch.no_grad()
+def _spread_weights(model: nn.Module) -> None:
+    """Decisive, varied routing: larger random router rows, small random expert biases."""
+    for name, param in model.named_parameters():
+        if "norm" in name or param.dim() == 0:
+            continue
+        param.normal_(0.0, 0.5 if param.dim() == 2 and param.shape[0] in (8, 9) and "expert" not in name else 0.1)
+    for name, buffer in model.named_buffers():
+        if name.endswith(("e_score_correction_bias", "expert_bias")):
+            buffer.normal_(0.0, 0.05)
+
+
+def library_version() -> str:
+    return transformers.__version__
+
+
+__all__ = ["CaseResult", "build_model", "moe_model_types", "run_case", "tiny_config"]
