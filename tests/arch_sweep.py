@@ -64,6 +64,8 @@ TINY = dict(
     num_experts_per_tok=2,
     num_experts_per_token=2,
     moe_top_k=2,
+    moe_topk=2,
+    moe_k=2,
     top_k_experts=2,
     first_k_dense_replace=1,
     bos_token_id=1,
@@ -93,12 +95,22 @@ class CaseResult:
 
 
 def moe_model_types() -> list[str]:
-    """Causal-LM model types of the installed transformers whose config names an expert count."""
-    found = []
-    for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    """Causal-LM model types of the installed transformers whose config names an expert count.
+
+    One model type per causal-LM class: a multimodal wrapper whose ``ForCausalLM`` class is its text
+    model's (llama4 -> llama4_text) is swept as the text model type the class is built from.
+    """
+    found = set()
+    for model_type, class_name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
+        model_class = getattr(transformers, class_name, None)
+        if model_class is None or not class_name.endswith("ForCausalLM"):
+            continue
         keys = _config_keys(model_type)
-        if keys is not None and any(EXPERT_KEY.search(k) for k in keys):
-            found.append(model_type)
+        if keys is None or not any(EXPERT_KEY.search(k) for k in keys):
+            continue
+        own_type = getattr(model_class.config_class, "model_type", None)
+        wrapper = "text_config" in keys and own_type in CONFIG_MAPPING
+        found.add(own_type if wrapper else model_type)
     return sorted(found)
 
 
@@ -189,12 +201,12 @@ def _removed_from_routing(layer, removed: list[int]) -> Iterator[None]:
         with mock.patch.object(F, "linear", linear):
             return forward(*args, **kwargs)
 
-    biases = [t for t in _choice_biases(layer) if t.shape[0] == num_experts]
+    biases = [t for t in _choice_biases(layer) if t.numel() == num_experts]
     saved = [t.clone() for t in biases]
     layer.router.forward = masked_forward
     try:
         for tensor in biases:
-            tensor[removed] = float("-inf")
+            tensor.view(-1)[removed] = float("-inf")
         yield
     finally:
         del layer.router.forward
@@ -220,8 +232,13 @@ def _config_keys(model_type: str) -> list[str] | None:
         config = CONFIG_MAPPING[model_type]()
     except Exception:  # noqa: BLE001 - a config that cannot be built with defaults is not swept
         return None
-    values = config.to_dict()
-    return list(values) + list((values.get("text_config") or {}))
+    return _keys(config.to_dict())
+
+
+def _keys(values: dict[str, Any]) -> list[str]:
+    """Keys of a config dict and of the dicts nested in it (dbrx keeps its expert counts in ffn_config)."""
+    nested = [_keys(v) for v in values.values() if isinstance(v, dict)]
+    return [str(k) for k in values] + [k for keys in nested for k in keys]
 
 
 def _layer_lists(defaults: dict[str, Any], layers: int) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from moeprune.arch.adapters import BLOCK_ATTRS, ROUTER_ATTRS, ArchSpec, spec_for
+from moeprune.arch.adapters import BLOCK_ATTRS, ROUTER_ATTRS, ROUTER_LINEARS, ArchSpec, spec_for
 from moeprune.errors import MoePruneError
 
 # (hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> routed output [T, H]
@@ -128,9 +128,10 @@ def _router_of(block: nn.Module, spec: ArchSpec) -> nn.Module | None:
     names = (spec.router_attr, *[a for a in ROUTER_ATTRS if a != spec.router_attr])
     for name in names:
         module = getattr(block, name, None)
-        weight = getattr(module, "weight", None)
-        if isinstance(module, nn.Module) and isinstance(weight, torch.Tensor) and weight.dim() == 2:
-            return module
+        for candidate in (module, *(getattr(module, inner, None) for inner in ROUTER_LINEARS)):
+            weight = getattr(candidate, "weight", None)
+            if isinstance(candidate, nn.Module) and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+                return candidate
     return None
 
 

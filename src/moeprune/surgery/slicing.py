@@ -68,16 +68,26 @@ def _slice_block_vectors(layer: MoELayer, num_experts: int, ids: list[int]) -> N
         if id(module) in handled or "shared" in name:
             continue
         for tensor_name, tensor in (*module._parameters.items(), *module._buffers.items()):
-            if tensor is None or tensor.dim() == 0 or tensor.shape[0] != num_experts:
+            if tensor is None or tensor.dim() == 0 or num_experts not in tensor.shape:
                 continue
-            if tensor.dim() > 1:
+            if tensor.numel() == num_experts:  # [N], or [1, N] as ERNIE's moe_statics keeps it
+                _slice_vector(module, tensor_name, tensor, ids)
+            elif tensor.shape[0] == num_experts:
                 where = ".".join(p for p in (name, tensor_name) if p)
                 raise MoePruneError(
                     f"Layer {layer.index}: {where} {tuple(tensor.shape)} looks per-expert (first dimension "
                     f"{num_experts}) but is neither the router nor the experts, so moeprune cannot slice it "
                     "safely; add an ArchSpec row for this architecture in moeprune.arch.adapters."
                 )
-            _slice_tensors(module, num_experts, ids, names=(tensor_name,))
+
+
+def _slice_vector(module: nn.Module, name: str, tensor: torch.Tensor, ids: list[int]) -> None:
+    """Keep the entries ``ids`` of a per-expert vector (any shape with N entries along one dimension)."""
+    kept = tensor.detach().index_select(tensor.shape.index(tensor.numel()), torch.tensor(ids, device=tensor.device))
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(kept, requires_grad=tensor.requires_grad)
+    else:
+        module._buffers[name] = kept
 
 
 def apply_mask(model: nn.Module, mask: ExpertMask) -> nn.Module:
