@@ -83,7 +83,20 @@ MLA = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_
 FILL_NONE = dict(n_shared_experts=1, num_shared_experts=1, moe_num_shared_experts=1)
 
 # Extra config settings per model type, for what the generic tiny sizes cannot express.
-OVERRIDES: dict[str, dict[str, Any]] = {}
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "gemma4_text": dict(enable_moe_block=True, hidden_size_per_layer_input=8, vocab_size_per_layer_input=128,
+                        global_head_dim=8, layer_types=["sliding_attention", "full_attention", "full_attention"]),
+    "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8,
+                             layer_types=["mamba", "attention", "mamba"]),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+                  mamba_d_state=8, mamba_dt_rank=4),
+    "inkling2_text": dict(unpadded_vocab_size=128),
+    "inkling2_loop_text": dict(unpadded_vocab_size=128),
+    "lfm2_moe": dict(num_dense_layers=1, layer_types=["conv", "full_attention", "conv"]),
+    "dbrx": dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=128,
+                 attn_config={"kv_n_heads": 2}, ffn_config={"moe_num_experts": 8, "moe_top_k": 2,
+                                                             "ffn_hidden_size": 16}),
+}
 
 
 @dataclass
@@ -122,9 +135,9 @@ def tiny_config(model_type: str):
     if "kv_lora_rank" in defaults:
         settings.update({k: v for k, v in MLA.items() if k in defaults and defaults[k] is not None})
     settings.update({k: v for k, v in FILL_NONE.items() if k in defaults and defaults[k] is None})
-    settings.update(_layer_lists(defaults, settings.get("num_hidden_layers", 3)))
     settings.update(OVERRIDES.get(model_type, {}))
-    return config_class(**{**defaults, **settings})
+    # Only the tiny settings are passed: the config derives its per-layer lists for the tiny depth itself.
+    return config_class(**settings)
 
 
 def build_model(model_type: str, seed: int = 0) -> nn.Module:
