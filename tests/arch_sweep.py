@@ -90,6 +90,15 @@ OVERRIDES: dict[str, dict[str, Any]] = {
                              layer_types=["mamba", "attention", "mamba"]),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
                   mamba_d_state=8, mamba_dt_rank=4),
+    "beam": dict(mlp_layer_types=["dense", "sparse", "sparse"]),
+    "bailing_hybrid": dict(layer_group_size=2),
+    "kimi_linear": dict(layer_types=["linear_attention", "full_attention", "linear_attention"]),
+    # Layer 0 hash-routed (a frozen token -> expert table), then learned routing.
+    "deepseek_v4": dict(mlp_layer_types=["hash_moe", "moe", "moe"]),
+    "zaya": dict(num_experts_per_tok=1),
+    "qwen4_exp_text": dict(layer_types=["linear_attention", "indexed_attention", "linear_attention"],
+                           indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8,
+                           indexer_compress_ratio=2),
     "inkling2_text": dict(unpadded_vocab_size=128),
     "inkling2_loop_text": dict(unpadded_vocab_size=128),
     "lfm2_moe": dict(num_dense_layers=1, layer_types=["conv", "full_attention", "conv"]),
@@ -137,7 +146,12 @@ def tiny_config(model_type: str):
     settings.update({k: v for k, v in FILL_NONE.items() if k in defaults and defaults[k] is None})
     settings.update(OVERRIDES.get(model_type, {}))
     # Only the tiny settings are passed: the config derives its per-layer lists for the tiny depth itself.
-    return config_class(**settings)
+    config = config_class(**settings)
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, list) and len(types) > 1 and set(types) == {"linear_attention"}:
+        # Hybrid linear-attention models (Qwen3-Next, ...) need one full-attention layer to run.
+        config = config_class(**{**settings, "layer_types": [types[0], "full_attention", *types[2:]]})
+    return config
 
 
 def build_model(model_type: str, seed: int = 0) -> nn.Module:
@@ -275,6 +289,8 @@ def _spread_weights(model: nn.Module) -> None:
     for name, buffer in model.named_buffers():
         if name.endswith(("e_score_correction_bias", "expert_bias")):
             buffer.normal_(0.0, 0.05)
+        if name.endswith("tid2eid"):  # hash routing: a random token -> experts table, as in a checkpoint
+            buffer.copy_(torch.randint(0, 8, buffer.shape))
 
 
 def library_version() -> str:

@@ -27,6 +27,8 @@ ROUTER_ATTRS = ("gate", "router")
 # A router module without its own weight holds the [N, hidden] linear under one of these names
 # (HunYuan gate.wg, AFMoE router.gate, LongCat router.classifier).
 ROUTER_LINEARS = ("wg", "gate", "classifier")
+# Buffers of hash-routed layers: a frozen token id -> expert ids table (DeepSeek-V4 hash_moe layers).
+HASH_TABLES = ("tid2eid",)
 # Config keys of group-limited routing (DeepSeek-V3 and its many relatives: GLM-4.5, dots1, Kimi, ...).
 GROUP_KEYS = ("n_group", "num_expert_group")
 TOPK_GROUP_KEYS = ("topk_group",)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeprune.arch.adapters import NUM_EXPERTS_KEYS, routing_groups
+from moeprune.arch.adapters import HASH_TABLES, NUM_EXPERTS_KEYS, routing_groups
 from moeprune.arch.view import MoELayer, moe_layers, top_k_of
 from moeprune.errors import MoePruneError
 from moeprune.loading import model_name
@@ -48,8 +48,38 @@ def slice_moe_layer(layer: MoELayer, kept: list[int]) -> None:
     rows = layer.router.weight.shape[0]
     _slice_tensors(layer.router, rows, ids + list(range(num_experts, rows)))
     _slice_block_vectors(layer, num_experts, ids)
+    _remap_hash_tables(layer, num_experts, ids)
     for module in _layer_modules(layer):
         _set_expert_counts(module, num_experts, len(ids))
+
+
+def _hash_tables(layer: MoELayer) -> list[tuple[nn.Module, str]]:
+    return [(m, name) for m in _layer_modules(layer) for name in HASH_TABLES if m._buffers.get(name) is not None]
+
+
+def _remap_hash_tables(layer: MoELayer, num_experts: int, ids: list[int]) -> None:
+    """Renumber a hash-routed layer's token -> expert table to the kept experts' new ids."""
+    for module, name in _hash_tables(layer):
+        table = module._buffers[name]
+        position = torch.full((num_experts,), -1, dtype=table.dtype, device=table.device)
+        position[torch.tensor(ids, device=table.device)] = torch.arange(len(ids), dtype=table.dtype,
+                                                                         device=table.device)
+        module._buffers[name] = position[table]
+
+
+def _check_hash_tables(model: nn.Module, mask: ExpertMask) -> None:
+    """A hash-routed layer sends each token to fixed experts: none of them may be removed."""
+    for layer in moe_layers(model):
+        for module, name in _hash_tables(layer):
+            used = set(module._buffers[name].unique().tolist())
+            removed = sorted(used - set(mask.kept(layer.index)))
+            if removed:
+                raise MoePruneError(
+                    f"Layer {layer.index} routes tokens by a fixed token -> expert table ({name}) that sends "
+                    f"tokens to experts {removed}, which the mask removes; a hash-routed layer cannot lose an "
+                    "expert that its table uses. Keep every expert such a table uses, or prune a model "
+                    "without hash-routed layers."
+                )
 
 
 def _layer_modules(layer: MoELayer) -> list[nn.Module]:
@@ -111,6 +141,7 @@ def check_mask_routable(model: nn.Module, mask: ExpertMask) -> None:
             f"top-k={top_k}; the pruned model could not route. Plan a mask with "
             f"--retain >= {top_k}/{mask.num_experts}."
         )
+    _check_hash_tables(model, mask)
     meta = _group_meta(model.config, top_k)
     if meta is None:
         return
