@@ -84,7 +84,7 @@ FILL_NONE = dict(n_shared_experts=1, num_shared_experts=1, moe_num_shared_expert
 
 # Extra config settings per model type, for what the generic tiny sizes cannot express.
 OVERRIDES: dict[str, dict[str, Any]] = {
-    "gemma4_text": dict(enable_moe_block=True, hidden_size_per_layer_input=8, vocab_size_per_layer_input=128,
+    "gemma4_text": dict(enable_moe_block=True, hidden_size_per_layer_input=16, vocab_size_per_layer_input=128,
                         global_head_dim=8, layer_types=["sliding_attention", "full_attention", "full_attention"]),
     "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8,
                              layer_types=["mamba", "attention", "mamba"]),
@@ -96,6 +96,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # Layer 0 hash-routed (a frozen token -> expert table), then learned routing.
     "deepseek_v4": dict(mlp_layer_types=["hash_moe", "moe", "moe"]),
     "zaya": dict(num_experts_per_tok=1),
+    "longcat_flash": dict(zero_expert_num=2, ffn_hidden_size=48, num_layers=2),
     "qwen4_exp_text": dict(layer_types=["linear_attention", "indexed_attention", "linear_attention"],
                            indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8,
                            indexer_compress_ratio=2),
@@ -228,7 +229,7 @@ def _removed_from_routing(layer, removed: list[int]) -> Iterator[None]:
         with mock.patch.object(F, "linear", linear):
             return forward(*args, **kwargs)
 
-    biases = [t for t in _choice_biases(layer) if t.numel() == num_experts]
+    biases = [t for t in _choice_biases(layer) if t.numel() in (num_experts, layer.router_rows)]
     saved = [t.clone() for t in biases]
     layer.router.forward = masked_forward
     try:
@@ -244,7 +245,7 @@ def _removed_from_routing(layer, removed: list[int]) -> Iterator[None]:
 
 
 def _choice_biases(layer) -> list[torch.Tensor]:
-    names = ("e_score_correction_bias", "expert_bias")
+    names = ("e_score_correction_bias", "expert_bias", "balancing_biases")
     return [t for name, t in layer.block.named_buffers() if name.rsplit(".", 1)[-1] in names] + [
         p.data for name, p in layer.block.named_parameters() if name.rsplit(".", 1)[-1] in names
     ]

@@ -22,11 +22,11 @@ from moeprune.errors import MoePruneError
 # Config keys that hold the routed-expert count, in the order we look for them.
 NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "moe_topk", "moe_k", "top_k_experts", "top_k")
-BLOCK_ATTRS = ("mlp", "block_sparse_moe", "moe", "feed_forward")
+BLOCK_ATTRS = ("mlp", "block_sparse_moe", "moe", "feed_forward", "mixer")
 ROUTER_ATTRS = ("gate", "router")
-# A router module without its own weight holds the [N, hidden] linear under one of these names
-# (HunYuan gate.wg, AFMoE router.gate, LongCat router.classifier).
-ROUTER_LINEARS = ("wg", "gate", "classifier")
+# A router module without its own weight holds the [N, hidden] linear under one of these (dotted) names
+# (HunYuan gate.wg, AFMoE router.gate, LongCat router.classifier, Gemma 4 router.proj, ZAYA's router MLP).
+ROUTER_LINEARS = ("wg", "gate", "classifier", "proj", "router_mlp.out_proj")
 # Buffers of hash-routed layers: a frozen token id -> expert ids table (DeepSeek-V4 hash_moe layers).
 HASH_TABLES = ("tid2eid",)
 # Config keys of group-limited routing (DeepSeek-V3 and its many relatives: GLM-4.5, dots1, Kimi, ...).

@@ -9,6 +9,7 @@ reconstruction and surgery never look at the architecture again.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -30,8 +31,19 @@ class MoELayer:
     experts: nn.Module
     spec: ArchSpec
 
+    # The module whose subtree holds the block's per-expert vectors, when the block is a whole decoder
+    # layer (Gemma 4 keeps router and experts on the layer): surgery then looks no further than this.
+    vector_scope: nn.Module | None = None
+
     @property
     def num_experts(self) -> int:
+        """Routed (prunable) experts; router rows past this are zero-compute or shared experts, never pruned."""
+        if isinstance(self.experts, nn.ModuleList):
+            return len(self.experts)
+        return min(int(t.shape[0]) for t in self.experts.parameters() if t.dim() == 3)
+
+    @property
+    def router_rows(self) -> int:
         return int(self.router.weight.shape[0])
 
     def expert_forward(self, expert: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -99,14 +111,14 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
     spec = spec_for(model.config)
     found = []
     for index, layer in enumerate(decoder_layers(model)):
-        block = next((getattr(layer, a) for a in BLOCK_ATTRS if hasattr(layer, a)), None)
-        if block is None:
-            continue
-        router = _router_of(block, spec)
-        experts = getattr(block, spec.experts_attr, None)
-        if router is None or experts is None:
-            continue
-        found.append(MoELayer(index, block, router, experts, _resolve_layout(spec, experts, block)))
+        for block in _blocks(layer):
+            router, owner = _router_of(block, spec)
+            experts = getattr(block, spec.experts_attr, None)
+            if router is None or not isinstance(experts, nn.Module):
+                continue
+            scope = owner if block is layer else None
+            found.append(MoELayer(index, block, router, experts, _resolve_layout(spec, experts, block), scope))
+            break
     if not found:
         raise MoePruneError(
             f"{type(model).__name__} ({getattr(model.config, 'model_type', '?')}) has no MoE layer that moeprune "
@@ -124,15 +136,29 @@ def top_k_of(model: nn.Module) -> int:
     return value
 
 
-def _router_of(block: nn.Module, spec: ArchSpec) -> nn.Module | None:
+def _blocks(layer: nn.Module) -> list[nn.Module]:
+    """Candidate MoE blocks of a decoder layer: its feed-forward attributes, then the layer itself (Gemma 4)."""
+    return [getattr(layer, a) for a in BLOCK_ATTRS if isinstance(getattr(layer, a, None), nn.Module)] + [layer]
+
+
+def _router_of(block: nn.Module, spec: ArchSpec) -> tuple[nn.Module | None, nn.Module | None]:
+    """(the module holding the [rows, hidden] router weight, the block attribute it was found under)."""
     names = (spec.router_attr, *[a for a in ROUTER_ATTRS if a != spec.router_attr])
     for name in names:
         module = getattr(block, name, None)
-        for candidate in (module, *(getattr(module, inner, None) for inner in ROUTER_LINEARS)):
+        if not isinstance(module, nn.Module):
+            continue
+        for candidate in (module, *(_get_path(module, inner) for inner in ROUTER_LINEARS)):
             weight = getattr(candidate, "weight", None)
             if isinstance(candidate, nn.Module) and isinstance(weight, torch.Tensor) and weight.dim() == 2:
-                return candidate
-    return None
+                return candidate, module
+    return None, None
+
+
+def _get_path(module: nn.Module, path: str) -> nn.Module | None:
+    for part in path.split("."):
+        module = getattr(module, part, None)
+    return module if isinstance(module, nn.Module) else None
 
 
 def _resolve_layout(spec: ArchSpec, experts: nn.Module, block: nn.Module) -> ArchSpec:
@@ -144,13 +170,25 @@ def _resolve_layout(spec: ArchSpec, experts: nn.Module, block: nn.Module) -> Arc
                 "moeprune cannot observe its routing. Add an ArchSpec for it."
             )
         return spec if spec.layout == "modulelist" else replace(spec, layout="modulelist")
-    gate_up = getattr(experts, "gate_up_proj", None)
-    if isinstance(gate_up, torch.Tensor) and gate_up.dim() == 3 and hasattr(experts, "down_proj"):
+    stacked = [t for t in experts.parameters() if t.dim() == 3]
+    if stacked and _takes_routing(experts):
         return spec if spec.layout == "fused" else replace(spec, layout="fused")
     raise MoePruneError(
-        f"{type(experts).__name__} is neither fused experts (3D gate_up_proj/down_proj) nor a ModuleList of "
-        "expert MLPs; moeprune does not know how to run or slice it. Add an ArchSpec for it."
+        f"{type(experts).__name__} is neither fused experts (3D per-expert tensors, called as "
+        "experts(hidden, top_k_index, top_k_weights)) nor a ModuleList of expert MLPs; moeprune cannot "
+        "observe which expert each token uses. Add an ArchSpec for it."
     )
+
+
+def _takes_routing(experts: nn.Module) -> bool:
+    """Whether the experts' forward receives the routing (hidden, top_k_index, top_k_weights)."""
+    try:
+        parameters = inspect.signature(type(experts).forward).parameters
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind == p.VAR_POSITIONAL for p in parameters.values()):  # a wrapper (experts implementations)
+        return True
+    return len([p for p in parameters.values() if p.kind != p.VAR_KEYWORD]) >= 4  # self + three
 
 
 def _block_top_k(block: nn.Module) -> int:

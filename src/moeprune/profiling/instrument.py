@@ -59,19 +59,20 @@ class StatsRecorder:
         row = self.rows[layer.index]
 
         def observe(flat_index: torch.Tensor, flat_weights: torch.Tensor, norms: torch.Tensor, top_k: int) -> None:
-            # One bincount per statistic and layer: no per-expert work on the hot path.
+            # One bincount per statistic and layer: no per-expert work on the hot path. Counts past N
+            # (zero-compute identity experts, never pruned) are cut off.
             n = self.num_experts
             gates, norms = flat_weights.double(), norms.double()
             if self.valid_tokens is None:
-                count = torch.bincount(flat_index, minlength=n).double()
+                count = torch.bincount(flat_index, minlength=n)[:n].double()
             else:  # padding: weight every pair by its token's validity
                 valid = self.valid_tokens.to(norms.device).repeat_interleave(top_k).double()
                 gates, norms = gates * valid, norms * valid
-                count = torch.bincount(flat_index, weights=valid, minlength=n)
+                count = torch.bincount(flat_index, weights=valid, minlength=n)[:n]
             self.sums["count"][row] += count
-            self.sums["gate_sum"][row] += torch.bincount(flat_index, weights=gates, minlength=n)
-            self.sums["reap_sum"][row] += torch.bincount(flat_index, weights=gates * norms, minlength=n)
-            self.sums["norm_sum"][row] += torch.bincount(flat_index, weights=norms, minlength=n)
+            self.sums["gate_sum"][row] += torch.bincount(flat_index, weights=gates, minlength=n)[:n]
+            self.sums["reap_sum"][row] += torch.bincount(flat_index, weights=gates * norms, minlength=n)[:n]
+            self.sums["norm_sum"][row] += torch.bincount(flat_index, weights=norms, minlength=n)[:n]
 
         return observe
     @contextmanager

@@ -41,13 +41,17 @@ def slice_moe_layer(layer: MoELayer, kept: list[int]) -> None:
         new_experts = nn.ModuleList([layer.experts[i] for i in ids])
         setattr(layer.block, layer.spec.experts_attr, new_experts)
         layer.experts = new_experts
-    else:
-        # Every per-expert tensor (gate_up_proj, down_proj and any [E, ...] bias) has the expert on dim 0.
+    # Router rows past N (zero-compute, shared or "no expert" columns) are not prunable and stay last.
+    rows = layer.router_rows
+    extended = ids + list(range(num_experts, rows))
+    if layer.spec.layout != "modulelist":
+        # Every per-expert tensor (gate_up_proj, down_proj and any [E, ...] bias) has the expert on dim 0;
+        # LongCat pads gate_up_proj to the router's rows.
         _slice_tensors(layer.experts, num_experts, ids)
-    # Router rows past N (zero-compute experts, a "no expert" column) are not prunable and stay last.
-    rows = layer.router.weight.shape[0]
-    _slice_tensors(layer.router, rows, ids + list(range(num_experts, rows)))
-    _slice_block_vectors(layer, num_experts, ids)
+        if rows > num_experts:
+            _slice_tensors(layer.experts, rows, extended)
+    _slice_tensors(layer.router, rows, extended)
+    _slice_block_vectors(layer, num_experts, ids, rows)
     _remap_hash_tables(layer, num_experts, ids)
     for module in _layer_modules(layer):
         _set_expert_counts(module, num_experts, len(ids))
@@ -90,18 +94,26 @@ def _layer_modules(layer: MoELayer) -> list[nn.Module]:
     return list(seen.values())
 
 
-def _slice_block_vectors(layer: MoELayer, num_experts: int, ids: list[int]) -> None:
-    """Slice the block's per-expert ``[N]`` vectors outside the router and experts; refuse what cannot be placed."""
+def _slice_block_vectors(layer: MoELayer, num_experts: int, ids: list[int], rows: int) -> None:
+    """Slice the block's per-expert vectors outside the router and experts; refuse what cannot be placed.
+
+    A vector has N entries (one per routed expert) or, next to a router with extra rows, one per router row.
+    """
     # The router's own tensors are sliced already; its submodules (e.g. ERNIE's gate.moe_statics) are not.
     handled = {id(layer.router), *(id(m) for m in layer.experts.modules())}
-    for name, module in layer.block.named_modules():
+    scope = layer.vector_scope or layer.block
+    for name, module in scope.named_modules():
         if id(module) in handled or "shared" in name:
             continue
         for tensor_name, tensor in (*module._parameters.items(), *module._buffers.items()):
-            if tensor is None or tensor.dim() == 0 or num_experts not in tensor.shape:
+            if tensor is None or tensor.dim() == 0:
                 continue
-            if tensor.numel() == num_experts:  # [N], or [1, N] as ERNIE's moe_statics keeps it
+            if tensor.numel() == num_experts and num_experts in tensor.shape:  # [N], or [1, N] (ERNIE)
                 _slice_vector(module, tensor_name, tensor, ids)
+            elif rows > num_experts and tensor.numel() == rows and rows in tensor.shape:
+                _slice_vector(module, tensor_name, tensor, ids + list(range(num_experts, rows)))
+            elif num_experts not in tensor.shape:
+                continue
             elif tensor.shape[0] == num_experts:
                 where = ".".join(p for p in (name, tensor_name) if p)
                 raise MoePruneError(
