@@ -202,52 +202,55 @@ def _profile(model: nn.Module) -> Profile:
 
 @torch.no_grad()
 def reference_logits(dense: nn.Module, mask) -> torch.Tensor:
-    """Logits of the dense model with the removed experts taken out of routing (restored afterwards)."""
+    """Logits of the dense model with the removed experts taken out of routing (restored afterwards).
+
+    Every router's logits get -inf in the removed experts' columns (whatever module computes them with
+    ``F.linear`` from the router weight); a choice bias (``e_score_correction_bias``, ``expert_bias``, ...)
+    gets -inf there too, since a sigmoid of -inf is 0 and a bias could still pick the expert.
+    """
+    removed = {}
     with contextlib.ExitStack() as stack:
         for layer in moe_layers(dense):
-            removed = sorted(set(range(layer.num_experts)) - set(mask.kept(layer.index)))
-            stack.enter_context(_removed_from_routing(layer, removed))
-        return _logits(dense)
+            gone = sorted(set(range(layer.num_experts)) - set(mask.kept(layer.index)))
+            removed[layer.router.weight.data_ptr()] = gone
+            stack.enter_context(_biases_at_minus_inf(layer, gone))
+        calls, real_linear = [], F.linear
+
+        def linear(x, weight, bias=None):
+            out = real_linear(x, weight, bias)
+            gone = removed.get(weight.data_ptr())
+            if gone is not None:
+                calls.append(1)
+                column_mask = torch.zeros(out.shape[-1], dtype=out.dtype, device=out.device)
+                column_mask[gone] = float("-inf")
+                out = out + column_mask
+            return out
+
+        with mock.patch.object(F, "linear", linear):
+            result = _logits(dense)
+    if not calls:
+        raise AssertionError("the reference never masked a router's logits")
+    return result
 
 
 @contextlib.contextmanager
-def _removed_from_routing(layer, removed: list[int]) -> Iterator[None]:
-    """Router logits of ``removed`` at -inf; a correction bias there at -inf too (sigmoid routers)."""
-    calls, real_linear, forward = [], F.linear, layer.router.forward
-    num_experts = layer.num_experts
-
-    def linear(x, weight, bias=None):
-        out = real_linear(x, weight, bias)
-        if out.shape[-1] >= num_experts and weight is layer.router.weight:
-            calls.append(1)
-            column_mask = torch.zeros(out.shape[-1], dtype=out.dtype, device=out.device)
-            column_mask[removed] = float("-inf")
-            out = out + column_mask
-        return out
-
-    def masked_forward(*args, **kwargs):
-        with mock.patch.object(F, "linear", linear):
-            return forward(*args, **kwargs)
-
-    biases = [t for t in _choice_biases(layer) if t.numel() in (num_experts, layer.router_rows)]
+def _biases_at_minus_inf(layer, removed: list[int]) -> Iterator[None]:
+    biases = [t for t in _choice_biases(layer) if t.numel() in (layer.num_experts, layer.router_rows)]
     saved = [t.clone() for t in biases]
-    layer.router.forward = masked_forward
     try:
         for tensor in biases:
             tensor.view(-1)[removed] = float("-inf")
         yield
     finally:
-        del layer.router.forward
         for tensor, original in zip(biases, saved):
             tensor.copy_(original)
-    if not calls:
-        raise AssertionError("the reference never masked the router's logits")
 
 
 def _choice_biases(layer) -> list[torch.Tensor]:
     names = ("e_score_correction_bias", "expert_bias", "balancing_biases")
-    return [t for name, t in layer.block.named_buffers() if name.rsplit(".", 1)[-1] in names] + [
-        p.data for name, p in layer.block.named_parameters() if name.rsplit(".", 1)[-1] in names
+    block = layer.vector_scope or layer.block
+    return [t for name, t in block.named_buffers() if name.rsplit(".", 1)[-1] in names] + [
+        p.data for name, p in block.named_parameters() if name.rsplit(".", 1)[-1] in names
     ]
 
 

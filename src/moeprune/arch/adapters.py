@@ -52,6 +52,9 @@ class ArchSpec:
     topk_group_key: str | None = None
     # Submodules that are not routed experts and are never scored or pruned (documentation).
     shared: tuple[str, ...] = ()
+    # Slots per (token, expert) pair when profiling calls the fused experts: 2 adds a zero-weight slot for
+    # experts forwards that squeeze a single slot away (LongCat-Flash).
+    call_slots: int = 1
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -81,6 +84,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             topk_group_key="topk_group",
             shared=("shared_experts",),
         ),
+        # Zero-compute (identity) experts sit in router rows N..N+Z-1 and are never pruned.
+        ArchSpec("longcat_flash", "n_routed_experts", "softmax_topk", router_attr="router", call_slots=2),
         # DeepSeek-MoE-16B (trust_remote_code): ModuleList experts routed by block.moe_infer.
         ArchSpec("deepseek", "n_routed_experts", "deepseek_moe", layout="modulelist", shared=("shared_experts",)),
     )

@@ -66,8 +66,10 @@ class MoELayer:
         flat_index = top_k_index.reshape(-1)
         if self.spec.layout == "fused":
             pairs = hidden.repeat_interleave(top_k, dim=0)
-            ones = torch.ones(flat_index.shape[0], 1, dtype=hidden.dtype, device=hidden.device)
-            return type(self.experts).forward(self.experts, pairs, flat_index[:, None], ones)
+            index = flat_index[:, None].expand(-1, self.spec.call_slots)
+            weights = torch.zeros(index.shape, dtype=hidden.dtype, device=hidden.device)
+            weights[:, 0] = 1.0  # extra slots weigh 0: f(h) * 1 + f(h) * 0 is exactly f(h)
+            return type(self.experts).forward(self.experts, pairs, index, weights)
         out = hidden.new_empty(flat_index.shape[0], hidden.shape[-1])
         order = torch.argsort(flat_index, stable=True)
         start = 0

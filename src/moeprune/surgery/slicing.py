@@ -24,7 +24,8 @@ from moeprune.planning.mask import ExpertMask
 
 # Module attributes that cache the routed-expert count (matched by name, never by value alone, so that
 # e.g. a hidden size that happens to equal N is left alone).
-EXPERT_COUNT_ATTRS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts", "n_experts")
+EXPERT_COUNT_ATTRS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts", "n_experts",
+                      "num_router_classes", "total_experts", "num_routed_experts")
 
 
 def slice_moe_layer(layer: MoELayer, kept: list[int]) -> None:
@@ -47,14 +48,13 @@ def slice_moe_layer(layer: MoELayer, kept: list[int]) -> None:
     if layer.spec.layout != "modulelist":
         # Every per-expert tensor (gate_up_proj, down_proj and any [E, ...] bias) has the expert on dim 0;
         # LongCat pads gate_up_proj to the router's rows.
-        _slice_tensors(layer.experts, num_experts, ids)
-        if rows > num_experts:
-            _slice_tensors(layer.experts, rows, extended)
-    _slice_tensors(layer.router, rows, extended)
+        _slice_rows(layer.experts, {num_experts: ids, rows: extended})
+    # Inkling's router has rows for its shared experts but a correction bias for the routed ones only.
+    _slice_rows(layer.router, {num_experts: ids, rows: extended})
     _slice_block_vectors(layer, num_experts, ids, rows)
     _remap_hash_tables(layer, num_experts, ids)
     for module in _layer_modules(layer):
-        _set_expert_counts(module, num_experts, len(ids))
+        _set_expert_counts(module, num_experts, len(ids), rows)
 
 
 def _hash_tables(layer: MoELayer) -> list[tuple[nn.Module, str]]:
@@ -233,6 +233,16 @@ def _checked_ids(kept: list[int], num_experts: int, layer: int) -> list[int]:
     return ids
 
 
+def _slice_rows(module: nn.Module, kept_by_size: dict[int, list[int]]) -> None:
+    """Slice each of the module's own tensors by the kept rows for its first dimension (N or router rows)."""
+    sizes = {name: t.shape[0] for name, t in (*module._parameters.items(), *module._buffers.items())
+             if t is not None and t.dim() > 0}
+    for size, kept in kept_by_size.items():
+        names = tuple(name for name, first in sizes.items() if first == size)
+        if names:
+            _slice_tensors(module, size, kept, names)
+
+
 def _slice_tensors(module: nn.Module, num_experts: int, ids: list[int], names: tuple[str, ...] | None = None) \
         -> None:
     """Replace the module's own [num_experts, ...] tensors (all, or only ``names``) by their kept rows."""
@@ -254,10 +264,12 @@ def _per_expert(name: str, tensor: torch.Tensor | None, num_experts: int,
     return names is None or name in names
 
 
-def _set_expert_counts(module: nn.Module, old: int, new: int) -> None:
+def _set_expert_counts(module: nn.Module, old: int, new: int, rows: int | None = None) -> None:
+    """Cached counts of routed experts (== N) and of router rows (== N + extra rows) shrink by N - K."""
     for name in EXPERT_COUNT_ATTRS:
-        if vars(module).get(name) == old:
-            setattr(module, name, new)
+        value = vars(module).get(name)
+        if value == old or (rows is not None and rows > old and value == rows):
+            setattr(module, name, value - (old - new))
 
 
 def _set_config_count(config: Any, key: str, old: int, new: int) -> None:
