@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from moeprune.arch.adapters import spec_for
 from moeprune.arch.view import moe_layers
 from moeprune.errors import MoePruneError
 from moeprune.loading import load_model
@@ -82,6 +83,8 @@ MLA = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_
 # Settings a config leaves None by default but the model needs (shared experts present, as in the checkpoints).
 FILL_NONE = dict(n_shared_experts=1, num_shared_experts=1, moe_num_shared_experts=1)
 
+DROP = object()  # an override value that removes a tiny setting the config does not take as such
+
 # Extra config settings per model type, for what the generic tiny sizes cannot express.
 OVERRIDES: dict[str, dict[str, Any]] = {
     "gemma4_text": dict(enable_moe_block=True, hidden_size_per_layer_input=16, vocab_size_per_layer_input=128,
@@ -103,7 +106,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "inkling2_text": dict(unpadded_vocab_size=128),
     "inkling2_loop_text": dict(unpadded_vocab_size=128),
     "lfm2_moe": dict(num_dense_layers=1, layer_types=["conv", "full_attention", "conv"]),
-    "dbrx": dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=128,
+    "dbrx": dict(num_key_value_heads=DROP, d_model=32, n_heads=4, n_layers=2, max_seq_len=128,
                  attn_config={"kv_n_heads": 2}, ffn_config={"moe_num_experts": 8, "moe_top_k": 2,
                                                              "ffn_hidden_size": 16}),
 }
@@ -146,6 +149,7 @@ def tiny_config(model_type: str):
         settings.update({k: v for k, v in MLA.items() if k in defaults and defaults[k] is not None})
     settings.update({k: v for k, v in FILL_NONE.items() if k in defaults and defaults[k] is None})
     settings.update(OVERRIDES.get(model_type, {}))
+    settings = {k: v for k, v in settings.items() if v is not DROP}
     # Only the tiny settings are passed: the config derives its per-layer lists for the tiny depth itself.
     config = config_class(**settings)
     types = getattr(config, "layer_types", None)
@@ -181,6 +185,7 @@ def run_case(model_type: str, workdir: Path | None = None) -> CaseResult:
 
 @torch.no_grad()
 def _prune_and_compare(model_type: str, workdir: Path) -> float:
+    spec_for(tiny_config(model_type))  # a refused architecture is refused before any model is built
     dense = build_model(model_type)
     profile = _profile(dense)
     mask = plan(profile, "reap", 0.5)

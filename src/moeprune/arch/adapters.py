@@ -92,9 +92,33 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 
+# MoE model types moeprune refuses, each with the reason (tests/test_architecture_sweep.py holds the list
+# to what the installed transformers builds; docs/support_matrix.md shows it).
+REFUSED: dict[str, str] = {
+    "llama4_text": (
+        "Llama 4 scales each expert's input by its routing score and runs every expert on every token "
+        "(experts(score * h)), so the expert outputs f_e(h) that profiling scores are never computed"
+    ),
+    "jetmoe": (
+        "JetMoE's attention is a mixture of experts too (MoA) and shares config.num_local_experts with the MLP "
+        "experts, so one config count cannot describe a model whose MLP experts were pruned"
+    ),
+    "doge": (
+        "Doge's experts are product-key embeddings (down_embed/up_embed rows chosen through a sqrt(N) x sqrt(N) "
+        "key grid), not routed expert MLPs: removing one expert breaks the key grid"
+    ),
+    "dbrx": (
+        "DBRX stores its experts flattened as [N * ffn_hidden, hidden] matrices (w1, v1, w2) and counts them in "
+        "the nested ffn_config, which moeprune does not slice yet"
+    ),
+}
+
+
 def spec_for(config) -> ArchSpec:
     """The table row for ``config.model_type``, or a duck-typed row for an unknown MoE of the common shape."""
     model_type = getattr(config, "model_type", None)
+    if model_type in REFUSED:
+        raise MoePruneError(f"moeprune cannot prune {model_type} exactly: {REFUSED[model_type]}. Use another model.")
     if model_type in ARCHITECTURES:
         return ARCHITECTURES[model_type]
     key = next((k for k in NUM_EXPERTS_KEYS if isinstance(getattr(config, k, None), int)), None)
