@@ -186,7 +186,12 @@ def run_case(model_type: str, workdir: Path | None = None) -> CaseResult:
 @torch.no_grad()
 def _prune_and_compare(model_type: str, workdir: Path) -> float:
     spec_for(tiny_config(model_type))  # a refused architecture is refused before any model is built
-    dense = build_model(model_type)
+    return check_model(build_model(model_type), workdir)
+
+
+@torch.no_grad()
+def check_model(dense: nn.Module, workdir: Path) -> float:
+    """Profile, plan, export and reload ``dense``; max |diff| of the reloaded logits from the reference."""
     profile = _profile(dense)
     mask = plan(profile, "reap", 0.5)
     dense.name_or_path = str(workdir)  # a local source without tokenizer files: export looks no further
@@ -306,4 +311,4 @@ def library_version() -> str:
     return transformers.__version__
 
 
-__all__ = ["CaseResult", "build_model", "moe_model_types", "run_case", "tiny_config"]
+__all__ = ["CaseResult", "build_model", "check_model", "moe_model_types", "run_case", "tiny_config"]

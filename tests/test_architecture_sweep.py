@@ -1,0 +1,65 @@
+"""Every MoE causal LM of the installed transformers is pruned exactly, or refused with its reason.
+
+Each case builds a tiny random model, profiles, plans (REAP, half the experts), exports and reloads it,
+and compares the reloaded logits with the dense model whose removed experts are taken out of routing
+(see tests/arch_sweep.py). A new transformers release that adds, changes or drops an architecture
+fails here, and docs/support_matrix.md (scripts/support_matrix.py) shows the new state.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeprune.arch.adapters import REFUSED as ADAPTER_REFUSALS
+from moeprune.arch.view import moe_layers
+from moeprune.errors import MoePruneError
+from moeprune.surgery import apply_mask
+from tests.arch_sweep import build_model, check_model, moe_model_types, run_case
+from tests.surgery import make_mask
+
+# Refused architectures and a pattern their refusal message must match (the reason, never a traceback).
+REFUSED = {
+    "dbrx": r"flattened as \[N \* ffn_hidden, hidden\]",
+    "deepseek_v4": r"fixed token -> expert table \(tid2eid\).*cannot lose an expert that its table uses",
+    "doge": r"product-key embeddings",
+    "jetmoe": r"attention is a mixture of experts too",
+    "llama4_text": r"scales each expert's input by its routing score",
+}
+MODEL_TYPES = moe_model_types()
+
+
+def test_sweep_sees_the_installed_moe_models() -> None:
+    assert len(MODEL_TYPES) >= 55, MODEL_TYPES
+    assert set(REFUSED) <= set(MODEL_TYPES)
+    assert set(ADAPTER_REFUSALS) <= set(REFUSED)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_architecture_is_exact_or_refused_with_reason(model_type: str, tmp_path: Path) -> None:
+    result = run_case(model_type, tmp_path)
+    if model_type in REFUSED:
+        assert result.status == "refused", result
+        assert re.search(REFUSED[model_type], result.reason), result.reason
+    else:
+        assert result.status == "exact", f"{model_type}: {result.status}: {result.reason}"
+
+
+def test_hash_routed_layer_keeps_exact_when_its_table_uses_only_kept_experts(tmp_path: Path) -> None:
+    # DeepSeek-V4's layer 0 routes by a token -> experts table; if the table only names experts 1, 3, 5, 6,
+    # REAP keeps exactly those there, and the table is renumbered to the kept experts' new ids.
+    model = build_model("deepseek_v4")
+    table = moe_layers(model)[0].router.tid2eid
+    table.copy_(torch.tensor([1, 3, 5, 6])[torch.randint(0, 4, table.shape)])
+    assert check_model(model, tmp_path) <= 1e-5
+
+
+def test_per_expert_tensor_that_cannot_be_placed_is_refused() -> None:
+    model = build_model("qwen3_moe")
+    block = moe_layers(model)[0].block
+    block.register_buffer("expert_table", torch.zeros(8, 3))  # per-expert rows outside router and experts
+    with pytest.raises(MoePruneError, match=r"mlp.expert_table|expert_table \(8, 3\) looks per-expert"):
+        apply_mask(model, make_mask(model))
