@@ -252,7 +252,7 @@ def _biases_at_minus_inf(layer, removed: list[int]) -> Iterator[None]:
             tensor.view(-1)[removed] = float("-inf")
         yield
     finally:
-        for tensor, original in zip(biases, saved):
+        for tensor, original in zip(biases, saved, strict=True):
             tensor.copy_(original)
 
 
@@ -282,17 +282,6 @@ def _keys(values: dict[str, Any]) -> list[str]:
     return [str(k) for k in values] + [k for keys in nested for k in keys]
 
 
-def _layer_lists(defaults: dict[str, Any], layers: int) -> dict[str, Any]:
-    """Per-layer lists in the config cut to ``layers`` entries, keeping one of each kind they hold."""
-    old = defaults.get("num_hidden_layers")
-    cut = {}
-    for key, value in defaults.items():
-        if isinstance(value, list) and old and len(value) == old and old != layers:
-            kinds = list(dict.fromkeys(value))
-            cut[key] = (kinds + value)[:layers] if len(kinds) <= layers else value[:layers]
-    return cut
-
-
 @torch.no_grad()
 def _spread_weights(model: nn.Module) -> None:
     """Decisive, varied routing: larger random router rows, small random expert biases."""
@@ -305,10 +294,6 @@ def _spread_weights(model: nn.Module) -> None:
             buffer.normal_(0.0, 0.05)
         if name.endswith("tid2eid"):  # hash routing: a random token -> experts table, as in a checkpoint
             buffer.copy_(torch.randint(0, 8, buffer.shape))
-
-
-def library_version() -> str:
-    return transformers.__version__
 
 
 __all__ = ["CaseResult", "build_model", "check_model", "moe_model_types", "run_case", "tiny_config"]

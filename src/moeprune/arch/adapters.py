@@ -45,7 +45,7 @@ class ArchSpec:
     router_attr: str = "gate"
     experts_attr: str = "experts"
     top_k_key: str = "num_experts_per_tok"
-    # Per-expert router vectors that are sliced together with the router rows.
+    # Per-expert router vectors (documentation: surgery slices every per-expert vector of the block).
     router_vectors: tuple[str, ...] = ("bias",)
     # Config keys with routing groups (DeepSeek): the kept count must split evenly over them.
     group_key: str | None = None
