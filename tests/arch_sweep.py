@@ -95,7 +95,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
                   mamba_d_state=8, mamba_dt_rank=4),
     "beam": dict(mlp_layer_types=["dense", "sparse", "sparse"]),
     "bailing_hybrid": dict(layer_group_size=2),
-    "kimi_linear": dict(layer_types=["linear_attention", "full_attention", "linear_attention"]),
+    "kimi_linear": dict(layer_types=["linear_attention", "full_attention", "linear_attention"], linear_head_dim=8,
+                        linear_num_heads=2),
     # Layer 0 hash-routed (a frozen token -> expert table), then learned routing.
     "deepseek_v4": dict(mlp_layer_types=["hash_moe", "moe", "moe"]),
     "zaya": dict(num_experts_per_tok=1),
