@@ -17,6 +17,7 @@ import torch
 from moeprune.arch.adapters import REFUSED as ADAPTER_REFUSALS
 from moeprune.arch.view import moe_layers
 from moeprune.errors import MoePruneError
+from moeprune.profiling.instrument import StatsRecorder
 from moeprune.surgery import apply_mask
 from tests.arch_sweep import build_model, check_model, moe_model_types, run_case
 from tests.surgery import make_mask
@@ -27,7 +28,6 @@ REFUSED = {
     "deepseek_v4": r"fixed token -> expert table \(tid2eid\).*cannot lose an expert that its table uses",
     "doge": r"product-key embeddings",
     "jetmoe": r"attention is a mixture of experts too",
-    "llama4_text": r"scales each expert's input by its routing score",
 }
 MODEL_TYPES = moe_model_types()
 
@@ -55,6 +55,22 @@ def test_hash_routed_layer_keeps_exact_when_its_table_uses_only_kept_experts(tmp
     table = moe_layers(model)[0].router.tid2eid
     table.copy_(torch.tensor([1, 3, 5, 6])[torch.randint(0, 4, table.shape)])
     assert check_model(model, tmp_path) <= 1e-5
+
+
+def test_llama4_profile_observes_the_routers_top_k_without_changing_the_output() -> None:
+    # Llama 4's experts run on score-scaled inputs, so profiling observes the router instead of replacing
+    # the experts' call: the logits stay the model's own and every token's top-k pairs are counted.
+    model = build_model("llama4_text")
+    tokens = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(input_ids=tokens).logits
+        recorder = StatsRecorder(moe_layers(model))
+        with recorder.installed():
+            observed = model(input_ids=tokens).logits
+    stats = recorder.take()
+    assert torch.equal(observed, expected)
+    assert stats.count.sum(dim=1).tolist() == [2 * 16 * model.config.num_experts_per_tok] * len(stats.layer_ids)
+    assert bool((stats.reap_sum > 0).any())
 
 
 def test_per_expert_tensor_that_cannot_be_placed_is_refused() -> None:

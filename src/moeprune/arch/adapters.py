@@ -41,7 +41,7 @@ class ArchSpec:
     name: str
     num_experts_key: str  # the config key written when the expert count changes
     routing: str  # rule name in moeprune.arch.routing, used to re-route with cached logits
-    layout: str = "fused"  # "fused" | "modulelist"
+    layout: str = "fused"  # "fused" | "modulelist" | "scaled_inputs" (Llama 4)
     router_attr: str = "gate"
     experts_attr: str = "experts"
     top_k_key: str = "num_experts_per_tok"
@@ -84,6 +84,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             topk_group_key="topk_group",
             shared=("shared_experts",),
         ),
+        # Llama 4: every expert runs on score-scaled inputs (experts(score * h)); profiling observes the router.
+        # No reconstruction routing rule ("llama4" is unknown to moeprune.arch.routing).
+        ArchSpec("llama4_text", "num_local_experts", "llama4", layout="scaled_inputs", router_attr="router"),
         # Zero-compute (identity) experts sit in router rows N..N+Z-1 and are never pruned.
         ArchSpec("longcat_flash", "n_routed_experts", "softmax_topk", router_attr="router", call_slots=2),
         # DeepSeek-MoE-16B (trust_remote_code): ModuleList experts routed by block.moe_infer.
@@ -95,10 +98,6 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 # MoE model types moeprune refuses, each with the reason (tests/test_architecture_sweep.py holds the list
 # to what the installed transformers builds; docs/support_matrix.md shows it).
 REFUSED: dict[str, str] = {
-    "llama4_text": (
-        "Llama 4 scales each expert's input by its routing score and runs every expert on every token "
-        "(experts(score * h)), so the expert outputs f_e(h) that profiling scores are never computed"
-    ),
     "jetmoe": (
         "JetMoE's attention is a mixture of experts too (MoA) and shares config.num_local_experts with the MLP "
         "experts, so one config count cannot describe a model whose MLP experts were pruned"

@@ -50,6 +50,9 @@ class MoELayer:
         """The expert's unweighted output f_e(h) on the tokens ``hidden [n, H]``."""
         if self.spec.layout == "modulelist":
             return self.experts[expert](hidden)
+        if self.spec.layout == "scaled_inputs":  # Llama 4: gate_up_proj [E, H, 2I], down_proj [E, I, H]
+            gate, up = (hidden @ self.experts.gate_up_proj[expert]).chunk(2, dim=-1)
+            return (up * self.experts.act_fn(gate)) @ self.experts.down_proj[expert]
         # Same operations, in the same order, as transformers' eager experts forward.
         gate, up = nn.functional.linear(hidden, self.experts.gate_up_proj[expert]).chunk(2, dim=-1)
         return nn.functional.linear(self.experts.act_fn(gate) * up, self.experts.down_proj[expert])
@@ -92,8 +95,34 @@ class MoELayer:
 
             self.block.moe_infer = moe_infer
             return lambda: self.block.__dict__.pop("moe_infer", None)
+        if self.spec.layout == "scaled_inputs":
+            return self._observe_scaled_inputs(call)
         self.experts.forward = call
         return lambda: self.experts.__dict__.pop("forward", None)
+
+    def _observe_scaled_inputs(self, call: RoutedCall) -> Callable[[], None]:
+        """Llama 4 runs every expert on score-scaled inputs (``experts(score * h)``), so ``call`` cannot replace
+        that computation: it is handed the router's (hidden, top-k index, top-k scores) to observe, and the
+        model's own experts still compute the output."""
+        seen: dict[str, torch.Tensor] = {}
+        top_k, original = _block_top_k(self.block), type(self.experts).forward
+
+        def remember(module, args, output):
+            seen["hidden"], seen["scores"] = args[0], output[0]
+
+        def forward(routed_in):
+            weights, index = seen["scores"].topk(top_k, dim=-1)
+            call(seen["hidden"], index, weights)
+            return original(self.experts, routed_in)
+
+        hook = self.router.register_forward_hook(remember)
+        self.experts.forward = forward
+
+        def undo() -> None:
+            hook.remove()
+            self.experts.__dict__.pop("forward", None)
+
+        return undo
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -173,6 +202,8 @@ def _resolve_layout(spec: ArchSpec, experts: nn.Module, block: nn.Module) -> Arc
             )
         return spec if spec.layout == "modulelist" else replace(spec, layout="modulelist")
     stacked = [t for t in experts.parameters() if t.dim() == 3]
+    if stacked and spec.layout == "scaled_inputs":
+        return spec
     if stacked and _takes_routing(experts):
         return spec if spec.layout == "fused" else replace(spec, layout="fused")
     raise MoePruneError(
