@@ -108,8 +108,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "inkling2_loop_text": dict(unpadded_vocab_size=128),
     "lfm2_moe": dict(num_dense_layers=1, layer_types=["conv", "full_attention", "conv"]),
     "dbrx": dict(num_key_value_heads=DROP, d_model=32, n_heads=4, n_layers=2, max_seq_len=128,
-                 attn_config={"kv_n_heads": 2}, ffn_config={"moe_num_experts": 8, "moe_top_k": 2,
-                                                             "ffn_hidden_size": 16}),
+                 attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+                 ffn_config={"moe_num_experts": 8, "moe_top_k": 2, "ffn_hidden_size": 16}),
 }
 
 

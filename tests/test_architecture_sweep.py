@@ -24,7 +24,6 @@ from tests.surgery import make_mask
 
 # Refused architectures and a pattern their refusal message must match (the reason, never a traceback).
 REFUSED = {
-    "dbrx": r"flattened as \[N \* ffn_hidden, hidden\]",
     "deepseek_v4": r"fixed token -> expert table \(tid2eid\).*cannot lose an expert that its table uses",
     "doge": r"product-key embeddings",
     "jetmoe": r"attention is a mixture of experts too",

@@ -22,11 +22,11 @@ from moeprune.errors import MoePruneError
 # Config keys that hold the routed-expert count, in the order we look for them.
 NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "moe_topk", "moe_k", "top_k_experts", "top_k")
-BLOCK_ATTRS = ("mlp", "block_sparse_moe", "moe", "feed_forward", "mixer")
+BLOCK_ATTRS = ("mlp", "block_sparse_moe", "moe", "feed_forward", "mixer", "ffn")
 ROUTER_ATTRS = ("gate", "router")
 # A router module without its own weight holds the [N, hidden] linear under one of these (dotted) names
 # (HunYuan gate.wg, AFMoE router.gate, LongCat router.classifier, Gemma 4 router.proj, ZAYA's router MLP).
-ROUTER_LINEARS = ("wg", "gate", "classifier", "proj", "router_mlp.out_proj")
+ROUTER_LINEARS = ("wg", "gate", "classifier", "proj", "layer", "router_mlp.out_proj")
 # Buffers of hash-routed layers: a frozen token id -> expert ids table (DeepSeek-V4 hash_moe layers).
 HASH_TABLES = ("tid2eid",)
 # Config keys of group-limited routing (DeepSeek-V3 and its many relatives: GLM-4.5, dots1, Kimi, ...).
@@ -41,7 +41,8 @@ class ArchSpec:
     name: str
     num_experts_key: str  # the config key written when the expert count changes
     routing: str  # rule name in moeprune.arch.routing, used to re-route with cached logits
-    layout: str = "fused"  # "fused" | "modulelist" | "scaled_inputs" (Llama 4)
+    # "fused" | "modulelist" | "scaled_inputs" (Llama 4) | "flat" (DBRX: [N * I, H] matrices, fused otherwise)
+    layout: str = "fused"
     router_attr: str = "gate"
     experts_attr: str = "experts"
     top_k_key: str = "num_experts_per_tok"
@@ -87,6 +88,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         # Llama 4: every expert runs on score-scaled inputs (experts(score * h)); profiling observes the router.
         # No reconstruction routing rule ("llama4" is unknown to moeprune.arch.routing).
         ArchSpec("llama4_text", "num_local_experts", "llama4", layout="scaled_inputs", router_attr="router"),
+        # DBRX: blocks[i].ffn.{router.layer, experts.mlp.w1/v1/w2 [N * I, H]}; counts nested in ffn_config.
+        ArchSpec("dbrx", "ffn_config.moe_num_experts", "softmax_topk", layout="flat", router_attr="router",
+                 top_k_key="ffn_config.moe_top_k"),
         # Zero-compute (identity) experts sit in router rows N..N+Z-1 and are never pruned.
         ArchSpec("longcat_flash", "n_routed_experts", "softmax_topk", router_attr="router", call_slots=2),
         # DeepSeek-MoE-16B (trust_remote_code): ModuleList experts routed by block.moe_infer.
@@ -105,10 +109,6 @@ REFUSED: dict[str, str] = {
     "doge": (
         "Doge's experts are product-key embeddings (down_embed/up_embed rows chosen through a sqrt(N) x sqrt(N) "
         "key grid), not routed expert MLPs: removing one expert breaks the key grid"
-    ),
-    "dbrx": (
-        "DBRX stores its experts flattened as [N * ffn_hidden, hidden] matrices (w1, v1, w2) and counts them in "
-        "the nested ffn_config, which moeprune does not slice yet"
     ),
 }
 
@@ -144,3 +144,20 @@ def routing_groups(config) -> tuple[int, int] | None:
     topk_group = next((getattr(config, k) for k in TOPK_GROUP_KEYS if isinstance(getattr(config, k, None), int)),
                       n_group)
     return n_group, topk_group
+
+
+def config_value(config, key: str):
+    """``config.<key>``, where ``key`` may be dotted into a nested config (``ffn_config.moe_num_experts``)."""
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else getattr(config, part, None)
+    return config
+
+
+def set_config_value(config, key: str, value) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        config = config[part] if isinstance(config, dict) else getattr(config, part)
+    if isinstance(config, dict):
+        config[last] = value
+    else:
+        setattr(config, last, value)

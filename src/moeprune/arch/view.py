@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from moeprune.arch.adapters import BLOCK_ATTRS, ROUTER_ATTRS, ROUTER_LINEARS, ArchSpec, spec_for
+from moeprune.arch.adapters import BLOCK_ATTRS, ROUTER_ATTRS, ROUTER_LINEARS, ArchSpec, config_value, spec_for
 from moeprune.errors import MoePruneError
 
 # (hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> routed output [T, H]
@@ -40,6 +40,8 @@ class MoELayer:
         """Routed (prunable) experts; router rows past this are zero-compute or shared experts, never pruned."""
         if isinstance(self.experts, nn.ModuleList):
             return len(self.experts)
+        if self.spec.layout == "flat":
+            return int(self.experts.num_experts)
         return min(int(t.shape[0]) for t in self.experts.parameters() if t.dim() == 3)
 
     @property
@@ -67,7 +69,7 @@ class MoELayer:
         """
         top_k = top_k_index.shape[-1]
         flat_index = top_k_index.reshape(-1)
-        if self.spec.layout == "fused":
+        if self.spec.layout in ("fused", "flat"):
             pairs = hidden.repeat_interleave(top_k, dim=0)
             index = flat_index[:, None].expand(-1, self.spec.call_slots)
             weights = torch.zeros(index.shape, dtype=hidden.dtype, device=hidden.device)
@@ -128,9 +130,10 @@ class MoELayer:
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's list of decoder layers (``model.model.layers`` for every supported architecture)."""
     base = getattr(model, "base_model", model)
-    layers = getattr(base, "layers", None)
-    if isinstance(layers, nn.ModuleList):
-        return layers
+    for name in ("layers", "blocks"):  # DBRX names them blocks
+        layers = getattr(base, name, None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
     for name, module in model.named_modules():
         if name.endswith("layers") and isinstance(module, nn.ModuleList) and len(module) > 0:
             return module
@@ -161,7 +164,7 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
 
 def top_k_of(model: nn.Module) -> int:
     spec = spec_for(model.config)
-    value = getattr(model.config, spec.top_k_key, None)
+    value = config_value(model.config, spec.top_k_key)
     if not isinstance(value, int):
         raise MoePruneError(f"Config has no integer {spec.top_k_key!r} (experts per token).")
     return value
@@ -203,6 +206,8 @@ def _resolve_layout(spec: ArchSpec, experts: nn.Module, block: nn.Module) -> Arc
         return spec if spec.layout == "modulelist" else replace(spec, layout="modulelist")
     stacked = [t for t in experts.parameters() if t.dim() == 3]
     if stacked and spec.layout == "scaled_inputs":
+        return spec
+    if spec.layout == "flat" and isinstance(getattr(experts, "num_experts", None), int):
         return spec
     if stacked and _takes_routing(experts):
         return spec if spec.layout == "fused" else replace(spec, layout="fused")

@@ -31,13 +31,15 @@ def routed_forward(
     observer: Observer | None = None,
 ) -> torch.Tensor:
     """sum_k w_k * f_{e_k}(h) for every token, handing the norms of the unweighted outputs to ``observer``."""
+    shape = hidden.shape  # [T, H], or [batch, seq, H] where the block does not flatten (DBRX)
+    hidden = hidden.reshape(-1, shape[-1])
     tokens, top_k = top_k_index.shape
-    unweighted = layer.unweighted_pairs(hidden, top_k_index)  # [T * k, H]
+    unweighted = layer.unweighted_pairs(hidden, top_k_index).reshape(-1, hidden.shape[-1])  # [T * k, H]
     if observer is not None:
         norms = torch.linalg.vector_norm(unweighted, dim=-1, dtype=torch.float32)
         observer(top_k_index.reshape(-1), top_k_weights.reshape(-1), norms, top_k)
     weighted = unweighted.view(tokens, top_k, -1) * top_k_weights.unsqueeze(-1)
-    return weighted.sum(dim=1).to(hidden.dtype)
+    return weighted.sum(dim=1).to(hidden.dtype).view(shape)
 
 
 class StatsRecorder:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeprune.arch.adapters import HASH_TABLES, NUM_EXPERTS_KEYS, routing_groups
+from moeprune.arch.adapters import HASH_TABLES, NUM_EXPERTS_KEYS, config_value, routing_groups, set_config_value
 from moeprune.arch.view import MoELayer, moe_layers, top_k_of
 from moeprune.errors import MoePruneError
 from moeprune.loading import model_name
@@ -45,7 +45,10 @@ def slice_moe_layer(layer: MoELayer, kept: list[int]) -> None:
     # Router rows past N (zero-compute, shared or "no expert" columns) are not prunable and stay last.
     rows = layer.router_rows
     extended = ids + list(range(num_experts, rows))
-    if layer.spec.layout != "modulelist":
+    if layer.spec.layout == "flat":
+        for module in layer.experts.modules():
+            _slice_flat(module, num_experts, ids)
+    elif layer.spec.layout != "modulelist":
         # Every per-expert tensor (gate_up_proj, down_proj and any [E, ...] bias) has the expert on dim 0;
         # LongCat pads gate_up_proj to the router's rows.
         _slice_rows(layer.experts, {num_experts: ids, rows: extended})
@@ -182,17 +185,21 @@ def masked(model: nn.Module, mask: ExpertMask) -> Iterator[nn.Module]:
     layers = moe_layers(model)
     snapshots = [_Snapshot.take(m) for layer in layers for m in _layer_modules(layer)]
     config_state = {k: v for k, v in vars(model.config).items() if k in NUM_EXPERTS_KEYS}
+    key = layers[0].spec.num_experts_key
+    nested = config_value(model.config, key) if "." in key else None
     try:
         apply_mask(model, mask)
         yield model
     finally:
         for snapshot in snapshots:
             snapshot.restore()
-        for key in NUM_EXPERTS_KEYS:
-            if key in vars(model.config) and key not in config_state:
-                delattr(model.config, key)
-        for key, value in config_state.items():
-            setattr(model.config, key, value)
+        for alias in NUM_EXPERTS_KEYS:
+            if alias in vars(model.config) and alias not in config_state:
+                delattr(model.config, alias)
+        for name, value in config_state.items():
+            setattr(model.config, name, value)
+        if nested is not None:
+            set_config_value(model.config, key, nested)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -231,6 +238,16 @@ def _checked_ids(kept: list[int], num_experts: int, layer: int) -> list[int]:
             f"Layer {layer}: kept experts {ids} must be distinct ids in 0..{num_experts - 1} (at least one)."
         )
     return ids
+
+
+def _slice_flat(module: nn.Module, num_experts: int, ids: list[int]) -> None:
+    """DBRX: each expert owns a consecutive block of rows of the module's [N * I, H] matrices."""
+    for name, param in list(module._parameters.items()):
+        if param is None or param.dim() != 2 or param.shape[0] % num_experts:
+            continue
+        blocks = param.detach().view(num_experts, -1, param.shape[1])
+        kept = blocks.index_select(0, torch.tensor(ids, device=param.device)).reshape(-1, param.shape[1])
+        module._parameters[name] = nn.Parameter(kept, requires_grad=param.requires_grad)
 
 
 def _slice_rows(module: nn.Module, kept_by_size: dict[int, list[int]]) -> None:
@@ -274,7 +291,7 @@ def _set_expert_counts(module: nn.Module, old: int, new: int, rows: int | None =
 
 def _set_config_count(config: Any, key: str, old: int, new: int) -> None:
     """Write K to the spec's key, and to every alias still reading N, so that all readers agree."""
-    setattr(config, key, new)
+    set_config_value(config, key, new)
     for alias in NUM_EXPERTS_KEYS:
         if getattr(config, alias, None) == old:
             setattr(config, alias, new)
