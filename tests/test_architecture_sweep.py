@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from moeprune.arch.adapters import REFUSED as ADAPTER_REFUSALS
+from moeprune.arch.adapters import routing_groups
 from moeprune.arch.view import moe_layers
 from moeprune.errors import MoePruneError
 from moeprune.profiling.instrument import StatsRecorder
-from moeprune.surgery import apply_mask
+from moeprune.profiling.runner import model_meta
+from moeprune.surgery import apply_mask, masked
 from tests.arch_sweep import build_model, check_model, moe_model_types, run_case
 from tests.surgery import make_mask
 
@@ -70,6 +72,23 @@ def test_llama4_profile_observes_the_routers_top_k_without_changing_the_output()
     assert torch.equal(observed, expected)
     assert stats.count.sum(dim=1).tolist() == [2 * 16 * model.config.num_experts_per_tok] * len(stats.layer_ids)
     assert bool((stats.reap_sum > 0).any())
+
+
+@pytest.mark.parametrize(("model_type", "groups"), [("glm4_moe", (2, 2)), ("kimi_linear", (2, 2)), ("mixtral", None)])
+def test_routing_groups_come_from_the_config_whatever_the_row(model_type: str, groups) -> None:
+    model = build_model(model_type)
+    meta = model_meta(model)
+    assert (meta["n_group"], meta["topk_group"]) == (groups or (None, None))
+    assert routing_groups(model.config) == groups
+
+
+def test_masked_restores_a_nested_config_count() -> None:
+    model = build_model("dbrx")
+    with masked(model, make_mask(model)):
+        assert model.config.ffn_config.moe_num_experts == 4
+        assert moe_layers(model)[0].experts.mlp.w1.shape[0] == 4 * 16
+    assert model.config.ffn_config.moe_num_experts == 8
+    assert moe_layers(model)[0].experts.mlp.w1.shape[0] == 8 * 16
 
 
 def test_per_expert_tensor_that_cannot_be_placed_is_refused() -> None:
