@@ -91,6 +91,18 @@ def test_masked_restores_a_nested_config_count() -> None:
     assert moe_layers(model)[0].experts.mlp.w1.shape[0] == 8 * 16
 
 
+@pytest.mark.parametrize("model_type", ["nemotron_h", "dbrx", "llama4_text", "qwen3_moe"])
+def test_expert_forward_is_the_experts_own_computation(model_type: str) -> None:
+    # f_e(h) run alone must equal the routed computation with the token sent to e alone at weight 1.
+    layer = moe_layers(build_model(model_type))[0]
+    hidden = torch.randn(5, 32)  # the sweep's tiny hidden size
+    index = torch.full((5, 1), 3, dtype=torch.long)
+    with torch.no_grad():
+        alone = layer.expert_forward(3, hidden)
+        routed = layer.unweighted_pairs(hidden, index).reshape(5, -1)
+    assert alone.shape == (5, hidden.shape[1]) and torch.allclose(alone, routed, atol=1e-6)
+
+
 def test_per_expert_tensor_that_cannot_be_placed_is_refused() -> None:
     model = build_model("qwen3_moe")
     block = moe_layers(model)[0].block
