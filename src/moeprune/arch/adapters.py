@@ -1,16 +1,21 @@
 """Supported MoE architectures, described as data.
 
 Every supported model is a decoder whose MoE blocks hold a *router* (a module with a
-``[num_experts, hidden]`` weight) and routed *experts* in one of two layouts:
+``[rows, hidden]`` weight, rows >= the routed-expert count) and routed *experts* in one of these layouts:
 
-- ``fused``: transformers-native 3D tensors ``experts.gate_up_proj [E, 2I, H]`` and
-  ``experts.down_proj [E, H, I]``, called as ``experts(hidden, top_k_index, top_k_weights)``.
+- ``fused``: 3D tensors with the expert on dim 0 (transformers-native ``experts.gate_up_proj [E, 2I, H]``
+  and ``experts.down_proj [E, H, I]``, or ungated ``up_proj``), called as
+  ``experts(hidden, top_k_index, top_k_weights)``;
 - ``modulelist``: ``experts`` is an ``nn.ModuleList`` of MLPs with ``gate_proj/up_proj/down_proj``,
   as in DeepSeek-MoE-16B's remote code, whose block routes through ``block.moe_infer(x,
-  flat_expert_indices, flat_expert_weights)``.
+  flat_expert_indices, flat_expert_weights)``;
+- ``scaled_inputs`` (Llama 4): 3D tensors, every expert run on score-scaled inputs ``experts(score * h)``;
+- ``flat`` (DBRX): ``[E * I, H]`` matrices, expert e owning rows ``e*I .. (e+1)*I - 1``.
 
 Adding an architecture is one :class:`ArchSpec` row in :data:`ARCHITECTURES`. A model type not in
-the table is still accepted when it has the common shape (see :func:`spec_for`).
+the table is still accepted when it has the common shape (see :func:`spec_for` and
+:mod:`moeprune.arch.view`); :data:`REFUSED` names the ones that cannot be pruned exactly, with why.
+docs/support_matrix.md lists every MoE causal LM of transformers and its status.
 """
 
 from __future__ import annotations
