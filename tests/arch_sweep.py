@@ -12,7 +12,6 @@ Used by tests/test_architecture_sweep.py and scripts/support_matrix.py (which wr
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import tempfile
 import traceback
@@ -39,7 +38,6 @@ from moeprune.profiling.runner import ProfileSettings, model_meta, profile_windo
 from moeprune.profiling.stats import Profile
 from moeprune.surgery import export_pruned
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ATOL = 1e-5
 TOKENS = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
 EXPERT_KEY = re.compile(r"expert")
