@@ -39,6 +39,7 @@ def test_unknown_model_type_of_the_common_shape_works_by_duck_typing(tmp_path):
     assert recorder.take().count.sum() == 2 * 10 * 2 * 3  # tokens x top-2 x 3 layers
     mask = ExpertMask("acme", "random", 0.5, 8, 4, {i: LayerMask([0, 2, 5, 7]) for i in range(3)})
     model.config.model_type = "qwen3_moe"  # so transformers can reload the export it verifies against
+    model.name_or_path = str(tmp_path)  # a local source without a tokenizer: no lookup on the hub
     export_pruned(model, mask, tmp_path / "out", progress=False)
 
 

@@ -371,22 +371,19 @@ def check_seq_len(config: Any, seq_len: int | None, flag: str) -> None:
 
 def routing_meta(config: Any) -> dict[str, Any]:
     """Expert count, top-k and routing groups from a config (an object or a config.json dict)."""
-    from moeprune.arch.adapters import spec_for
+    from moeprune.arch.adapters import config_value, routing_groups, spec_for
 
     if isinstance(config, dict):
         config = argparse.Namespace(**config)
     spec = spec_for(config)
-    top_k = getattr(config, spec.top_k_key, None)
-    n_group = getattr(config, spec.group_key, None) if spec.group_key else None
-    # DeepSeek-V2's greedy top-k ignores the groups (as surgery.slicing does).
-    if getattr(config, "topk_method", None) == "greedy":
-        n_group = None
+    top_k = config_value(config, spec.top_k_key)
+    groups = routing_groups(config)  # any family's n_group/topk_group; None for DeepSeek-V2's greedy top-k
     return {
         "num_experts_key": spec.num_experts_key,
-        "num_experts": getattr(config, spec.num_experts_key, None),
+        "num_experts": config_value(config, spec.num_experts_key),
         "top_k": top_k if isinstance(top_k, int) else None,
-        "n_group": n_group,
-        "topk_group": getattr(config, spec.topk_group_key, None) if spec.topk_group_key else None,
+        "n_group": groups[0] if groups else None,
+        "topk_group": groups[1] if groups else None,
         "model_type": getattr(config, "model_type", None),
     }
 

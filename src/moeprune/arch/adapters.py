@@ -1,16 +1,21 @@
 """Supported MoE architectures, described as data.
 
 Every supported model is a decoder whose MoE blocks hold a *router* (a module with a
-``[num_experts, hidden]`` weight) and routed *experts* in one of two layouts:
+``[rows, hidden]`` weight, rows >= the routed-expert count) and routed *experts* in one of these layouts:
 
-- ``fused``: transformers-native 3D tensors ``experts.gate_up_proj [E, 2I, H]`` and
-  ``experts.down_proj [E, H, I]``, called as ``experts(hidden, top_k_index, top_k_weights)``.
+- ``fused``: 3D tensors with the expert on dim 0 (transformers-native ``experts.gate_up_proj [E, 2I, H]``
+  and ``experts.down_proj [E, H, I]``, or ungated ``up_proj``), called as
+  ``experts(hidden, top_k_index, top_k_weights)``;
 - ``modulelist``: ``experts`` is an ``nn.ModuleList`` of MLPs with ``gate_proj/up_proj/down_proj``,
   as in DeepSeek-MoE-16B's remote code, whose block routes through ``block.moe_infer(x,
-  flat_expert_indices, flat_expert_weights)``.
+  flat_expert_indices, flat_expert_weights)``;
+- ``scaled_inputs`` (Llama 4): 3D tensors, every expert run on score-scaled inputs ``experts(score * h)``;
+- ``flat`` (DBRX): ``[E * I, H]`` matrices, expert e owning rows ``e*I .. (e+1)*I - 1``.
 
 Adding an architecture is one :class:`ArchSpec` row in :data:`ARCHITECTURES`. A model type not in
-the table is still accepted when it has the common shape (see :func:`spec_for`).
+the table is still accepted when it has the common shape (see :func:`spec_for` and
+:mod:`moeprune.arch.view`); :data:`REFUSED` names the ones that cannot be pruned exactly, with why.
+docs/support_matrix.md lists every MoE causal LM of transformers and its status.
 """
 
 from __future__ import annotations
@@ -21,9 +26,17 @@ from moeprune.errors import MoePruneError
 
 # Config keys that hold the routed-expert count, in the order we look for them.
 NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k")
-BLOCK_ATTRS = ("mlp", "block_sparse_moe", "moe", "feed_forward")
+TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "moe_topk", "moe_k", "top_k_experts", "top_k")
+BLOCK_ATTRS = ("mlp", "block_sparse_moe", "moe", "feed_forward", "mixer", "ffn")
 ROUTER_ATTRS = ("gate", "router")
+# A router module without its own weight holds the [N, hidden] linear under one of these (dotted) names
+# (HunYuan gate.wg, AFMoE router.gate, LongCat router.classifier, Gemma 4 router.proj, ZAYA's router MLP).
+ROUTER_LINEARS = ("wg", "gate", "classifier", "proj", "layer", "router_mlp.out_proj")
+# Buffers of hash-routed layers: a frozen token id -> expert ids table (DeepSeek-V4 hash_moe layers).
+HASH_TABLES = ("tid2eid",)
+# Config keys of group-limited routing (DeepSeek-V3 and its many relatives: GLM-4.5, dots1, Kimi, ...).
+GROUP_KEYS = ("n_group", "num_expert_group")
+TOPK_GROUP_KEYS = ("topk_group",)
 
 
 @dataclass(frozen=True)
@@ -33,17 +46,21 @@ class ArchSpec:
     name: str
     num_experts_key: str  # the config key written when the expert count changes
     routing: str  # rule name in moeprune.arch.routing, used to re-route with cached logits
-    layout: str = "fused"  # "fused" | "modulelist"
+    # "fused" | "modulelist" | "scaled_inputs" (Llama 4) | "flat" (DBRX: [N * I, H] matrices, fused otherwise)
+    layout: str = "fused"
     router_attr: str = "gate"
     experts_attr: str = "experts"
     top_k_key: str = "num_experts_per_tok"
-    # Per-expert router vectors that are sliced together with the router rows.
+    # Per-expert router vectors (documentation: surgery slices every per-expert vector of the block).
     router_vectors: tuple[str, ...] = ("bias",)
     # Config keys with routing groups (DeepSeek): the kept count must split evenly over them.
     group_key: str | None = None
     topk_group_key: str | None = None
     # Submodules that are not routed experts and are never scored or pruned (documentation).
     shared: tuple[str, ...] = ()
+    # Slots per (token, expert) pair when profiling calls the fused experts: 2 adds a zero-weight slot for
+    # experts forwards that squeeze a single slot away (LongCat-Flash).
+    call_slots: int = 1
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -73,15 +90,39 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             topk_group_key="topk_group",
             shared=("shared_experts",),
         ),
+        # Llama 4: every expert runs on score-scaled inputs (experts(score * h)); profiling observes the router.
+        # No reconstruction routing rule ("llama4" is unknown to moeprune.arch.routing).
+        ArchSpec("llama4_text", "num_local_experts", "llama4", layout="scaled_inputs", router_attr="router"),
+        # DBRX: blocks[i].ffn.{router.layer, experts.mlp.w1/v1/w2 [N * I, H]}; counts nested in ffn_config.
+        ArchSpec("dbrx", "ffn_config.moe_num_experts", "softmax_topk", layout="flat", router_attr="router",
+                 top_k_key="ffn_config.moe_top_k"),
+        # Zero-compute (identity) experts sit in router rows N..N+Z-1 and are never pruned.
+        ArchSpec("longcat_flash", "n_routed_experts", "softmax_topk", router_attr="router", call_slots=2),
         # DeepSeek-MoE-16B (trust_remote_code): ModuleList experts routed by block.moe_infer.
         ArchSpec("deepseek", "n_routed_experts", "deepseek_moe", layout="modulelist", shared=("shared_experts",)),
     )
 }
 
 
+# MoE model types moeprune refuses, each with the reason (tests/test_architecture_sweep.py holds the list
+# to what the installed transformers builds; docs/support_matrix.md shows it).
+REFUSED: dict[str, str] = {
+    "jetmoe": (
+        "JetMoE's attention is a mixture of experts too (MoA) and shares config.num_local_experts with the MLP "
+        "experts, so one config count cannot describe a model whose MLP experts were pruned"
+    ),
+    "doge": (
+        "Doge's experts are product-key embeddings (down_embed/up_embed rows chosen through a sqrt(N) x sqrt(N) "
+        "key grid), not routed expert MLPs: removing one expert breaks the key grid"
+    ),
+}
+
+
 def spec_for(config) -> ArchSpec:
     """The table row for ``config.model_type``, or a duck-typed row for an unknown MoE of the common shape."""
     model_type = getattr(config, "model_type", None)
+    if model_type in REFUSED:
+        raise MoePruneError(f"moeprune cannot prune {model_type} exactly: {REFUSED[model_type]}. Use another model.")
     if model_type in ARCHITECTURES:
         return ARCHITECTURES[model_type]
     key = next((k for k in NUM_EXPERTS_KEYS if isinstance(getattr(config, k, None), int)), None)
@@ -93,3 +134,35 @@ def spec_for(config) -> ArchSpec:
     top_k_key = next((k for k in TOP_K_KEYS if isinstance(getattr(config, k, None), int)), TOP_K_KEYS[0])
     # softmax_topk honours config.norm_topk_prob, the common switch among such models.
     return ArchSpec(f"generic:{model_type}", key, "softmax_topk", top_k_key=top_k_key)
+
+
+def routing_groups(config) -> tuple[int, int] | None:
+    """(n_group, topk_group) when the router picks groups of experts first, else None.
+
+    Read from the config whatever the table row says: group-limited routing appears in many families
+    beyond DeepSeek (glm4_moe, dots1, kimi_linear, ...). DeepSeek-V2's ``topk_method="greedy"`` ignores
+    its groups.
+    """
+    n_group = next((getattr(config, k) for k in GROUP_KEYS if isinstance(getattr(config, k, None), int)), 1)
+    if n_group <= 1 or getattr(config, "topk_method", None) == "greedy":
+        return None
+    topk_group = next((getattr(config, k) for k in TOPK_GROUP_KEYS if isinstance(getattr(config, k, None), int)),
+                      n_group)
+    return n_group, topk_group
+
+
+def config_value(config, key: str):
+    """``config.<key>``, where ``key`` may be dotted into a nested config (``ffn_config.moe_num_experts``)."""
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else getattr(config, part, None)
+    return config
+
+
+def set_config_value(config, key: str, value) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        config = config[part] if isinstance(config, dict) else getattr(config, part)
+    if isinstance(config, dict):
+        config[last] = value
+    else:
+        setattr(config, last, value)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from moeprune.arch.adapters import ArchSpec
+from moeprune.arch.adapters import TOP_K_KEYS, ArchSpec
 from moeprune.errors import MoePruneError
 
 RULES = ("softmax_topk", "softmax_topk_renorm", "deepseek_v2", "deepseek_v3", "deepseek_moe")
@@ -213,7 +213,7 @@ def _kept_tensor(kept: torch.Tensor | Sequence[int] | None, num_experts: int, de
 
 
 def _top_k(config: Any) -> int:
-    for key in ("num_experts_per_tok", "moe_top_k", "top_k"):
+    for key in TOP_K_KEYS:
         value = getattr(config, key, None)
         if isinstance(value, int):
             return value

@@ -31,13 +31,15 @@ def routed_forward(
     observer: Observer | None = None,
 ) -> torch.Tensor:
     """sum_k w_k * f_{e_k}(h) for every token, handing the norms of the unweighted outputs to ``observer``."""
+    shape = hidden.shape  # [T, H], or [batch, seq, H] where the block does not flatten (DBRX)
+    hidden = hidden.reshape(-1, shape[-1])
     tokens, top_k = top_k_index.shape
-    unweighted = layer.unweighted_pairs(hidden, top_k_index)  # [T * k, H]
+    unweighted = layer.unweighted_pairs(hidden, top_k_index).reshape(-1, hidden.shape[-1])  # [T * k, H]
     if observer is not None:
         norms = torch.linalg.vector_norm(unweighted, dim=-1, dtype=torch.float32)
         observer(top_k_index.reshape(-1), top_k_weights.reshape(-1), norms, top_k)
     weighted = unweighted.view(tokens, top_k, -1) * top_k_weights.unsqueeze(-1)
-    return weighted.sum(dim=1).to(hidden.dtype)
+    return weighted.sum(dim=1).to(hidden.dtype).view(shape)
 
 
 class StatsRecorder:
@@ -59,21 +61,22 @@ class StatsRecorder:
         row = self.rows[layer.index]
 
         def observe(flat_index: torch.Tensor, flat_weights: torch.Tensor, norms: torch.Tensor, top_k: int) -> None:
-            # One bincount per statistic and layer: no per-expert work on the hot path.
+            # One bincount per statistic and layer: no per-expert work on the hot path. Counts past N
+            # (zero-compute identity experts, never pruned) are cut off.
             n = self.num_experts
             gates, norms = flat_weights.double(), norms.double()
             if self.valid_tokens is None:
-                count = torch.bincount(flat_index, minlength=n).double()
+                count = torch.bincount(flat_index, minlength=n)[:n].double()
             else:  # padding: weight every pair by its token's validity
                 valid = self.valid_tokens.to(norms.device).repeat_interleave(top_k).double()
                 gates, norms = gates * valid, norms * valid
-                count = torch.bincount(flat_index, weights=valid, minlength=n)
+                count = torch.bincount(flat_index, weights=valid, minlength=n)[:n]
             # .to(): with a model spread over GPUs (device_map="auto") this layer may sit on another device.
             home = self.sums["count"].device
             self.sums["count"][row] += count.to(home)
-            self.sums["gate_sum"][row] += torch.bincount(flat_index, weights=gates, minlength=n).to(home)
-            self.sums["reap_sum"][row] += torch.bincount(flat_index, weights=gates * norms, minlength=n).to(home)
-            self.sums["norm_sum"][row] += torch.bincount(flat_index, weights=norms, minlength=n).to(home)
+            self.sums["gate_sum"][row] += torch.bincount(flat_index, weights=gates, minlength=n)[:n].to(home)
+            self.sums["reap_sum"][row] += torch.bincount(flat_index, weights=gates * norms, minlength=n)[:n].to(home)
+            self.sums["norm_sum"][row] += torch.bincount(flat_index, weights=norms, minlength=n)[:n].to(home)
 
         return observe
     @contextmanager

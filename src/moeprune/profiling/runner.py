@@ -52,11 +52,11 @@ class ProfileSettings:
 
 def model_meta(model) -> dict[str, Any]:
     """What a profile records about the model it came from (planning reads top_k and groups here)."""
-    from moeprune.arch.adapters import spec_for
+    from moeprune.arch.adapters import routing_groups
 
-    spec = spec_for(model.config)
     layers = moe_layers(model)
     config = model.config
+    n_group, topk_group = routing_groups(config) or (None, None)
     return {
         "model": model_name(model),
         "model_type": getattr(config, "model_type", None),
@@ -64,8 +64,8 @@ def model_meta(model) -> dict[str, Any]:
         "num_experts": layers[0].num_experts,
         "top_k": top_k_of(model),
         "moe_layers": [layer.index for layer in layers],
-        "n_group": getattr(config, spec.group_key, None) if spec.group_key else None,
-        "topk_group": getattr(config, spec.topk_group_key, None) if spec.topk_group_key else None,
+        "n_group": n_group,
+        "topk_group": topk_group,
     }
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeprune.arch.adapters import NUM_EXPERTS_KEYS
+from moeprune.arch.adapters import HASH_TABLES, NUM_EXPERTS_KEYS, config_value, routing_groups, set_config_value
 from moeprune.arch.view import MoELayer, moe_layers, top_k_of
 from moeprune.errors import MoePruneError
 from moeprune.loading import model_name
@@ -24,23 +24,115 @@ from moeprune.planning.mask import ExpertMask
 
 # Module attributes that cache the routed-expert count (matched by name, never by value alone, so that
 # e.g. a hidden size that happens to equal N is left alone).
-EXPERT_COUNT_ATTRS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts", "n_experts")
+EXPERT_COUNT_ATTRS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts", "n_experts",
+                      "num_router_classes", "total_experts", "num_routed_experts")
 
 
 def slice_moe_layer(layer: MoELayer, kept: list[int]) -> None:
-    """Keep only the experts ``kept`` (original ids) of one MoE layer, renumbered 0..K-1, in place."""
+    """Keep only the experts ``kept`` (original ids) of one MoE layer, renumbered 0..K-1, in place.
+
+    Besides the experts and the router rows, every per-expert vector of the block is sliced wherever it
+    sits (``gate.e_score_correction_bias``, ``mlp.e_score_correction_bias``, ``feed_forward.expert_bias``,
+    ``gate.moe_statics.e_score_correction_bias``, ...); a larger per-expert tensor outside the experts and
+    the router is refused rather than left unsliced.
+    """
     num_experts = layer.num_experts
     ids = _checked_ids(kept, num_experts, layer.index)
     if layer.spec.layout == "modulelist":
         new_experts = nn.ModuleList([layer.experts[i] for i in ids])
         setattr(layer.block, layer.spec.experts_attr, new_experts)
         layer.experts = new_experts
+    # Router rows past N (zero-compute, shared or "no expert" columns) are not prunable and stay last.
+    rows = layer.router_rows
+    extended = ids + list(range(num_experts, rows))
+    if layer.spec.layout == "flat":
+        for module in layer.experts.modules():
+            _slice_flat(module, num_experts, ids)
+    elif layer.spec.layout != "modulelist":
+        # Every per-expert tensor (gate_up_proj, down_proj and any [E, ...] bias) has the expert on dim 0;
+        # LongCat pads gate_up_proj to the router's rows.
+        _slice_rows(layer.experts, {num_experts: ids, rows: extended})
+    # Inkling's router has rows for its shared experts but a correction bias for the routed ones only.
+    _slice_rows(layer.router, {num_experts: ids, rows: extended})
+    _slice_block_vectors(layer, num_experts, ids, rows)
+    _remap_hash_tables(layer, num_experts, ids)
+    for module in _layer_modules(layer):
+        _set_expert_counts(module, num_experts, len(ids), rows)
+
+
+def _hash_tables(layer: MoELayer) -> list[tuple[nn.Module, str]]:
+    return [(m, name) for m in _layer_modules(layer) for name in HASH_TABLES if m._buffers.get(name) is not None]
+
+
+def _remap_hash_tables(layer: MoELayer, num_experts: int, ids: list[int]) -> None:
+    """Renumber a hash-routed layer's token -> expert table to the kept experts' new ids."""
+    for module, name in _hash_tables(layer):
+        table = module._buffers[name]
+        position = torch.full((num_experts,), -1, dtype=table.dtype, device=table.device)
+        position[torch.tensor(ids, device=table.device)] = torch.arange(len(ids), dtype=table.dtype,
+                                                                         device=table.device)
+        module._buffers[name] = position[table]
+
+
+def _check_hash_tables(model: nn.Module, mask: ExpertMask) -> None:
+    """A hash-routed layer sends each token to fixed experts: none of them may be removed."""
+    for layer in moe_layers(model):
+        for module, name in _hash_tables(layer):
+            used = set(module._buffers[name].unique().tolist())
+            removed = sorted(used - set(mask.kept(layer.index)))
+            if removed:
+                raise MoePruneError(
+                    f"Layer {layer.index} routes tokens by a fixed token -> expert table ({name}) that sends "
+                    f"tokens to experts {removed}, which the mask removes; a hash-routed layer cannot lose an "
+                    "expert that its table uses. Keep every expert such a table uses, or prune a model "
+                    "without hash-routed layers."
+                )
+
+
+def _layer_modules(layer: MoELayer) -> list[nn.Module]:
+    """The block's modules and the router and experts (which may sit outside the block)."""
+    seen: dict[int, nn.Module] = {}
+    for module in (*layer.block.modules(), *layer.router.modules(), *layer.experts.modules()):
+        seen.setdefault(id(module), module)
+    return list(seen.values())
+
+
+def _slice_block_vectors(layer: MoELayer, num_experts: int, ids: list[int], rows: int) -> None:
+    """Slice the block's per-expert vectors outside the router and experts; refuse what cannot be placed.
+
+    A vector has N entries (one per routed expert) or, next to a router with extra rows, one per router row.
+    """
+    # The router's own tensors are sliced already; its submodules (e.g. ERNIE's gate.moe_statics) are not.
+    handled = {id(layer.router), *(id(m) for m in layer.experts.modules())}
+    scope = layer.vector_scope or layer.block
+    for name, module in scope.named_modules():
+        if id(module) in handled or "shared" in name:
+            continue
+        for tensor_name, tensor in (*module._parameters.items(), *module._buffers.items()):
+            if tensor is None or tensor.dim() == 0:
+                continue
+            if tensor.numel() == num_experts and num_experts in tensor.shape:  # [N], or [1, N] (ERNIE)
+                _slice_vector(module, tensor_name, tensor, ids)
+            elif rows > num_experts and tensor.numel() == rows and rows in tensor.shape:
+                _slice_vector(module, tensor_name, tensor, ids + list(range(num_experts, rows)))
+            elif num_experts not in tensor.shape:
+                continue
+            elif tensor.shape[0] == num_experts:
+                where = ".".join(p for p in (name, tensor_name) if p)
+                raise MoePruneError(
+                    f"Layer {layer.index}: {where} {tuple(tensor.shape)} looks per-expert (first dimension "
+                    f"{num_experts}) but is neither the router nor the experts, so moeprune cannot slice it "
+                    "safely; add an ArchSpec row for this architecture in moeprune.arch.adapters."
+                )
+
+
+def _slice_vector(module: nn.Module, name: str, tensor: torch.Tensor, ids: list[int]) -> None:
+    """Keep the entries ``ids`` of a per-expert vector (any shape with N entries along one dimension)."""
+    kept = tensor.detach().index_select(tensor.shape.index(tensor.numel()), torch.tensor(ids, device=tensor.device))
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(kept, requires_grad=tensor.requires_grad)
     else:
-        # Every per-expert tensor (gate_up_proj, down_proj and any [E, ...] bias) has the expert on dim 0.
-        _slice_tensors(layer.experts, num_experts, ids, names=None)
-    _slice_tensors(layer.router, num_experts, ids, names=("weight", *layer.spec.router_vectors))
-    for module in (layer.block, layer.router, layer.experts):
-        _set_expert_counts(module, num_experts, len(ids))
+        module._buffers[name] = kept
 
 
 def apply_mask(model: nn.Module, mask: ExpertMask) -> nn.Module:
@@ -64,6 +156,7 @@ def check_mask_routable(model: nn.Module, mask: ExpertMask) -> None:
             f"top-k={top_k}; the pruned model could not route. Plan a mask with "
             f"--retain >= {top_k}/{mask.num_experts}."
         )
+    _check_hash_tables(model, mask)
     meta = _group_meta(model.config, top_k)
     if meta is None:
         return
@@ -90,19 +183,23 @@ def masked(model: nn.Module, mask: ExpertMask) -> Iterator[nn.Module]:
     masks can be evaluated on one loaded model and the model afterwards is exactly what it was.
     """
     layers = moe_layers(model)
-    snapshots = [_Snapshot.take(m) for layer in layers for m in (layer.block, layer.router, layer.experts)]
+    snapshots = [_Snapshot.take(m) for layer in layers for m in _layer_modules(layer)]
     config_state = {k: v for k, v in vars(model.config).items() if k in NUM_EXPERTS_KEYS}
+    key = layers[0].spec.num_experts_key
+    nested = config_value(model.config, key) if "." in key else None
     try:
         apply_mask(model, mask)
         yield model
     finally:
         for snapshot in snapshots:
             snapshot.restore()
-        for key in NUM_EXPERTS_KEYS:
-            if key in vars(model.config) and key not in config_state:
-                delattr(model.config, key)
-        for key, value in config_state.items():
-            setattr(model.config, key, value)
+        for alias in NUM_EXPERTS_KEYS:
+            if alias in vars(model.config) and alias not in config_state:
+                delattr(model.config, alias)
+        for name, value in config_state.items():
+            setattr(model.config, name, value)
+        if nested is not None:
+            set_config_value(model.config, key, nested)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -143,7 +240,27 @@ def _checked_ids(kept: list[int], num_experts: int, layer: int) -> list[int]:
     return ids
 
 
-def _slice_tensors(module: nn.Module, num_experts: int, ids: list[int], names: tuple[str, ...] | None) \
+def _slice_flat(module: nn.Module, num_experts: int, ids: list[int]) -> None:
+    """DBRX: each expert owns a consecutive block of rows of the module's [N * I, H] matrices."""
+    for name, param in list(module._parameters.items()):
+        if param is None or param.dim() != 2 or param.shape[0] % num_experts:
+            continue
+        blocks = param.detach().view(num_experts, -1, param.shape[1])
+        kept = blocks.index_select(0, torch.tensor(ids, device=param.device)).reshape(-1, param.shape[1])
+        module._parameters[name] = nn.Parameter(kept, requires_grad=param.requires_grad)
+
+
+def _slice_rows(module: nn.Module, kept_by_size: dict[int, list[int]]) -> None:
+    """Slice each of the module's own tensors by the kept rows for its first dimension (N or router rows)."""
+    sizes = {name: t.shape[0] for name, t in (*module._parameters.items(), *module._buffers.items())
+             if t is not None and t.dim() > 0}
+    for size, kept in kept_by_size.items():
+        names = tuple(name for name, first in sizes.items() if first == size)
+        if names:
+            _slice_tensors(module, size, kept, names)
+
+
+def _slice_tensors(module: nn.Module, num_experts: int, ids: list[int], names: tuple[str, ...] | None = None) \
         -> None:
     """Replace the module's own [num_experts, ...] tensors (all, or only ``names``) by their kept rows."""
     for name, param in list(module._parameters.items()):
@@ -164,15 +281,17 @@ def _per_expert(name: str, tensor: torch.Tensor | None, num_experts: int,
     return names is None or name in names
 
 
-def _set_expert_counts(module: nn.Module, old: int, new: int) -> None:
+def _set_expert_counts(module: nn.Module, old: int, new: int, rows: int | None = None) -> None:
+    """Cached counts of routed experts (== N) and of router rows (== N + extra rows) shrink by N - K."""
     for name in EXPERT_COUNT_ATTRS:
-        if vars(module).get(name) == old:
-            setattr(module, name, new)
+        value = vars(module).get(name)
+        if value == old or (rows is not None and rows > old and value == rows):
+            setattr(module, name, value - (old - new))
 
 
 def _set_config_count(config: Any, key: str, old: int, new: int) -> None:
     """Write K to the spec's key, and to every alias still reading N, so that all readers agree."""
-    setattr(config, key, new)
+    set_config_value(config, key, new)
     for alias in NUM_EXPERTS_KEYS:
         if getattr(config, alias, None) == old:
             setattr(config, alias, new)
@@ -189,14 +308,13 @@ def _common_num_experts(layers: list[MoELayer]) -> int:
 
 
 def _group_meta(config: Any, top_k: int) -> dict[str, Any] | None:
-    """Routing-group settings when the router really routes by groups (DeepSeek n_group > 1), else None."""
-    n_group = getattr(config, "n_group", None) or 1
-    # DeepSeek-V2's greedy top-k ignores the groups; group_limited_greedy (and V3) use them.
-    if n_group <= 1 or getattr(config, "topk_method", None) == "greedy":
+    """Routing-group settings when the router really routes by groups (n_group > 1), else None."""
+    groups = routing_groups(config)
+    if groups is None:
         return None
     return {
-        "n_group": n_group,
-        "topk_group": getattr(config, "topk_group", None) or n_group,
+        "n_group": groups[0],
+        "topk_group": groups[1],
         "top_k": top_k,
         "model_type": getattr(config, "model_type", None),
     }

@@ -1,0 +1,111 @@
+"""Every MoE causal LM of the installed transformers is pruned exactly, or refused with its reason.
+
+Each case builds a tiny random model, profiles, plans (REAP, half the experts), exports and reloads it,
+and compares the reloaded logits with the dense model whose removed experts are taken out of routing
+(see tests/arch_sweep.py). A new transformers release that adds, changes or drops an architecture
+fails here, and docs/support_matrix.md (scripts/support_matrix.py) shows the new state.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeprune.arch.adapters import REFUSED as ADAPTER_REFUSALS
+from moeprune.arch.adapters import routing_groups
+from moeprune.arch.view import moe_layers
+from moeprune.errors import MoePruneError
+from moeprune.profiling.instrument import StatsRecorder
+from moeprune.profiling.runner import model_meta
+from moeprune.surgery import apply_mask, masked
+from tests.arch_sweep import build_model, check_model, moe_model_types, run_case
+from tests.surgery import make_mask
+
+# Refused architectures and a pattern their refusal message must match (the reason, never a traceback).
+REFUSED = {
+    "deepseek_v4": r"fixed token -> expert table \(tid2eid\).*cannot lose an expert that its table uses",
+    "doge": r"product-key embeddings",
+    "jetmoe": r"attention is a mixture of experts too",
+}
+MODEL_TYPES = moe_model_types()
+
+
+def test_sweep_sees_the_installed_moe_models() -> None:
+    assert len(MODEL_TYPES) >= 55, MODEL_TYPES
+    assert set(REFUSED) <= set(MODEL_TYPES)
+    assert set(ADAPTER_REFUSALS) <= set(REFUSED)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_architecture_is_exact_or_refused_with_reason(model_type: str, tmp_path: Path) -> None:
+    result = run_case(model_type, tmp_path)
+    if model_type in REFUSED:
+        assert result.status == "refused", result
+        assert re.search(REFUSED[model_type], result.reason), result.reason
+    else:
+        assert result.status == "exact", f"{model_type}: {result.status}: {result.reason}"
+
+
+def test_hash_routed_layer_keeps_exact_when_its_table_uses_only_kept_experts(tmp_path: Path) -> None:
+    # DeepSeek-V4's layer 0 routes by a token -> experts table; if the table only names experts 1, 3, 5, 6,
+    # REAP keeps exactly those there, and the table is renumbered to the kept experts' new ids.
+    model = build_model("deepseek_v4")
+    table = moe_layers(model)[0].router.tid2eid
+    table.copy_(torch.tensor([1, 3, 5, 6])[torch.randint(0, 4, table.shape)])
+    assert check_model(model, tmp_path) <= 1e-5
+
+
+def test_llama4_profile_observes_the_routers_top_k_without_changing_the_output() -> None:
+    # Llama 4's experts run on score-scaled inputs, so profiling observes the router instead of replacing
+    # the experts' call: the logits stay the model's own and every token's top-k pairs are counted.
+    model = build_model("llama4_text")
+    tokens = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(input_ids=tokens).logits
+        recorder = StatsRecorder(moe_layers(model))
+        with recorder.installed():
+            observed = model(input_ids=tokens).logits
+    stats = recorder.take()
+    assert torch.equal(observed, expected)
+    assert stats.count.sum(dim=1).tolist() == [2 * 16 * model.config.num_experts_per_tok] * len(stats.layer_ids)
+    assert bool((stats.reap_sum > 0).any())
+
+
+@pytest.mark.parametrize(("model_type", "groups"), [("glm4_moe", (2, 2)), ("kimi_linear", (2, 2)), ("mixtral", None)])
+def test_routing_groups_come_from_the_config_whatever_the_row(model_type: str, groups) -> None:
+    model = build_model(model_type)
+    meta = model_meta(model)
+    assert (meta["n_group"], meta["topk_group"]) == (groups or (None, None))
+    assert routing_groups(model.config) == groups
+
+
+def test_masked_restores_a_nested_config_count() -> None:
+    model = build_model("dbrx")
+    with masked(model, make_mask(model)):
+        assert model.config.ffn_config.moe_num_experts == 4
+        assert moe_layers(model)[0].experts.mlp.w1.shape[0] == 4 * 16
+    assert model.config.ffn_config.moe_num_experts == 8
+    assert moe_layers(model)[0].experts.mlp.w1.shape[0] == 8 * 16
+
+
+@pytest.mark.parametrize("model_type", ["nemotron_h", "dbrx", "llama4_text", "qwen3_moe"])
+def test_expert_forward_is_the_experts_own_computation(model_type: str) -> None:
+    # f_e(h) run alone must equal the routed computation with the token sent to e alone at weight 1.
+    layer = moe_layers(build_model(model_type))[0]
+    hidden = torch.randn(5, 32)  # the sweep's tiny hidden size
+    index = torch.full((5, 1), 3, dtype=torch.long)
+    with torch.no_grad():
+        alone = layer.expert_forward(3, hidden)
+        routed = layer.unweighted_pairs(hidden, index).reshape(5, -1)
+    assert alone.shape == (5, hidden.shape[1]) and torch.allclose(alone, routed, atol=1e-6)
+
+
+def test_per_expert_tensor_that_cannot_be_placed_is_refused() -> None:
+    model = build_model("qwen3_moe")
+    block = moe_layers(model)[0].block
+    block.register_buffer("expert_table", torch.zeros(8, 3))  # per-expert rows outside router and experts
+    with pytest.raises(MoePruneError, match=r"mlp.expert_table|expert_table \(8, 3\) looks per-expert"):
+        apply_mask(model, make_mask(model))
