@@ -381,13 +381,15 @@ def spawn(step: str, args: argparse.Namespace, name: str, layers: int, work: Pat
 
 # ------------------------------------------------------------------------------------------------ report
 def fit(points: dict[int, float], target: int) -> float:
-    """Least-squares ``a + b * layers`` at ``target``; one point: scaled in proportion (an upper bound)."""
+    """Least-squares ``a + b * layers`` at ``target``; one point: scaled in proportion (an upper bound).
+
+    A negative slope is measurement noise (a layer cannot make a stage cheaper): it is taken as 0."""
     xs, ys = list(points), list(points.values())
     if len(xs) == 1:
         return ys[0] * target / xs[0]
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
-    return my + slope * (target - mx)
+    return max(my + max(slope, 0.0) * (target - mx), 0.0)
 
 
 def per_layer_figures(run: dict[str, Any]) -> dict[str, float]:
@@ -479,6 +481,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=4, help="documents per bundled zero-shot task per cell")
     parser.add_argument("--eval-batch-size", default="4", help="lm-eval batch size: N, auto or auto:N")
     parser.add_argument("--json", default=None, help="also write the raw measurements to this file")
+    parser.add_argument("--report", nargs="+", default=None, metavar="JSON", help="print tables from --json files")
     parser.add_argument("--keep", default=None, help="write checkpoints and grids here (kept) instead of a temp folder")
     parser.add_argument("--worker", choices=["build", "run"], help=argparse.SUPPRESS)
     parser.add_argument("--model-name", help=argparse.SUPPRESS)
@@ -487,6 +490,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.report:
+        for path in args.report:
+            for name, raw in json.loads(Path(path).read_text()).items():
+                as_int = {key: {int(n): v for n, v in raw[key].items()} for key in ("runs", "builds")}
+                print_model_table(name, as_int["runs"], as_int["builds"])
         return
     print(f"device {args.device}, dtype {args.dtype}; per run: {args.samples} x {args.seq_len} calibration "
           f"tokens per corpus, {args.recon_samples} x {args.seq_len} reconstruction, retain {args.retain}, "
