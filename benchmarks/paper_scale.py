@@ -19,9 +19,11 @@ It then extrapolates the full grid (37 cells, paper sample counts, all layers): 
 scaled by the paper's token counts over the ones run (profile: 2 x 512 x 1024; reconstruction: 64 x 1024;
 per cell: 402 perplexity windows of 2048 and the six tasks' request tokens, see PAPER below).
 
-    python benchmarks/paper_scale.py --device cpu --dtype bfloat16 --layers 1 2          # CPU, minutes
-    python benchmarks/paper_scale.py --device cuda --dtype bfloat16 --layers 2 24 \\
-        --samples 64 --recon-samples 16 --ppl-windows 8 --limit 50 --eval-batch-size auto  # one GPU
+    python benchmarks/paper_scale.py --device cpu --dtype bfloat16 --layers 1 2 --retain 0.5 \\
+        --methods expert-sparsity tb-coverage                                   # CPU, ~15 min per model
+    python benchmarks/paper_scale.py --models qwen1.5-moe-a2.7b --device cuda --dtype bfloat16 --layers 24 \\
+        --samples 32 --batch-size 4 --recon-samples 8 --retain 0.5 --methods expert-sparsity tb-coverage \\
+        --ppl-windows 4 --limit 50 --eval-batch-size auto                       # one GPU, full depth
 """
 
 from __future__ import annotations
