@@ -344,7 +344,9 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
         help="lm-eval tasks (default: the six of Common Avg; 'bundled' for the offline tasks; none to skip)",
     )
     p.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
-    p.add_argument("--eval-batch-size", type=int, default=8, help="lm-eval batch size (default 8)")
+    p.add_argument(
+        "--eval-batch-size", type=_eval_batch_size, default=8, help="lm-eval batch size: N, auto or auto:N (default 8)"
+    )
     p.add_argument("--out", default=None, help="results JSON file (default: print only)")
     p.set_defaults(run=_run_eval)
 
@@ -391,7 +393,7 @@ def _add_experiment(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="examples per task")
     _ppl_data_option(p)
     p.add_argument("--batch-size", type=int, default=None, help="calibration sequences per forward pass")
-    p.add_argument("--eval-batch-size", type=int, default=None, help="lm-eval batch size")
+    p.add_argument("--eval-batch-size", type=_eval_batch_size, default=None, help="lm-eval batch size: N, auto, auto:N")
     p.add_argument(
         "--protect-budget",
         "-B",
@@ -495,6 +497,15 @@ def _calibration(args: argparse.Namespace) -> dict:
         "samples": preset["samples"] if args.samples is None else args.samples,
         "seq_len": preset["seq_len"] if args.seq_len is None else args.seq_len,
     }
+
+
+def _eval_batch_size(text: str) -> int | str:
+    from moeprune.evaluation.zeroshot import eval_batch_size
+
+    try:
+        return eval_batch_size(text)
+    except MoePruneError as err:  # argparse prints it with the usage line and exits 2
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def _plan_seed(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from moeprune.errors import MoePruneError
+from moeprune.evaluation.zeroshot import reuse_lm_eval
 from moeprune.io import write_json_atomic
 from moeprune.planning.mask import ExpertMask
 
@@ -317,6 +318,7 @@ def cell_id(mask: ExpertMask | None) -> str:
     return DENSE if mask is None else mask_filename(mask).removesuffix(".json")
 
 
+@reuse_lm_eval()  # lm-eval's tasks and model wrapper are built once for all cells
 def evaluate_grid(
     model: Any,
     tokenizer: Any,

@@ -10,12 +10,20 @@ generative stress tests). Two averages, each defined only when all of its tasks 
 - **Bundled Avg**: the mean acc_norm over the three offline bundled tasks (``BUNDLED_TASKS``).
 
 Every task runs 0-shot except those in ``FEWSHOT`` (the stress tests, with lm-eval's usual shots).
+
+Inside ``with reuse_lm_eval():`` (the experiment grid wraps its cells in it) lm-eval's TaskManager, the
+task objects (with their loaded datasets) and one HFLM wrapper per (model, tokenizer, batch size) are
+built once and reused: indexing lm-eval's task folders alone takes seconds, paid per cell otherwise.
+Reuse is safe because lm-eval rebuilds every request from the task's documents on each evaluation, and
+``surgery.masked`` changes the wrapped model object in place, so the same HFLM sees each cell's model.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +58,47 @@ REPORT_METRIC: dict[str, str] = {
 TASK_PRESETS: dict[str, tuple[str, ...]] = {"common": COMMON_TASKS, "bundled": BUNDLED_TASKS, "stress": STRESS_TASKS}
 
 
+_AUTO_BATCH = re.compile(r"auto(:[1-9][0-9]*)?")
+# While reuse_lm_eval() is active: built lm-eval objects by key (see _reused).
+_REUSED: dict[tuple, Any] | None = None
+
+
+def eval_batch_size(value: int | str) -> int | str:
+    """A positive integer, ``auto`` (lm-eval finds the largest batch that fits) or ``auto:N`` (it looks
+    again N times per task as the inputs get shorter); integers given as text become ints."""
+    text = str(value).strip().lower()
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    if _AUTO_BATCH.fullmatch(text):
+        return text
+    raise MoePruneError(
+        f"eval batch size {value!r} is not a positive integer, auto or auto:N; pass e.g. 16, auto or auto:4."
+    )
+
+
+@contextmanager
+def reuse_lm_eval() -> Iterator[None]:
+    """Build lm-eval's TaskManager, tasks and HFLM wrappers once for every ``zero_shot`` call inside."""
+    global _REUSED
+    if _REUSED is not None:  # nested: the outer block owns the objects
+        yield
+        return
+    _REUSED = {}
+    try:
+        yield
+    finally:
+        _REUSED = None
+
+
+def _reused(key: tuple, build: Callable[[], Any]) -> Any:
+    """``build()``, or inside reuse_lm_eval() the object built the first time for ``key``."""
+    if _REUSED is None:
+        return build()
+    if key not in _REUSED:
+        _REUSED[key] = build()
+    return _REUSED[key]
+
+
 def expand_tasks(tasks: str | Sequence[str]) -> list[str]:
     """Split comma lists and expand presets, keeping order and dropping repeats."""
     names = tasks.split(",") if isinstance(tasks, str) else [n for t in tasks for n in t.split(",")]
@@ -74,23 +123,24 @@ def zero_shot(
     """Run lm-eval's ``simple_evaluate`` (0 shots, or ``FEWSHOT``'s); per-task metrics, the averages, settings.
 
     The bundled offline tasks are always on the include path; ``include_path`` adds more task folders.
+    ``batch_size``: an integer, ``auto`` or ``auto:N`` (see :func:`eval_batch_size`).
     """
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     names = expand_tasks(tasks)
-    manager = TaskManager(include_path=_include_paths(include_path))
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    batch_size = eval_batch_size(batch_size)
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     raw: dict[str, Any] = {"results": {}, "n-samples": {}}
     shots = {name: FEWSHOT.get(name, 0) for name in names}
-    # One simple_evaluate per shot count: its num_fewshot applies to every task it is given.
-    for count in sorted(set(shots.values())):
-        try:
+    try:
+        lm = _hflm(model, tokenizer, batch_size, max_length)
+        # One simple_evaluate per shot count: its num_fewshot applies to every task it is given.
+        for count in sorted(set(shots.values())):
+            subset = [name for name in names if shots[name] == count]
+            manager, task_objects = _tasks(subset, _include_paths(include_path))
             part = lm_eval.simple_evaluate(
                 model=lm,
-                tasks=[name for name in names if shots[name] == count],
+                tasks=task_objects,
                 num_fewshot=count,
                 limit=limit,
                 task_manager=manager,
@@ -101,13 +151,13 @@ def zero_shot(
                 torch_random_seed=seed,
                 fewshot_random_seed=seed,
             )
-        except Exception as err:  # hub tasks offline fail deep inside datasets
-            raise MoePruneError(
-                f"lm-eval could not run {names}: {err.__class__.__name__}: {err}. Hub tasks (arc_*, hellaswag, "
-                "...) need their datasets online or in the HF cache; offline, use --tasks bundled."
-            ) from err
-        for key in raw:
-            raw[key].update(part.get(key, {}))
+            for key in raw:
+                raw[key].update(part.get(key, {}))
+    except Exception as err:  # hub tasks offline fail deep inside datasets
+        raise MoePruneError(
+            f"lm-eval could not run {names}: {err.__class__.__name__}: {err}. Hub tasks (arc_*, hellaswag, ...) "
+            "need their datasets online or in the HF cache; offline, use --tasks bundled."
+        ) from err
     per_task = {name: _task_metrics(raw["results"].get(name, {}), raw.get("n-samples", {}).get(name)) for name in names}
     avg, used = common_avg(per_task)
     return {
@@ -121,11 +171,40 @@ def zero_shot(
             "num_fewshot": shots,
             "limit": limit,
             "batch_size": batch_size,
+            **({"batch_sizes_found": list(lm.batch_sizes.values())} if isinstance(batch_size, str) else {}),
             "max_length": lm.max_length,
             "seed": seed,
             "tasks": names,
         },
     }
+
+
+def _tasks(names: list[str], include: list[str]) -> tuple[Any, list[Any]]:
+    """lm-eval's TaskManager and what to evaluate: the names (lm-eval builds the tasks), or inside
+    reuse_lm_eval() the task and group objects built once."""
+    from lm_eval.tasks import TaskManager
+
+    manager = _reused(("manager", *include), lambda: TaskManager(include_path=include))
+    if _REUSED is None:
+        return manager, names
+    built = [_reused(("task", name, *include), lambda n=name: _build(manager, n)) for name in names]
+    return manager, [obj for objects in built for obj in objects]
+
+
+def _build(manager: Any, name: str) -> list[Any]:
+    """The objects ``name`` stands for: its group (which holds its tasks), else its task(s) (a tag expands)."""
+    loaded = manager.load(name)
+    return [loaded["groups"][name]] if name in loaded["groups"] else list(loaded["tasks"].values())
+
+
+def _hflm(model: torch.nn.Module, tokenizer: Any, batch_size: int | str, max_length: int | None) -> Any:
+    from lm_eval.models.huggingface import HFLM
+
+    # id() is a safe key: the cached wrapper holds the model and tokenizer, so neither id can be reused.
+    return _reused(
+        ("hflm", id(model), id(tokenizer), batch_size, max_length),
+        lambda: HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length),
+    )
 
 
 def _include_paths(extra: str | Path | Sequence[str | Path] | None) -> list[str]:
