@@ -60,7 +60,7 @@ def test_capture_resumes_after_complete_parts(tmp_path: Path, monkeypatch: pytes
     # A crash after two of four batches: their parts and the pending spec stay behind.
     run_all = capture_module._run_batches
     monkeypatch.setattr(capture_module, "_run_batches", lambda m, t, b, w, todo, p: run_all(m, t, b, w, todo[:2], p))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(MoePruneError, match="resume"):
         capture_moe_inputs(model, tokens, tmp_path, "k", batch_size=1, progress=False)
     monkeypatch.undo()
     calls = _count_block_calls(model)
