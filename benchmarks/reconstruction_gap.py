@@ -284,7 +284,7 @@ def large(args: argparse.Namespace) -> None:
         args.seeds = 1
         label, problems = load_problems(args)
         cases.append((f"Bundled model, real activations: {label}", problems))
-    for n, top_k in ((60, 4), (64, 6)):
+    for n, top_k in (map(int, size.split(":")) for size in args.synthetic):
         problems = synthetic_problems(n, top_k, args.windows * args.seq_len)
         cases.append((f"Synthetic N={n}, top-{top_k} (2 layers, {args.windows * args.seq_len} random tokens, "
                       f"dense top-k mass {TARGET_TOPK_MASS})", problems))
@@ -311,6 +311,7 @@ def main() -> None:
     parser.add_argument("--refine", type=int, default=4, help="--large: beam members swap-refined per K")
     parser.add_argument("--kicks", type=int, default=8, help="--large: iterated-local-search kicks per K")
     parser.add_argument("--restarts", type=int, default=4, help="--large: random restarts per K")
+    parser.add_argument("--synthetic", nargs="*", default=["60:4", "64:6"], help="--large: synthetic N:top-k")
     args = parser.parse_args()
     if args.large:
         large(args)
