@@ -294,7 +294,8 @@ def large(args: argparse.Namespace) -> None:
     for label, problems in cases:
         n = problems[0].num_experts
         ks = [n // 4, n // 2, 3 * n // 4]
-        print("\n".join(strong_table(label, problems, ks, args)), "\n", flush=True)
+        if not args.timing_only:
+            print("\n".join(strong_table(label, problems, ks, args)), "\n", flush=True)
         timing.append(shared_path_table(problems, ks))
     print("\n".join(timing))
 
@@ -312,6 +313,7 @@ def main() -> None:
     parser.add_argument("--kicks", type=int, default=8, help="--large: iterated-local-search kicks per K")
     parser.add_argument("--restarts", type=int, default=4, help="--large: random restarts per K")
     parser.add_argument("--synthetic", nargs="*", default=["60:4", "64:6"], help="--large: synthetic N:top-k")
+    parser.add_argument("--timing-only", action="store_true", help="--large: only time the shared path")
     args = parser.parse_args()
     if args.large:
         large(args)
