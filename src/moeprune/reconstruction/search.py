@@ -86,12 +86,11 @@ def search_layer_many(
                if mask_count(problem.num_experts, k, problem.num_groups) <= exact_limit}
     greedy_ks = [k for k in ks if k not in results]
     if problem.num_groups == 1 and greedy_ks:
-        path = elimination_path(problem, greedy_ks[0])
-        for k in greedy_ks:
-            results[k] = _refined(problem, *path[k], max_swap_passes)
-    for k in greedy_ks if problem.num_groups > 1 else []:
-        results[k] = greedy_swap_search(problem, k, max_swap_passes)
-    return results
+        path = elimination_path(problem, greedy_ks[0])  # passes through every larger K
+        results |= {k: _refined(problem, *path[k], max_swap_passes) for k in greedy_ks}
+    else:
+        results |= {k: greedy_swap_search(problem, k, max_swap_passes) for k in greedy_ks}
+    return dict(sorted(results.items()))
 
 
 def exact_search(problem: LayerProblem, kept: int) -> SearchResult:
