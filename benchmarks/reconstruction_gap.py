@@ -197,6 +197,41 @@ def _router_factor(layer, config, hidden: torch.Tensor) -> float:
     return (low * high) ** 0.5
 
 
+def stitched_problems(args: argparse.Namespace, n: int) -> list[LayerProblem]:
+    """N-expert layers made of trained experts: the bundled model's MoE layers 2i and 2i+1 side by side
+    (routers and experts both on layer 2i's captured inputs), first ``n`` of the 64 experts, top-4."""
+    from dataclasses import replace
+
+    from moeprune.arch.routing import router_logits
+
+    model, tokens, _ = _model_and_tokens(argparse.Namespace(**{**vars(args), "source": "bundled"}), 0)
+    layers = moe_layers(model)
+    problems = []
+    with tempfile.TemporaryDirectory() as tmp:
+        capture_moe_inputs(model, tokens, tmp, "bench", batch_size=4, progress=False)
+        work = WorkDir(tmp, "bench")
+        for first, second in zip(layers[::2], layers[1::2], strict=True):
+            hidden = work.load_layer(first.index)
+            base = LayerProblem.build(first, model.config, hidden)
+            with torch.no_grad():
+                logits = torch.cat([router_logits(first, hidden), router_logits(second, hidden)], dim=1)
+                gram = _joint_gram(first, second, hidden)
+            problems.append(restrict(replace(base, logits=logits, gram=gram), n))
+    return problems
+
+
+def _joint_gram(first, second, hidden: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """``[T, 2N, 2N]`` Gram of both layers' experts on the same inputs."""
+    tokens, n = hidden.shape[0], first.num_experts + second.num_experts
+    gram = torch.empty(tokens, n, n)
+    for start in range(0, tokens, chunk):
+        x = hidden[start : start + chunk]
+        out = torch.stack([layer.expert_forward(e, x).float() for layer in (first, second)
+                           for e in range(layer.num_experts)], dim=1)
+        gram[start : start + chunk] = torch.bmm(out, out.transpose(1, 2))
+    return gram
+
+
 def beam_elimination(problem: LayerProblem, ks: list[int], width: int) -> dict[int, list[tuple[float, list[int]]]]:
     """Backward elimination keeping the ``width`` best distinct sets of each size: ``{K: [(loss, mask)]}``."""
     beam = [(0.0, list(range(problem.num_experts)))]
@@ -284,6 +319,10 @@ def large(args: argparse.Namespace) -> None:
         args.seeds = 1
         label, problems = load_problems(args)
         cases.append((f"Bundled model, real activations: {label}", problems))
+    for n in args.stitched:
+        cases.append((f"Bundled model's trained experts, two layers side by side (N={n}, top-4, real router "
+                      f"logits), {args.windows * args.seq_len} tokens of the bundled web corpus",
+                      stitched_problems(args, n)))
     for n, top_k in (map(int, size.split(":")) for size in args.synthetic):
         problems = synthetic_problems(n, top_k, args.windows * args.seq_len)
         cases.append((f"Synthetic N={n}, top-{top_k} (2 layers, {args.windows * args.seq_len} random tokens, "
@@ -313,6 +352,7 @@ def main() -> None:
     parser.add_argument("--kicks", type=int, default=8, help="--large: iterated-local-search kicks per K")
     parser.add_argument("--restarts", type=int, default=4, help="--large: random restarts per K")
     parser.add_argument("--synthetic", nargs="*", default=["60:4", "64:6"], help="--large: synthetic N:top-k")
+    parser.add_argument("--stitched", type=int, nargs="*", default=[64], help="--large: stitched bundled N")
     parser.add_argument("--timing-only", action="store_true", help="--large: only time the shared path")
     args = parser.parse_args()
     if args.large:
