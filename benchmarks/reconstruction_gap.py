@@ -40,6 +40,7 @@ from moeprune.arch.routing import route
 from moeprune.arch.view import moe_layers
 from moeprune.reconstruction import LayerProblem, WorkDir, capture_moe_inputs
 from moeprune.reconstruction.search import (
+    elimination_path,
     exact_search,
     greedy_elimination,
     greedy_swap_search,
@@ -305,12 +306,28 @@ def strong_table(label: str, problems: list[LayerProblem], ks: list[int], args: 
     return rows
 
 
-def shared_path_table(problems: list[LayerProblem], ks: list[int]) -> str:
-    """One row: greedy+swap for every K run separately vs on one shared elimination path."""
-    _, separate = _run_all(lambda p, _: [greedy_swap_search(p, k) for k in ks], problems, 0)
-    _, shared = _run_all(lambda p, _: search_layer_many(p, ks, exact_limit=0), problems, 0)
-    return (f"| {problems[0].num_experts} | {', '.join(map(str, ks))} | {statistics.mean(separate):.2f} | "
-            f"{statistics.mean(shared):.2f} | {statistics.mean(separate) / statistics.mean(shared):.2f}x |")
+def shared_path_table(problems: list[LayerProblem], ks: list[int], repeats: int = 3) -> str:
+    """One row: greedy+swap for every K run separately vs on one shared elimination path: mask evaluations
+    (exact counts) and seconds per layer (best of ``repeats``, the two alternating, against load noise)."""
+    separate_s, shared_s, separate_n, shared_n = [], [], 0, 0
+    for problem in problems:
+        times = {"separate": [], "shared": []}
+        for _ in range(repeats):
+            start = time.perf_counter()
+            separate = [greedy_swap_search(problem, k) for k in ks]
+            times["separate"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            shared = search_layer_many(problem, ks, exact_limit=0)
+            times["shared"].append(time.perf_counter() - start)
+        assert [r.kept for r in separate] == [shared[k].kept for k in ks]
+        separate_s.append(min(times["separate"]))
+        shared_s.append(min(times["shared"]))
+        path = elimination_path(problem, ks[0])
+        separate_n += sum(r.evaluations for r in separate)
+        shared_n += path[ks[0]][2] + sum(shared[k].evaluations - path[k][2] for k in ks)
+    a, b = statistics.mean(separate_s), statistics.mean(shared_s)
+    return (f"| {problems[0].num_experts} | {', '.join(map(str, ks))} | {separate_n / len(problems):.0f} | "
+            f"{shared_n / len(problems):.0f} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
 
 
 def large(args: argparse.Namespace) -> None:
@@ -329,7 +346,8 @@ def large(args: argparse.Namespace) -> None:
                       f"dense top-k mass {TARGET_TOPK_MASS})", problems))
     print(f"beam {args.beam} (refine {args.refine}), {args.kicks} kicks, {args.restarts} restarts; "
           f"torch threads {torch.get_num_threads()}\n")
-    timing = ["| N | K | s/layer separate greedy+swap per K | s/layer shared path | speed-up |", "|" + "---|" * 5]
+    timing = ["| N | K | evaluations/layer separate | evaluations/layer shared | s/layer separate | s/layer shared "
+              "| speed-up |", "|" + "---|" * 7]
     for label, problems in cases:
         n = problems[0].num_experts
         ks = [n // 4, n // 2, 3 * n // 4]
