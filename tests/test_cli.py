@@ -183,3 +183,16 @@ def test_profile_from_another_model_is_refused(profiled, tmp_path, capsys, token
         ],
     )
     assert "The profile was made from" in err and "config hash" in err
+
+
+def test_recon_tokens_budget_and_loss_flags(profiled, tiny_checkpoint, tmp_path):
+    import shutil
+
+    prof = shutil.copytree(profiled, tmp_path / "prof")
+    args = ["plan", str(prof), "--method", "expert-sparsity", "--retain", "0.5", "--model", str(tiny_checkpoint),
+            "--recon-samples", "4", "--recon-seq-len", "16", "--recon-loss", "global", "--out", str(tmp_path / "m")]
+    assert main([*args, "--recon-tokens", "40"]) == 0
+    (capture,) = (prof / "reconstruction").iterdir()
+    meta = json.loads((capture / "meta.json").read_text())
+    assert meta["tokens"] == 32 and meta["samples"] == 2  # two whole windows of 16 fit in 40 tokens
+    assert ExpertMask.load(tmp_path / "m" / "expert-sparsity-0.50.json").kept_per_layer == 4

@@ -31,13 +31,16 @@ log = logging.getLogger("moeprune")
 
 DEFAULT_CORPORA = ("wikitext2", "c4")
 # Calibration defaults: the paper's (512 x 1024 on WikiText2 and C4), and a fast one for the bundled testbed.
+# Reconstruction (expert-sparsity): NAEE's own settings in the paper preset (128 x 2048 of C4, the loss
+# summed over batches of 8 windows); the bundled one keeps the cheaper global norm on fewer tokens.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "corpora": DEFAULT_CORPORA,
         "samples": 512,
         "seq_len": 1024,
-        "recon_samples": 64,
-        "recon_seq_len": 1024,
+        "recon_samples": 128,
+        "recon_seq_len": 2048,
+        "recon_loss": "per-batch",
         "ppl_seq_len": 2048,
     },
     "bundled": {
@@ -46,6 +49,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "seq_len": 256,
         "recon_samples": 32,
         "recon_seq_len": 256,
+        "recon_loss": "global",
         "ppl_seq_len": 256,
     },  # the testbed model was trained on 256-token windows
 }
@@ -389,7 +393,11 @@ def _candidate(method: str, candidate: str | None) -> str | None:
 def _reconstruct(
     prof: Profile, kept: list[int], model: Any, workdir: Path | None, options: dict[str, Any], progress: bool
 ) -> dict[int, dict[int, tuple[list[int], float]]]:
-    """ExpertSparsity selections for each K, from activations captured once into the work directory."""
+    """ExpertSparsity selections for each K, from activations captured once into the work directory.
+
+    ``options``: corpus, samples, seq_len, loss (``per-batch`` | ``global``), tokens (a budget: at most
+    that many tokens, in whole windows), seed, workdir, dtype, device, trust_remote_code; unset ones
+    come from the model's preset."""
     from moeprune.data.sampling import calibration_windows
     from moeprune.reconstruction import reconstruction_selection
 
@@ -397,19 +405,27 @@ def _reconstruct(
         model = prof.meta.get("model")
         if not model:
             raise MoePruneError("expert-sparsity needs the model: pass --model (the profile records none).")
+    preset = preset_for(model)
     loaded = _model(model, options.get("dtype", "auto"), options.get("device"), options.get("trust_remote_code", False))
     _check_same_model(prof, loaded)
     spec = _reconstruction_corpus(prof, options.get("corpus"))
+    seq_len = options.get("seq_len") or preset["recon_seq_len"]
+    samples = options.get("samples") or preset["recon_samples"]
+    if options.get("tokens"):  # sample no more windows than the budget keeps
+        samples = min(samples, max(1, options["tokens"] // seq_len))
     windows = calibration_windows(
         spec,
         _tokenizer(options.get("tokenizer"), loaded, options.get("trust_remote_code", False)),
-        options.get("samples", 64),
-        options.get("seq_len", 1024),
+        samples,
+        seq_len,
         options.get("seed", 0),
     )
     workdir = Path(options.get("workdir") or workdir or "moeprune-work")
     key = f"{spec.name}-{windows.shape[0]}x{windows.shape[1]}-seed{options.get('seed', 0)}"
-    return reconstruction_selection(loaded, windows, kept, workdir, key, corpus=spec.name, progress=progress)
+    return reconstruction_selection(
+        loaded, windows, kept, workdir, key, corpus=spec.name, progress=progress,
+        loss=options.get("loss") or preset["recon_loss"], token_budget=options.get("tokens"),
+    )
 
 
 def _check_same_model(prof: Profile, model: Any) -> None:

@@ -149,8 +149,21 @@ def _plan_options(p: argparse.ArgumentParser, many: bool) -> None:
         default=None,
         help="corpus to reconstruct on (default: c4 if profiled, else the last profiled corpus)",
     )
-    r.add_argument("--recon-samples", type=int, default=None, help="sequences (default 64; bundled: 32)")
-    r.add_argument("--recon-seq-len", type=int, default=None, help="tokens per sequence (default 1024; bundled: 256)")
+    r.add_argument("--recon-samples", type=int, default=None, help="sequences (default 128, NAEE's; bundled: 32)")
+    r.add_argument("--recon-seq-len", type=int, default=None, help="tokens per sequence (default 2048; bundled: 256)")
+    _recon_cost_options(r)
+
+
+def _recon_cost_options(r: argparse._ActionsContainer) -> None:
+    r.add_argument(
+        "--recon-loss",
+        choices=["per-batch", "global"],
+        default=None,
+        help="per-batch: NAEE's sum of per-batch (8-sequence) norms (default); global: one norm (bundled default)",
+    )
+    r.add_argument(
+        "--recon-tokens", type=int, default=None, help="token budget: at most this many tokens, in whole sequences"
+    )
 
 
 def _methods() -> list[str]:
@@ -416,6 +429,7 @@ def _add_experiment(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recon-corpus", default=None, help="expert-sparsity corpus (default: c4 or the last corpus)")
     p.add_argument("--recon-samples", type=int, default=None, help="expert-sparsity sequences")
     p.add_argument("--recon-seq-len", type=int, default=None, help="expert-sparsity tokens per sequence")
+    _recon_cost_options(p)
     p.add_argument("--out", required=True, help="experiment directory (finished cells are reused)")
     p.set_defaults(run=_run_experiment)
 
@@ -521,6 +535,8 @@ def _recon(args: argparse.Namespace) -> dict:
         "samples": preset["recon_samples"] if args.recon_samples is None else args.recon_samples,
         "seq_len": preset["recon_seq_len"] if args.recon_seq_len is None else args.recon_seq_len,
         "tokenizer": getattr(args, "tokenizer", None),
+        "loss": args.recon_loss or preset["recon_loss"],
+        "tokens": args.recon_tokens,
         "dtype": args.dtype,
         "device": args.device,
         "trust_remote_code": args.trust_remote_code,

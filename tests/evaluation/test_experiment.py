@@ -214,7 +214,10 @@ def test_cli_options_follow_preset(tiny_checkpoint):
     assert bundled["tasks"] == ["bundled"] and len(bundled["seeds"]) >= 6 and bundled["samples"] == 128
     paper = experiment_options(argparse.Namespace(**{**base, "model": str(tiny_checkpoint), "samples": 8}))
     assert paper["seeds"] == (0, 1, 2, 3, 4, 42) and paper["tasks"] is None and paper["samples"] == 8
-    assert paper["corpora"] == ("wikitext2", "c4") and paper["reconstruction"]["samples"] == 64
+    assert paper["corpora"] == ("wikitext2", "c4") and paper["reconstruction"]["samples"] == 128
+    # NAEE's settings in the paper preset; the bundled testbed keeps the cheaper global norm.
+    assert paper["reconstruction"]["seq_len"] == 2048 and paper["reconstruction"]["loss"] == "per-batch"
+    assert bundled["reconstruction"]["loss"] == "global" and bundled["reconstruction"]["tokens"] is None
     assert parse_ppl_data(["c4=/x.json.gz"]) == {"c4": "/x.json.gz"}
     with pytest.raises(MoePruneError, match="NAME=PATH"):
         parse_ppl_data(["c4"])

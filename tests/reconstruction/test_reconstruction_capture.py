@@ -60,7 +60,7 @@ def test_capture_resumes_after_complete_parts(tmp_path: Path, monkeypatch: pytes
     # A crash after two of four batches: their parts and the pending spec stay behind.
     run_all = capture_module._run_batches
     monkeypatch.setattr(capture_module, "_run_batches", lambda m, t, b, w, todo, p: run_all(m, t, b, w, todo[:2], p))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(MoePruneError, match="resume"):
         capture_moe_inputs(model, tokens, tmp_path, "k", batch_size=1, progress=False)
     monkeypatch.undo()
     calls = _count_block_calls(model)
@@ -92,3 +92,37 @@ def test_selection_for_several_k_and_mask(tmp_path: Path) -> None:
         assert lm.kept == results[4][layer].kept
         assert lm.extra == {"reconstruction_loss": results[4][layer].loss, "search": "exact"}
     assert ExpertMask.from_json(json.loads(json.dumps(mask.to_json()))).kept(1) == mask.kept(1)
+
+
+def test_capture_writes_each_activation_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = build_model("qwen2_moe")
+    tokens = windows(model.config.vocab_size)
+    written: list[int] = []
+    save = capture_module.save_file
+
+    def counting_save(tensors: dict, path: str) -> None:
+        written.append(sum(t.numel() for t in tensors.values()))
+        save(tensors, path)
+
+    monkeypatch.setattr(capture_module, "save_file", counting_save)
+    folder = capture_moe_inputs(model, tokens, tmp_path, "k", batch_size=3, progress=False)
+    hidden = model.config.hidden_size
+    assert len(written) == 2  # one file per batch (4 windows in batches of 3), nothing joined afterwards
+    assert sum(written) == 2 * SAMPLES * SEQ_LEN * hidden  # two MoE layers' inputs, each written once
+    assert sorted(p.name for p in folder.iterdir()) == ["batch_00000.safetensors", "batch_00001.safetensors",
+                                                         "meta.json"]
+    assert WorkDir(tmp_path, "k").load_layer(2).shape == (SAMPLES * SEQ_LEN, hidden)
+
+
+def test_token_budget_bounds_the_captured_tokens(tmp_path: Path) -> None:
+    model = build_model("mixtral")
+    tokens = windows(model.config.vocab_size)  # 4 windows of 16
+    results = reconstruction_selection(model, tokens, 4, tmp_path, "k", token_budget=40, progress=False)
+    meta = WorkDir(tmp_path, "k").read_meta()
+    assert meta["tokens"] == 32 <= 40 and meta["samples"] == 2  # whole windows only
+    assert all(WorkDir(tmp_path, "k").load_layer(i).shape[0] == 32 for i in meta["layers"])
+    assert sorted(results) == [4]
+    with pytest.raises(MoePruneError, match="recon-tokens"):
+        reconstruction_selection(model, tokens, 4, tmp_path, "k2", token_budget=SEQ_LEN - 1, progress=False)
+    with pytest.raises(MoePruneError, match="per-batch"):
+        reconstruction_selection(model, tokens, 4, tmp_path, "k", loss="frobenius", progress=False)

@@ -82,3 +82,20 @@ def test_batched_losses_match_single_and_full_mask_is_free(tmp_path: Path) -> No
     singles = torch.tensor([problem.loss(m) for m in masks], dtype=torch.float64)
     torch.testing.assert_close(batched, singles)
     assert problem.loss(range(8)) == pytest.approx(0.0, abs=1e-6 * float(problem.dense_energy.sum().sqrt()))
+
+
+def test_per_batch_loss_is_the_sum_of_each_batch_norm(tmp_path: Path) -> None:
+    """NAEE's loss: sum over calibration batches (here 2 windows each) of ||Z_b - Z_kept,b||_F, by hand."""
+    model, inputs, global_problems = problems_for("qwen2_moe", tmp_path)
+    for layer in moe_layers(model):
+        problem = LayerProblem.build(layer, model.config, inputs[layer.index], batch_tokens=2 * SEQ_LEN)
+        hidden = inputs[layer.index].view(SAMPLES, SEQ_LEN, -1)
+        for kept in ([0, 3, 4, 6], [1, 2, 7]):
+            with torch.no_grad():
+                diff = (layer.block(hidden) - sliced_block(layer, kept)(hidden)).double()
+            by_hand = float(diff[:2].norm() + diff[2:].norm())
+            assert problem.loss(kept) == pytest.approx(by_hand, rel=1e-4)
+            assert global_problems[layer.index].loss(kept) == pytest.approx(float(diff.norm()), rel=1e-4)
+            assert by_hand > float(diff.norm()) * 1.01  # the two losses differ
+        singles = torch.tensor([problem.loss([0, 1, 2]), problem.loss([2, 5, 7])], dtype=torch.float64)
+        torch.testing.assert_close(problem.losses([[0, 1, 2], [2, 5, 7]]), singles)

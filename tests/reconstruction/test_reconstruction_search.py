@@ -11,11 +11,13 @@ import torch
 from moeprune.arch.routing import route
 from moeprune.arch.view import moe_layers
 from moeprune.reconstruction.search import (
+    elimination_path,
     exact_search,
     greedy_elimination,
     greedy_swap_search,
     mask_count,
     search_layer,
+    search_layer_many,
     swap_refinement,
 )
 from tests.reconstruction.test_reconstruction_loss import problems_for
@@ -98,3 +100,27 @@ def test_grouped_search_keeps_k_per_group(tmp_path: Path) -> None:
             for result in (exact, refined):
                 assert sum(e < 4 for e in result.kept) == k // 2
             assert exact.loss <= refined.loss * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "deepseek_v3"])  # ungrouped: one shared path; grouped: one per K
+def test_shared_elimination_path_equals_separate_greedy_per_k(arch: str, tmp_path: Path) -> None:
+    _, _, problems = problems_for(arch, tmp_path)
+    problem = next(iter(problems.values()))
+    ks = [2, 4, 7] if problem.num_groups == 1 else [4, 6]
+    shared = search_layer_many(problem, ks, exact_limit=0)  # greedy+swap for every K
+    for k in ks:
+        separate = greedy_swap_search(problem, k)
+        assert shared[k] == separate, k  # same mask, loss, evaluations and swaps
+        assert shared[k].search == "greedy+swap"
+    mixed = search_layer_many(problem, ks, exact_limit=mask_count(8, ks[-1], problem.num_groups))
+    assert mixed[ks[-1]] == exact_search(problem, ks[-1]) and mixed[ks[0]] == shared[ks[0]]
+
+
+def test_elimination_path_passes_through_every_size(tmp_path: Path) -> None:
+    _, _, problems = problems_for("mixtral", tmp_path)
+    problem = next(iter(problems.values()))
+    path = elimination_path(problem, 2)
+    assert sorted(path) == list(range(2, 9))
+    for size in range(2, 8):  # each step removes one expert of the previous set
+        assert set(path[size][0]) < set(path[size + 1][0]) and len(path[size][0]) == size
+        assert path[size][:2] == greedy_elimination(problem, size)[:2]

@@ -428,6 +428,8 @@ def experiment_options(args: argparse.Namespace) -> dict[str, Any]:
         "corpus": pick("recon_corpus", None),
         "samples": pick("recon_samples", cal["recon_samples"]),
         "seq_len": pick("recon_seq_len", cal["recon_seq_len"]),
+        "loss": pick("recon_loss", cal["recon_loss"]),
+        "tokens": pick("recon_tokens", None),
         "dtype": args.dtype,
         "device": args.device,
         "trust_remote_code": args.trust_remote_code,

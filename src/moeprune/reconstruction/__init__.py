@@ -1,12 +1,14 @@
 """``expert-sparsity``: the reconstruction baseline of Lu et al. (2024), "Not All Experts are Equal".
 
 Per MoE layer keep the K experts whose mask minimises ``||Z - Z_mask||_F`` over calibration tokens
-(see :mod:`.loss` for the exact Gram formulation and :mod:`.search` for the search). The pipeline:
+(see :mod:`.loss` for the exact Gram formulation, the global and NAEE's per-batch norm, and
+:mod:`.search` for the search). The pipeline:
 
 1. :func:`capture_moe_inputs` runs the dense model once and stores every MoE layer's input in
-   ``<workdir>/reconstruction/<key>/`` (skipped when already there);
+   ``<workdir>/reconstruction/<key>/`` (skipped when already there), at most ``token_budget`` tokens;
 2. per layer, :class:`LayerProblem` caches router logits and the expert Gram matrices;
-3. :func:`search_layer` picks K experts, for every requested K from the same Gram.
+3. :func:`search_layer_many` picks K experts for every requested K from the same Gram (one greedy
+   elimination path for all K where routing is ungrouped).
 
 :func:`reconstruction_selection` returns ``{K: {decoder layer: SearchResult}}``;
 :func:`selections` turns one K into ``{layer: kept ids}`` for ``planning.plan(..., precomputed=...)``
@@ -25,21 +27,33 @@ from moeprune.arch.view import moe_layers, top_k_of
 from moeprune.errors import MoePruneError
 from moeprune.loading import config_hash, model_name
 from moeprune.planning.mask import ExpertMask, LayerMask, kept_count
-from moeprune.reconstruction.capture import WorkDir, capture_moe_inputs
-from moeprune.reconstruction.loss import DEFAULT_TOKEN_CHUNK, LayerProblem
-from moeprune.reconstruction.search import EXACT_LIMIT, MAX_SWAP_PASSES, SearchResult, search_layer
+from moeprune.reconstruction.capture import WorkDir, capture_moe_inputs, within_budget
+from moeprune.reconstruction.loss import DEFAULT_TOKEN_CHUNK, LOSSES, LayerProblem
+from moeprune.reconstruction.search import (
+    EXACT_LIMIT,
+    MAX_SWAP_PASSES,
+    SearchResult,
+    search_layer,
+    search_layer_many,
+)
 
-# Default calibration: 64 windows of 1024 tokens from C4 (65,536 tokens; Gram T x N^2 x 4 B per layer).
+# NAEE's calibration (Lu et al. 2024, their code's defaults): 128 windows of 2048 tokens from C4
+# (262,144 tokens; Gram T x N^2 x 4 B per layer), loss summed over batches of 8 windows.
 DEFAULT_CORPUS = "c4"
-DEFAULT_SAMPLES = 64
-DEFAULT_SEQ_LEN = 1024
+DEFAULT_SAMPLES = 128
+DEFAULT_SEQ_LEN = 2048
+DEFAULT_LOSS = "per-batch"
+DEFAULT_LOSS_BATCH = 8  # windows per term of the per-batch loss (NAEE's inference batch)
 
 Results = dict[int, dict[int, SearchResult]]  # K -> decoder layer -> result
 
 __all__ = [
     "DEFAULT_CORPUS",
+    "DEFAULT_LOSS",
+    "DEFAULT_LOSS_BATCH",
     "DEFAULT_SAMPLES",
     "DEFAULT_SEQ_LEN",
+    "LOSSES",
     "LayerProblem",
     "SearchResult",
     "WorkDir",
@@ -47,7 +61,9 @@ __all__ = [
     "expert_sparsity_mask",
     "reconstruction_selection",
     "search_layer",
+    "search_layer_many",
     "selections",
+    "within_budget",
 ]
 
 
@@ -65,18 +81,31 @@ def reconstruction_selection(
     max_swap_passes: int = MAX_SWAP_PASSES,
     corpus: str | None = None,
     progress: bool = True,
+    loss: str = DEFAULT_LOSS,
+    loss_batch: int = DEFAULT_LOSS_BATCH,
+    token_budget: int | None = None,
 ) -> Results:
-    """``{K: {decoder layer: SearchResult}}`` for every K, sharing one capture and one Gram per layer."""
+    """``{K: {decoder layer: SearchResult}}`` for every K, sharing one capture and one Gram per layer.
+
+    ``loss``: ``global`` (one Frobenius norm) or ``per-batch`` (NAEE: the sum of the norms of batches
+    of ``loss_batch`` windows). ``token_budget`` keeps the first whole windows within that many tokens
+    before capture; ``max_tokens`` instead thins the captured tokens evenly when building each Gram.
+    """
     from tqdm.auto import tqdm
 
+    if loss not in LOSSES:
+        raise MoePruneError(f"Unknown reconstruction loss {loss!r}; use one of {', '.join(LOSSES)}.")
     ks = sorted({kept_per_layer} if isinstance(kept_per_layer, int) else set(kept_per_layer))
+    token_windows = within_budget(token_windows, token_budget)
     capture_moe_inputs(model, token_windows, workdir, key, batch_size=batch_size, progress=progress, corpus=corpus)
     work = WorkDir(workdir, key)
+    batch_tokens = loss_batch * token_windows.shape[1] if loss == "per-batch" else None
     results: Results = {k: {} for k in ks}
     for layer in tqdm(moe_layers(model), desc="expert-sparsity search", disable=not progress):
-        problem = LayerProblem.build(layer, model.config, work.load_layer(layer.index), token_chunk, max_tokens)
-        for k in ks:
-            results[k][layer.index] = search_layer(problem, k, exact_limit, max_swap_passes)
+        hidden = work.load_layer(layer.index)
+        problem = LayerProblem.build(layer, model.config, hidden, token_chunk, max_tokens, batch_tokens=batch_tokens)
+        for k, result in search_layer_many(problem, ks, exact_limit, max_swap_passes).items():
+            results[k][layer.index] = result
         del problem  # free this layer's Gram before the next one is built
     return results
 
@@ -104,7 +133,9 @@ def expert_sparsity_mask(
         index: LayerMask(r.kept, [], {"reconstruction_loss": r.loss, "search": r.search})
         for index, r in results.items()
     }
-    extra = {"config_hash": config_hash(model.config), "calibration": key, "tokens": int(token_windows.numel())}
+    used = within_budget(token_windows, options.get("token_budget"))
+    extra = {"config_hash": config_hash(model.config), "calibration": key, "tokens": int(used.numel()),
+             "loss": options.get("loss", DEFAULT_LOSS)}
     if options.get("corpus"):
         extra["corpora"] = [options["corpus"]]
     return ExpertMask(

@@ -2,16 +2,18 @@
 
 Layout::
 
-    <workdir>/reconstruction/<key>/layer_<i>.safetensors   {"hidden": [T, H]} in the model dtype
+    <workdir>/reconstruction/<key>/batch_<b>.safetensors   {"layer_<i>": [tokens of batch b, H]}, model dtype
     <workdir>/reconstruction/<key>/meta.json               written last: its presence means complete
-    <workdir>/reconstruction/<key>/parts/batch_<b>.safetensors   (only while capturing, with
-    <workdir>/reconstruction/<key>/pending.json                  the capture's spec, to resume it)
+    <workdir>/reconstruction/<key>/pending.json            while capturing: the capture's spec, to resume it
 
-Each batch's inputs (all layers) are written as one part file as soon as the batch has run, so memory
-holds one batch of activations; a crashed capture resumes after its last complete part. At the end
-each layer's parts are joined into ``layer_<i>.safetensors``. Every file is written atomically
+Each batch's inputs (all layers) are written as one file as soon as the batch has run, so memory
+holds one batch of activations and a crashed capture resumes after its last complete batch. Those
+files are the cache: every activation is written to disk once (an earlier layout also joined them
+into per-layer files, writing everything twice). :meth:`WorkDir.load_layer` reads one layer's slice
+of every batch file (safetensors reads lazily) and concatenates. Every file is written atomically
 (temporary name, then rename). A later call with the same key and the same model and tokens finds
-``meta.json`` and returns at once; the same key with other data is an error, never silently reused.
+``meta.json`` and returns at once; the same key with other data is an error, never silently reused;
+a capture in an older layout is discarded and redone.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from moeprune.errors import MoePruneError
 from moeprune.io import write_json_atomic
 from moeprune.loading import config_hash, model_name
 
-CAPTURE_FORMAT = "moeprune.reconstruction-inputs/1"
+CAPTURE_FORMAT = "moeprune.reconstruction-inputs/2"
 
 
 class WorkDir:
@@ -54,15 +56,8 @@ class WorkDir:
     def pending_path(self) -> Path:
         return self.dir / "pending.json"  # the capture in progress (resumed only if the same)
 
-    @property
-    def parts_dir(self) -> Path:
-        return self.dir / "parts"
-
-    def layer_path(self, layer: int) -> Path:
-        return self.dir / f"layer_{layer}.safetensors"
-
     def part_path(self, batch: int) -> Path:
-        return self.parts_dir / f"batch_{batch:05d}.safetensors"
+        return self.dir / f"batch_{batch:05d}.safetensors"
 
     def read_meta(self) -> dict[str, Any] | None:
         import json
@@ -70,17 +65,36 @@ class WorkDir:
         return json.loads(self.meta_path.read_text()) if self.meta_path.exists() else None
 
     def load_layer(self, layer: int) -> torch.Tensor:
-        """The captured inputs ``[T, H]`` of decoder layer ``layer``."""
-        path = self.layer_path(layer)
-        if not path.exists():
+        """The captured inputs ``[T, H]`` of decoder layer ``layer``, in token-window order."""
+        meta = self.read_meta()
+        if meta is None or layer not in meta.get("layers", []):
             raise MoePruneError(f"No captured inputs for layer {layer} in {self.dir}; run the capture first.")
-        with safe_open(path, framework="pt") as handle:
-            return handle.get_tensor("hidden")
+        pieces = []
+        for batch in range(meta["batches"]):
+            with safe_open(self.part_path(batch), framework="pt") as handle:
+                pieces.append(handle.get_tensor(f"layer_{layer}"))
+        return torch.cat(pieces)
 
 
 def tokens_hash(token_windows: torch.Tensor) -> str:
     data = token_windows.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
     return hashlib.sha256(data).hexdigest()[:16]
+
+
+def within_budget(token_windows: torch.Tensor, max_tokens: int | None) -> torch.Tensor:
+    """The first whole windows holding at most ``max_tokens`` tokens (all of them when None).
+
+    Calibration windows are already a seeded random sample of the corpus, so a prefix is one too.
+    """
+    if max_tokens is None or token_windows.numel() <= max_tokens:
+        return token_windows
+    seq_len = token_windows.shape[1]
+    if max_tokens < seq_len:
+        raise MoePruneError(
+            f"A reconstruction budget of {max_tokens} tokens holds no window of {seq_len} tokens; "
+            "raise --recon-tokens or lower --recon-seq-len."
+        )
+    return token_windows[: max_tokens // seq_len]
 
 
 def capture_moe_inputs(
@@ -102,10 +116,10 @@ def capture_moe_inputs(
     _start(work, {**meta, "batch_size": batch_size})
     todo = [(b, s) for b, s in enumerate(batches) if not work.part_path(b).exists()]
     _run_batches(model, token_windows, batch_size, work, todo, progress)
-    for index in layers:
-        _join_parts(work, index, len(batches))
-    write_json_atomic(work.meta_path, {**meta, "layers": layers})
-    shutil.rmtree(work.parts_dir, ignore_errors=True)
+    missing = [b for b in range(len(batches)) if not work.part_path(b).exists()]
+    if missing:
+        raise MoePruneError(f"The capture in {work.dir} lacks {len(missing)} batch file(s); run again to resume it.")
+    write_json_atomic(work.meta_path, {**meta, "batch_size": batch_size, "batches": len(batches), "layers": layers})
     work.pending_path.unlink(missing_ok=True)
     return work.dir
 
@@ -116,7 +130,7 @@ def _start(work: WorkDir, pending: dict[str, Any]) -> None:
 
     if work.pending_path.exists() and json.loads(work.pending_path.read_text()) != pending:
         shutil.rmtree(work.dir)
-    work.parts_dir.mkdir(parents=True, exist_ok=True)
+    work.dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(work.pending_path, pending)
 
 
@@ -138,6 +152,9 @@ def _expected_meta(model: nn.Module, token_windows: torch.Tensor, corpus: str | 
 
 def _already_captured(work: WorkDir, meta: dict[str, Any]) -> bool:
     found = work.read_meta()
+    if found is not None and found.get("format") != CAPTURE_FORMAT:
+        shutil.rmtree(work.dir)  # an older layout of this cache: capture again
+        return False
     if found is None:
         return False
     same = all(found.get(k) == meta[k] for k in ("config_hash", "tokens_sha256", "dtype"))
@@ -183,16 +200,6 @@ def _recorder(captured: dict[int, torch.Tensor], index: int):
         captured[index] = hidden.detach().reshape(-1, hidden.shape[-1]).to("cpu").contiguous()
 
     return hook
-
-
-def _join_parts(work: WorkDir, layer: int, num_batches: int) -> None:
-    if work.layer_path(layer).exists():
-        return
-    pieces = []
-    for batch in range(num_batches):
-        with safe_open(work.part_path(batch), framework="pt") as handle:
-            pieces.append(handle.get_tensor(f"layer_{layer}"))
-    _save_atomic({"hidden": torch.cat(pieces)}, work.layer_path(layer))
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -14,6 +14,15 @@ from cached logits plus a gather of G at <= 2k experts per token; no expert runs
 ``delta^T G delta = ||Z_d||^2 - 2 w_d^T G[d, m] w_m + w_m^T G[m, m] w_m`` (d, m: dense and masked
 top-k) so the constant first term is computed once; the per-token terms are summed in float64.
 
+Two ways to sum over the calibration tokens (``LayerProblem.batch_ids``):
+
+- ``global``: one Frobenius norm over all tokens, ``sqrt(sum_t q_t)`` with ``q_t = delta^T G delta``;
+- ``per-batch`` (NAEE's own code, Lu et al. 2024): the sum over calibration batches of each batch's
+  Frobenius norm, ``sum_b sqrt(sum_{t in b} q_t)``; their batches are 8 windows of 2048 tokens.
+
+The two agree on a single batch and can rank masks differently otherwise (a batch whose error is
+large counts less than under the global norm).
+
 Memory: the Gram takes T x N^2 x 4 bytes (65,536 tokens x 60^2 x 4 B = 0.94 GB for Qwen1.5-MoE;
 N = 128 would need 4.3 GB: pass ``max_tokens`` (e.g. 16,384 -> 1.07 GB)).
 """
@@ -39,6 +48,7 @@ from moeprune.arch.routing import (
 from moeprune.arch.view import MoELayer
 from moeprune.errors import MoePruneError
 
+LOSSES = ("global", "per-batch")
 DEFAULT_TOKEN_CHUNK = 512  # tokens per expert pass while building G: peak memory chunk x N x H
 # Elements (masks x tokens x per-token work) evaluated at once; bounds memory to a few hundred MB.
 EVAL_ELEMENTS = 1 << 24
@@ -57,6 +67,7 @@ class LayerProblem:
     dense_index: torch.Tensor  # [T, k] experts of the dense router
     dense_weights: torch.Tensor  # [T, k] their weights
     dense_energy: torch.Tensor  # [T] float64, ||routed part of Z(t)||^2
+    batch_ids: torch.Tensor | None = None  # [T] calibration batch of each token (per-batch loss); None: global
 
     @classmethod
     def build(
@@ -67,11 +78,19 @@ class LayerProblem:
         token_chunk: int = DEFAULT_TOKEN_CHUNK,
         max_tokens: int | None = None,
         device: torch.device | str | None = None,
+        batch_tokens: int | None = None,
     ) -> LayerProblem:
-        """From the captured inputs ``hidden [T, H]`` of ``layer`` (evenly thinned to ``max_tokens``)."""
+        """From the captured inputs ``hidden [T, H]`` of ``layer`` (evenly thinned to ``max_tokens``).
+
+        ``batch_tokens``: the per-batch loss over consecutive batches of that many captured tokens
+        (windows per batch x window length); None: the global norm.
+        """
         device = device or layer.router.weight.device
+        positions = torch.arange(hidden.shape[0])
         if max_tokens is not None and hidden.shape[0] > max_tokens:
-            hidden = hidden[torch.linspace(0, hidden.shape[0] - 1, max_tokens).long()]
+            positions = torch.linspace(0, hidden.shape[0] - 1, max_tokens).long()
+            hidden = hidden[positions]
+        batch_ids = None if batch_tokens is None else (positions // batch_tokens).to(device)
         with torch.no_grad():
             hidden = hidden.to(device)
             logits = router_logits(layer, hidden)
@@ -79,7 +98,7 @@ class LayerProblem:
             index, weights = route(layer, config, logits, bias=bias)
             gram = expert_gram(layer, hidden, token_chunk)
         energy = _quadratic(weights, _gather(gram, index, index), weights)
-        return cls(layer.index, layer.spec, config, logits, bias, gram, index, weights, energy)
+        return cls(layer.index, layer.spec, config, logits, bias, gram, index, weights, energy, batch_ids)
 
     @property
     def num_experts(self) -> int:
@@ -94,7 +113,7 @@ class LayerProblem:
         return expert // (self.num_experts // self.num_groups)
 
     def loss(self, kept: Sequence[int] | torch.Tensor) -> float:
-        """``||Z - Z_kept||_F`` over the calibration tokens."""
+        """``||Z - Z_kept||_F`` over the calibration tokens (summed per batch for the per-batch loss)."""
         return float(self.losses([sorted(int(e) for e in kept)])[0])
 
     def losses(self, masks: Sequence[Sequence[int]] | torch.Tensor, original_groups: bool = False) -> torch.Tensor:
@@ -118,9 +137,14 @@ class LayerProblem:
         index, weights = self._route(kept, original_groups)  # [M, T, k]
         cross = _quadratic(self.dense_weights, _gather(self.gram, self.dense_index, index), weights)
         masked = _quadratic(weights, _gather(self.gram, index, index), weights)
-        squared = (self.dense_energy - 2 * cross + masked).sum(dim=-1)
+        per_token = self.dense_energy - 2 * cross + masked  # [M, T]
+        if self.batch_ids is None:
+            squared = per_token.sum(dim=-1, keepdim=True)
+        else:
+            squared = per_token.new_zeros(len(kept), int(self.batch_ids.max()) + 1)
+            squared.index_add_(1, self.batch_ids, per_token)
         # Rounding can leave a tiny negative where the mask changes nothing.
-        return squared.clamp_min(0.0).sqrt()
+        return squared.clamp_min(0.0).sqrt().sum(dim=-1)
 
     def _route(self, kept: torch.Tensor, original_groups: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Route M masks at once: (original ids, weights), each ``[M, T, k]``."""

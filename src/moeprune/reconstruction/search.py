@@ -10,6 +10,12 @@
   in) while it lowers the loss, for at most :data:`MAX_SWAP_PASSES` swaps. Greedy elimination costs
   about (N - K)(N + K) / 2 mask evaluations, one swap pass K (N - K).
 
+Several K share work (:func:`search_layer_many`): with ungrouped routing, elimination towards the
+smallest K passes through every larger K on the way (each step depends only on the current set), so
+one path is recorded and the swap refinement starts from its point at each K; the result per K is
+the same as a separate greedy run to that K. Grouped routing's per-group quota depends on K, so
+there each K runs its own elimination.
+
 With grouped routing (DeepSeek ``n_group`` > 1) every mask keeps K/G experts of each group: exact
 search enumerates per-group combinations, elimination only removes from groups holding more than
 K/G, swaps stay inside a group. Ties go to the lexicographically smallest mask (lower ids first):
@@ -20,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +72,27 @@ def search_layer(
     return greedy_swap_search(problem, kept, max_swap_passes)
 
 
+def search_layer_many(
+    problem: LayerProblem,
+    kept: Iterable[int],
+    exact_limit: int = EXACT_LIMIT,
+    max_swap_passes: int = MAX_SWAP_PASSES,
+) -> dict[int, SearchResult]:
+    """``{K: search_layer(problem, K)}`` for every K, sharing one elimination path where routing allows."""
+    ks = sorted(set(kept))
+    for k in ks:
+        _check(problem, k)
+    results = {k: exact_search(problem, k) for k in ks
+               if mask_count(problem.num_experts, k, problem.num_groups) <= exact_limit}
+    greedy_ks = [k for k in ks if k not in results]
+    if problem.num_groups == 1 and greedy_ks:
+        path = elimination_path(problem, greedy_ks[0])  # passes through every larger K
+        results |= {k: _refined(problem, *path[k], max_swap_passes) for k in greedy_ks}
+    else:
+        results |= {k: greedy_swap_search(problem, k, max_swap_passes) for k in greedy_ks}
+    return dict(sorted(results.items()))
+
+
 def exact_search(problem: LayerProblem, kept: int) -> SearchResult:
     best_loss, best_mask, evaluations = math.inf, None, 0
     for batch in _batched(_all_masks(problem, kept), EXACT_BATCH):
@@ -78,15 +105,27 @@ def exact_search(problem: LayerProblem, kept: int) -> SearchResult:
 
 
 def greedy_swap_search(problem: LayerProblem, kept: int, max_swap_passes: int = MAX_SWAP_PASSES) -> SearchResult:
-    mask, loss, evaluations = greedy_elimination(problem, kept)
-    mask, loss, swaps, more = swap_refinement(problem, mask, loss, max_swap_passes)
+    return _refined(problem, *greedy_elimination(problem, kept), max_swap_passes)
+
+
+def _refined(problem: LayerProblem, mask: list[int], loss: float, evaluations: int, passes: int) -> SearchResult:
+    mask, loss, swaps, more = swap_refinement(problem, mask, loss, passes)
     return SearchResult(mask, loss, "greedy+swap", evaluations + more, swaps)
 
 
 def greedy_elimination(problem: LayerProblem, kept: int) -> tuple[list[int], float, int]:
     """Backward elimination from all N experts down to ``kept``: (mask, loss, evaluations)."""
+    return elimination_path(problem, kept)[kept]
+
+
+def elimination_path(problem: LayerProblem, kept: int) -> dict[int, tuple[list[int], float, int]]:
+    """Backward elimination down to ``kept``, every size on the way: ``{size: (mask, loss, evaluations)}``.
+
+    Evaluations are counted from the start, so each entry is what a separate run to that size reports.
+    """
     mask = list(range(problem.num_experts))
     loss, evaluations = 0.0, 0
+    path = {len(mask): (mask, loss, evaluations)}
     quota = kept // problem.num_groups
     while len(mask) > kept:
         counts = _group_counts(problem, mask)
@@ -96,7 +135,8 @@ def greedy_elimination(problem: LayerProblem, kept: int) -> tuple[list[int], flo
         evaluations += len(candidates)
         i = int(torch.argmin(losses))  # ties: the lowest expert id is removed
         mask, loss = candidates[i], float(losses[i])
-    return mask, loss, evaluations
+        path[len(mask)] = (mask, loss, evaluations)
+    return path
 
 
 def swap_refinement(
