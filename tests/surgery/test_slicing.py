@@ -141,7 +141,7 @@ def test_mask_for_other_layers_is_refused() -> None:
 
 def test_fewer_kept_than_top_k_is_refused() -> None:
     model = build_model("mixtral")
-    with pytest.raises(MoePruneError, match=r"K=1 .*top-k=2.*--retain >= 2/8"):
+    with pytest.raises(MoePruneError, match=r"K=1 .*top-k=2.*--retain >= 0.25"):
         apply_mask(model, make_mask(model, [[3]]))
 
 

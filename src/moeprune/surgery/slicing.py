@@ -15,11 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeprune.arch.adapters import HASH_TABLES, NUM_EXPERTS_KEYS, config_value, routing_groups, set_config_value
+from moeprune.arch.adapters import HASH_TABLES, NUM_EXPERTS_KEYS, config_value, set_config_value
 from moeprune.arch.view import MoELayer, moe_layers, top_k_of
 from moeprune.errors import MoePruneError
 from moeprune.loading import model_name
-from moeprune.planning.groups import expert_groups
 from moeprune.planning.mask import ExpertMask
 
 # Module attributes that cache the routed-expert count (matched by name, never by value alone, so that
@@ -148,31 +147,13 @@ def apply_mask(model: nn.Module, mask: ExpertMask) -> nn.Module:
 
 
 def check_mask_routable(model: nn.Module, mask: ExpertMask) -> None:
-    """The router must still find top-k experts, and grouped routers need the same count in every group."""
-    top_k = top_k_of(model)
-    if mask.kept_per_layer < top_k:
-        raise MoePruneError(
-            f"The mask keeps K={mask.kept_per_layer} experts per layer, fewer than the router's "
-            f"top-k={top_k}; the pruned model could not route. Plan a mask with "
-            f"--retain >= {top_k}/{mask.num_experts}."
-        )
+    """The router must still find top-k experts, grouped routers need the same count in every group (the
+    same check as for a mask read before loading, see validation), and hash tables must route to kept ones."""
+    from moeprune.validation import check_mask_routable as check_routable_by_config
+    from moeprune.validation import routing_meta
+
+    check_routable_by_config(mask, {**routing_meta(model.config), "top_k": top_k_of(model)})
     _check_hash_tables(model, mask)
-    meta = _group_meta(model.config, top_k)
-    if meta is None:
-        return
-    # Raises with the nearest valid retain ratios when K does not split over the groups.
-    groups = expert_groups(meta, mask.num_experts, mask.kept_per_layer)
-    per_group = mask.kept_per_layer // len(groups)
-    for layer in sorted(mask.layers):
-        kept = set(mask.kept(layer))
-        counts = [len(kept.intersection(group)) for group in groups]
-        if any(count != per_group for count in counts):
-            raise MoePruneError(
-                f"Mask layer {layer} keeps {counts} experts in the router's n_group={len(groups)} routing "
-                f"groups, but every group must keep K/n_group={per_group}: an uneven mask silently regroups "
-                "the experts and changes the model. Re-plan the mask with `moeprune plan`, which plans "
-                "inside each group."
-            )
 
 
 @contextmanager
@@ -305,16 +286,3 @@ def _common_num_experts(layers: list[MoELayer]) -> int:
             "all layers, so this model is already inconsistent (was it pruned unevenly?)."
         )
     return next(iter(counts.values()))
-
-
-def _group_meta(config: Any, top_k: int) -> dict[str, Any] | None:
-    """Routing-group settings when the router really routes by groups (n_group > 1), else None."""
-    groups = routing_groups(config)
-    if groups is None:
-        return None
-    return {
-        "n_group": groups[0],
-        "topk_group": groups[1],
-        "top_k": top_k,
-        "model_type": getattr(config, "model_type", None),
-    }
