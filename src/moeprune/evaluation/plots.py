@@ -104,8 +104,8 @@ def plot_metric(
     lines = series(cells, value)
     for variant, points in lines.items():
         xs, ys, errs = zip(*points, strict=True)
-        label = method_label(variant, list(lines))
-        ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", capsize=3, label=label)
+        legend = method_label(variant, list(lines))
+        ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", capsize=3, label=legend)
     dense = [v for c in cells if c["method"] == DENSE and (v := value(c)) is not None]
     if dense:
         ax.axhline(dense[0], color="black", linestyle="--", linewidth=1, label="Dense")
