@@ -94,13 +94,33 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         # No reconstruction routing rule ("llama4" is unknown to moeprune.arch.routing).
         ArchSpec("llama4_text", "num_local_experts", "llama4", layout="scaled_inputs", router_attr="router"),
         # DBRX: blocks[i].ffn.{router.layer, experts.mlp.w1/v1/w2 [N * I, H]}; counts nested in ffn_config.
-        ArchSpec("dbrx", "ffn_config.moe_num_experts", "softmax_topk", layout="flat", router_attr="router",
+        # Top-k weights divided by their p-norm, p = moe_normalize_expert_weights (1 in DBRX: renormalised).
+        ArchSpec("dbrx", "ffn_config.moe_num_experts", "softmax_topk_renorm", layout="flat", router_attr="router",
                  top_k_key="ffn_config.moe_top_k"),
         # Zero-compute (identity) experts sit in router rows N..N+Z-1 and are never pruned.
         ArchSpec("longcat_flash", "n_routed_experts", "softmax_topk", router_attr="router", call_slots=2),
         # DeepSeek-MoE-16B (trust_remote_code): ModuleList experts routed by block.moe_infer.
         ArchSpec("deepseek", "n_routed_experts", "deepseek_moe", layout="modulelist", shared=("shared_experts",)),
     )
+}
+
+
+# Routing rule (moeprune.arch.routing) of model types without their own row, found exact by the
+# reconstruction guard (moeprune.reconstruction.guard) on tiny models, group-limited routing included
+# (topk_group < n_group). A duck-typed type not listed gets softmax_topk; the guard refuses
+# expert-sparsity wherever that is not its router (docs/expert_sparsity.md lists which).
+_SIGMOID_BIASED = (  # DeepSeek-V3's router: sigmoid, e_score_correction_bias, top-2-sum groups, renorm, scale
+    "axk1", "axk2", "bailing_hybrid", "deepseek_v32", "dots1", "dots3_note_text", "exaone_moe", "glm4_moe",
+    "glm4_moe_lite", "glm_moe_dsa", "hy_v4", "kimi_linear", "mimo_v2_flash", "nemotron_h", "sarvam_mla",
+    "sarvam_moe", "solar_open",
+)
+_RENORMALISED = (  # softmax, top-k, always renormalised (or top-k logits then softmax: the same weights)
+    "aria_text", "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe",
+    "minimax", "qwen3_5_moe_text",
+)
+ROUTING_RULES: dict[str, str] = {
+    **dict.fromkeys(_SIGMOID_BIASED, "deepseek_v3"),
+    **dict.fromkeys(_RENORMALISED, "softmax_topk_renorm"),
 }
 
 
@@ -133,7 +153,10 @@ def spec_for(config) -> ArchSpec:
         )
     top_k_key = next((k for k in TOP_K_KEYS if isinstance(getattr(config, k, None), int)), TOP_K_KEYS[0])
     # softmax_topk honours config.norm_topk_prob, the common switch among such models.
-    return ArchSpec(f"generic:{model_type}", key, "softmax_topk", top_k_key=top_k_key)
+    rule = ROUTING_RULES.get(model_type, "softmax_topk")
+    group_key = next((k for k in GROUP_KEYS if isinstance(getattr(config, k, None), int)), None)
+    return ArchSpec(f"generic:{model_type}", key, rule, top_k_key=top_k_key,
+                    group_key=group_key if rule == "deepseek_v3" else None)
 
 
 def routing_groups(config) -> tuple[int, int] | None:

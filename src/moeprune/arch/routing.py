@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from moeprune.arch.adapters import TOP_K_KEYS, ArchSpec
+from moeprune.arch.adapters import TOP_K_KEYS, ArchSpec, config_value
 from moeprune.errors import MoePruneError
 
 RULES = ("softmax_topk", "softmax_topk_renorm", "deepseek_v2", "deepseek_v3", "deepseek_moe")
@@ -213,8 +213,8 @@ def _kept_tensor(kept: torch.Tensor | Sequence[int] | None, num_experts: int, de
 
 
 def _top_k(config: Any) -> int:
-    for key in TOP_K_KEYS:
-        value = getattr(config, key, None)
+    for key in (*TOP_K_KEYS, "ffn_config.moe_top_k"):  # DBRX nests its counts in ffn_config
+        value = config_value(config, key)
         if isinstance(value, int):
             return value
     raise MoePruneError("Config has no integer num_experts_per_tok (experts per token).")
