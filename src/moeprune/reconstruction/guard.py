@@ -12,7 +12,7 @@ to the router logits of the same input. Any disagreement beyond float tolerance 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -27,6 +27,8 @@ GUARD_TOKENS = 256  # calibration tokens the check routes (one forward of this m
 SET_MISMATCH_FRACTION = 0.01
 WEIGHT_RTOL = 1e-4  # relative weight tolerance, or the weights' dtype resolution when coarser (bf16)
 WEIGHT_ATOL = 1e-6
+# The Gram loss measures the routed experts' output R; it is the block's loss only if the block adds R as is.
+OUTPUT_RTOL = 1e-4
 
 
 @dataclass
@@ -36,7 +38,11 @@ class Observed:
     hidden: list[torch.Tensor]
     index: list[torch.Tensor]
     weights: list[torch.Tensor]  # float32 copies
+    routed: list[torch.Tensor] = field(default_factory=list)  # the routed output of the block call in progress
     weight_dtype: torch.dtype = torch.float32  # the dtype the model handed its experts the weights in
+    # max |block(h; 2R) - block(h; R) - R| / max |R| with R the routed output: 0 when the block adds R as is
+    output_gap: float = 0.0
+    doubling: bool = False  # inside the second block call, whose routed output is 2R
 
 
 def check_routing(model: nn.Module, token_windows: torch.Tensor, max_tokens: int = GUARD_TOKENS) -> None:
@@ -55,6 +61,14 @@ def check_routing(model: nn.Module, token_windows: torch.Tensor, max_tokens: int
         problem = compare_layer(layer, model.config, seen)
         if problem:
             raise refusal(model, layer, problem)
+        tolerance = max(OUTPUT_RTOL, 4 * torch.finfo(next(model.parameters()).dtype).eps)
+        if layer.spec.layout != "scaled_inputs" and seen.output_gap > tolerance:
+            model_type = getattr(model.config, "model_type", "?")
+            raise MoePruneError(
+                f"expert-sparsity cannot reconstruct {model_type}'s MoE output exactly (layer {layer.index}: the "
+                f"block transforms its routed experts' output, e.g. a norm after the experts: off by "
+                f"{seen.output_gap:.3g}); plan with another method, or TB-Coverage with --candidate reap."
+            )
 
 
 def compare_layer(layer: MoELayer, config, seen: Observed) -> str:
@@ -120,6 +134,7 @@ def _observe(model: nn.Module, layers: list[MoELayer], tokens: torch.Tensor) -> 
         for layer in layers:
             seen = observed[layer.index]
             hooks.append(layer.block.register_forward_pre_hook(_input_recorder(seen), with_kwargs=True))
+            hooks.append(layer.block.register_forward_hook(_output_checker(seen), with_kwargs=True))
             undo.append(layer.install_routed_call(_routing_recorder(layer, seen)))
         runner = getattr(model, "base_model", model)
         with torch.no_grad():
@@ -134,18 +149,47 @@ def _observe(model: nn.Module, layers: list[MoELayer], tokens: torch.Tensor) -> 
 
 def _input_recorder(seen: Observed):
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if seen.doubling:
+            return
         hidden = args[0] if args else kwargs["hidden_states"]
         seen.hidden.append(hidden.detach().reshape(-1, hidden.shape[-1]))
 
     return hook
 
 
+def _output_checker(seen: Observed):
+    """Calls the block again on the same input with its routed output doubled: out(2R) - out(R) must be R."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        if seen.doubling or not seen.routed:
+            return
+        seen.doubling = True
+        try:
+            doubled = module(*args, **kwargs)
+        finally:
+            seen.doubling = False
+        routed = seen.routed.pop()
+        once, twice = (_first(out).reshape(-1, routed.shape[-1]).float() for out in (output, doubled))
+        gap = (twice - once - routed.float()).abs().max() / routed.float().abs().max().clamp_min(1e-12)
+        seen.output_gap = max(seen.output_gap, float(gap))
+
+    return hook
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
 def _routing_recorder(layer: MoELayer, seen: Observed):
     def call(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        routed = routed_forward(layer, hidden, top_k_index, top_k_weights)
+        if seen.doubling:
+            return routed * 2
         if top_k_weights.is_floating_point():
             seen.weight_dtype = top_k_weights.dtype
         seen.index.append(top_k_index.detach())
         seen.weights.append(top_k_weights.detach().float())
-        return routed_forward(layer, hidden, top_k_index, top_k_weights)
+        seen.routed.append(routed.detach().reshape(-1, routed.shape[-1]))
+        return routed
 
     return call
