@@ -22,8 +22,9 @@ def test_guard_passes_on_the_table_rows(arch: str) -> None:
     check_routing(build_model(arch), TOKENS)  # raises on any disagreement
 
 
-def test_guard_passes_on_a_bf16_model_at_bf16_resolution() -> None:
-    check_routing(build_model("qwen3_moe").to(torch.bfloat16), TOKENS)
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3"])
+def test_guard_passes_on_a_bf16_model_at_bf16_resolution(arch: str) -> None:
+    check_routing(build_model(arch).to(torch.bfloat16), TOKENS)
 
 
 def test_a_wrong_renormalisation_is_refused(monkeypatch) -> None:
@@ -56,3 +57,13 @@ def test_routing_rules_name_known_rules_only() -> None:
 
     assert set(adapters.ROUTING_RULES.values()) <= set(RULES)
     assert not set(adapters.ROUTING_RULES) & set(adapters.ARCHITECTURES)  # a row's own rule wins: no duplicates
+
+
+def test_a_router_with_float32_logits_is_told_apart_in_bf16(monkeypatch) -> None:
+    # Lara-Mini's softmax router computes its logits in float32: in a bf16 model only its row's fp32_logits
+    # makes the rule's weights the model's; without it the guard sees the bf16 rounding (several bf16 ulps).
+    model = arch_sweep.build_model("lara_mini").to(torch.bfloat16)
+    check_routing(model, TOKENS)
+    monkeypatch.setattr(adapters, "FP32_LOGITS", frozenset())
+    with pytest.raises(MoePruneError, match=r"cannot re-route lara_mini's router exactly .*routing weights differ"):
+        check_routing(model, TOKENS)

@@ -61,6 +61,8 @@ class ArchSpec:
     # Slots per (token, expert) pair when profiling calls the fused experts: 2 adds a zero-weight slot for
     # experts forwards that squeeze a single slot away (LongCat-Flash).
     call_slots: int = 1
+    # Router logits computed in float32 whatever the model dtype (the DeepSeek rules always do; see routing.py).
+    fp32_logits: bool = False
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -122,6 +124,8 @@ ROUTING_RULES: dict[str, str] = {
     **dict.fromkeys(_SIGMOID_BIASED, "deepseek_v3"),
     **dict.fromkeys(_RENORMALISED, "softmax_topk_renorm"),
 }
+# Softmax routers that compute their logits in float32 in a bf16/fp16 model (the guard tells them apart in bf16).
+FP32_LOGITS = frozenset({"lara_mini"})
 
 
 # MoE model types moeprune refuses, each with the reason (tests/test_architecture_sweep.py holds the list
@@ -156,7 +160,7 @@ def spec_for(config) -> ArchSpec:
     rule = ROUTING_RULES.get(model_type, "softmax_topk")
     group_key = next((k for k in GROUP_KEYS if isinstance(getattr(config, k, None), int)), None)
     return ArchSpec(f"generic:{model_type}", key, rule, top_k_key=top_k_key,
-                    group_key=group_key if rule == "deepseek_v3" else None)
+                    group_key=group_key if rule == "deepseek_v3" else None, fp32_logits=model_type in FP32_LOGITS)
 
 
 def routing_groups(config) -> tuple[int, int] | None:

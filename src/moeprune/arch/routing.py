@@ -90,7 +90,7 @@ def route_local(
 def router_logits(layer: Any, hidden: torch.Tensor) -> torch.Tensor:
     """``[T, N]`` float32 router logits of ``hidden [T, H]``, computed in the dtype the model uses."""
     weight = layer.router.weight
-    if layer.spec.routing in FP32_LOGIT_RULES:
+    if layer.spec.routing in FP32_LOGIT_RULES or layer.spec.fp32_logits:
         return F.linear(hidden.float(), weight.float())
     return F.linear(hidden.to(weight.dtype), weight).float()
 

@@ -170,7 +170,9 @@ def _output_checker(seen: Observed):
             seen.doubling = False
         routed = seen.routed.pop()
         once, twice = (_first(out).reshape(-1, routed.shape[-1]).float() for out in (output, doubled))
-        gap = (twice - once - routed.float()).abs().max() / routed.float().abs().max().clamp_min(1e-12)
+        # Relative to the larger of R and the block output: a bf16 block rounds its output, shared experts included.
+        scale = torch.maximum(routed.float().abs().max(), once.abs().max()).clamp_min(1e-12)
+        gap = (twice - once - routed.float()).abs().max() / scale
         seen.output_gap = max(seen.output_gap, float(gap))
 
     return hook
