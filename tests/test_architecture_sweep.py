@@ -35,9 +35,8 @@ MODEL_TYPES = moe_model_types()
 # Architectures whose router (or MoE output) expert-sparsity's routing rules do not reproduce: the guard
 # refuses them with the fix (docs/expert_sparsity.md lists them with the reason).
 RECON_REFUSED = {
-    "afmoe", "axk1", "beam", "deepseek_v4", "ernie4_5_moe", "flint", "gemma4_text", "gpt_oss", "hy_v3",
-    "inkling2_loop_text", "inkling2_text", "inkling_text", "kolibri1", "laguna", "lfm2_moe", "llama4_text",
-    "longcat_flash", "minimax_m2", "minimax_m3_vl_text", "phimoe", "zaya",
+    "axk1", "beam", "deepseek_v4", "ernie4_5_moe", "flint", "gemma4_text", "inkling2_loop_text", "inkling2_text",
+    "inkling_text", "kolibri1", "laguna", "llama4_text", "longcat_flash", "minimax_m3_vl_text", "phimoe", "zaya",
 }
 RECON_FIX = "plan with another method, or TB-Coverage with --candidate reap"
 

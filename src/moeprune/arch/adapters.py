@@ -113,19 +113,23 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 # expert-sparsity wherever that is not its router (docs/expert_sparsity.md lists which).
 _SIGMOID_BIASED = (  # DeepSeek-V3's router: sigmoid, e_score_correction_bias, top-2-sum groups, renorm, scale
     "axk1", "axk2", "bailing_hybrid", "deepseek_v32", "dots1", "dots3_note_text", "exaone_moe", "glm4_moe",
-    "glm4_moe_lite", "glm_moe_dsa", "hy_v4", "kimi_linear", "mimo_v2_flash", "nemotron_h", "sarvam_mla",
+    "glm4_moe_lite", "glm_moe_dsa", "hy_v4", "kimi_linear", "lfm2_moe", "mimo_v2_flash", "nemotron_h", "sarvam_mla",
     "sarvam_moe", "solar_open",
 )
+# The same without groups, always renormalised, scaled by routed_scaling_factor/router_scaling_factor/route_scale.
+_SIGMOID_RENORMALISED = ("afmoe", "hy_v3", "minimax_m2")
 _RENORMALISED = (  # softmax, top-k, always renormalised (or top-k logits then softmax: the same weights)
     "aria_text", "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe",
     "minimax", "qwen3_5_moe_text",
+    "gpt_oss",  # top-k of the (biased) logits, then softmax over those k: the same weights
 )
 ROUTING_RULES: dict[str, str] = {
     **dict.fromkeys(_SIGMOID_BIASED, "deepseek_v3"),
     **dict.fromkeys(_RENORMALISED, "softmax_topk_renorm"),
+    **dict.fromkeys(_SIGMOID_RENORMALISED, "sigmoid_topk_renorm"),
 }
 # Softmax routers that compute their logits in float32 in a bf16/fp16 model (the guard tells them apart in bf16).
-FP32_LOGITS = frozenset({"lara_mini"})
+FP32_LOGITS = frozenset({"lara_mini", "hy_v3"})
 
 
 # MoE model types moeprune refuses, each with the reason (tests/test_architecture_sweep.py holds the list
