@@ -2,7 +2,8 @@
 
 Runs the same sweep as tests/test_architecture_sweep.py (tests/arch_sweep.py): a tiny random model per
 model type, profile -> plan -> apply (export + reload), reloaded logits compared with the dense model
-whose removed experts are taken out of routing.
+whose removed experts are taken out of routing; then expert-sparsity planning (its routing guard and the
+reconstruction loss checked against the model's own MoE block output).
 
     PYTHONPATH=src:. python scripts/support_matrix.py [--out docs/support_matrix.md] [MODEL_TYPE ...]
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import time
 import warnings
 from pathlib import Path
@@ -18,12 +20,12 @@ from pathlib import Path
 import torch
 import transformers
 
-from tests.arch_sweep import ATOL, CaseResult, moe_model_types, run_case
+from tests.arch_sweep import ATOL, CaseResult, moe_model_types, run_case, run_reconstruction_case
 
 STATUS = {"exact": "exact", "refused": "refused", "wrong": "**WRONG**", "error": "**traceback**"}
 
 
-def render(results: list[CaseResult]) -> str:
+def render(results: list[CaseResult], recon: dict[str, CaseResult] | None = None) -> str:
     counts = {status: sum(r.status == status for r in results) for status in STATUS}
     lines = [
         "# Support matrix",
@@ -36,17 +38,40 @@ def render(results: list[CaseResult]) -> str:
         f"at -inf, choice bias at -inf). *exact*: max |diff| <= {ATOL:g}. *refused*: moeprune stops with a "
         "`MoePruneError` naming the reason.",
         "",
+        "Column *expert-sparsity*: planning with the reconstruction baseline (`tests/arch_sweep.py` "
+        "`run_reconstruction_case`, see docs/expert_sparsity.md): *exact* when its routing guard passes and every "
+        "layer's reconstruction loss equals the change of the model's own MoE block output to 1e-4; *refused* "
+        "(the guard's finding in brackets) where moeprune's routing rules do not reproduce the router.",
+        "",
         f"**{counts['exact']} exact, {counts['refused']} refused, {counts['wrong']} wrong, "
         f"{counts['error']} tracebacks** of {len(results)} model types.",
+        *_recon_counts(recon),
         "",
-        "| model type | status | max abs diff | reason |",
-        "| --- | --- | --- | --- |",
+        "| model type | status | max abs diff | expert-sparsity | reason |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for result in results:
         diff = "" if result.diff is None else f"{result.diff:.1e}"
         reason = result.reason.replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| {result.model_type} | {STATUS[result.status]} | {diff} | {reason} |")
+        sparsity = _recon_cell((recon or {}).get(result.model_type))
+        lines.append(f"| {result.model_type} | {STATUS[result.status]} | {diff} | {sparsity} | {reason} |")
     return "\n".join(lines) + "\n"
+
+
+def _recon_counts(recon: dict[str, CaseResult] | None) -> list[str]:
+    if not recon:
+        return []
+    counts = {status: sum(r.status == status for r in recon.values()) for status in STATUS}
+    return ["", f"expert-sparsity: **{counts['exact']} exact, {counts['refused']} refused, {counts['wrong']} wrong, "
+            f"{counts['error']} tracebacks**."]
+
+
+def _recon_cell(result: CaseResult | None) -> str:
+    if result is None:
+        return ""
+    found = re.search(r"layer \d+: (.*)\); plan with", result.reason)
+    finding = f" ({found.group(1)})" if found and result.status == "refused" else ""
+    return f"{STATUS[result.status]}{finding}".replace("|", "\\|")
 
 
 def main() -> None:
@@ -57,12 +82,14 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     transformers.logging.set_verbosity_error()
-    results = []
+    results, recon = [], {}
     for model_type in args.model_types or moe_model_types():
         start = time.perf_counter()
         results.append(run_case(model_type))
-        print(f"{model_type:22s} {results[-1].status:8s} {time.perf_counter() - start:5.1f}s", flush=True)
-    args.out.write_text(render(results))
+        recon[model_type] = run_reconstruction_case(model_type)
+        print(f"{model_type:22s} {results[-1].status:8s} {recon[model_type].status:8s} "
+              f"{time.perf_counter() - start:5.1f}s", flush=True)
+    args.out.write_text(render(results, recon))
     print(f"wrote {args.out}")
 
 

@@ -6,6 +6,8 @@ profile -> plan -> apply (export, reload) and compares the reloaded checkpoint's
 independent reference: the *dense* model whose removed experts are taken out of routing (their router
 logits at -inf, or their choice bias at -inf for sigmoid routers with a correction bias).
 
+:func:`run_reconstruction_case` plans ``expert-sparsity`` instead: its routing guard passes, or refuses.
+
 Used by tests/test_architecture_sweep.py and scripts/support_matrix.py (which writes docs/support_matrix.md).
 """
 
@@ -40,6 +42,7 @@ from moeprune.surgery import export_pruned
 
 ATOL = 1e-5
 TOKENS = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+RECON_TOKENS = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(3))  # expert-sparsity calibration
 EXPERT_KEY = re.compile(r"expert")
 
 # Tiny sizes set on every config that has the key (kept small so the whole sweep runs in minutes on 2 cores).
@@ -175,11 +178,67 @@ def run_case(model_type: str, workdir: Path | None = None) -> CaseResult:
         except MoePruneError as err:
             return CaseResult(model_type, "refused", str(err))
         except Exception as err:  # noqa: BLE001 - the sweep reports every other failure as a traceback
-            last = traceback.extract_tb(err.__traceback__)[-1]
-            where = f"{Path(last.filename).name}:{last.lineno}"
-            return CaseResult(model_type, "error", f"{type(err).__name__}: {err} ({where})")
+            return _error_result(model_type, err)
     status = "exact" if diff <= ATOL else "wrong"
     return CaseResult(model_type, status, "" if status == "exact" else f"max |diff| {diff:.3g}", diff)
+
+
+def _error_result(model_type: str, err: Exception) -> CaseResult:
+    last = traceback.extract_tb(err.__traceback__)[-1]
+    return CaseResult(model_type, "error", f"{type(err).__name__}: {err} ({Path(last.filename).name}:{last.lineno})")
+
+
+def run_reconstruction_case(model_type: str, workdir: Path | None = None) -> CaseResult:
+    """Plan ``expert-sparsity`` (half the experts) on ``model_type``'s tiny model: "exact" when the routing
+    guard passes and every MoE layer gets a mask, "refused" with the guard's (or the table's) message."""
+    from moeprune.reconstruction import WorkDir, expert_sparsity_mask
+
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        try:
+            spec_for(tiny_config(model_type))
+            model = build_model(model_type)
+            mask = expert_sparsity_mask(model, RECON_TOKENS, 0.5, workdir, "sweep", loss="global", progress=False)
+        except MoePruneError as err:
+            return CaseResult(model_type, "refused", str(err))
+        except Exception as err:  # noqa: BLE001 - reported as a traceback, never as a result
+            return _error_result(model_type, err)
+        layers = [layer.index for layer in moe_layers(model)]
+        if sorted(mask.layers) != layers or any(len(m.kept) != mask.kept_per_layer for m in mask.layers.values()):
+            return CaseResult(model_type, "wrong", f"mask layers {sorted(mask.layers)} vs MoE layers {layers}")
+        gap = reconstruction_loss_gap(model, mask, WorkDir(workdir, "sweep"))
+    status = "exact" if gap <= 1e-4 else "wrong"
+    return CaseResult(model_type, status, "" if status == "exact" else f"loss off by {gap:.3g} (relative)", gap)
+
+
+@torch.no_grad()
+def reconstruction_loss_gap(dense: nn.Module, mask, work) -> float:
+    """Max over MoE layers of |loss(kept) - ||block(h) - block_masked(h)||_F| / the latter, on the captured inputs.
+
+    The reconstruction loss comes from cached router logits and Gram matrices; the reference runs the
+    model's own MoE block on the same inputs, dense and with the removed experts taken out of routing
+    (shared experts add the same term to both and cancel).
+    """
+    from moeprune.reconstruction import LayerProblem
+
+    gaps = []
+    for layer in moe_layers(dense):
+        hidden = work.load_layer(layer.index)
+        kept = mask.kept(layer.index)
+        predicted = LayerProblem.build(layer, dense.config, hidden).loss(kept)
+        full = _block_output(layer.block, hidden)
+        with routing_without_removed(dense, mask):
+            without = _block_output(layer.block, hidden)
+        actual = float(torch.linalg.vector_norm((full - without).double()))
+        gaps.append(abs(predicted - actual) / max(actual, 1e-12))
+    return max(gaps)
+
+
+def _block_output(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    out = block(hidden[None])
+    out = out[0] if isinstance(out, tuple) else out
+    return out.reshape(-1, out.shape[-1])
 
 
 @torch.no_grad()
@@ -211,7 +270,17 @@ def _profile(model: nn.Module) -> Profile:
 
 @torch.no_grad()
 def reference_logits(dense: nn.Module, mask) -> torch.Tensor:
-    """Logits of the dense model with the removed experts taken out of routing (restored afterwards).
+    """Logits of the dense model with the removed experts taken out of routing (restored afterwards)."""
+    with routing_without_removed(dense, mask) as calls:
+        result = _logits(dense)
+    if not calls:
+        raise AssertionError("the reference never masked a router's logits")
+    return result
+
+
+@contextlib.contextmanager
+def routing_without_removed(dense: nn.Module, mask) -> Iterator[list[int]]:
+    """Inside: the dense model routes as if the removed experts were gone; yields the list of masked router calls.
 
     Every router's logits get -inf in the removed experts' columns (whatever module computes them with
     ``F.linear`` from the router weight); a choice bias (``e_score_correction_bias``, ``expert_bias``, ...)
@@ -236,10 +305,7 @@ def reference_logits(dense: nn.Module, mask) -> torch.Tensor:
             return out
 
         with mock.patch.object(F, "linear", linear):
-            result = _logits(dense)
-    if not calls:
-        raise AssertionError("the reference never masked a router's logits")
-    return result
+            yield calls
 
 
 @contextlib.contextmanager
@@ -295,4 +361,5 @@ def _spread_weights(model: nn.Module) -> None:
             buffer.copy_(torch.randint(0, 8, buffer.shape))
 
 
-__all__ = ["CaseResult", "build_model", "check_model", "moe_model_types", "run_case", "tiny_config"]
+__all__ = ["CaseResult", "build_model", "check_model", "moe_model_types", "run_case", "run_reconstruction_case",
+           "tiny_config"]

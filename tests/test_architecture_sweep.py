@@ -21,7 +21,7 @@ from moeprune.errors import MoePruneError
 from moeprune.profiling.instrument import StatsRecorder
 from moeprune.profiling.runner import model_meta
 from moeprune.surgery import apply_mask, masked
-from tests.arch_sweep import build_model, check_model, moe_model_types, run_case
+from tests.arch_sweep import build_model, check_model, moe_model_types, run_case, run_reconstruction_case
 from tests.surgery import make_mask
 
 # Refused architectures and a pattern their refusal message must match (the reason, never a traceback).
@@ -31,6 +31,14 @@ REFUSED = {
     "jetmoe": r"attention is a mixture of experts too",
 }
 MODEL_TYPES = moe_model_types()
+
+# Architectures whose router (or MoE output) expert-sparsity's routing rules do not reproduce: the guard
+# refuses them with the fix (docs/expert_sparsity.md lists them with the reason).
+RECON_REFUSED = {
+    "axk1", "beam", "deepseek_v4", "ernie4_5_moe", "flint", "gemma4_text", "inkling2_loop_text", "inkling2_text",
+    "inkling_text", "kolibri1", "laguna", "llama4_text", "longcat_flash", "minimax_m3_vl_text", "phimoe", "zaya",
+}
+RECON_FIX = "plan with another method, or TB-Coverage with --candidate reap"
 
 
 def test_sweep_sees_the_installed_moe_models() -> None:
@@ -45,6 +53,18 @@ def test_architecture_is_exact_or_refused_with_reason(model_type: str, tmp_path:
     if model_type in REFUSED:
         assert result.status == "refused", result
         assert re.search(REFUSED[model_type], result.reason), result.reason
+    else:
+        assert result.status == "exact", f"{model_type}: {result.status}: {result.reason}"
+
+
+@pytest.mark.parametrize("model_type", [t for t in MODEL_TYPES if t not in ADAPTER_REFUSALS])
+def test_expert_sparsity_is_exact_or_refused_by_the_routing_guard(model_type: str, tmp_path: Path) -> None:
+    # "exact": the guard passes and every layer's reconstruction loss (cached logits + Gram) equals the norm of
+    # the model's own MoE block output change when the removed experts leave routing, to 1e-4 relative.
+    result = run_reconstruction_case(model_type, tmp_path)
+    if model_type in RECON_REFUSED:
+        assert result.status == "refused" and RECON_FIX in result.reason, result
+        assert re.search(rf"cannot (re-route|reconstruct) {model_type}'s", result.reason), result.reason
     else:
         assert result.status == "exact", f"{model_type}: {result.status}: {result.reason}"
 

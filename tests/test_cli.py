@@ -196,3 +196,20 @@ def test_recon_tokens_budget_and_loss_flags(profiled, tiny_checkpoint, tmp_path)
     meta = json.loads((capture / "meta.json").read_text())
     assert meta["tokens"] == 32 and meta["samples"] == 2  # two whole windows of 16 fit in 40 tokens
     assert ExpertMask.load(tmp_path / "m" / "expert-sparsity-0.50.json").kept_per_layer == 4
+
+
+def test_expert_sparsity_refuses_a_routing_rule_that_is_not_the_models(profiled, tiny_checkpoint, tmp_path, capsys,
+                                                                        monkeypatch):
+    import dataclasses
+
+    from moeprune.arch import adapters
+
+    # The tiny Qwen1.5-MoE keeps its top-k softmax weights unnormalised; a row claiming renormalisation is wrong.
+    wrong = dataclasses.replace(adapters.ARCHITECTURES["qwen2_moe"], routing="softmax_topk_renorm")
+    monkeypatch.setitem(adapters.ARCHITECTURES, "qwen2_moe", wrong)
+    err = _error(capsys, ["plan", str(profiled), "--method", "expert-sparsity", "--retain", "0.5",
+                          "--model", str(tiny_checkpoint), "--recon-samples", "2", "--recon-seq-len", "16",
+                          "--out", str(tmp_path / "m")])
+    assert "expert-sparsity cannot re-route qwen2_moe's router exactly" in err
+    assert "plan with another method, or TB-Coverage with --candidate reap" in err
+    assert "Traceback" not in err and not (tmp_path / "m").exists()

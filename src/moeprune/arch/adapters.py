@@ -61,6 +61,8 @@ class ArchSpec:
     # Slots per (token, expert) pair when profiling calls the fused experts: 2 adds a zero-weight slot for
     # experts forwards that squeeze a single slot away (LongCat-Flash).
     call_slots: int = 1
+    # Router logits computed in float32 whatever the model dtype (the DeepSeek rules always do; see routing.py).
+    fp32_logits: bool = False
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -94,7 +96,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         # No reconstruction routing rule ("llama4" is unknown to moeprune.arch.routing).
         ArchSpec("llama4_text", "num_local_experts", "llama4", layout="scaled_inputs", router_attr="router"),
         # DBRX: blocks[i].ffn.{router.layer, experts.mlp.w1/v1/w2 [N * I, H]}; counts nested in ffn_config.
-        ArchSpec("dbrx", "ffn_config.moe_num_experts", "softmax_topk", layout="flat", router_attr="router",
+        # Top-k weights divided by their p-norm, p = moe_normalize_expert_weights (1 in DBRX: renormalised).
+        ArchSpec("dbrx", "ffn_config.moe_num_experts", "softmax_topk_renorm", layout="flat", router_attr="router",
                  top_k_key="ffn_config.moe_top_k"),
         # Zero-compute (identity) experts sit in router rows N..N+Z-1 and are never pruned.
         ArchSpec("longcat_flash", "n_routed_experts", "softmax_topk", router_attr="router", call_slots=2),
@@ -102,6 +105,31 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ArchSpec("deepseek", "n_routed_experts", "deepseek_moe", layout="modulelist", shared=("shared_experts",)),
     )
 }
+
+
+# Routing rule (moeprune.arch.routing) of model types without their own row, found exact by the
+# reconstruction guard (moeprune.reconstruction.guard) on tiny models, group-limited routing included
+# (topk_group < n_group). A duck-typed type not listed gets softmax_topk; the guard refuses
+# expert-sparsity wherever that is not its router (docs/expert_sparsity.md lists which).
+_SIGMOID_BIASED = (  # DeepSeek-V3's router: sigmoid, e_score_correction_bias, top-2-sum groups, renorm, scale
+    "axk1", "axk2", "bailing_hybrid", "deepseek_v32", "dots1", "dots3_note_text", "exaone_moe", "glm4_moe",
+    "glm4_moe_lite", "glm_moe_dsa", "hy_v4", "kimi_linear", "lfm2_moe", "mimo_v2_flash", "nemotron_h", "sarvam_mla",
+    "sarvam_moe", "solar_open",
+)
+# The same without groups, always renormalised, scaled by routed_scaling_factor/router_scaling_factor/route_scale.
+_SIGMOID_RENORMALISED = ("afmoe", "hy_v3", "minimax_m2")
+_RENORMALISED = (  # softmax, top-k, always renormalised (or top-k logits then softmax: the same weights)
+    "aria_text", "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe",
+    "minimax", "qwen3_5_moe_text",
+    "gpt_oss",  # top-k of the (biased) logits, then softmax over those k: the same weights
+)
+ROUTING_RULES: dict[str, str] = {
+    **dict.fromkeys(_SIGMOID_BIASED, "deepseek_v3"),
+    **dict.fromkeys(_RENORMALISED, "softmax_topk_renorm"),
+    **dict.fromkeys(_SIGMOID_RENORMALISED, "sigmoid_topk_renorm"),
+}
+# Softmax routers that compute their logits in float32 in a bf16/fp16 model (the guard tells them apart in bf16).
+FP32_LOGITS = frozenset({"lara_mini", "hy_v3"})
 
 
 # MoE model types moeprune refuses, each with the reason (tests/test_architecture_sweep.py holds the list
@@ -133,7 +161,10 @@ def spec_for(config) -> ArchSpec:
         )
     top_k_key = next((k for k in TOP_K_KEYS if isinstance(getattr(config, k, None), int)), TOP_K_KEYS[0])
     # softmax_topk honours config.norm_topk_prob, the common switch among such models.
-    return ArchSpec(f"generic:{model_type}", key, "softmax_topk", top_k_key=top_k_key)
+    rule = ROUTING_RULES.get(model_type, "softmax_topk")
+    group_key = next((k for k in GROUP_KEYS if isinstance(getattr(config, k, None), int)), None)
+    return ArchSpec(f"generic:{model_type}", key, rule, top_k_key=top_k_key,
+                    group_key=group_key if rule == "deepseek_v3" else None, fp32_logits=model_type in FP32_LOGITS)
 
 
 def routing_groups(config) -> tuple[int, int] | None:

@@ -16,7 +16,12 @@ The rules (names in :class:`moeprune.arch.adapters.ArchSpec.routing`):
 - ``deepseek_v3``: sigmoid; choice scores + ``e_score_correction_bias``; groups scored by the sum
   of their top-2 choice scores; top-k in the ``topk_group`` best groups; weights are the sigmoid
   scores, renormalised (+1e-20) if ``norm_topk_prob``, times ``routed_scaling_factor``;
-- ``deepseek_moe``: softmax, top-k, renormalise (+1e-20) if top_k > 1 and ``norm_topk_prob``.
+- ``deepseek_moe``: softmax, top-k, renormalise (+1e-20) if top_k > 1 and ``norm_topk_prob``;
+- ``sigmoid_topk_renorm``: ``deepseek_v3`` without groups, always renormalised (MiniMax-M2, HY-V3, AFMoE).
+
+The scale of the sigmoid rules is the first config value of :data:`SCALE_KEYS` (1 when none is set);
+their choice bias is the router's or else the block's (:data:`CHOICE_BIASES`); a router bias
+(GPT-OSS) is part of the logits.
 
 Weights are returned in float32 (routers that cast them to the model dtype do so afterwards).
 All functions accept leading batch dimensions (``[..., T, K]``), so many masks route at once.
@@ -30,10 +35,12 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from moeprune.arch.adapters import TOP_K_KEYS, ArchSpec
+from moeprune.arch.adapters import TOP_K_KEYS, ArchSpec, config_value
 from moeprune.errors import MoePruneError
 
-RULES = ("softmax_topk", "softmax_topk_renorm", "deepseek_v2", "deepseek_v3", "deepseek_moe")
+RULES = ("softmax_topk", "softmax_topk_renorm", "deepseek_v2", "deepseek_v3", "deepseek_moe", "sigmoid_topk_renorm")
+SCALE_KEYS = ("routed_scaling_factor", "router_scaling_factor", "route_scale")
+CHOICE_BIASES = ("e_score_correction_bias", "expert_bias")  # per-expert choice bias of sigmoid routers
 GROUPED_RULES = ("deepseek_v2", "deepseek_v3")
 # Routers that compute logits in float32 whatever the model dtype (the others use the model dtype).
 FP32_LOGIT_RULES = ("deepseek_v2", "deepseek_v3")
@@ -84,21 +91,30 @@ def route_local(
         return _deepseek_v2(config, logits, groups, top_k)
     if rule == "deepseek_v3":
         return _deepseek_v3(config, logits, bias, groups, top_k)
+    if rule == "sigmoid_topk_renorm":
+        return _deepseek_v3(config, logits, bias, None, top_k, renormalise=True)
     raise MoePruneError(f"Unknown routing rule {rule!r}; known rules: {', '.join(RULES)}.")
 
 
 def router_logits(layer: Any, hidden: torch.Tensor) -> torch.Tensor:
     """``[T, N]`` float32 router logits of ``hidden [T, H]``, computed in the dtype the model uses."""
     weight = layer.router.weight
-    if layer.spec.routing in FP32_LOGIT_RULES:
-        return F.linear(hidden.float(), weight.float())
-    return F.linear(hidden.to(weight.dtype), weight).float()
+    bias = getattr(layer.router, "bias", None)  # GPT-OSS's router is a linear layer with a bias
+    bias = bias if isinstance(bias, torch.Tensor) and bias.shape == weight.shape[:1] else None
+    if layer.spec.routing in FP32_LOGIT_RULES or layer.spec.fp32_logits:
+        return F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+    return F.linear(hidden.to(weight.dtype), weight, bias).float()
 
 
 def router_bias(layer: Any) -> torch.Tensor | None:
-    """The per-expert choice bias of a sigmoid router (DeepSeek-V3), float32, or None."""
-    bias = getattr(layer.router, "e_score_correction_bias", None)
-    return bias.detach().float() if isinstance(bias, torch.Tensor) else None
+    """The per-expert choice bias of a sigmoid router, float32, or None: the router's, else the block's
+    (MiniMax-M2, HY-V3, AFMoE and LFM2-MoE keep it on the block)."""
+    for owner in (layer.router, layer.block):
+        for name in CHOICE_BIASES:
+            bias = getattr(owner, name, None)
+            if isinstance(bias, torch.Tensor) and bias.dim() == 1:
+                return bias.detach().float()
+    return None
 
 
 def group_count(spec: ArchSpec, config: Any) -> int:
@@ -155,7 +171,12 @@ def _deepseek_v2(
 
 
 def _deepseek_v3(
-    config: Any, logits: torch.Tensor, bias: torch.Tensor | None, groups: torch.Tensor | None, top_k: int
+    config: Any,
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: torch.Tensor | None,
+    top_k: int,
+    renormalise: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     scores = logits.sigmoid()
     choice = scores if bias is None else scores + bias.float()
@@ -164,9 +185,14 @@ def _deepseek_v3(
         choice = choice.masked_fill(~_allowed(group_scores, groups, int(config.topk_group)), float("-inf"))
     index = torch.topk(choice, top_k, dim=-1)[1]
     weights = scores.gather(-1, index)
-    if getattr(config, "norm_topk_prob", False):
+    if renormalise or getattr(config, "norm_topk_prob", False):
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return index, weights * float(config.routed_scaling_factor)
+    return index, weights * _scale(config)
+
+
+def _scale(config: Any) -> float:
+    value = next((getattr(config, k) for k in SCALE_KEYS if getattr(config, k, None) is not None), 1.0)
+    return float(value)
 
 
 def _group_scores(scores: torch.Tensor, groups: torch.Tensor, n_group: int, top: int) -> torch.Tensor:
@@ -213,8 +239,8 @@ def _kept_tensor(kept: torch.Tensor | Sequence[int] | None, num_experts: int, de
 
 
 def _top_k(config: Any) -> int:
-    for key in TOP_K_KEYS:
-        value = getattr(config, key, None)
+    for key in (*TOP_K_KEYS, "ffn_config.moe_top_k"):  # DBRX nests its counts in ffn_config
+        value = config_value(config, key)
         if isinstance(value, int):
             return value
     raise MoePruneError("Config has no integer num_experts_per_tok (experts per token).")

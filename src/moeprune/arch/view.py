@@ -55,13 +55,20 @@ class MoELayer:
         if self.spec.layout == "scaled_inputs":  # Llama 4: gate_up_proj [E, H, 2I], down_proj [E, I, H]
             gate, up = (hidden @ self.experts.gate_up_proj[expert]).chunk(2, dim=-1)
             return (up * self.experts.act_fn(gate)) @ self.experts.down_proj[expert]
-        if self.spec.layout == "flat" or not isinstance(getattr(self.experts, "gate_up_proj", None), torch.Tensor):
-            # Ungated (Nemotron-H) or flat (DBRX) experts: the model's own experts forward, top-1, weight 1.
+        if self.spec.layout == "flat" or not self._standard_gated(hidden):
+            # Ungated (Nemotron-H), flat (DBRX) or otherwise laid out experts (Aria's [E, H, 2I], HY-V4 without
+            # act_fn): the model's own experts forward, top-1, weight 1.
             index = torch.full((hidden.shape[0], 1), expert, dtype=torch.long, device=hidden.device)
             return self.unweighted_pairs(hidden, index).reshape(-1, hidden.shape[-1])
         # Same operations, in the same order, as transformers' eager experts forward.
         gate, up = nn.functional.linear(hidden, self.experts.gate_up_proj[expert]).chunk(2, dim=-1)
         return nn.functional.linear(self.experts.act_fn(gate) * up, self.experts.down_proj[expert])
+
+    def _standard_gated(self, hidden: torch.Tensor) -> bool:
+        """transformers' usual fused experts: gate_up_proj [E, 2I, H] and an act_fn."""
+        gate_up = getattr(self.experts, "gate_up_proj", None)
+        return (isinstance(gate_up, torch.Tensor) and gate_up.shape[-1] == hidden.shape[-1]
+                and callable(getattr(self.experts, "act_fn", None)))
 
     def unweighted_pairs(self, hidden: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
         """f_e(h) for every (token, slot) pair, token-major (row t * k + j is slot j of token t).

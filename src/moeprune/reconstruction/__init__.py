@@ -4,6 +4,8 @@ Per MoE layer keep the K experts whose mask minimises ``||Z - Z_mask||_F`` over 
 (see :mod:`.loss` for the exact Gram formulation, the global and NAEE's per-batch norm, and
 :mod:`.search` for the search). The pipeline:
 
+0. :func:`~.guard.check_routing` refuses a model whose router the routing rule does not reproduce
+   exactly (one forward on a few calibration tokens);
 1. :func:`capture_moe_inputs` runs the dense model once and stores every MoE layer's input in
    ``<workdir>/reconstruction/<key>/`` (skipped when already there), at most ``token_budget`` tokens;
 2. per layer, :class:`LayerProblem` caches router logits and the expert Gram matrices;
@@ -28,6 +30,7 @@ from moeprune.errors import MoePruneError
 from moeprune.loading import config_hash, model_name
 from moeprune.planning.mask import ExpertMask, LayerMask, kept_count
 from moeprune.reconstruction.capture import WorkDir, capture_moe_inputs, within_budget
+from moeprune.reconstruction.guard import check_routing
 from moeprune.reconstruction.loss import DEFAULT_TOKEN_CHUNK, LOSSES, LayerProblem
 from moeprune.reconstruction.search import (
     EXACT_LIMIT,
@@ -58,6 +61,7 @@ __all__ = [
     "SearchResult",
     "WorkDir",
     "capture_moe_inputs",
+    "check_routing",
     "expert_sparsity_mask",
     "reconstruction_selection",
     "search_layer",
@@ -97,6 +101,7 @@ def reconstruction_selection(
         raise MoePruneError(f"Unknown reconstruction loss {loss!r}; use one of {', '.join(LOSSES)}.")
     ks = sorted({kept_per_layer} if isinstance(kept_per_layer, int) else set(kept_per_layer))
     token_windows = within_budget(token_windows, token_budget)
+    check_routing(model, token_windows)  # refuse a router the rule does not reproduce, before the capture
     capture_moe_inputs(model, token_windows, workdir, key, batch_size=batch_size, progress=progress, corpus=corpus)
     work = WorkDir(workdir, key)
     batch_tokens = loss_batch * token_windows.shape[1] if loss == "per-batch" else None
