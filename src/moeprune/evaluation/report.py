@@ -40,6 +40,9 @@ TASK_NAMES = {
     "bundled_wiki_cont": "wiki-cont",
     "bundled_web_cont": "web-cont",
     "bundled_cross_cont": "cross-cont",
+    "heldout_order": "order",
+    "heldout_domain": "domain",
+    "heldout_next": "next",
 }
 MISSING = "–"
 Stat = tuple[float, float | None]  # (mean, std over seeds or None)
@@ -257,9 +260,32 @@ def render_report(
     second = table2(cells)
     if second:
         parts += ["## Table 2: TB-Coverage against each random seed", second]
+    parts += _coverage_section(cells, settings)
     if images:
         parts += ["## Plots", "\n".join(f"![{name}]({path})" for name, path in images.items())]
     return "\n\n".join(parts) + "\n"
+
+
+def _coverage_section(cells: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]) -> list[str]:
+    """Perplexity on the domains calibration never saw, as a ratio to dense (see evaluation/coverage.py)."""
+    from moeprune.evaluation.coverage import coverage_table, wins_against_seeds
+
+    calibration = settings.get("calibration", {}).get("corpora", [])
+    table = coverage_table(cells, calibration)
+    if not table:
+        return []
+    wins = wins_against_seeds(cells, calibration, "tb-coverage")
+    note = (
+        "Each entry is the pruned model's perplexity on a domain that calibration never used, divided by the "
+        "dense model's (1.000 = nothing lost); worst and mean over those domains."
+    )
+    if wins:
+        note += (
+            " TB-Coverage's worst-domain ratio is lower than that many random seeds: "
+            + ", ".join(f"{100 * r:.0f}% {w}" for r, w in sorted(wins.items(), reverse=True))
+            + "."
+        )
+    return ["## Unseen-domain coverage", table, note]
 
 
 def _settings_text(settings: Mapping[str, Any]) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from moeprune.errors import MoePruneError
-from moeprune.evaluation.tasks import BUNDLED_TASKS, TASKS_DIR
+from moeprune.evaluation.tasks import BUNDLED_TASKS, HELDOUT_TASKS, TASKS_DIR
 
 COMMON_TASKS: tuple[str, ...] = ("arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande", "boolq")
 COMMON_AVG_METRIC: dict[str, str] = {
@@ -30,9 +30,13 @@ COMMON_AVG_METRIC: dict[str, str] = {
     "bundled_wiki_cont": "acc_norm",
     "bundled_web_cont": "acc_norm",
     "bundled_cross_cont": "acc_norm",
+    # Held-out-domain tasks: a minimal pair (same words) is scored by summed log-likelihood, as BLiMP.
+    "heldout_order": "acc",
+    "heldout_domain": "acc_norm",
+    "heldout_next": "acc_norm",
 }
 # Names that expand to several tasks (``--tasks common,bundled``).
-TASK_PRESETS: dict[str, tuple[str, ...]] = {"common": COMMON_TASKS, "bundled": BUNDLED_TASKS}
+TASK_PRESETS: dict[str, tuple[str, ...]] = {"common": COMMON_TASKS, "bundled": BUNDLED_TASKS, "heldout": HELDOUT_TASKS}
 
 
 def expand_tasks(tasks: str | Sequence[str]) -> list[str]:
