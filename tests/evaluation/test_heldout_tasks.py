@@ -12,7 +12,7 @@ from moeprune.evaluation.tasks.build_heldout import DOMAINS, ITEMS, build_all, s
 from moeprune.evaluation.tasks.data import read_items
 from moeprune.evaluation.zeroshot import expand_tasks
 
-CHOICES = {"heldout_order": 2, "heldout_domain": 4, "heldout_next": 4}
+CHOICES = {"heldout_order": 2, "heldout_domain": 4, "heldout_cloze": 4}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,9 @@ def test_gold_is_verbatim_test_text_never_trained_verbatim(items, corpora):
             # The task template has no delimiter: context + gold choice is the document's own text.
             assert row["context"] + gold in doc
             seen = corpora[(row["domain"], "train")] + corpora[(row["domain"], "validation")]
-            assert not any(gold.strip() in d for d in seen)
+            # a cloze choice is the end of a unit: check the unit's last 250 characters with it
+            text = (row["context"] + gold)[-250:] if row["id"].startswith("heldout_cloze") else gold
+            assert not any(text.strip() in d for d in seen)
 
 
 def test_order_pairs_differ_only_by_one_adjacent_swap(items):

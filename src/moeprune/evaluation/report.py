@@ -42,7 +42,7 @@ TASK_NAMES = {
     "bundled_cross_cont": "cross-cont",
     "heldout_order": "order",
     "heldout_domain": "domain",
-    "heldout_next": "next",
+    "heldout_cloze": "cloze",
 }
 MISSING = "–"
 Stat = tuple[float, float | None]  # (mean, std over seeds or None)

@@ -47,7 +47,6 @@ def default_ppl_datasets(model: Any, datasets: Sequence[str] | None) -> list[str
     if datasets is not None:
         return list(datasets)
     from moeprune.api import is_bundled
-
     from moeprune.evaluation.perplexity import BUNDLED_PPL_DATASETS
 
     return list(BUNDLED_PPL_DATASETS) if is_bundled(model) else ["wikitext2", "c4"]

@@ -32,8 +32,8 @@ COMMON_AVG_METRIC: dict[str, str] = {
     "bundled_cross_cont": "acc_norm",
     # Held-out-domain tasks: a minimal pair (same words) is scored by summed log-likelihood, as BLiMP.
     "heldout_order": "acc",
-    "heldout_domain": "acc_norm",
-    "heldout_next": "acc_norm",
+    "heldout_domain": "acc_mutual_info",  # log P(choice | passage) - log P(choice): see build_heldout.py
+    "heldout_cloze": "acc",
 }
 # Names that expand to several tasks (``--tasks common,bundled``).
 TASK_PRESETS: dict[str, tuple[str, ...]] = {"common": COMMON_TASKS, "bundled": BUNDLED_TASKS, "heldout": HELDOUT_TASKS}
