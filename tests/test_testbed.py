@@ -31,6 +31,8 @@ from moeprune.bundled import (
 
 SEQ_LEN = 256
 N_WINDOWS = 12
+PPL_BOUND = 0.4  # model ppl / unigram ppl on the domains the model was trained on
+UNSEEN_PPL_BOUND = 0.35  # ... and on the domain it never saw
 MAX_SAFETENSORS_BYTES = 20_000_000
 
 
@@ -162,10 +164,14 @@ def _slice_eval(name: str) -> tuple[float, float, torch.Tensor]:
     return math.exp(float(nll)), math.exp(float(uni_nll)), counts
 
 
-@pytest.mark.parametrize("name", BUNDLED_CORPORA)
+def _bound(name: str) -> float:
+    return UNSEEN_PPL_BOUND if name in UNSEEN_DOMAINS else PPL_BOUND
+
+
+@pytest.mark.parametrize("name", BUNDLED_DOMAINS)
 def test_perplexity_well_below_unigram(name: str) -> None:
     ppl, uni, _ = _slice_eval(name)
-    assert ppl <= 0.4 * uni, f"{name}: model ppl {ppl:.1f} vs unigram {uni:.1f}"
+    assert ppl <= _bound(name) * uni, f"{name}: model ppl {ppl:.1f} vs unigram {uni:.1f}"
 
 
 @pytest.mark.parametrize("name", BUNDLED_CORPORA)
@@ -183,7 +189,7 @@ def test_testbed_json_matches_bundle() -> None:
     cfg = model().config
     assert report["model"]["num_experts"] == cfg.num_experts
     assert report["model"]["parameters"] == sum(p.numel() for p in model().parameters())
-    for name in BUNDLED_CORPORA:
+    for name in BUNDLED_DOMAINS:
         entry = report["corpora"][name]
-        assert entry["model_ppl"] <= 0.4 * entry["unigram_ppl"]
+        assert entry["model_ppl"] <= _bound(name) * entry["unigram_ppl"]
         assert len(entry["routing_entropy"]) == cfg.num_hidden_layers

@@ -109,8 +109,11 @@ def local_text(model: PreTrainedModel, tokenizer: AutoTokenizer, path: Path) -> 
     inputs, labels = windows(token_stream(tokenizer, docs[half:]), 0)
     nll, _ = model_pass(model, inputs, labels)
     uni = unigram_ppl(train, labels, len(tokenizer))
+    in_sample = unigram_ppl(labels.flatten(), labels, len(tokenizer))  # fit on the scored tokens themselves
     return {
         "file": path.name,
+        "unigram_ppl_in_sample": round(in_sample, 3),
+        "ppl_ratio_in_sample": round(math.exp(nll) / in_sample, 4),
         "role": "unseen (local, not shipped)",
         "test_tokens_scored": labels.numel(),
         "model_ppl": round(math.exp(nll), 3),
