@@ -27,24 +27,23 @@ import random
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from html.parser import HTMLParser
 from pathlib import Path
 
-import gensim
-import mwparserfromhell
+from domains import DOMAIN_BUILDERS
 
 REPO = Path(__file__).resolve().parents[2]
 OUT_DIR = REPO / "src" / "moeprune" / "bundled" / "corpora"
 DOC_SEPARATOR = "\n\n\n"
 SEED = 20261122
 HELDOUT_FRACTION = 0.05  # of bytes, for each of validation and test
+# Domains the model is never trained on: their train split only feeds the unigram baseline,
+# so a larger share goes to test (enough tokens to measure perplexity and build tasks).
+UNSEEN = ("devil",)
+UNSEEN_TEST_FRACTION = 0.3
 
-GENSIM_WIKI = (
-    Path(gensim.__file__).parent
-    / "test"
-    / "test_data"
-    / "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-)
+GENSIM_WIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 FORTUNE_DIR = Path("/usr/share/games/fortunes")
 # Skipped: ascii art (not prose) and files whose humour targets groups of people.
 FORTUNE_FILES = (
@@ -90,6 +89,8 @@ _DROP_LINK = re.compile(r"^(file|image|category|media|[a-z]{2,3}(-[a-z]+)?):", r
 
 def clean_wikitext(wikitext: str) -> str:
     """Wikitext -> prose: drop templates, refs, tables, files, categories, interwikis."""
+    import mwparserfromhell  # only the wiki corpus needs the testbed extra
+
     code = mwparserfromhell.parse(wikitext)
     for tag in code.filter_tags(recursive=True):
         if str(tag.tag).lower() in {"ref", "table", "gallery", "math", "references"}:
@@ -106,7 +107,7 @@ def clean_wikitext(wikitext: str) -> str:
     return normalise("\n".join(keep))
 
 
-def _safe_remove(code: mwparserfromhell.wikicode.Wikicode, node: object) -> None:
+def _safe_remove(code: object, node: object) -> None:
     try:
         code.remove(node)
     except ValueError:  # already removed together with a parent
@@ -114,8 +115,10 @@ def _safe_remove(code: mwparserfromhell.wikicode.Wikicode, node: object) -> None
 
 
 def wiki_documents() -> list[str]:
+    import gensim  # only the wiki corpus needs the testbed extra
+
     docs = []
-    for title, wikitext in _wiki_pages(GENSIM_WIKI):
+    for title, wikitext in _wiki_pages(Path(gensim.__file__).parent / GENSIM_WIKI_FILE):
         body = clean_wikitext(wikitext)
         if len(body) >= 500:
             docs.append(normalise(f"{title}\n\n{body}"))
@@ -279,7 +282,7 @@ def web_documents() -> list[str]:
 
 
 # -------------------------------------------------------------------------- splitting
-def split_documents(docs: list[str], seed: int) -> dict[str, list[str]]:
+def split_documents(docs: list[str], seed: int, test_fraction: float = HELDOUT_FRACTION) -> dict[str, list[str]]:
     """Seeded split by document; validation and test each get ~5% of the bytes.
 
     Splitting by bytes (not document count) keeps the held-out splits usable even
@@ -287,11 +290,12 @@ def split_documents(docs: list[str], seed: int) -> dict[str, list[str]]:
     """
     docs = sorted(set(docs))  # dedupe; sorted so the shuffle is input-order independent
     random.Random(seed).shuffle(docs)
-    budget = HELDOUT_FRACTION * sum(len(d.encode()) for d in docs)
+    total = sum(len(d.encode()) for d in docs)
+    budget = {"test": test_fraction * total, "validation": HELDOUT_FRACTION * total}
     splits: dict[str, list[str]] = {"test": [], "validation": [], "train": []}
     used = {"test": 0.0, "validation": 0.0}
     for doc in docs:
-        name = next((s for s in ("test", "validation") if used[s] < budget), "train")
+        name = next((s for s in ("test", "validation") if used[s] < budget[s]), "train")
         splits[name].append(doc)
         if name in used:
             used[name] += len(doc.encode())
@@ -306,9 +310,11 @@ def write_split(path: Path, docs: Iterable[str]) -> None:
         gz.write(data)
 
 
-def build(name: str, make_docs: Callable[[], list[str]], out_dir: Path) -> None:
+def build(
+    name: str, make_docs: Callable[[], list[str]], out_dir: Path, test_fraction: float = HELDOUT_FRACTION
+) -> None:
     docs = [d for d in make_docs() if d.strip()]
-    for split, split_docs in split_documents(docs, SEED).items():
+    for split, split_docs in split_documents(docs, SEED, test_fraction).items():
         write_split(out_dir / name / f"{split}.txt.gz", split_docs)
         n_bytes = sum(len(d.encode()) for d in split_docs)
         print(f"{name}/{split}: {len(split_docs)} docs, {n_bytes / 1e6:.2f} MB")
@@ -317,9 +323,17 @@ def build(name: str, make_docs: Callable[[], list[str]], out_dir: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=OUT_DIR)
+    ap.add_argument("--only", nargs="*", default=None, help="corpora to build (default: all)")
+    ap.add_argument(
+        "--pkg-root", type=Path, default=Path("/"),
+        help="where the Debian packages of the extra domains are (/ if installed, or a `dpkg -x` dir)",
+    )  # fmt: skip
     args = ap.parse_args()
-    build("wiki", wiki_documents, args.out)
-    build("web", web_documents, args.out)
+    builders: dict[str, Callable[[], list[str]]] = {"wiki": wiki_documents, "web": web_documents}
+    builders |= {name: partial(make, args.pkg_root) for name, make in DOMAIN_BUILDERS.items()}
+    for name, make_docs in builders.items():
+        if args.only is None or name in args.only:
+            build(name, make_docs, args.out, UNSEEN_TEST_FRACTION if name in UNSEEN else HELDOUT_FRACTION)
 
 
 if __name__ == "__main__":

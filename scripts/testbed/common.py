@@ -13,7 +13,10 @@ REPO = Path(__file__).resolve().parents[2]
 BUNDLED = REPO / "src" / "moeprune" / "bundled"
 CORPORA_DIR = BUNDLED / "corpora"
 MODEL_DIR = BUNDLED / "model"
-CORPORA = ("wiki", "web")
+CORPORA = ("wiki", "web")  # the generic calibration corpora (and the tokenizer's training text)
+HELDOUT_DOMAINS = ("bible", "man", "glossary")  # trained on, never used for calibration
+UNSEEN_DOMAINS = ("devil",)  # never trained on, never used for calibration
+TRAIN_DOMAINS = CORPORA + HELDOUT_DOMAINS
 DOC_SEPARATOR = "\n\n\n"  # must match moeprune.bundled.DOC_SEPARATOR
 EOS_TOKEN = "<|endoftext|>"
 

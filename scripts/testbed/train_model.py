@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import BUNDLED, CORPORA, MODEL_DIR, REPO, read_corpus
+from common import BUNDLED, MODEL_DIR, REPO, TRAIN_DOMAINS, UNSEEN_DOMAINS, read_corpus
 from transformers import AutoTokenizer, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 log = logging.getLogger("train_model")
@@ -74,17 +74,19 @@ def tokenize_split(tokenizer: AutoTokenizer, name: str, split: str) -> torch.Ten
 
 @dataclass
 class Batcher:
-    """Random windows, half of each batch from each corpus (so both are learned evenly)."""
+    """Random windows, the domains taking turns row by row (so all are learned evenly)."""
 
     streams: list[torch.Tensor]
     seq_len: int
     batch_size: int
     generator: torch.Generator
+    rows_drawn: int = 0
 
     def next(self) -> torch.Tensor:
         rows = []
-        for i in range(self.batch_size):
-            stream = self.streams[i % len(self.streams)]
+        for _ in range(self.batch_size):
+            stream = self.streams[self.rows_drawn % len(self.streams)]
+            self.rows_drawn += 1
             hi = len(stream) - self.seq_len - 1
             start = int(torch.randint(0, hi, (1,), generator=self.generator))
             rows.append(stream[start : start + self.seq_len + 1])
@@ -144,13 +146,18 @@ def save_fp16(model: Qwen2MoeForCausalLM, tokenizer: AutoTokenizer, out: Path) -
 
 def train(args: argparse.Namespace) -> dict[str, object]:
     torch.manual_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.out)
-    train_streams = [tokenize_split(tokenizer, name, "train") for name in CORPORA]
-    val_streams = {name: tokenize_split(tokenizer, name, "validation") for name in CORPORA}
-    log.info("train tokens per corpus: %s", {n: len(s) for n, s in zip(CORPORA, train_streams, strict=True)})
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    train_streams = [tokenize_split(tokenizer, name, "train") for name in args.domains]
+    # Validation also tracks the never-trained domains (the "unseen kind" of text).
+    val_streams = {name: tokenize_split(tokenizer, name, "validation") for name in args.domains + UNSEEN_DOMAINS}
+    log.info("train tokens per domain: %s", {n: len(s) for n, s in zip(args.domains, train_streams, strict=True)})
 
     config = build_config(len(tokenizer), tokenizer.eos_token_id)
     model = Qwen2MoeForCausalLM(config)
+    if args.init:  # continue from an earlier model (same architecture and tokenizer)
+        init = Qwen2MoeForCausalLM.from_pretrained(args.init, dtype=torch.float32)
+        model.load_state_dict(init.state_dict())
+        log.info("initialised from %s", args.init)
     log.info("parameters: %d", sum(p.numel() for p in model.parameters()))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     batcher = Batcher(train_streams, args.seq_len, args.batch_size, torch.Generator().manual_seed(args.seed))
@@ -188,12 +195,26 @@ def train(args: argparse.Namespace) -> dict[str, object]:
             )  # fmt: skip
         if time.monotonic() - last_ckpt >= args.ckpt_minutes * 60:
             save_fp16(model, tokenizer, args.out)
-            log.info("checkpoint at step %d; val ce %s", step, evaluate(model, val_streams, args.seq_len))
+            summary = _summary(args, model, step, start, ce_ema, evaluate(model, val_streams, args.seq_len))
+            args.summary.write_text(json.dumps(summary, indent=2) + "\n")  # an early stop keeps it
+            log.info("checkpoint at step %d; val ce %s", step, summary["val_ce"])
             last_ckpt = time.monotonic()
 
     save_fp16(model, tokenizer, args.out)
-    val = evaluate(model, val_streams, args.seq_len)
-    summary = {
+    summary = _summary(args, model, step, start, ce_ema, evaluate(model, val_streams, args.seq_len))
+    log.info("done: %s", summary)
+    return summary
+
+
+def _summary(
+    args: argparse.Namespace,
+    model: Qwen2MoeForCausalLM,
+    step: int,
+    start: float,
+    ce_ema: float | None,
+    val: dict[str, float],
+) -> dict[str, object]:
+    return {
         "steps": step,
         "tokens": step * args.batch_size * args.seq_len,
         "minutes": round((time.monotonic() - start) / 60, 2),
@@ -202,8 +223,6 @@ def train(args: argparse.Namespace) -> dict[str, object]:
         "parameters": sum(p.numel() for p in model.parameters()),
         "recipe": {k: _portable(v) for k, v in vars(args).items()},
     }
-    log.info("done: %s", summary)
-    return summary
 
 
 def _portable(value: object) -> object:
@@ -215,7 +234,10 @@ def _portable(value: object) -> object:
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=MODEL_DIR, help="holds the tokenizer; model is saved here")
+    ap.add_argument("--out", type=Path, default=MODEL_DIR, help="the model (and tokenizer) is saved here")
+    ap.add_argument("--tokenizer", type=Path, default=MODEL_DIR, help="train_tokenizer.py's output")
+    ap.add_argument("--init", type=Path, default=None, help="start from this model's weights")
+    ap.add_argument("--domains", nargs="+", default=list(TRAIN_DOMAINS), help="corpora whose train split is used")
     ap.add_argument("--max-minutes", type=float, default=25.0)
     ap.add_argument("--steps", type=int, default=0, help="fixed step count (0: time-boxed schedule)")
     ap.add_argument("--seq-len", type=int, default=256)
@@ -229,7 +251,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--summary", type=Path, default=BUNDLED / "training.json")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=2)
-    return ap.parse_args()
+    args = ap.parse_args()
+    args.domains = tuple(args.domains)
+    return args
 
 
 def main() -> None:
@@ -241,6 +265,7 @@ def main() -> None:
     )
     torch.set_num_threads(args.threads)
     summary = train(args)
+    args.summary.parent.mkdir(parents=True, exist_ok=True)
     args.summary.write_text(json.dumps(summary, indent=2) + "\n")
 
 

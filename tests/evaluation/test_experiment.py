@@ -210,8 +210,10 @@ def test_cli_options_follow_preset(tiny_checkpoint):
                 seq_len=None, ppl=None, ppl_seq_len=None, tasks=None, limit=None, out="x", dtype="auto",
                 device=None, trust_remote_code=False)
     bundled = experiment_options(argparse.Namespace(**base))
-    assert bundled["corpora"] == ("wiki", "web") and bundled["ppl_datasets"] == ("wiki", "web")
-    assert bundled["tasks"] == ["bundled"] and len(bundled["seeds"]) >= 6 and bundled["samples"] == 128
+    # calibration on the two generic corpora only; perplexity also on every domain calibration never sees
+    assert bundled["corpora"] == ("wiki", "web")
+    assert bundled["ppl_datasets"] == ("wiki", "web", "bible", "man", "glossary", "devil")
+    assert bundled["tasks"] == ["heldout"] and len(bundled["seeds"]) >= 6 and bundled["samples"] == 128
     paper = experiment_options(argparse.Namespace(**{**base, "model": str(tiny_checkpoint), "samples": 8}))
     assert paper["seeds"] == (0, 1, 2, 3, 4, 42) and paper["tasks"] is None and paper["samples"] == 8
     assert paper["corpora"] == ("wikitext2", "c4") and paper["reconstruction"]["samples"] == 128

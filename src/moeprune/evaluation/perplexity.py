@@ -22,7 +22,9 @@ import torch.nn.functional as F
 
 from moeprune.errors import MoePruneError
 
-PPL_DATASETS: tuple[str, ...] = ("wikitext2", "c4", "wiki", "web")
+# The bundled testbed's domains: calibration corpora, held-out domains, the never-trained one.
+BUNDLED_PPL_DATASETS: tuple[str, ...] = ("wiki", "web", "bible", "man", "glossary", "devil")
+PPL_DATASETS: tuple[str, ...] = ("wikitext2", "c4", *BUNDLED_PPL_DATASETS)
 C4_DOCUMENTS = 1100  # Wanda/SparseGPT: the first 1100 validation documents ...
 C4_WINDOWS = 256  # ... and only the first 256 * seq_len tokens of them
 C4_SHARD = "en/c4-validation.00000-of-00008.json.gz"
@@ -34,8 +36,10 @@ PROTOCOLS = {
         f"allenai/c4 en validation shard 00000-of-00008, first {C4_DOCUMENTS} documents joined with ' ', "
         f"tokenised once, first {C4_WINDOWS} x seq_len tokens"
     ),
-    "wiki": "moeprune bundled 'wiki' corpus, test split, documents joined with '\\n\\n', tokenised once",
-    "web": "moeprune bundled 'web' corpus, test split, documents joined with '\\n\\n', tokenised once",
+    **{
+        name: f"moeprune bundled {name!r} corpus, test split, documents joined with '\\n\\n', tokenised once"
+        for name in BUNDLED_PPL_DATASETS
+    },
     "file": "local text file, read as is, tokenised once",
 }
 WINDOWING = (
@@ -155,7 +159,7 @@ def load_eval_text(dataset: str, sources: Mapping[str, str | Path] | None = None
         return dataset, "\n\n".join(_hub_rows(dataset)), PROTOCOLS[dataset]
     if dataset == "c4":
         return dataset, " ".join(_hub_rows(dataset)[:C4_DOCUMENTS]), PROTOCOLS[dataset]
-    if dataset in ("wiki", "web"):
+    if dataset in BUNDLED_PPL_DATASETS:
         from moeprune.bundled import read_bundled_corpus
 
         return dataset, "\n\n".join(read_bundled_corpus(dataset, "test")), PROTOCOLS[dataset]

@@ -45,6 +45,9 @@ TASK_NAMES = {
     "mmlu": "MMLU (5-shot)",
     "gsm8k": "GSM8K (5-shot)",
     "minerva_math500": "MATH-500 (4-shot)",
+    "heldout_order": "order",
+    "heldout_domain": "domain",
+    "heldout_cloze": "cloze",
 }
 AVERAGES = {"common_avg": "Common Avg ↑", "bundled_avg": "Bundled Avg ↑"}
 CLAMPED = "†"  # marks TB-Coverage rows whose B >= K (round-robin alone, candidate unused)
@@ -356,9 +359,32 @@ def render_report(
             "B used: B asked, clamped to K; `auto` picks B per ratio by held-out NLL on the calibration corpora "
             "(never evaluation data; the tried budgets and scores are in the mask's `extra.auto_budget`).",
         ]
+    parts += _coverage_section(cells, settings)
     if images:
         parts += ["## Plots", "\n".join(f"![{name}]({path})" for name, path in images.items())]
     return "\n\n".join(parts) + "\n"
+
+
+def _coverage_section(cells: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]) -> list[str]:
+    """Perplexity on the domains calibration never saw, as a ratio to dense (see evaluation/coverage.py)."""
+    from moeprune.evaluation.coverage import coverage_table, wins_against_seeds
+
+    calibration = settings.get("calibration", {}).get("corpora", [])
+    table = coverage_table(cells, calibration)
+    if not table:
+        return []
+    wins = wins_against_seeds(cells, calibration, "tb-coverage")
+    note = (
+        "Each entry is the pruned model's perplexity on a domain that calibration never used, divided by the "
+        "dense model's (1.000 = nothing lost); worst and mean over those domains."
+    )
+    if wins:
+        note += (
+            " TB-Coverage's worst-domain ratio is lower than that many random seeds: "
+            + ", ".join(f"{100 * r:.0f}% {w}" for r, w in sorted(wins.items(), reverse=True))
+            + "."
+        )
+    return ["## Unseen-domain coverage", table, note]
 
 
 def _settings_text(settings: Mapping[str, Any]) -> str:

@@ -47,8 +47,9 @@ def default_ppl_datasets(model: Any, datasets: Sequence[str] | None) -> list[str
     if datasets is not None:
         return list(datasets)
     from moeprune.api import is_bundled
+    from moeprune.evaluation.perplexity import BUNDLED_PPL_DATASETS
 
-    return ["wiki", "web"] if is_bundled(model) else ["wikitext2", "c4"]
+    return list(BUNDLED_PPL_DATASETS) if is_bundled(model) else ["wikitext2", "c4"]
 
 
 def _preset_seq_len(model: Any) -> int | None:

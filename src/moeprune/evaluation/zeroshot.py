@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from moeprune.errors import MoePruneError
-from moeprune.evaluation.tasks import BUNDLED_TASKS, TASKS_DIR
+from moeprune.evaluation.tasks import BUNDLED_TASKS, HELDOUT_TASKS, TASKS_DIR
 
 COMMON_TASKS: tuple[str, ...] = ("arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande", "boolq")
 # The paper's stress tests: MMLU (5-shot, lm-eval's `mmlu` group, acc weighted by subtask size), GSM8K
@@ -53,9 +53,18 @@ REPORT_METRIC: dict[str, str] = {
     "mmlu": "acc",
     "gsm8k": "exact_match@strict-match",
     "minerva_math500": "exact_match",
+    # Held-out-domain tasks: a minimal pair (same words) is scored by summed log-likelihood, as BLiMP.
+    "heldout_order": "acc",
+    "heldout_domain": "acc_mutual_info",  # log P(choice | passage) - log P(choice): see build_heldout.py
+    "heldout_cloze": "acc",
 }
 # Names that expand to several tasks (``--tasks common,bundled``).
-TASK_PRESETS: dict[str, tuple[str, ...]] = {"common": COMMON_TASKS, "bundled": BUNDLED_TASKS, "stress": STRESS_TASKS}
+TASK_PRESETS: dict[str, tuple[str, ...]] = {
+    "common": COMMON_TASKS,
+    "bundled": BUNDLED_TASKS,
+    "heldout": HELDOUT_TASKS,
+    "stress": STRESS_TASKS,
+}
 
 
 _AUTO_BATCH = re.compile(r"auto(:[1-9][0-9]*)?")
@@ -256,5 +265,11 @@ def common_avg(per_task: dict[str, dict[str, Any]]) -> tuple[float | None, dict[
 
 
 def bundled_avg(per_task: dict[str, dict[str, Any]]) -> float | None:
-    """Bundled Avg: mean acc_norm over the three offline bundled tasks (None unless all three ran)."""
-    return _mean_over(per_task, BUNDLED_TASKS)[0]
+    """Bundled Avg: the mean over the testbed's offline tasks: the held-out-domain tasks (``heldout``, what
+    the bundled experiment preset runs) when all of them ran, else the three continuation tasks
+    (``bundled``) when all of those ran, else None."""
+    for tasks in (HELDOUT_TASKS, BUNDLED_TASKS):
+        average = _mean_over(per_task, tasks)[0]
+        if average is not None:
+            return average
+    return None
