@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,9 +150,10 @@ def build_all() -> dict[str, list[dict]]:
     return tasks
 
 
-def write_all(out_dir: Path = TASKS_DIR) -> dict[str, int]:
+def write_all(out_dir: Path = TASKS_DIR, build: Callable[[], dict[str, list[dict]]] | None = None) -> dict[str, int]:
+    """Write each task's items as ``<task>.jsonl`` (``build`` defaults to this module's tasks)."""
     sizes = {}
-    for task, items in build_all().items():
+    for task, items in (build or build_all)().items():
         lines = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items)
         (out_dir / f"{task}.jsonl").write_text(lines, encoding="utf-8")
         sizes[task] = len(items)

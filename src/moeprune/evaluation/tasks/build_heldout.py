@@ -27,7 +27,6 @@ byte-identical for the same corpora.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import Counter
@@ -35,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moeprune.bundled import HELDOUT_DOMAINS, UNSEEN_DOMAINS, read_bundled_corpus
-from moeprune.evaluation.tasks import HELDOUT_BUILT
+from moeprune.evaluation.tasks import HELDOUT_BUILT, build
 
 TASKS_DIR = Path(__file__).resolve().parent
 SEED = 20261130
@@ -202,12 +201,7 @@ def build_all() -> dict[str, list[dict]]:
 
 
 def write_all(out_dir: Path = TASKS_DIR) -> dict[str, int]:
-    sizes = {}
-    for task, items in build_all().items():
-        lines = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items)
-        (out_dir / f"{task}.jsonl").write_text(lines, encoding="utf-8")
-        sizes[task] = len(items)
-    return sizes
+    return build.write_all(out_dir, build_all)
 
 
 if __name__ == "__main__":
