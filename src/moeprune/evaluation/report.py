@@ -234,7 +234,10 @@ def common_avg_note(cells: Sequence[Mapping[str, Any]]) -> str:
     elif any(t in COMMON_SIX for t in used):
         lines.append("Common Avg: not reported, since not all six of its tasks were evaluated.")
     if _has(cells, "bundled_avg"):
-        lines.append("Bundled Avg: the mean over the three offline bundled tasks (not the paper's Common Avg).")
+        lines.append(
+            "Bundled Avg: the mean over the testbed's offline tasks (the heldout tasks when they ran, else the three "
+            "continuation tasks; not the paper's Common Avg)."
+        )
     return " ".join(lines)
 
 
