@@ -31,7 +31,7 @@ from functools import partial
 from html.parser import HTMLParser
 from pathlib import Path
 
-from domains import DOMAIN_BUILDERS
+from domains import DOMAIN_BUILDERS, chunk
 
 REPO = Path(__file__).resolve().parents[2]
 OUT_DIR = REPO / "src" / "moeprune" / "bundled" / "corpora"
@@ -188,18 +188,8 @@ def pydoc_documents() -> list[str]:
             text = clean_rst(path.read_text(encoding="utf-8"))
             # Long pages are split at blank-line boundaries into ~8 kB documents so a
             # few huge pages cannot dominate one split.
-            docs += [d for d in _chunk(text, 8000) if len(d) >= 300]
+            docs += [d for d in chunk(text, 8000) if len(d) >= 300]
     return docs
-
-
-def _chunk(text: str, max_chars: int) -> list[str]:
-    chunks, cur = [], ""
-    for para in text.split("\n\n"):
-        if cur and len(cur) + len(para) > max_chars:
-            chunks.append(cur)
-            cur = ""
-        cur = f"{cur}\n\n{para}" if cur else para
-    return chunks + ([cur] if cur else [])
 
 
 class _HandbookText(HTMLParser):
