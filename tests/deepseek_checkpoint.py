@@ -34,13 +34,15 @@ AUTO_MAP = {
 }
 
 
-# deepseek-ai/deepseek-moe-16b-base's config.json, every field as published.
+# deepseek-ai/deepseek-moe-16b-base's config.json, every field as published. Checked against a verbatim paste
+# of the file (BudEcosystem/simulator BudSimulator/model_param_test.py @ f4880392a257, keys and values), which
+# has no aux_loss_alpha and no seq_aux: they come from configuration_deepseek.py's defaults (0.001, True).
+# See tests/test_published_configs.py and docs/benchmarks.md ("Which config values were checked").
 DEEPSEEK_MOE_16B_CONFIG = {
     "architectures": ["DeepseekForCausalLM"],
     "attention_bias": False,
     "attention_dropout": 0.0,
     "auto_map": AUTO_MAP,
-    "aux_loss_alpha": 0.001,
     "bos_token_id": 100000,
     "eos_token_id": 100001,
     "first_k_dense_replace": 1,
@@ -64,7 +66,6 @@ DEEPSEEK_MOE_16B_CONFIG = {
     "rope_scaling": None,
     "rope_theta": 10000,
     "scoring_func": "softmax",
-    "seq_aux": True,
     "tie_word_embeddings": False,
     "torch_dtype": "bfloat16",
     "transformers_version": "4.36.0",

@@ -57,6 +57,20 @@ QWEN15_MOE_A27B_CHAT_GPTQ_INT4 = {
 # torch_dtype and transformers_version of the base file were found in no stored copy.
 BASE_ONLY_FIELDS = {"eos_token_id", "max_position_embeddings", "torch_dtype", "transformers_version"}
 
+# The keys of deepseek-ai/deepseek-moe-16b-base's config.json, from a verbatim paste of that file (auto_map,
+# torch_dtype and transformers_version 4.36.0 included) in BudEcosystem/simulator
+# BudSimulator/model_param_test.py @ f4880392a25783611a749ed6fe87170708879f8f (test_deepseek_v3_counting);
+# every value there equals DEEPSEEK_MOE_16B_CONFIG's. The file has no aux_loss_alpha and no seq_aux: those
+# come from configuration_deepseek.py's defaults (0.001, True).
+PUBLISHED_16B_KEYS = {
+    "architectures", "attention_bias", "attention_dropout", "auto_map", "bos_token_id", "eos_token_id",
+    "first_k_dense_replace", "hidden_act", "hidden_size", "initializer_range", "intermediate_size",
+    "max_position_embeddings", "model_type", "moe_intermediate_size", "moe_layer_freq", "n_routed_experts",
+    "n_shared_experts", "norm_topk_prob", "num_attention_heads", "num_experts_per_tok", "num_hidden_layers",
+    "num_key_value_heads", "pretraining_tp", "rms_norm_eps", "rope_scaling", "rope_theta", "scoring_func",
+    "tie_word_embeddings", "torch_dtype", "transformers_version", "use_cache", "vocab_size",
+}  # fmt: skip
+
 # The defaults of the hub's configuration_deepseek.py (DeepseekConfig.__init__, "lines 107-149"), as quoted
 # by a stored analysis of deepseek-ai/DeepSeek-MoE (code-search index file id 42455407270). The port's
 # DeepseekConfig must have the same defaults: a config.json that omits a field means the default.
@@ -110,6 +124,11 @@ def test_qwen_window_fields_do_not_change_the_model_transformers_builds() -> Non
     assert config.layer_types == ["full_attention"] * 24
     assert config.mlp_only_layers == [] and config.decoder_sparse_step == 1
     assert config.rope_parameters["rope_theta"] == 1_000_000.0
+
+
+def test_deepseek_16b_config_has_exactly_the_published_keys() -> None:
+    """A key the real file lacks (aux_loss_alpha, seq_aux were here) would let a reader that needs it pass."""
+    assert set(DEEPSEEK_MOE_16B_CONFIG) == PUBLISHED_16B_KEYS
 
 
 def test_the_two_deepseek_16b_configs_are_the_same() -> None:
