@@ -42,7 +42,11 @@ from pathlib import Path
 from typing import Any
 
 # Qwen/Qwen1.5-MoE-A2.7B config.json, every field as published
-# (https://huggingface.co/Qwen/Qwen1.5-MoE-A2.7B/blob/main/config.json).
+# (https://huggingface.co/Qwen/Qwen1.5-MoE-A2.7B/blob/main/config.json). No copy of this file was found offline;
+# every field but eos_token_id, max_position_embeddings, torch_dtype and transformers_version equals the
+# published config.json of its sibling Qwen1.5-MoE-A2.7B-Chat-GPTQ-Int4 (max_window_layers, sliding_window,
+# use_sliding_window, router_aux_loss_coef included), and max_position_embeddings 8192 matches a table citing the
+# base file; tests/test_published_configs.py checks this, docs/benchmarks.md lists the sources.
 QWEN15_MOE_A27B: dict[str, Any] = {
     "architectures": ["Qwen2MoeForCausalLM"],
     "attention_dropout": 0.0,
@@ -80,11 +84,12 @@ QWEN15_MOE_A27B: dict[str, Any] = {
 # deepseek-ai/deepseek-moe-16b-base config.json as published
 # (https://huggingface.co/deepseek-ai/deepseek-moe-16b-base/blob/main/config.json), without its auto_map:
 # the folder written here has no remote code, and moeprune loads model_type deepseek through its own port.
+# Checked key for key against a verbatim paste of the file (BudEcosystem/simulator
+# BudSimulator/model_param_test.py @ f4880392a257): it has no aux_loss_alpha/seq_aux (defaults 0.001/True).
 DEEPSEEK_MOE_16B: dict[str, Any] = {
     "architectures": ["DeepseekForCausalLM"],
     "attention_bias": False,
     "attention_dropout": 0.0,
-    "aux_loss_alpha": 0.001,
     "bos_token_id": 100000,
     "eos_token_id": 100001,
     "first_k_dense_replace": 1,
@@ -108,7 +113,6 @@ DEEPSEEK_MOE_16B: dict[str, Any] = {
     "rope_scaling": None,
     "rope_theta": 10000,
     "scoring_func": "softmax",
-    "seq_aux": True,
     "tie_word_embeddings": False,
     "torch_dtype": "bfloat16",
     "transformers_version": "4.36.0",

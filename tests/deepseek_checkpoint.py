@@ -34,13 +34,15 @@ AUTO_MAP = {
 }
 
 
-# deepseek-ai/deepseek-moe-16b-base's config.json, every field as published.
+# deepseek-ai/deepseek-moe-16b-base's config.json, every field as published. Checked against a verbatim paste
+# of the file (BudEcosystem/simulator BudSimulator/model_param_test.py @ f4880392a257, keys and values), which
+# has no aux_loss_alpha and no seq_aux: they come from configuration_deepseek.py's defaults (0.001, True).
+# See tests/test_published_configs.py and docs/benchmarks.md ("Which config values were checked").
 DEEPSEEK_MOE_16B_CONFIG = {
     "architectures": ["DeepseekForCausalLM"],
     "attention_bias": False,
     "attention_dropout": 0.0,
     "auto_map": AUTO_MAP,
-    "aux_loss_alpha": 0.001,
     "bos_token_id": 100000,
     "eos_token_id": 100001,
     "first_k_dense_replace": 1,
@@ -64,7 +66,6 @@ DEEPSEEK_MOE_16B_CONFIG = {
     "rope_scaling": None,
     "rope_theta": 10000,
     "scoring_func": "softmax",
-    "seq_aux": True,
     "tie_word_embeddings": False,
     "torch_dtype": "bfloat16",
     "transformers_version": "4.36.0",
@@ -149,8 +150,8 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _swiglu(x: torch.Tensor, state: dict, prefix: str) -> torch.Tensor:
-    gate, up = x @ state[f"{prefix}.gate_proj.weight"].T, x @ state[f"{prefix}.up_proj.weight"].T
-    return (F.silu(gate) * up) @ state[f"{prefix}.down_proj.weight"].T
+    gate, up = F.linear(x, state[f"{prefix}.gate_proj.weight"]), F.linear(x, state[f"{prefix}.up_proj.weight"])
+    return F.linear(F.silu(gate) * up, state[f"{prefix}.down_proj.weight"])
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -190,6 +191,30 @@ def _moe(x: torch.Tensor, state: dict, prefix: str, config: dict, kept: list[int
     outputs = torch.stack([_swiglu(x, state, f"{prefix}.experts.{e}") for e in experts], dim=-2)  # [B, S, K, H]
     chosen = outputs.gather(-2, slots[..., None].expand(*slots.shape, x.shape[-1]))
     return (weights[..., None] * chosen).sum(-2) + _swiglu(x, state, f"{prefix}.shared_experts")
+
+
+@torch.no_grad()
+def moe_block_reference(x: torch.Tensor, state: dict, prefix: str, config: dict) -> torch.Tensor:
+    """One MoE block with the hub code's inference arithmetic, in ``x``'s dtype throughout (bf16 included).
+
+    As the hub's ``MoEGate`` and ``DeepseekMoE.moe_infer`` (4.36-era modeling_deepseek.py) do it: router
+    logits and their softmax in the input dtype (no float32 upcast), greedy top-k, optional renormalisation;
+    each routed expert's output times its weight, added into a zero tensor one expert at a time in ascending
+    id order; the shared experts added last. Equal to the port bit for bit, so a change of accumulation
+    dtype or summation order in the port shows here.
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    scores = F.linear(flat, state[f"{prefix}.gate.weight"]).softmax(dim=-1)
+    weights, slots = torch.topk(scores, config["num_experts_per_tok"], dim=-1, sorted=False)
+    if config["norm_topk_prob"] and config["num_experts_per_tok"] > 1:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    routed = torch.zeros_like(flat)
+    for expert in range(config["n_routed_experts"]):
+        rows, slot = (slots == expert).nonzero(as_tuple=True)
+        if rows.numel():
+            out = _swiglu(flat[rows], state, f"{prefix}.experts.{expert}") * weights[rows, slot, None]
+            routed[rows] = routed[rows] + out  # each token at most once per expert
+    return routed.view_as(x) + _swiglu(x, state, f"{prefix}.shared_experts")
 
 
 @torch.no_grad()

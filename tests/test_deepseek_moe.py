@@ -24,6 +24,7 @@ from tests.deepseek_checkpoint import (
     DEEPSEEK_MOE_16B_CONFIG,
     REMOTE_FILES,
     hub_config,
+    moe_block_reference,
     random_state,
     reference_logits,
     write_checkpoint,
@@ -95,6 +96,37 @@ def test_loads_identically_twice(hub_folder) -> None:
     expected = 1.0 / (config["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim))
     for model in (first, second):  # the hub code left this buffer uninitialised on transformers 5
         assert torch.allclose(model.model.rotary_emb.inv_freq, expected)
+
+
+@pytest.mark.parametrize("norm_topk_prob", [False, True])
+def test_bf16_moe_block_is_the_hub_arithmetic_bit_for_bit(tmp_path, norm_topk_prob: bool) -> None:
+    """In bf16 the hub code weights and sums the routed experts' outputs in bf16, expert by expert; the port
+    must do the same (an fp32 accumulator, tried, changes bits; a bf16 softmax equals the fp32 softmax
+    rounded once to bf16 on the CPU, so the softmax dtype is not what this pins)."""
+    config = hub_config(num_experts=16, top_k=6, norm_topk_prob=norm_topk_prob)
+    state = random_state(config, seed=3)
+    model = load_model(write_checkpoint(tmp_path / "bf16", config, state), dtype="bfloat16")
+    block = model.model.layers[1].mlp
+    x = torch.randn(2, 64, config["hidden_size"], generator=torch.Generator().manual_seed(4)).bfloat16()
+    bf16_state = {name: tensor.bfloat16() for name, tensor in state.items()}
+    with torch.no_grad():
+        assert torch.equal(block(x), moe_block_reference(x, bf16_state, "model.layers.1.mlp", config))
+
+
+def test_bf16_load_keeps_the_rope_frequencies_in_float32(hub_folder) -> None:
+    """The hub code computes cos/sin from float32 angles and rounds them once to the model dtype. A bf16
+    ``inv_freq`` (e.g. after ``model.to(torch.bfloat16)``) would round the angles instead: wrong by ~0.03 at
+    position 200 already."""
+    path, config, _ = hub_folder
+    model = load_model(path, dtype="bfloat16")
+    rotary = model.model.rotary_emb
+    assert rotary.inv_freq.dtype == torch.float32
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    inv_freq = 1.0 / (config["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = torch.outer(torch.arange(config["max_position_embeddings"]).float(), inv_freq)
+    cos, sin = rotary(torch.zeros(1, dtype=torch.bfloat16), torch.arange(config["max_position_embeddings"])[None])
+    assert torch.equal(cos[0], torch.cat((angles, angles), -1).cos().bfloat16())
+    assert torch.equal(sin[0], torch.cat((angles, angles), -1).sin().bfloat16())
 
 
 def test_inspect_with_trust_remote_code(hub_folder) -> None:
