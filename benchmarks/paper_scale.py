@@ -82,12 +82,17 @@ QWEN15_MOE_A27B: dict[str, Any] = {
 }
 
 # deepseek-ai/deepseek-moe-16b-base config.json as published
-# (https://huggingface.co/deepseek-ai/deepseek-moe-16b-base/blob/main/config.json), without its auto_map:
-# the folder written here has no remote code, and moeprune loads model_type deepseek through its own port.
+# (https://huggingface.co/deepseek-ai/deepseek-moe-16b-base/blob/main/config.json), every field.
 # Checked key for key against a verbatim paste of the file (BudEcosystem/simulator
 # BudSimulator/model_param_test.py @ f4880392a257): it has no aux_loss_alpha/seq_aux (defaults 0.001/True).
-DEEPSEEK_MOE_16B: dict[str, Any] = {
+# The tests build their tiny hub-format checkpoint from this same dict (tests/deepseek_checkpoint.py).
+DEEPSEEK_MOE_16B_PUBLISHED: dict[str, Any] = {
     "architectures": ["DeepseekForCausalLM"],
+    "auto_map": {
+        "AutoConfig": "configuration_deepseek.DeepseekConfig",
+        "AutoModel": "modeling_deepseek.DeepseekModel",
+        "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM",
+    },
     "attention_bias": False,
     "attention_dropout": 0.0,
     "bos_token_id": 100000,
@@ -119,6 +124,10 @@ DEEPSEEK_MOE_16B: dict[str, Any] = {
     "use_cache": True,
     "vocab_size": 102400,
 }
+
+# Without auto_map: the folder written here has no remote code, and moeprune loads model_type deepseek
+# through its own port.
+DEEPSEEK_MOE_16B = {k: v for k, v in DEEPSEEK_MOE_16B_PUBLISHED.items() if k != "auto_map"}
 
 MODELS = {"qwen1.5-moe-a2.7b": QWEN15_MOE_A27B, "deepseek-moe-16b": DEEPSEEK_MOE_16B}
 

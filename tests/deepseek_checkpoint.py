@@ -24,54 +24,16 @@ import torch
 from safetensors.torch import save_file
 from torch.nn import functional as F
 
+from benchmarks.paper_scale import DEEPSEEK_MOE_16B_PUBLISHED
+
 REMOTE_CODE_DIR = Path(__file__).parent / "remote_code"
 REMOTE_FILES = ("configuration_deepseek.py", "modeling_deepseek.py")
 
-AUTO_MAP = {
-    "AutoConfig": "configuration_deepseek.DeepseekConfig",
-    "AutoModel": "modeling_deepseek.DeepseekModel",
-    "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM",
-}
-
-
-# deepseek-ai/deepseek-moe-16b-base's config.json, every field as published. Checked against a verbatim paste
-# of the file (BudEcosystem/simulator BudSimulator/model_param_test.py @ f4880392a257, keys and values), which
-# has no aux_loss_alpha and no seq_aux: they come from configuration_deepseek.py's defaults (0.001, True).
-# See tests/test_published_configs.py and docs/benchmarks.md ("Which config values were checked").
-DEEPSEEK_MOE_16B_CONFIG = {
-    "architectures": ["DeepseekForCausalLM"],
-    "attention_bias": False,
-    "attention_dropout": 0.0,
-    "auto_map": AUTO_MAP,
-    "bos_token_id": 100000,
-    "eos_token_id": 100001,
-    "first_k_dense_replace": 1,
-    "hidden_act": "silu",
-    "hidden_size": 2048,
-    "initializer_range": 0.02,
-    "intermediate_size": 10944,
-    "max_position_embeddings": 4096,
-    "model_type": "deepseek",
-    "moe_intermediate_size": 1408,
-    "moe_layer_freq": 1,
-    "n_routed_experts": 64,
-    "n_shared_experts": 2,
-    "norm_topk_prob": False,
-    "num_attention_heads": 16,
-    "num_experts_per_tok": 6,
-    "num_hidden_layers": 28,
-    "num_key_value_heads": 16,
-    "pretraining_tp": 1,
-    "rms_norm_eps": 1e-06,
-    "rope_scaling": None,
-    "rope_theta": 10000,
-    "scoring_func": "softmax",
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "transformers_version": "4.36.0",
-    "use_cache": True,
-    "vocab_size": 102400,
-}
+# deepseek-ai/deepseek-moe-16b-base's config.json, every field as published (auto_map included): the one
+# copy lives with the paper-scale benchmark, which builds the full-width model from it. See
+# tests/test_published_configs.py and docs/benchmarks.md ("Which config values were checked").
+DEEPSEEK_MOE_16B_CONFIG = DEEPSEEK_MOE_16B_PUBLISHED
+AUTO_MAP = DEEPSEEK_MOE_16B_CONFIG["auto_map"]
 
 
 def hub_config(
