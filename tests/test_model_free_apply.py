@@ -76,3 +76,35 @@ def test_mask_for_another_model_is_refused(tmp_path):
     with pytest.raises(MoePruneError, match="16 experts per layer"):
         prune_checkpoint_files(tmp_path / "source", other, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_mask_of_another_config_is_refused_from_python_unless_forced(tmp_path):
+    # The same check as the CLI's: a mask planned for a model of the same shape but another config hash.
+    from moeprune.loading import config_hash
+
+    model = build_model("qwen2_moe")
+    model.save_pretrained(tmp_path / "source")
+    mask = _random_mask(model, 4)
+    other = build_model("qwen2_moe")
+    other.config.rms_norm_eps = 1e-3
+    mask.extra["config_hash"] = config_hash(other.config)
+    with pytest.raises(MoePruneError, match="config hash .*--force"):
+        prune_checkpoint_files(tmp_path / "source", mask, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    out = prune_checkpoint_files(tmp_path / "source", mask, tmp_path / "out", progress=False, force=True)
+    assert ExpertMask.load(out / "mask.json").extra["config_hash"] == mask.extra["config_hash"]
+    mask.extra["config_hash"] = config_hash(model.config)  # planned for this model: accepted without force
+    prune_checkpoint_files(tmp_path / "source", mask, tmp_path / "same", progress=False)
+
+
+def test_a_config_transformers_cannot_build_is_checked_without_its_hash_and_says_so(tmp_path, caplog):
+    model = build_model("qwen2_moe")
+    model.save_pretrained(tmp_path / "source")
+    config_file = tmp_path / "source" / "config.json"
+    # A model type this transformers does not know (remote code not trusted): only config.json's dict is read.
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "model_type": "not_in_transformers"}))
+    mask = _random_mask(model, 4)
+    mask.extra["config_hash"] = "0123456789abcdef"
+    with caplog.at_level("WARNING", logger="moeprune.validation"):
+        prune_checkpoint_files(tmp_path / "source", mask, tmp_path / "out", progress=False)
+    assert "config hash was not checked" in caplog.text

@@ -32,7 +32,7 @@ from moeprune.planning.mask import ExpertMask
 from moeprune.surgery.config_json import with_expert_count
 from moeprune.surgery.model_card import CardInfo, render_model_card
 from moeprune.surgery.shard_checks import check_source, check_written, expected_output
-from moeprune.validation import check_mask_for_config
+from moeprune.validation import check_mask_for_checkpoint
 
 EXPERT_KEY = re.compile(r"^(?P<head>.*\.layers\.(?P<layer>\d+)\.[^.]+\.experts)\.(?P<expert>\d+)\.(?P<rest>.+)$")
 FUSED_KEY = re.compile(r"^.*\.layers\.(?P<layer>\d+)\.[^.]+\.experts\.[^.]+$")
@@ -43,14 +43,25 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 def prune_checkpoint_files(
-    source: str | Path, mask: ExpertMask, out: str | Path, *, overwrite: bool = False, progress: bool = True
+    source: str | Path,
+    mask: ExpertMask,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    force: bool = False,
+    trust_remote_code: bool = False,
 ) -> Path:
-    """Write the pruned checkpoint of the local safetensors checkpoint ``source`` into ``out``."""
+    """Write the pruned checkpoint of the local safetensors checkpoint ``source`` into ``out``.
+
+    The mask gets the checks plain apply makes (expert count, config hash, top-k, routing groups); ``force``
+    accepts a mask planned for a model with another config hash (the CLI's ``--force``). ``trust_remote_code``
+    only lets transformers build a remote-code config to compute its hash; no model code is run."""
     source = Path(source)
     check_output_dir(out, sources=[source], overwrite=overwrite)
     shards = _shards(source)
+    check_mask_for_checkpoint(mask, source, force=force, trust_remote_code=trust_remote_code)
     config = json.loads((source / "config.json").read_text())
-    check_mask_for_config(mask, config)  # the checks plain apply makes: expert count, top-k, routing groups
     expected = expected_output(check_source(source, shards, mask), mask)  # from the headers, before writing
     with atomic_directory(out, overwrite=overwrite) as tmp:
         weight_map: dict[str, str] = {}
