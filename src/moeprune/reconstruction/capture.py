@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from torch import nn
 
 from moeprune.arch.view import moe_layers
 from moeprune.errors import MoePruneError
-from moeprune.io import write_json_atomic
+from moeprune.io import temp_file_beside, write_json_atomic
 from moeprune.loading import config_hash, model_name
 
 CAPTURE_FORMAT = "moeprune.reconstruction-inputs/2"
@@ -204,11 +203,10 @@ def _recorder(captured: dict[int, torch.Tensor], index: int):
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_file_beside(path)
     try:
-        save_file(tensors, tmp)
+        save_file(tensors, str(tmp))
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
