@@ -31,7 +31,7 @@ from torch import nn
 
 from moeprune.arch.view import moe_layers
 from moeprune.errors import MoePruneError
-from moeprune.io import temp_file_beside, write_json_atomic
+from moeprune.io import remove_orphan_temp_files, temp_file_beside, write_json_atomic
 from moeprune.loading import config_hash, model_name
 
 CAPTURE_FORMAT = "moeprune.reconstruction-inputs/2"
@@ -130,6 +130,7 @@ def _start(work: WorkDir, pending: dict[str, Any]) -> None:
     if work.pending_path.exists() and json.loads(work.pending_path.read_text()) != pending:
         shutil.rmtree(work.dir)
     work.dir.mkdir(parents=True, exist_ok=True)
+    remove_orphan_temp_files(work.dir)  # a killed capture's half-written batch (large): only dead writers' files
     write_json_atomic(work.pending_path, pending)
 
 

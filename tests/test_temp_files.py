@@ -1,4 +1,5 @@
-"""Profile folders have no lock: a profiling run deletes the temporary files of killed writers only.
+"""Folders without a lock (profiles, reconstruction captures): a run deletes the temporary files of killed
+writers only.
 
 Temporary files carry their writer's pid and host; a leftover of a SIGKILLed writer is removed by the next
 run, a live writer's file (another profiling run saving into the same folder right now) survives.
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from moeprune.cli import main
 from moeprune.io import TEMP_FILE_MAX_AGE_S, remove_orphan_temp_files, temp_file_beside
@@ -24,7 +26,7 @@ WRITER = """
 import os, signal, sys
 from pathlib import Path
 from moeprune.io import temp_file_beside
-tmp = temp_file_beside(Path(sys.argv[1]) / "wiki.safetensors")
+tmp = temp_file_beside(Path(sys.argv[1]) / sys.argv[3])
 tmp.write_bytes(b"x" * 4096)
 print(tmp, flush=True)
 if sys.argv[2] == "killed":
@@ -33,14 +35,14 @@ sys.stdin.read()
 """
 
 
-def _writer(folder: Path, fate: str) -> tuple[Path, subprocess.Popen]:
+def _writer(folder: Path, fate: str, name: str = "wiki.safetensors") -> tuple[Path, subprocess.Popen]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(folder), fate], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(folder), fate, name], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, env=env)
     path = Path(proc.stdout.readline().strip())
     if fate == "killed":
         assert proc.wait(timeout=60) == -signal.SIGKILL
-    assert path.name.startswith(".wiki.safetensors.") and path.exists()
+    assert path.name.startswith(f".{name}.") and path.exists()
     return path, proc
 
 
@@ -80,3 +82,17 @@ def test_unowned_or_foreign_temp_files_go_only_when_old(tmp_path):
         os.utime(path, (old, old))
     assert sorted(remove_orphan_temp_files(tmp_path)) == sorted([own, foreign, unnamed])
     assert folder.is_dir()
+
+
+def test_a_resumed_capture_removes_the_killed_captures_half_written_batch(tmp_path):
+    from moeprune.reconstruction import WorkDir, capture_moe_inputs
+    from tests.tiny_models import build_model
+
+    model = build_model("qwen2_moe")
+    work = WorkDir(tmp_path, "k")
+    work.dir.mkdir(parents=True)
+    killed, _ = _writer(work.dir, "killed", work.part_path(1).name)
+    tokens = torch.randint(3, model.config.vocab_size, (4, 8), generator=torch.Generator().manual_seed(0))
+    capture_moe_inputs(model, tokens, tmp_path, "k", batch_size=2, progress=False)
+    assert not killed.exists() and work.part_path(1).exists()
+    assert not list(work.dir.glob(".*.tmp"))
