@@ -38,13 +38,13 @@ from moeprune.surgery.model_card import CardInfo, render_model_card
 from moeprune.surgery.shard_checks import check_source, check_written, expected_output
 from moeprune.validation import check_mask_for_checkpoint
 
-_LAYER = r"^(?P<head>.*\.(?:" + "|".join(DECODER_LISTS) + r")\.(?P<layer>\d+)\.[^.]+\."
-EXPERT_KEY = re.compile(_LAYER + r"experts)\.(?P<expert>\d+)\.(?P<rest>.+)$")
+_BLOCK = r".*\.(?:" + "|".join(DECODER_LISTS) + r")\.(?P<layer>\d+)\.[^.]+\."  # ...layers.{i}.<block>.
+EXPERT_KEY = re.compile(r"^(?P<head>" + _BLOCK + r"experts)\.(?P<expert>\d+)\.(?P<rest>.+)$")
 # DBRX's expert matrices sit one module deeper (experts.mlp.w1), and its router linear inside the router
 # (router.layer); other routers with an inner linear also keep per-expert vectors this rule would miss.
-FUSED_KEY = re.compile(_LAYER + r"experts)\.(?:mlp\.)?[^.]+$")
+FUSED_KEY = re.compile(r"^" + _BLOCK + r"experts\.(?:mlp\.)?[^.]+$")
 ROUTER_KEY = re.compile(
-    _LAYER + r"(?:" + "|".join(ROUTER_ATTRS) + r"))(?:\.layer)?\.(?:weight|bias|e_score_correction_bias)$"
+    r"^" + _BLOCK + r"(?:" + "|".join(ROUTER_ATTRS) + r")(?:\.layer)?\.(?:weight|bias|e_score_correction_bias)$"
 )
 INDEX_FILE = "model.safetensors.index.json"
 
