@@ -273,7 +273,8 @@ def _run_apply(args: argparse.Namespace) -> None:
         source = Path(api.resolve_model_path(args.model))
         if not source.is_dir():
             raise MoePruneError(f"--model-free needs a local checkpoint directory; {source} is not one.")
-        out = prune_checkpoint_files(source, ExpertMask.load(args.mask), args.out, overwrite=args.overwrite)
+        out = prune_checkpoint_files(source, ExpertMask.load(args.mask), args.out, overwrite=args.overwrite,
+                                     force=args.force, trust_remote_code=args.trust_remote_code)
         print(f"pruned checkpoint written to {out} (model-free, shard by shard)")
         return
     out = api.apply(

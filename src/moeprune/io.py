@@ -4,7 +4,9 @@ A crash never leaves a half-written output behind: files and directories are wri
 temporary sibling and renamed into place. ``--overwrite`` swaps directories (old one renamed aside, new
 one renamed in, then the old one deleted), so a kill at any moment leaves either the old or the new output
 complete. A lock file beside the output refuses a second concurrent writer, and leftovers of killed runs
-(temporary and set-aside siblings) are cleaned by the next writer, which holds the lock.
+(temporary and set-aside siblings) are cleaned by the next writer, which holds the lock. Folders without a
+lock (a profile folder) are cleaned by owner instead: temporary files carry their writer's pid and host, so
+only files of writers that are gone are deleted (:func:`remove_orphan_temp_files`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +42,12 @@ ENVIRONMENT_ERRNOS = {
     errno.ENOTDIR: "a part of the path is a file, not a directory; choose another path",
     errno.EISDIR: "the path is a directory, not a file; choose a file name",
 }
+
+# A temporary file untouched this long belongs to no live writer, whoever wrote it (writers rewrite theirs
+# within seconds; this covers other hosts sharing the folder, and files named before writers were recorded).
+TEMP_FILE_MAX_AGE_S = 24 * 3600
+# ``.NAME.<pid>-<host>.XXXXXXXX.tmp``: the writer's pid, a hash of its host name, mkstemp's random part.
+_TEMP_OWNER = re.compile(r"\.(?P<pid>\d+)-(?P<host>[0-9a-f]{8})\.[a-z0-9_]{8}\.tmp$")
 
 _HELD_LOCKS: dict[Path, list[int]] = {}  # lock path -> [fd, depth]: re-entrant within this process
 
@@ -86,15 +96,63 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     path = Path(path)
     with environment_errors():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=sibling_prefix(path) + ".", suffix=".tmp")
+        tmp = temp_file_beside(path)
         try:
-            with os.fdopen(fd, "w") as handle:
+            with open(tmp, "w") as handle:
                 json.dump(obj, handle, indent=2, sort_keys=False)
                 handle.write("\n")
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
+
+
+# ------------------------------------------------------------------------------- temporary files
+def temp_file_beside(path: Path) -> Path:
+    """A new, empty hidden file beside ``path`` for an atomic write, named after its writer:
+    ``.NAME.<pid>-<host>.XXXXXXXX.tmp`` (30 bytes past the prefix, within :func:`sibling_prefix`'s margin)."""
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f"{sibling_prefix(path)}.{os.getpid()}-{_host_tag()}.", suffix=".tmp"
+    )
+    os.close(fd)
+    return Path(tmp)
+
+
+def remove_orphan_temp_files(folder: str | Path, max_age_s: float = TEMP_FILE_MAX_AGE_S) -> list[Path]:
+    """Delete the hidden ``.tmp`` files in ``folder`` that no live writer owns: written on this host by a
+    process that no longer runs, or (other hosts, unnamed writers) untouched for ``max_age_s``. Safe without
+    a lock: a live writer's file is never deleted. Folders (atomic directories) are left to their lock's holder.
+    Assumes the host name identifies the pid namespace (containers sharing a folder have their own names)."""
+    removed = []
+    for path in Path(folder).glob(".*.tmp"):
+        owner = _TEMP_OWNER.search(path.name)
+        try:
+            if not path.is_file():
+                continue
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:  # its writer renamed it into place meanwhile
+            continue
+        dead = owner is not None and owner["host"] == _host_tag() and not _pid_alive(int(owner["pid"]))
+        if dead or age > max_age_s:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a writer's pid: keep the file (the age rule still applies)
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 # ------------------------------------------------------------------------------------- output checks

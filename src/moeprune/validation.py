@@ -9,7 +9,9 @@ function the Python API calls (docs/errors.md lists the cases and their tests).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import logging
 import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -45,6 +47,8 @@ POSITIVE_FLAGS = (
     "limit",
 )
 NON_NEGATIVE_FLAGS = ("seed", "plan_seed", "protect_budget")
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -141,10 +145,28 @@ def _check_apply(args: argparse.Namespace) -> None:
     mask = load_mask(args.mask)
     if args.model_free:
         check_checkpoint_files(source)
-        config = _config_or_json(source, args.trust_remote_code)
+        check_mask_for_checkpoint(mask, source, force=args.force, trust_remote_code=args.trust_remote_code)
     else:
         config = check_model(args.model, args.trust_remote_code, weights=True)
-    check_mask_for_config(mask, config, force=args.force)
+        check_mask_for_config(mask, config, force=args.force)
+
+
+def check_mask_for_checkpoint(mask: Any, folder: str | Path, *, force: bool = False,
+                              trust_remote_code: bool = False) -> Any:
+    """Model-free apply's check of ``mask`` against the checkpoint in ``folder``, made without its weights (the
+    CLI and :func:`moeprune.surgery.shards.prune_checkpoint_files` both call it): :func:`check_mask_for_config`
+    on the config transformers builds from config.json, config hash included (``force`` skips it)."""
+    config = _config_or_json(Path(folder), trust_remote_code)
+    if isinstance(config, dict) and mask.extra.get("config_hash") and not force:
+        _warn_hash_unchecked(str(folder))
+    check_mask_for_config(mask, config, force=force)
+    return config
+
+
+@functools.cache  # once per folder: the CLI checks up front, then again where it writes
+def _warn_hash_unchecked(folder: str) -> None:
+    log.warning("The mask's config hash was not checked: transformers cannot build the config of %s without "
+                "--trust-remote-code (expert count, top-k and routing groups were checked).", folder)
 
 
 def _config_or_json(folder: Path, trust_remote_code: bool) -> Any:

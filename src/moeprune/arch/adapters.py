@@ -28,6 +28,8 @@ from moeprune.errors import MoePruneError
 NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "moe_topk", "moe_k", "top_k_experts", "top_k")
 BLOCK_ATTRS = ("mlp", "block_sparse_moe", "moe", "feed_forward", "mixer", "ffn")
+# Names of the base model's list of decoder layers (DBRX: transformer.blocks).
+DECODER_LISTS = ("layers", "blocks")
 ROUTER_ATTRS = ("gate", "router")
 # A router module without its own weight holds the [N, hidden] linear under one of these (dotted) names
 # (HunYuan gate.wg, AFMoE router.gate, LongCat router.classifier, Gemma 4 router.proj, ZAYA's router MLP).

@@ -16,7 +16,15 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from moeprune.arch.adapters import BLOCK_ATTRS, ROUTER_ATTRS, ROUTER_LINEARS, ArchSpec, config_value, spec_for
+from moeprune.arch.adapters import (
+    BLOCK_ATTRS,
+    DECODER_LISTS,
+    ROUTER_ATTRS,
+    ROUTER_LINEARS,
+    ArchSpec,
+    config_value,
+    spec_for,
+)
 from moeprune.errors import MoePruneError
 
 # (hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> routed output [T, H]
@@ -141,7 +149,7 @@ class MoELayer:
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's list of decoder layers (``model.model.layers`` for every supported architecture)."""
     base = getattr(model, "base_model", model)
-    for name in ("layers", "blocks"):  # DBRX names them blocks
+    for name in DECODER_LISTS:  # DBRX names them blocks
         layers = getattr(base, name, None)
         if isinstance(layers, nn.ModuleList):
             return layers

@@ -24,6 +24,7 @@ from moeprune.arch.view import moe_layers, top_k_of
 from moeprune.data.corpora import CorpusSpec, corpus_fingerprint
 from moeprune.data.sampling import calibration_windows
 from moeprune.errors import MoePruneError
+from moeprune.io import remove_orphan_temp_files
 from moeprune.loading import config_hash, model_name
 from moeprune.profiling.instrument import StatsRecorder
 from moeprune.profiling.stats import ExpertStats, Profile, check_one_model, finished_corpora
@@ -86,6 +87,9 @@ def profile_model(
     base_meta = {**model_meta(model), **_library_versions(), "settings": asdict(settings)}
     base_meta["tokenizer_sha256"] = tokenizer_fingerprint(tokenizer)
     check_one_model(out_dir, base_meta["config_hash"])
+    if _is_rank0() and out_dir.is_dir():
+        for path in remove_orphan_temp_files(out_dir):  # profile folders have no lock: only dead writers' files
+            _log(progress, f"removed {path.name}, left by a killed profiling run")
     limit = getattr(model.config, "max_position_embeddings", None)
     if isinstance(limit, int) and limit > 1 and settings.seq_len > limit:
         raise MoePruneError(

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from moeprune.errors import MoePruneError
-from moeprune.io import write_json_atomic
+from moeprune.io import temp_file_beside, write_json_atomic
 
 SUM_FIELDS = ("count", "gate_sum", "reap_sum", "norm_sum")
 PROFILE_FORMAT = "moeprune.profile/1"
@@ -98,15 +97,14 @@ class ExpertStats:
         """Write ``path`` (.safetensors) and its ``.json`` metadata, each atomically."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
+        tmp = temp_file_beside(path)  # named after this process: the next run can tell if its writer died
         try:
-            save_file(self.tensors(), tmp, metadata={"format": PROFILE_FORMAT})
+            save_file(self.tensors(), str(tmp), metadata={"format": PROFILE_FORMAT})
             # Metadata first: a .safetensors without its .json is treated as unfinished.
             write_json_atomic(path.with_suffix(".json"), {"format": PROFILE_FORMAT, **self.meta})
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
 
     @classmethod

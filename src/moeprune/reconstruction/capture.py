@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from torch import nn
 
 from moeprune.arch.view import moe_layers
 from moeprune.errors import MoePruneError
-from moeprune.io import write_json_atomic
+from moeprune.io import remove_orphan_temp_files, temp_file_beside, write_json_atomic
 from moeprune.loading import config_hash, model_name
 
 CAPTURE_FORMAT = "moeprune.reconstruction-inputs/2"
@@ -131,6 +130,7 @@ def _start(work: WorkDir, pending: dict[str, Any]) -> None:
     if work.pending_path.exists() and json.loads(work.pending_path.read_text()) != pending:
         shutil.rmtree(work.dir)
     work.dir.mkdir(parents=True, exist_ok=True)
+    remove_orphan_temp_files(work.dir)  # a killed capture's half-written batch (large): only dead writers' files
     write_json_atomic(work.pending_path, pending)
 
 
@@ -204,11 +204,10 @@ def _recorder(captured: dict[int, torch.Tensor], index: int):
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_file_beside(path)
     try:
-        save_file(tensors, tmp)
+        save_file(tensors, str(tmp))
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise

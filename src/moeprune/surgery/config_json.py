@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from moeprune.arch.adapters import NUM_EXPERTS_KEYS
+from moeprune.arch.adapters import ARCHITECTURES, NUM_EXPERTS_KEYS, config_value
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,20 @@ def pruned_config_json(source: dict[str, Any] | None, saved: dict[str, Any], num
 
 
 def with_expert_count(config: dict[str, Any], num_experts: int, kept: int) -> dict[str, Any]:
-    """``config`` with every expert-count key that reads N (the architecture's key and its aliases) set to K."""
+    """``config`` with every expert-count key that reads N (the architecture's key and its aliases) set to K;
+    a dotted key of the architecture table (DBRX ``ffn_config.moe_num_experts``) is set inside its nested dict."""
     edited = {key: kept for key in NUM_EXPERTS_KEYS if config.get(key) == num_experts}
-    return {**config, **edited}
+    config = {**config, **edited}
+    row = ARCHITECTURES.get(config.get("model_type"))
+    if row is not None and "." in row.num_experts_key and config_value(config, row.num_experts_key) == num_experts:
+        config = _with_nested(config, row.num_experts_key.split("."), kept)
+    return config
+
+
+def _with_nested(config: dict[str, Any], path: list[str], value: Any) -> dict[str, Any]:
+    """A copy of ``config`` with ``config[path[0]][path[1]]... = value`` (the source dicts are not edited)."""
+    head, *rest = path
+    return {**config, head: _with_nested(config[head], rest, value) if rest else value}
 
 
 def legacy_keys(config: dict[str, Any]) -> dict[str, Any]:

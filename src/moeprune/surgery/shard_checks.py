@@ -48,6 +48,12 @@ def check_source(folder: Path, shards: list[str], mask: ExpertMask) -> dict[str,
         for name, (_, shape) in shapes.items()
         if name.endswith(".weight") and (match := ROUTER_KEY.match(name)) and shape and shape[0] == mask.num_experts
     }
+    if not routers:
+        raise MoePruneError(
+            f"{folder} holds no router weight of {mask.num_experts} rows under a name model-free apply knows "
+            "(...layers.N.<block>.<gate|router>.weight): its architecture keeps its router elsewhere. Use plain "
+            "`moeprune apply` (without --model-free)."
+        )
     if routers != set(mask.layers):
         raise MoePruneError(
             f"The mask covers MoE layers {sorted(mask.layers)} but the checkpoint has routers of {mask.num_experts} "
@@ -78,9 +84,11 @@ def check_source(folder: Path, shards: list[str], mask: ExpertMask) -> dict[str,
     return shapes
 
 
-def expected_output(shapes: dict[str, tuple[str, tuple[int, ...]]], mask: ExpertMask) -> dict[str, tuple[int, ...]]:
-    """{name: shape} the pruned checkpoint must hold, derived from the source headers and the mask."""
-    from moeprune.surgery.shards import EXPERT_KEY, FUSED_KEY, ROUTER_KEY
+def expected_output(shapes: dict[str, tuple[str, tuple[int, ...]]], mask: ExpertMask,
+                    flat: bool = False) -> dict[str, tuple[int, ...]]:
+    """{name: shape} the pruned checkpoint must hold, derived from the source headers and the mask (``flat``:
+    expert tensors of DBRX's ``[N * I, H]`` layout)."""
+    from moeprune.surgery.shards import EXPERT_KEY, FUSED_KEY, ROUTER_KEY, sliced_shape
 
     out: dict[str, tuple[int, ...]] = {}
     for name, (_, shape) in shapes.items():
@@ -92,13 +100,15 @@ def expected_output(shapes: dict[str, tuple[str, tuple[int, ...]]], mask: Expert
             continue
         sliced = next((p.match(name) for p in (FUSED_KEY, ROUTER_KEY) if p.match(name)), None)
         if sliced and int(sliced["layer"]) in mask.layers:
-            if not shape or shape[0] != mask.num_experts:
+            new_shape = sliced_shape(shape, mask, flat)
+            if new_shape is None:
+                rows = f"a multiple of {mask.num_experts}" if flat else str(mask.num_experts)
                 raise MoePruneError(
                     f"Tensor {name} has shape {list(shape)}, but a routed-expert tensor of this MoE layer must have "
-                    f"{mask.num_experts} rows (the mask's expert count); the mask is for another model, or this "
+                    f"{rows} rows (the mask's expert count); the mask is for another model, or this "
                     "layout needs plain `moeprune apply`."
                 )
-            out[name] = (mask.kept_per_layer, *shape[1:])
+            out[name] = new_shape
             continue
         out[name] = shape
     return out

@@ -8,9 +8,13 @@ hold it. The rules are by tensor name, for the hub's layouts:
 - fused keys ``...layers.{i}.<block>.experts.<param>`` whose first dimension is N: rows sliced;
 - router keys ``...layers.{i}.<block>.<gate|router>.<weight|bias|e_score_correction_bias>`` whose first
   dimension is N: rows sliced;
+- DBRX (the ``flat`` layout of the architecture table): ``transformer.blocks.{i}.ffn.experts.mlp.<w1|v1|w2>``
+  ``[N * I, H]``, expert e owning rows ``e*I .. (e+1)*I - 1``: the kept experts' blocks of rows; its router
+  ``ffn.router.layer.weight`` ``[N, H]``: rows sliced;
 
-then the config's expert count and ``model.safetensors.index.json`` are rewritten. Other files
-(tokenizer, remote code, generation config) are copied as they are.
+then the config's expert count (at its dotted path for DBRX: ``ffn_config.moe_num_experts``) and
+``model.safetensors.index.json`` are rewritten. Other files (tokenizer, remote code, generation config) are
+copied as they are.
 """
 
 from __future__ import annotations
@@ -25,33 +29,48 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from moeprune.arch.adapters import ROUTER_ATTRS
+from moeprune.arch.adapters import DECODER_LISTS, ROUTER_ATTRS, spec_for
 from moeprune.errors import MoePruneError
 from moeprune.io import atomic_directory, check_output_dir
 from moeprune.planning.mask import ExpertMask
 from moeprune.surgery.config_json import with_expert_count
 from moeprune.surgery.model_card import CardInfo, render_model_card
 from moeprune.surgery.shard_checks import check_source, check_written, expected_output
-from moeprune.validation import check_mask_for_config
+from moeprune.validation import check_mask_for_checkpoint
 
-EXPERT_KEY = re.compile(r"^(?P<head>.*\.layers\.(?P<layer>\d+)\.[^.]+\.experts)\.(?P<expert>\d+)\.(?P<rest>.+)$")
-FUSED_KEY = re.compile(r"^.*\.layers\.(?P<layer>\d+)\.[^.]+\.experts\.[^.]+$")
+_BLOCK = r".*\.(?:" + "|".join(DECODER_LISTS) + r")\.(?P<layer>\d+)\.[^.]+\."  # ...layers.{i}.<block>.
+EXPERT_KEY = re.compile(r"^(?P<head>" + _BLOCK + r"experts)\.(?P<expert>\d+)\.(?P<rest>.+)$")
+# DBRX's expert matrices sit one module deeper (experts.mlp.w1), and its router linear inside the router
+# (router.layer); other routers with an inner linear also keep per-expert vectors this rule would miss.
+FUSED_KEY = re.compile(r"^" + _BLOCK + r"experts\.(?:mlp\.)?[^.]+$")
 ROUTER_KEY = re.compile(
-    r"^.*\.layers\.(?P<layer>\d+)\.[^.]+\.(?:" + "|".join(ROUTER_ATTRS) + r")\.(?:weight|bias|e_score_correction_bias)$"
+    r"^" + _BLOCK + r"(?:" + "|".join(ROUTER_ATTRS) + r")(?:\.layer)?\.(?:weight|bias|e_score_correction_bias)$"
 )
 INDEX_FILE = "model.safetensors.index.json"
 
 
 def prune_checkpoint_files(
-    source: str | Path, mask: ExpertMask, out: str | Path, *, overwrite: bool = False, progress: bool = True
+    source: str | Path,
+    mask: ExpertMask,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    force: bool = False,
+    trust_remote_code: bool = False,
 ) -> Path:
-    """Write the pruned checkpoint of the local safetensors checkpoint ``source`` into ``out``."""
+    """Write the pruned checkpoint of the local safetensors checkpoint ``source`` into ``out``.
+
+    The mask gets the checks plain apply makes (expert count, config hash, top-k, routing groups); ``force``
+    accepts a mask planned for a model with another config hash (the CLI's ``--force``). ``trust_remote_code``
+    only lets transformers build a remote-code config to compute its hash; no model code is run."""
     source = Path(source)
     check_output_dir(out, sources=[source], overwrite=overwrite)
     shards = _shards(source)
+    check_mask_for_checkpoint(mask, source, force=force, trust_remote_code=trust_remote_code)
     config = json.loads((source / "config.json").read_text())
-    check_mask_for_config(mask, config)  # the checks plain apply makes: expert count, top-k, routing groups
-    expected = expected_output(check_source(source, shards, mask), mask)  # from the headers, before writing
+    flat = spec_for(_Namespace(config)).layout == "flat"
+    expected = expected_output(check_source(source, shards, mask), mask, flat)  # from the headers, before writing
     with atomic_directory(out, overwrite=overwrite) as tmp:
         weight_map: dict[str, str] = {}
         total_size = 0
@@ -59,7 +78,7 @@ def prune_checkpoint_files(
         routers: set[int] = set()
         for shard in tqdm(shards, desc="prune shards", unit="shard", disable=not progress):
             params_before += _shard_numel(source / shard)
-            tensors = _pruned_shard(source / shard, mask, routers)
+            tensors = _pruned_shard(source / shard, mask, routers, flat)
             params_after += sum(t.numel() for t in tensors.values())
             save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
             weight_map.update({name: shard for name in tensors})
@@ -103,12 +122,12 @@ def _shards(source: Path) -> list[str]:
     )
 
 
-def _pruned_shard(path: Path, mask: ExpertMask, routers: set[int]) -> dict[str, torch.Tensor]:
+def _pruned_shard(path: Path, mask: ExpertMask, routers: set[int], flat: bool) -> dict[str, torch.Tensor]:
     """The shard's tensors after pruning; adds to ``routers`` the layers whose router rows were sliced."""
     out: dict[str, torch.Tensor] = {}
     with safe_open(str(path), framework="pt") as handle:
         for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
-            renamed = _prune_tensor(name, lambda n=name: handle.get_tensor(n), mask)
+            renamed = _prune_tensor(name, lambda n=name: handle.get_tensor(n), mask, flat)
             if renamed is None:
                 continue
             out[renamed[0]] = renamed[1].contiguous()
@@ -118,7 +137,7 @@ def _pruned_shard(path: Path, mask: ExpertMask, routers: set[int]) -> dict[str, 
     return out
 
 
-def _prune_tensor(name: str, load, mask: ExpertMask) -> tuple[str, torch.Tensor] | None:
+def _prune_tensor(name: str, load, mask: ExpertMask, flat: bool) -> tuple[str, torch.Tensor] | None:
     """The (new name, tensor) this tensor becomes, or None when it belongs to a removed expert."""
     match = EXPERT_KEY.match(name)
     if match and int(match["layer"]) in mask.layers:
@@ -131,10 +150,21 @@ def _prune_tensor(name: str, load, mask: ExpertMask) -> tuple[str, torch.Tensor]
         match = pattern.match(name)
         if match and int(match["layer"]) in mask.layers:
             tensor = load()
-            if tensor.dim() >= 1 and tensor.shape[0] == mask.num_experts:
-                return name, tensor[mask.kept(int(match["layer"]))]
-            return name, tensor
+            if sliced_shape(tuple(tensor.shape), mask, flat) is None:
+                return name, tensor  # not laid out per expert: expected_output has refused it already
+            # [N * rows, ...] as [N, rows, ...] (rows = 1 unless flat), kept experts' blocks, then flat again.
+            blocks = tensor.reshape(mask.num_experts, -1, *tensor.shape[1:])
+            return name, blocks[mask.kept(int(match["layer"]))].reshape(-1, *tensor.shape[1:])
     return name, load()
+
+
+def sliced_shape(shape: tuple[int, ...], mask: ExpertMask, flat: bool) -> tuple[int, ...] | None:
+    """The shape of an expert or router tensor once sliced to the kept experts, or None when it does not have
+    one row per expert (``[N, ...]``), or in the flat layout one block of rows per expert (``[N * I, ...]``)."""
+    n = mask.num_experts
+    if not shape or (shape[0] != n if not flat else shape[0] % n):
+        return None
+    return (shape[0] // n * mask.kept_per_layer, *shape[1:])
 
 
 def _pruned_config(config: dict, mask: ExpertMask) -> dict:
