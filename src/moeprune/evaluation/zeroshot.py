@@ -207,12 +207,13 @@ def _build(manager: Any, name: str) -> list[Any]:
 
 
 def _hflm(model: torch.nn.Module, tokenizer: Any, batch_size: int | str, max_length: int | None) -> Any:
-    from lm_eval.models.huggingface import HFLM
+    # HFLM misscores a request whose text equals another's split at a different point (evaluation/hflm.py).
+    from moeprune.evaluation.hflm import SplitSafeHFLM
 
     # id() is a safe key: the cached wrapper holds the model and tokenizer, so neither id can be reused.
     return _reused(
         ("hflm", id(model), id(tokenizer), batch_size, max_length),
-        lambda: HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length),
+        lambda: SplitSafeHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length),
     )
 
 
