@@ -7,7 +7,11 @@ generative stress tests). Two averages, each defined only when all of its tasks 
 - **Common Avg**: the unweighted mean over the six tasks of ``COMMON_TASKS`` (ARC-c, ARC-e, HellaSwag,
   PIQA, WinoGrande, BoolQ) and nothing else, so adding MMLU or any other task never moves it;
   ``None`` when any of the six is missing;
-- **Bundled Avg**: the mean acc_norm over the three offline bundled tasks (``BUNDLED_TASKS``).
+- **Bundled Avg**: the mean over the held-out-domain tasks (``HELDOUT_TASKS``, each its ``REPORT_METRIC``), else
+  the acc_norm of the three offline continuation tasks (``BUNDLED_TASKS``).
+
+``zero_shot`` wraps the model in ``SplitSafeHFLM`` (evaluation/hflm.py): plain HFLM misscores a request
+whose text equals another request's split at a different point.
 
 Every task runs 0-shot except those in ``FEWSHOT`` (the stress tests, with lm-eval's usual shots).
 
