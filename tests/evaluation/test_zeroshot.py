@@ -101,9 +101,11 @@ def test_expand_tasks():
 def test_bundled_avg_is_the_heldout_tasks_when_they_ran():
     from moeprune.evaluation.tasks import HELDOUT_TASKS
 
-    heldout = {"heldout_order": {"acc": 0.9, "acc_norm": 0.1}, "heldout_domain": {"acc_mutual_info": 0.7, "acc": 0.2}}
+    heldout = {"heldout_order": {"acc": 0.9, "acc_norm": 0.1}, "heldout_domain": {"acc_mutual_info": 0.7, "acc": 0.2},
+               "heldout_cloze": {"acc": 0.5, "acc_norm": 0.0}}
     assert set(heldout) == set(HELDOUT_TASKS)
-    assert bundled_avg(heldout) == pytest.approx(0.8)  # each task's own metric, not acc_norm/acc
+    assert bundled_avg(heldout) == pytest.approx(0.7)  # each task's own metric, not acc_norm/acc
     continuation = {t: {"acc_norm": v} for t, v in zip(BUNDLED_TASKS, (0.3, 0.4, 0.8), strict=True)}
-    assert bundled_avg({**heldout, **continuation}) == pytest.approx(0.8)  # the preset's tasks win
-    assert bundled_avg({"heldout_order": {"acc": 0.9}}) is None  # one of two: no average
+    assert bundled_avg({**heldout, **continuation}) == pytest.approx(0.7)  # the preset's tasks win
+    two = {t: heldout[t] for t in ("heldout_order", "heldout_domain")}
+    assert bundled_avg(two) is None  # two of three: no average

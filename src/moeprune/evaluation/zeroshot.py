@@ -7,7 +7,11 @@ generative stress tests). Two averages, each defined only when all of its tasks 
 - **Common Avg**: the unweighted mean over the six tasks of ``COMMON_TASKS`` (ARC-c, ARC-e, HellaSwag,
   PIQA, WinoGrande, BoolQ) and nothing else, so adding MMLU or any other task never moves it;
   ``None`` when any of the six is missing;
-- **Bundled Avg**: the mean acc_norm over the three offline bundled tasks (``BUNDLED_TASKS``).
+- **Bundled Avg**: the mean over the held-out-domain tasks (``HELDOUT_TASKS``, each its ``REPORT_METRIC``), else
+  the acc_norm of the three offline continuation tasks (``BUNDLED_TASKS``).
+
+``zero_shot`` wraps the model in ``SplitSafeHFLM`` (evaluation/hflm.py): plain HFLM misscores a request
+whose text equals another request's split at a different point.
 
 Every task runs 0-shot except those in ``FEWSHOT`` (the stress tests, with lm-eval's usual shots).
 
@@ -207,12 +211,13 @@ def _build(manager: Any, name: str) -> list[Any]:
 
 
 def _hflm(model: torch.nn.Module, tokenizer: Any, batch_size: int | str, max_length: int | None) -> Any:
-    from lm_eval.models.huggingface import HFLM
+    # HFLM misscores a request whose text equals another's split at a different point (evaluation/hflm.py).
+    from moeprune.evaluation.hflm import SplitSafeHFLM
 
     # id() is a safe key: the cached wrapper holds the model and tokenizer, so neither id can be reused.
     return _reused(
         ("hflm", id(model), id(tokenizer), batch_size, max_length),
-        lambda: HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length),
+        lambda: SplitSafeHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length),
     )
 
 

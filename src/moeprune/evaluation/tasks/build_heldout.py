@@ -14,7 +14,9 @@ validation split is dropped. The tasks, each with ``ITEMS`` items (a quarter per
   does not decide. A model keeps this only while it still models each domain.
 * ``heldout_cloze`` (4-way, chance 25%): a passage and the start of a unit; the choices are the rest
   of the unit with its next word kept or replaced by one of three words of about the same frequency
-  in the domain's test split (same capitalisation), so a unigram model has no preference.
+  in the domain's test split (same capitalisation), so a unigram model has no preference. Its units
+  come from the same pools, so a cloze context often ends inside another task's gold unit (the same
+  text split elsewhere): lm-eval's HFLM misscored such requests, ``evaluation/hflm.py`` fixes that.
 
 (A same-domain next-sentence task was tried and dropped: the dense model scored 32% against a chance
 of 25%, too close to rank methods.)
