@@ -5,4 +5,4 @@ profile (``moeprune.profiling``) -> plan (``moeprune.planning``) -> apply (``moe
 -> evaluate (``moeprune.evaluation``).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
