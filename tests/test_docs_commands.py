@@ -39,7 +39,9 @@ def _moeprune_segments(tokens: list[str]) -> list[str]:
         if token not in SEPARATORS:
             current.append(token)
             continue
-        words = [w for w in current if not re.fullmatch(r"\w+=\S*", w)]  # drop leading VAR=value
+        words = list(current)
+        while words and re.fullmatch(r"[A-Z_]\w*=\S*", words[0]):  # OMP_NUM_THREADS=1 moeprune ...
+            words.pop(0)
         for i, word in enumerate(words):
             # `moeprune VERB`, `.venv/bin/moeprune VERB`, `python -m moeprune VERB`, `torchrun ... -m moeprune VERB`
             if (word == "moeprune" or word.endswith("/moeprune")) and (i == 0 or words[i - 1] == "-m"):
@@ -115,6 +117,6 @@ def test_a_removed_flag_fails_the_check(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["plan", "prof/", "--retain", "0.5", "--out", "m/", "--no-such-flag"])
     assert "--no-such-flag" in capsys.readouterr().err
-    assert commands_in("```bash\nA=1 .venv/bin/moeprune plan p/ --retain 0.5 --out m/  # c\n```\n") == [
-        "plan p/ --retain 0.5 --out m/"
+    assert commands_in("```bash\nA=1 .venv/bin/moeprune profile M --corpus c=wiki --out p/  # c\n```\n") == [
+        "profile M --corpus c=wiki --out p/"
     ]
