@@ -345,17 +345,21 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
         "--ppl",
         nargs="*",
         default=None,
-        help="perplexity datasets: wikitext2, c4, wiki, web, FILE.txt (default: wikitext2 c4; bundled: wiki web)",
+        help="perplexity datasets: wikitext2, c4, the bundled wiki web bible man glossary devil, FILE.txt "
+        "(default: wikitext2 c4; bundled: all six bundled)",
     )
     p.add_argument(
-        "--ppl-seq-len", type=int, default=None, help="perplexity window (default: min(2048, max positions))"
+        "--ppl-seq-len",
+        type=int,
+        default=None,
+        help="perplexity window (default: min(2048, max positions); bundled: 256)",
     )
     _ppl_data_option(p)
     p.add_argument(
         "--tasks",
         nargs="*",
         default=None,
-        help="lm-eval tasks (default: the six of Common Avg; 'bundled' for the offline tasks; none to skip)",
+        help="lm-eval tasks or presets common, bundled, heldout, stress (default: the six of Common Avg; none to skip)",
     )
     p.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
     p.add_argument(
@@ -393,11 +397,14 @@ def _add_experiment(p: argparse.ArgumentParser) -> None:
         "--preset",
         choices=["paper", "bundled"],
         default=None,
-        help="paper: wikitext2+c4, 512x1024, B=20/24, six tasks, seeds 0-4,42; bundled: the testbed, fast",
+        help="paper: wikitext2+c4, 512x1024, B=20/24, six tasks, seeds 0-4,42; bundled: the testbed, fast "
+        "(default: bundled for the testbed, else paper)",
     )
     p.add_argument("--retain", type=float, nargs="+", default=None, help="retain ratios (default 0.25 0.5 0.75)")
     p.add_argument("--methods", nargs="+", default=None, help="methods (default: all)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="random-method seeds (default 0 1 2 3 4 42)")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="random-method seeds (default: paper 0-4 42; bundled 0-5)"
+    )
     p.add_argument("--corpus", action="append", dest="corpora", metavar="SPEC", help="profiling corpora")
     p.add_argument("--samples", type=int, default=None, help="calibration sequences per corpus")
     p.add_argument("--seq-len", type=int, default=None, help="calibration tokens per sequence")

@@ -98,7 +98,7 @@ def evaluate_model(
     """Perplexity and zero-shot accuracy of ``model`` (a path, hub id, "bundled" or a loaded model), under
     ``mask`` when given; the result (with a ``summary``) is written atomically to ``out`` when given.
 
-    ``ppl_datasets=None``: wiki and web for the bundled testbed, wikitext2 and c4 otherwise."""
+    ``ppl_datasets=None``: the six bundled domains for the bundled testbed, wikitext2 and c4 otherwise."""
     from moeprune.api import _model, _tokenizer
     from moeprune.io import check_output_file
 
