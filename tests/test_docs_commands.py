@@ -120,3 +120,11 @@ def test_a_removed_flag_fails_the_check(capsys):
     assert commands_in("```bash\nA=1 .venv/bin/moeprune profile M --corpus c=wiki --out p/  # c\n```\n") == [
         "profile M --corpus c=wiki --out p/"
     ]
+
+
+@pytest.mark.parametrize("verb", sorted(EXAMPLES))
+def test_help_renders_with_its_example(verb):
+    # README: "Every command has --help with an example". Formatting the help also catches a stray % in a
+    # help string, which argparse only trips over when --help is asked for.
+    text = verb_parser(verb).format_help()
+    assert f"moeprune {verb} " in text.split("example:")[1]
