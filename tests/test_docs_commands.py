@@ -1,5 +1,6 @@
 """Every ``moeprune ...`` command the docs show parses with the real CLI parser (nothing is run), so a renamed or
-removed flag, a dropped verb or a changed nargs fails here instead of in a reader's shell."""
+removed flag, a dropped verb or a changed nargs fails here instead of in a reader's shell; the same for the
+``python benchmarks/...`` and ``python scripts/...`` commands, with their own parsers."""
 
 from __future__ import annotations
 
@@ -128,3 +129,65 @@ def test_help_renders_with_its_example(verb):
     # help string, which argparse only trips over when --help is asked for.
     text = verb_parser(verb).format_help()
     assert f"moeprune {verb} " in text.split("example:")[1]
+
+
+SCRIPT = re.compile(r"^python3? ((?:benchmarks|scripts)/\S+\.py)(.*)$")
+
+
+class _Parsed(Exception):
+    """Raised by the patched parse_args: the script's parser accepted its arguments; stop before any work."""
+
+
+def documented_script_commands() -> list[tuple[str, str, list[str]]]:
+    found = []
+    for doc in DOCS:
+        for block in FENCE.findall(doc.read_text()):
+            for line in re.sub(r"\\\n", " ", block).splitlines():
+                if match := SCRIPT.match(line.strip()):
+                    found.append((doc.name, match.group(1), shlex.split(match.group(2), comments=True)))
+    return found
+
+
+SCRIPT_CASES = documented_script_commands()
+
+
+@pytest.mark.parametrize(("where", "script", "args"), SCRIPT_CASES, ids=[f"{w}:{s}" for w, s, _ in SCRIPT_CASES])
+def test_documented_script_command_parses(where, script, args, monkeypatch, capsys):
+    # benchmarks/ and scripts/ build their parsers inside main(): run main() with parse_args patched to stop
+    # right after parsing, so nothing is built, trained or measured.
+    import importlib.util
+    import sys
+
+    path = ROOT / script
+    assert path.is_file(), f"{where}: {script} does not exist"
+    monkeypatch.syspath_prepend(str(path.parent))  # scripts/testbed/* import their siblings
+    spec = importlib.util.spec_from_file_location(f"_doc_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    if not hasattr(module, "main"):
+        assert not args, f"{where}: {script} takes no arguments"
+        return
+    parsers = []
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, argv=None, namespace=None):
+        parsers.append(self)
+        argv = sys.argv[1:] if argv is None else argv
+        if any("..." in a for a in argv):  # "...same flags...": check the flag names only
+            raise _Parsed
+        parse(self, argv, namespace)
+        raise _Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    monkeypatch.setattr(sys, "argv", [str(path), *args])
+    try:
+        module.main()
+    except SystemExit:
+        pytest.fail(f"{where}: `python {script} {shlex.join(args)}` does not parse: {capsys.readouterr().err}")
+    except _Parsed:
+        pass
+    assert parsers, f"{where}: {script}'s main() parsed no arguments"
+    known = parsers[0]._option_string_actions
+    unknown = [a for a in args if a.startswith("--") and a not in known]
+    assert not unknown, f"{where}: `python {script}` has no {unknown}"
