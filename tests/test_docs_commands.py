@@ -134,7 +134,7 @@ def test_help_renders_with_its_example(verb):
 SCRIPT = re.compile(r"^python3? ((?:benchmarks|scripts)/\S+\.py)(.*)$")
 
 
-class _Parsed(Exception):
+class _Parsed(BaseException):  # not an Exception: a script's `except Exception` must not swallow it and go on
     """Raised by the patched parse_args: the script's parser accepted its arguments; stop before any work."""
 
 
@@ -149,6 +149,11 @@ def documented_script_commands() -> list[tuple[str, str, list[str]]]:
 
 
 SCRIPT_CASES = documented_script_commands()
+
+
+def test_the_docs_show_script_commands():
+    assert {script.split("/")[0] for _, script, _ in SCRIPT_CASES} == {"benchmarks", "scripts"}
+    assert len(SCRIPT_CASES) >= 10
 
 
 @pytest.mark.parametrize(("where", "script", "args"), SCRIPT_CASES, ids=[f"{w}:{s}" for w, s, _ in SCRIPT_CASES])
