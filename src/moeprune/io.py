@@ -115,7 +115,27 @@ def temp_file_beside(path: Path) -> Path:
         dir=path.parent, prefix=f"{sibling_prefix(path)}.{os.getpid()}-{_host_tag()}.", suffix=".tmp"
     )
     os.close(fd)
-    return Path(tmp)
+    return _with_default_mode(Path(tmp), 0o666)
+
+
+def _with_default_mode(path: Path, mode: int) -> Path:
+    """mkstemp/mkdtemp create 0600/0700 (private while written); once renamed into place, an output should
+    have the mode any new file gets (``mode`` less the umask), or other users could not read a checkpoint."""
+    os.chmod(path, mode & ~_umask())
+    return path
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask sets it process-wide)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def remove_orphan_temp_files(folder: str | Path, max_age_s: float = TEMP_FILE_MAX_AGE_S) -> list[Path]:
@@ -302,6 +322,7 @@ def atomic_directory(final: str | Path, overwrite: bool = False) -> Iterator[Pat
         if final.exists():
             check_replaceable(final)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=sibling_prefix(final) + ".", suffix=".tmp"))
+        _with_default_mode(tmp, 0o777)
         try:
             yield tmp
             swap_in(tmp, final)
