@@ -36,3 +36,23 @@ def test_quiet_and_verbose_exclude_each_other(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["inspect", "x", "--quiet", "--verbose"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.fixture(autouse=True)
+def restore_library_bars():
+    """--quiet turns transformers' and datasets' bars off process-wide (the CLI's process); turn them back on."""
+    yield
+    import datasets
+    import transformers
+
+    transformers.utils.logging.enable_progress_bar()
+    datasets.enable_progress_bars()
+
+
+@pytest.mark.parametrize(("flag", "shown"), [(None, True), ("--quiet", False)])
+def test_progress_bars_show_unless_quiet(flag, shown, source, mask_file, tmp_path, capsys):
+    argv = ["apply", str(source), str(mask_file), "--out", str(tmp_path / "out")] + ([flag] if flag else [])
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert ("apply: done" in err) is shown  # moeprune's own bar
+    assert ("Loading weights" in err) is shown  # transformers' bar

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args)
+    if args.quiet:
+        _silence_library_progress()
     try:
         from moeprune.io import environment_errors
         from moeprune.validation import check_args, held_outputs
@@ -46,6 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     except MoePruneError as err:
         print(f"moeprune: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `moeprune inspect X | head`: the reader left; stop quietly, as cat does
+        _stdout_to_devnull()
+        return 128 + signal.SIGPIPE
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null so that Python's flush at exit does not fail on the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,6 +222,7 @@ def _run_profile(args: argparse.Namespace) -> None:
         device=args.device,
         tokenizer=args.tokenizer,
         trust_remote_code=args.trust_remote_code,
+        progress=_progress(args),
     )
     print(f"profile of {len(prof.names)} corpora ({', '.join(prof.names)}) in {args.out}")
 
@@ -238,6 +252,7 @@ def _run_plan(args: argparse.Namespace) -> None:
         model=args.model,
         reconstruction=_recon(args),
         score_corpus=args.reap_corpus,
+        progress=_progress(args),
     )
     for mask in masks:
         path = Path(args.out) / api.mask_filename(mask)
@@ -274,7 +289,8 @@ def _run_apply(args: argparse.Namespace) -> None:
         if not source.is_dir():
             raise MoePruneError(f"--model-free needs a local checkpoint directory; {source} is not one.")
         out = prune_checkpoint_files(source, ExpertMask.load(args.mask), args.out, overwrite=args.overwrite,
-                                     force=args.force, trust_remote_code=args.trust_remote_code)
+                                     force=args.force, trust_remote_code=args.trust_remote_code,
+                                     progress=_progress(args))
         print(f"pruned checkpoint written to {out} (model-free, shard by shard)")
         return
     out = api.apply(
@@ -288,6 +304,7 @@ def _run_apply(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         verify=not args.no_verify,
         force=args.force,
+        progress=_progress(args),
     )
     print(f"pruned checkpoint written to {out}")
 
@@ -333,6 +350,7 @@ def _run_prune(args: argparse.Namespace) -> None:
         tokenizer=args.tokenizer,
         overwrite=args.overwrite,
         ppl_datasets=args.ppl,
+        progress=_progress(args),
     )
     print(f"pruned checkpoint written to {out}")
 
@@ -359,7 +377,8 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
         "--tasks",
         nargs="*",
         default=None,
-        help="lm-eval tasks or presets common, bundled, heldout, stress (default: the six of Common Avg; none to skip)",
+        help="lm-eval tasks or presets common, bundled, heldout, stress (default: the six of Common Avg; "
+        "bundled: heldout; none to skip)",
     )
     p.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
     p.add_argument(
@@ -387,6 +406,7 @@ def _run_eval(args: argparse.Namespace) -> None:
         out=args.out,
         ppl_sources=parse_ppl_data(args.ppl_data),
         tokenizer=args.tokenizer,
+        progress=_progress(args),
     )
     print(json.dumps(results.get("summary", results), indent=2))
 
@@ -506,6 +526,20 @@ def _configure_logging(args: argparse.Namespace) -> None:
     handler.moeprune_cli = True
     logger.addHandler(handler)
     logger.setLevel(level)
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars, like log lines, are for the default and -v; -q keeps stderr to warnings and errors."""
+    return not args.quiet
+
+
+def _silence_library_progress() -> None:
+    """-q: transformers' weight-loading bars and datasets' download/map bars off too."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
 
 
 def _calibration(args: argparse.Namespace) -> dict:

@@ -496,7 +496,7 @@ def parse_ppl_data(items: Sequence[str] | None) -> dict[str, str] | None:
 
 
 def run_experiment_cli(args: argparse.Namespace) -> dict[str, Any]:
-    result = run_experiment(args.model, args.out, **experiment_options(args))
+    result = run_experiment(args.model, args.out, progress=not args.quiet, **experiment_options(args))
     print(Path(result["files"]["report"]).read_text())
     print(f"experiment written to {args.out} ({len(result['cells'])} cells)")
     return result
