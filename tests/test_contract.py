@@ -363,9 +363,9 @@ def test_t12_a_245_character_output_name_works(model, mask_file, tmp_path, capsy
 # --------------------------------------------------------------------------- L: weak or late (9)
 def test_l1_protect_budget_with_a_method_that_ignores_it(tiny_checkpoint, profiled, tmp_path, capsys):
     refused(capsys, ["plan", profiled, "--method", "reap", "--retain", "0.5", "-B", "2", "--out", tmp_path / "m"],
-            "-B", "only apply to tb-coverage", untouched=(tmp_path,))
+            "-B", "only applies to tb-coverage", untouched=(tmp_path,))
     refused(capsys, ["prune", tiny_checkpoint, *CALIBRATION, "--method", "frequency", "--retain", "0.5", "-B", "2",
-                     "--out", tmp_path / "o"], "only apply to tb-coverage", untouched=(tmp_path,))
+                     "--out", tmp_path / "o"], "only applies to tb-coverage", untouched=(tmp_path,))
     refused(capsys, ["experiment", tiny_checkpoint, "--methods", "reap", "-B", "2", "--out", tmp_path / "e"],
             "leaves out", untouched=(tmp_path,))
 

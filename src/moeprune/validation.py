@@ -254,8 +254,9 @@ def check_method(method: str, protect_budget: int | None, candidate: str | None)
         given = [flag for flag, value in (("-B", protect_budget), ("--candidate", candidate)) if value is not None]
         if given:
             raise MoePruneError(
-                f"{' and '.join(given)} only apply to tb-coverage; {method!r} would ignore them. Drop them or use "
-                "--method tb-coverage."
+                f"{' and '.join(given)} only {'applies' if len(given) == 1 else 'apply'} to tb-coverage; "
+                f"{method!r} would ignore {'it' if len(given) == 1 else 'them'}. Drop "
+                f"{'it' if len(given) == 1 else 'them'} or use --method tb-coverage."
             )
     elif candidate is not None and (candidate not in METHODS or candidate in PROTECTING):
         usable = [name for name in METHODS if name not in PROTECTING]

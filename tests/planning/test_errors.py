@@ -43,7 +43,7 @@ def test_negative_budget(profile) -> None:
 
 @pytest.mark.parametrize("options", [{"protect_budget": 2}, {"candidate": "reap"}, {"candidate_masks": {}}])
 def test_protection_options_only_for_tb_coverage(profile, options) -> None:
-    with pytest.raises(MoePruneError, match=r"only apply to tb-coverage; drop them for 'frequency'"):
+    with pytest.raises(MoePruneError, match=r"only applies to tb-coverage; drop it for 'frequency'"):
         plan(profile, "frequency", 0.5, **options)
 
 
@@ -73,3 +73,8 @@ def test_selections_of_the_wrong_size_or_missing_layers(profile) -> None:
 def test_negative_seed_for_random(profile) -> None:
     with pytest.raises(MoePruneError, match=r"non-negative integer"):
         plan(profile, "random", 0.5, seed=-1)
+
+
+def test_both_protection_options_named_in_plural(profile) -> None:
+    with pytest.raises(MoePruneError, match=r"protect_budget, candidate only apply to tb-coverage; drop them"):
+        plan(profile, "frequency", 0.5, protect_budget=2, candidate="reap")

@@ -170,7 +170,8 @@ def _protection(
             given.append("candidate_masks")
         if given:
             raise MoePruneError(
-                f"{', '.join(given)} only apply to {', '.join(sorted(PROTECTING))}; drop them for {method!r}."
+                f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} to "
+                f"{', '.join(sorted(PROTECTING))}; drop {'it' if len(given) == 1 else 'them'} for {method!r}."
             )
         return None, None
     if budget is None:
