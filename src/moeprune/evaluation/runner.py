@@ -52,6 +52,17 @@ def default_ppl_datasets(model: Any, datasets: Sequence[str] | None) -> list[str
     return list(BUNDLED_PPL_DATASETS) if is_bundled(model) else ["wikitext2", "c4"]
 
 
+def default_tasks(model: Any, tasks: str | Sequence[str] | None) -> str | Sequence[str] | None:
+    """Given tasks as they are; else the offline held-out tasks for the testbed (the six hub tasks of Common
+    Avg need the hub) and None, the six of Common Avg, otherwise."""
+    if tasks is not None:
+        return tasks
+    from moeprune.api import is_bundled
+    from moeprune.evaluation.experiment import EVAL_PRESETS
+
+    return list(EVAL_PRESETS["bundled"]["tasks"]) if is_bundled(model) else None
+
+
 def _preset_seq_len(model: Any) -> int | None:
     """The bundled testbed is scored on the 256-token windows it was trained on (as prune and experiment do)."""
     from moeprune.api import PRESETS, is_bundled
@@ -98,7 +109,8 @@ def evaluate_model(
     """Perplexity and zero-shot accuracy of ``model`` (a path, hub id, "bundled" or a loaded model), under
     ``mask`` when given; the result (with a ``summary``) is written atomically to ``out`` when given.
 
-    ``ppl_datasets=None``: the six bundled domains for the bundled testbed, wikitext2 and c4 otherwise."""
+    ``ppl_datasets=None``: the six bundled domains for the bundled testbed, wikitext2 and c4 otherwise;
+    ``tasks=None``: the held-out tasks for the testbed, the six of Common Avg otherwise."""
     from moeprune.api import _model, _tokenizer
     from moeprune.io import check_output_file
 
@@ -116,7 +128,7 @@ def evaluate_model(
         mask_path=mask_path,
         ppl_datasets=default_ppl_datasets(model, ppl_datasets),
         seq_len=seq_len if seq_len is not None else _preset_seq_len(model),
-        tasks=tasks,
+        tasks=default_tasks(model, tasks),
         limit=limit,
         batch_size=batch_size,
         ppl_sources=ppl_sources,
