@@ -223,3 +223,20 @@ def test_cli_options_follow_preset(tiny_checkpoint):
     assert parse_ppl_data(["c4=/x.json.gz"]) == {"c4": "/x.json.gz"}
     with pytest.raises(MoePruneError, match="NAME=PATH"):
         parse_ppl_data(["c4"])
+
+
+def test_rerun_removes_killed_writers_leftovers_only(grid, tiny_checkpoint, text_corpus):
+    """The experiment's folders have no lock: a rerun deletes a killed writer's temporary file, not a live one's."""
+    from tests.test_temp_files import _writer
+
+    out, _ = grid
+    killed, _ = _writer(out / "cells", "killed", "dense.json")
+    live, proc = _writer(out / "cells", "live", "dense.json")
+    try:
+        run_experiment(str(tiny_checkpoint), out, **grid_kwargs(text_corpus))
+        assert not killed.exists(), "a killed writer's leftover is cleaned by the next run"
+        assert live.exists(), "a live writer's temporary file must survive"
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+        live.unlink(missing_ok=True)  # the grid is shared by the module's other tests

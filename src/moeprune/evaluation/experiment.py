@@ -132,6 +132,7 @@ def run_experiment(
         "evaluation": eval_settings,
     }
     _check_settings(out, settings)
+    _remove_orphans(out)
     _profile(loaded, tokenizer, out, calibration, progress)
     recon = {**(reconstruction or {}), "tokenizer": tokenizer}  # not in the settings: an object
     masks = plan_grid(out, loaded, retains, methods, seeds, calibration, recon, progress)
@@ -493,6 +494,15 @@ def parse_ppl_data(items: Sequence[str] | None) -> dict[str, str] | None:
     if bad:
         raise MoePruneError(f"--ppl-data takes NAME=PATH (e.g. wikitext2=/data/wiki.test.raw); got {bad}.")
     return dict(item.split("=", 1) for item in items)
+
+
+def _remove_orphans(out: Path) -> None:
+    """A killed run's half-written files in the experiment's folders (no lock: only dead writers' files)."""
+    from moeprune.io import remove_orphan_temp_files
+
+    for folder in (out, out / "masks", out / "cells"):
+        if folder.is_dir():
+            remove_orphan_temp_files(folder)
 
 
 def run_experiment_cli(args: argparse.Namespace) -> dict[str, Any]:
