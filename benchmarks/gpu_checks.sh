@@ -6,10 +6,11 @@
 #   3. the paper grid's per-stage cost on Qwen1.5-MoE-A2.7B at full width and depth, extrapolated to
 #      37 cells (target <= 4 h on one 80 GB GPU)
 # Each step has its own time limit and writes its table under $OUT as soon as it ends, so a step that
-# runs out of time still leaves the others' results. About 9 minutes in all on an H100/H200-class GPU.
+# runs out of time still leaves the others' results. Under a 10-minute limit per command (the lent
+# device's), run it as two calls:
 #
-#   bash benchmarks/gpu_checks.sh                  # OUT defaults to benchmarks/out
-#   STEPS="speed memory" bash benchmarks/gpu_checks.sh
+#   STEPS="speed memory" bash benchmarks/gpu_checks.sh     # <= 5 min; OUT defaults to benchmarks/out
+#   STEPS=grid bash benchmarks/gpu_checks.sh               # <= 9 min (builds and saves a 28.6 GB model)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out}"
@@ -36,9 +37,9 @@ for step in $STEPS; do
   case $step in
     speed) run_step speed 150 "$PYTHON" benchmarks/profile_speed.py --device cuda --dtype bfloat16 --width 2048 \
              --no-memory ;;
-    memory) run_step memory 120 "$PYTHON" benchmarks/apply_memory.py --width 2048 --layers 4 \
+    memory) run_step memory 150 "$PYTHON" benchmarks/apply_memory.py --width 2048 --layers 4 \
               --modes apply model-free ;;
-    grid) run_step grid 300 "$PYTHON" benchmarks/paper_scale.py --models qwen1.5-moe-a2.7b --device cuda \
+    grid) run_step grid 540 "$PYTHON" benchmarks/paper_scale.py --models qwen1.5-moe-a2.7b --device cuda \
             --dtype bfloat16 --layers 24 --samples 32 --batch-size 4 --recon-samples 8 --retain 0.5 \
             --methods expert-sparsity tb-coverage --ppl-windows 4 --limit 50 --eval-batch-size auto \
             --json "$OUT/grid.json" ;;
