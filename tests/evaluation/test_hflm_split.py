@@ -76,3 +76,15 @@ def test_cloze_scores_the_same_alone_and_with_domain(lm_and_tok, monkeypatch):
     alone, together = runs
     assert len(alone) == 4 * (DOMAIN + 1) and alone.keys() == together.keys()
     assert list(together.values()) == pytest.approx(list(alone.values()), abs=1e-3)
+
+
+@pytest.mark.parametrize("show", [True, False])
+def test_loglikelihood_bar_follows_show_progress(lm_and_tok, capsys, show):
+    model, tok = lm_and_tok
+    lm = _hflm(model, tok, 4, None)
+    lm.show_progress = show
+    try:
+        lm.loglikelihood([Instance("loglikelihood", {}, ("a b", " c"), 0)])
+    finally:
+        lm.show_progress = True  # the wrapper is cached and shared with the other tests
+    assert ("Running loglikelihood requests" in capsys.readouterr().err) is show

@@ -72,6 +72,7 @@ def evaluate(
             batch_size=batch_size,
             max_length=max_length,
             include_path=include_path,
+            progress=progress,
         )
     results["versions"] = versions()
     results["seconds"] = round(time.time() - start, 1)

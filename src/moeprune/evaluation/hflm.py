@@ -44,11 +44,15 @@ def split_rounds(requests: list[Request]) -> list[list[int]]:
 
 
 class SplitSafeHFLM(HFLM):
-    """HFLM whose grouped forward passes never serve continuations of different lengths (see the module)."""
+    """HFLM whose grouped forward passes never serve continuations of different lengths (see the module).
+    ``show_progress = False`` hides its log-likelihood progress bar (lm-eval passes no way to do so)."""
+
+    show_progress: bool = True
 
     def _loglikelihood_tokens(
         self, requests: list[Request], disable_tqdm: bool = False, override_bs: int | None = None
     ) -> list[tuple[float, bool]]:
+        disable_tqdm = disable_tqdm or not self.show_progress
         rounds = split_rounds(requests) if self.logits_cache else [list(range(len(requests)))]
         if len(rounds) == 1:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)

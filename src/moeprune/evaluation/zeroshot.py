@@ -132,11 +132,13 @@ def zero_shot(
     max_length: int | None = None,
     include_path: str | Path | Sequence[str | Path] | None = None,
     seed: int = 1234,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Run lm-eval's ``simple_evaluate`` (0 shots, or ``FEWSHOT``'s); per-task metrics, the averages, settings.
 
     The bundled offline tasks are always on the include path; ``include_path`` adds more task folders.
-    ``batch_size``: an integer, ``auto`` or ``auto:N`` (see :func:`eval_batch_size`).
+    ``batch_size``: an integer, ``auto`` or ``auto:N`` (see :func:`eval_batch_size`). ``progress=False`` hides
+    the log-likelihood progress bar (lm-eval's bars while it builds requests stay).
     """
     import lm_eval
 
@@ -147,6 +149,7 @@ def zero_shot(
     shots = {name: FEWSHOT.get(name, 0) for name in names}
     try:
         lm = _hflm(model, tokenizer, batch_size, max_length)
+        lm.show_progress = progress  # the wrapper may be reused across calls: set it every time
         # One simple_evaluate per shot count: its num_fewshot applies to every task it is given.
         for count in sorted(set(shots.values())):
             subset = [name for name in names if shots[name] == count]
