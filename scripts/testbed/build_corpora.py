@@ -31,7 +31,7 @@ from functools import partial
 from html.parser import HTMLParser
 from pathlib import Path
 
-from domains import DOMAIN_BUILDERS, chunk
+from domains import DOMAIN_BUILDERS, chunk, sample_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 OUT_DIR = REPO / "src" / "moeprune" / "bundled" / "corpora"
@@ -140,16 +140,8 @@ def fortune_documents() -> list[str]:
 
 
 def _sample_bytes(docs: list[str], max_bytes: int) -> list[str]:
-    """Seeded sample of whole documents up to ``max_bytes`` (keeps the web mix balanced)."""
-    docs = list(docs)
-    random.Random(SEED).shuffle(docs)
-    kept, total = [], 0
-    for doc in docs:
-        if total >= max_bytes:
-            break
-        kept.append(doc)
-        total += len(doc.encode())
-    return kept
+    """Seeded sample of whole documents up to ``max_bytes`` (keeps the web mix balanced), from the order given."""
+    return sample_bytes(docs, max_bytes, SEED, sort=False)
 
 
 _RST_ROLE = re.compile(r":[a-z:]+:`~?!?([^`<]*?)(?:\s*<[^>]*>)?`")

@@ -36,9 +36,10 @@ def normalise(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines).strip())
 
 
-def sample_bytes(docs: list[str], max_bytes: int, seed: int = SEED) -> list[str]:
-    """Seeded sample of whole documents up to ``max_bytes``."""
-    docs = sorted(docs)
+def sample_bytes(docs: list[str], max_bytes: int, seed: int = SEED, *, sort: bool = True) -> list[str]:
+    """Seeded sample of whole documents up to ``max_bytes``, shuffled from sorted order (``sort=False``: from
+    the order given, as the calibration corpora were built)."""
+    docs = sorted(docs) if sort else list(docs)
     random.Random(seed).shuffle(docs)
     kept, total = [], 0
     for doc in docs:
