@@ -11,12 +11,13 @@ cannot be found (a model built in memory), the legacy keys are derived from tran
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from moeprune.arch.adapters import ARCHITECTURES, NUM_EXPERTS_KEYS, config_value
+from moeprune.arch.adapters import ARCHITECTURES, NUM_EXPERTS_KEYS, config_value, set_config_value
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +65,9 @@ def with_expert_count(config: dict[str, Any], num_experts: int, kept: int) -> di
     config = {**config, **edited}
     row = ARCHITECTURES.get(config.get("model_type"))
     if row is not None and "." in row.num_experts_key and config_value(config, row.num_experts_key) == num_experts:
-        config = _with_nested(config, row.num_experts_key.split("."), kept)
+        config = copy.deepcopy(config)  # the nested dicts are the source's: edit a copy
+        set_config_value(config, row.num_experts_key, kept)
     return config
-
-
-def _with_nested(config: dict[str, Any], path: list[str], value: Any) -> dict[str, Any]:
-    """A copy of ``config`` with ``config[path[0]][path[1]]... = value`` (the source dicts are not edited)."""
-    head, *rest = path
-    return {**config, head: _with_nested(config[head], rest, value) if rest else value}
 
 
 def legacy_keys(config: dict[str, Any]) -> dict[str, Any]:

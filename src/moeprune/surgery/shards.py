@@ -23,6 +23,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import safe_open
@@ -69,7 +70,7 @@ def prune_checkpoint_files(
     shards = _shards(source)
     check_mask_for_checkpoint(mask, source, force=force, trust_remote_code=trust_remote_code)
     config = json.loads((source / "config.json").read_text())
-    flat = spec_for(_Namespace(config)).layout == "flat"
+    flat = spec_for(SimpleNamespace(**config)).layout == "flat"  # config.json as attributes, for the table
     expected = expected_output(check_source(source, shards, mask), mask, flat)  # from the headers, before writing
     with atomic_directory(out, overwrite=overwrite) as tmp:
         weight_map: dict[str, str] = {}
@@ -177,10 +178,3 @@ def _copy_other_files(source: Path, target: Path, shards: set[str]) -> None:
     for path in source.iterdir():
         if path.is_file() and path.name not in skip and not path.name.startswith("."):
             shutil.copy2(path, target / path.name)
-
-
-class _Namespace:
-    """config.json as attributes, enough for the adapter table (remote-code models have no config class here)."""
-
-    def __init__(self, data: dict) -> None:
-        self.__dict__.update(data)
