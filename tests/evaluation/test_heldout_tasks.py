@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from moeprune.bundled import BUNDLED_CORPORA, read_bundled_corpus
-from moeprune.evaluation.tasks import HELDOUT_BUILT, HELDOUT_TASKS, TASKS_DIR
+from moeprune.evaluation.tasks import HELDOUT_TASKS, TASKS_DIR
 from moeprune.evaluation.tasks.build_heldout import DOMAINS, ITEMS, build_all, swap_adjacent
 from moeprune.evaluation.tasks.data import read_items
 from moeprune.evaluation.zeroshot import expand_tasks
@@ -17,7 +17,7 @@ CHOICES = {"heldout_order": 2, "heldout_domain": 4, "heldout_cloze": 4}
 
 @pytest.fixture(scope="module")
 def items():
-    return {task: read_items(f"{task}.jsonl") for task in HELDOUT_BUILT}
+    return {task: read_items(f"{task}.jsonl") for task in HELDOUT_TASKS}
 
 
 @pytest.fixture(scope="module")

@@ -9,4 +9,3 @@ BUNDLED_TASKS: tuple[str, ...] = ("bundled_wiki_cont", "bundled_web_cont", "bund
 # heldout_cloze shares text with the other two (its context ends inside their gold unit): run with them it
 # needs zero_shot's SplitSafeHFLM (evaluation/hflm.py), which scores it as it scores alone.
 HELDOUT_TASKS: tuple[str, ...] = ("heldout_order", "heldout_domain", "heldout_cloze")  # the `heldout` preset
-HELDOUT_BUILT: tuple[str, ...] = HELDOUT_TASKS  # every built task is in the preset

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moeprune.bundled import HELDOUT_DOMAINS, UNSEEN_DOMAINS, read_bundled_corpus
-from moeprune.evaluation.tasks import HELDOUT_BUILT, build
+from moeprune.evaluation.tasks import HELDOUT_TASKS, build
 
 TASKS_DIR = Path(__file__).resolve().parent
 SEED = 20261130
@@ -198,7 +198,7 @@ def build_all() -> dict[str, list[dict]]:
         for i, u in enumerate(_picked(rng, pools))
     ]
     tasks["heldout_cloze"] = _cloze_items(random.Random(f"{SEED}-cloze"), pools)
-    assert tuple(tasks) == HELDOUT_BUILT
+    assert tuple(tasks) == HELDOUT_TASKS
     return tasks
 
 
