@@ -26,7 +26,7 @@ PACKAGE = SRC / "moeprune"
 
 # Ground floor first. Rooms on one floor may import each other (the circle check still holds).
 FLOORS: tuple[tuple[str, ...], ...] = (
-    ("", "errors", "bundled", "models"),  # "" is moeprune/__init__.py (only __version__)
+    ("", "errors", "bundled", "models", "presets"),  # "" is moeprune/__init__.py (only __version__)
     ("io", "data", "arch", "loading"),
     ("profiling",),
     ("planning",),
@@ -55,7 +55,6 @@ KNOWN_CIRCLES: set[tuple[str, ...]] = {
         "moeprune.surgery.slicing",
         "moeprune.validation",
     ),
-    ("moeprune.evaluation.experiment", "moeprune.evaluation.runner"),
     ("moeprune.surgery.shard_checks", "moeprune.surgery.shards"),
     ("moeprune.planning", "moeprune.planning.tb_coverage"),
 }

@@ -24,49 +24,13 @@ from moeprune.loading import load_model, load_tokenizer, model_name, resolve_mod
 from moeprune.planning import METHODS, auto_budget, candidate_needed, paper_protect_budget
 from moeprune.planning import plan as plan_from_profile
 from moeprune.planning.mask import ExpertMask, kept_count
+from moeprune.presets import PAPER, PRESETS, is_bundled, preset_for  # noqa: F401 (re-export)
 from moeprune.profiling.runner import ProfileSettings, profile_model
 from moeprune.profiling.stats import Profile
 
 log = logging.getLogger("moeprune")
 
-DEFAULT_CORPORA = ("wikitext2", "c4")
-# Calibration defaults: the paper's (512 x 1024 on WikiText2 and C4), and a fast one for the bundled testbed.
-# Reconstruction (expert-sparsity): NAEE's own settings in the paper preset (128 x 2048 of C4, the loss
-# summed over batches of 8 windows); the bundled one keeps the cheaper global norm on fewer tokens.
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {
-        "corpora": DEFAULT_CORPORA,
-        "samples": 512,
-        "seq_len": 1024,
-        "recon_samples": 128,
-        "recon_seq_len": 2048,
-        "recon_loss": "per-batch",
-        "ppl_seq_len": 2048,
-    },
-    "bundled": {
-        "corpora": ("wiki", "web"),
-        "samples": 128,
-        "seq_len": 256,
-        "recon_samples": 32,
-        "recon_seq_len": 256,
-        "recon_loss": "global",
-        "ppl_seq_len": 256,
-    },  # the testbed model was trained on 256-token windows
-}
-
-
-def is_bundled(model: Any) -> bool:
-    """Whether ``model`` names the bundled testbed: ``bundled`` or its directory (a loaded model never does)."""
-    from moeprune.bundled import bundled_model_path
-
-    if not isinstance(model, str | Path) or not str(model):
-        return False
-    return str(model) == "bundled" or Path(model).resolve() == bundled_model_path().resolve()
-
-
-def preset_for(model: Any) -> dict[str, Any]:
-    """The bundled testbed model gets the fast preset; every other model the paper's settings."""
-    return PRESETS["bundled" if is_bundled(model) else "paper"]
+DEFAULT_CORPORA = PRESETS[PAPER].corpora
 
 
 # The reconstruction candidate is fitted on C4 in the paper; without C4 we use the last profiled corpus.

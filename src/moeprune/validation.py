@@ -20,6 +20,7 @@ from typing import Any
 
 from moeprune.errors import MoePruneError
 from moeprune.io import check_output_dir, check_output_file
+from moeprune.presets import preset_for
 
 # Files of which at least one makes a directory hold a tokenizer (transformers 5 silently builds an empty,
 # one-token tokenizer for a directory with none of them).
@@ -122,8 +123,6 @@ def _check_profile(args: argparse.Namespace) -> None:
 
 def _effective(args: argparse.Namespace, name: str) -> Any:
     """The flag's value, or the model's preset when it is omitted (what the verb will use)."""
-    from moeprune.api import preset_for
-
     value = getattr(args, name, None)
     return preset_for(args.model).get(name) if value is None else value
 
