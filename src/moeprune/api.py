@@ -21,8 +21,16 @@ import torch
 from moeprune.data.corpora import CorpusSpec, parse_corpus
 from moeprune.errors import MoePruneError
 from moeprune.loading import load_model, load_tokenizer, model_name, resolve_model_path  # noqa: F401 (re-export)
-from moeprune.planning import METHODS, auto_budget, candidate_needed, paper_protect_budget
+from moeprune.planning import (  # noqa: F401 (NEEDS_MODEL, TB_COVERAGE_CANDIDATE re-exported)
+    METHODS,
+    NEEDS_MODEL,
+    TB_COVERAGE_CANDIDATE,
+    auto_budget,
+    candidate_needed,
+    paper_protect_budget,
+)
 from moeprune.planning import plan as plan_from_profile
+from moeprune.planning.fit import check_mask_for_config
 from moeprune.planning.mask import ExpertMask, kept_count
 from moeprune.presets import PAPER, PRESETS, is_bundled, preset_for  # noqa: F401 (re-export)
 from moeprune.profiling.runner import ProfileSettings, profile_model
@@ -35,10 +43,6 @@ DEFAULT_CORPORA = PRESETS[PAPER].corpora
 
 # The reconstruction candidate is fitted on C4 in the paper; without C4 we use the last profiled corpus.
 RECONSTRUCTION_CORPUS = "c4"
-NEEDS_MODEL = {"expert-sparsity"}
-# The paper's candidate mask: layerwise reconstruction (ExpertSparsity) on C4. planning.plan alone, which
-# never sees the model, falls back to tb_coverage.DEFAULT_CANDIDATE (reap).
-TB_COVERAGE_CANDIDATE = "expert-sparsity"
 
 
 def profile(
@@ -200,7 +204,7 @@ def apply(
     A model given by name loads in its checkpoint dtype on the GPU when there is one (``device`` as in
     :func:`moeprune.loading.load_model`). ``force`` accepts a mask planned for a model with another config hash."""
     from moeprune.surgery import export_pruned
-    from moeprune.validation import check_mask_for_config, model_config
+    from moeprune.validation import model_config
 
     mask_file = None if isinstance(mask, ExpertMask) else mask
     mask = mask if isinstance(mask, ExpertMask) else ExpertMask.load(mask)
