@@ -19,18 +19,14 @@ from typing import Any
 
 from moeprune.errors import MoePruneError
 from moeprune.io import check_output_dir, check_output_file
+from moeprune.loading import (  # noqa: F401 (check_tokenizer re-exported)
+    check_checkpoint_files,
+    check_device,
+    check_tokenizer,
+    check_tokenizer_source,
+)
 from moeprune.presets import preset_for
 
-# Files of which at least one makes a directory hold a tokenizer (transformers 5 silently builds an empty,
-# one-token tokenizer for a directory with none of them).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "spiece.model",
-)
 # Flags that must be at least 1 (0 used to fall back to the preset silently).
 POSITIVE_FLAGS = (
     "samples",
@@ -266,27 +262,6 @@ def check_method(method: str, protect_budget: int | None, candidate: str | None)
         raise MoePruneError(f"Unknown candidate method {candidate!r} for tb-coverage; use one of: {', '.join(usable)}.")
 
 
-def check_device(device: str | None) -> None:
-    """A device torch knows and this machine has (``--device cuda`` on a machine without CUDA fails here)."""
-    if device is None:
-        return
-    import torch
-
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError) as err:
-        raise MoePruneError(f"Unknown --device {device!r}: {err}. Use e.g. cpu, cuda or cuda:1.") from err
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise MoePruneError(f"--device {device}: this machine has no usable CUDA GPU; use --device cpu.")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise MoePruneError(
-                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0."
-            )
-    elif parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise MoePruneError(f"--device {device}: MPS is not available here; use --device cpu.")
-
-
 def check_not_a_file(path: str | Path, flag: str = "--out") -> None:
     """An output directory that already exists as a file fails now, not at the first write."""
     from moeprune.io import check_name_length, check_writable_parent
@@ -323,64 +298,6 @@ def model_config(model: str, trust_remote_code: bool = False):
     from moeprune.loading import load_config
 
     return load_config(model, trust_remote_code)
-
-
-def check_checkpoint_files(model: Any) -> None:
-    """Every safetensors file of a local checkpoint opens (its header covers the file) and every shard the
-    index names exists."""
-    from safetensors import SafetensorError, safe_open
-
-    from moeprune.loading import resolve_model_path
-
-    if not isinstance(model, str | Path):
-        return
-    folder = Path(resolve_model_path(model))
-    if not folder.is_dir():
-        return
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise MoePruneError(f"{index} is corrupt ({err}); re-download the checkpoint.") from err
-        missing = sorted(s for s in shards if not (folder / s).exists())
-        if missing:
-            raise MoePruneError(f"{folder} lacks the shard(s) {missing} its index names; re-download the checkpoint.")
-    for path in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(path), framework="pt"):
-                pass
-        except (SafetensorError, OSError) as err:
-            raise MoePruneError(
-                f"{path} is truncated or corrupt ({err}); re-download or re-save the checkpoint."
-            ) from err
-
-
-def check_tokenizer_source(model: str, tokenizer: str | None) -> None:
-    """A local model folder without tokenizer files needs --tokenizer (transformers would build an empty one)."""
-    from moeprune.loading import resolve_model_path
-
-    source = Path(resolve_model_path(tokenizer or model))
-    if source.is_dir() and not any((source / name).exists() for name in TOKENIZER_FILES):
-        flag = "--tokenizer" if tokenizer else "the model folder"
-        raise MoePruneError(
-            f"{flag} {source} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); pass "
-            "--tokenizer PATH_OR_ID naming the model's tokenizer."
-        )
-
-
-def check_tokenizer(tokenizer: Any, source: Any) -> Any:
-    """Refuse an empty tokenizer (transformers 5 returns one of length 1 for a folder without its files)."""
-    try:
-        size = len(tokenizer)
-    except TypeError:
-        return tokenizer
-    if size < 2:
-        raise MoePruneError(
-            f"The tokenizer loaded from {source} is empty ({size} token); the folder has no tokenizer files. "
-            "Pass --tokenizer PATH_OR_ID naming the model's tokenizer."
-        )
-    return tokenizer
 
 
 def max_positions(config: Any) -> int | None:

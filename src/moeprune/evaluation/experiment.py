@@ -77,13 +77,13 @@ def run_experiment(
     ranked on that corpus alone (profiled separately, ``reap_samples`` x ``reap_seq_len``), as "reap@NAME".
 
     Returns ``{"settings", "cells", "files"}``; ``cells[0]`` is the dense model."""
-    from moeprune.api import _model, _tokenizer
     from moeprune.evaluation.runner import default_seq_len, resolve_tasks
+    from moeprune.loading import checked_model, checked_tokenizer  # lazy: loading pulls in transformers
 
     out = Path(out_dir)
     methods = list(methods or all_methods())
-    loaded = _model(model, dtype, device, trust_remote_code)
-    tokenizer = _tokenizer(tokenizer, loaded, trust_remote_code)
+    loaded = checked_model(model, dtype, device, trust_remote_code)
+    tokenizer = checked_tokenizer(tokenizer, loaded, trust_remote_code)
     eval_settings = {
         "ppl_datasets": list(ppl_datasets),
         "ppl_seq_len": default_seq_len(loaded, ppl_seq_len),
@@ -266,10 +266,10 @@ def _plan(
 
 
 def _held_out(prof: Any, model: Any) -> dict[str, Any]:
-    from moeprune.api import _tokenizer
+    from moeprune.loading import checked_tokenizer  # lazy: loading pulls in transformers
     from moeprune.planning import auto_budget
 
-    return auto_budget.held_out_sets(prof, _tokenizer(None, model, False))
+    return auto_budget.held_out_sets(prof, checked_tokenizer(None, model, False))
 
 
 def _tb_from_candidate(

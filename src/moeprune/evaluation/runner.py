@@ -104,13 +104,13 @@ def evaluate_model(
 
     ``ppl_datasets=None``: the six bundled domains for the bundled testbed, wikitext2 and c4 otherwise;
     ``tasks=None``: the held-out tasks for the testbed, the six of Common Avg otherwise."""
-    from moeprune.api import _model, _tokenizer
     from moeprune.io import check_output_file
+    from moeprune.loading import checked_model, checked_tokenizer  # lazy: loading pulls in transformers
 
     if out is not None:
         check_output_file(out)  # an unwritable --out fails now, not after the evaluation
-    loaded = _model(model, dtype, device, trust_remote_code)
-    tok = _tokenizer(tokenizer, loaded, trust_remote_code)
+    loaded = checked_model(model, dtype, device, trust_remote_code)
+    tok = checked_tokenizer(tokenizer, loaded, trust_remote_code)
     mask_path = None if mask is None or isinstance(mask, ExpertMask) else mask
     if mask_path is not None:
         mask = ExpertMask.load(mask_path)
