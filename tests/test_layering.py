@@ -30,7 +30,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("io", "data", "arch", "loading"),
     ("profiling",),
     ("planning",),
-    ("reconstruction", "validation", "inspect"),
+    ("reconstruction", "recovery", "validation", "inspect"),  # recovery: the package other branches add
     ("surgery",),
     ("api",),
     ("evaluation",),
