@@ -179,6 +179,47 @@ def _recon_cost_options(r: argparse._ActionsContainer) -> None:
     )
 
 
+def _recovery_options(p: argparse.ArgumentParser, many: bool = False) -> None:
+    from moeprune.recovery.options import KINDS
+
+    g = p.add_argument_group("recovery after pruning (docs/recovery.md)")
+    g.add_argument(
+        "--recover",
+        choices=KINDS,
+        nargs="+" if many else None,
+        default=None,
+        help="router-kd: train only the routers to match the dense model (KL); merge: fold each dropped expert "
+        "into its most similar kept one; merge+router-kd: both" + ("; several make a grid axis" if many else "")
+        + " (default none)",
+    )
+    g.add_argument(
+        "--recover-corpus",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        help="repeatable: recovery calibration corpus, train split only (default: the profiled corpora)",
+    )
+    g.add_argument("--recover-samples", type=int, default=None,
+                   help="calibration windows in all, split over the corpora (default 256; bundled: 128)")
+    g.add_argument("--recover-seq-len", type=int, default=None, help="tokens per window (default 1024; bundled: 256)")
+    g.add_argument("--recover-epochs", type=int, default=None, help="router-kd passes over the windows (default 1; "
+                   "bundled: 3)")
+    g.add_argument("--recover-lr", type=float, default=None, help="router-kd Adam learning rate (default 3e-3)")
+    g.add_argument("--recover-batch-size", type=int, default=None, help="windows per router-kd step (default 8)")
+    g.add_argument("--recover-seed", type=int, default=None, help="recovery seed: data order and window sampling "
+                   "(default 0; windows are sampled with seed + 10000, not the profiling windows)")
+
+
+def recovery_from_args(args: argparse.Namespace):
+    """``--recover`` and its settings over the model's preset, or None without ``--recover``."""
+    from moeprune.api import preset_for
+    from moeprune.recovery import RecoveryOptions
+
+    if not getattr(args, "recover", None):
+        return None
+    return RecoveryOptions.from_args(args, preset_for(args.model))
+
+
 def _methods() -> list[str]:
     from moeprune.planning import METHODS
 
@@ -275,6 +316,7 @@ def _add_apply(p: argparse.ArgumentParser) -> None:
         help="prune a local safetensors checkpoint shard by shard without building the model (peak memory about "
         "one shard; no logits verification)",
     )
+    _recovery_options(p)
     p.set_defaults(run=_run_apply)
 
 
@@ -305,6 +347,7 @@ def _run_apply(args: argparse.Namespace) -> None:
         verify=not args.no_verify,
         force=args.force,
         progress=_progress(args),
+        recover=recovery_from_args(args),
     )
     print(f"pruned checkpoint written to {out}")
 
@@ -323,6 +366,7 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
         metavar="DATASET",
         help="print dense and pruned perplexity on these held-out sets (e.g. wiki web, wikitext2 c4)",
     )
+    _recovery_options(p)
     p.set_defaults(run=_run_prune)
 
 
@@ -351,6 +395,7 @@ def _run_prune(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         ppl_datasets=args.ppl,
         progress=_progress(args),
+        recover=recovery_from_args(args),
     )
     print(f"pruned checkpoint written to {out}")
 
@@ -458,6 +503,7 @@ def _add_experiment(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recon-samples", type=int, default=None, help="expert-sparsity sequences")
     p.add_argument("--recon-seq-len", type=int, default=None, help="expert-sparsity tokens per sequence")
     _recon_cost_options(p)
+    _recovery_options(p, many=True)
     p.add_argument("--out", required=True, help="experiment directory (finished cells are reused)")
     p.set_defaults(run=_run_experiment)
 

@@ -70,6 +70,8 @@ def check_args(args: argparse.Namespace) -> None:
     }.get(args.verb)
     if check is not None:
         check(args)
+    if getattr(args, "recover", None):
+        check_recovery_args(args)
 
 
 def held_outputs(args: argparse.Namespace) -> AbstractContextManager:
@@ -488,3 +490,44 @@ def check_mask_routable(mask: Any, meta: dict[str, Any]) -> None:
                 f"but every group must keep K/n_group={per_group}: an uneven mask silently regroups experts. "
                 "Plan the mask with moeprune plan, which keeps the same number inside each group."
             )
+
+
+# -------------------------------------------------------------------------------------- recovery checks
+def check_recovery_args(args: argparse.Namespace) -> None:
+    """--recover and its settings, before any model loads: the numbers (RecoveryOptions' own checks), train
+    splits only, something to merge (a mask or ratio keeping fewer than N experts), a mergeable layout."""
+    from moeprune.api import preset_for
+    from moeprune.recovery import RecoveryOptions, check_prunes, recovery_corpora
+    from moeprune.recovery.options import NONE, kinds_of
+
+    kinds = [k for k in kinds_of(args) if k != NONE]
+    if not kinds:
+        return
+    preset = preset_for(args.model)
+    options = [RecoveryOptions.from_args(args, preset, kind) for kind in kinds]  # one line on a bad number
+    check_corpora(args.recover_corpus)
+    if getattr(args, "model_free", False):
+        raise MoePruneError("--recover needs the model built (it runs it); drop --model-free or --recover.")
+    config = model_config(args.model, args.trust_remote_code)
+    meta = routing_meta(config)
+    if args.verb == "apply":
+        mask = load_mask(args.mask)
+        check_prunes(kinds, mask.kept_per_layer, mask.num_experts, f"the mask {args.mask}")
+        recovery_corpora(options[0], mask)  # calibration text: --recover-corpus or the mask's profiled corpora
+    elif isinstance(meta["num_experts"], int):
+        from moeprune.planning.mask import kept_count
+
+        retains = args.retain if args.retain is not None else preset["retains"] if "retains" in _keys(preset) \
+            else (0.25, 0.5, 0.75)
+        for retain in [retains] if isinstance(retains, float | int) else retains:
+            kept = kept_count(retain, meta["num_experts"], meta["top_k"])
+            check_prunes(kinds, kept, meta["num_experts"], f"--retain {retain}")
+    check_seq_len(config, options[0].seq_len, "--recover-seq-len")
+    if any(o.merge for o in options):
+        from moeprune.recovery import check_mergeable_config
+
+        check_mergeable_config(config, args.trust_remote_code)
+
+
+def _keys(preset: Any) -> Sequence[str]:
+    return list(preset) if isinstance(preset, dict) else [f for f in getattr(preset, "__dataclass_fields__", {})]

@@ -157,8 +157,11 @@ def evaluate_loaded(
     max_windows: int | None = None,
     progress: bool = True,
     metadata: Mapping[str, Any] | None = None,
+    delta: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """One evaluation of an already loaded model, dense or under ``mask`` (restored afterwards)."""
+    """One evaluation of an already loaded model, dense or under ``mask`` (restored afterwards); ``delta``
+    (a recovery's replacement tensors) is applied inside the mask."""
+    from moeprune.recovery.delta import apply_delta
     from moeprune.surgery import masked
 
     # Measured before masking: masked() slices in place, so footprint() inside it is the pruned size.
@@ -178,6 +181,7 @@ def evaluate_loaded(
         results = evaluate(model, tokenizer, **kwargs)
     else:
         with masked(model, mask):
+            apply_delta(model, dict(delta or {}))
             results = evaluate(model, tokenizer, **kwargs)
     results["mask"] = None if mask is None else mask_record(mask, mask_path)
     results["footprint_vs_dense"] = compare_footprints(dense, results["footprint"])
