@@ -145,7 +145,8 @@ def test_merge_with_a_mask_keeping_every_expert_fails_before_loading(tiny_checkp
     _one_line_error(["apply", str(tiny_checkpoint), str(tmp_path / "all.json"), "--out", str(tmp_path / "o"),
                      "--recover", "merge"], capsys, "nothing to merge")
     _one_line_error(["prune", str(tiny_checkpoint), "--retain", "1.0", "--out", str(tmp_path / "p"),
-                     "--recover", "merge+router-kd", "--method", "frequency", "--seq-len", "64"], capsys, "nothing to merge")
+                     "--recover", "merge+router-kd", "--method", "frequency", "--seq-len", "64"], capsys,
+                    "nothing to merge")
 
 
 def _skeleton(path: Path):
