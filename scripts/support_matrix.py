@@ -54,8 +54,9 @@ def render(results: list[CaseResult], recon: dict[str, CaseResult] | None = None
         "",
         "Columns *router-kd* and *merge* (`--recover`, docs/recovery.md; `tests/arch_sweep.py` `run_recovery_case`): "
         "*yes* when router KD trains only routing tensors (router weight and bias, shared-expert gate) a few steps "
-        "on the REAP mask without raising the KL and leaves the dense model bit-identical, and when merge accepts the "
-        "expert layout and replaces only kept experts' tensors; *no* with the reason where moeprune refuses it.",
+        "on the REAP mask, the trained tensors change the KL (noted where it rose on the random tiny model) and the "
+        "dense model is left bit-identical, and when merge accepts the expert layout and replaces only kept "
+        "experts' tensors; *no* with the reason where moeprune refuses it.",
         "",
         f"**{counts['exact']} exact, {counts['refused']} refused, {counts['wrong']} wrong, "
         f"{counts['error']} tracebacks** of {len(results)} model types.",
@@ -100,7 +101,7 @@ def _recovery_cell(result: CaseResult | None, pruning: CaseResult) -> str:
     if result is None:
         return ""
     if result.status == "exact":
-        return "yes"
+        return f"yes ({result.reason} in the sweep's few steps)" if result.reason else "yes"
     if result.status == "refused":
         if pruning.status == "refused":
             return "no"

@@ -179,3 +179,11 @@ def test_apply_without_corpora_anywhere_needs_recover_corpus(tiny_checkpoint, tm
     bare.save(tmp_path / "bare.json")
     _one_line_error(["apply", str(tiny_checkpoint), str(tmp_path / "bare.json"), "--out", str(tmp_path / "o"),
                      "--recover", "router-kd"], capsys, "--recover-corpus")
+
+
+def test_prune_recovers_on_the_profiled_corpora(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = api.prune(tiny_checkpoint, 0.5, tmp_path / "out", method="frequency", corpora=["wiki"], samples=4,
+                    seq_len=32, batch_size=2, progress=False, recover=replace(KD, corpora=None))
+    record = json.loads((out / "mask.json").read_text())["extra"]["recovery"]
+    assert record["kind"] == "router-kd" and list(record["corpora"]) == ["wiki"]  # the corpus prune profiled
+    assert record["settings"]["corpora"] == ["wiki"]
