@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from moeprune.errors import MoePruneError
+from moeprune.presets import RECOVERY_KINDS, help_default, preset_for
 
 EXAMPLES = {
     "prune": "moeprune prune Qwen/Qwen1.5-MoE-A2.7B --retain 0.5 --out qwen-50/\n"
@@ -43,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         from moeprune.validation import check_args, held_outputs
 
         check_args(args)  # everything that can fail before the expensive work (docs/errors.md)
+        if getattr(args, "recover", None):
+            from moeprune.recovery.checks import check_recovery_args  # lazy: torch, only for --recover
+
+            check_recovery_args(args)
         # A full disk or a read-only folder is one line, not a traceback; --out is locked for the whole run.
         with environment_errors(), held_outputs(args):
             return int(args.run(args) or 0)
@@ -125,8 +130,8 @@ def _calibration_options(p: argparse.ArgumentParser) -> None:
         help="repeatable: wikitext2, c4, wiki, web, FILE.txt|.jsonl|.parquet, hf:ID[:CONFIG][:SPLIT]"
         "[:FIELD], NAME=SPEC (default: wikitext2 and c4; for the bundled model: wiki and web)",
     )
-    g.add_argument("--samples", type=int, default=None, help="sequences per corpus (default 512; bundled: 128)")
-    g.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 1024; bundled: 256)")
+    g.add_argument("--samples", type=int, default=None, help=f"sequences per corpus ({help_default('samples')})")
+    g.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence ({help_default('seq_len')})")
     g.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
 
@@ -162,8 +167,10 @@ def _plan_options(p: argparse.ArgumentParser, many: bool) -> None:
         default=None,
         help="corpus to reconstruct on (default: c4 if profiled, else the last profiled corpus)",
     )
-    r.add_argument("--recon-samples", type=int, default=None, help="sequences (default 128, NAEE's; bundled: 32)")
-    r.add_argument("--recon-seq-len", type=int, default=None, help="tokens per sequence (default 2048; bundled: 256)")
+    r.add_argument("--recon-samples", type=int, default=None, help=f"sequences ({help_default('recon_samples')})")
+    r.add_argument(
+        "--recon-seq-len", type=int, default=None, help=f"tokens per sequence ({help_default('recon_seq_len')})"
+    )
     _recon_cost_options(r)
 
 
@@ -180,12 +187,10 @@ def _recon_cost_options(r: argparse._ActionsContainer) -> None:
 
 
 def _recovery_options(p: argparse.ArgumentParser, many: bool = False) -> None:
-    from moeprune.recovery.options import KINDS
-
     g = p.add_argument_group("recovery after pruning (docs/recovery.md)")
     g.add_argument(
         "--recover",
-        choices=KINDS,
+        choices=RECOVERY_KINDS,
         nargs="+" if many else None,
         default=None,
         help="router-kd: train only the routers to match the dense model (KL); merge: fold each dropped expert "
@@ -200,20 +205,22 @@ def _recovery_options(p: argparse.ArgumentParser, many: bool = False) -> None:
         help="repeatable: recovery calibration corpus, train split only (default: the profiled corpora)",
     )
     g.add_argument("--recover-samples", type=int, default=None,
-                   help="calibration windows in all, split over the corpora (default 256; bundled: 128)")
-    g.add_argument("--recover-seq-len", type=int, default=None, help="tokens per window (default 1024; bundled: 256)")
-    g.add_argument("--recover-epochs", type=int, default=None, help="router-kd passes over the windows (default 1; "
-                   "bundled: 3)")
-    g.add_argument("--recover-lr", type=float, default=None, help="router-kd Adam learning rate (default 3e-3)")
-    g.add_argument("--recover-batch-size", type=int, default=None, help="windows per router-kd step (default 8)")
+                   help=f"calibration windows in all, split over the corpora ({help_default('recover_samples')})")
+    g.add_argument("--recover-seq-len", type=int, default=None,
+                   help=f"tokens per window ({help_default('recover_seq_len')})")
+    g.add_argument("--recover-epochs", type=int, default=None,
+                   help=f"router-kd passes over the windows ({help_default('recover_epochs')})")
+    g.add_argument("--recover-lr", type=float, default=None,
+                   help=f"router-kd Adam learning rate ({help_default('recover_lr')})")
+    g.add_argument("--recover-batch-size", type=int, default=None,
+                   help=f"windows per router-kd step ({help_default('recover_batch_size')})")
     g.add_argument("--recover-seed", type=int, default=None, help="recovery seed: data order and window sampling "
                    "(default 0; windows are sampled with seed + 10000, not the profiling windows)")
 
 
 def recovery_from_args(args: argparse.Namespace):
     """``--recover`` and its settings over the model's preset, or None without ``--recover``."""
-    from moeprune.api import preset_for
-    from moeprune.recovery import RecoveryOptions
+    from moeprune.recovery import RecoveryOptions  # lazy: torch
 
     if not getattr(args, "recover", None):
         return None
@@ -590,8 +597,6 @@ def _silence_library_progress() -> None:
 
 def _calibration(args: argparse.Namespace) -> dict:
     """Explicit flags win; otherwise the preset of the model (the bundled testbed has a fast one)."""
-    from moeprune.api import preset_for
-
     preset = preset_for(args.model)
     return {
         "corpora": args.corpora or list(preset["corpora"]),
@@ -615,8 +620,6 @@ def _plan_seed(args: argparse.Namespace) -> int:
 
 
 def _recon(args: argparse.Namespace) -> dict:
-    from moeprune.api import preset_for
-
     preset = preset_for(getattr(args, "model", None) or "")
     return {
         "corpus": args.recon_corpus,

@@ -18,40 +18,36 @@ memory with ``surgery.masked``, which restores the model afterwards).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from moeprune.arch.adapters import routing_meta
 from moeprune.errors import MoePruneError
 from moeprune.evaluation.zeroshot import reuse_lm_eval
 from moeprune.io import write_json_atomic
-from moeprune.planning.mask import ExpertMask
+from moeprune.loading import config_hash
+from moeprune.planning.mask import ExpertMask, kept_count
+from moeprune.presets import PAPER, PRESETS, preset_for, preset_name
+from moeprune.recovery import (
+    KINDS,
+    NONE,
+    Recovery,
+    RecoveryOptions,
+    calibration_set,
+    check_mergeable,
+    check_prunes,
+    recover,
+    teacher_targets,
+)
 
-DEFAULT_RETAINS = (0.25, 0.5, 0.75)
-DEFAULT_SEEDS = (0, 1, 2, 3, 4, 42)
+DEFAULT_RETAINS = PRESETS[PAPER].retains
+DEFAULT_SEEDS = PRESETS[PAPER].seeds
 DENSE = "dense"
 
-# Evaluation presets; calibration comes from api.PRESETS. ppl_seq_len None = min(2048, max positions).
-EVAL_PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {"ppl_datasets": ("wikitext2", "c4"), "ppl_seq_len": None, "tasks": None, "seeds": DEFAULT_SEEDS},
-    # 256: the testbed model was trained on 256-token windows (as `moeprune prune bundled --ppl` uses).
-    # Perplexity on the calibration corpora and on every domain calibration never uses (docs/testbed.md).
-    "bundled": {
-        "ppl_datasets": ("wiki", "web", "bible", "man", "glossary", "devil"),
-        "ppl_seq_len": 256,
-        "tasks": ["heldout"],
-        "seeds": (0, 1, 2, 3, 4, 5),
-    },
-}
-
-
-# REAP as its authors calibrate it (the paper's "original REAP"): Evol-CodeAlpaca, 128 x 2048, run next to the
-# generic (pooled WikiText2 + C4) REAP and labelled "REAP (code)". The bundled testbed has no code corpus.
-REAP_PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {"reap_corpus": "code=evol-codealpaca", "reap_samples": 128, "reap_seq_len": 2048},
-    "bundled": {"reap_corpus": None, "reap_samples": 128, "reap_seq_len": 256},
-}
 REAP_PROFILE = "profile-reap"  # its own profile, so the generic methods never see the REAP corpus
 
 
@@ -105,13 +101,13 @@ def run_experiment(
     ranked on that corpus alone (profiled separately, ``reap_samples`` x ``reap_seq_len``), as "reap@NAME".
 
     Returns ``{"settings", "cells", "files"}``; ``cells[0]`` is the dense model."""
-    from moeprune.api import _model, _tokenizer
     from moeprune.evaluation.runner import default_seq_len, resolve_tasks
+    from moeprune.loading import checked_model, checked_tokenizer  # lazy: loading pulls in transformers
 
     out = Path(out_dir)
     methods = list(methods or all_methods())
-    loaded = _model(model, dtype, device, trust_remote_code)
-    tokenizer = _tokenizer(tokenizer, loaded, trust_remote_code)
+    loaded = checked_model(model, dtype, device, trust_remote_code)
+    tokenizer = checked_tokenizer(tokenizer, loaded, trust_remote_code)
     eval_settings = {
         "ppl_datasets": list(ppl_datasets),
         "ppl_seq_len": default_seq_len(loaded, ppl_seq_len),
@@ -299,10 +295,10 @@ def _plan(
 
 
 def _held_out(prof: Any, model: Any) -> dict[str, Any]:
-    from moeprune.api import _tokenizer
+    from moeprune.loading import checked_tokenizer  # lazy: loading pulls in transformers
     from moeprune.planning import auto_budget
 
-    return auto_budget.held_out_sets(prof, _tokenizer(None, model, False))
+    return auto_budget.held_out_sets(prof, checked_tokenizer(None, model, False))
 
 
 def _tb_from_candidate(
@@ -377,14 +373,6 @@ def evaluate_grid(
 def _recovery_axis(model: Any, recover: Sequence[str], recovery: Any, corpora: Sequence[str], loaded: Any,
                    retains: Sequence[float]) -> tuple[list[str], Any]:
     """The grid's recovery kinds (``none`` first) and their shared settings, checked before any work."""
-    from dataclasses import replace
-
-    from moeprune.api import preset_for
-    from moeprune.planning.mask import kept_count
-    from moeprune.recovery import RecoveryOptions, check_mergeable, check_prunes
-    from moeprune.recovery.options import KINDS, NONE
-    from moeprune.validation import routing_meta
-
     kinds = list(dict.fromkeys(recover or [NONE]))
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
@@ -392,7 +380,7 @@ def _recovery_axis(model: Any, recover: Sequence[str], recovery: Any, corpora: S
     if recovery is None:
         recovery = RecoveryOptions.from_preset(preset_for(model))
     if recovery.corpora is None:
-        recovery = replace(recovery, corpora=tuple(corpora))
+        recovery = dataclasses.replace(recovery, corpora=tuple(corpora))
     if kinds != [NONE]:
         meta = routing_meta(loaded.config)
         for retain in retains:
@@ -413,15 +401,11 @@ class _SharedCalibration:
         self._teacher = None
 
     def windows(self) -> dict[str, Any]:
-        from moeprune.recovery import calibration_set
-
         if self._windows is None:
             self._windows = calibration_set(self.tokenizer, list(self.options.corpora), self.options)
         return self._windows
 
     def teacher(self) -> Any:
-        from moeprune.recovery.router_kd import teacher_targets
-
         if self._teacher is None:
             self._teacher = teacher_targets(self.model, self.windows(), self.options, self.progress)
         return self._teacher
@@ -429,10 +413,6 @@ class _SharedCalibration:
 
 def recovery_key(model: Any, mask: ExpertMask, options: Any) -> str:
     """A short hash of everything that makes a recovery delta: the mask, the settings and kind, the model."""
-    import hashlib
-
-    from moeprune.loading import config_hash
-
     blob = json.dumps({"mask": mask.to_json(), "options": options.to_json(), "model": config_hash(model.config)},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -440,8 +420,6 @@ def recovery_key(model: Any, mask: ExpertMask, options: Any) -> str:
 
 def _cell_recovery(out: Path, model: Any, mask: ExpertMask, options: Any, shared: _SharedCalibration) -> Any:
     """The cell's recovery from ``out/recovery`` when computed before, else computed now and saved."""
-    from moeprune.recovery import Recovery, recover
-
     folder = out / "recovery" / f"{cell_id(mask, options.kind)}-{recovery_key(model, mask, options)}"
     if Recovery.exists(folder):
         return Recovery.load(folder)
@@ -535,49 +513,49 @@ def _name(model: Any) -> str:
 def experiment_options(args: argparse.Namespace) -> dict[str, Any]:
     """``run_experiment`` keyword arguments from the CLI: explicit flags win over the preset, and without
     ``--preset`` the model picks one (the bundled testbed gets the fast one)."""
-    from moeprune.api import PRESETS, is_bundled
-    from moeprune.recovery import RecoveryOptions
-
-    name = args.preset or ("bundled" if is_bundled(args.model) else "paper")
-    cal, ev, reap = PRESETS[name], EVAL_PRESETS[name], REAP_PRESETS[name]
+    preset = PRESETS[args.preset or preset_name(args.model)]
     pick = _picker(args)
     recon = {
         "corpus": pick("recon_corpus", None),
-        "samples": pick("recon_samples", cal["recon_samples"]),
-        "seq_len": pick("recon_seq_len", cal["recon_seq_len"]),
-        "loss": pick("recon_loss", cal["recon_loss"]),
+        "samples": pick("recon_samples", preset.recon_samples),
+        "seq_len": pick("recon_seq_len", preset.recon_seq_len),
+        "loss": pick("recon_loss", preset.recon_loss),
         "tokens": pick("recon_tokens", None),
         "dtype": args.dtype,
         "device": args.device,
         "trust_remote_code": args.trust_remote_code,
     }
     return {
-        "retains": pick("retain", DEFAULT_RETAINS),
+        "retains": pick("retain", preset.retains),
         "methods": pick("methods", None),
-        "seeds": pick("seeds", ev["seeds"]),
-        "corpora": pick("corpora", cal["corpora"]),
-        "samples": pick("samples", cal["samples"]),
-        "seq_len": pick("seq_len", cal["seq_len"]),
+        "seeds": pick("seeds", preset.seeds),
+        "corpora": pick("corpora", preset.corpora),
+        "samples": pick("samples", preset.samples),
+        "seq_len": pick("seq_len", preset.seq_len),
         "batch_size": pick("batch_size", 4),
-        "ppl_datasets": pick("ppl", ev["ppl_datasets"]),
-        "ppl_seq_len": pick("ppl_seq_len", ev["ppl_seq_len"]),
+        "ppl_datasets": pick("ppl", preset.ppl_datasets),
+        "ppl_seq_len": pick("ppl_seq_len", preset.eval_ppl_seq_len),
         "ppl_sources": parse_ppl_data(pick("ppl_data", None)),
-        "tasks": pick("tasks", ev["tasks"]),
+        "tasks": pick("tasks", _listed(preset.tasks)),
         "limit": pick("limit", None),
         "eval_batch_size": pick("eval_batch_size", 8),
         "protect_budget": _single(pick("protect_budget", None)),
         "candidate": pick("candidate", None),
-        "reap_corpus": _none_if_off(pick("reap_corpus", reap["reap_corpus"])),
-        "reap_samples": pick("reap_samples", reap["reap_samples"]),
-        "reap_seq_len": pick("reap_seq_len", reap["reap_seq_len"]),
+        "reap_corpus": _none_if_off(pick("reap_corpus", preset.reap_corpus)),
+        "reap_samples": pick("reap_samples", preset.reap_samples),
+        "reap_seq_len": pick("reap_seq_len", preset.reap_seq_len),
         "reconstruction": recon,
         "dtype": args.dtype,
         "device": args.device,
         "trust_remote_code": args.trust_remote_code,
         "tokenizer": pick("tokenizer", None),
         "recover": pick("recover", ["none"]),
-        "recovery": RecoveryOptions.from_args(args, cal, kind="none"),
+        "recovery": RecoveryOptions.from_args(args, preset, kind="none"),
     }
+
+
+def _listed(tasks: tuple[str, ...] | None) -> list[str] | None:
+    return None if tasks is None else list(tasks)
 
 
 def _single(values: Any) -> Any:

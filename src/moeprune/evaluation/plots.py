@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from moeprune.evaluation.coverage import heldout_domains, summary
 from moeprune.evaluation.report import (
     DENSE,
     budget_used,
@@ -130,8 +131,6 @@ def plot_metric(
 def recovery_plot(cells: Sequence[Mapping[str, Any]], path: Path, calibration: Sequence[str] = ()) \
         -> dict[str, Path]:
     """``recovery_worst.png``: worst unseen-domain ratio vs retain, a panel per recovery kind, a line per method."""
-    from moeprune.evaluation.coverage import heldout_domains, summary
-
     dense = next((c for c in cells if c["method"] == DENSE), None)
     domains = heldout_domains(cells, calibration)
     if dense is None or not domains:

@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from moeprune.evaluation.coverage import recovery_table
+
 DENSE = "dense"
 METHOD_NAMES = {
     DENSE: "Dense",
@@ -408,9 +410,7 @@ def _coverage_section(cells: Sequence[Mapping[str, Any]], settings: Mapping[str,
 
 
 def _recovery_section(cells: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]) -> list[str]:
-    """Each method with and without recovery: worst unseen-domain ratio (and the task average) per kind."""
-    from moeprune.evaluation.coverage import recovery_table
-
+    """Each method with and without recovery: the worst unseen-domain ratio per kind."""
     rec = settings.get("recovery")
     table = recovery_table(cells, settings.get("calibration", {}).get("corpora", []))
     if not rec or not table:

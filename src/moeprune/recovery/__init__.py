@@ -19,9 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from moeprune.data.corpora import parse_corpus
+from moeprune.data.sampling import calibration_windows
 from moeprune.errors import MoePruneError
+from moeprune.loading import load_tokenizer, model_name
 from moeprune.planning.mask import ExpertMask
 from moeprune.recovery.delta import Recovery, apply_delta, check_delta
+from moeprune.recovery.merge import merge_delta, merge_supported
 from moeprune.recovery.options import (
     KINDS,
     MERGE,
@@ -30,7 +34,10 @@ from moeprune.recovery.options import (
     ROUTER_KD,
     RecoveryOptions,
     check_prunes,
+    check_train_split,
 )
+from moeprune.recovery.router_kd import TeacherTargets, teacher_targets, train_routers
+from moeprune.surgery.slicing import masked
 
 __all__ = [
     "KINDS",
@@ -43,9 +50,12 @@ __all__ = [
     "apply_delta",
     "calibration_set",
     "check_delta",
+    "check_mergeable",
+    "check_mergeable_config",
     "check_prunes",
     "recover",
     "recovery_corpora",
+    "teacher_targets",
 ]
 
 log = logging.getLogger(__name__)
@@ -67,10 +77,6 @@ def recovery_corpora(options: RecoveryOptions, mask: ExpertMask | None) -> list[
 def calibration_set(tokenizer: Any, corpora: Sequence[str], options: RecoveryOptions) -> dict[str, torch.Tensor]:
     """{corpus: windows [n, seq_len]}: ``options.samples`` windows in all, split evenly over the corpora, from
     each corpus's train split, sampled with ``options.data_seed`` (not the profiling seed)."""
-    from moeprune.data.corpora import parse_corpus
-    from moeprune.data.sampling import calibration_windows
-    from moeprune.recovery.options import check_train_split
-
     out: dict[str, torch.Tensor] = {}
     share, extra = divmod(options.samples, len(corpora))
     for i, spec_text in enumerate(corpora):
@@ -94,7 +100,7 @@ def recover(
     *,
     tokenizer: Any = None,
     windows: dict[str, torch.Tensor] | None = None,
-    teacher: Any = None,
+    teacher: TeacherTargets | None = None,
     progress: bool = True,
 ) -> Recovery:
     """Compute the recovery ``options.kind`` of ``model`` (loaded, dense, all experts) under ``mask``.
@@ -102,15 +108,11 @@ def recover(
     ``windows``: {corpus: token windows} (default: :func:`calibration_set` with ``tokenizer``); ``teacher``:
     precomputed :class:`~moeprune.recovery.router_kd.TeacherTargets` for those windows (a grid reuses them
     for every mask). The model is left exactly as it was."""
-    from moeprune.surgery.slicing import masked
-
     if not options.active:
         return Recovery({}, {"kind": NONE})
     check_prunes([options.kind], mask.kept_per_layer, mask.num_experts, "the mask")
     if windows is None:
         if tokenizer is None:
-            from moeprune.loading import load_tokenizer, model_name
-
             tokenizer = load_tokenizer(model_name(model))
         windows = calibration_set(tokenizer, recovery_corpora(options, mask), options)
     record: dict[str, Any] = {
@@ -120,15 +122,11 @@ def recover(
     }
     delta: dict[str, torch.Tensor] = {}
     if options.merge:
-        from moeprune.recovery.merge import merge_delta
-
         check_mergeable(model)
         stacked = torch.cat(list(windows.values()))
         delta, record["merge"] = merge_delta(model, mask, stacked, batch_size=options.batch_size,
                                              max_tokens=options.merge_tokens, progress=progress)
     if options.router_kd:
-        from moeprune.recovery.router_kd import teacher_targets, train_routers
-
         targets = teacher if teacher is not None else teacher_targets(model, windows, options, progress)
         with masked(model, mask):
             apply_delta(model, delta)
@@ -139,8 +137,6 @@ def recover(
 
 def check_mergeable(model: nn.Module) -> None:
     """merge_supported's reason as an error (the one line names the layout that cannot merge)."""
-    from moeprune.recovery.merge import merge_supported
-
     reason = merge_supported(model)
     if reason is not None:
         raise MoePruneError(reason)

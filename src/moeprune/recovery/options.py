@@ -14,13 +14,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from moeprune.data.corpora import parse_corpus
 from moeprune.errors import MoePruneError
+from moeprune.presets import RECOVERY_KINDS
 
-NONE = "none"
-ROUTER_KD = "router-kd"
-MERGE = "merge"
-MERGE_ROUTER_KD = "merge+router-kd"
-KINDS = (NONE, ROUTER_KD, MERGE, MERGE_ROUTER_KD)
+KINDS = RECOVERY_KINDS
+NONE, ROUTER_KD, MERGE, MERGE_ROUTER_KD = KINDS
 # Calibration text for recovery comes from train splits only: these names are evaluation splits.
 EVALUATION_SPLITS = frozenset({"test", "validation", "valid", "val", "eval", "dev"})
 # Recovery samples its windows with seed + this offset, so that with the same --seed it does not reuse the
@@ -149,8 +148,6 @@ def kinds_of(args: argparse.Namespace) -> list[str]:
 
 def check_train_split(spec: str) -> None:
     """Recovery never calibrates on an evaluation split (``wiki:test``, ``hf:ID:CONFIG:validation``, ...)."""
-    from moeprune.data.corpora import parse_corpus
-
     parsed = parse_corpus(spec)
     if parsed.split.lower() in EVALUATION_SPLITS:
         raise MoePruneError(

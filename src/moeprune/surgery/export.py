@@ -36,6 +36,7 @@ from moeprune.loading import (
     resolve_model_path,
 )
 from moeprune.planning.mask import ExpertMask
+from moeprune.recovery.delta import Recovery, apply_delta
 from moeprune.surgery.config_json import pruned_config_json, source_config_json
 from moeprune.surgery.model_card import CardInfo, render_model_card
 from moeprune.surgery.slicing import apply_mask, count_parameters, masked
@@ -68,7 +69,7 @@ def export_pruned(
     overwrite: bool = False,
     verify: bool = True,
     progress: bool = True,
-    recovery: Any = None,
+    recovery: Recovery | None = None,
 ) -> Path:
     """Prune a model to ``mask`` and save it as a checkpoint in ``out_dir``; returns ``out_dir``.
 
@@ -268,8 +269,6 @@ def _model(model_or_path: nn.Module | str | Path, dtype: str | torch.dtype, devi
 
 @contextmanager
 def _pruned(model: nn.Module, mask: ExpertMask, owned: bool, delta: dict[str, torch.Tensor] | None = None):
-    from moeprune.recovery.delta import apply_delta
-
     if owned:
         yield apply_delta(apply_mask(model, mask), delta or {})
     else:
