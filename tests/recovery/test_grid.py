@@ -49,14 +49,14 @@ def test_report_and_plot_show_recovery(grid) -> None:
 
 
 def test_rerun_reuses_cells_and_deltas(grid, tiny_checkpoint, text_corpus, monkeypatch) -> None:
-    import moeprune.recovery as recovery
+    from moeprune.evaluation import experiment
 
     out, first = grid
 
     def refuse(*args, **kwargs):
         raise AssertionError("recomputed")
 
-    monkeypatch.setattr(recovery, "recover", refuse)
+    monkeypatch.setattr(experiment, "recover", refuse)
     for cell in (out / "cells").glob("*+router-kd.json"):
         cell.unlink()  # the cells go, the cached deltas stay: evaluated again without recomputing
     again = run_experiment(str(tiny_checkpoint), out, **_kwargs(text_corpus))
