@@ -118,12 +118,3 @@ def apply_delta(model: nn.Module, delta: dict[str, torch.Tensor]) -> nn.Module:
         module._parameters[attr] = nn.Parameter(value, requires_grad=live.requires_grad)
     return model
 
-
-def combine(*recoveries: Recovery) -> Recovery:
-    """Deltas applied in order (a later one wins on a shared name); records merged by their ``steps``."""
-    delta: dict[str, torch.Tensor] = {}
-    steps: list[dict[str, Any]] = []
-    for recovery in recoveries:
-        delta.update(recovery.delta)
-        steps.append(recovery.record)
-    return Recovery(delta, {"steps": steps})

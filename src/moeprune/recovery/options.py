@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from moeprune.data.corpora import parse_corpus
@@ -54,7 +54,6 @@ class RecoveryOptions:
     teacher_top_k: int = DEFAULT_TEACHER_TOP_K
     merge_tokens: int = DEFAULT_MERGE_TOKENS
     checkpointing: bool | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -100,7 +99,6 @@ class RecoveryOptions:
     def to_json(self) -> dict[str, Any]:
         """The settings as recorded in masks, model cards and experiment.json (what makes a result)."""
         out = asdict(self)
-        out.pop("extra")
         out["corpora"] = list(self.corpora) if self.corpora is not None else None
         out["data_seed"] = self.data_seed
         return out
