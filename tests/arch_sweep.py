@@ -8,6 +8,9 @@ logits at -inf, or their choice bias at -inf for sigmoid routers with a correcti
 
 :func:`run_reconstruction_case` plans ``expert-sparsity`` instead: its routing guard passes, or refuses.
 
+:func:`run_recovery_case` runs router-kd on the REAP mask (a few steps on random tokens) and asks merge
+whether it can merge the layout.
+
 Used by tests/test_architecture_sweep.py and scripts/support_matrix.py (which writes docs/support_matrix.md).
 """
 
@@ -239,6 +242,68 @@ def _block_output(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     out = block(hidden[None])
     out = out[0] if isinstance(out, tuple) else out
     return out.reshape(-1, out.shape[-1])
+
+
+def run_recovery_case(model_type: str) -> tuple[CaseResult, CaseResult]:
+    """(router-kd, merge) on ``model_type``'s tiny model under the REAP 50% mask.
+
+    router-kd "exact": it trains at least one tensor, only routing tensors (router weight or bias, a
+    shared-expert gate), the trained tensors change the pruned model's KL, and the dense model is left
+    bit-identical; the reason says when the KL rose (a few steps on random tokens of a random tiny model
+    is no promise of descent: phimoe's and zaya's did). merge: "exact"
+    when ``merge_supported`` accepts the layout and a merge delta replaces only kept experts' tensors of
+    the pruned model, "refused" with its reason."""
+    from moeprune.recovery import RecoveryOptions, apply_delta, recover
+    from moeprune.recovery.router_kd import routing_parameters
+    from moeprune.surgery import masked
+
+    try:
+        spec_for(tiny_config(model_type))
+        model = build_model(model_type)
+        mask = plan(_profile(model), "reap", 0.5)
+    except MoePruneError as err:
+        refused = CaseResult(model_type, "refused", str(err))
+        return refused, refused
+    except Exception as err:  # noqa: BLE001 - reported as a traceback, never as a result
+        failed = _error_result(model_type, err)
+        return failed, failed
+    windows = {"random": torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(3))}
+    results = []
+    for kind in ("router-kd", "merge"):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        try:
+            options = RecoveryOptions(kind=kind, epochs=3, batch_size=2, samples=4, seq_len=16)
+            found = recover(model, mask, options, windows=windows, progress=False)
+            with masked(model, mask):
+                allowed = set(routing_parameters(model)) if kind == "router-kd" else _expert_names(model)
+                apply_delta(model, found.delta)
+        except MoePruneError as err:
+            results.append(CaseResult(model_type, "refused", str(err)))
+            continue
+        except Exception as err:  # noqa: BLE001
+            results.append(_error_result(model_type, err))
+            continue
+        after = model.state_dict()
+        wrong = [k for k in before if not torch.equal(before[k], after[k])]
+        outside = sorted(set(found.delta) - allowed)
+        kd = found.record.get("router_kd") or {"kl_before": {}, "kl_after": {}}
+        before_kl, after_kl = kd["kl_before"].get("random"), kd["kl_after"].get("random")
+        unused = kind == "router-kd" and before_kl == after_kl
+        if wrong or outside or (kind == "router-kd" and not found.delta) or unused:
+            why = f"changed {wrong[:2]}" if wrong else f"replaced {outside[:2]}" if outside else \
+                "the trained tensors do not change the output" if unused else "nothing trained"
+            results.append(CaseResult(model_type, "wrong", why))
+        else:
+            rose = kind == "router-kd" and after_kl > before_kl
+            results.append(CaseResult(model_type, "exact", f"KL rose {before_kl:.3g} -> {after_kl:.3g}" if rose
+                                      else ""))
+    return results[0], results[1]
+
+
+def _expert_names(model: nn.Module) -> set[str]:
+    names = {id(m): n for n, m in model.named_modules()}
+    return {f"{names[id(m)]}.{a}" for layer in moe_layers(model) for m in layer.experts.modules()
+            for a, p in m._parameters.items() if p is not None}
 
 
 @torch.no_grad()
