@@ -159,3 +159,14 @@ def test_ergo_router_logits_round_the_weight_as_the_model_does() -> None:
         unrounded = torch.nn.functional.linear(hidden.float(), gate.linear.weight)
         assert torch.equal(router_logits(layer, hidden), own) and not torch.equal(unrounded, own)
     assert torch.equal(router_bias(layer), gate.e_score_correction_bias.float())
+
+
+def test_ergo_is_refused_by_model_free_apply_whose_name_rules_miss_its_post_norm(tmp_path: Path) -> None:
+    # gate.linear.weight is no router name the shard rules know, so the unsliced experts.post_expert_norm.weight
+    # can never be written: plain apply (above, in the sweep) is the way.
+    from moeprune.surgery.shards import prune_checkpoint_files
+
+    model = build_model("ergo")
+    model.save_pretrained(tmp_path / "source")
+    with pytest.raises(MoePruneError, match=r"no router weight .* Use plain `moeprune apply`"):
+        prune_checkpoint_files(tmp_path / "source", make_mask(model), tmp_path / "out", progress=False)
