@@ -108,6 +108,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "qwen4_exp_text": dict(layer_types=["linear_attention", "indexed_attention", "linear_attention"],
                            indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8,
                            indexer_compress_ratio=2),
+    # NVFP4-rounded keys and values need head_dim % 16 == 0; its indexer scores with the query heads of key head 0.
+    "kolibri1_1": dict(head_dim=16, index_num_heads=2, mlp_only_layers=[0]),
     "inkling2_text": dict(unpadded_vocab_size=128),
     "inkling2_loop_text": dict(unpadded_vocab_size=128),
     "lfm2_moe": dict(num_dense_layers=1, layer_types=["conv", "full_attention", "conv"]),
@@ -416,6 +418,8 @@ def _keys(values: dict[str, Any]) -> list[str]:
 def _spread_weights(model: nn.Module) -> None:
     """Decisive, varied routing: larger random router rows, small random expert biases."""
     for name, param in model.named_parameters():
+        if "norm" in name and param.dim() == 2 and param.shape[0] == 8:  # a per-expert norm (Ergo's post_expert_norm)
+            param.uniform_(0.5, 1.5)  # rows differ, so a norm row left unsliced changes the logits
         if "norm" in name or param.dim() == 0:
             continue
         param.normal_(0.0, 0.5 if param.dim() == 2 and param.shape[0] in (8, 9) and "expert" not in name else 0.1)
