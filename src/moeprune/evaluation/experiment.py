@@ -535,6 +535,7 @@ def experiment_options(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": pick("batch_size", 4),
         "ppl_datasets": pick("ppl", preset.ppl_datasets),
         "ppl_seq_len": pick("ppl_seq_len", preset.eval_ppl_seq_len),
+        "max_windows": pick("ppl_windows", None),
         "ppl_sources": parse_ppl_data(pick("ppl_data", None)),
         "tasks": pick("tasks", _listed(preset.tasks)),
         "limit": pick("limit", None),
