@@ -425,6 +425,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
         default=None,
         help="perplexity window (default: min(2048, max positions); bundled: 256)",
     )
+    _ppl_windows_option(p)
     _ppl_data_option(p)
     p.add_argument(
         "--tasks",
@@ -450,6 +451,7 @@ def _run_eval(args: argparse.Namespace) -> None:
         mask=args.mask,
         ppl_datasets=args.ppl,
         seq_len=args.ppl_seq_len,
+        max_windows=args.ppl_windows,
         tasks=args.tasks,
         limit=args.limit,
         batch_size=args.eval_batch_size,
@@ -483,6 +485,7 @@ def _add_experiment(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="calibration tokens per sequence")
     p.add_argument("--ppl", nargs="*", default=None, help="perplexity datasets")
     p.add_argument("--ppl-seq-len", type=int, default=None, help="perplexity window")
+    _ppl_windows_option(p)
     p.add_argument("--tasks", nargs="*", default=None, help="zero-shot tasks")
     p.add_argument("--limit", type=int, default=None, help="examples per task")
     _ppl_data_option(p)
@@ -530,6 +533,29 @@ def _ppl_data_option(p: argparse.ArgumentParser) -> None:
         metavar="NAME=PATH",
         help="local files replacing hub perplexity data, e.g. wikitext2=wiki.test.raw c4=c4-validation.json.gz",
     )
+
+
+def _ppl_windows_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ppl-windows",
+        type=_positive_int("--ppl-windows"),
+        default=None,
+        metavar="N",
+        help="perplexity on the first N windows of each dataset's test split (default: all)",
+    )
+
+
+def _positive_int(flag: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes a whole number, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be at least 1, got {value}")
+        return value
+
+    return parse
 
 
 def _force_option(p: argparse.ArgumentParser) -> None:

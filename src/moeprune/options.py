@@ -221,7 +221,7 @@ class EvalSettings(_Keyed):
         if self.tasks is not None and not isinstance(self.tasks, str):
             object.__setattr__(self, "tasks", tuple(self.tasks))
         check_count(self.ppl_seq_len, "--ppl-seq-len", optional=True)
-        check_count(self.max_windows, "max_windows", optional=True)
+        check_count(self.max_windows, "--ppl-windows", optional=True)
         if self.limit is not None and (not _number(self.limit) or self.limit < 1):
             raise at_least_one("--limit", self.limit)
         if _number(self.eval_batch_size):  # a word ("auto", "auto:4") is lm-eval's to parse
@@ -240,12 +240,13 @@ class EvalSettings(_Keyed):
     @classmethod
     def from_args(cls, args: argparse.Namespace, preset: Preset | None = None,
                   ppl_sources: Mapping[str, str] | None = None) -> EvalSettings:
-        """From --ppl/--ppl-seq-len/--tasks/--limit/--eval-batch-size over ``preset``; ``ppl_sources``: the
-        parsed --ppl-data."""
+        """From --ppl/--ppl-seq-len/--ppl-windows/--tasks/--limit/--eval-batch-size over ``preset``;
+        ``ppl_sources``: the parsed --ppl-data."""
         return cls.from_preset(
             _preset(args, preset),
             ppl_datasets=getattr(args, "ppl", None),
             ppl_seq_len=getattr(args, "ppl_seq_len", None),
+            max_windows=getattr(args, "ppl_windows", None),
             ppl_sources=ppl_sources,
             tasks=getattr(args, "tasks", None),
             limit=getattr(args, "limit", None),

@@ -495,6 +495,7 @@ def experiment_options(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": calibration.batch_size,
         "ppl_datasets": evaluation.ppl_datasets,
         "ppl_seq_len": evaluation.ppl_seq_len,
+        "max_windows": evaluation.max_windows,
         "ppl_sources": evaluation.ppl_sources,
         "tasks": evaluation.tasks if isinstance(evaluation.tasks, str) else listed(evaluation.tasks),
         "limit": evaluation.limit,
