@@ -26,7 +26,7 @@ PACKAGE = SRC / "moeprune"
 
 # Ground floor first. Rooms on one floor may import each other (the circle check still holds).
 FLOORS: tuple[tuple[str, ...], ...] = (
-    ("", "errors", "bundled", "models", "presets"),  # "" is moeprune/__init__.py (only __version__)
+    ("", "errors", "bundled", "models", "presets", "options"),  # "" is moeprune/__init__.py (only __version__)
     ("io", "data", "arch", "loading"),
     ("profiling",),
     ("planning",),
@@ -45,11 +45,9 @@ KNOWN_UPWARD: set[str] = {
     "moeprune.api -> moeprune.evaluation.perplexity",
 }
 # Known circles (issue 20), each the sorted files of one strongly connected component.
-KNOWN_CIRCLES: set[tuple[str, ...]] = {
-    ("moeprune.planning", "moeprune.planning.tb_coverage"),
-}
+KNOWN_CIRCLES: set[tuple[str, ...]] = set()
 KNOWN_PRIVATE: set[str] = set()
-MAX_FUNCTION_LEVEL = 96  # 137 before issue 20; lower it as they go
+MAX_FUNCTION_LEVEL = 88  # 137 before issue 20; lower it as they go
 
 
 def _module(path: Path) -> str:

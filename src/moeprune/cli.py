@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from moeprune.errors import MoePruneError
+from moeprune.options import Calibration, ReconstructionOptions
 from moeprune.presets import RECOVERY_KINDS, help_default, preset_for
 
 EXAMPLES = {
@@ -228,9 +229,9 @@ def recovery_from_args(args: argparse.Namespace):
 
 
 def _methods() -> list[str]:
-    from moeprune.planning import METHODS
+    from moeprune.planning import registry
 
-    return list(METHODS)
+    return registry.names()
 
 
 # ------------------------------------------------------------------------------------------------ verbs
@@ -255,14 +256,14 @@ def _run_profile(args: argparse.Namespace) -> None:
     from moeprune import api
 
     _init_distributed()
-    calibration = _calibration(args)
+    calibration = Calibration.from_args(args)
     prof = api.profile(
         args.model,
-        calibration["corpora"],
+        calibration.corpora,
         args.out,
-        samples=calibration["samples"],
-        seq_len=calibration["seq_len"],
-        batch_size=args.batch_size,
+        samples=calibration.samples,
+        seq_len=calibration.seq_len,
+        batch_size=calibration.batch_size,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         sequential=args.sequential,
@@ -298,7 +299,7 @@ def _run_plan(args: argparse.Namespace) -> None:
         protect_budget=args.protect_budget,
         candidate=args.candidate,
         model=args.model,
-        reconstruction=_recon(args),
+        reconstruction=ReconstructionOptions.from_args(args),
         score_corpus=args.reap_corpus,
         progress=_progress(args),
     )
@@ -380,21 +381,21 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
 def _run_prune(args: argparse.Namespace) -> None:
     from moeprune import api
 
-    calibration = _calibration(args)
+    calibration = Calibration.from_args(args)
     out = api.prune(
         args.model,
         args.retain,
         args.out,
         method=args.method,
-        corpora=calibration["corpora"],
+        corpora=calibration.corpora,
         workdir=args.workdir,
-        samples=calibration["samples"],
-        seq_len=calibration["seq_len"],
-        batch_size=args.batch_size,
+        samples=calibration.samples,
+        seq_len=calibration.seq_len,
+        batch_size=calibration.batch_size,
         seed=args.seed,
         protect_budget=args.protect_budget,
         candidate=args.candidate,
-        reconstruction=_recon(args),
+        reconstruction=ReconstructionOptions.from_args(args),
         dtype=args.dtype,
         device=args.device,
         trust_remote_code=args.trust_remote_code,
@@ -621,17 +622,6 @@ def _silence_library_progress() -> None:
     datasets.disable_progress_bars()
 
 
-def _calibration(args: argparse.Namespace) -> dict:
-    """Explicit flags win; otherwise the preset of the model (the bundled testbed has a fast one)."""
-    preset = preset_for(args.model)
-    return {
-        "corpora": args.corpora or list(preset["corpora"]),
-        # "is None", not "or": --samples 0 is an error (validation), never the default.
-        "samples": preset["samples"] if args.samples is None else args.samples,
-        "seq_len": preset["seq_len"] if args.seq_len is None else args.seq_len,
-    }
-
-
 def _eval_batch_size(text: str) -> int | str:
     from moeprune.evaluation.zeroshot import eval_batch_size
 
@@ -643,21 +633,6 @@ def _eval_batch_size(text: str) -> int | str:
 
 def _plan_seed(args: argparse.Namespace) -> int:
     return args.plan_seed if args.plan_seed is not None else getattr(args, "seed", 0) or 0
-
-
-def _recon(args: argparse.Namespace) -> dict:
-    preset = preset_for(getattr(args, "model", None) or "")
-    return {
-        "corpus": args.recon_corpus,
-        "samples": preset["recon_samples"] if args.recon_samples is None else args.recon_samples,
-        "seq_len": preset["recon_seq_len"] if args.recon_seq_len is None else args.recon_seq_len,
-        "tokenizer": getattr(args, "tokenizer", None),
-        "loss": args.recon_loss or preset["recon_loss"],
-        "tokens": args.recon_tokens,
-        "dtype": args.dtype,
-        "device": args.device,
-        "trust_remote_code": args.trust_remote_code,
-    }
 
 
 def _init_distributed() -> None:

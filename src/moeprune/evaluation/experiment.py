@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from moeprune.errors import MoePruneError
 from moeprune.evaluation.zeroshot import reuse_lm_eval
 from moeprune.io import write_json_atomic
 from moeprune.loading import config_hash
+from moeprune.options import Calibration, EvalSettings, ReconstructionOptions, flag_or, listed
 from moeprune.planning.mask import ExpertMask, kept_count
 from moeprune.presets import PAPER, PRESETS, preset_for, preset_name
 from moeprune.recovery import (
@@ -52,9 +54,9 @@ REAP_PROFILE = "profile-reap"  # its own profile, so the generic methods never s
 
 
 def all_methods() -> list[str]:
-    from moeprune.planning import METHODS
+    from moeprune.planning import registry
 
-    return list(METHODS)
+    return registry.names()
 
 
 def run_experiment(
@@ -80,7 +82,7 @@ def run_experiment(
     reap_corpus: str | None = None,
     reap_samples: int = 128,
     reap_seq_len: int = 2048,
-    reconstruction: dict[str, Any] | None = None,
+    reconstruction: ReconstructionOptions | Mapping[str, Any] | None = None,
     dtype: str = "auto",
     device: str | None = None,
     trust_remote_code: bool = False,
@@ -105,6 +107,9 @@ def run_experiment(
     from moeprune.loading import checked_model, checked_tokenizer  # lazy: loading pulls in transformers
 
     out = Path(out_dir)
+    recon = ReconstructionOptions.coerce(reconstruction)
+    Calibration(tuple(corpora), samples, seq_len, batch_size)  # the CLI's rules, before the model loads
+    EvalSettings(tuple(ppl_datasets), ppl_seq_len, ppl_sources, max_windows, tasks, limit, eval_batch_size)
     methods = list(methods or all_methods())
     loaded = checked_model(model, dtype, device, trust_remote_code)
     tokenizer = checked_tokenizer(tokenizer, loaded, trust_remote_code)
@@ -124,7 +129,7 @@ def run_experiment(
         "batch_size": batch_size,
         "protect_budget": protect_budget,
         "candidate": candidate,
-        "reconstruction": {k: v for k, v in (reconstruction or {}).items() if k != "device"},
+        "reconstruction": recon.to_json(),
     }
     if reap_corpus and "reap" in methods:  # recorded only when used, so older experiment.json files still match
         calibration["reap_corpus"] = {"corpus": reap_corpus, "samples": reap_samples, "seq_len": reap_seq_len}
@@ -142,8 +147,8 @@ def run_experiment(
     _check_settings(out, settings)
     _remove_orphans(out)
     _profile(loaded, tokenizer, out, calibration, progress)
-    recon = {**(reconstruction or {}), "tokenizer": tokenizer}  # not in the settings: an object
-    masks = plan_grid(out, loaded, retains, methods, seeds, calibration, recon, progress)
+    # The tokenizer is not in the settings (an object), only in what the reconstruction uses.
+    masks = plan_grid(out, loaded, retains, methods, seeds, calibration, replace(recon, tokenizer=tokenizer), progress)
     cells = evaluate_grid(loaded, tokenizer, out, masks, eval_settings, progress, kinds, recovery)
     files = write_outputs(out, settings, cells, plots=plots)
     return {"settings": settings, "cells": cells, "files": {k: str(v) for k, v in files.items()}}
@@ -200,31 +205,32 @@ def plan_grid(
     methods: Sequence[str],
     seeds: Sequence[int],
     calibration: dict[str, Any],
-    reconstruction: dict[str, Any],
+    reconstruction: ReconstructionOptions,
     progress: bool = True,
 ) -> list[tuple[Path, ExpertMask]]:
     """Every mask of the grid as (file, mask); masks already in ``out/masks`` are loaded, not re-planned."""
-    from moeprune.planning import SEEDED
+    from moeprune.api import variant_filename
+    from moeprune.planning import registry
 
     planned: list[tuple[Path, ExpertMask]] = []
-    es_masks: dict[float, ExpertMask] = {}
-    # expert-sparsity first: tb-coverage with its default candidate reuses those selections.
-    order = sorted(methods, key=lambda m: 0 if m == "expert-sparsity" else 1)
+    model_masks: dict[str, dict[float, ExpertMask]] = {}
+    # Model-chosen methods (expert-sparsity) first: tb-coverage with that candidate reuses their selections.
+    order = sorted(methods, key=lambda m: 0 if registry.method_spec(m).needs_model else 1)
     for method in order:
-        for seed in seeds if method in SEEDED else [None]:
+        for seed in seeds if registry.method_spec(method).seeded else [None]:
             for variant, options in _variants(method, calibration):
-                paths = [out / "masks" / _mask_name(variant, r, seed) for r in retains]
+                paths = [out / "masks" / variant_filename(variant, r, seed) for r in retains]
                 if all(p.exists() for p in paths):
                     masks = [ExpertMask.load(p) for p in paths]
                 else:
-                    masks = _plan(out, model, method, retains, seed, calibration, reconstruction, es_masks, progress,
+                    masks = _plan(out, model, method, retains, seed, calibration, reconstruction, model_masks, progress,
                                   **options)
                     for path, mask in zip(paths, masks, strict=True):
                         if variant != mask.variant:
                             mask.extra["variant"] = variant
                         mask.save(path)
-                if method == "expert-sparsity":
-                    es_masks = {m.retain: m for m in masks}
+                if registry.method_spec(method).needs_model:
+                    model_masks[method] = {m.retain: m for m in masks}
                 planned.extend(zip(paths, masks, strict=True))
     # Table order: by method as the user listed them.
     return sorted(planned, key=lambda pm: (list(methods).index(pm[1].method), pm[1].retain, pm[1].seed or 0))
@@ -239,22 +245,20 @@ def budgets_of(protect_budget: int | str | Sequence[int | str] | None) -> list[i
 
 def _variants(method: str, calibration: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(variant, _plan options) per row the method gets: one, or one per B of a sweep, or REAP twice."""
-    if method == "tb-coverage":
+    from moeprune.planning import registry
+
+    spec = registry.method_spec(method)
+    if spec.protects:
         budgets = budgets_of(calibration["protect_budget"])
         if len(budgets) == 1:
             return [(method, {"budget": budgets[0]})]
         return [(f"{method}@B{b}", {"budget": b}) for b in budgets]
-    if method == "reap" and calibration.get("reap_corpus"):
+    if spec.one_corpus and calibration.get("reap_corpus"):
         from moeprune.data.corpora import parse_corpus
 
         name = parse_corpus(calibration["reap_corpus"]["corpus"]).name
-        return [(method, {}), (f"reap@{name}", {"profile": REAP_PROFILE, "score_corpus": name})]
+        return [(method, {}), (f"{method}@{name}", {"profile": REAP_PROFILE, "score_corpus": name})]
     return [(method, {})]
-
-
-def _mask_name(method: str, retain: float, seed: int | None) -> str:
-    # Same name as api.mask_filename gives the planned mask (seed recorded only for seeded methods).
-    return f"{method}-{retain:.2f}" + (f"-seed{seed}" if seed is not None else "") + ".json"
 
 
 def _plan(
@@ -264,69 +268,34 @@ def _plan(
     retains: Sequence[float],
     seed: int | None,
     calibration: dict[str, Any],
-    reconstruction: dict[str, Any],
-    es_masks: dict[float, ExpertMask],
+    reconstruction: ReconstructionOptions,
+    model_masks: dict[str, dict[float, ExpertMask]],
     progress: bool,
     budget: int | str | None = None,
     profile: str = "profile",
     score_corpus: str | None = None,
 ) -> list[ExpertMask]:
     from moeprune import api
-    from moeprune.profiling.stats import Profile
+    from moeprune.planning import registry
 
-    candidate = calibration["candidate"]
-    if method == "tb-coverage" and candidate in (None, "expert-sparsity") and all(r in es_masks for r in retains):
-        # The same candidate plan_many would compute, without a second reconstruction search.
-        prof = Profile.load(out / "profile")
-        held_out = _held_out(prof, model) if budget == "auto" else None
-        return [_tb_from_candidate(prof, es_masks[r], budget, model, held_out) for r in retains]
+    spec = registry.method_spec(method)
+    candidate = calibration["candidate"] if spec.protects else None
+    # A candidate this grid already planned (expert-sparsity) is reused, not searched for a second time.
+    planned = model_masks.get(registry.candidate_of(method, candidate) or "", {})
+    reuse = spec.protects and all(r in planned for r in retains)
     return api.plan_many(
         out / profile,
         method,
         list(retains),
         seed=seed or 0,
-        protect_budget=budget if method == "tb-coverage" else None,
-        candidate=candidate if method == "tb-coverage" else None,
+        protect_budget=budget if spec.protects else None,
+        candidate=candidate,
         model=model,
         reconstruction=reconstruction,
         score_corpus=score_corpus,
         progress=progress,
+        candidate_masks={r: planned[r] for r in retains} if reuse else None,
     )
-
-
-def _held_out(prof: Any, model: Any) -> dict[str, Any]:
-    from moeprune.loading import checked_tokenizer  # lazy: loading pulls in transformers
-    from moeprune.planning import auto_budget
-
-    return auto_budget.held_out_sets(prof, checked_tokenizer(None, model, False))
-
-
-def _tb_from_candidate(
-    prof: Any, candidate: ExpertMask, budget: int | str | None, model: Any = None, held_out: dict | None = None
-) -> ExpertMask:
-    """TB-Coverage on a planned expert-sparsity mask, recorded as api.plan_many records it."""
-    from moeprune.planning import auto_budget, paper_protect_budget, plan
-
-    def plan_with(b: int | None) -> ExpertMask:
-        return plan(
-            prof,
-            "tb-coverage",
-            candidate.retain,
-            protect_budget=b,
-            candidate="expert-sparsity",
-            candidate_masks={layer: candidate.kept(layer) for layer in candidate.layers},
-        )
-
-    if budget == auto_budget.AUTO:
-        k, paper = candidate.kept_per_layer, paper_protect_budget(prof.num_experts)
-        mask = auto_budget.choose(plan_with, k, paper, model, held_out or {})
-    else:
-        mask = plan_with(budget)
-    for layer, lm in candidate.layers.items() if mask.candidate_used else ():
-        for key in ("reconstruction_loss", "search"):
-            if key in lm.extra:
-                mask.layers[layer].extra[f"candidate_{key}"] = lm.extra[key]
-    return mask
 
 
 def cell_id(mask: ExpertMask | None, recover: str = "none") -> str:
@@ -514,49 +483,37 @@ def experiment_options(args: argparse.Namespace) -> dict[str, Any]:
     """``run_experiment`` keyword arguments from the CLI: explicit flags win over the preset, and without
     ``--preset`` the model picks one (the bundled testbed gets the fast one)."""
     preset = PRESETS[args.preset or preset_name(args.model)]
-    pick = _picker(args)
-    recon = {
-        "corpus": pick("recon_corpus", None),
-        "samples": pick("recon_samples", preset.recon_samples),
-        "seq_len": pick("recon_seq_len", preset.recon_seq_len),
-        "loss": pick("recon_loss", preset.recon_loss),
-        "tokens": pick("recon_tokens", None),
-        "dtype": args.dtype,
-        "device": args.device,
-        "trust_remote_code": args.trust_remote_code,
-    }
+    calibration = Calibration.from_args(args, preset)
+    evaluation = EvalSettings.from_args(args, preset, parse_ppl_data(getattr(args, "ppl_data", None)))
     return {
-        "retains": pick("retain", preset.retains),
-        "methods": pick("methods", None),
-        "seeds": pick("seeds", preset.seeds),
-        "corpora": pick("corpora", preset.corpora),
-        "samples": pick("samples", preset.samples),
-        "seq_len": pick("seq_len", preset.seq_len),
-        "batch_size": pick("batch_size", 4),
-        "ppl_datasets": pick("ppl", preset.ppl_datasets),
-        "ppl_seq_len": pick("ppl_seq_len", preset.eval_ppl_seq_len),
-        "max_windows": pick("ppl_windows", None),
-        "ppl_sources": parse_ppl_data(pick("ppl_data", None)),
-        "tasks": pick("tasks", _listed(preset.tasks)),
-        "limit": pick("limit", None),
-        "eval_batch_size": pick("eval_batch_size", 8),
-        "protect_budget": _single(pick("protect_budget", None)),
-        "candidate": pick("candidate", None),
-        "reap_corpus": _none_if_off(pick("reap_corpus", preset.reap_corpus)),
-        "reap_samples": pick("reap_samples", preset.reap_samples),
-        "reap_seq_len": pick("reap_seq_len", preset.reap_seq_len),
-        "reconstruction": recon,
+        "retains": flag_or(args, "retain", preset.retains),
+        "methods": getattr(args, "methods", None),
+        "seeds": flag_or(args, "seeds", preset.seeds),
+        "corpora": calibration.corpora,
+        "samples": calibration.samples,
+        "seq_len": calibration.seq_len,
+        "batch_size": calibration.batch_size,
+        "ppl_datasets": evaluation.ppl_datasets,
+        "ppl_seq_len": evaluation.ppl_seq_len,
+        "max_windows": evaluation.max_windows,
+        "ppl_sources": evaluation.ppl_sources,
+        "tasks": evaluation.tasks if isinstance(evaluation.tasks, str) else listed(evaluation.tasks),
+        "limit": evaluation.limit,
+        "eval_batch_size": evaluation.eval_batch_size,
+        "protect_budget": _single(getattr(args, "protect_budget", None)),
+        "candidate": getattr(args, "candidate", None),
+        "reap_corpus": _none_if_off(flag_or(args, "reap_corpus", preset.reap_corpus)),
+        "reap_samples": flag_or(args, "reap_samples", preset.reap_samples),
+        "reap_seq_len": flag_or(args, "reap_seq_len", preset.reap_seq_len),
+        # The tokenizer travels beside it (run_experiment loads it once), not inside.
+        "reconstruction": replace(ReconstructionOptions.from_args(args, preset), tokenizer=None),
         "dtype": args.dtype,
         "device": args.device,
         "trust_remote_code": args.trust_remote_code,
-        "tokenizer": pick("tokenizer", None),
-        "recover": pick("recover", ["none"]),
+        "tokenizer": getattr(args, "tokenizer", None),
+        "recover": flag_or(args, "recover", ["none"]),
         "recovery": RecoveryOptions.from_args(args, preset, kind="none"),
     }
-
-
-def _listed(tasks: tuple[str, ...] | None) -> list[str] | None:
-    return None if tasks is None else list(tasks)
 
 
 def _single(values: Any) -> Any:
@@ -566,15 +523,6 @@ def _single(values: Any) -> Any:
 
 def _none_if_off(corpus: str | None) -> str | None:
     return None if corpus is None or corpus.lower() in ("none", "off", "") else corpus
-
-
-def _picker(args: argparse.Namespace):
-    # getattr: flags the parser may not define yet fall back to the preset.
-    def pick(name: str, default: Any) -> Any:
-        value = getattr(args, name, None)
-        return default if value is None else value
-
-    return pick
 
 
 def parse_ppl_data(items: Sequence[str] | None) -> dict[str, str] | None:

@@ -23,16 +23,6 @@ from typing import Any
 from moeprune.evaluation.coverage import recovery_table
 
 DENSE = "dense"
-METHOD_NAMES = {
-    DENSE: "Dense",
-    "random": "Random",
-    "frequency": "Frequency",
-    "reap": "REAP",
-    "mean-score": "Mean-score",
-    "max-score": "Max-score",
-    "expert-sparsity": "ExpertSparsity",
-    "tb-coverage": "TB-Coverage",
-}
 DATASET_NAMES = {"wikitext2": "WikiText2", "c4": "C4"}
 TASK_NAMES = {
     "arc_challenge": "ARC-c",
@@ -104,6 +94,13 @@ def candidate_unused(cell: Mapping[str, Any]) -> bool:
     return budget is not None and kept is not None and budget >= kept
 
 
+def _name(method: str) -> str:
+    """The method as tables print it (its registry label; "Dense" for the unpruned model)."""
+    from moeprune.planning import registry  # lazy: planning pulls in torch, a report reads only result files
+
+    return "Dense" if method == DENSE else registry.label(method)
+
+
 def split_recovery(variant: str) -> tuple[str, str]:
     """``reap+router-kd`` -> ("reap", "router-kd"); a plain variant -> (variant, "none")."""
     base, _, kind = variant.partition("+")
@@ -118,16 +115,19 @@ def recovery_of(cell: Mapping[str, Any]) -> str:
 def method_label(variant: str, variants: Sequence[str] = ()) -> str:
     """``reap@code`` -> "REAP (code)", ``tb-coverage@B4`` -> "TB-Coverage (B=4)", ``reap+router-kd`` ->
     "REAP + Router KD"; plain REAP is "REAP (generic)" when a corpus-calibrated REAP is in the same table."""
+    from moeprune.planning import registry  # lazy: planning pulls in torch, a report reads only result files
+
     variant, kind = split_recovery(variant)
     if kind != "none":
         return f"{method_label(variant, variants)} + {RECOVERY_NAMES.get(kind, kind)}"
     method, _, detail = variant.partition("@")
-    name = METHOD_NAMES.get(method, method)
-    if detail.startswith("B") and method == "tb-coverage":
+    name = _name(method)
+    spec = registry.REGISTRY.get(method)
+    if detail.startswith("B") and spec is not None and spec.protects:
         return f"{name} (B={detail[1:]})"
     if detail:
         return f"{name} ({detail})"
-    if method == "reap" and any(v.startswith("reap@") for v in variants):
+    if spec is not None and spec.one_corpus and any(v.startswith(f"{method}@") for v in variants):
         return f"{name} (generic)"
     return name
 
@@ -302,14 +302,14 @@ def _seed_rows(
     seeds: Sequence[Mapping[str, Any]], mine: Mapping[str, Any], keys, baseline: str, ours: str
 ) -> list[str]:
     label = _retain_label(mine)
-    name = METHOD_NAMES.get(baseline, baseline)
+    name = _name(baseline)
     ordered = sorted(seeds, key=lambda c: c.get("seed") or 0)
     rows = [
         _row([label, f"{name} seed {c.get('seed')}", *(_fmt(k, _value(c, k)) for k, _, _ in keys)]) for c in ordered
     ]
-    rows.append(_row([label, f"**{METHOD_NAMES.get(ours, ours)}**", *(_fmt(k, _value(mine, k)) for k, _, _ in keys)]))
+    rows.append(_row([label, f"**{_name(ours)}**", *(_fmt(k, _value(mine, k)) for k, _, _ in keys)]))
     wins = [beats(mine, ordered, k, better) for k, _, better in keys]
-    rows.append(_row([label, f"{METHOD_NAMES.get(ours, ours)} better than", *wins]))
+    rows.append(_row([label, f"{_name(ours)} better than", *wins]))
     return rows
 
 
