@@ -11,6 +11,7 @@ from moeprune.arch.view import moe_layers
 from moeprune.errors import MoePruneError
 from moeprune.recovery.merge import merge_delta, merge_supported
 from moeprune.surgery.slicing import masked
+from tests.arch_sweep import moe_model_types
 from tests.surgery import KEPT_SETS, logits, make_mask, max_diff
 from tests.tiny_models import build_model
 
@@ -228,6 +229,17 @@ def test_experts_tensors_with_rows_past_the_routed_experts_are_refused():
     layer.experts.gate_up_proj = nn.Parameter(padded)  # 10 rows for 8 routed experts (down_proj keeps 8)
     reason = merge_supported(model)
     assert reason is not None and "10 rows for 8 routed experts" in reason and "\n" not in reason
+
+
+def test_per_expert_norm_inside_the_experts_is_refused():
+    """Ergo (transformers 5.25) normalises each route's output with the expert's own norm row: averaging the
+    projections while keeping one row is not a merge, so it is refused by name."""
+    from tests.arch_sweep import build_model as build_swept_model
+
+    if "ergo" not in moe_model_types():
+        pytest.skip("this transformers has no ergo")
+    reason = merge_supported(build_swept_model("ergo"))
+    assert reason is not None and "post_expert_norm" in reason and "\n" not in reason
 
 
 @pytest.mark.parametrize("windows, options, message", [

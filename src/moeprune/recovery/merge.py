@@ -273,6 +273,14 @@ def _layer_refusal(layer: MoELayer) -> str | None:
     buffers = [name for name, t in layer.experts._buffers.items() if t is not None and t.dim() > 0 and t.shape[0] == n]
     if buffers:
         return f"per-expert buffers {buffers} (not weights) cannot be averaged; use --recover none or router-kd"
+    # Ergo's per-expert post-norm lives in a submodule of the experts: it acts on each route's output, so f_e
+    # is not linear in the projections and averaging them while keeping one norm row is not a merge.
+    nested = [f"{sub}.{name}" for sub, module in layer.experts.named_modules() if sub
+              for name, t in (*module._parameters.items(), *module._buffers.items())
+              if t is not None and t.dim() > 0 and t.shape[0] == n]
+    if nested:
+        return (f"per-expert tensors {nested} sit in a submodule of the experts (a per-expert norm?), so the "
+                "expert output is not linear in the weights merging averages; use --recover none or router-kd")
     per_expert = _per_expert_parameters(layer)
     if not per_expert:
         return "no experts parameter has the expert on its first dimension"
