@@ -253,8 +253,8 @@ def instrumented(record: dict[str, Any], peaks: Peaks):
 
     from lm_eval.models.huggingface import HFLM
 
-    import moeprune.api as api
     import moeprune.evaluation as evaluation
+    import moeprune.loading as loading
     from moeprune.evaluation import experiment
 
     stages, cells = record.setdefault("stages", {}), record.setdefault("cells", [])
@@ -320,7 +320,7 @@ def instrumented(record: dict[str, Any], peaks: Peaks):
         return run
 
     stack = ExitStack()
-    stack.enter_context(patched(api, "_model", stage("load")))
+    stack.enter_context(patched(loading, "checked_model", stage("load")))  # what run_experiment loads with
     stack.enter_context(patched(experiment, "_profile", stage("profile")))
     stack.enter_context(patched(experiment, "plan_grid", stage("plan")))
     stack.enter_context(patched(experiment, "_plan", plan_method))
@@ -591,10 +591,10 @@ def main() -> None:
                 if run:
                     builds[layers], runs[layers] = build, run
         if runs:
-            print_model_table(name, runs, builds)
             raw[name] = {"builds": builds, "runs": runs}
-    if args.json:
-        Path(args.json).write_text(json.dumps(raw, indent=1))
+            if args.json:  # the measurements first: a table that fails to print can be printed with --report
+                Path(args.json).write_text(json.dumps(raw, indent=1))
+            print_model_table(name, runs, builds)
 
 
 if __name__ == "__main__":
