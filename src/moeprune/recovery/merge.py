@@ -262,7 +262,7 @@ def _layer_refusal(layer: MoELayer) -> str | None:
         return (f"its '{layout}' expert layout has no per-expert weight tensors to average (merging supports "
                 f"{', '.join(MERGEABLE_LAYOUTS)}); use --recover none or router-kd")
     if layout == "modulelist":
-        return _modulelist_refusal(layer)
+        return _modulelist_refusal(layer) or _probe_refusal(layer)
     n = layer.num_experts
     own = [(name, t) for name, t in (*layer.experts._parameters.items(), *layer.experts._buffers.items())
            if t is not None and t.dim() > 0]
@@ -287,6 +287,20 @@ def _layer_refusal(layer: MoELayer) -> str | None:
     not_float = [name for name, p in per_expert.items() if not p.is_floating_point()]
     if not_float:
         return f"experts parameters {not_float} are not floating point (quantised?) and cannot be averaged"
+    return _probe_refusal(layer)
+
+
+@torch.no_grad()
+def _probe_refusal(layer: MoELayer) -> str | None:
+    """Merging compares experts by their outputs f_e(h): an expert that moeprune cannot run on its own
+    (e.g. Inkling 2's experts, whose forward takes more than the hidden states) is refused here, not as a
+    traceback halfway through. Runs on one token, also on a meta-device skeleton."""
+    weight = layer.router.weight
+    probe = torch.zeros(1, weight.shape[-1], dtype=weight.dtype, device=weight.device)
+    try:
+        layer.expert_forward(0, probe)
+    except Exception as err:  # any failure of the model's own expert code means: not mergeable here
+        return f"its experts cannot be run one at a time ({type(err).__name__}: {str(err)[:80]})"
     return None
 
 
