@@ -108,3 +108,15 @@ def test_hub_sources_are_copied_from_the_local_cache(tmp_path: Path, monkeypatch
                         lambda repo, name: cached.get(name) if repo == "org/model" else None)
     assert tf.source_tokenizer_files("org/model", BUNDLED_FILES) == {"tokenizer.json": tmp_path / "tokenizer.json"}
     assert tf.source_tokenizer_files("other/model", BUNDLED_FILES) == {}
+
+
+def test_the_prune_pipeline_copies_the_tokenizer_files_too(source: Path, tmp_path: Path) -> None:
+    """``moeprune prune`` loads the tokenizer for calibration; the export still copies the files, not that object."""
+    from moeprune.cli import main
+
+    out = tmp_path / "pruned"
+    argv = ["prune", source, "--corpus", "wiki", "--samples", "4", "--seq-len", "32", "--batch-size", "2",
+            "--method", "frequency", "--retain", "0.5", "--out", out]
+    assert main([str(a) for a in argv]) == 0
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (out / name).read_bytes() == (source / name).read_bytes(), name
