@@ -6,7 +6,8 @@ of ``-c`` tokens (the tail dropped), as moeprune's ``split_windows`` does, and t
 (llama-tokenize vs the transformers tokenizer). llama.cpp scores only the second half of each chunk (token
 ``t`` predicted from logits at ``t - 1`` for ``t`` in ``c/2 + 1 .. c-1``; no BOS is inserted: the converter writes
 ``add_bos_token false``), so moeprune's side sums its per-token NLL over the same positions. Both in fp32 (the
-GGUF is converted with ``--outtype f32``). moeprune's own protocol (every token but each window's first) is
+GGUF is converted with ``--outtype f32``, from the export with its tied output layer written out: see
+``untied_copy``). moeprune's own protocol (every token but each window's first) is
 reported beside it.
 """
 
@@ -15,11 +16,13 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from moeprune.bundled import bundled_model_path
 from moeprune.evaluation.perplexity import load_eval_text, sequence_nll, split_windows, tokenize, window_nll
@@ -59,8 +62,23 @@ def converted(tmp_path_factory) -> tuple[Path, Path, dict]:
     mask = make_mask(model, kept_sets=[list(range(0, 32, 2)), list(range(1, 32, 2))], num_experts=32)
     out = export_pruned(bundled_model_path(), mask, root / "pruned", progress=False)
     gguf = root / "pruned.gguf"
-    report = json.loads(run_side(tf4, "convert_gguf.py", src, out, gguf).splitlines()[-1])
+    report = json.loads(run_side(tf4, "convert_gguf.py", src, untied_copy(out, root / "untied"), gguf).splitlines()[-1])
     return out, gguf, report
+
+
+def untied_copy(out: Path, dest: Path) -> Path:
+    """The export with its tied output layer written out (``lm_head.weight`` = the embeddings) and
+    ``tie_word_embeddings`` false: the same model, in the form llama.cpp's qwen2moe loader needs (it requires
+    ``output.weight`` and, unlike its qwen2 loader, has no fallback to the embeddings), which the converter only
+    writes for an untied checkpoint. The bundled model is tied, dense or pruned alike."""
+    shutil.copytree(out, dest)
+    config = json.loads((dest / "config.json").read_text())
+    assert config["tie_word_embeddings"] and (dest / "model.safetensors").exists()
+    state = load_file(str(dest / "model.safetensors"))
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, str(dest / "model.safetensors"), {"format": "pt"})
+    (dest / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}, indent=2))
+    return dest
 
 
 def test_converter_writes_the_pruned_expert_count(converted) -> None:

@@ -5,7 +5,7 @@ Usage: python convert_gguf.py LLAMA_CPP_DIR MODEL_DIR OUT.gguf
 The converter names a BPE tokenizer's pre-tokenizer by hashing how it splits a test string and stops on a
 hash it does not list (a new tokenizer such as the bundled model's). Only then, and only for a tokenizer whose
 pre-tokenizer is exactly GPT-2's (tokenizers' ByteLevel with its regex, no prefix space), this names it
-"gpt2", the llama.cpp pre-tokenizer with the same regex; the caller checks that llama.cpp's ids equal
+"gpt-2", the llama.cpp pre-tokenizer with the same regex; the caller checks that llama.cpp's ids equal
 transformers' on the evaluation text. Anything else still stops as the converter does.
 """
 
@@ -36,8 +36,8 @@ def get_vocab_base_pre(self, tokenizer) -> str:
     except NotImplementedError:
         if not _is_gpt2_byte_level(model):
             raise
-        print("convert_gguf: unlisted tokenizer hash; its pre-tokenizer is GPT-2's ByteLevel: using 'gpt2'")
-        return "gpt2"
+        print("convert_gguf: unlisted tokenizer hash; its pre-tokenizer is GPT-2's ByteLevel: using 'gpt-2'")
+        return "gpt-2"
 
 
 base.TextModel.get_vocab_base_pre = get_vocab_base_pre
