@@ -6,12 +6,25 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from moeprune.errors import MoePruneError
 from moeprune.models import register as register_ports
+
+# Files of which at least one makes a directory hold a tokenizer (transformers 5 silently builds an empty,
+# one-token tokenizer for a directory with none of them).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
 
 log = logging.getLogger(__name__)
 
@@ -228,3 +241,95 @@ def model_name(model: PreTrainedModel | str | Path) -> str:
 
 def is_local(model: str | Path) -> bool:
     return Path(resolve_model_path(model)).exists()
+
+
+# ------------------------------------------------------------------------------ checked loading
+def checked_model(model: Any, dtype: str = "auto", device: str | None = None, trust_remote_code: bool = False):
+    """``model`` itself when it is loaded already; else :func:`load_model` after the device and the
+    checkpoint's files are checked (a truncated download is one line, not a safetensors traceback)."""
+    if isinstance(model, torch.nn.Module):
+        return model
+    check_device(device)
+    check_checkpoint_files(model)
+    return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+def checked_tokenizer(tokenizer: Any, model: Any, trust_remote_code: bool = False):
+    """``tokenizer`` itself when it is loaded already; else the one of ``tokenizer`` (a path or hub id) or of
+    the model, refused when the folder has no tokenizer files or transformers builds an empty one."""
+    if tokenizer is None or isinstance(tokenizer, str | Path):
+        source = tokenizer or model_name(model)
+        check_tokenizer_source(str(source), None)
+        return check_tokenizer(load_tokenizer(source, trust_remote_code), source)
+    return tokenizer
+
+
+def check_device(device: str | None) -> None:
+    """A device torch knows and this machine has (``--device cuda`` on a machine without CUDA fails here)."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise MoePruneError(f"Unknown --device {device!r}: {err}. Use e.g. cpu, cuda or cuda:1.") from err
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MoePruneError(f"--device {device}: this machine has no usable CUDA GPU; use --device cpu.")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise MoePruneError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0."
+            )
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise MoePruneError(f"--device {device}: MPS is not available here; use --device cpu.")
+
+
+def check_checkpoint_files(model: Any) -> None:
+    """Every safetensors file of a local checkpoint opens (its header covers the file) and every shard the
+    index names exists."""
+    if not isinstance(model, str | Path):
+        return
+    folder = Path(resolve_model_path(model))
+    if not folder.is_dir():
+        return
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise MoePruneError(f"{index} is corrupt ({err}); re-download the checkpoint.") from err
+        missing = sorted(s for s in shards if not (folder / s).exists())
+        if missing:
+            raise MoePruneError(f"{folder} lacks the shard(s) {missing} its index names; re-download the checkpoint.")
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise MoePruneError(
+                f"{path} is truncated or corrupt ({err}); re-download or re-save the checkpoint."
+            ) from err
+
+
+def check_tokenizer_source(model: str, tokenizer: str | None) -> None:
+    """A local model folder without tokenizer files needs --tokenizer (transformers would build an empty one)."""
+    source = Path(resolve_model_path(tokenizer or model))
+    if source.is_dir() and not any((source / name).exists() for name in TOKENIZER_FILES):
+        flag = "--tokenizer" if tokenizer else "the model folder"
+        raise MoePruneError(
+            f"{flag} {source} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); pass "
+            "--tokenizer PATH_OR_ID naming the model's tokenizer."
+        )
+
+
+def check_tokenizer(tokenizer: Any, source: Any) -> Any:
+    """Refuse an empty tokenizer (transformers 5 returns one of length 1 for a folder without its files)."""
+    try:
+        size = len(tokenizer)
+    except TypeError:
+        return tokenizer
+    if size < 2:
+        raise MoePruneError(
+            f"The tokenizer loaded from {source} is empty ({size} token); the folder has no tokenizer files. "
+            "Pass --tokenizer PATH_OR_ID naming the model's tokenizer."
+        )
+    return tokenizer

@@ -12,7 +12,6 @@ import argparse
 import functools
 import json
 import logging
-import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -20,17 +19,14 @@ from typing import Any
 
 from moeprune.errors import MoePruneError
 from moeprune.io import check_output_dir, check_output_file
-
-# Files of which at least one makes a directory hold a tokenizer (transformers 5 silently builds an empty,
-# one-token tokenizer for a directory with none of them).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "spiece.model",
+from moeprune.loading import (  # noqa: F401 (check_tokenizer re-exported)
+    check_checkpoint_files,
+    check_device,
+    check_tokenizer,
+    check_tokenizer_source,
 )
+from moeprune.presets import preset_for
+
 # Flags that must be at least 1 (0 used to fall back to the preset silently).
 POSITIVE_FLAGS = (
     "samples",
@@ -122,8 +118,6 @@ def _check_profile(args: argparse.Namespace) -> None:
 
 def _effective(args: argparse.Namespace, name: str) -> Any:
     """The flag's value, or the model's preset when it is omitted (what the verb will use)."""
-    from moeprune.api import preset_for
-
     value = getattr(args, name, None)
     return preset_for(args.model).get(name) if value is None else value
 
@@ -135,6 +129,7 @@ def _check_plan(args: argparse.Namespace) -> None:
 
 def _check_apply(args: argparse.Namespace) -> None:
     from moeprune.loading import resolve_model_path
+    from moeprune.planning.fit import check_mask_for_config  # lazy: planning pulls in torch
 
     source = Path(resolve_model_path(args.model))
     if args.model_free and not source.is_dir():
@@ -156,6 +151,7 @@ def check_mask_for_checkpoint(mask: Any, folder: str | Path, *, force: bool = Fa
     """Model-free apply's check of ``mask`` against the checkpoint in ``folder``, made without its weights (the
     CLI and :func:`moeprune.surgery.shards.prune_checkpoint_files` both call it): :func:`check_mask_for_config`
     on the config transformers builds from config.json, config hash included (``force`` skips it)."""
+    from moeprune.planning.fit import check_mask_for_config  # lazy: planning pulls in torch
     config = _config_or_json(Path(folder), trust_remote_code)
     if isinstance(config, dict) and mask.extra.get("config_hash") and not force:
         _warn_hash_unchecked(str(folder))
@@ -187,6 +183,7 @@ def _config_or_json(folder: Path, trust_remote_code: bool) -> Any:
 
 def _check_prune(args: argparse.Namespace) -> None:
     from moeprune.loading import resolve_model_path
+    from moeprune.planning.fit import check_retain_for_config  # lazy: planning pulls in torch
 
     check_method(args.method, args.protect_budget, args.candidate)
     check_corpora(args.corpora)
@@ -204,12 +201,13 @@ def _check_prune(args: argparse.Namespace) -> None:
 
 
 def _reconstructs(method: str, candidate: str | None) -> bool:
-    from moeprune.api import NEEDS_MODEL, TB_COVERAGE_CANDIDATE
+    from moeprune.planning import NEEDS_MODEL, TB_COVERAGE_CANDIDATE  # lazy: planning pulls in torch
 
     return method in NEEDS_MODEL or (method == "tb-coverage" and (candidate or TB_COVERAGE_CANDIDATE) in NEEDS_MODEL)
 
 
 def _check_eval(args: argparse.Namespace) -> None:
+    from moeprune.planning.fit import check_mask_for_config  # lazy: planning pulls in torch
     if args.out:
         check_output_file(args.out)
     config = check_model(args.model, args.trust_remote_code, weights=True)
@@ -221,6 +219,7 @@ def _check_eval(args: argparse.Namespace) -> None:
 
 def _check_experiment(args: argparse.Namespace) -> None:
     from moeprune.planning import METHODS, PROTECTING
+    from moeprune.planning.fit import check_retain_for_config  # lazy: planning pulls in torch
 
     check_not_a_file(args.out)
     check_corpora(args.corpora)
@@ -263,27 +262,6 @@ def check_method(method: str, protect_budget: int | None, candidate: str | None)
         raise MoePruneError(f"Unknown candidate method {candidate!r} for tb-coverage; use one of: {', '.join(usable)}.")
 
 
-def check_device(device: str | None) -> None:
-    """A device torch knows and this machine has (``--device cuda`` on a machine without CUDA fails here)."""
-    if device is None:
-        return
-    import torch
-
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError) as err:
-        raise MoePruneError(f"Unknown --device {device!r}: {err}. Use e.g. cpu, cuda or cuda:1.") from err
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise MoePruneError(f"--device {device}: this machine has no usable CUDA GPU; use --device cpu.")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise MoePruneError(
-                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0."
-            )
-    elif parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise MoePruneError(f"--device {device}: MPS is not available here; use --device cpu.")
-
-
 def check_not_a_file(path: str | Path, flag: str = "--out") -> None:
     """An output directory that already exists as a file fails now, not at the first write."""
     from moeprune.io import check_name_length, check_writable_parent
@@ -322,64 +300,6 @@ def model_config(model: str, trust_remote_code: bool = False):
     return load_config(model, trust_remote_code)
 
 
-def check_checkpoint_files(model: Any) -> None:
-    """Every safetensors file of a local checkpoint opens (its header covers the file) and every shard the
-    index names exists."""
-    from safetensors import SafetensorError, safe_open
-
-    from moeprune.loading import resolve_model_path
-
-    if not isinstance(model, str | Path):
-        return
-    folder = Path(resolve_model_path(model))
-    if not folder.is_dir():
-        return
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise MoePruneError(f"{index} is corrupt ({err}); re-download the checkpoint.") from err
-        missing = sorted(s for s in shards if not (folder / s).exists())
-        if missing:
-            raise MoePruneError(f"{folder} lacks the shard(s) {missing} its index names; re-download the checkpoint.")
-    for path in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(path), framework="pt"):
-                pass
-        except (SafetensorError, OSError) as err:
-            raise MoePruneError(
-                f"{path} is truncated or corrupt ({err}); re-download or re-save the checkpoint."
-            ) from err
-
-
-def check_tokenizer_source(model: str, tokenizer: str | None) -> None:
-    """A local model folder without tokenizer files needs --tokenizer (transformers would build an empty one)."""
-    from moeprune.loading import resolve_model_path
-
-    source = Path(resolve_model_path(tokenizer or model))
-    if source.is_dir() and not any((source / name).exists() for name in TOKENIZER_FILES):
-        flag = "--tokenizer" if tokenizer else "the model folder"
-        raise MoePruneError(
-            f"{flag} {source} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); pass "
-            "--tokenizer PATH_OR_ID naming the model's tokenizer."
-        )
-
-
-def check_tokenizer(tokenizer: Any, source: Any) -> Any:
-    """Refuse an empty tokenizer (transformers 5 returns one of length 1 for a folder without its files)."""
-    try:
-        size = len(tokenizer)
-    except TypeError:
-        return tokenizer
-    if size < 2:
-        raise MoePruneError(
-            f"The tokenizer loaded from {source} is empty ({size} token); the folder has no tokenizer files. "
-            "Pass --tokenizer PATH_OR_ID naming the model's tokenizer."
-        )
-    return tokenizer
-
-
 def max_positions(config: Any) -> int | None:
     value = getattr(config, "max_position_embeddings", None)
     return value if isinstance(value, int) and value > 1 else None
@@ -395,96 +315,8 @@ def check_seq_len(config: Any, seq_len: int | None, flag: str) -> None:
         )
 
 
-def routing_meta(config: Any) -> dict[str, Any]:
-    """Expert count, top-k and routing groups from a config (an object or a config.json dict)."""
-    from moeprune.arch.adapters import config_value, routing_groups, spec_for
-
-    if isinstance(config, dict):
-        config = argparse.Namespace(**config)
-    spec = spec_for(config)
-    top_k = config_value(config, spec.top_k_key)
-    groups = routing_groups(config)  # any family's n_group/topk_group; None for DeepSeek-V2's greedy top-k
-    return {
-        "num_experts_key": spec.num_experts_key,
-        "num_experts": config_value(config, spec.num_experts_key),
-        "top_k": top_k if isinstance(top_k, int) else None,
-        "n_group": groups[0] if groups else None,
-        "topk_group": groups[1] if groups else None,
-        "model_type": getattr(config, "model_type", None),
-    }
-
-
-def check_retain_for_config(config: Any, retains: float | Sequence[float]) -> None:
-    """K = floor(rho * N) must reach top-k and split over routing groups: checked before profiling."""
-    from moeprune.planning.groups import expert_groups
-    from moeprune.planning.mask import kept_count
-
-    meta = routing_meta(config)
-    if not isinstance(meta["num_experts"], int):
-        return
-    for retain in [retains] if isinstance(retains, float | int) else retains:
-        kept = kept_count(retain, meta["num_experts"], meta["top_k"])
-        expert_groups(meta, meta["num_experts"], kept)
-
-
 # -------------------------------------------------------------------------------------- mask checks
 def load_mask(path: str | Path):
     from moeprune.planning.mask import ExpertMask
 
     return ExpertMask.load(path)
-
-
-def check_mask_for_config(mask: Any, config: Any, *, force: bool = False) -> None:
-    """The mask fits this model: its expert count, its config hash (unless ``force``), the router's top-k
-    and its routing groups (the same per-group count in every group)."""
-    meta = routing_meta(config)
-    if meta["num_experts"] != mask.num_experts:
-        where = f" (mask made for {mask.model!r})" if mask.model else ""
-        raise MoePruneError(
-            f"The mask is for a model with {mask.num_experts} experts per layer{where}, but this model has "
-            f"{meta['num_experts']} ({meta['num_experts_key']} in its config.json). Plan a mask from a profile of "
-            "this model."
-        )
-    check_mask_hash(mask, config, force)
-    check_mask_routable(mask, meta)
-
-
-def check_mask_hash(mask: Any, config: Any, force: bool) -> None:
-    from moeprune.loading import config_hash
-
-    recorded = mask.extra.get("config_hash")
-    if not recorded or force or isinstance(config, dict):
-        return
-    actual = config_hash(config)
-    if recorded != actual:
-        raise MoePruneError(
-            f"The mask was planned for {mask.model!r} (config hash {recorded}), but this model's config hash is "
-            f"{actual}: a mask of another model of the same shape prunes the wrong experts. Plan a mask from a "
-            "profile of this model, or pass --force if the two configs differ only in ways you know are harmless."
-        )
-
-
-def check_mask_routable(mask: Any, meta: dict[str, Any]) -> None:
-    """K >= top-k, and with grouped routing the same number kept in every group of every layer."""
-    from moeprune.planning.groups import expert_groups
-
-    top_k = meta.get("top_k")
-    if top_k is not None and mask.kept_per_layer < top_k:
-        raise MoePruneError(
-            f"The mask keeps K={mask.kept_per_layer} experts per layer, fewer than the router's top-k={top_k}; "
-            f"the pruned model could not route. Plan a mask with --retain >= "
-            f"{math.ceil(top_k / mask.num_experts * 1000) / 1000}."
-        )
-    if not meta.get("n_group") or int(meta["n_group"]) <= 1:
-        return
-    groups = expert_groups(meta, mask.num_experts, mask.kept_per_layer)
-    per_group = mask.kept_per_layer // len(groups)
-    for layer in sorted(mask.layers):
-        kept = set(mask.kept(layer))
-        counts = [len(kept.intersection(group)) for group in groups]
-        if any(count != per_group for count in counts):
-            raise MoePruneError(
-                f"Mask layer {layer} keeps {counts} experts in the router's n_group={len(groups)} routing groups, "
-                f"but every group must keep K/n_group={per_group}: an uneven mask silently regroups experts. "
-                "Plan the mask with moeprune plan, which keeps the same number inside each group."
-            )
