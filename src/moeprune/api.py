@@ -12,7 +12,8 @@ notebook and the CLI run the same code::
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,25 +24,22 @@ from moeprune.errors import MoePruneError
 from moeprune.loading import (  # noqa: F401 (re-export)
     checked_model,
     checked_tokenizer,
+    load_config,
     load_model,
     load_tokenizer,
     model_name,
     resolve_model_path,
 )
-from moeprune.planning import (  # noqa: F401 (NEEDS_MODEL, TB_COVERAGE_CANDIDATE re-exported)
-    METHODS,
-    NEEDS_MODEL,
-    TB_COVERAGE_CANDIDATE,
-    auto_budget,
-    candidate_needed,
-    paper_protect_budget,
-)
+from moeprune.options import Calibration, ReconstructionOptions
+from moeprune.planning import auto_budget, candidate_needed, paper_protect_budget, registry
 from moeprune.planning import plan as plan_from_profile
 from moeprune.planning.fit import check_mask_for_config
 from moeprune.planning.mask import ExpertMask, kept_count
 from moeprune.presets import PAPER, PRESETS, is_bundled, preset_for  # noqa: F401 (re-export)
 from moeprune.profiling.runner import ProfileSettings, profile_model
 from moeprune.profiling.stats import Profile
+from moeprune.recovery import Recovery, RecoveryOptions, check_mergeable_config, check_prunes, recovery_corpora
+from moeprune.recovery import recover as recover_loaded
 
 log = logging.getLogger("moeprune")
 
@@ -76,6 +74,7 @@ def profile(
     ``device``; ``None`` (default) does so only when a model given by name does not fit in the free GPU
     memory (of ``device``, or of all visible GPUs).
     """
+    Calibration(tuple(corpora), samples, seq_len, batch_size)  # the CLI's rules, before the model loads
     sequential_device = None
     if sequential is None and not isinstance(model, torch.nn.Module):
         sequential = not _fits(model, device, dtype, trust_remote_code)
@@ -105,7 +104,7 @@ def plan(
     protect_budget: int | str | None = None,
     candidate: str | None = None,
     model: Any = None,
-    reconstruction: dict[str, Any] | None = None,
+    reconstruction: ReconstructionOptions | Mapping[str, Any] | None = None,
     score_corpus: str | None = None,
     progress: bool = True,
 ) -> ExpertMask:
@@ -133,40 +132,41 @@ def plan_many(
     protect_budget: int | str | None = None,
     candidate: str | None = None,
     model: Any = None,
-    reconstruction: dict[str, Any] | None = None,
+    reconstruction: ReconstructionOptions | Mapping[str, Any] | None = None,
     score_corpus: str | None = None,
     progress: bool = True,
+    candidate_masks: Mapping[float, ExpertMask] | None = None,
 ) -> list[ExpertMask]:
     """Masks for every retain ratio. Methods that need the model (expert-sparsity, tb-coverage with that
     candidate, tb-coverage with ``protect_budget="auto"``) load it from ``model`` or from the path recorded
-    in the profile. ``score_corpus`` ranks reap on that profiled corpus alone."""
-    from moeprune.validation import check_method
-
-    check_method(method, protect_budget, candidate)  # -B/--candidate that the method would ignore fail here
+    in the profile. ``score_corpus`` ranks reap on that profiled corpus alone. ``candidate_masks``
+    ({retain: a planned mask of the candidate method}, e.g. an experiment's expert-sparsity masks) gives a
+    protecting method its candidate instead of computing it again; their reconstruction losses are recorded
+    as for a candidate computed here."""
+    spec = registry.check_request(method, protect_budget, candidate)  # B/candidate the method would ignore fail here
+    options = ReconstructionOptions.coerce(reconstruction)
     workdir = Path(profile) if isinstance(profile, (str, Path)) else None
     prof = Profile.load(profile) if workdir is not None else profile
-    if method not in METHODS:
-        plan_from_profile(prof, method, 1.0)  # raises the registry's "unknown method" error
-    candidate = _candidate(method, candidate)
+    candidate = registry.candidate_of(method, candidate)
     kept = [kept_count(r, prof.num_experts, prof.meta.get("top_k")) for r in retains]
     selections = None
-    auto = method == "tb-coverage" and protect_budget == auto_budget.AUTO
+    auto = spec.protects and protect_budget == auto_budget.AUTO
     if auto:  # loaded once, shared with the reconstruction below
-        model, held_out = _auto_budget_setup(prof, model, reconstruction or {})
+        model, held_out = _auto_budget_setup(prof, model, options)
     # TB-Coverage with B >= K protects all K experts: its candidate is not needed there (issue 9).
     needed = [
-        k for k in kept if method in NEEDS_MODEL or auto or candidate_needed(prof.num_experts, k, protect_budget)
+        k for k in kept if spec.needs_model or auto or candidate_needed(prof.num_experts, k, protect_budget)
     ]
-    if needed and (method in NEEDS_MODEL or candidate in NEEDS_MODEL):
-        selections = _reconstruct(prof, needed, model, workdir, reconstruction or {}, progress)
+    given = _given_candidates(spec, candidate_masks, retains)
+    if needed and given is None and registry.needs_model(method, candidate):
+        selections = _reconstruct(prof, needed, model, workdir, options, progress)
     masks = []
     for retain, k in zip(retains, kept, strict=True):
-        found = None if selections is None else selections.get(k)
-        chosen = None if found is None else {layer: kept for layer, (kept, _) in found.items()}
+        chosen, losses = given[retain] if given is not None else _found(selections, k)
         kwargs: dict[str, Any] = {"seed": seed}
-        if method == "tb-coverage":
+        if spec.protects:
             kwargs.update(protect_budget=protect_budget, candidate=candidate, candidate_masks=chosen)
-        elif method in NEEDS_MODEL:
+        elif spec.needs_model:
             kwargs["precomputed"] = chosen
         if score_corpus is not None:
             kwargs["score_corpus"] = score_corpus
@@ -177,19 +177,55 @@ def plan_many(
             mask = auto_budget.choose(plan_with, k, paper_protect_budget(prof.num_experts), model, held_out)
         else:
             mask = plan_from_profile(prof, method, retain, **kwargs)
-        if found is not None and mask.candidate_used is not False:
+        if losses is not None and mask.candidate_used is not False:
             # For tb-coverage the loss is its candidate's, not the final mask's: say so in the name.
-            prefix = "" if method in NEEDS_MODEL else "candidate_"
-            for layer, result in found.items():
-                mask.layers[layer].extra[prefix + "reconstruction_loss"] = float(result.loss)
-                mask.layers[layer].extra[prefix + "search"] = result.search
+            prefix = "" if spec.needs_model else "candidate_"
+            for layer, extra in losses.items():
+                for key in ("reconstruction_loss", "search"):
+                    if key in extra:
+                        mask.layers[layer].extra[prefix + key] = extra[key]
         masks.append(mask)
     return masks
 
 
+Chosen = tuple[dict[int, list[int]] | None, dict[int, dict[str, Any]] | None]  # (selections, per-layer losses)
+
+
+def _found(selections: dict[int, dict[int, Any]] | None, k: int) -> Chosen:
+    """The reconstruction's selections and losses at K=``k``, or (None, None) when none ran for it."""
+    found = None if selections is None else selections.get(k)
+    if found is None:
+        return None, None
+    chosen = {layer: kept for layer, (kept, _) in found.items()}
+    losses = {layer: {"reconstruction_loss": float(r.loss), "search": r.search} for layer, r in found.items()}
+    return chosen, losses
+
+
+def _given_candidates(
+    spec: registry.MethodSpec, masks: Mapping[float, ExpertMask] | None, retains: Sequence[float]
+) -> dict[float, Chosen] | None:
+    """Precomputed candidate masks as (selections, losses) per retain ratio, checked to cover every one."""
+    if masks is None:
+        return None
+    if not spec.protects:
+        raise MoePruneError(f"candidate_masks only apply to {', '.join(registry.protecting())}; drop them.")
+    missing = [r for r in retains if r not in masks]
+    if missing:
+        raise MoePruneError(f"candidate_masks has no mask for retain {missing}; give one per retain ratio.")
+    return {
+        r: ({layer: masks[r].kept(layer) for layer in masks[r].layers},
+            {layer: lm.extra for layer, lm in masks[r].layers.items()})
+        for r in retains
+    }
+
+
 def mask_filename(mask: ExpertMask) -> str:
-    seed = f"-seed{mask.seed}" if mask.seed is not None else ""
-    return f"{mask.variant}-{mask.retain:.2f}{seed}.json"
+    return variant_filename(mask.variant, mask.retain, mask.seed)
+
+
+def variant_filename(variant: str, retain: float, seed: int | None = None) -> str:
+    """The file a mask of ``variant`` at ``retain`` is saved as (the seed only for seeded methods)."""
+    return f"{variant}-{retain:.2f}" + (f"-seed{seed}" if seed is not None else "") + ".json"
 
 
 def apply(
@@ -205,11 +241,16 @@ def apply(
     verify: bool = True,
     force: bool = False,
     progress: bool = True,
+    recover: RecoveryOptions | Recovery | None = None,
 ) -> Path:
     """Write the pruned checkpoint to ``out`` (atomically, verified against the in-memory masked model).
 
     A model given by name loads in its checkpoint dtype on the GPU when there is one (``device`` as in
-    :func:`moeprune.loading.load_model`). ``force`` accepts a mask planned for a model with another config hash."""
+    :func:`moeprune.loading.load_model`). ``force`` accepts a mask planned for a model with another config hash.
+    ``recover``: :class:`~moeprune.recovery.RecoveryOptions` to compute a recovery first (router-kd, merge; on
+    the model loaded as ``dtype``/``device`` place it, then freed before the export reloads it), or a
+    :class:`~moeprune.recovery.Recovery` computed earlier (:func:`recover`); the export is verified against the
+    recovered model."""
     from moeprune.surgery import export_pruned
     from moeprune.validation import model_config
 
@@ -220,6 +261,11 @@ def apply(
     config = model.config if isinstance(model, torch.nn.Module) else model_config(model, trust_remote_code)
     check_mask_for_config(mask, config, force=force)
     _check_output(out, model, overwrite, mask_file)
+    recovery = recover
+    if isinstance(recover, RecoveryOptions):
+        recovery = _recovery(model, mask, recover, config, dtype, device, trust_remote_code, tokenizer, progress) \
+            if recover.active else None
+        _release_memory()  # the copy recovery loaded is gone before the export loads the checkpoint again
     return export_pruned(
         model,
         mask,
@@ -231,7 +277,46 @@ def apply(
         overwrite=overwrite,
         verify=verify,
         progress=progress,
+        recovery=recovery,
     )
+
+
+def recover(
+    model: Any,
+    mask: ExpertMask | str | Path,
+    options: RecoveryOptions,
+    *,
+    tokenizer: Any = None,
+    dtype: str = "auto",
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> Recovery:
+    """The recovery ``options`` asks for (router-kd, merge, merge+router-kd) of ``model`` under ``mask``, as a
+    :class:`~moeprune.recovery.Recovery` (delta + record) to pass to :func:`apply` or to apply in memory::
+
+        rec = api.recover(model, mask, RecoveryOptions(kind="router-kd"))
+        with masked(model, mask):
+            apply_delta(model, rec.delta)   # the recovered model, until the block ends
+    """
+    mask = mask if isinstance(mask, ExpertMask) else ExpertMask.load(mask)
+    config = model.config if isinstance(model, torch.nn.Module) else load_config(resolve_model_path(model),
+                                                                                   trust_remote_code)
+    return _recovery(model, mask, options, config, dtype, device, trust_remote_code, tokenizer, progress)
+
+
+def _recovery(model: Any, mask: ExpertMask, options: RecoveryOptions, config: Any, dtype: str, device: str | None,
+              trust_remote_code: bool, tokenizer: Any, progress: bool) -> Recovery:
+    """Checks first (nothing to merge, an unmergeable layout: before any weight loads), then the recovery on
+    the model (loaded here when given by name, and freed again)."""
+    check_prunes([options.kind], mask.kept_per_layer, mask.num_experts, "the mask")
+    corpora = recovery_corpora(options, mask)
+    if options.merge:
+        check_mergeable_config(config, trust_remote_code)
+    loaded = checked_model(model, dtype, device, trust_remote_code)
+    tok = checked_tokenizer(tokenizer, loaded, trust_remote_code)
+    options = options if options.corpora else replace(options, corpora=tuple(corpora))
+    return recover_loaded(loaded, mask, options, tokenizer=tok, progress=progress)
 
 
 def prune(
@@ -248,7 +333,7 @@ def prune(
     seed: int = 0,
     protect_budget: int | None = None,
     candidate: str | None = None,
-    reconstruction: dict[str, Any] | None = None,
+    reconstruction: ReconstructionOptions | Mapping[str, Any] | None = None,
     dtype: str = "auto",
     device: str | None = None,
     trust_remote_code: bool = False,
@@ -256,11 +341,15 @@ def prune(
     overwrite: bool = False,
     ppl_datasets: Sequence[str] | None = None,
     progress: bool = True,
+    recover: RecoveryOptions | None = None,
 ) -> Path:
     """Profile, plan and apply in one call; the profile is kept in ``workdir`` (default ``OUT.work``).
+    ``recover``: a recovery computed on the loaded model before the export (see :func:`apply`).
 
     With ``ppl_datasets`` the dense model and the written checkpoint are scored on those held-out sets
     and a table is printed (and saved as ``workdir/perplexity.json``)."""
+    Calibration(tuple(corpora), samples, seq_len, batch_size)  # the CLI's rules, before the model loads
+    recon = ReconstructionOptions.coerce(reconstruction)
     workdir = Path(workdir) if workdir else Path(str(out).rstrip("/") + ".work")
     _check_output(out, model, overwrite, workdir)  # before profiling, not after
     loaded = checked_model(model, dtype, device, trust_remote_code)
@@ -287,12 +376,16 @@ def prune(
         protect_budget=protect_budget,
         candidate=candidate,
         model=loaded,
-        reconstruction={**(reconstruction or {}), "tokenizer": tokenizer},
+        reconstruction=replace(recon, tokenizer=tokenizer),
         progress=progress,
     )
     mask.save(workdir / mask_filename(mask))
     ppl_seq_len = preset_for(model)["ppl_seq_len"]
     dense_ppl = _perplexities(loaded, tokenizer, ppl_datasets, ppl_seq_len, progress) if ppl_datasets else None
+    recovery = None
+    if recover is not None and recover.active:  # on the model already loaded, before it is freed below
+        recovery = _recovery(loaded, mask, recover, loaded.config, dtype, device, trust_remote_code, tokenizer,
+                             progress)
     # Exported from the checkpoint itself when we have one, so the output keeps its dtype (on a CPU the
     # loaded copy is float32, see loading.load_model).
     source = loaded if isinstance(model, torch.nn.Module) else model
@@ -308,6 +401,7 @@ def prune(
         overwrite=overwrite,
         trust_remote_code=trust_remote_code,
         progress=progress,
+        recover=recovery,
     )
     if dense_ppl is not None:
         pruned = load_model(written, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
@@ -334,6 +428,14 @@ def _report_perplexity(dense: dict[str, dict], pruned: dict[str, dict], mask: Ex
     write_json_atomic(workdir / "perplexity.json", {"dense": dense, "pruned": pruned, "mask": mask.to_json()})
 
 
+def _release_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _fits(model: Any, device: str | None, dtype: str = "auto", trust_remote_code: bool = False) -> bool:
     """Whether the weights (in ``dtype``) fit in the free memory of the GPU(s) they would load on."""
     from moeprune.loading import fits_on_gpus
@@ -351,31 +453,23 @@ def _sequential_dtype(model: Any, dtype: str, run_on: str, trust_remote_code: bo
     return checkpoint_dtype(load_config(model, trust_remote_code))
 
 
-def _auto_budget_setup(prof: Profile, model: Any, options: dict[str, Any]) -> tuple[Any, dict[str, torch.Tensor]]:
+def _auto_budget_setup(
+    prof: Profile, model: Any, options: ReconstructionOptions
+) -> tuple[Any, dict[str, torch.Tensor]]:
     """The loaded model and the held-out calibration windows that ``-B auto`` scores budgets on."""
     model = model if model is not None else prof.meta.get("model")
     if not model:
         raise MoePruneError("-B auto needs the model: pass --model (the profile records none).")
-    trust = options.get("trust_remote_code", False)
-    loaded = checked_model(model, options.get("dtype", "auto"), options.get("device"), trust)
+    loaded = checked_model(model, options.dtype, options.device, options.trust_remote_code)
     _check_same_model(prof, loaded)
-    return loaded, auto_budget.held_out_sets(prof, checked_tokenizer(None, loaded, trust))
-
-
-def _candidate(method: str, candidate: str | None) -> str | None:
-    if method != "tb-coverage":
-        return candidate
-    return candidate or TB_COVERAGE_CANDIDATE
+    return loaded, auto_budget.held_out_sets(prof, checked_tokenizer(None, loaded, options.trust_remote_code))
 
 
 def _reconstruct(
-    prof: Profile, kept: list[int], model: Any, workdir: Path | None, options: dict[str, Any], progress: bool
+    prof: Profile, kept: list[int], model: Any, workdir: Path | None, options: ReconstructionOptions, progress: bool
 ) -> dict[int, dict[int, tuple[list[int], float]]]:
-    """ExpertSparsity selections for each K, from activations captured once into the work directory.
-
-    ``options``: corpus, samples, seq_len, loss (``per-batch`` | ``global``), tokens (a budget: at most
-    that many tokens, in whole windows), seed, workdir, dtype, device, trust_remote_code; unset ones
-    come from the model's preset."""
+    """ExpertSparsity selections for each K, from activations captured once into the work directory
+    (``options``: see :class:`~moeprune.options.ReconstructionOptions`; unset ones come from the model's preset)."""
     from moeprune.data.sampling import calibration_windows
     from moeprune.reconstruction import reconstruction_selection
 
@@ -383,27 +477,17 @@ def _reconstruct(
         model = prof.meta.get("model")
         if not model:
             raise MoePruneError("expert-sparsity needs the model: pass --model (the profile records none).")
-    preset = preset_for(model)
-    trust = options.get("trust_remote_code", False)
-    loaded = checked_model(model, options.get("dtype", "auto"), options.get("device"), trust)
+    opts = options.resolved(preset_for(model))
+    loaded = checked_model(model, opts.dtype, opts.device, opts.trust_remote_code)
     _check_same_model(prof, loaded)
-    spec = _reconstruction_corpus(prof, options.get("corpus"))
-    seq_len = options.get("seq_len") or preset["recon_seq_len"]
-    samples = options.get("samples") or preset["recon_samples"]
-    if options.get("tokens"):  # sample no more windows than the budget keeps
-        samples = min(samples, max(1, options["tokens"] // seq_len))
-    windows = calibration_windows(
-        spec,
-        checked_tokenizer(options.get("tokenizer"), loaded, options.get("trust_remote_code", False)),
-        samples,
-        seq_len,
-        options.get("seed", 0),
-    )
-    workdir = Path(options.get("workdir") or workdir or "moeprune-work")
-    key = f"{spec.name}-{windows.shape[0]}x{windows.shape[1]}-seed{options.get('seed', 0)}"
+    spec = _reconstruction_corpus(prof, opts.corpus)
+    tokenizer = checked_tokenizer(opts.tokenizer, loaded, opts.trust_remote_code)
+    windows = calibration_windows(spec, tokenizer, opts.windows, opts.seq_len, opts.seed)
+    workdir = Path(opts.workdir or workdir or "moeprune-work")
+    key = f"{spec.name}-{windows.shape[0]}x{windows.shape[1]}-seed{opts.seed}"
     return reconstruction_selection(
         loaded, windows, kept, workdir, key, corpus=spec.name, progress=progress,
-        loss=options.get("loss") or preset["recon_loss"], token_budget=options.get("tokens"),
+        loss=opts.loss, token_budget=opts.tokens,
     )
 
 

@@ -25,6 +25,7 @@ from moeprune.loading import (  # noqa: F401 (check_tokenizer re-exported)
     check_tokenizer,
     check_tokenizer_source,
 )
+from moeprune.options import at_least_one, non_negative
 from moeprune.presets import preset_for
 
 # Flags that must be at least 1 (0 used to fall back to the preset silently).
@@ -78,15 +79,13 @@ def held_outputs(args: argparse.Namespace) -> AbstractContextManager:
 def _check_numbers(args: argparse.Namespace) -> None:
     for name in POSITIVE_FLAGS:
         if any(value < 1 for value in _numbers(args, name)):
-            raise MoePruneError(
-                f"--{_flag(name)} must be at least 1 (got {getattr(args, name)}); omit it for the default."
-            )
+            raise at_least_one(f"--{_flag(name)}", getattr(args, name))
     for name in NON_NEGATIVE_FLAGS:
         if any(value < 0 for value in _numbers(args, name)):
-            raise MoePruneError(f"--{_flag(name)} must be 0 or more (got {getattr(args, name)}).")
+            raise non_negative(f"--{_flag(name)}", getattr(args, name))
     seeds = getattr(args, "seeds", None) or []
     if any(seed < 0 for seed in seeds):
-        raise MoePruneError(f"--seeds must be 0 or more (got {seeds}).")
+        raise non_negative("--seeds", seeds)
     retains = getattr(args, "retain", None)
     for retain in [retains] if isinstance(retains, float) else retains or []:
         if not 0.0 < retain <= 1.0:
@@ -201,9 +200,9 @@ def _check_prune(args: argparse.Namespace) -> None:
 
 
 def _reconstructs(method: str, candidate: str | None) -> bool:
-    from moeprune.planning import NEEDS_MODEL, TB_COVERAGE_CANDIDATE  # lazy: planning pulls in torch
+    from moeprune.planning import registry  # lazy: planning pulls in torch
 
-    return method in NEEDS_MODEL or (method == "tb-coverage" and (candidate or TB_COVERAGE_CANDIDATE) in NEEDS_MODEL)
+    return registry.needs_model(method, candidate)
 
 
 def _check_eval(args: argparse.Namespace) -> None:
@@ -218,22 +217,26 @@ def _check_eval(args: argparse.Namespace) -> None:
 
 
 def _check_experiment(args: argparse.Namespace) -> None:
-    from moeprune.planning import METHODS, PROTECTING
+    from moeprune.planning import registry  # lazy: planning pulls in torch
     from moeprune.planning.fit import check_retain_for_config  # lazy: planning pulls in torch
 
     check_not_a_file(args.out)
     check_corpora(args.corpora)
-    unknown = [m for m in args.methods or [] if m not in METHODS]
+    unknown = [m for m in args.methods or [] if m not in registry.REGISTRY]
     if unknown:
-        raise MoePruneError(f"Unknown method(s) {unknown} in --methods; known methods: {', '.join(METHODS)}.")
-    tb_given = args.protect_budget is not None or args.candidate is not None
-    if tb_given and args.methods and not set(args.methods) & PROTECTING:
         raise MoePruneError(
-            "-B/--protect-budget and --candidate only apply to tb-coverage, which --methods leaves out; "
-            "drop them or add tb-coverage to --methods."
+            f"Unknown method(s) {unknown} in --methods; known methods: {', '.join(registry.names())}."
+        )
+    protecting = registry.protecting()
+    tb_given = args.protect_budget is not None or args.candidate is not None
+    if tb_given and args.methods and not set(args.methods) & set(protecting):
+        raise MoePruneError(
+            f"-B/--protect-budget and --candidate only apply to {', '.join(protecting)}, which --methods leaves "
+            f"out; drop them or add {protecting[0]} to --methods."
         )
     if args.candidate is not None:
-        check_method("tb-coverage", None, args.candidate)
+        for method in protecting:
+            check_method(method, None, args.candidate)
     config = check_model(args.model, args.trust_remote_code, weights=True)
     check_tokenizer_source(args.model, getattr(args, "tokenizer", None))
     for flag in ("seq_len", "recon_seq_len", "ppl_seq_len"):
@@ -243,23 +246,11 @@ def _check_experiment(args: argparse.Namespace) -> None:
 
 
 # -------------------------------------------------------------------------------------- flag checks
-def check_method(method: str, protect_budget: int | None, candidate: str | None) -> None:
-    """A known method; -B and --candidate only with tb-coverage (other methods would ignore them)."""
-    from moeprune.planning import METHODS, PROTECTING
+def check_method(method: str, protect_budget: int | str | None, candidate: str | None) -> None:
+    """A known method; -B and --candidate only with a protecting method (others would ignore them)."""
+    from moeprune.planning import registry  # lazy: planning pulls in torch
 
-    if method not in METHODS:
-        raise MoePruneError(f"Unknown planning method {method!r}; known methods: {', '.join(METHODS)}.")
-    if method not in PROTECTING:
-        given = [flag for flag, value in (("-B", protect_budget), ("--candidate", candidate)) if value is not None]
-        if given:
-            raise MoePruneError(
-                f"{' and '.join(given)} only {'applies' if len(given) == 1 else 'apply'} to tb-coverage; "
-                f"{method!r} would ignore {'it' if len(given) == 1 else 'them'}. Drop "
-                f"{'it' if len(given) == 1 else 'them'} or use --method tb-coverage."
-            )
-    elif candidate is not None and (candidate not in METHODS or candidate in PROTECTING):
-        usable = [name for name in METHODS if name not in PROTECTING]
-        raise MoePruneError(f"Unknown candidate method {candidate!r} for tb-coverage; use one of: {', '.join(usable)}.")
+    registry.check_request(method, protect_budget, candidate, spelled=registry.CLI_NAMES)
 
 
 def check_not_a_file(path: str | Path, flag: str = "--out") -> None:

@@ -136,7 +136,7 @@ def test_labels_and_old_cells():
 
 
 def test_auto_on_a_planned_expert_sparsity_candidate(tiny_checkpoint, tmp_path):
-    from moeprune.evaluation import experiment
+    # The experiment grid hands its planned expert-sparsity masks to plan_many (no second search).
     from moeprune.planning import plan
     from moeprune.planning.mask import ExpertMask
 
@@ -147,12 +147,14 @@ def test_auto_on_a_planned_expert_sparsity_candidate(tiny_checkpoint, tmp_path):
     for layer in candidate.layers.values():
         layer.extra.update(reconstruction_loss=1.5, search="exact")
     model = api.checked_model(str(tiny_checkpoint), "auto", None, False)
-    mask = experiment._tb_from_candidate(prof, candidate, "auto", model, experiment._held_out(prof, model))
+    held_out = auto_budget.held_out_sets(prof, api.checked_tokenizer(None, model, False))
+    [mask] = api.plan_many(prof, "tb-coverage", [0.5], protect_budget="auto", model=model,
+                           candidate_masks={0.5: candidate}, progress=False)
     record = mask.extra["auto_budget"]
     assert mask.protect_budget_requested == "auto" and mask.protect_budget == record["chosen"]
     assert mask.candidate == "expert-sparsity" and set(record["tried"]) == {"0", "1", "2", "3", "4"}
     if mask.candidate_used:  # the candidate's loss is copied only when the candidate counted
         assert all(lm.extra["candidate_reconstruction_loss"] == 1.5 for lm in mask.layers.values())
     # B=0 is the candidate itself: its score is that of the candidate mask.
-    b0 = auto_budget.held_out_nll(model, candidate, experiment._held_out(prof, model))
+    b0 = auto_budget.held_out_nll(model, candidate, held_out)
     assert record["tried"]["0"]["nll"] == pytest.approx(sum(b0.values()) / 2)

@@ -8,6 +8,15 @@ import torch
 
 from moeprune.profiling.stats import ExpertStats, Profile
 
+# TB-Coverage's default candidate (expert-sparsity) needs the model; tests that plan from a profile alone
+# name a profile-only one.
+PROFILE_ONLY_CANDIDATE = {"candidate": "reap"}
+
+
+def profile_only(method: str) -> dict[str, str]:
+    """The extra plan() keywords ``method`` needs to plan from a profile alone."""
+    return PROFILE_ONLY_CANDIDATE if method == "tb-coverage" else {}
+
 
 def make_profile(
     scores: Any,

@@ -36,7 +36,7 @@ def test_clamped_mask_is_the_round_robin_and_never_computes_the_candidate() -> N
 
 
 def test_below_k_uses_the_candidate_and_has_no_note() -> None:
-    mask = plan(random_profile(2, 1, 60, top_k=4), "tb-coverage", 0.5)
+    mask = plan(random_profile(2, 1, 60, top_k=4), "tb-coverage", 0.5, candidate="reap")
     assert (mask.protect_budget, mask.protect_budget_requested, mask.candidate_used, mask.notes) == (20, 20, True, [])
     assert candidate_needed(60, 30, None) and not candidate_needed(60, 15, None) and not candidate_needed(8, 4, 4)
 

@@ -9,7 +9,7 @@ import pytest
 from moeprune.planning import METHODS, plan
 from moeprune.planning.mask import ExpertMask
 
-from . import make_profile, random_profile
+from . import make_profile, profile_only, random_profile
 
 PROFILE_METHODS = ["random", "frequency", "reap", "mean-score", "max-score", "tb-coverage"]
 
@@ -23,7 +23,7 @@ def test_registry_lists_every_method() -> None:
 @pytest.mark.parametrize("retain", [0.25, 0.5, 0.75, 1.0])
 def test_every_method_keeps_exactly_k_per_layer(method: str, num_experts: int, retain: float) -> None:
     profile = random_profile(3, 4, num_experts, top_k=2)
-    mask = plan(profile, method, retain)
+    mask = plan(profile, method, retain, **profile_only(method))
     k = int(retain * num_experts)
     assert mask.kept_per_layer == k
     assert sorted(mask.layers) == profile.layer_ids
@@ -65,7 +65,7 @@ def test_mean_and_max_score_differ_on_a_specialist() -> None:
 @pytest.mark.parametrize("method", ["reap", "mean-score", "max-score", "tb-coverage"])
 def test_score_ties_go_to_the_lower_id(method: str) -> None:
     profile = make_profile([[[3, 5, 5, 5, 5, 1]], [[3, 5, 5, 5, 5, 1]]])
-    assert plan(profile, method, 0.5).kept(1) == [1, 2, 3]
+    assert plan(profile, method, 0.5, **profile_only(method)).kept(1) == [1, 2, 3]
 
 
 def test_each_layer_is_planned_from_its_own_row() -> None:
@@ -97,7 +97,7 @@ def test_expert_sparsity_uses_precomputed_selections() -> None:
 
 @pytest.mark.parametrize("method", PROFILE_METHODS)
 def test_mask_json_round_trips(method: str) -> None:
-    mask = plan(random_profile(2, 3, 16, top_k=2), method, 0.5, seed=1)
+    mask = plan(random_profile(2, 3, 16, top_k=2), method, 0.5, seed=1, **profile_only(method))
     text = json.dumps(mask.to_json())
     back = ExpertMask.from_json(json.loads(text))
     assert back.to_json() == mask.to_json()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moeprune.errors import MoePruneError
 from moeprune.planning import default_protect_budget, plan
-from moeprune.planning.tb_coverage import DEFAULT_CANDIDATE, round_robin
+from moeprune.planning.tb_coverage import round_robin
 
 from . import make_profile, random_profile
 
@@ -15,7 +16,7 @@ from . import make_profile, random_profile
 @pytest.mark.parametrize("corpora", [1, 2, 4])
 def test_keeps_every_protected_expert(budget: int, corpora: int) -> None:
     profile = random_profile(corpora, 5, 32, seed=budget + corpora, top_k=2)
-    mask = plan(profile, "tb-coverage", 0.5, protect_budget=budget)
+    mask = plan(profile, "tb-coverage", 0.5, protect_budget=budget, candidate="reap")
     for layer_mask in mask.layers.values():
         assert len(layer_mask.protected) == len(set(layer_mask.protected)) == budget
         assert set(layer_mask.protected) <= set(layer_mask.kept)
@@ -55,8 +56,8 @@ def test_round_robin_two_corpora() -> None:
     b = [7, 6, 0, 0, 0, 8, 5, 0]  # ranking 5 0 1 6 ...
     profile = make_profile([a, b])
     # A takes 0; B's best is 5; A takes 1; B skips 0 and 1 (taken) for 6.
-    assert plan(profile, "tb-coverage", 0.5, protect_budget=4).layers[1].protected == [0, 5, 1, 6]
-    assert plan(profile, "tb-coverage", 0.5, protect_budget=3).layers[1].protected == [0, 5, 1]
+    assert plan(profile, "tb-coverage", 0.5, protect_budget=4, candidate="reap").layers[1].protected == [0, 5, 1, 6]
+    assert plan(profile, "tb-coverage", 0.5, protect_budget=3, candidate="reap").layers[1].protected == [0, 5, 1]
 
 
 def test_round_robin_three_corpora_in_profile_order() -> None:
@@ -65,10 +66,11 @@ def test_round_robin_three_corpora_in_profile_order() -> None:
     c = [8, 4, 0, 7, 6, 0, 5, 0]  # 0 3 4 6 1 2 5 7
     # A:0  B:1  C:3 (0 taken)  A:2  B:4 (0, 3 taken)  C:6 (3, 4 taken)
     profile = make_profile([a, b, c])
-    assert plan(profile, "tb-coverage", 0.75, protect_budget=6).layers[1].protected == [0, 1, 3, 2, 4, 6]
+    mask = plan(profile, "tb-coverage", 0.75, protect_budget=6, candidate="reap")
+    assert mask.layers[1].protected == [0, 1, 3, 2, 4, 6]
     # Another corpus order, another turn order: C:0  A:1  B:3 ...
     reordered = make_profile([c, a, b])
-    assert plan(reordered, "tb-coverage", 0.75, protect_budget=3).layers[1].protected == [0, 1, 3]
+    assert plan(reordered, "tb-coverage", 0.75, protect_budget=3, candidate="reap").layers[1].protected == [0, 1, 3]
 
 
 def test_round_robin_helper_skips_taken_experts() -> None:
@@ -108,9 +110,23 @@ def test_default_budget_follows_the_paper_then_a_third() -> None:
     assert default_protect_budget(128, 64) == 43
     assert default_protect_budget(8, 4) == 3
     assert default_protect_budget(64, 16) == 16  # capped at K
-    mask = plan(random_profile(2, 1, 64, top_k=2), "tb-coverage", 0.5)
-    assert mask.protect_budget == 24 and mask.candidate == DEFAULT_CANDIDATE
+    mask = plan(random_profile(2, 1, 64, top_k=2), "tb-coverage", 0.5, candidate="reap")
+    assert mask.protect_budget == 24 and mask.candidate == "reap"
     assert len(mask.layers[1].protected) == 24
+
+
+def test_the_one_default_candidate_is_the_papers_and_needs_the_model() -> None:
+    # planning.plan and `moeprune plan` start from the same candidate (expert-sparsity); from a profile
+    # alone it cannot be computed, so the planner says so instead of silently using another method.
+    profile = random_profile(2, 1, 64, top_k=2)
+    with pytest.raises(MoePruneError, match=r"candidate 'expert-sparsity' selects experts with the model.*='reap'"):
+        plan(profile, "tb-coverage", 0.5)
+    # B >= K: round-robin alone fills the mask, the candidate is never computed, so no model is needed.
+    mask = plan(profile, "tb-coverage", 0.25, protect_budget=16)
+    assert mask.candidate == "expert-sparsity" and mask.candidate_used is False
+    chosen = {1: list(range(32))}
+    mask = plan(profile, "tb-coverage", 0.5, candidate_masks=chosen)
+    assert mask.candidate == "precomputed" and mask.candidate_used is True
 
 
 def test_other_methods_record_no_budget_or_candidate() -> None:

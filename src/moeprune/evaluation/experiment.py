@@ -5,6 +5,9 @@
     profile/            api.profile (finished corpora are reused)
     masks/<m>-<rho>[-seed<s>].json
     cells/<cell-id>.json   one evaluation each: "dense" or the mask's file stem; a finished cell is skipped
+                           (a recovered cell: "<mask stem>+<recovery>", e.g. reap-0.50+router-kd)
+    recovery/<cell-id>-<key>/  the recovery delta of that cell (delta.safetensors + recovery.json), keyed by a
+                           hash of the mask, the recovery settings and the model: a rerun reuses it
     experiment.json     the settings; a rerun with different settings is refused (its cells would not compare)
     results.json, results.csv, report.md, plots/*.png
 
@@ -15,16 +18,33 @@ memory with ``surgery.masked``, which restores the model afterwards).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from moeprune.arch.adapters import routing_meta
 from moeprune.errors import MoePruneError
 from moeprune.evaluation.zeroshot import reuse_lm_eval
 from moeprune.io import write_json_atomic
-from moeprune.planning.mask import ExpertMask
-from moeprune.presets import PAPER, PRESETS, preset_name
+from moeprune.loading import config_hash
+from moeprune.options import Calibration, EvalSettings, ReconstructionOptions, flag_or, listed
+from moeprune.planning.mask import ExpertMask, kept_count
+from moeprune.presets import PAPER, PRESETS, preset_for, preset_name
+from moeprune.recovery import (
+    KINDS,
+    NONE,
+    Recovery,
+    RecoveryOptions,
+    calibration_set,
+    check_mergeable,
+    check_prunes,
+    recover,
+    teacher_targets,
+)
 
 DEFAULT_RETAINS = PRESETS[PAPER].retains
 DEFAULT_SEEDS = PRESETS[PAPER].seeds
@@ -34,9 +54,9 @@ REAP_PROFILE = "profile-reap"  # its own profile, so the generic methods never s
 
 
 def all_methods() -> list[str]:
-    from moeprune.planning import METHODS
+    from moeprune.planning import registry
 
-    return list(METHODS)
+    return registry.names()
 
 
 def run_experiment(
@@ -62,15 +82,21 @@ def run_experiment(
     reap_corpus: str | None = None,
     reap_samples: int = 128,
     reap_seq_len: int = 2048,
-    reconstruction: dict[str, Any] | None = None,
+    reconstruction: ReconstructionOptions | Mapping[str, Any] | None = None,
     dtype: str = "auto",
     device: str | None = None,
     trust_remote_code: bool = False,
     tokenizer: Any = None,
     plots: bool = True,
     progress: bool = True,
+    recover: Sequence[str] = ("none",),
+    recovery: Any = None,
 ) -> dict[str, Any]:
     """Profile once, plan every mask, evaluate dense + every mask, write results, report and plots.
+
+    ``recover``: recovery kinds, an axis of the grid (cells per mask and kind; ``none`` is plain pruning);
+    ``recovery``: the :class:`~moeprune.recovery.RecoveryOptions` they share (its kind is ignored; default: the
+    model's preset), calibrated on ``corpora``' train splits unless it names its own.
 
     ``protect_budget``: one B (a number or "auto"), or several for a sweep (TB-Coverage planned once per B,
     rows "TB-Coverage (B=b)", a sensitivity table and plots). ``reap_corpus`` (a corpus spec): REAP is also
@@ -81,6 +107,9 @@ def run_experiment(
     from moeprune.loading import checked_model, checked_tokenizer  # lazy: loading pulls in transformers
 
     out = Path(out_dir)
+    recon = ReconstructionOptions.coerce(reconstruction)
+    Calibration(tuple(corpora), samples, seq_len, batch_size)  # the CLI's rules, before the model loads
+    EvalSettings(tuple(ppl_datasets), ppl_seq_len, ppl_sources, max_windows, tasks, limit, eval_batch_size)
     methods = list(methods or all_methods())
     loaded = checked_model(model, dtype, device, trust_remote_code)
     tokenizer = checked_tokenizer(tokenizer, loaded, trust_remote_code)
@@ -100,7 +129,7 @@ def run_experiment(
         "batch_size": batch_size,
         "protect_budget": protect_budget,
         "candidate": candidate,
-        "reconstruction": {k: v for k, v in (reconstruction or {}).items() if k != "device"},
+        "reconstruction": recon.to_json(),
     }
     if reap_corpus and "reap" in methods:  # recorded only when used, so older experiment.json files still match
         calibration["reap_corpus"] = {"corpus": reap_corpus, "samples": reap_samples, "seq_len": reap_seq_len}
@@ -112,12 +141,15 @@ def run_experiment(
         "calibration": calibration,
         "evaluation": eval_settings,
     }
+    kinds, recovery = _recovery_axis(model, recover, recovery, corpora, loaded, retains)
+    if any(k != "none" for k in kinds):  # recorded only when used, so older experiment.json files still match
+        settings["recovery"] = {"kinds": kinds, **{k: v for k, v in recovery.to_json().items() if k != "kind"}}
     _check_settings(out, settings)
     _remove_orphans(out)
     _profile(loaded, tokenizer, out, calibration, progress)
-    recon = {**(reconstruction or {}), "tokenizer": tokenizer}  # not in the settings: an object
-    masks = plan_grid(out, loaded, retains, methods, seeds, calibration, recon, progress)
-    cells = evaluate_grid(loaded, tokenizer, out, masks, eval_settings, progress)
+    # The tokenizer is not in the settings (an object), only in what the reconstruction uses.
+    masks = plan_grid(out, loaded, retains, methods, seeds, calibration, replace(recon, tokenizer=tokenizer), progress)
+    cells = evaluate_grid(loaded, tokenizer, out, masks, eval_settings, progress, kinds, recovery)
     files = write_outputs(out, settings, cells, plots=plots)
     return {"settings": settings, "cells": cells, "files": {k: str(v) for k, v in files.items()}}
 
@@ -128,7 +160,9 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
     path = out / "experiment.json"
     if path.exists():
         old = json.loads(path.read_text())
-        for key in ("model", "calibration", "evaluation"):
+        for key in ("model", "calibration", "evaluation", "recovery"):
+            if key == "recovery" and (key not in old or key not in settings):
+                continue  # recovery added to (or left out of) a grid: the plain cells still compare
             if old.get(key) != json.loads(json.dumps(settings[key])):
                 raise MoePruneError(
                     f"{out} holds an experiment with other {key} settings ({old.get(key)} vs "
@@ -171,31 +205,32 @@ def plan_grid(
     methods: Sequence[str],
     seeds: Sequence[int],
     calibration: dict[str, Any],
-    reconstruction: dict[str, Any],
+    reconstruction: ReconstructionOptions,
     progress: bool = True,
 ) -> list[tuple[Path, ExpertMask]]:
     """Every mask of the grid as (file, mask); masks already in ``out/masks`` are loaded, not re-planned."""
-    from moeprune.planning import SEEDED
+    from moeprune.api import variant_filename
+    from moeprune.planning import registry
 
     planned: list[tuple[Path, ExpertMask]] = []
-    es_masks: dict[float, ExpertMask] = {}
-    # expert-sparsity first: tb-coverage with its default candidate reuses those selections.
-    order = sorted(methods, key=lambda m: 0 if m == "expert-sparsity" else 1)
+    model_masks: dict[str, dict[float, ExpertMask]] = {}
+    # Model-chosen methods (expert-sparsity) first: tb-coverage with that candidate reuses their selections.
+    order = sorted(methods, key=lambda m: 0 if registry.method_spec(m).needs_model else 1)
     for method in order:
-        for seed in seeds if method in SEEDED else [None]:
+        for seed in seeds if registry.method_spec(method).seeded else [None]:
             for variant, options in _variants(method, calibration):
-                paths = [out / "masks" / _mask_name(variant, r, seed) for r in retains]
+                paths = [out / "masks" / variant_filename(variant, r, seed) for r in retains]
                 if all(p.exists() for p in paths):
                     masks = [ExpertMask.load(p) for p in paths]
                 else:
-                    masks = _plan(out, model, method, retains, seed, calibration, reconstruction, es_masks, progress,
+                    masks = _plan(out, model, method, retains, seed, calibration, reconstruction, model_masks, progress,
                                   **options)
                     for path, mask in zip(paths, masks, strict=True):
                         if variant != mask.variant:
                             mask.extra["variant"] = variant
                         mask.save(path)
-                if method == "expert-sparsity":
-                    es_masks = {m.retain: m for m in masks}
+                if registry.method_spec(method).needs_model:
+                    model_masks[method] = {m.retain: m for m in masks}
                 planned.extend(zip(paths, masks, strict=True))
     # Table order: by method as the user listed them.
     return sorted(planned, key=lambda pm: (list(methods).index(pm[1].method), pm[1].retain, pm[1].seed or 0))
@@ -210,22 +245,20 @@ def budgets_of(protect_budget: int | str | Sequence[int | str] | None) -> list[i
 
 def _variants(method: str, calibration: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(variant, _plan options) per row the method gets: one, or one per B of a sweep, or REAP twice."""
-    if method == "tb-coverage":
+    from moeprune.planning import registry
+
+    spec = registry.method_spec(method)
+    if spec.protects:
         budgets = budgets_of(calibration["protect_budget"])
         if len(budgets) == 1:
             return [(method, {"budget": budgets[0]})]
         return [(f"{method}@B{b}", {"budget": b}) for b in budgets]
-    if method == "reap" and calibration.get("reap_corpus"):
+    if spec.one_corpus and calibration.get("reap_corpus"):
         from moeprune.data.corpora import parse_corpus
 
         name = parse_corpus(calibration["reap_corpus"]["corpus"]).name
-        return [(method, {}), (f"reap@{name}", {"profile": REAP_PROFILE, "score_corpus": name})]
+        return [(method, {}), (f"{method}@{name}", {"profile": REAP_PROFILE, "score_corpus": name})]
     return [(method, {})]
-
-
-def _mask_name(method: str, retain: float, seed: int | None) -> str:
-    # Same name as api.mask_filename gives the planned mask (seed recorded only for seeded methods).
-    return f"{method}-{retain:.2f}" + (f"-seed{seed}" if seed is not None else "") + ".json"
 
 
 def _plan(
@@ -235,75 +268,43 @@ def _plan(
     retains: Sequence[float],
     seed: int | None,
     calibration: dict[str, Any],
-    reconstruction: dict[str, Any],
-    es_masks: dict[float, ExpertMask],
+    reconstruction: ReconstructionOptions,
+    model_masks: dict[str, dict[float, ExpertMask]],
     progress: bool,
     budget: int | str | None = None,
     profile: str = "profile",
     score_corpus: str | None = None,
 ) -> list[ExpertMask]:
     from moeprune import api
-    from moeprune.profiling.stats import Profile
+    from moeprune.planning import registry
 
-    candidate = calibration["candidate"]
-    if method == "tb-coverage" and candidate in (None, "expert-sparsity") and all(r in es_masks for r in retains):
-        # The same candidate plan_many would compute, without a second reconstruction search.
-        prof = Profile.load(out / "profile")
-        held_out = _held_out(prof, model) if budget == "auto" else None
-        return [_tb_from_candidate(prof, es_masks[r], budget, model, held_out) for r in retains]
+    spec = registry.method_spec(method)
+    candidate = calibration["candidate"] if spec.protects else None
+    # A candidate this grid already planned (expert-sparsity) is reused, not searched for a second time.
+    planned = model_masks.get(registry.candidate_of(method, candidate) or "", {})
+    reuse = spec.protects and all(r in planned for r in retains)
     return api.plan_many(
         out / profile,
         method,
         list(retains),
         seed=seed or 0,
-        protect_budget=budget if method == "tb-coverage" else None,
-        candidate=candidate if method == "tb-coverage" else None,
+        protect_budget=budget if spec.protects else None,
+        candidate=candidate,
         model=model,
         reconstruction=reconstruction,
         score_corpus=score_corpus,
         progress=progress,
+        candidate_masks={r: planned[r] for r in retains} if reuse else None,
     )
 
 
-def _held_out(prof: Any, model: Any) -> dict[str, Any]:
-    from moeprune.loading import checked_tokenizer  # lazy: loading pulls in transformers
-    from moeprune.planning import auto_budget
-
-    return auto_budget.held_out_sets(prof, checked_tokenizer(None, model, False))
-
-
-def _tb_from_candidate(
-    prof: Any, candidate: ExpertMask, budget: int | str | None, model: Any = None, held_out: dict | None = None
-) -> ExpertMask:
-    """TB-Coverage on a planned expert-sparsity mask, recorded as api.plan_many records it."""
-    from moeprune.planning import auto_budget, paper_protect_budget, plan
-
-    def plan_with(b: int | None) -> ExpertMask:
-        return plan(
-            prof,
-            "tb-coverage",
-            candidate.retain,
-            protect_budget=b,
-            candidate="expert-sparsity",
-            candidate_masks={layer: candidate.kept(layer) for layer in candidate.layers},
-        )
-
-    if budget == auto_budget.AUTO:
-        k, paper = candidate.kept_per_layer, paper_protect_budget(prof.num_experts)
-        mask = auto_budget.choose(plan_with, k, paper, model, held_out or {})
-    else:
-        mask = plan_with(budget)
-    for layer, lm in candidate.layers.items() if mask.candidate_used else ():
-        for key in ("reconstruction_loss", "search"):
-            if key in lm.extra:
-                mask.layers[layer].extra[f"candidate_{key}"] = lm.extra[key]
-    return mask
-
-
-def cell_id(mask: ExpertMask | None) -> str:
+def cell_id(mask: ExpertMask | None, recover: str = "none") -> str:
     from moeprune.api import mask_filename
 
-    return DENSE if mask is None else mask_filename(mask).removesuffix(".json")
+    if mask is None:
+        return DENSE
+    stem = mask_filename(mask).removesuffix(".json")
+    return stem if recover == "none" else f"{stem}+{recover}"
 
 
 @reuse_lm_eval()  # lm-eval's tasks and model wrapper are built once for all cells
@@ -314,22 +315,87 @@ def evaluate_grid(
     masks: Sequence[tuple[Path, ExpertMask]],
     eval_settings: dict[str, Any],
     progress: bool = True,
+    recover: Sequence[str] = ("none",),
+    recovery: Any = None,
 ) -> list[dict[str, Any]]:
-    """Dense first, then every mask; each cell is written to ``out/cells`` as soon as it is done, and a
-    cell whose file exists is read back instead of recomputed (resume after a crash or a kill)."""
+    """Dense first, then every mask (and per mask every recovery kind in ``recover``); each cell is written
+    to ``out/cells`` as soon as it is done, and a cell whose file exists is read back instead of recomputed
+    (resume after a crash or a kill). Recovery deltas are cached in ``out/recovery``."""
     from moeprune.evaluation import footprint
 
     dense_fp = footprint(model)
     cells = []
+    shared = _SharedCalibration(model, tokenizer, recovery, progress)
     for path, mask in [(None, None), *masks]:
-        file = out / "cells" / f"{cell_id(mask)}.json"
-        if file.exists():
-            cells.append(json.loads(file.read_text()))
-            continue
-        cell = run_cell(model, tokenizer, mask, path, dense_fp, eval_settings, progress)
-        write_json_atomic(file, cell)
-        cells.append(cell)
+        for kind in ["none"] if mask is None else recover:
+            file = out / "cells" / f"{cell_id(mask, kind)}.json"
+            if file.exists():
+                cells.append(json.loads(file.read_text()))
+                continue
+            found = None if kind == "none" else _cell_recovery(out, model, mask, recovery.with_kind(kind), shared)
+            cell = run_cell(model, tokenizer, mask, path, dense_fp, eval_settings, progress, found)
+            write_json_atomic(file, cell)
+            cells.append(cell)
     return cells
+
+
+def _recovery_axis(model: Any, recover: Sequence[str], recovery: Any, corpora: Sequence[str], loaded: Any,
+                   retains: Sequence[float]) -> tuple[list[str], Any]:
+    """The grid's recovery kinds (``none`` first) and their shared settings, checked before any work."""
+    kinds = list(dict.fromkeys(recover or [NONE]))
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        RecoveryOptions(kind=unknown[0])  # raises the one-line "unknown recovery" error
+    if recovery is None:
+        recovery = RecoveryOptions.from_preset(preset_for(model))
+    if recovery.corpora is None:
+        recovery = dataclasses.replace(recovery, corpora=tuple(corpora))
+    if kinds != [NONE]:
+        meta = routing_meta(loaded.config)
+        for retain in retains:
+            check_prunes(kinds, kept_count(retain, meta["num_experts"], meta["top_k"]), meta["num_experts"],
+                         f"--retain {retain}")
+        if any(k in ("merge", "merge+router-kd") for k in kinds):
+            check_mergeable(loaded)
+    return kinds, recovery
+
+
+class _SharedCalibration:
+    """The recovery windows and the dense teacher's targets, made once for the whole grid (the teacher is the
+    same model for every mask), on first use."""
+
+    def __init__(self, model: Any, tokenizer: Any, options: Any, progress: bool) -> None:
+        self.model, self.tokenizer, self.options, self.progress = model, tokenizer, options, progress
+        self._windows = None
+        self._teacher = None
+
+    def windows(self) -> dict[str, Any]:
+        if self._windows is None:
+            self._windows = calibration_set(self.tokenizer, list(self.options.corpora), self.options)
+        return self._windows
+
+    def teacher(self) -> Any:
+        if self._teacher is None:
+            self._teacher = teacher_targets(self.model, self.windows(), self.options, self.progress)
+        return self._teacher
+
+
+def recovery_key(model: Any, mask: ExpertMask, options: Any) -> str:
+    """A short hash of everything that makes a recovery delta: the mask, the settings and kind, the model."""
+    blob = json.dumps({"mask": mask.to_json(), "options": options.to_json(), "model": config_hash(model.config)},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _cell_recovery(out: Path, model: Any, mask: ExpertMask, options: Any, shared: _SharedCalibration) -> Any:
+    """The cell's recovery from ``out/recovery`` when computed before, else computed now and saved."""
+    folder = out / "recovery" / f"{cell_id(mask, options.kind)}-{recovery_key(model, mask, options)}"
+    if Recovery.exists(folder):
+        return Recovery.load(folder)
+    teacher = shared.teacher() if options.router_kd else None
+    found = recover(model, mask, options, windows=shared.windows(), teacher=teacher, progress=shared.progress)
+    found.save(folder)
+    return found
 
 
 def run_cell(
@@ -340,9 +406,13 @@ def run_cell(
     dense_fp: dict[str, int],
     eval_settings: dict[str, Any],
     progress: bool,
+    recovery: Any = None,
 ) -> dict[str, Any]:
-    """One evaluation, with the fields the report groups by (cell, method, retain, seed) on top."""
+    """One evaluation, with the fields the report groups by (cell, method, retain, seed, recover) on top;
+    ``recovery`` (a :class:`~moeprune.recovery.Recovery`) is applied inside the mask for this cell only."""
     from moeprune.evaluation.runner import evaluate_loaded
+
+    kind = "none" if recovery is None else recovery.record.get("kind", "none")
 
     result = evaluate_loaded(
         model,
@@ -359,11 +429,15 @@ def run_cell(
         batch_size=eval_settings["eval_batch_size"],
         progress=progress,
         metadata={"model": _name(model)},
+        delta=None if recovery is None else recovery.delta,
     )
+    if recovery is not None:
+        result["recovery"] = recovery.record
     head = {
-        "cell": cell_id(mask),
+        "cell": cell_id(mask, kind),
         "method": DENSE if mask is None else mask.method,
-        "variant": DENSE if mask is None else mask.variant,
+        "variant": DENSE if mask is None else mask.variant + ("" if kind == "none" else f"+{kind}"),
+        "recover": None if mask is None else kind,
         "retain": 1.0 if mask is None else mask.retain,
         "seed": None if mask is None else mask.seed,
         "kept_per_layer": None if mask is None else mask.kept_per_layer,
@@ -384,7 +458,8 @@ def write_outputs(
     if plots:
         from moeprune.evaluation import plots as plotting
 
-        images = plotting.write_plots(cells, out / "plots", profile_dir=out / "profile")
+        images = plotting.write_plots(cells, out / "plots", profile_dir=out / "profile",
+                                      calibration=settings.get("calibration", {}).get("corpora", []))
     _write_text(
         files["report"], report.render_report(cells, settings, {k: v.relative_to(out) for k, v in images.items()})
     )
@@ -408,46 +483,37 @@ def experiment_options(args: argparse.Namespace) -> dict[str, Any]:
     """``run_experiment`` keyword arguments from the CLI: explicit flags win over the preset, and without
     ``--preset`` the model picks one (the bundled testbed gets the fast one)."""
     preset = PRESETS[args.preset or preset_name(args.model)]
-    pick = _picker(args)
-    recon = {
-        "corpus": pick("recon_corpus", None),
-        "samples": pick("recon_samples", preset.recon_samples),
-        "seq_len": pick("recon_seq_len", preset.recon_seq_len),
-        "loss": pick("recon_loss", preset.recon_loss),
-        "tokens": pick("recon_tokens", None),
-        "dtype": args.dtype,
-        "device": args.device,
-        "trust_remote_code": args.trust_remote_code,
-    }
+    calibration = Calibration.from_args(args, preset)
+    evaluation = EvalSettings.from_args(args, preset, parse_ppl_data(getattr(args, "ppl_data", None)))
     return {
-        "retains": pick("retain", preset.retains),
-        "methods": pick("methods", None),
-        "seeds": pick("seeds", preset.seeds),
-        "corpora": pick("corpora", preset.corpora),
-        "samples": pick("samples", preset.samples),
-        "seq_len": pick("seq_len", preset.seq_len),
-        "batch_size": pick("batch_size", 4),
-        "ppl_datasets": pick("ppl", preset.ppl_datasets),
-        "ppl_seq_len": pick("ppl_seq_len", preset.eval_ppl_seq_len),
-        "ppl_sources": parse_ppl_data(pick("ppl_data", None)),
-        "tasks": pick("tasks", _listed(preset.tasks)),
-        "limit": pick("limit", None),
-        "eval_batch_size": pick("eval_batch_size", 8),
-        "protect_budget": _single(pick("protect_budget", None)),
-        "candidate": pick("candidate", None),
-        "reap_corpus": _none_if_off(pick("reap_corpus", preset.reap_corpus)),
-        "reap_samples": pick("reap_samples", preset.reap_samples),
-        "reap_seq_len": pick("reap_seq_len", preset.reap_seq_len),
-        "reconstruction": recon,
+        "retains": flag_or(args, "retain", preset.retains),
+        "methods": getattr(args, "methods", None),
+        "seeds": flag_or(args, "seeds", preset.seeds),
+        "corpora": calibration.corpora,
+        "samples": calibration.samples,
+        "seq_len": calibration.seq_len,
+        "batch_size": calibration.batch_size,
+        "ppl_datasets": evaluation.ppl_datasets,
+        "ppl_seq_len": evaluation.ppl_seq_len,
+        "max_windows": evaluation.max_windows,
+        "ppl_sources": evaluation.ppl_sources,
+        "tasks": evaluation.tasks if isinstance(evaluation.tasks, str) else listed(evaluation.tasks),
+        "limit": evaluation.limit,
+        "eval_batch_size": evaluation.eval_batch_size,
+        "protect_budget": _single(getattr(args, "protect_budget", None)),
+        "candidate": getattr(args, "candidate", None),
+        "reap_corpus": _none_if_off(flag_or(args, "reap_corpus", preset.reap_corpus)),
+        "reap_samples": flag_or(args, "reap_samples", preset.reap_samples),
+        "reap_seq_len": flag_or(args, "reap_seq_len", preset.reap_seq_len),
+        # The tokenizer travels beside it (run_experiment loads it once), not inside.
+        "reconstruction": replace(ReconstructionOptions.from_args(args, preset), tokenizer=None),
         "dtype": args.dtype,
         "device": args.device,
         "trust_remote_code": args.trust_remote_code,
-        "tokenizer": pick("tokenizer", None),
+        "tokenizer": getattr(args, "tokenizer", None),
+        "recover": flag_or(args, "recover", ["none"]),
+        "recovery": RecoveryOptions.from_args(args, preset, kind="none"),
     }
-
-
-def _listed(tasks: tuple[str, ...] | None) -> list[str] | None:
-    return None if tasks is None else list(tasks)
 
 
 def _single(values: Any) -> Any:
@@ -457,15 +523,6 @@ def _single(values: Any) -> Any:
 
 def _none_if_off(corpus: str | None) -> str | None:
     return None if corpus is None or corpus.lower() in ("none", "off", "") else corpus
-
-
-def _picker(args: argparse.Namespace):
-    # getattr: flags the parser may not define yet fall back to the preset.
-    def pick(name: str, default: Any) -> Any:
-        value = getattr(args, name, None)
-        return default if value is None else value
-
-    return pick
 
 
 def parse_ppl_data(items: Sequence[str] | None) -> dict[str, str] | None:

@@ -1,7 +1,8 @@
 """Planning: turn a profile into an :class:`ExpertMask` (which experts each MoE layer keeps).
 
 Every method is one module with a function ``(ctx, row, experts) -> LayerMask`` (see
-:mod:`moeprune.planning.base`) and one line in :data:`METHODS`. :func:`plan` validates the request up
+:mod:`moeprune.planning.base`) and one :class:`~moeprune.planning.registry.MethodSpec` row in
+:mod:`moeprune.planning.registry`. :func:`plan` validates the request up
 front, splits grouped-routing layers into their groups, runs the method and assembles the mask.
 """
 
@@ -11,36 +12,20 @@ from dataclasses import replace
 from typing import Any
 
 from moeprune.errors import MoePruneError
-from moeprune.planning import aggregate, frequency, reap, tb_coverage
-from moeprune.planning import random_method as random_
-from moeprune.planning.base import Method, PlanContext, Selections, select_precomputed
+from moeprune.planning.base import Method, PlanContext, Selections
 from moeprune.planning.groups import expert_groups, split_budget
 from moeprune.planning.mask import ExpertMask, LayerMask, kept_count
+from moeprune.planning.registry import REGISTRY, MethodSpec, check_request, method_spec
 from moeprune.profiling.stats import Profile
 
-METHODS: dict[str, Method] = {
-    "random": random_.select,
-    "frequency": frequency.select,
-    "reap": reap.select,
-    "mean-score": aggregate.mean_score,
-    "max-score": aggregate.max_score,
-    "tb-coverage": tb_coverage.select,
-    # Chooses with the model (reconstruction); its selections arrive as plan(..., precomputed=...).
-    "expert-sparsity": select_precomputed,
-}
+# The registry itself (name -> MethodSpec): `name in METHODS` and `list(METHODS)` read as before.
+METHODS = REGISTRY
 CLAMP_NOTE_START = "TB-Coverage is round-robin alone"
-PROTECTING = {"tb-coverage"}  # methods that take a protect budget B and a candidate
-SEEDED = {"random"}  # methods whose result depends on the seed
-SCORED_ON_ONE_CORPUS = {"reap"}  # methods that can rank on one named corpus (score_corpus) instead of the pool
-NEEDS_MODEL = {"expert-sparsity"}  # methods that choose with the model (api plans them, planning never runs one)
-# The paper's candidate mask: layerwise reconstruction (ExpertSparsity) on C4, used by api.plan and the CLI.
-# planning.plan alone, which never sees the model, falls back to tb_coverage.DEFAULT_CANDIDATE (reap).
-TB_COVERAGE_CANDIDATE = "expert-sparsity"
 
 # Paper settings (arXiv 2607.01710): B=20 of N=60 experts, B=24 of N=64.
 PAPER_PROTECT_BUDGETS = {60: 20, 64: 24}
 
-__all__ = ["METHODS", "PlanContext", "candidate_needed", "default_protect_budget", "plan"]
+__all__ = ["METHODS", "MethodSpec", "PlanContext", "candidate_needed", "default_protect_budget", "plan"]
 
 
 def paper_protect_budget(num_experts: int) -> int:
@@ -74,21 +59,24 @@ def plan(
 ) -> ExpertMask:
     """Keep K = floor(retain * N) experts in every MoE layer of ``profile`` by ``method``.
 
-    ``protect_budget`` (B, default :func:`default_protect_budget`), ``candidate`` (a method name,
-    default ``tb_coverage.DEFAULT_CANDIDATE``) and ``candidate_masks`` ({decoder layer: kept ids}, a
-    candidate made elsewhere; ``candidate`` then only labels it) apply to tb-coverage. ``precomputed``
+    ``protect_budget`` (B, default :func:`default_protect_budget`), ``candidate`` (a method name, default
+    the method's ``MethodSpec.default_candidate``: expert-sparsity for tb-coverage, which needs the model,
+    so without ``candidate_masks`` name a profile-only one, e.g. ``candidate="reap"``) and
+    ``candidate_masks`` ({decoder layer: kept ids}, a candidate made elsewhere; ``candidate`` then only
+    labels it) apply to tb-coverage. ``precomputed``
     carries the selections of a method that needs the model, e.g. expert-sparsity. ``score_corpus`` (reap
     only) ranks on that profiled corpus alone instead of the pooled corpora; the mask's variant is then
     ``reap@<corpus>``.
     """
-    fn = _lookup(method)
-    _check_score_corpus(profile, method, score_corpus)
+    spec = check_request(method, protect_budget, candidate, candidate_masks=candidate_masks)
+    _check_score_corpus(profile, spec, score_corpus)
     meta, num_experts = profile.meta, profile.num_experts
     kept = kept_count(retain, num_experts, meta.get("top_k"))
     groups = expert_groups(meta, num_experts, kept)
     requested = paper_protect_budget(num_experts) if protect_budget is None else protect_budget
-    budget, candidate = _protection(method, num_experts, kept, protect_budget, candidate, candidate_masks)
-    seeded = method in SEEDED or (candidate_masks is None and candidate in SEEDED)
+    budget, candidate = _protection(spec, kept, protect_budget, candidate, candidate_masks, num_experts)
+    computes = None if candidate_masks is not None or candidate is None else method_spec(candidate)
+    seeded = spec.seeded or (computes is not None and computes.seeded)
     if seeded and (not isinstance(seed, int) or seed < 0):
         raise MoePruneError(f"Seed {seed!r} must be a non-negative integer.")
     ctx = PlanContext(
@@ -102,8 +90,9 @@ def plan(
         precomputed=_normalise(precomputed),
         model=model,
         score_corpus=score_corpus,
+        candidate_select=None if computes is None else computes.select,
     )
-    layers = {ctx.layer(row): _plan_layer(fn, ctx, row, groups) for row in range(len(profile.layer_ids))}
+    layers = {ctx.layer(row): _plan_layer(spec.select, ctx, row, groups) for row in range(len(profile.layer_ids))}
     extra: dict[str, Any] = {"corpora": profile.names}
     if score_corpus is not None:
         extra.update(corpora=[score_corpus], score_corpus=score_corpus, variant=f"{method}@{score_corpus}")
@@ -121,7 +110,7 @@ def plan(
         candidate=candidate,
         extra=extra,
     )
-    if method in PROTECTING:
+    if spec.protects:
         record_protection(mask, requested)
     return mask
 
@@ -141,11 +130,12 @@ def record_protection(mask: ExpertMask, requested: int | str) -> None:
         )
 
 
-def _check_score_corpus(profile: Profile, method: str, corpus: str | None) -> None:
+def _check_score_corpus(profile: Profile, spec: MethodSpec, corpus: str | None) -> None:
     if corpus is None:
         return
-    if method not in SCORED_ON_ONE_CORPUS:
-        raise MoePruneError(f"A REAP corpus (--reap-corpus) only applies to reap; drop it for {method!r}.")
+    if not spec.one_corpus:
+        one = ", ".join(name for name, row in REGISTRY.items() if row.one_corpus)
+        raise MoePruneError(f"A REAP corpus (--reap-corpus) only applies to {one}; drop it for {spec.name!r}.")
     if corpus not in profile.names:
         raise MoePruneError(
             f"REAP corpus {corpus!r} is not in the profile (it holds {', '.join(profile.names)}). Profile it first, "
@@ -153,30 +143,17 @@ def _check_score_corpus(profile: Profile, method: str, corpus: str | None) -> No
         )
 
 
-def _lookup(method: str) -> Method:
-    if method not in METHODS:
-        raise MoePruneError(f"Unknown planning method {method!r}; known methods: {', '.join(METHODS)}.")
-    return METHODS[method]
-
-
 def _protection(
-    method: str,
-    num_experts: int,
+    spec: MethodSpec,
     kept: int,
-    budget: int | None,
+    budget: int | str | None,
     candidate: str | None,
     candidate_masks: Selections | None,
+    num_experts: int,
 ) -> tuple[int | None, str | None]:
-    """Validated (B, candidate name) for a protecting method; (None, None) for the others."""
-    if method not in PROTECTING:
-        given = [name for name, v in [("protect_budget", budget), ("candidate", candidate)] if v is not None]
-        if candidate_masks is not None:
-            given.append("candidate_masks")
-        if given:
-            raise MoePruneError(
-                f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} to "
-                f"{', '.join(sorted(PROTECTING))}; drop {'it' if len(given) == 1 else 'them'} for {method!r}."
-            )
+    """Validated (B, candidate name) for a protecting method (check_request has vetted the names); (None, None)
+    for the others."""
+    if not spec.protects:
         return None, None
     if budget is None:
         budget = default_protect_budget(num_experts, kept)
@@ -193,11 +170,13 @@ def _protection(
     budget = min(budget, kept)
     if candidate_masks is not None:
         return budget, candidate or "precomputed"
-    candidate = candidate or tb_coverage.DEFAULT_CANDIDATE
-    if candidate not in METHODS or candidate in PROTECTING:
-        usable = [name for name in METHODS if name not in PROTECTING]
+    candidate = candidate or spec.default_candidate
+    if budget < kept and method_spec(candidate).needs_model:
+        # Only planned when B < K: with B >= K round-robin alone fills the mask and no candidate is computed.
         raise MoePruneError(
-            f"Unknown candidate method {candidate!r} for {method}; use one of: {', '.join(usable)}."
+            f"{spec.name}'s candidate {candidate!r} selects experts with the model, which planning from a profile "
+            "never loads: plan with moeprune.api.plan(..., model=...) or `moeprune plan`, pass its selections as "
+            "candidate_masks={decoder_layer: [kept ids]}, or name a profile-only candidate, e.g. candidate='reap'."
         )
     return budget, candidate
 

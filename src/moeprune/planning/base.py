@@ -22,6 +22,10 @@ from moeprune.profiling.stats import ExpertStats, Profile
 Selections = dict[int, list[int]]  # decoder-layer index -> kept expert ids
 
 
+class Method(Protocol):
+    def __call__(self, ctx: PlanContext, row: int, experts: list[int]) -> LayerMask: ...
+
+
 @dataclass
 class PlanContext:
     profile: Profile
@@ -31,6 +35,7 @@ class PlanContext:
     protect_budget: int = 0  # B, used by methods that protect experts (tb-coverage)
     candidate: str | None = None  # tb-coverage: the method whose mask it starts from
     candidate_masks: Selections | None = None  # tb-coverage: a candidate selection made elsewhere
+    candidate_select: Method | None = None  # tb-coverage: the candidate's select function (no masks given)
     precomputed: Selections | None = None  # selections of a method that needs the model (expert-sparsity)
     model: Any = None
     score_corpus: str | None = None  # reap: rank on this profiled corpus alone instead of the pooled corpora
@@ -60,10 +65,6 @@ class PlanContext:
 
     def layer(self, row: int) -> int:
         return self.profile.layer_ids[row]
-
-
-class Method(Protocol):
-    def __call__(self, ctx: PlanContext, row: int, experts: list[int]) -> LayerMask: ...
 
 
 def ranked(scores: torch.Tensor, experts: Sequence[int]) -> list[int]:

@@ -23,11 +23,6 @@ import torch
 from moeprune.planning.base import PlanContext, layer_selection, ranked
 from moeprune.planning.mask import LayerMask
 
-# The candidate used when none is named and none is precomputed. The paper starts from a reconstruction
-# mask (expert-sparsity), which needs the model: moeprune.api / `moeprune plan` compute it and pass it in
-# as candidate_masks (api.TB_COVERAGE_CANDIDATE). This model-free planner alone falls back to REAP.
-DEFAULT_CANDIDATE = "reap"
-
 
 def select(ctx: PlanContext, row: int, experts: list[int]) -> LayerMask:
     rankings = [ranked(scores[row], experts) for scores in ctx.corpus_scores]
@@ -43,10 +38,10 @@ def candidate_selection(ctx: PlanContext, row: int, experts: list[int]) -> list[
     if ctx.candidate_masks is not None:
         k = ctx.kept_per_layer
         return layer_selection(ctx.candidate_masks, ctx.layer(row), experts, k, "candidate mask")
-    from moeprune.planning import METHODS  # the registry imports this module
-
-    name = ctx.candidate or DEFAULT_CANDIDATE
-    return METHODS[name](replace(ctx, method=name), row, experts).kept
+    # The candidate's select function comes in the context (planning.plan looks it up in the registry, which
+    # imports this module), so a method never reaches back into the registry.
+    assert ctx.candidate_select is not None and ctx.candidate is not None
+    return ctx.candidate_select(replace(ctx, method=ctx.candidate), row, experts).kept
 
 
 def round_robin(rankings: list[list[int]], budget: int) -> list[int]:
