@@ -185,6 +185,7 @@ def build_checkpoint(name: str, moe_layers: int, device: str, dtype: str, out: P
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from moeprune.bundled import bundled_model_path
+    from moeprune.surgery.tokenizer_files import make_portable
 
     fields = model_config(name, moe_layers)
     if fields["model_type"] == "deepseek":
@@ -196,6 +197,7 @@ def build_checkpoint(name: str, moe_layers: int, device: str, dtype: str, out: P
     built = time.perf_counter() - start
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(bundled_model_path()).save_pretrained(out)
+    make_portable(out)  # readable by transformers 4.x too
     params = sum(p.numel() for p in model.parameters())
     return {"build_s": built, "save_s": time.perf_counter() - start - built, "params": params}
 

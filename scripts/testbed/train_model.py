@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from common import BUNDLED, MODEL_DIR, REPO, TRAIN_DOMAINS, UNSEEN_DOMAINS, read_corpus
 from transformers import AutoTokenizer, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
+from moeprune.surgery.tokenizer_files import make_portable
+
 log = logging.getLogger("train_model")
 
 
@@ -142,6 +144,7 @@ def save_fp16(model: Qwen2MoeForCausalLM, tokenizer: AutoTokenizer, out: Path) -
     half = copy.deepcopy(model).to(torch.float16)
     half.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    make_portable(out)  # readable by transformers 4.x too
 
 
 def train(args: argparse.Namespace) -> dict[str, object]:

@@ -5,7 +5,8 @@ Usage::
     python scripts/testbed/train_tokenizer.py [--vocab-size 4096] [--out DIR]
 
 The result is wrapped in ``PreTrainedTokenizerFast(tokenizer_object=...)`` and saved with
-``save_pretrained`` so ``AutoTokenizer.from_pretrained(out)`` loads it offline.
+``save_pretrained`` so ``AutoTokenizer.from_pretrained(out)`` loads it offline; tokenizer_config.json then
+names ``PreTrainedTokenizerFast`` (not transformers 5's ``TokenizersBackend``) so transformers 4.x loads it too.
 (``GPT2TokenizerFast(vocab_file=...)`` would silently ignore the files.)
 """
 
@@ -17,6 +18,8 @@ from pathlib import Path
 from common import CORPORA, EOS_TOKEN, MODEL_DIR, read_corpus
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
+
+from moeprune.surgery.tokenizer_files import make_portable
 
 
 def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
@@ -50,6 +53,7 @@ def main() -> None:
     args = ap.parse_args()
     tokenizer = train_tokenizer(args.vocab_size)
     tokenizer.save_pretrained(args.out)
+    make_portable(args.out)  # transformers 5 writes TokenizersBackend, which transformers 4.x lacks
     print(f"saved tokenizer with {len(tokenizer)} tokens to {args.out}")
 
 

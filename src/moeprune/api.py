@@ -353,6 +353,9 @@ def prune(
     workdir = Path(workdir) if workdir else Path(str(out).rstrip("/") + ".work")
     _check_output(out, model, overwrite, workdir)  # before profiling, not after
     loaded = checked_model(model, dtype, device, trust_remote_code)
+    # apply gets what was asked for (a path, None: the model's own), not the loaded object, so that it copies
+    # the tokenizer files byte for byte instead of re-saving them (see surgery/tokenizer_files.py)
+    requested_tokenizer = tokenizer
     tokenizer = checked_tokenizer(tokenizer, loaded, trust_remote_code)
     profile(
         loaded,
@@ -393,7 +396,7 @@ def prune(
         mask,
         out,
         dtype=dtype,
-        tokenizer=tokenizer,
+        tokenizer=requested_tokenizer,
         device=device,
         overwrite=overwrite,
         trust_remote_code=trust_remote_code,

@@ -40,6 +40,7 @@ from moeprune.recovery.delta import Recovery, apply_delta
 from moeprune.surgery.config_json import pruned_config_json, source_config_json
 from moeprune.surgery.model_card import CardInfo, render_model_card
 from moeprune.surgery.slicing import apply_mask, count_parameters, masked
+from moeprune.surgery.tokenizer_files import write_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,8 @@ def export_pruned(
             with _pruned(model, mask, owned, delta):
                 info = CardInfo(source, str(out), mask, params_before, count_parameters(model))
                 reference = Reference.of(model) if verify else None
-                _write(model, tok, mask, info, source_dir or source, tmp, steps)
+                _write(model, tok, mask, info, source_dir or source, tmp, steps,
+                       _tokenizer_source(tokenizer, source_dir or source))
             if reference is not None:
                 placement = _placement(model)
                 if owned:  # ours alone: free it before the reload, so two models are never held
@@ -232,13 +234,13 @@ def _release_memory() -> None:
 
 
 def _write(model: nn.Module, tok: Any, mask: ExpertMask, info: CardInfo, source: str | Path,
-           tmp: Path, steps: tqdm) -> None:
+           tmp: Path, steps: tqdm, tokenizer_from: str | Path | None = None) -> None:
     _step(steps, "saving weights")
     # Default save_pretrained: hub-style per-expert keys, which every transformers version reloads.
     model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
     _write_config(tmp, source, mask)
-    if tok is not None:
-        tok.save_pretrained(tmp)
+    if tok is not None:  # the source's files byte for byte where it has them (see surgery/tokenizer_files.py)
+        write_tokenizer(tok, tokenizer_from, tmp, TOKENIZER_FILES)
     source_dir = _local_dir(str(source))
     if source_dir is not None:
         for code in source_dir.glob("*.py"):  # remote modeling code (trust_remote_code models)
@@ -290,6 +292,13 @@ def _tokenizer(tokenizer: Any, source: str, source_dir: Path | None, trust_remot
     if isinstance(tokenizer, (str, Path)):
         return load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
     return tokenizer
+
+
+def _tokenizer_source(tokenizer: Any, source: str | Path) -> str | Path | None:
+    """Where the export's tokenizer files are copied from: None for a tokenizer object (saved instead)."""
+    if tokenizer is None:
+        return source
+    return resolve_model_path(tokenizer) if isinstance(tokenizer, (str, Path)) else None
 
 
 def _local_dir(source: str) -> Path | None:
