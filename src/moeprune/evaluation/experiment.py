@@ -22,7 +22,7 @@ from typing import Any
 
 from moeprune.errors import MoePruneError
 from moeprune.evaluation.zeroshot import reuse_lm_eval
-from moeprune.io import write_json_atomic
+from moeprune.io import write_json_atomic, write_text_atomic
 from moeprune.planning.mask import ExpertMask
 
 DEFAULT_RETAINS = (0.25, 0.5, 0.75)
@@ -411,9 +411,7 @@ def write_outputs(
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text_atomic(path, text)
 
 
 def _name(model: Any) -> str:
@@ -507,6 +505,8 @@ def _remove_orphans(out: Path) -> None:
 
 def run_experiment_cli(args: argparse.Namespace) -> dict[str, Any]:
     result = run_experiment(args.model, args.out, progress=not args.quiet, **experiment_options(args))
-    print(Path(result["files"]["report"]).read_text())
+    from moeprune.io import terminal_safe
+
+    print(terminal_safe(Path(result["files"]["report"]).read_text()))
     print(f"experiment written to {args.out} ({len(result['cells'])} cells)")
     return result

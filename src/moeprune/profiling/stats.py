@@ -19,17 +19,16 @@ library versions) for each corpus.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from moeprune.errors import MoePruneError
-from moeprune.io import temp_file_beside, write_json_atomic
+from moeprune.io import save_safetensors_atomic, write_json_atomic
 
 SUM_FIELDS = ("count", "gate_sum", "reap_sum", "norm_sum")
 PROFILE_FORMAT = "moeprune.profile/1"
@@ -96,16 +95,11 @@ class ExpertStats:
     def save(self, path: str | Path) -> None:
         """Write ``path`` (.safetensors) and its ``.json`` metadata, each atomically."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_file_beside(path)  # named after this process: the next run can tell if its writer died
-        try:
-            save_file(self.tensors(), str(tmp), metadata={"format": PROFILE_FORMAT})
-            # Metadata first: a .safetensors without its .json is treated as unfinished.
-            write_json_atomic(path.with_suffix(".json"), {"format": PROFILE_FORMAT, **self.meta})
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        # Metadata first: a .safetensors without its .json is treated as unfinished.
+        save_safetensors_atomic(
+            path, self.tensors(), {"format": PROFILE_FORMAT},
+            before_rename=lambda: write_json_atomic(path.with_suffix(".json"), {"format": PROFILE_FORMAT, **self.meta}),
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> ExpertStats:

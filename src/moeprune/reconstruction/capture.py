@@ -19,19 +19,17 @@ a capture in an older layout is discarded and redone.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from moeprune.arch.view import moe_layers
 from moeprune.errors import MoePruneError
-from moeprune.io import remove_orphan_temp_files, temp_file_beside, write_json_atomic
+from moeprune.io import remove_orphan_temp_files, save_safetensors_atomic, write_json_atomic
 from moeprune.loading import config_hash, model_name
 
 CAPTURE_FORMAT = "moeprune.reconstruction-inputs/2"
@@ -203,11 +201,4 @@ def _recorder(captured: dict[int, torch.Tensor], index: int):
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_file_beside(path)
-    try:
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    save_safetensors_atomic(path, tensors)
