@@ -90,7 +90,7 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 
 def _on_sigterm(handler):
-    """Install ``handler`` for SIGTERM (main thread only; elsewhere signals cannot be handled) and return the old one."""
+    """Install ``handler`` for SIGTERM (main thread only: others cannot handle signals); return the old one."""
     import threading
 
     if handler is None or threading.current_thread() is not threading.main_thread():

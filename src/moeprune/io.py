@@ -360,6 +360,36 @@ def _depth(obj: Any) -> int:
     return deepest
 
 
+INDEX_FILE = "model.safetensors.index.json"
+_SHARD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.safetensors")
+
+
+def read_config_json(folder: str | Path) -> dict[str, Any]:
+    """A checkpoint's config.json: a JSON object (read by :func:`read_json`)."""
+    path = Path(folder) / "config.json"
+    config = read_json(path, "Config file", "re-download or repair the checkpoint's config.json")
+    if not isinstance(config, dict):
+        raise MoePruneError(f"Config file {path} is not a JSON object; re-download or repair the checkpoint.")
+    return config
+
+
+def read_weight_map(folder: str | Path) -> dict[str, str]:
+    """The ``weight_map`` of a checkpoint's safetensors index: tensor name -> shard file name, each shard a plain
+    ``*.safetensors`` name in the folder (a ``../x`` would read, and model-free apply write, outside it)."""
+    path = Path(folder) / INDEX_FILE
+    fix = "re-download the checkpoint"
+    index = read_json(path, "Checkpoint index", fix)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise MoePruneError(f"Checkpoint index {path} has no weight_map of tensor -> shard names; {fix}.")
+    bad = sorted(v for v in set(weight_map.values()) if not _SHARD_NAME.fullmatch(v))
+    if bad:
+        raise MoePruneError(f"Checkpoint index {path} names the shard {terminal_safe(bad[0])!r}, not a "
+                            f"*.safetensors file in the checkpoint folder; {fix}.")
+    return weight_map
+
+
 # ------------------------------------------------------------------------------------ untrusted text
 # CSI/OSC/other escape sequences, then the C0/C1 controls and the bidi/zero-width marks that can fake output.
 _ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[PX^_][^\x1b]*(?:\x1b\\)?|[@-Z\\-_])")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -182,7 +181,9 @@ def _config_or_json(folder: Path, trust_remote_code: bool) -> Any:
             raise MoePruneError(
                 f"{folder} has no config.json; model-free apply needs a Hugging Face checkpoint."
             ) from None
-        return json.loads(path.read_text())
+        from moeprune.io import read_config_json
+
+        return read_config_json(folder)
 
 
 def _check_prune(args: argparse.Namespace) -> None:
@@ -334,12 +335,11 @@ def check_checkpoint_files(model: Any) -> None:
     folder = Path(resolve_model_path(model))
     if not folder.is_dir():
         return
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise MoePruneError(f"{index} is corrupt ({err}); re-download the checkpoint.") from err
+    from moeprune.io import INDEX_FILE, read_weight_map
+
+    check_not_pickle_only(folder)
+    if (folder / INDEX_FILE).exists():
+        shards = set(read_weight_map(folder).values())
         missing = sorted(s for s in shards if not (folder / s).exists())
         if missing:
             raise MoePruneError(f"{folder} lacks the shard(s) {missing} its index names; re-download the checkpoint.")
@@ -351,6 +351,23 @@ def check_checkpoint_files(model: Any) -> None:
             raise MoePruneError(
                 f"{path} is truncated or corrupt ({err}); re-download or re-save the checkpoint."
             ) from err
+
+
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "pytorch_model.pt")
+
+
+def check_not_pickle_only(folder: Path) -> None:
+    """A checkpoint with pickle weights only (pytorch_model.bin, no safetensors): torch refuses to unpickle it
+    safely, and moeprune never unpickles untrusted files. Refused with the conversion to do."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = [name for name in PICKLE_WEIGHTS if (folder / name).exists()] or [p.name for p in folder.glob("*.bin")]
+    if pickles:
+        raise MoePruneError(
+            f"{folder} holds pickle weights only ({pickles[0]}), no .safetensors; moeprune loads safetensors "
+            "checkpoints only (unpickling can run code). Convert it where you trust the file, e.g. "
+            "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR_SAFE), and pass that folder."
+        )
 
 
 def check_tokenizer_source(model: str, tokenizer: str | None) -> None:

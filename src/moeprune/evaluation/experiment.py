@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from moeprune.errors import MoePruneError
 from moeprune.evaluation.zeroshot import reuse_lm_eval
-from moeprune.io import write_json_atomic, write_text_atomic
+from moeprune.io import read_json, write_json_atomic, write_text_atomic
 from moeprune.planning.mask import ExpertMask
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RETAINS = (0.25, 0.5, 0.75)
 DEFAULT_SEEDS = (0, 1, 2, 3, 4, 42)
@@ -145,8 +148,10 @@ def run_experiment(
 def _check_settings(out: Path, settings: dict[str, Any]) -> None:
     """Refuse to mix cells computed under other calibration or evaluation settings; the grid may grow."""
     path = out / "experiment.json"
-    if path.exists():
-        old = json.loads(path.read_text())
+    if path.exists() or path.is_symlink():
+        old = read_json(path, "Experiment settings", f"delete it (or use another --out) to start {out} over")
+        if not isinstance(old, dict):
+            raise MoePruneError(f"Experiment settings {path} is not a JSON object; delete it or use another --out.")
         for key in ("model", "calibration", "evaluation"):
             if old.get(key) != json.loads(json.dumps(settings[key])):
                 raise MoePruneError(
@@ -342,13 +347,39 @@ def evaluate_grid(
     cells = []
     for path, mask in [(None, None), *masks]:
         file = out / "cells" / f"{cell_id(mask)}.json"
-        if file.exists():
-            cells.append(json.loads(file.read_text()))
+        cached = read_cell(file, cell_id(mask))
+        if cached is not None:
+            cells.append(cached)
             continue
         cell = run_cell(model, tokenizer, mask, path, dense_fp, eval_settings, progress)
         write_json_atomic(file, cell)
         cells.append(cell)
     return cells
+
+
+CELL_TYPES = {"cell": str, "method": str, "variant": str, "retain": (int, float), "summary": dict}
+
+
+def read_cell(file: Path, expected_id: str) -> dict[str, Any] | None:
+    """A finished cell to reuse, or None to (re)compute it: absent, unreadable, or not this cell's result
+    (a cell is only lost time, so a bad one is recomputed with a warning rather than refused)."""
+    if not file.exists() and not file.is_symlink():
+        return None
+    try:
+        cell = read_json(file, "Cell file", "it will be recomputed")
+        problem = None if isinstance(cell, dict) else "not a JSON object"
+        for key, types in CELL_TYPES.items() if problem is None else ():
+            if not isinstance(cell.get(key), types) or isinstance(cell.get(key), bool):
+                problem = f"its {key!r} is {cell.get(key)!r}"
+                break
+        if problem is None and cell["cell"] != expected_id:
+            problem = f"it holds cell {cell['cell']!r}"
+        if problem:
+            raise MoePruneError(f"Cell file {file} is not a result of this cell ({problem})")
+    except MoePruneError as err:
+        log.warning("%s; recomputing it.", str(err).rstrip("."))
+        return None
+    return cell
 
 
 def run_cell(

@@ -18,7 +18,6 @@ library versions) for each corpus.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from moeprune.errors import MoePruneError
-from moeprune.io import save_safetensors_atomic, write_json_atomic
+from moeprune.io import read_json, save_safetensors_atomic, write_json_atomic
 
 SUM_FIELDS = ("count", "gate_sum", "reap_sum", "norm_sum")
 PROFILE_FORMAT = "moeprune.profile/1"
@@ -139,6 +138,24 @@ class ExpertStats:
                 return f"{name} holds negative values"
         if not torch.equal(self.count, self.count.round()):
             return "count holds fractional token counts"
+        unrouted = self.count == 0
+        for name in SUM_FIELDS[1:]:
+            if (getattr(self, name)[unrouted] != 0).any():
+                return f"{name} is non-zero for an expert that count says no token reached"
+        return self._count_problem()
+
+    def _count_problem(self) -> str | None:
+        """A finished profile routes every token to top-k experts in every layer: each row of count sums to
+        top_k x tokens (checkpoints cover part of the tokens, so only their rows' equality is checked)."""
+        rows = self.count.sum(dim=1)
+        if len(rows) and not torch.equal(rows, rows[:1].expand_as(rows)):
+            return f"count sums to different token totals in different layers ({sorted(set(rows.tolist()))})"
+        top_k, tokens = self.meta.get("top_k"), self.meta.get("tokens")
+        if "windows_done" in self.meta or not _is_int(top_k) or not _is_int(tokens) or not len(rows):
+            return None
+        if int(rows[0]) != top_k * tokens:
+            return (f"count sums to {int(rows[0])} routings per layer, but {tokens} tokens routed to top-{top_k} "
+                    f"experts make {top_k * tokens}")
         return None
 
 
@@ -237,19 +254,42 @@ def check_one_model(directory: str | Path, config_hash: str) -> None:
             )
 
 
+# Types of the metadata fields moeprune reads (planning, resuming, identity); others are kept as they are.
+META_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str,), "model_type": (str, type(None)), "config_hash": (str,), "tokenizer_sha256": (str,),
+    "corpus_sha256": (str, type(None)), "weights_sha256": (str, type(None)), "corpus": (dict,),
+    "tokens": (int,), "samples": (int,), "samples_requested": (int,), "seq_len": (int,), "seed": (int,),
+    "num_experts": (int,), "top_k": (int, type(None)), "n_group": (int, type(None)),
+    "topk_group": (int, type(None)), "moe_layers": (list,), "world_size": (int,), "windows_done": (int,),
+    "finished_at": (int, float), "settings": (dict,), "versions": (dict,),
+}
+
+
 def read_meta(path: Path) -> dict[str, Any]:
     """A corpus profile's metadata (empty when absent); a corrupt file is a MoePruneError with the fix."""
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return {}
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MoePruneError(
-            f"Profile metadata {path} is corrupt ({err}); delete it and its .safetensors and re-run `moeprune profile`."
-        ) from err
+    fix = "delete it and its .safetensors and re-run `moeprune profile`"
+    meta = read_json(path, "Profile metadata", fix)
     if not isinstance(meta, dict):
-        raise MoePruneError(f"Profile metadata {path} is not a JSON object; delete it and re-run `moeprune profile`.")
+        raise MoePruneError(f"Profile metadata {path} is not a JSON object; {fix}.")
+    for key, types in META_TYPES.items():
+        value = meta.get(key)
+        wrong = key in meta and (not isinstance(value, types) or isinstance(value, bool)
+                                 or (isinstance(value, int | float) and value < 0))
+        if wrong or (key == "moe_layers" and not all(_is_int(v) and v >= 0 for v in value or [])):
+            raise MoePruneError(f"Profile metadata {path}: {key!r} is {value!r}, not {_kind(types)}; {fix}.")
     return meta
+
+
+def _kind(types: tuple[type, ...]) -> str:
+    names = {str: "a string", int: "a non-negative integer", float: "a number", dict: "an object", list: "a list",
+             type(None): "null"}
+    return " or ".join(names[t] for t in types)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _safe_div(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,6 @@ cannot be found (a model built in memory), the legacy keys are derived from tran
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,9 @@ def source_config_json(source: str | Path | None) -> dict[str, Any] | None:
         return None
     path = Path(source) / "config.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        from moeprune.io import read_config_json
+
+        return read_config_json(source)
     try:
         from transformers import PretrainedConfig
 
