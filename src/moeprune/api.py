@@ -107,9 +107,12 @@ def profile(
     if sequential:
         sequential_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         device, dtype = "cpu", _sequential_dtype(model, dtype, sequential_device, trust_remote_code)
+    from moeprune.validation import check_profile_out
+
+    specs = [c if isinstance(c, CorpusSpec) else parse_corpus(c) for c in corpora]
+    check_profile_out(out, model, specs, tokenizer)  # before loading: never over the model or a corpus file
     model = _model(model, dtype, device, trust_remote_code)
     tokenizer = _tokenizer(tokenizer, model, trust_remote_code)
-    specs = [c if isinstance(c, CorpusSpec) else parse_corpus(c) for c in corpora]
     settings = ProfileSettings(
         num_samples=samples,
         seq_len=seq_len,
@@ -133,12 +136,14 @@ def plan(
     reconstruction: dict[str, Any] | None = None,
     score_corpus: str | None = None,
     progress: bool = True,
+    corpora: Sequence[str] | None = None,
 ) -> ExpertMask:
     """One mask; see :func:`plan_many` for several retain ratios sharing one reconstruction."""
     return plan_many(
         profile,
         method,
         [retain],
+        corpora=corpora,
         seed=seed,
         protect_budget=protect_budget,
         candidate=candidate,
@@ -161,15 +166,17 @@ def plan_many(
     reconstruction: dict[str, Any] | None = None,
     score_corpus: str | None = None,
     progress: bool = True,
+    corpora: Sequence[str] | None = None,
 ) -> list[ExpertMask]:
     """Masks for every retain ratio. Methods that need the model (expert-sparsity, tb-coverage with that
     candidate, tb-coverage with ``protect_budget="auto"``) load it from ``model`` or from the path recorded
-    in the profile. ``score_corpus`` ranks reap on that profiled corpus alone."""
+    in the profile. ``score_corpus`` ranks reap on that profiled corpus alone. ``corpora`` (names) plans on
+    those corpora of a profile folder only, not on every corpus profiled there."""
     from moeprune.validation import check_method
 
     check_method(method, protect_budget, candidate)  # -B/--candidate that the method would ignore fail here
     workdir = Path(profile) if isinstance(profile, (str, Path)) else None
-    prof = Profile.load(profile) if workdir is not None else profile
+    prof = Profile.load(profile, list(corpora) if corpora else None) if workdir is not None else profile
     if method not in METHODS:
         plan_from_profile(prof, method, 1.0)  # raises the registry's "unknown method" error
     candidate = _candidate(method, candidate)
@@ -213,8 +220,18 @@ def plan_many(
 
 
 def mask_filename(mask: ExpertMask) -> str:
-    seed = f"-seed{mask.seed}" if mask.seed is not None else ""
-    return f"{mask.variant}-{mask.retain:.2f}{seed}.json"
+    return mask_file_name(mask.variant, mask.retain, mask.seed)
+
+
+def mask_file_name(variant: str, retain: float, seed: int | None = None) -> str:
+    """``<variant>-<retain>[-seed<s>].json``; the ratio is exact, so no two ratios share a name (0.62 and
+    0.625 were both ``-0.62``): two decimals when they say it exactly (0.50), else the shortest exact form."""
+    return f"{variant}-{retain_label(retain)}" + (f"-seed{seed}" if seed is not None else "") + ".json"
+
+
+def retain_label(retain: float) -> str:
+    short = f"{retain:.2f}"
+    return short if float(short) == retain else repr(float(retain))
 
 
 def apply(
@@ -290,7 +307,7 @@ def prune(
     _check_output(out, model, overwrite, workdir)  # before profiling, not after
     loaded = _model(model, dtype, device, trust_remote_code)
     tokenizer = _tokenizer(tokenizer, loaded, trust_remote_code)
-    profile(
+    profiled = profile(
         loaded,
         corpora,
         workdir,
@@ -305,6 +322,7 @@ def prune(
         workdir,
         method,
         retain,
+        corpora=profiled.names,  # this run's corpora: a workdir profiled earlier with others must not pool them
         seed=seed,
         protect_budget=protect_budget,
         candidate=candidate,
@@ -411,6 +429,9 @@ def _reconstruct(
     spec = _reconstruction_corpus(prof, options.get("corpus"))
     seq_len = options.get("seq_len") or preset["recon_seq_len"]
     samples = options.get("samples") or preset["recon_samples"]
+    from moeprune.validation import check_seq_len
+
+    check_seq_len(loaded.config, seq_len, "--recon-seq-len")  # as prune refuses it, for plan and experiment too
     if options.get("tokens"):  # sample no more windows than the budget keeps
         samples = min(samples, max(1, options["tokens"] // seq_len))
     windows = calibration_windows(

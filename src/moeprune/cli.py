@@ -429,6 +429,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
         "--eval-batch-size", type=_eval_batch_size, default=8, help="lm-eval batch size: N, auto or auto:N (default 8)"
     )
     p.add_argument("--out", default=None, help="results JSON file (default: print only)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (e.g. earlier results)")
     p.set_defaults(run=_run_eval)
 
 

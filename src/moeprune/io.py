@@ -390,6 +390,32 @@ def read_weight_map(folder: str | Path) -> dict[str, str]:
     return weight_map
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def checkpoint_fingerprint(folder: str | Path) -> str | None:
+    """A cheap fingerprint of a local checkpoint's weights (None when ``folder`` is not a local folder): for
+    every weight file, its name, size and modification time, and for safetensors files their whole header
+    (tensor names, dtypes, shapes and offsets); the index file's content too. Weights rewritten in place (same
+    shapes) change the times; a copy keeps them (cp -p, copytree) or is profiled again, never reused wrongly."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if not path.name.endswith(WEIGHT_SUFFIXES + (".index.json",)) or not path.is_file():
+            continue
+        st = path.stat()
+        digest.update(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        if path.suffix == ".safetensors" and st.st_size >= 8:
+            with open(path, "rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                digest.update(handle.read(min(length, MAX_JSON_BYTES)))
+        elif path.name.endswith(".index.json"):
+            digest.update(path.read_bytes()[:MAX_JSON_BYTES])
+    return digest.hexdigest()
+
+
 # ------------------------------------------------------------------------------------ untrusted text
 # CSI/OSC/other escape sequences, then the C0/C1 controls and the bidi/zero-width marks that can fake output.
 _ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[PX^_][^\x1b]*(?:\x1b\\)?|[@-Z\\-_])")
@@ -435,16 +461,30 @@ def check_output_dir(
     return out
 
 
-def check_output_file(out: str | Path, flag: str = "--out", sources: Iterable[str | Path | None] = ()) -> Path:
-    """A results file must not be a directory, a symlink or another non-regular file, nor any input of the
-    verb, and its folder must be writable (checked before the work). An existing results file is replaced."""
+def check_output_file(out: str | Path, flag: str = "--out", sources: Iterable[str | Path | None] = (),
+                      overwrite: bool = True) -> Path:
+    """A results file must not be a directory, a symlink or another non-regular file, nor an input of the
+    verb (a source file, or a file inside a source folder), and its folder must be writable (checked before
+    the work). An existing one is replaced only with ``overwrite``."""
     out = Path(out)
     check_name_length(out, flag)
-    if out.is_dir() and not out.is_symlink():
+    check_not_symlink(out, flag)
+    if out.is_dir():
         raise MoePruneError(f"{flag} {out} is a directory; give a file name such as {out / 'results.json'}.")
     check_regular_destination(out, flag)
-    check_not_overlapping(out, sources, flag)
-    check_writable_parent(out, flag)
+    target = out.resolve()
+    for source in sources:
+        if source is None or not Path(source).exists():
+            continue
+        src = Path(source).resolve()
+        if target == src or (src in target.parents and out.exists()):
+            raise MoePruneError(
+                f"{flag} {out} is {'the input' if target == src else 'a file of the input'} {source}; writing it "
+                f"would replace it. Choose another {flag}."
+            )
+    if out.exists() and not overwrite:
+        raise MoePruneError(f"{out} already exists; choose another {flag} or pass --overwrite to replace it.")
+    check_writable_parent(out.parent, flag)
     return out
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from moeprune.errors import MoePruneError
-from moeprune.io import check_output_dir, check_output_file
+from moeprune.io import check_not_overlapping, check_output_dir, check_output_file
 
 # Files of which at least one makes a directory hold a tokenizer (transformers 5 silently builds an empty,
 # one-token tokenizer for a directory with none of them).
@@ -46,6 +46,8 @@ POSITIVE_FLAGS = (
     "limit",
 )
 NON_NEGATIVE_FLAGS = ("seed", "plan_seed", "protect_budget")
+# Flags with a larger minimum: a perplexity window predicts tokens 2..L from the ones before, so L >= 2.
+MINIMUM_FLAGS = {"ppl_seq_len": 2}
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,10 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise MoePruneError(
                 f"--{_flag(name)} must be at least 1 (got {getattr(args, name)}); omit it for the default."
             )
+    for name, least in MINIMUM_FLAGS.items():
+        if any(value < least for value in _numbers(args, name)):
+            raise MoePruneError(f"--{_flag(name)} must be at least {least} (got {getattr(args, name)}); a window "
+                                "scores each token from the ones before it.")
     for name in NON_NEGATIVE_FLAGS:
         if any(value < 0 for value in _numbers(args, name)):
             raise MoePruneError(f"--{_flag(name)} must be 0 or more (got {getattr(args, name)}).")
@@ -110,13 +116,15 @@ def _flag(name: str) -> str:
 def _check_profile(args: argparse.Namespace) -> None:
     check_not_a_file(args.out)
     check_corpora(args.corpora)
+    check_profile_out(args.out, args.model, args.corpora, args.tokenizer)
     config = check_model(args.model, args.trust_remote_code, weights=True)
     check_tokenizer_source(args.model, getattr(args, "tokenizer", None))
     check_seq_len(config, _effective(args, "seq_len"), "--seq-len")
     from moeprune.loading import config_hash
+    from moeprune.profiling.runner import weights_fingerprint
     from moeprune.profiling.stats import check_one_model
 
-    check_one_model(args.out, config_hash(config))
+    check_one_model(args.out, config_hash(config), weights_fingerprint(args.model))
 
 
 def _effective(args: argparse.Namespace, name: str) -> Any:
@@ -130,6 +138,37 @@ def _effective(args: argparse.Namespace, name: str) -> Any:
 def _check_plan(args: argparse.Namespace) -> None:
     check_not_a_file(args.out)
     check_method(args.method, args.protect_budget, args.candidate)
+    check_not_overlapping(Path(args.out), [_local_model(args.model)])
+
+
+def _local_model(model: Any) -> Path | None:
+    """A model's local folder (None for a hub id, a loaded model without a local path, or no model)."""
+    from moeprune.loading import model_name, resolve_model_path
+
+    if model is None:
+        return None
+    name = model if isinstance(model, str | Path) else model_name(model)
+    try:
+        path = Path(resolve_model_path(name))
+    except (MoePruneError, OSError, TypeError):
+        return None
+    return path if path.exists() else None
+
+
+def check_profile_out(out: str | Path, model: Any, corpora: Sequence[Any] | None, tokenizer: Any = None,
+                      flag: str = "--out") -> None:
+    """A profile folder must not be, contain or lie inside the model, its tokenizer or a corpus file: a corpus
+    profile written there would replace the source's files (profile --out MODEL replaced model.safetensors)."""
+    from moeprune.data.corpora import CorpusSpec, parse_corpus
+
+    sources: list[Any] = [_local_model(model)]
+    if isinstance(tokenizer, str | Path):
+        sources.append(_local_model(tokenizer))
+    for corpus in corpora or []:
+        spec = corpus if isinstance(corpus, CorpusSpec) else parse_corpus(corpus)
+        if spec.kind in ("txt", "jsonl", "parquet"):
+            sources.append(Path(spec.source))
+    check_not_overlapping(Path(out), sources, flag)
 
 
 def _check_apply(args: argparse.Namespace) -> None:
@@ -196,6 +235,7 @@ def _check_prune(args: argparse.Namespace) -> None:
     sources = [source if source.exists() else None, workdir]
     check_output_dir(args.out, sources=sources, overwrite=args.overwrite)
     check_not_a_file(workdir, "--workdir")
+    check_profile_out(workdir, args.model, args.corpora, args.tokenizer, "--workdir")
     config = check_model(args.model, args.trust_remote_code, weights=True)
     check_tokenizer_source(args.model, args.tokenizer)
     check_seq_len(config, _effective(args, "seq_len"), "--seq-len")
@@ -211,8 +251,14 @@ def _reconstructs(method: str, candidate: str | None) -> bool:
 
 
 def _check_eval(args: argparse.Namespace) -> None:
+    from moeprune.evaluation.experiment import parse_ppl_data
+    from moeprune.evaluation.perplexity import check_local_ppl_files
+
+    sources = parse_ppl_data(args.ppl_data) or {}
     if args.out:
-        check_output_file(args.out)
+        inputs = [_local_model(args.model), args.mask, args.tokenizer, *(args.ppl or []), *sources.values()]
+        check_output_file(args.out, sources=inputs, overwrite=args.overwrite)
+    check_local_ppl_files(args.ppl, sources)
     config = check_model(args.model, args.trust_remote_code, weights=True)
     check_tokenizer_source(args.model, args.tokenizer)
     check_seq_len(config, args.ppl_seq_len, "--ppl-seq-len")
@@ -225,6 +271,11 @@ def _check_experiment(args: argparse.Namespace) -> None:
 
     check_not_a_file(args.out)
     check_corpora(args.corpora)
+    check_profile_out(args.out, args.model, args.corpora, args.tokenizer)
+    from moeprune.evaluation.experiment import parse_ppl_data
+    from moeprune.evaluation.perplexity import check_local_ppl_files
+
+    check_local_ppl_files(args.ppl, parse_ppl_data(args.ppl_data))
     unknown = [m for m in args.methods or [] if m not in METHODS]
     if unknown:
         raise MoePruneError(f"Unknown method(s) {unknown} in --methods; known methods: {', '.join(METHODS)}.")
@@ -287,10 +338,11 @@ def check_device(device: str | None) -> None:
 
 def check_not_a_file(path: str | Path, flag: str = "--out") -> None:
     """An output directory that already exists as a file fails now, not at the first write."""
-    from moeprune.io import check_name_length, check_writable_parent
+    from moeprune.io import check_name_length, check_not_symlink, check_writable_parent
 
     path = Path(path)
     check_name_length(path, flag)
+    check_not_symlink(path, flag)
     if path.exists() and not path.is_dir():
         raise MoePruneError(f"{flag} {path} is a file, not a directory; choose a directory path.")
     check_writable_parent(path, flag)

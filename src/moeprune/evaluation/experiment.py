@@ -209,9 +209,8 @@ def plan_grid(
         for seed in seeds if method in SEEDED else [None]:
             for variant, options in _variants(method, calibration):
                 paths = [out / "masks" / _mask_name(variant, r, seed) for r in retains]
-                if all(p.exists() for p in paths):
-                    masks = [ExpertMask.load(p) for p in paths]
-                else:
+                masks = _reusable_masks(paths, retains, _profile_of(out, options, calibration))
+                if masks is None:
                     masks = _plan(out, model, method, retains, seed, calibration, reconstruction, es_masks, progress,
                                   **options)
                     for path, mask in zip(paths, masks, strict=True):
@@ -223,6 +222,34 @@ def plan_grid(
                 planned.extend(zip(paths, masks, strict=True))
     # Table order: by method as the user listed them.
     return sorted(planned, key=lambda pm: (list(methods).index(pm[1].method), pm[1].retain, pm[1].seed or 0))
+
+
+def _profile_of(out: Path, options: dict[str, Any], calibration: dict[str, Any]) -> str:
+    """The fingerprint of the profile a variant is planned from (its corpora of this run only)."""
+    from moeprune.profiling.stats import Profile
+
+    folder = options.get("profile", "profile")
+    return Profile.load(out / folder, _corpus_names(calibration, folder)).fingerprint()
+
+
+def _corpus_names(calibration: dict[str, Any], folder: str) -> list[str]:
+    from moeprune.data.corpora import parse_corpus
+
+    specs = [calibration["reap_corpus"]["corpus"]] if folder == REAP_PROFILE else calibration["corpora"]
+    return [parse_corpus(spec).name for spec in specs]
+
+
+def _reusable_masks(paths: list[Path], retains: Sequence[float], profile_sha256: str) -> list[ExpertMask] | None:
+    """The grid's saved masks when every one exists, is for its exact ratio and was planned from this profile
+    (a changed corpus file, tokenizer or model changes the profile); else None: plan them again."""
+    if not all(p.exists() for p in paths):
+        return None
+    masks = [ExpertMask.load(p) for p in paths]
+    for path, mask, retain in zip(paths, masks, retains, strict=True):
+        if mask.retain != retain or mask.extra.get("profile_sha256") != profile_sha256:
+            log.info("%s was planned from another profile or ratio; planning it again.", path.name)
+            return None
+    return masks
 
 
 def budgets_of(protect_budget: int | str | Sequence[int | str] | None) -> list[int | str | None]:
@@ -248,8 +275,9 @@ def _variants(method: str, calibration: dict[str, Any]) -> list[tuple[str, dict[
 
 
 def _mask_name(method: str, retain: float, seed: int | None) -> str:
-    # Same name as api.mask_filename gives the planned mask (seed recorded only for seeded methods).
-    return f"{method}-{retain:.2f}" + (f"-seed{seed}" if seed is not None else "") + ".json"
+    from moeprune.api import mask_file_name
+
+    return mask_file_name(method, retain, seed)  # the name api.mask_filename gives the planned mask
 
 
 def _plan(
@@ -272,13 +300,14 @@ def _plan(
     candidate = calibration["candidate"]
     if method == "tb-coverage" and candidate in (None, "expert-sparsity") and all(r in es_masks for r in retains):
         # The same candidate plan_many would compute, without a second reconstruction search.
-        prof = Profile.load(out / "profile")
+        prof = Profile.load(out / "profile", _corpus_names(calibration, "profile"))
         held_out = _held_out(prof, model) if budget == "auto" else None
         return [_tb_from_candidate(prof, es_masks[r], budget, model, held_out) for r in retains]
     return api.plan_many(
         out / profile,
         method,
         list(retains),
+        corpora=_corpus_names(calibration, profile),
         seed=seed or 0,
         protect_budget=budget if method == "tb-coverage" else None,
         candidate=candidate if method == "tb-coverage" else None,
@@ -344,14 +373,16 @@ def evaluate_grid(
     from moeprune.evaluation import footprint
 
     dense_fp = footprint(model)
+    model_inputs = cell_inputs(model, tokenizer, None)
     cells = []
     for path, mask in [(None, None), *masks]:
         file = out / "cells" / f"{cell_id(mask)}.json"
-        cached = read_cell(file, cell_id(mask))
+        inputs = {**model_inputs, "mask_sha256": cell_inputs(None, None, mask)["mask_sha256"]}
+        cached = read_cell(file, cell_id(mask), inputs)
         if cached is not None:
             cells.append(cached)
             continue
-        cell = run_cell(model, tokenizer, mask, path, dense_fp, eval_settings, progress)
+        cell = {**run_cell(model, tokenizer, mask, path, dense_fp, eval_settings, progress), "inputs": inputs}
         write_json_atomic(file, cell)
         cells.append(cell)
     return cells
@@ -360,9 +391,25 @@ def evaluate_grid(
 CELL_TYPES = {"cell": str, "method": str, "variant": str, "retain": (int, float), "summary": dict}
 
 
-def read_cell(file: Path, expected_id: str) -> dict[str, Any] | None:
-    """A finished cell to reuse, or None to (re)compute it: absent, unreadable, or not this cell's result
-    (a cell is only lost time, so a bad one is recomputed with a warning rather than refused)."""
+def cell_inputs(model: Any, tokenizer: Any, mask: ExpertMask | None) -> dict[str, str | None]:
+    """What a cell's numbers come from beyond the settings: the model's weights, the tokenizer and the mask
+    (its JSON, which records its profile): a cell is reused only when all three are the same."""
+    import hashlib
+
+    from moeprune.profiling.runner import tokenizer_fingerprint, weights_fingerprint
+
+    mask_json = None if mask is None else json.dumps(mask.to_json(), sort_keys=True)
+    return {
+        "weights_sha256": None if model is None else weights_fingerprint(model),
+        "tokenizer_sha256": None if tokenizer is None else tokenizer_fingerprint(tokenizer),
+        "mask_sha256": None if mask_json is None else hashlib.sha256(mask_json.encode()).hexdigest(),
+    }
+
+
+def read_cell(file: Path, expected_id: str, inputs: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """A finished cell to reuse, or None to (re)compute it: absent, unreadable, not this cell's result, or
+    computed from other inputs (weights, tokenizer, mask: :func:`cell_inputs`). A cell is only lost time, so a
+    bad one is recomputed with a warning rather than refused."""
     if not file.exists() and not file.is_symlink():
         return None
     try:
@@ -374,6 +421,9 @@ def read_cell(file: Path, expected_id: str) -> dict[str, Any] | None:
                 break
         if problem is None and cell["cell"] != expected_id:
             problem = f"it holds cell {cell['cell']!r}"
+        if problem is None and inputs is not None and cell.get("inputs") != inputs:
+            log.info("%s was computed from another model, tokenizer or mask; computing it again.", file.name)
+            return None
         if problem:
             raise MoePruneError(f"Cell file {file} is not a result of this cell ({problem})")
     except MoePruneError as err:

@@ -172,12 +172,13 @@ class Profile:
         for name, stats in self.corpora.items():
             if not torch.equal(stats.layers, first.layers) or stats.count.shape != first.count.shape:
                 raise MoePruneError(f"Corpus {name!r} was profiled on a model of a different shape.")
-        hashes = {name: s.meta["config_hash"] for name, s in self.corpora.items() if s.meta.get("config_hash")}
-        if len(set(hashes.values())) > 1:
-            raise MoePruneError(
-                f"The profile mixes corpora of different models (config hashes {hashes}); a profile folder must hold "
-                "one model's corpora. Move the other model's files to their own folder."
-            )
+        for key, what in (("config_hash", "config hashes"), ("weights_sha256", "weights fingerprints")):
+            values = {name: s.meta[key] for name, s in self.corpora.items() if s.meta.get(key)}
+            if len(set(values.values())) > 1:
+                raise MoePruneError(
+                    f"The profile mixes corpora of different models ({what} {values}); a profile folder must hold "
+                    "one model's corpora. Move the other model's files to their own folder."
+                )
 
     @property
     def names(self) -> list[str]:
@@ -203,6 +204,19 @@ class Profile:
         for other in stats[1:]:
             total = total.merge(other)
         return total
+
+    def fingerprint(self) -> str:
+        """SHA-256 of what planning reads: every corpus's name and sums, and the model's config hash and weights
+        fingerprint. A mask records it (``extra["profile_sha256"]``): a mask planned from other sums is stale."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name in sorted(self.corpora):
+            stats = self.corpora[name]
+            digest.update(f"{name}\0{stats.meta.get('config_hash')}\0{stats.meta.get('weights_sha256')}\0".encode())
+            for tensor_name, tensor in sorted(stats.tensors().items()):
+                digest.update(tensor_name.encode() + tensor.cpu().numpy().tobytes())
+        return digest.hexdigest()
 
     def reap_scores(self) -> torch.Tensor:
         """Per-corpus REAP scores stacked: ``[num_corpora, num_moe_layers, num_experts]``."""
@@ -241,16 +255,26 @@ def finished_corpora(directory: str | Path) -> dict[str, float]:
     return done
 
 
-def check_one_model(directory: str | Path, config_hash: str) -> None:
+def check_one_model(directory: str | Path, config_hash: str, weights_sha256: str | None = None) -> None:
     """Refuse to add a model's corpora to a folder holding another model's (planning would mix them, and a
-    corpus of the same name would replace the other model's profile)."""
+    corpus of the same name would replace the other model's profile): another config hash, or the same config
+    with other weights (another checkpoint of one architecture, or this one's weights changed since)."""
     directory = Path(directory)
     for name in finished_corpora(directory):
-        other = read_meta(directory / f"{name}.json").get("config_hash")
+        meta = read_meta(directory / f"{name}.json")
+        other = meta.get("config_hash")
         if other and other != config_hash:
             raise MoePruneError(
                 f"{directory} holds the profile of another model ({name}: config hash {other}, this model's is "
                 f"{config_hash}); a profile folder holds one model's corpora. Choose another --out."
+            )
+        weights = meta.get("weights_sha256")
+        if weights and weights_sha256 and weights != weights_sha256:
+            raise MoePruneError(
+                f"{directory} holds corpus {name} profiled from other weights of this architecture (model "
+                f"{meta.get('model')!r}; its weights fingerprint differs: another checkpoint, or these weights "
+                "changed since). Its corpora would mix with this model's. Choose another --out, or delete "
+                f"{directory} to profile again."
             )
 
 
