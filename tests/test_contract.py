@@ -226,8 +226,8 @@ def test_w6_a_profile_folder_mixing_two_models_is_refused(profiled, tmp_path, ca
     meta = json.loads((prof / "wiki.json").read_text())
     (prof / "other.json").write_text(json.dumps({**meta, "config_hash": "0123456789abcdef"}))
     for method in ("reap", "expert-sparsity"):
-        refused(capsys, ["plan", prof, "--method", method, "--retain", "0.5", "--out", tmp_path / "m"],
-                "different models", untouched=(tmp_path,))
+        refused(capsys, ["plan", prof, "--method", method, "--retain", "0.5", "--recon-seq-len", "32",
+                         "--out", tmp_path / "m"], "different models", untouched=(tmp_path,))
 
 
 def test_w6_profiling_another_model_into_a_profile_folder_is_refused(profiled, model, tmp_path, capsys):

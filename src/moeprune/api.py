@@ -486,8 +486,8 @@ def _tokenizer(tokenizer: Any, model: Any, trust_remote_code: bool):
     if tokenizer is None or isinstance(tokenizer, str | Path):
         source = tokenizer or model_name(model)
         check_tokenizer_source(str(source), None)
-        return check_tokenizer(load_tokenizer(source, trust_remote_code), source)
-    return tokenizer
+        return check_tokenizer(load_tokenizer(source, trust_remote_code), source, model)
+    return check_tokenizer(tokenizer, "the given tokenizer", model)
 
 
 def _check_output(out: str | Path, model: Any, overwrite: bool, *other_sources: Any) -> None:

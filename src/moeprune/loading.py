@@ -91,9 +91,23 @@ def load_model(
         kwargs["device_map"] = device_map
     log.info("Loading %s (%s) on %s", path, kwargs["dtype"], _placement_name(device_map))
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+        loaded, info = AutoModelForCausalLM.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
     except OSError as err:
         raise MoePruneError(f"Cannot load the weights of {path}: {err}") from err
+    except RuntimeError as err:
+        if "mismatched" not in str(err):
+            raise
+        raise MoePruneError(
+            f"The tensors of {path} do not have the shapes its config.json describes (e.g. the config says more "
+            "experts, or another size, than the weights hold); fix config.json or re-download the checkpoint."
+        ) from err
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        # transformers would initialise them randomly and carry on: every result would be silently wrong.
+        raise MoePruneError(
+            f"{len(missing)} weight(s) of the model are missing from {path} (e.g. {missing[0]}); transformers "
+            "would fill them with random values. Re-download or re-save the checkpoint."
+        )
     loaded.eval()
     loaded.name_or_path = path
     return loaded

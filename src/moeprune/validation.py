@@ -120,6 +120,8 @@ def _check_profile(args: argparse.Namespace) -> None:
     config = check_model(args.model, args.trust_remote_code, weights=True)
     check_tokenizer_source(args.model, getattr(args, "tokenizer", None))
     check_seq_len(config, _effective(args, "seq_len"), "--seq-len")
+    check_corpus_windows(args.corpora, args.tokenizer or args.model, _effective(args, "seq_len"),
+                         args.trust_remote_code)
     from moeprune.loading import config_hash
     from moeprune.profiling.runner import weights_fingerprint
     from moeprune.profiling.stats import check_one_model
@@ -138,7 +140,22 @@ def _effective(args: argparse.Namespace, name: str) -> Any:
 def _check_plan(args: argparse.Namespace) -> None:
     check_not_a_file(args.out)
     check_method(args.method, args.protect_budget, args.candidate)
-    check_not_overlapping(Path(args.out), [_local_model(args.model)])
+    model = args.model or _profiled_model(args.profile)
+    check_not_overlapping(Path(args.out), [_local_model(model)])
+    if model and _reconstructs(args.method, args.candidate):
+        from moeprune.api import preset_for
+
+        seq_len = args.recon_seq_len or preset_for(model)["recon_seq_len"]
+        check_seq_len(model_config(model, args.trust_remote_code), seq_len, "--recon-seq-len")
+
+
+def _profiled_model(profile: str | Path) -> str | None:
+    """The model a profile folder records (None when it records none or holds no finished corpus)."""
+    from moeprune.profiling.stats import finished_corpora, read_meta
+
+    done = finished_corpora(profile)
+    model = read_meta(Path(profile) / f"{next(iter(done))}.json").get("model") if done else None
+    return model if isinstance(model, str) and model else None
 
 
 def _local_model(model: Any) -> Path | None:
@@ -187,6 +204,25 @@ def _check_apply(args: argparse.Namespace) -> None:
     else:
         config = check_model(args.model, args.trust_remote_code, weights=True)
         check_mask_for_config(mask, config, force=args.force)
+        check_mask_layers(mask, config, args.trust_remote_code)
+
+
+def check_mask_layers(mask: Any, config: Any, trust_remote_code: bool = False) -> None:
+    """The mask covers exactly the model's MoE layers (none missing, none extra), found on an empty (meta
+    device) model built from the config: checked before the weights load. A config transformers cannot
+    build without running code is left to the check at load."""
+    try:
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        from moeprune.arch import moe_layers
+
+        with init_empty_weights():
+            empty = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        layers = moe_layers(empty)
+    except Exception:  # noqa: BLE001 - any failure here is reported by the load itself, with its own message
+        return
+    mask.check_model([layer.index for layer in layers], layers[0].num_experts if layers else mask.num_experts)
 
 
 def check_mask_for_checkpoint(mask: Any, folder: str | Path, *, force: bool = False,
@@ -239,6 +275,8 @@ def _check_prune(args: argparse.Namespace) -> None:
     config = check_model(args.model, args.trust_remote_code, weights=True)
     check_tokenizer_source(args.model, args.tokenizer)
     check_seq_len(config, _effective(args, "seq_len"), "--seq-len")
+    check_corpus_windows(args.corpora, args.tokenizer or args.model, _effective(args, "seq_len"),
+                         args.trust_remote_code)
     if _reconstructs(args.method, args.candidate):
         check_seq_len(config, _effective(args, "recon_seq_len"), "--recon-seq-len")
     check_retain_for_config(config, args.retain)
@@ -254,6 +292,8 @@ def _check_eval(args: argparse.Namespace) -> None:
     from moeprune.evaluation.experiment import parse_ppl_data
     from moeprune.evaluation.perplexity import check_local_ppl_files
 
+    if _zero_shot_requested(args.model, args.tasks):
+        check_eval_extra(["lm_eval"], "eval --tasks (zero-shot)")
     sources = parse_ppl_data(args.ppl_data) or {}
     if args.out:
         inputs = [_local_model(args.model), args.mask, args.tokenizer, *(args.ppl or []), *sources.values()]
@@ -263,11 +303,40 @@ def _check_eval(args: argparse.Namespace) -> None:
     check_tokenizer_source(args.model, args.tokenizer)
     check_seq_len(config, args.ppl_seq_len, "--ppl-seq-len")
     if args.mask:
-        check_mask_for_config(load_mask(args.mask), config, force=args.force)
+        mask = load_mask(args.mask)
+        check_mask_for_config(mask, config, force=args.force)
+        check_mask_layers(mask, config, args.trust_remote_code)
+
+
+EVAL_EXTRA = "pip install 'moeprune[eval]'"
+
+
+def check_eval_extra(modules: Sequence[str], what: str) -> None:
+    """Optional dependencies (the [eval] extra) present before the work starts, not found missing at its end."""
+    import importlib.util
+
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MoePruneError(
+            f"{what} needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed "
+            f"(the [eval] extra); install {'it' if len(missing) == 1 else 'them'} with: {EVAL_EXTRA}"
+            + (" (or pass --tasks none to skip zero-shot)." if missing == ["lm_eval"] else ".")
+        )
+
+
+def _zero_shot_requested(model: str, tasks: Any) -> bool:
+    from moeprune.evaluation.runner import default_tasks, resolve_tasks
+
+    return bool(resolve_tasks(default_tasks(model, tasks)))
 
 
 def _check_experiment(args: argparse.Namespace) -> None:
+    from moeprune.evaluation.experiment import experiment_options
     from moeprune.planning import METHODS, PROTECTING
+
+    options = experiment_options(args)
+    check_eval_extra(["lm_eval"] * bool(_zero_shot_requested(args.model, options["tasks"])) + ["matplotlib"],
+                     "experiment (zero-shot tasks and plots)")
 
     check_not_a_file(args.out)
     check_corpora(args.corpora)
@@ -289,8 +358,12 @@ def _check_experiment(args: argparse.Namespace) -> None:
         check_method("tb-coverage", None, args.candidate)
     config = check_model(args.model, args.trust_remote_code, weights=True)
     check_tokenizer_source(args.model, getattr(args, "tokenizer", None))
-    for flag in ("seq_len", "recon_seq_len", "ppl_seq_len"):
+    for flag in ("seq_len", "ppl_seq_len"):
         check_seq_len(config, getattr(args, flag), f"--{_flag(flag)}")
+    check_corpus_windows(options["corpora"], args.tokenizer or args.model, options["seq_len"], args.trust_remote_code)
+    methods = options["methods"] or list(METHODS)
+    if any(_reconstructs(m, options["candidate"]) for m in methods):
+        check_seq_len(config, options["reconstruction"]["seq_len"], "--recon-seq-len")
     if args.retain:
         check_retain_for_config(config, args.retain)
 
@@ -346,6 +419,23 @@ def check_not_a_file(path: str | Path, flag: str = "--out") -> None:
     if path.exists() and not path.is_dir():
         raise MoePruneError(f"{flag} {path} is a file, not a directory; choose a directory path.")
     check_writable_parent(path, flag)
+
+
+def check_corpus_windows(specs: Sequence[str] | None, tokenizer_source: str, seq_len: int | None,
+                         trust_remote_code: bool = False) -> None:
+    """Local .txt/.jsonl corpora yield at least one window of ``seq_len`` tokens, found with the tokenizer alone
+    before the model loads (it tokenizes no more than one window's worth)."""
+    from moeprune.data.corpora import parse_corpus
+    from moeprune.data.sampling import calibration_windows
+
+    local = [spec for spec in map(parse_corpus, specs or []) if spec.kind in ("txt", "jsonl")]
+    if not local or not seq_len:
+        return
+    from moeprune.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_source, trust_remote_code)
+    for spec in local:
+        calibration_windows(spec, tokenizer, 1, seq_len)
 
 
 def check_corpora(specs: Sequence[str] | None) -> None:
@@ -435,8 +525,9 @@ def check_tokenizer_source(model: str, tokenizer: str | None) -> None:
         )
 
 
-def check_tokenizer(tokenizer: Any, source: Any) -> Any:
-    """Refuse an empty tokenizer (transformers 5 returns one of length 1 for a folder without its files)."""
+def check_tokenizer(tokenizer: Any, source: Any, model: Any = None) -> Any:
+    """Refuse an empty tokenizer (transformers 5 returns one of length 1 for a folder without its files), and
+    one whose ids run past the model's embedding rows (an IndexError deep in the embedding otherwise)."""
     try:
         size = len(tokenizer)
     except TypeError:
@@ -446,7 +537,21 @@ def check_tokenizer(tokenizer: Any, source: Any) -> Any:
             f"The tokenizer loaded from {source} is empty ({size} token); the folder has no tokenizer files. "
             "Pass --tokenizer PATH_OR_ID naming the model's tokenizer."
         )
+    rows = _embedding_rows(model)
+    if rows is not None and size > rows:
+        raise MoePruneError(
+            f"The tokenizer from {source} has {size} tokens, more than the model's {rows} embedding rows "
+            "(vocab_size): its ids would index past the embedding. Pass --tokenizer naming this model's tokenizer."
+        )
     return tokenizer
+
+
+def _embedding_rows(model: Any) -> int | None:
+    try:
+        return int(model.get_input_embeddings().num_embeddings)
+    except (AttributeError, TypeError, ValueError):
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        return vocab if isinstance(vocab, int) else None
 
 
 def max_positions(config: Any) -> int | None:
