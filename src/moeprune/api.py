@@ -20,61 +20,37 @@ import torch
 
 from moeprune.data.corpora import CorpusSpec, parse_corpus
 from moeprune.errors import MoePruneError
-from moeprune.loading import load_model, load_tokenizer, model_name, resolve_model_path  # noqa: F401 (re-export)
-from moeprune.planning import METHODS, auto_budget, candidate_needed, paper_protect_budget
+from moeprune.loading import (  # noqa: F401 (re-export)
+    checked_model,
+    checked_tokenizer,
+    load_model,
+    load_tokenizer,
+    model_name,
+    resolve_model_path,
+)
+from moeprune.planning import (  # noqa: F401 (NEEDS_MODEL, TB_COVERAGE_CANDIDATE re-exported)
+    METHODS,
+    NEEDS_MODEL,
+    TB_COVERAGE_CANDIDATE,
+    auto_budget,
+    candidate_needed,
+    paper_protect_budget,
+)
 from moeprune.planning import plan as plan_from_profile
+from moeprune.planning.fit import check_mask_for_config
 from moeprune.planning.mask import ExpertMask, kept_count
+from moeprune.presets import PAPER, PRESETS, is_bundled, preset_for  # noqa: F401 (re-export)
 from moeprune.profiling.runner import ProfileSettings, profile_model
 from moeprune.profiling.stats import Profile
+from moeprune.validation import check_method, check_profile_out, check_seq_len, model_config
 
 log = logging.getLogger("moeprune")
 
-DEFAULT_CORPORA = ("wikitext2", "c4")
-# Calibration defaults: the paper's (512 x 1024 on WikiText2 and C4), and a fast one for the bundled testbed.
-# Reconstruction (expert-sparsity): NAEE's own settings in the paper preset (128 x 2048 of C4, the loss
-# summed over batches of 8 windows); the bundled one keeps the cheaper global norm on fewer tokens.
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {
-        "corpora": DEFAULT_CORPORA,
-        "samples": 512,
-        "seq_len": 1024,
-        "recon_samples": 128,
-        "recon_seq_len": 2048,
-        "recon_loss": "per-batch",
-        "ppl_seq_len": 2048,
-    },
-    "bundled": {
-        "corpora": ("wiki", "web"),
-        "samples": 128,
-        "seq_len": 256,
-        "recon_samples": 32,
-        "recon_seq_len": 256,
-        "recon_loss": "global",
-        "ppl_seq_len": 256,
-    },  # the testbed model was trained on 256-token windows
-}
-
-
-def is_bundled(model: Any) -> bool:
-    """Whether ``model`` names the bundled testbed: ``bundled`` or its directory (a loaded model never does)."""
-    from moeprune.bundled import bundled_model_path
-
-    if not isinstance(model, str | Path) or not str(model):
-        return False
-    return str(model) == "bundled" or Path(model).resolve() == bundled_model_path().resolve()
-
-
-def preset_for(model: Any) -> dict[str, Any]:
-    """The bundled testbed model gets the fast preset; every other model the paper's settings."""
-    return PRESETS["bundled" if is_bundled(model) else "paper"]
+DEFAULT_CORPORA = PRESETS[PAPER].corpora
 
 
 # The reconstruction candidate is fitted on C4 in the paper; without C4 we use the last profiled corpus.
 RECONSTRUCTION_CORPUS = "c4"
-NEEDS_MODEL = {"expert-sparsity"}
-# The paper's candidate mask: layerwise reconstruction (ExpertSparsity) on C4. planning.plan alone, which
-# never sees the model, falls back to tb_coverage.DEFAULT_CANDIDATE (reap).
-TB_COVERAGE_CANDIDATE = "expert-sparsity"
 
 
 def profile(
@@ -107,12 +83,11 @@ def profile(
     if sequential:
         sequential_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         device, dtype = "cpu", _sequential_dtype(model, dtype, sequential_device, trust_remote_code)
-    from moeprune.validation import check_profile_out
 
     specs = [c if isinstance(c, CorpusSpec) else parse_corpus(c) for c in corpora]
     check_profile_out(out, model, specs, tokenizer)  # before loading: never over the model or a corpus file
-    model = _model(model, dtype, device, trust_remote_code)
-    tokenizer = _tokenizer(tokenizer, model, trust_remote_code)
+    model = checked_model(model, dtype, device, trust_remote_code)
+    tokenizer = checked_tokenizer(tokenizer, model, trust_remote_code)
     settings = ProfileSettings(
         num_samples=samples,
         seq_len=seq_len,
@@ -172,8 +147,6 @@ def plan_many(
     candidate, tb-coverage with ``protect_budget="auto"``) load it from ``model`` or from the path recorded
     in the profile. ``score_corpus`` ranks reap on that profiled corpus alone. ``corpora`` (names) plans on
     those corpora of a profile folder only, not on every corpus profiled there."""
-    from moeprune.validation import check_method
-
     check_method(method, protect_budget, candidate)  # -B/--candidate that the method would ignore fail here
     workdir = Path(profile) if isinstance(profile, (str, Path)) else None
     prof = Profile.load(profile, list(corpora) if corpora else None) if workdir is not None else profile
@@ -253,7 +226,6 @@ def apply(
     A model given by name loads in its checkpoint dtype on the GPU when there is one (``device`` as in
     :func:`moeprune.loading.load_model`). ``force`` accepts a mask planned for a model with another config hash."""
     from moeprune.surgery import export_pruned
-    from moeprune.validation import check_mask_for_config, model_config
 
     mask_file = None if isinstance(mask, ExpertMask) else mask
     mask = mask if isinstance(mask, ExpertMask) else ExpertMask.load(mask)
@@ -305,8 +277,8 @@ def prune(
     and a table is printed (and saved as ``workdir/perplexity.json``)."""
     workdir = Path(workdir) if workdir else Path(str(out).rstrip("/") + ".work")
     _check_output(out, model, overwrite, workdir)  # before profiling, not after
-    loaded = _model(model, dtype, device, trust_remote_code)
-    tokenizer = _tokenizer(tokenizer, loaded, trust_remote_code)
+    loaded = checked_model(model, dtype, device, trust_remote_code)
+    tokenizer = checked_tokenizer(tokenizer, loaded, trust_remote_code)
     profiled = profile(
         loaded,
         corpora,
@@ -397,9 +369,9 @@ def _auto_budget_setup(prof: Profile, model: Any, options: dict[str, Any]) -> tu
     if not model:
         raise MoePruneError("-B auto needs the model: pass --model (the profile records none).")
     trust = options.get("trust_remote_code", False)
-    loaded = _model(model, options.get("dtype", "auto"), options.get("device"), trust)
+    loaded = checked_model(model, options.get("dtype", "auto"), options.get("device"), trust)
     _check_same_model(prof, loaded)
-    return loaded, auto_budget.held_out_sets(prof, _tokenizer(None, loaded, trust))
+    return loaded, auto_budget.held_out_sets(prof, checked_tokenizer(None, loaded, trust))
 
 
 def _candidate(method: str, candidate: str | None) -> str | None:
@@ -424,19 +396,19 @@ def _reconstruct(
         if not model:
             raise MoePruneError("expert-sparsity needs the model: pass --model (the profile records none).")
     preset = preset_for(model)
-    loaded = _model(model, options.get("dtype", "auto"), options.get("device"), options.get("trust_remote_code", False))
+    trust = options.get("trust_remote_code", False)
+    loaded = checked_model(model, options.get("dtype", "auto"), options.get("device"), trust)
     _check_same_model(prof, loaded)
     spec = _reconstruction_corpus(prof, options.get("corpus"))
     seq_len = options.get("seq_len") or preset["recon_seq_len"]
     samples = options.get("samples") or preset["recon_samples"]
-    from moeprune.validation import check_seq_len
 
     check_seq_len(loaded.config, seq_len, "--recon-seq-len")  # as prune refuses it, for plan and experiment too
     if options.get("tokens"):  # sample no more windows than the budget keeps
         samples = min(samples, max(1, options["tokens"] // seq_len))
     windows = calibration_windows(
         spec,
-        _tokenizer(options.get("tokenizer"), loaded, options.get("trust_remote_code", False)),
+        checked_tokenizer(options.get("tokenizer"), loaded, options.get("trust_remote_code", False)),
         samples,
         seq_len,
         options.get("seed", 0),
@@ -470,24 +442,8 @@ def _reconstruction_corpus(prof: Profile, name: str | None) -> CorpusSpec:
     return CorpusSpec(**recorded) if recorded else parse_corpus(chosen)
 
 
-def _model(model: Any, dtype: str, device: str | None, trust_remote_code: bool):
-    from moeprune.validation import check_checkpoint_files, check_device
-
-    if isinstance(model, torch.nn.Module):
-        return model
-    check_device(device)
-    check_checkpoint_files(model)  # a truncated download is one line, not a safetensors traceback
-    return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-
-
-def _tokenizer(tokenizer: Any, model: Any, trust_remote_code: bool):
-    from moeprune.validation import check_tokenizer, check_tokenizer_source
-
-    if tokenizer is None or isinstance(tokenizer, str | Path):
-        source = tokenizer or model_name(model)
-        check_tokenizer_source(str(source), None)
-        return check_tokenizer(load_tokenizer(source, trust_remote_code), source, model)
-    return check_tokenizer(tokenizer, "the given tokenizer", model)
+_model = checked_model  # the old private names, for callers on other branches
+_tokenizer = checked_tokenizer
 
 
 def _check_output(out: str | Path, model: Any, overwrite: bool, *other_sources: Any) -> None:

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 from moeprune.errors import MoePruneError
+from moeprune.io import environment_errors, terminal_safe
+from moeprune.presets import help_default, preset_for
 
 EXAMPLES = {
     "prune": "moeprune prune Qwen/Qwen1.5-MoE-A2.7B --retain 0.5 --out qwen-50/\n"
@@ -45,10 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         _silence_library_progress()
     previous = _on_sigterm(_raise_terminated)
     try:
-        from moeprune.io import environment_errors
         from moeprune.validation import check_args, held_outputs
 
         check_args(args)  # everything that can fail before the expensive work (docs/errors.md)
+        if args.verb in ("eval", "experiment"):
+            from moeprune.evaluation.checks import check_evaluation_args  # lazy: evaluation pulls in lm-eval
+
+            check_evaluation_args(args)
         # A full disk or a read-only folder is one line, not a traceback; --out is locked for the whole run.
         with environment_errors(), held_outputs(args):
             return int(args.run(args) or 0)
@@ -73,15 +78,11 @@ INTERRUPTED = "interrupted; rerun to resume (finished work is kept, unfinished t
 
 def _error(message: str) -> None:
     """One line on stderr; text from masks, profiles or configs inside it cannot drive the terminal."""
-    from moeprune.io import terminal_safe
-
     print(f"moeprune: {terminal_safe(message, keep_newlines=False)}", file=sys.stderr)
 
 
 def _say(text: str) -> None:
     """stdout, with escape sequences and control characters from untrusted files stripped."""
-    from moeprune.io import terminal_safe
-
     print(terminal_safe(text))
 
 
@@ -169,8 +170,8 @@ def _calibration_options(p: argparse.ArgumentParser) -> None:
         help="repeatable: wikitext2, c4, wiki, web, FILE.txt|.jsonl|.parquet, hf:ID[:CONFIG][:SPLIT]"
         "[:FIELD], NAME=SPEC (default: wikitext2 and c4; for the bundled model: wiki and web)",
     )
-    g.add_argument("--samples", type=int, default=None, help="sequences per corpus (default 512; bundled: 128)")
-    g.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 1024; bundled: 256)")
+    g.add_argument("--samples", type=int, default=None, help=f"sequences per corpus ({help_default('samples')})")
+    g.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence ({help_default('seq_len')})")
     g.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
 
@@ -206,8 +207,10 @@ def _plan_options(p: argparse.ArgumentParser, many: bool) -> None:
         default=None,
         help="corpus to reconstruct on (default: c4 if profiled, else the last profiled corpus)",
     )
-    r.add_argument("--recon-samples", type=int, default=None, help="sequences (default 128, NAEE's; bundled: 32)")
-    r.add_argument("--recon-seq-len", type=int, default=None, help="tokens per sequence (default 2048; bundled: 256)")
+    r.add_argument("--recon-samples", type=int, default=None, help=f"sequences ({help_default('recon_samples')})")
+    r.add_argument(
+        "--recon-seq-len", type=int, default=None, help=f"tokens per sequence ({help_default('recon_seq_len')})"
+    )
     _recon_cost_options(r)
 
 
@@ -577,8 +580,6 @@ class _SafeFormatter(logging.Formatter):
     """Log lines quote paths, model names and mask fields: escape sequences in them are stripped."""
 
     def format(self, record: logging.LogRecord) -> str:
-        from moeprune.io import terminal_safe
-
         return terminal_safe(super().format(record))
 
 
@@ -598,8 +599,6 @@ def _silence_library_progress() -> None:
 
 def _calibration(args: argparse.Namespace) -> dict:
     """Explicit flags win; otherwise the preset of the model (the bundled testbed has a fast one)."""
-    from moeprune.api import preset_for
-
     preset = preset_for(args.model)
     return {
         "corpora": args.corpora or list(preset["corpora"]),
@@ -623,8 +622,6 @@ def _plan_seed(args: argparse.Namespace) -> int:
 
 
 def _recon(args: argparse.Namespace) -> dict:
-    from moeprune.api import preset_for
-
     preset = preset_for(getattr(args, "model", None) or "")
     return {
         "corpus": args.recon_corpus,

@@ -6,12 +6,26 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from moeprune.errors import MoePruneError
+from moeprune.io import INDEX_FILE, read_weight_map
 from moeprune.models import register as register_ports
+
+# Files of which at least one makes a directory hold a tokenizer (transformers 5 silently builds an empty,
+# one-token tokenizer for a directory with none of them).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
 
 log = logging.getLogger(__name__)
 
@@ -242,3 +256,125 @@ def model_name(model: PreTrainedModel | str | Path) -> str:
 
 def is_local(model: str | Path) -> bool:
     return Path(resolve_model_path(model)).exists()
+
+
+# ------------------------------------------------------------------------------ checked loading
+def checked_model(model: Any, dtype: str = "auto", device: str | None = None, trust_remote_code: bool = False):
+    """``model`` itself when it is loaded already; else :func:`load_model` after the device and the
+    checkpoint's files are checked (a truncated download is one line, not a safetensors traceback)."""
+    if isinstance(model, torch.nn.Module):
+        return model
+    check_device(device)
+    check_checkpoint_files(model)
+    return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+def checked_tokenizer(tokenizer: Any, model: Any, trust_remote_code: bool = False):
+    """``tokenizer`` itself when it is loaded already; else the one of ``tokenizer`` (a path or hub id) or of
+    the model, refused when the folder has no tokenizer files or transformers builds an empty one."""
+    if tokenizer is None or isinstance(tokenizer, str | Path):
+        source = tokenizer or model_name(model)
+        check_tokenizer_source(str(source), None)
+        return check_tokenizer(load_tokenizer(source, trust_remote_code), source, model)
+    return check_tokenizer(tokenizer, "the given tokenizer", model)
+
+
+def check_device(device: str | None) -> None:
+    """A device torch knows and this machine has (``--device cuda`` on a machine without CUDA fails here)."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise MoePruneError(f"Unknown --device {device!r}: {err}. Use e.g. cpu, cuda or cuda:1.") from err
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MoePruneError(f"--device {device}: this machine has no usable CUDA GPU; use --device cpu.")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise MoePruneError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0."
+            )
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise MoePruneError(f"--device {device}: MPS is not available here; use --device cpu.")
+
+
+def check_checkpoint_files(model: Any) -> None:
+    """Every safetensors file of a local checkpoint opens (its header covers the file) and every shard the
+    index names exists."""
+    if not isinstance(model, str | Path):
+        return
+    folder = Path(resolve_model_path(model))
+    if not folder.is_dir():
+        return
+
+    check_not_pickle_only(folder)
+    if (folder / INDEX_FILE).exists():
+        shards = set(read_weight_map(folder).values())
+        missing = sorted(s for s in shards if not (folder / s).exists())
+        if missing:
+            raise MoePruneError(f"{folder} lacks the shard(s) {missing} its index names; re-download the checkpoint.")
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise MoePruneError(
+                f"{path} is truncated or corrupt ({err}); re-download or re-save the checkpoint."
+            ) from err
+
+
+def check_tokenizer_source(model: str, tokenizer: str | None) -> None:
+    """A local model folder without tokenizer files needs --tokenizer (transformers would build an empty one)."""
+    source = Path(resolve_model_path(tokenizer or model))
+    if source.is_dir() and not any((source / name).exists() for name in TOKENIZER_FILES):
+        flag = "--tokenizer" if tokenizer else "the model folder"
+        raise MoePruneError(
+            f"{flag} {source} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); pass "
+            "--tokenizer PATH_OR_ID naming the model's tokenizer."
+        )
+
+
+def check_tokenizer(tokenizer: Any, source: Any, model: Any = None) -> Any:
+    """Refuse an empty tokenizer (transformers 5 returns one of length 1 for a folder without its files), and
+    one whose ids run past the model's embedding rows (an IndexError deep in the embedding otherwise)."""
+    try:
+        size = len(tokenizer)
+    except TypeError:
+        return tokenizer
+    if size < 2:
+        raise MoePruneError(
+            f"The tokenizer loaded from {source} is empty ({size} token); the folder has no tokenizer files. "
+            "Pass --tokenizer PATH_OR_ID naming the model's tokenizer."
+        )
+    rows = _embedding_rows(model)
+    if rows is not None and size > rows:
+        raise MoePruneError(
+            f"The tokenizer from {source} has {size} tokens, more than the model's {rows} embedding rows "
+            "(vocab_size): its ids would index past the embedding. Pass --tokenizer naming this model's tokenizer."
+        )
+    return tokenizer
+
+
+def _embedding_rows(model: Any) -> int | None:
+    try:
+        return int(model.get_input_embeddings().num_embeddings)
+    except (AttributeError, TypeError, ValueError):
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        return vocab if isinstance(vocab, int) else None
+
+
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "pytorch_model.pt")
+
+
+def check_not_pickle_only(folder: Path) -> None:
+    """A checkpoint with pickle weights only (pytorch_model.bin, no safetensors): torch refuses to unpickle it
+    safely, and moeprune never unpickles untrusted files. Refused with the conversion to do."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = [name for name in PICKLE_WEIGHTS if (folder / name).exists()] or [p.name for p in folder.glob("*.bin")]
+    if pickles:
+        raise MoePruneError(
+            f"{folder} holds pickle weights only ({pickles[0]}), no .safetensors; moeprune loads safetensors "
+            "checkpoints only (unpickling can run code). Convert it where you trust the file, e.g. "
+            "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR_SAFE), and pass that folder."
+        )

@@ -11,25 +11,40 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from moeprune.arch import moe_layers
+from moeprune.data.corpora import CorpusSpec, check_corpus_file, parse_corpus
+from moeprune.data.sampling import calibration_windows
 from moeprune.errors import MoePruneError
-from moeprune.io import check_not_overlapping, check_output_dir, check_output_file
-
-# Files of which at least one makes a directory hold a tokenizer (transformers 5 silently builds an empty,
-# one-token tokenizer for a directory with none of them).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "spiece.model",
+from moeprune.io import (
+    check_name_length,
+    check_not_overlapping,
+    check_not_symlink,
+    check_output_dir,
+    check_writable_parent,
+    output_lock,
+    read_config_json,
 )
+from moeprune.loading import (  # noqa: F401 (check_tokenizer re-exported)
+    check_checkpoint_files,
+    check_device,
+    check_tokenizer,
+    check_tokenizer_source,
+    config_hash,
+    load_config,
+    load_tokenizer,
+    model_name,
+    parse_dtype,
+    resolve_model_path,
+)
+from moeprune.presets import preset_for
+from moeprune.profiling.runner import weights_fingerprint
+from moeprune.profiling.stats import check_one_model, finished_corpora, read_meta
+
 # Flags that must be at least 1 (0 used to fall back to the preset silently).
 POSITIVE_FLAGS = (
     "samples",
@@ -58,8 +73,6 @@ def check_args(args: argparse.Namespace) -> None:
     _check_numbers(args)
     check_device(getattr(args, "device", None))
     if getattr(args, "dtype", None) is not None:
-        from moeprune.loading import parse_dtype
-
         parse_dtype(args.dtype)
     check = {
         "profile": _check_profile,
@@ -75,8 +88,6 @@ def check_args(args: argparse.Namespace) -> None:
 
 def held_outputs(args: argparse.Namespace) -> AbstractContextManager:
     """The lock on apply's and prune's --out, held for the whole run: a second writer fails at its start."""
-    from moeprune.io import output_lock
-
     return output_lock(args.out) if args.verb in ("apply", "prune") else nullcontext()
 
 
@@ -122,17 +133,12 @@ def _check_profile(args: argparse.Namespace) -> None:
     check_seq_len(config, _effective(args, "seq_len"), "--seq-len")
     check_corpus_windows(args.corpora, args.tokenizer or args.model, _effective(args, "seq_len"),
                          args.trust_remote_code)
-    from moeprune.loading import config_hash
-    from moeprune.profiling.runner import weights_fingerprint
-    from moeprune.profiling.stats import check_one_model
 
     check_one_model(args.out, config_hash(config), weights_fingerprint(args.model))
 
 
 def _effective(args: argparse.Namespace, name: str) -> Any:
     """The flag's value, or the model's preset when it is omitted (what the verb will use)."""
-    from moeprune.api import preset_for
-
     value = getattr(args, name, None)
     return preset_for(args.model).get(name) if value is None else value
 
@@ -141,27 +147,21 @@ def _check_plan(args: argparse.Namespace) -> None:
     check_not_a_file(args.out)
     check_method(args.method, args.protect_budget, args.candidate)
     model = args.model or _profiled_model(args.profile)
-    check_not_overlapping(Path(args.out), [_local_model(model)])
+    check_not_overlapping(Path(args.out), [local_model(model)])
     if model and _reconstructs(args.method, args.candidate):
-        from moeprune.api import preset_for
-
         seq_len = args.recon_seq_len or preset_for(model)["recon_seq_len"]
         check_seq_len(model_config(model, args.trust_remote_code), seq_len, "--recon-seq-len")
 
 
 def _profiled_model(profile: str | Path) -> str | None:
     """The model a profile folder records (None when it records none or holds no finished corpus)."""
-    from moeprune.profiling.stats import finished_corpora, read_meta
-
     done = finished_corpora(profile)
     model = read_meta(Path(profile) / f"{next(iter(done))}.json").get("model") if done else None
     return model if isinstance(model, str) and model else None
 
 
-def _local_model(model: Any) -> Path | None:
+def local_model(model: Any) -> Path | None:
     """A model's local folder (None for a hub id, a loaded model without a local path, or no model)."""
-    from moeprune.loading import model_name, resolve_model_path
-
     if model is None:
         return None
     name = model if isinstance(model, str | Path) else model_name(model)
@@ -176,11 +176,9 @@ def check_profile_out(out: str | Path, model: Any, corpora: Sequence[Any] | None
                       flag: str = "--out") -> None:
     """A profile folder must not be, contain or lie inside the model, its tokenizer or a corpus file: a corpus
     profile written there would replace the source's files (profile --out MODEL replaced model.safetensors)."""
-    from moeprune.data.corpora import CorpusSpec, parse_corpus
-
-    sources: list[Any] = [_local_model(model)]
+    sources: list[Any] = [local_model(model)]
     if isinstance(tokenizer, str | Path):
-        sources.append(_local_model(tokenizer))
+        sources.append(local_model(tokenizer))
     for corpus in corpora or []:
         spec = corpus if isinstance(corpus, CorpusSpec) else parse_corpus(corpus)
         if spec.kind in ("txt", "jsonl", "parquet"):
@@ -189,7 +187,7 @@ def check_profile_out(out: str | Path, model: Any, corpora: Sequence[Any] | None
 
 
 def _check_apply(args: argparse.Namespace) -> None:
-    from moeprune.loading import resolve_model_path
+    from moeprune.planning.fit import check_mask_for_config  # lazy: planning pulls in torch
 
     source = Path(resolve_model_path(args.model))
     if args.model_free and not source.is_dir():
@@ -215,7 +213,6 @@ def check_mask_layers(mask: Any, config: Any, trust_remote_code: bool = False) -
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
 
-        from moeprune.arch import moe_layers
 
         with init_empty_weights():
             empty = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -230,6 +227,7 @@ def check_mask_for_checkpoint(mask: Any, folder: str | Path, *, force: bool = Fa
     """Model-free apply's check of ``mask`` against the checkpoint in ``folder``, made without its weights (the
     CLI and :func:`moeprune.surgery.shards.prune_checkpoint_files` both call it): :func:`check_mask_for_config`
     on the config transformers builds from config.json, config hash included (``force`` skips it)."""
+    from moeprune.planning.fit import check_mask_for_config  # lazy: planning pulls in torch
     config = _config_or_json(Path(folder), trust_remote_code)
     if isinstance(config, dict) and mask.extra.get("config_hash") and not force:
         _warn_hash_unchecked(str(folder))
@@ -246,8 +244,6 @@ def _warn_hash_unchecked(folder: str) -> None:
 def _config_or_json(folder: Path, trust_remote_code: bool) -> Any:
     """The config object when transformers can build it (for the config hash), else config.json's dict:
     model-free apply never runs the checkpoint's code, so it must not need --trust-remote-code."""
-    from moeprune.loading import load_config
-
     try:
         return load_config(folder, trust_remote_code)
     except MoePruneError:
@@ -256,13 +252,12 @@ def _config_or_json(folder: Path, trust_remote_code: bool) -> Any:
             raise MoePruneError(
                 f"{folder} has no config.json; model-free apply needs a Hugging Face checkpoint."
             ) from None
-        from moeprune.io import read_config_json
 
         return read_config_json(folder)
 
 
 def _check_prune(args: argparse.Namespace) -> None:
-    from moeprune.loading import resolve_model_path
+    from moeprune.planning.fit import check_retain_for_config  # lazy: planning pulls in torch
 
     check_method(args.method, args.protect_budget, args.candidate)
     check_corpora(args.corpora)
@@ -282,23 +277,22 @@ def _check_prune(args: argparse.Namespace) -> None:
     check_retain_for_config(config, args.retain)
 
 
+def reconstructs(method: str, candidate: str | None) -> bool:
+    """Whether planning ``method`` (with tb-coverage's ``candidate``) runs the layerwise reconstruction."""
+    return _reconstructs(method, candidate)
+
+
 def _reconstructs(method: str, candidate: str | None) -> bool:
-    from moeprune.api import NEEDS_MODEL, TB_COVERAGE_CANDIDATE
+    from moeprune.planning import NEEDS_MODEL, TB_COVERAGE_CANDIDATE  # lazy: planning pulls in torch
 
     return method in NEEDS_MODEL or (method == "tb-coverage" and (candidate or TB_COVERAGE_CANDIDATE) in NEEDS_MODEL)
 
 
 def _check_eval(args: argparse.Namespace) -> None:
-    from moeprune.evaluation.experiment import parse_ppl_data
-    from moeprune.evaluation.perplexity import check_local_ppl_files
+    """(The checks that need moeprune.evaluation, a floor up, are in evaluation.checks: --out, the [eval]
+    extra, local perplexity files; the CLI runs them right after these.)"""
+    from moeprune.planning.fit import check_mask_for_config  # lazy: planning pulls in torch
 
-    if _zero_shot_requested(args.model, args.tasks):
-        check_eval_extra(["lm_eval"], "eval --tasks (zero-shot)")
-    sources = parse_ppl_data(args.ppl_data) or {}
-    if args.out:
-        inputs = [_local_model(args.model), args.mask, args.tokenizer, *(args.ppl or []), *sources.values()]
-        check_output_file(args.out, sources=inputs, overwrite=args.overwrite)
-    check_local_ppl_files(args.ppl, sources)
     config = check_model(args.model, args.trust_remote_code, weights=True)
     check_tokenizer_source(args.model, args.tokenizer)
     check_seq_len(config, args.ppl_seq_len, "--ppl-seq-len")
@@ -308,43 +302,15 @@ def _check_eval(args: argparse.Namespace) -> None:
         check_mask_layers(mask, config, args.trust_remote_code)
 
 
-EVAL_EXTRA = "pip install 'moeprune[eval]'"
-
-
-def check_eval_extra(modules: Sequence[str], what: str) -> None:
-    """Optional dependencies (the [eval] extra) present before the work starts, not found missing at its end."""
-    import importlib.util
-
-    missing = [name for name in modules if importlib.util.find_spec(name) is None]
-    if missing:
-        raise MoePruneError(
-            f"{what} needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed "
-            f"(the [eval] extra); install {'it' if len(missing) == 1 else 'them'} with: {EVAL_EXTRA}"
-            + (" (or pass --tasks none to skip zero-shot)." if missing == ["lm_eval"] else ".")
-        )
-
-
-def _zero_shot_requested(model: str, tasks: Any) -> bool:
-    from moeprune.evaluation.runner import default_tasks, resolve_tasks
-
-    return bool(resolve_tasks(default_tasks(model, tasks)))
-
-
 def _check_experiment(args: argparse.Namespace) -> None:
-    from moeprune.evaluation.experiment import experiment_options
+    """(Checks on the experiment's effective options, the [eval] extra and local perplexity files are in
+    evaluation.checks, a floor up; the CLI runs them right after these.)"""
     from moeprune.planning import METHODS, PROTECTING
-
-    options = experiment_options(args)
-    check_eval_extra(["lm_eval"] * bool(_zero_shot_requested(args.model, options["tasks"])) + ["matplotlib"],
-                     "experiment (zero-shot tasks and plots)")
+    from moeprune.planning.fit import check_retain_for_config  # lazy: planning pulls in torch
 
     check_not_a_file(args.out)
     check_corpora(args.corpora)
     check_profile_out(args.out, args.model, args.corpora, args.tokenizer)
-    from moeprune.evaluation.experiment import parse_ppl_data
-    from moeprune.evaluation.perplexity import check_local_ppl_files
-
-    check_local_ppl_files(args.ppl, parse_ppl_data(args.ppl_data))
     unknown = [m for m in args.methods or [] if m not in METHODS]
     if unknown:
         raise MoePruneError(f"Unknown method(s) {unknown} in --methods; known methods: {', '.join(METHODS)}.")
@@ -360,10 +326,6 @@ def _check_experiment(args: argparse.Namespace) -> None:
     check_tokenizer_source(args.model, getattr(args, "tokenizer", None))
     for flag in ("seq_len", "ppl_seq_len"):
         check_seq_len(config, getattr(args, flag), f"--{_flag(flag)}")
-    check_corpus_windows(options["corpora"], args.tokenizer or args.model, options["seq_len"], args.trust_remote_code)
-    methods = options["methods"] or list(METHODS)
-    if any(_reconstructs(m, options["candidate"]) for m in methods):
-        check_seq_len(config, options["reconstruction"]["seq_len"], "--recon-seq-len")
     if args.retain:
         check_retain_for_config(config, args.retain)
 
@@ -388,31 +350,8 @@ def check_method(method: str, protect_budget: int | None, candidate: str | None)
         raise MoePruneError(f"Unknown candidate method {candidate!r} for tb-coverage; use one of: {', '.join(usable)}.")
 
 
-def check_device(device: str | None) -> None:
-    """A device torch knows and this machine has (``--device cuda`` on a machine without CUDA fails here)."""
-    if device is None:
-        return
-    import torch
-
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError) as err:
-        raise MoePruneError(f"Unknown --device {device!r}: {err}. Use e.g. cpu, cuda or cuda:1.") from err
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise MoePruneError(f"--device {device}: this machine has no usable CUDA GPU; use --device cpu.")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise MoePruneError(
-                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0."
-            )
-    elif parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise MoePruneError(f"--device {device}: MPS is not available here; use --device cpu.")
-
-
 def check_not_a_file(path: str | Path, flag: str = "--out") -> None:
     """An output directory that already exists as a file fails now, not at the first write."""
-    from moeprune.io import check_name_length, check_not_symlink, check_writable_parent
-
     path = Path(path)
     check_name_length(path, flag)
     check_not_symlink(path, flag)
@@ -425,13 +364,9 @@ def check_corpus_windows(specs: Sequence[str] | None, tokenizer_source: str, seq
                          trust_remote_code: bool = False) -> None:
     """Local .txt/.jsonl corpora yield at least one window of ``seq_len`` tokens, found with the tokenizer alone
     before the model loads (it tokenizes no more than one window's worth)."""
-    from moeprune.data.corpora import parse_corpus
-    from moeprune.data.sampling import calibration_windows
-
     local = [spec for spec in map(parse_corpus, specs or []) if spec.kind in ("txt", "jsonl")]
     if not local or not seq_len:
         return
-    from moeprune.loading import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_source, trust_remote_code)
     for spec in local:
@@ -441,8 +376,6 @@ def check_corpus_windows(specs: Sequence[str] | None, tokenizer_source: str, seq
 def check_corpora(specs: Sequence[str] | None) -> None:
     """Parse every --corpus and read local text files now (an unknown split, a missing file or one that is not
     UTF-8 text fails before the model loads)."""
-    from moeprune.data.corpora import check_corpus_file, parse_corpus
-
     for spec in specs or []:
         check_corpus_file(parse_corpus(spec))
 
@@ -451,8 +384,6 @@ def check_corpora(specs: Sequence[str] | None) -> None:
 def check_model(model: str, trust_remote_code: bool = False, weights: bool = False):
     """The model's config (MoePruneError when it cannot be read); with ``weights``, a local checkpoint's
     safetensors files must be complete (a truncated download fails here, not deep inside transformers)."""
-    from moeprune.loading import load_config
-
     config = load_config(model, trust_remote_code)
     if weights:
         check_checkpoint_files(model)
@@ -460,98 +391,7 @@ def check_model(model: str, trust_remote_code: bool = False, weights: bool = Fal
 
 
 def model_config(model: str, trust_remote_code: bool = False):
-    from moeprune.loading import load_config
-
     return load_config(model, trust_remote_code)
-
-
-def check_checkpoint_files(model: Any) -> None:
-    """Every safetensors file of a local checkpoint opens (its header covers the file) and every shard the
-    index names exists."""
-    from safetensors import SafetensorError, safe_open
-
-    from moeprune.loading import resolve_model_path
-
-    if not isinstance(model, str | Path):
-        return
-    folder = Path(resolve_model_path(model))
-    if not folder.is_dir():
-        return
-    from moeprune.io import INDEX_FILE, read_weight_map
-
-    check_not_pickle_only(folder)
-    if (folder / INDEX_FILE).exists():
-        shards = set(read_weight_map(folder).values())
-        missing = sorted(s for s in shards if not (folder / s).exists())
-        if missing:
-            raise MoePruneError(f"{folder} lacks the shard(s) {missing} its index names; re-download the checkpoint.")
-    for path in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(path), framework="pt"):
-                pass
-        except (SafetensorError, OSError) as err:
-            raise MoePruneError(
-                f"{path} is truncated or corrupt ({err}); re-download or re-save the checkpoint."
-            ) from err
-
-
-PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "pytorch_model.pt")
-
-
-def check_not_pickle_only(folder: Path) -> None:
-    """A checkpoint with pickle weights only (pytorch_model.bin, no safetensors): torch refuses to unpickle it
-    safely, and moeprune never unpickles untrusted files. Refused with the conversion to do."""
-    if any(folder.glob("*.safetensors")):
-        return
-    pickles = [name for name in PICKLE_WEIGHTS if (folder / name).exists()] or [p.name for p in folder.glob("*.bin")]
-    if pickles:
-        raise MoePruneError(
-            f"{folder} holds pickle weights only ({pickles[0]}), no .safetensors; moeprune loads safetensors "
-            "checkpoints only (unpickling can run code). Convert it where you trust the file, e.g. "
-            "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR_SAFE), and pass that folder."
-        )
-
-
-def check_tokenizer_source(model: str, tokenizer: str | None) -> None:
-    """A local model folder without tokenizer files needs --tokenizer (transformers would build an empty one)."""
-    from moeprune.loading import resolve_model_path
-
-    source = Path(resolve_model_path(tokenizer or model))
-    if source.is_dir() and not any((source / name).exists() for name in TOKENIZER_FILES):
-        flag = "--tokenizer" if tokenizer else "the model folder"
-        raise MoePruneError(
-            f"{flag} {source} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); pass "
-            "--tokenizer PATH_OR_ID naming the model's tokenizer."
-        )
-
-
-def check_tokenizer(tokenizer: Any, source: Any, model: Any = None) -> Any:
-    """Refuse an empty tokenizer (transformers 5 returns one of length 1 for a folder without its files), and
-    one whose ids run past the model's embedding rows (an IndexError deep in the embedding otherwise)."""
-    try:
-        size = len(tokenizer)
-    except TypeError:
-        return tokenizer
-    if size < 2:
-        raise MoePruneError(
-            f"The tokenizer loaded from {source} is empty ({size} token); the folder has no tokenizer files. "
-            "Pass --tokenizer PATH_OR_ID naming the model's tokenizer."
-        )
-    rows = _embedding_rows(model)
-    if rows is not None and size > rows:
-        raise MoePruneError(
-            f"The tokenizer from {source} has {size} tokens, more than the model's {rows} embedding rows "
-            "(vocab_size): its ids would index past the embedding. Pass --tokenizer naming this model's tokenizer."
-        )
-    return tokenizer
-
-
-def _embedding_rows(model: Any) -> int | None:
-    try:
-        return int(model.get_input_embeddings().num_embeddings)
-    except (AttributeError, TypeError, ValueError):
-        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-        return vocab if isinstance(vocab, int) else None
 
 
 def max_positions(config: Any) -> int | None:
@@ -569,96 +409,8 @@ def check_seq_len(config: Any, seq_len: int | None, flag: str) -> None:
         )
 
 
-def routing_meta(config: Any) -> dict[str, Any]:
-    """Expert count, top-k and routing groups from a config (an object or a config.json dict)."""
-    from moeprune.arch.adapters import config_value, routing_groups, spec_for
-
-    if isinstance(config, dict):
-        config = argparse.Namespace(**config)
-    spec = spec_for(config)
-    top_k = config_value(config, spec.top_k_key)
-    groups = routing_groups(config)  # any family's n_group/topk_group; None for DeepSeek-V2's greedy top-k
-    return {
-        "num_experts_key": spec.num_experts_key,
-        "num_experts": config_value(config, spec.num_experts_key),
-        "top_k": top_k if isinstance(top_k, int) else None,
-        "n_group": groups[0] if groups else None,
-        "topk_group": groups[1] if groups else None,
-        "model_type": getattr(config, "model_type", None),
-    }
-
-
-def check_retain_for_config(config: Any, retains: float | Sequence[float]) -> None:
-    """K = floor(rho * N) must reach top-k and split over routing groups: checked before profiling."""
-    from moeprune.planning.groups import expert_groups
-    from moeprune.planning.mask import kept_count
-
-    meta = routing_meta(config)
-    if not isinstance(meta["num_experts"], int):
-        return
-    for retain in [retains] if isinstance(retains, float | int) else retains:
-        kept = kept_count(retain, meta["num_experts"], meta["top_k"])
-        expert_groups(meta, meta["num_experts"], kept)
-
-
 # -------------------------------------------------------------------------------------- mask checks
 def load_mask(path: str | Path):
     from moeprune.planning.mask import ExpertMask
 
     return ExpertMask.load(path)
-
-
-def check_mask_for_config(mask: Any, config: Any, *, force: bool = False) -> None:
-    """The mask fits this model: its expert count, its config hash (unless ``force``), the router's top-k
-    and its routing groups (the same per-group count in every group)."""
-    meta = routing_meta(config)
-    if meta["num_experts"] != mask.num_experts:
-        where = f" (mask made for {mask.model!r})" if mask.model else ""
-        raise MoePruneError(
-            f"The mask is for a model with {mask.num_experts} experts per layer{where}, but this model has "
-            f"{meta['num_experts']} ({meta['num_experts_key']} in its config.json). Plan a mask from a profile of "
-            "this model."
-        )
-    check_mask_hash(mask, config, force)
-    check_mask_routable(mask, meta)
-
-
-def check_mask_hash(mask: Any, config: Any, force: bool) -> None:
-    from moeprune.loading import config_hash
-
-    recorded = mask.extra.get("config_hash")
-    if not recorded or force or isinstance(config, dict):
-        return
-    actual = config_hash(config)
-    if recorded != actual:
-        raise MoePruneError(
-            f"The mask was planned for {mask.model!r} (config hash {recorded}), but this model's config hash is "
-            f"{actual}: a mask of another model of the same shape prunes the wrong experts. Plan a mask from a "
-            "profile of this model, or pass --force if the two configs differ only in ways you know are harmless."
-        )
-
-
-def check_mask_routable(mask: Any, meta: dict[str, Any]) -> None:
-    """K >= top-k, and with grouped routing the same number kept in every group of every layer."""
-    from moeprune.planning.groups import expert_groups
-
-    top_k = meta.get("top_k")
-    if top_k is not None and mask.kept_per_layer < top_k:
-        raise MoePruneError(
-            f"The mask keeps K={mask.kept_per_layer} experts per layer, fewer than the router's top-k={top_k}; "
-            f"the pruned model could not route. Plan a mask with --retain >= "
-            f"{math.ceil(top_k / mask.num_experts * 1000) / 1000}."
-        )
-    if not meta.get("n_group") or int(meta["n_group"]) <= 1:
-        return
-    groups = expert_groups(meta, mask.num_experts, mask.kept_per_layer)
-    per_group = mask.kept_per_layer // len(groups)
-    for layer in sorted(mask.layers):
-        kept = set(mask.kept(layer))
-        counts = [len(kept.intersection(group)) for group in groups]
-        if any(count != per_group for count in counts):
-            raise MoePruneError(
-                f"Mask layer {layer} keeps {counts} experts in the router's n_group={len(groups)} routing groups, "
-                f"but every group must keep K/n_group={per_group}: an uneven mask silently regroups experts. "
-                "Plan the mask with moeprune plan, which keeps the same number inside each group."
-            )

@@ -85,7 +85,7 @@ def test_auto_reads_only_held_out_train_windows(tiny_checkpoint, tmp_path, monke
     assert mask.protect_budget_requested == "auto" and mask.extra["auto_budget"]["held_out"] == {
         "wiki": [16, 32], "web": [16, 32]}
     # The held-out windows are the ones after the profile's calibration windows, not those windows again.
-    tok = api._tokenizer(None, api._model(str(tiny_checkpoint), "auto", None, False), False)
+    tok = api.checked_tokenizer(None, api.checked_model(str(tiny_checkpoint), "auto", None, False), False)
     spec = parse_corpus("wiki")
     calibration = sampling.calibration_windows(spec, tok, 4, 32, 0)
     held = auto_budget.held_out_sets(prof, tok)["wiki"]
@@ -146,7 +146,7 @@ def test_auto_on_a_planned_expert_sparsity_candidate(tiny_checkpoint, tmp_path):
     candidate = ExpertMask.from_json({**reap.to_json(), "method": "expert-sparsity"})
     for layer in candidate.layers.values():
         layer.extra.update(reconstruction_loss=1.5, search="exact")
-    model = api._model(str(tiny_checkpoint), "auto", None, False)
+    model = api.checked_model(str(tiny_checkpoint), "auto", None, False)
     mask = experiment._tb_from_candidate(prof, candidate, "auto", model, experiment._held_out(prof, model))
     record = mask.extra["auto_budget"]
     assert mask.protect_budget_requested == "auto" and mask.protect_budget == record["chosen"]

@@ -24,3 +24,26 @@ def test_sequential_equals_plain(arch):
     # The model is whole again afterwards: a normal forward still works and is unchanged.
     with torch.no_grad():
         assert torch.isfinite(model(windows[:1]).logits).all()
+
+
+def test_sequential_keeps_dbrx_blocks_where_they_are():
+    """DBRX names its decoder list ``blocks``: sequential profiling must not register it under a second name
+    (``layers``), nor move the blocks with the rest of the model."""
+    from moeprune.arch.view import decoder_layers
+    from moeprune.profiling.sequential import _onload_all_but_layers
+    from tests.arch_sweep import build_model as build_swept_model
+
+    model = build_swept_model("dbrx")
+    keys = list(model.state_dict())
+    windows = torch.randint(3, 128, (3, 8), generator=torch.Generator().manual_seed(7))
+    plain = profile_windows(model, windows, ProfileSettings(batch_size=2), {}, progress=False)
+    layered = profile_windows_sequential(model, windows, 2, {}, device="cpu", progress=False)
+    assert torch.equal(layered.count, plain.count)
+    assert list(model.state_dict()) == keys
+    assert not hasattr(model.base_model, "layers")
+    # "meta" stands in for the accelerator: everything else goes there, the blocks keep their CPU weights.
+    blocks = decoder_layers(model)
+    _onload_all_but_layers(model, blocks, "meta")
+    assert {p.device.type for p in blocks.parameters()} == {"cpu"}
+    assert {p.device.type for n, p in model.named_parameters() if ".blocks." not in f".{n}"} == {"meta"}
+    assert list(model.state_dict()) == keys

@@ -21,6 +21,8 @@ docs/support_matrix.md lists every MoE causal LM of transformers and its status.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
 
 from moeprune.errors import MoePruneError
 
@@ -182,6 +184,23 @@ def routing_groups(config) -> tuple[int, int] | None:
     topk_group = next((getattr(config, k) for k in TOPK_GROUP_KEYS if isinstance(getattr(config, k, None), int)),
                       n_group)
     return n_group, topk_group
+
+
+def routing_meta(config: Any) -> dict[str, Any]:
+    """Expert count, top-k and routing groups from a config (an object or a config.json dict)."""
+    if isinstance(config, dict):
+        config = SimpleNamespace(**config)
+    spec = spec_for(config)
+    top_k = config_value(config, spec.top_k_key)
+    groups = routing_groups(config)  # any family's n_group/topk_group; None for DeepSeek-V2's greedy top-k
+    return {
+        "num_experts_key": spec.num_experts_key,
+        "num_experts": config_value(config, spec.num_experts_key),
+        "top_k": top_k if isinstance(top_k, int) else None,
+        "n_group": groups[0] if groups else None,
+        "topk_group": groups[1] if groups else None,
+        "model_type": getattr(config, "model_type", None),
+    }
 
 
 def config_value(config, key: str):

@@ -86,8 +86,6 @@ def check_corpus_name(name: str, spec: str = "", given: bool = True) -> None:
     moeprune's own files: no leading dot, no "..", no path separator, none of the reserved names (model,
     config, mask, ...), no reserved suffix (.partial, .tmp, .old, .lock, ...), not a mask file's name
     (``reap-0.50``) nor a checkpoint shard's (``model-00001-of-00002``)."""
-    from moeprune.planning import METHODS
-
     lower = name.lower()
     problem = None
     if not _CORPUS_NAME.fullmatch(name) or ".." in name or len(name) > 100:
@@ -96,8 +94,8 @@ def check_corpus_name(name: str, spec: str = "", given: bool = True) -> None:
         problem = "is the name of a file moeprune or the checkpoint keeps beside profiles"
     elif any(part in lower for part in _RESERVED_SUFFIXES):
         problem = f"contains one of the reserved suffixes {', '.join(_RESERVED_SUFFIXES)}"
-    elif any(re.match(rf"{re.escape(m)}(@.*)?-\d", lower) for m in METHODS):
-        problem = "looks like a mask file name (METHOD-RATIO), which plan and prune write beside profiles"
+    elif re.fullmatch(r".*-\d+(\.\d+)?(e-?\d+)?(-seed\d+)?", lower):
+        problem = "ends like a mask file name (METHOD-RATIO[-seedS]), which plan and prune write beside profiles"
     if problem:
         how = "choose another NAME in NAME=SPEC" if given else f"name it with NAME=SPEC, e.g. --corpus my{name}={spec}"
         raise MoePruneError(f"Corpus name {name!r} {problem}; {how}.")

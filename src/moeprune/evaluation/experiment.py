@@ -21,37 +21,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from moeprune.api import mask_file_name, mask_filename
+from moeprune.data.corpora import parse_corpus
 from moeprune.errors import MoePruneError
 from moeprune.evaluation.zeroshot import reuse_lm_eval
-from moeprune.io import read_json, write_json_atomic, write_text_atomic
+from moeprune.io import read_json, remove_orphan_temp_files, terminal_safe, write_json_atomic, write_text_atomic
 from moeprune.planning.mask import ExpertMask
+from moeprune.presets import PAPER, PRESETS, preset_name
+from moeprune.profiling.runner import tokenizer_fingerprint, weights_fingerprint
+from moeprune.profiling.stats import Profile
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RETAINS = (0.25, 0.5, 0.75)
-DEFAULT_SEEDS = (0, 1, 2, 3, 4, 42)
+DEFAULT_RETAINS = PRESETS[PAPER].retains
+DEFAULT_SEEDS = PRESETS[PAPER].seeds
 DENSE = "dense"
 
-# Evaluation presets; calibration comes from api.PRESETS. ppl_seq_len None = min(2048, max positions).
-EVAL_PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {"ppl_datasets": ("wikitext2", "c4"), "ppl_seq_len": None, "tasks": None, "seeds": DEFAULT_SEEDS},
-    # 256: the testbed model was trained on 256-token windows (as `moeprune prune bundled --ppl` uses).
-    # Perplexity on the calibration corpora and on every domain calibration never uses (docs/testbed.md).
-    "bundled": {
-        "ppl_datasets": ("wiki", "web", "bible", "man", "glossary", "devil"),
-        "ppl_seq_len": 256,
-        "tasks": ["heldout"],
-        "seeds": (0, 1, 2, 3, 4, 5),
-    },
-}
-
-
-# REAP as its authors calibrate it (the paper's "original REAP"): Evol-CodeAlpaca, 128 x 2048, run next to the
-# generic (pooled WikiText2 + C4) REAP and labelled "REAP (code)". The bundled testbed has no code corpus.
-REAP_PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {"reap_corpus": "code=evol-codealpaca", "reap_samples": 128, "reap_seq_len": 2048},
-    "bundled": {"reap_corpus": None, "reap_samples": 128, "reap_seq_len": 256},
-}
 REAP_PROFILE = "profile-reap"  # its own profile, so the generic methods never see the REAP corpus
 
 
@@ -99,13 +84,13 @@ def run_experiment(
     ranked on that corpus alone (profiled separately, ``reap_samples`` x ``reap_seq_len``), as "reap@NAME".
 
     Returns ``{"settings", "cells", "files"}``; ``cells[0]`` is the dense model."""
-    from moeprune.api import _model, _tokenizer
     from moeprune.evaluation.runner import default_seq_len, resolve_tasks
+    from moeprune.loading import checked_model, checked_tokenizer  # lazy: loading pulls in transformers
 
     out = Path(out_dir)
     methods = list(methods or all_methods())
-    loaded = _model(model, dtype, device, trust_remote_code)
-    tokenizer = _tokenizer(tokenizer, loaded, trust_remote_code)
+    loaded = checked_model(model, dtype, device, trust_remote_code)
+    tokenizer = checked_tokenizer(tokenizer, loaded, trust_remote_code)
     eval_settings = {
         "ppl_datasets": list(ppl_datasets),
         "ppl_seq_len": default_seq_len(loaded, ppl_seq_len),
@@ -226,15 +211,11 @@ def plan_grid(
 
 def _profile_of(out: Path, options: dict[str, Any], calibration: dict[str, Any]) -> str:
     """The fingerprint of the profile a variant is planned from (its corpora of this run only)."""
-    from moeprune.profiling.stats import Profile
-
     folder = options.get("profile", "profile")
     return Profile.load(out / folder, _corpus_names(calibration, folder)).fingerprint()
 
 
 def _corpus_names(calibration: dict[str, Any], folder: str) -> list[str]:
-    from moeprune.data.corpora import parse_corpus
-
     specs = [calibration["reap_corpus"]["corpus"]] if folder == REAP_PROFILE else calibration["corpora"]
     return [parse_corpus(spec).name for spec in specs]
 
@@ -267,16 +248,12 @@ def _variants(method: str, calibration: dict[str, Any]) -> list[tuple[str, dict[
             return [(method, {"budget": budgets[0]})]
         return [(f"{method}@B{b}", {"budget": b}) for b in budgets]
     if method == "reap" and calibration.get("reap_corpus"):
-        from moeprune.data.corpora import parse_corpus
-
         name = parse_corpus(calibration["reap_corpus"]["corpus"]).name
         return [(method, {}), (f"reap@{name}", {"profile": REAP_PROFILE, "score_corpus": name})]
     return [(method, {})]
 
 
 def _mask_name(method: str, retain: float, seed: int | None) -> str:
-    from moeprune.api import mask_file_name
-
     return mask_file_name(method, retain, seed)  # the name api.mask_filename gives the planned mask
 
 
@@ -295,7 +272,6 @@ def _plan(
     score_corpus: str | None = None,
 ) -> list[ExpertMask]:
     from moeprune import api
-    from moeprune.profiling.stats import Profile
 
     candidate = calibration["candidate"]
     if method == "tb-coverage" and candidate in (None, "expert-sparsity") and all(r in es_masks for r in retains):
@@ -319,10 +295,10 @@ def _plan(
 
 
 def _held_out(prof: Any, model: Any) -> dict[str, Any]:
-    from moeprune.api import _tokenizer
+    from moeprune.loading import checked_tokenizer  # lazy: loading pulls in transformers
     from moeprune.planning import auto_budget
 
-    return auto_budget.held_out_sets(prof, _tokenizer(None, model, False))
+    return auto_budget.held_out_sets(prof, checked_tokenizer(None, model, False))
 
 
 def _tb_from_candidate(
@@ -354,8 +330,6 @@ def _tb_from_candidate(
 
 
 def cell_id(mask: ExpertMask | None) -> str:
-    from moeprune.api import mask_filename
-
     return DENSE if mask is None else mask_filename(mask).removesuffix(".json")
 
 
@@ -396,7 +370,6 @@ def cell_inputs(model: Any, tokenizer: Any, mask: ExpertMask | None) -> dict[str
     (its JSON, which records its profile): a cell is reused only when all three are the same."""
     import hashlib
 
-    from moeprune.profiling.runner import tokenizer_fingerprint, weights_fingerprint
 
     mask_json = None if mask is None else json.dumps(mask.to_json(), sort_keys=True)
     return {
@@ -505,46 +478,47 @@ def _name(model: Any) -> str:
 def experiment_options(args: argparse.Namespace) -> dict[str, Any]:
     """``run_experiment`` keyword arguments from the CLI: explicit flags win over the preset, and without
     ``--preset`` the model picks one (the bundled testbed gets the fast one)."""
-    from moeprune.api import PRESETS, is_bundled
-
-    name = args.preset or ("bundled" if is_bundled(args.model) else "paper")
-    cal, ev, reap = PRESETS[name], EVAL_PRESETS[name], REAP_PRESETS[name]
+    preset = PRESETS[args.preset or preset_name(args.model)]
     pick = _picker(args)
     recon = {
         "corpus": pick("recon_corpus", None),
-        "samples": pick("recon_samples", cal["recon_samples"]),
-        "seq_len": pick("recon_seq_len", cal["recon_seq_len"]),
-        "loss": pick("recon_loss", cal["recon_loss"]),
+        "samples": pick("recon_samples", preset.recon_samples),
+        "seq_len": pick("recon_seq_len", preset.recon_seq_len),
+        "loss": pick("recon_loss", preset.recon_loss),
         "tokens": pick("recon_tokens", None),
         "dtype": args.dtype,
         "device": args.device,
         "trust_remote_code": args.trust_remote_code,
     }
     return {
-        "retains": pick("retain", DEFAULT_RETAINS),
+        "retains": pick("retain", preset.retains),
         "methods": pick("methods", None),
-        "seeds": pick("seeds", ev["seeds"]),
-        "corpora": pick("corpora", cal["corpora"]),
-        "samples": pick("samples", cal["samples"]),
-        "seq_len": pick("seq_len", cal["seq_len"]),
+        "seeds": pick("seeds", preset.seeds),
+        "corpora": pick("corpora", preset.corpora),
+        "samples": pick("samples", preset.samples),
+        "seq_len": pick("seq_len", preset.seq_len),
         "batch_size": pick("batch_size", 4),
-        "ppl_datasets": pick("ppl", ev["ppl_datasets"]),
-        "ppl_seq_len": pick("ppl_seq_len", ev["ppl_seq_len"]),
+        "ppl_datasets": pick("ppl", preset.ppl_datasets),
+        "ppl_seq_len": pick("ppl_seq_len", preset.eval_ppl_seq_len),
         "ppl_sources": parse_ppl_data(pick("ppl_data", None)),
-        "tasks": pick("tasks", ev["tasks"]),
+        "tasks": pick("tasks", _listed(preset.tasks)),
         "limit": pick("limit", None),
         "eval_batch_size": pick("eval_batch_size", 8),
         "protect_budget": _single(pick("protect_budget", None)),
         "candidate": pick("candidate", None),
-        "reap_corpus": _none_if_off(pick("reap_corpus", reap["reap_corpus"])),
-        "reap_samples": pick("reap_samples", reap["reap_samples"]),
-        "reap_seq_len": pick("reap_seq_len", reap["reap_seq_len"]),
+        "reap_corpus": _none_if_off(pick("reap_corpus", preset.reap_corpus)),
+        "reap_samples": pick("reap_samples", preset.reap_samples),
+        "reap_seq_len": pick("reap_seq_len", preset.reap_seq_len),
         "reconstruction": recon,
         "dtype": args.dtype,
         "device": args.device,
         "trust_remote_code": args.trust_remote_code,
         "tokenizer": pick("tokenizer", None),
     }
+
+
+def _listed(tasks: tuple[str, ...] | None) -> list[str] | None:
+    return None if tasks is None else list(tasks)
 
 
 def _single(values: Any) -> Any:
@@ -577,8 +551,6 @@ def parse_ppl_data(items: Sequence[str] | None) -> dict[str, str] | None:
 
 def _remove_orphans(out: Path) -> None:
     """A killed run's half-written files in the experiment's folders (no lock: only dead writers' files)."""
-    from moeprune.io import remove_orphan_temp_files
-
     for folder in (out, out / "masks", out / "cells"):
         if folder.is_dir():
             remove_orphan_temp_files(folder)
@@ -586,7 +558,6 @@ def _remove_orphans(out: Path) -> None:
 
 def run_experiment_cli(args: argparse.Namespace) -> dict[str, Any]:
     result = run_experiment(args.model, args.out, progress=not args.quiet, **experiment_options(args))
-    from moeprune.io import terminal_safe
 
     print(terminal_safe(Path(result["files"]["report"]).read_text()))
     print(f"experiment written to {args.out} ({len(result['cells'])} cells)")

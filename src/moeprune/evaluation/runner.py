@@ -18,8 +18,8 @@ from moeprune.evaluation import compare_footprints, evaluate, footprint
 from moeprune.evaluation.zeroshot import COMMON_TASKS, expand_tasks
 from moeprune.io import write_json_atomic
 from moeprune.planning.mask import ExpertMask
+from moeprune.presets import PPL_SEQ_LEN_CAP, preset_for
 
-DEFAULT_PPL_SEQ_LEN = 2048  # the SparseGPT/Wanda window, clamped to the model's max positions
 NO_TASKS = {"none", ""}
 
 
@@ -39,17 +39,14 @@ def default_seq_len(model: torch.nn.Module, seq_len: int | None) -> int:
     if seq_len is not None:
         return int(seq_len)
     limit = getattr(model.config, "max_position_embeddings", None)
-    return min(DEFAULT_PPL_SEQ_LEN, int(limit)) if isinstance(limit, int) and limit > 1 else DEFAULT_PPL_SEQ_LEN
+    return min(PPL_SEQ_LEN_CAP, int(limit)) if isinstance(limit, int) and limit > 1 else PPL_SEQ_LEN_CAP
 
 
 def default_ppl_datasets(model: Any, datasets: Sequence[str] | None) -> list[str]:
     """Given datasets as they are; else the bundled corpora for the testbed (offline) and the paper's otherwise."""
     if datasets is not None:
         return list(datasets)
-    from moeprune.api import is_bundled
-    from moeprune.evaluation.perplexity import BUNDLED_PPL_DATASETS
-
-    return list(BUNDLED_PPL_DATASETS) if is_bundled(model) else ["wikitext2", "c4"]
+    return list(preset_for(model).ppl_datasets)
 
 
 def default_tasks(model: Any, tasks: str | Sequence[str] | None) -> str | Sequence[str] | None:
@@ -57,17 +54,13 @@ def default_tasks(model: Any, tasks: str | Sequence[str] | None) -> str | Sequen
     Avg need the hub) and None, the six of Common Avg, otherwise."""
     if tasks is not None:
         return tasks
-    from moeprune.api import is_bundled
-    from moeprune.evaluation.experiment import EVAL_PRESETS
-
-    return list(EVAL_PRESETS["bundled"]["tasks"]) if is_bundled(model) else None
+    preset_tasks = preset_for(model).tasks
+    return None if preset_tasks is None else list(preset_tasks)
 
 
 def _preset_seq_len(model: Any) -> int | None:
     """The bundled testbed is scored on the 256-token windows it was trained on (as prune and experiment do)."""
-    from moeprune.api import PRESETS, is_bundled
-
-    return PRESETS["bundled"]["ppl_seq_len"] if is_bundled(model) else None
+    return preset_for(model).eval_ppl_seq_len
 
 
 def mask_record(mask: ExpertMask, path: str | Path | None = None) -> dict[str, Any]:
@@ -111,13 +104,13 @@ def evaluate_model(
 
     ``ppl_datasets=None``: the six bundled domains for the bundled testbed, wikitext2 and c4 otherwise;
     ``tasks=None``: the held-out tasks for the testbed, the six of Common Avg otherwise."""
-    from moeprune.api import _model, _tokenizer
     from moeprune.io import check_output_file
+    from moeprune.loading import checked_model, checked_tokenizer  # lazy: loading pulls in transformers
 
     if out is not None:
         check_output_file(out)  # an unwritable --out fails now, not after the evaluation
-    loaded = _model(model, dtype, device, trust_remote_code)
-    tok = _tokenizer(tokenizer, loaded, trust_remote_code)
+    loaded = checked_model(model, dtype, device, trust_remote_code)
+    tok = checked_tokenizer(tokenizer, loaded, trust_remote_code)
     mask_path = None if mask is None or isinstance(mask, ExpertMask) else mask
     if mask_path is not None:
         mask = ExpertMask.load(mask_path)

@@ -32,6 +32,10 @@ CLAMP_NOTE_START = "TB-Coverage is round-robin alone"
 PROTECTING = {"tb-coverage"}  # methods that take a protect budget B and a candidate
 SEEDED = {"random"}  # methods whose result depends on the seed
 SCORED_ON_ONE_CORPUS = {"reap"}  # methods that can rank on one named corpus (score_corpus) instead of the pool
+NEEDS_MODEL = {"expert-sparsity"}  # methods that choose with the model (api plans them, planning never runs one)
+# The paper's candidate mask: layerwise reconstruction (ExpertSparsity) on C4, used by api.plan and the CLI.
+# planning.plan alone, which never sees the model, falls back to tb_coverage.DEFAULT_CANDIDATE (reap).
+TB_COVERAGE_CANDIDATE = "expert-sparsity"
 
 # Paper settings (arXiv 2607.01710): B=20 of N=60 experts, B=24 of N=64.
 PAPER_PROTECT_BUDGETS = {60: 20, 64: 24}

@@ -24,8 +24,8 @@ from moeprune.arch.view import moe_layers, top_k_of
 from moeprune.data.corpora import CorpusSpec, corpus_fingerprint
 from moeprune.data.sampling import calibration_windows
 from moeprune.errors import MoePruneError
-from moeprune.io import output_lock, remove_orphan_temp_files
-from moeprune.loading import config_hash, model_name
+from moeprune.io import checkpoint_fingerprint, output_lock, remove_orphan_temp_files
+from moeprune.loading import config_hash, model_name, resolve_model_path
 from moeprune.profiling.instrument import StatsRecorder
 from moeprune.profiling.stats import ExpertStats, Profile, check_one_model, finished_corpora
 
@@ -196,9 +196,6 @@ def _windows_done(meta: dict[str, Any]) -> int:
 def weights_fingerprint(model: Any) -> str | None:
     """:func:`moeprune.io.checkpoint_fingerprint` of the folder a model (or a path) was loaded from; None for a
     hub id or an in-memory model (then the config hash and the tokenizer identify it)."""
-    from moeprune.io import checkpoint_fingerprint
-    from moeprune.loading import resolve_model_path
-
     name = model if isinstance(model, str | Path) else model_name(model)
     return checkpoint_fingerprint(resolve_model_path(name)) if name else None
 

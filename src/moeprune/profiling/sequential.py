@@ -81,14 +81,25 @@ def _first_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches, device
 
 
 def _onload_all_but_layers(model: nn.Module, layers: nn.ModuleList, device) -> None:
-    """Move embeddings, norms, rotary tables and the head to ``device``; decoder layers stay on the CPU."""
-    base = model.base_model
-    base.layers = nn.ModuleList()
+    """Move embeddings, norms, rotary tables and the head to ``device``; decoder layers stay on the CPU.
+
+    The list is swapped out under its own name (``layers``, DBRX's ``blocks``, ...): setting ``base.layers``
+    on a model whose list is called otherwise would register the blocks under a second name and move them."""
+    holder, name = _holder(model, layers)
+    setattr(holder, name, nn.ModuleList())
     try:
         model.to(device)
     finally:
-        base.layers = layers
-    layers.to("cpu")
+        setattr(holder, name, layers)
+
+
+def _holder(model: nn.Module, layers: nn.ModuleList) -> tuple[nn.Module, str]:
+    """The module that holds ``layers`` as a child, and the child's name."""
+    for module in model.modules():
+        for name, child in module.named_children():
+            if child is layers:
+                return module, name
+    raise MoePruneError("The decoder layers are not a child module of the model; profile without --sequential.")
 
 
 def _to(value: Any, device) -> Any:

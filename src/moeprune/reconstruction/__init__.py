@@ -40,22 +40,16 @@ from moeprune.reconstruction.search import (
     search_layer_many,
 )
 
-# NAEE's calibration (Lu et al. 2024, their code's defaults): 128 windows of 2048 tokens from C4
-# (262,144 tokens; Gram T x N^2 x 4 B per layer), loss summed over batches of 8 windows.
-DEFAULT_CORPUS = "c4"
-DEFAULT_SAMPLES = 128
-DEFAULT_SEQ_LEN = 2048
+# NAEE's loss (Lu et al. 2024, their code's defaults): summed over batches of 8 windows. Their calibration
+# (128 windows of 2048 tokens of C4) is the paper preset's (moeprune.presets).
 DEFAULT_LOSS = "per-batch"
 DEFAULT_LOSS_BATCH = 8  # windows per term of the per-batch loss (NAEE's inference batch)
 
 Results = dict[int, dict[int, SearchResult]]  # K -> decoder layer -> result
 
 __all__ = [
-    "DEFAULT_CORPUS",
     "DEFAULT_LOSS",
     "DEFAULT_LOSS_BATCH",
-    "DEFAULT_SAMPLES",
-    "DEFAULT_SEQ_LEN",
     "LOSSES",
     "LayerProblem",
     "SearchResult",

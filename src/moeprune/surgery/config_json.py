@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from moeprune.arch.adapters import ARCHITECTURES, NUM_EXPERTS_KEYS, config_value, set_config_value
+from moeprune.io import read_config_json
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,6 @@ def source_config_json(source: str | Path | None) -> dict[str, Any] | None:
         return None
     path = Path(source) / "config.json"
     if path.is_file():
-        from moeprune.io import read_config_json
-
         return read_config_json(source)
     try:
         from transformers import PretrainedConfig

@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from moeprune.errors import MoePruneError
 from moeprune.io import read_weight_map
 from moeprune.planning.mask import ExpertMask
+from moeprune.surgery.keys import EXPERT_KEY, FUSED_KEY, ROUTER_KEY, sliced_shape
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -40,8 +41,6 @@ def header_shapes(folder: Path, shards: list[str]) -> dict[str, tuple[str, tuple
 
 def check_source(folder: Path, shards: list[str], mask: ExpertMask) -> dict[str, tuple[str, tuple[int, ...]]]:
     """The source's index agrees with its shards and every mask layer holds all N experts."""
-    from moeprune.surgery.shards import EXPERT_KEY, ROUTER_KEY
-
     shapes = header_shapes(folder, shards)
     routers = {
         int(match["layer"])
@@ -88,8 +87,6 @@ def expected_output(shapes: dict[str, tuple[str, tuple[int, ...]]], mask: Expert
                     flat: bool = False) -> dict[str, tuple[int, ...]]:
     """{name: shape} the pruned checkpoint must hold, derived from the source headers and the mask (``flat``:
     expert tensors of DBRX's ``[N * I, H]`` layout)."""
-    from moeprune.surgery.shards import EXPERT_KEY, FUSED_KEY, ROUTER_KEY, sliced_shape
-
     out: dict[str, tuple[int, ...]] = {}
     for name, (_, shape) in shapes.items():
         match = EXPERT_KEY.match(name)

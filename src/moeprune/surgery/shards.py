@@ -20,7 +20,6 @@ copied as they are.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,23 +29,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from moeprune.arch.adapters import DECODER_LISTS, ROUTER_ATTRS, spec_for
+from moeprune.arch.adapters import spec_for
 from moeprune.errors import MoePruneError
 from moeprune.io import atomic_directory, check_output_dir, read_config_json, read_weight_map
 from moeprune.planning.mask import ExpertMask
 from moeprune.surgery.config_json import with_expert_count
+from moeprune.surgery.keys import EXPERT_KEY, FUSED_KEY, ROUTER_KEY, sliced_shape
 from moeprune.surgery.model_card import CardInfo, render_model_card
 from moeprune.surgery.shard_checks import check_source, check_written, expected_output
 from moeprune.validation import check_mask_for_checkpoint
 
-_BLOCK = r".*\.(?:" + "|".join(DECODER_LISTS) + r")\.(?P<layer>\d+)\.[^.]+\."  # ...layers.{i}.<block>.
-EXPERT_KEY = re.compile(r"^(?P<head>" + _BLOCK + r"experts)\.(?P<expert>\d+)\.(?P<rest>.+)$")
-# DBRX's expert matrices sit one module deeper (experts.mlp.w1), and its router linear inside the router
-# (router.layer); other routers with an inner linear also keep per-expert vectors this rule would miss.
-FUSED_KEY = re.compile(r"^" + _BLOCK + r"experts\.(?:mlp\.)?[^.]+$")
-ROUTER_KEY = re.compile(
-    r"^" + _BLOCK + r"(?:" + "|".join(ROUTER_ATTRS) + r")(?:\.layer)?\.(?:weight|bias|e_score_correction_bias)$"
-)
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -157,15 +149,6 @@ def _prune_tensor(name: str, load, mask: ExpertMask, flat: bool) -> tuple[str, t
             blocks = tensor.reshape(mask.num_experts, -1, *tensor.shape[1:])
             return name, blocks[mask.kept(int(match["layer"]))].reshape(-1, *tensor.shape[1:])
     return name, load()
-
-
-def sliced_shape(shape: tuple[int, ...], mask: ExpertMask, flat: bool) -> tuple[int, ...] | None:
-    """The shape of an expert or router tensor once sliced to the kept experts, or None when it does not have
-    one row per expert (``[N, ...]``), or in the flat layout one block of rows per expert (``[N * I, ...]``)."""
-    n = mask.num_experts
-    if not shape or (shape[0] != n if not flat else shape[0] % n):
-        return None
-    return (shape[0] // n * mask.kept_per_layer, *shape[1:])
 
 
 def _pruned_config(config: dict, mask: ExpertMask) -> dict:

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeprune.arch.adapters import HASH_TABLES, NUM_EXPERTS_KEYS, config_value, set_config_value
+from moeprune.arch.adapters import HASH_TABLES, NUM_EXPERTS_KEYS, config_value, routing_meta, set_config_value
 from moeprune.arch.view import MoELayer, moe_layers, top_k_of
 from moeprune.errors import MoePruneError
 from moeprune.loading import model_name
+from moeprune.planning.fit import check_mask_routable as check_routable_by_config
 from moeprune.planning.mask import ExpertMask
 
 # Module attributes that cache the routed-expert count (matched by name, never by value alone, so that
@@ -149,9 +150,6 @@ def apply_mask(model: nn.Module, mask: ExpertMask) -> nn.Module:
 def check_mask_routable(model: nn.Module, mask: ExpertMask) -> None:
     """The router must still find top-k experts, grouped routers need the same count in every group (the
     same check as for a mask read before loading, see validation), and hash tables must route to kept ones."""
-    from moeprune.validation import check_mask_routable as check_routable_by_config
-    from moeprune.validation import routing_meta
-
     check_routable_by_config(mask, {**routing_meta(model.config), "top_k": top_k_of(model)})
     _check_hash_tables(model, mask)
 

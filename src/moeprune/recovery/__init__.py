@@ -1,0 +1,1 @@
+"""Recovery after pruning (router-only KD, expert merging)."""

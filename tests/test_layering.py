@@ -1,0 +1,203 @@
+"""The floors of ``src/moeprune`` as a test: imports only run down, no circles, no private names across files.
+
+Read from the source with :mod:`ast` (nothing is imported). A *room* is a top-level module or subpackage
+of ``moeprune`` (``moeprune.surgery.shards`` lives in the room ``surgery``); :data:`FLOORS` orders the
+rooms from the ground up, and a file may import from its own floor or below, never above. A circle is
+searched over files (module-level and function-level imports alike), so a function-level import cannot
+hide one. A ``_private`` name is the file's own business: importing it from another file fails.
+
+Function-level imports of moeprune's own modules are the exception: one that buys start-up time (the
+module pulls in torch, transformers or lm-eval, and ``moeprune --help`` must stay fast) carries a
+``# lazy: <reason>`` comment on its line; the unmarked ones left from before (counted in imported names,
+:data:`MAX_FUNCTION_LEVEL`) may only fall. Third-party imports inside functions (torch, lm_eval,
+matplotlib, ...) are free.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+PACKAGE = SRC / "moeprune"
+
+# Ground floor first. Rooms on one floor may import each other (the circle check still holds).
+FLOORS: tuple[tuple[str, ...], ...] = (
+    ("", "errors", "bundled", "models", "presets"),  # "" is moeprune/__init__.py (only __version__)
+    ("io", "data", "arch", "loading"),
+    ("profiling",),
+    ("planning",),
+    ("reconstruction", "recovery", "validation", "inspect"),  # recovery: the package other branches add
+    ("surgery",),
+    ("api",),
+    ("evaluation",),
+    ("cli", "__main__"),
+)
+
+# Known arrows that still run up (issue 20), each "from-module -> to-module". The test fails when one is
+# gone (strike it from here) as well as when a new one appears.
+KNOWN_UPWARD: set[str] = {
+    "moeprune.planning.auto_budget -> moeprune.surgery",
+    "moeprune.planning.auto_budget -> moeprune.evaluation.perplexity",
+    "moeprune.api -> moeprune.evaluation.perplexity",
+}
+# Known circles (issue 20), each the sorted files of one strongly connected component.
+KNOWN_CIRCLES: set[tuple[str, ...]] = {
+    ("moeprune.planning", "moeprune.planning.tb_coverage"),
+}
+KNOWN_PRIVATE: set[str] = set()
+MAX_FUNCTION_LEVEL = 96  # 137 before issue 20; lower it as they go
+
+
+def _module(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports() -> list[tuple[str, str, str | None, bool, str]]:
+    """(importer, imported module, imported name or None, at function level, source line) for every import."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = _module(path)
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        lines = path.read_text().splitlines()
+        tree = ast.parse("\n".join(lines))
+        nested = {
+            id(inner)
+            for outer in ast.walk(tree)
+            if isinstance(outer, ast.FunctionDef | ast.AsyncFunctionDef)
+            for inner in ast.walk(outer)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.Import):
+                target, names = "", [alias.name for alias in node.names]
+            else:
+                continue
+            line = lines[node.lineno - 1]
+            for name in names:
+                mod, attr = (target, name) if target else (name, None)
+                if mod == "moeprune" or mod.startswith("moeprune."):
+                    found.append((module, mod, attr, id(node) in nested, line))
+    return found
+
+
+def _resolve(modules: set[str], mod: str, attr: str | None) -> str:
+    """The file an import reads: ``from moeprune import api`` reads ``moeprune.api``."""
+    if attr and f"{mod}.{attr}" in modules:
+        return f"{mod}.{attr}"
+    return mod
+
+
+def _room(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _floor(module: str) -> int:
+    room = _room(module)
+    for level, rooms in enumerate(FLOORS):
+        if room in rooms:
+            return level
+    raise AssertionError(f"{module}: room {room!r} has no floor; add it to FLOORS in tests/test_layering.py")
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    modules = {_module(p) for p in PACKAGE.rglob("*.py")}
+    edges: dict[str, set[str]] = defaultdict(set)
+    for importer, mod, attr, _, _ in _imports():
+        target = _resolve(modules, mod, attr)
+        if target != importer:
+            edges[importer].add(target)
+    return edges
+
+
+def test_every_room_has_a_floor() -> None:
+    for path in PACKAGE.rglob("*.py"):
+        _floor(_module(path))
+
+
+def test_imports_only_run_down(graph: dict[str, set[str]]) -> None:
+    upward = {f"{a} -> {b}" for a, targets in graph.items() for b in targets if _floor(b) > _floor(a)}
+    assert upward - KNOWN_UPWARD == set(), "imports that run back up the floors (see FLOORS)"
+    assert KNOWN_UPWARD - upward == set(), "gone: strike these from KNOWN_UPWARD"
+
+
+def _components(graph: dict[str, set[str]]) -> list[tuple[str, ...]]:
+    """Strongly connected components with more than one file (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[tuple[str, ...]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for succ in sorted(graph.get(node, ())):
+            if succ not in index:
+                visit(succ)
+                low[node] = min(low[node], low[succ])
+            elif succ in on_stack:
+                low[node] = min(low[node], index[succ])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(tuple(sorted(component)))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_circles(graph: dict[str, set[str]]) -> None:
+    circles = set(_components(graph))
+    assert circles - KNOWN_CIRCLES == set(), "files that import each other in a loop"
+    assert KNOWN_CIRCLES - circles == set(), "gone: strike these from KNOWN_CIRCLES"
+
+
+def test_no_private_names_across_files() -> None:
+    modules = {_module(p) for p in PACKAGE.rglob("*.py")}
+    private = {
+        f"{importer} -> {mod}.{attr}"
+        for importer, mod, attr, _, _ in _imports()
+        if attr
+        and attr.startswith("_")
+        and not attr.startswith("__")
+        and _resolve(modules, mod, attr) == mod
+        and mod != importer
+    }
+    assert private - KNOWN_PRIVATE == set(), "private names imported from another file: make them public"
+    assert KNOWN_PRIVATE - private == set(), "gone: strike these from KNOWN_PRIVATE"
+
+
+def test_function_level_imports_only_fall() -> None:
+    inside = [(importer, mod) for importer, mod, _, nested, line in _imports() if nested and "# lazy:" not in line]
+    assert len(inside) <= MAX_FUNCTION_LEVEL, (
+        f"{len(inside)} function-level imports of moeprune modules (at most {MAX_FUNCTION_LEVEL}): move the new one "
+        "to the top of its file, or mark it '# lazy: <reason>' when it keeps start-up fast"
+    )
+
+
+def test_the_checks_can_fail() -> None:
+    """The circle search finds a planted loop and the floor map puts the CLI above the API."""
+    assert _components({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [("a", "b", "c")]
+    assert _floor("moeprune.cli") > _floor("moeprune.api") > _floor("moeprune.planning.mask")
