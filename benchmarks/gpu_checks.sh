@@ -5,12 +5,16 @@
 #   2. apply's peak CPU RAM and GPU memory against the checkpoint bytes (target <= 1.2x)
 #   3. the paper grid's per-stage cost on Qwen1.5-MoE-A2.7B at full width and depth, extrapolated to
 #      37 cells (target <= 4 h on one 80 GB GPU)
+#   4. the recovery stage (router-kd and merge, docs/recovery.md) at the published Qwen1.5-MoE-A2.7B and
+#      DeepSeek-MoE-16B widths, 4 and 8 MoE layers, extrapolated to full depth: time per mask and peak GPU
+#      memory against the checkpoint bytes (target <= 1.3x + activations)
 # Each step has its own time limit and writes its table under $OUT as soon as it ends, so a step that
 # runs out of time still leaves the others' results. Under a 10-minute limit per command (the lent
 # device's), run it as two calls:
 #
 #   STEPS="speed memory" bash benchmarks/gpu_checks.sh     # <= 5 min; OUT defaults to benchmarks/out
 #   STEPS=grid bash benchmarks/gpu_checks.sh               # <= 9 min (builds and saves a 28.6 GB model)
+#   STEPS=recover bash benchmarks/gpu_checks.sh            # <= 9 min
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out}"
@@ -43,6 +47,10 @@ for step in $STEPS; do
             --dtype bfloat16 --layers 24 --samples 32 --batch-size 4 --recon-samples 8 --retain 0.5 \
             --methods expert-sparsity tb-coverage --ppl-windows 4 --limit 50 --eval-batch-size auto \
             --json "$OUT/grid.json" ;;
-    *) echo "unknown step $step (speed, memory, grid)" >&2; exit 2 ;;
+    recover) run_step recover 540 "$PYTHON" benchmarks/paper_scale.py --models qwen1.5-moe-a2.7b deepseek-moe-16b \
+               --device cuda --dtype bfloat16 --layers 4 8 --samples 8 --batch-size 4 --recon-samples 2 \
+               --retain 0.5 --methods frequency --recover router-kd merge --recover-samples 16 --ppl-windows 1 \
+               --limit 4 --eval-batch-size auto --json "$OUT/recover.json" ;;
+    *) echo "unknown step $step (speed, memory, grid, recover)" >&2; exit 2 ;;
   esac
 done

@@ -12,7 +12,9 @@ For each model and each MoE-layer count in ``--layers`` it
    zero-shot tasks (``--limit`` documents each) standing in for the six hub tasks -- every stage runs:
    load, profile, plan (expert-sparsity reconstruction included; TB-Coverage reuses its candidate),
    apply+evaluate per cell, report;
-3. times each stage and records its peak CPU RSS and peak GPU memory (torch's allocator).
+3. times each stage and records its peak CPU RSS and peak GPU memory (torch's allocator); with
+   ``--recover`` (router-kd, merge, ...: an axis of the grid) also each recovery (the router-kd teacher pass
+   included in the first), with its peak memory against the model's bytes (target: <= 1.3x + activations).
 
 It then extrapolates the full grid (37 cells, paper sample counts, all layers): each figure is fitted as
 ``a + b * moe_layers`` over the layer counts run (one count: scaled in proportion, an upper bound) and
@@ -24,6 +26,8 @@ per cell: 402 perplexity windows of 2048 and the six tasks' request tokens, see 
     python benchmarks/paper_scale.py --models qwen1.5-moe-a2.7b --device cuda --dtype bfloat16 --layers 24 \\
         --samples 32 --batch-size 4 --recon-samples 8 --retain 0.5 --methods expert-sparsity tb-coverage \\
         --ppl-windows 4 --limit 50 --eval-batch-size auto                       # one GPU, full depth
+    python benchmarks/paper_scale.py --device cuda --layers 4 8 --methods frequency --retain 0.5 \
+        --recover router-kd merge --recover-samples 16                          # recovery cost, both models
 """
 
 from __future__ import annotations
@@ -140,6 +144,7 @@ PAPER = {
     "profile_tokens": 2 * 512 * 1024,  # wikitext2 + c4, 512 windows of 1024 each
     "recon_tokens": 64 * 1024,  # expert-sparsity on 64 windows of 1024 (c4)
     "ppl_windows": 146 + 256,  # wikitext2 test + c4 (256 x 2048) at seq_len 2048
+    "recover_tokens": 256 * 1024,  # router-kd / merge calibration of the paper preset, 1 epoch (docs/recovery.md)
     "zero_shot_tokens": sum(
         docs * choices * tokens
         for docs, choices, tokens in (
@@ -322,10 +327,31 @@ def instrumented(record: dict[str, Any], peaks: Peaks):
     stack.enter_context(patched(experiment, "evaluate_grid", stage("evaluate")))
     stack.enter_context(patched(experiment, "write_outputs", stage("report")))
     stack.enter_context(patched(experiment, "run_cell", cell))
+    stack.enter_context(patched(experiment, "_cell_recovery", recovery_timer(record, peaks)))
     stack.enter_context(patched(evaluation, "perplexity", timed_into("ppl_s", "ppl_windows")))
     stack.enter_context(patched(evaluation, "zero_shot", timed_into("zs_s")))
     stack.enter_context(patched(HFLM, "loglikelihood", counting_tokens))
     return stack
+
+
+def recovery_timer(record: dict[str, Any], peaks: Peaks):
+    """Each recovery of the grid: kind, seconds, peak CPU RSS and GPU memory (the first router-kd one includes
+    the dense teacher pass, made once per grid)."""
+    recoveries = record.setdefault("recoveries", [])
+
+    def make(original):
+        def run(out, model, mask, options, shared):
+            measured: dict[str, Any] = {}
+            with peaks.stage(measured, "recover"):
+                result = original(out, model, mask, options, shared)
+            recoveries.append({"kind": options.kind, **measured["recover"],
+                               "tokens": options.samples * options.seq_len * (options.epochs if options.router_kd
+                                                                              else 1)})
+            return result
+
+        return run
+
+    return make
 
 
 def ppl_files(tokenizer_dir: Path, windows: int, seq_len: int, out: Path) -> list[str]:
@@ -361,11 +387,14 @@ def run_grid(args: argparse.Namespace, checkpoint: Path, out: Path) -> dict[str,
         "--ppl", *ppl_files(checkpoint, args.ppl_windows, ppl_seq_len, out),
         "--tasks", "bundled", "--limit", str(args.limit), "--eval-batch-size", str(args.eval_batch_size),
         *(["--methods", *args.methods] if args.methods else []),
+        *(["--recover", "none", *args.recover, "--recover-samples", str(args.recover_samples),
+           "--recover-seq-len", str(args.seq_len), "--recover-epochs", "1"] if args.recover else []),
     ]
     parsed = build_parser().parse_args(argv)
     record: dict[str, Any] = {
         "profile_tokens": 2 * args.samples * args.seq_len,
         "recon_tokens": args.recon_samples * args.seq_len,
+        "model_bytes": sum(f.stat().st_size for f in checkpoint.glob("*.safetensors")),
     }
     peaks = Peaks()
     with instrumented(record, peaks):
@@ -472,11 +501,40 @@ def print_model_table(name: str, runs: dict[int, dict[str, Any]], builds: dict[i
         cell_s = statistics.median(c["s"] for c in runs[n]["cells"])
         print(f"| {n} | {runs[n]['plan_methods'].get('expert-sparsity', 0):.1f} | {cell_s:.1f} | "
               f"{f['ppl_s_per_window']:.2f} | {f['zs_s_per_token'] * 1000:.2f} | {f['cell_other_s']:.1f} |")
+    print_recovery_table(runs, layer_counts, full_layers)
     estimate = extrapolate(runs, full_layers)
     print(f"\n| full grid ({PAPER['cells']} cells, paper sample counts, {full_layers} MoE layers) | hours |")
     print("|---|---|")
     for stage, seconds in estimate.items():
         print(f"| {stage} | {seconds / 3600:.2f} |")
+
+
+def print_recovery_table(runs: dict[int, dict[str, Any]], layer_counts: list[int], full_layers: int) -> None:
+    """Per recovery kind: seconds, peak GPU and CPU memory against the checkpoint's bytes, and the time at the
+    paper preset's 256 x 1024 tokens and full depth (fitted per layer, like the grid's stages)."""
+    kinds = list(dict.fromkeys(r["kind"] for n in layer_counts for r in runs[n].get("recoveries", [])))
+    if not kinds:
+        return
+    print("\n| recovery | MoE layers | s (median) | tokens | peak GPU GiB (x model) | peak CPU GiB | model GiB |")
+    print("|---|---|---|---|---|---|---|")
+    per_token: dict[str, dict[int, float]] = {}
+    for kind in kinds:
+        for n in layer_counts:
+            done = [r for r in runs[n].get("recoveries", []) if r["kind"] == kind]
+            if not done:
+                continue
+            model_gib = runs[n].get("model_bytes", 0) / GIB
+            gpu = max(r["gpu_gib"] for r in done)
+            ratio = f" ({gpu / model_gib:.2f}x)" if model_gib and gpu else ""
+            seconds = statistics.median(r["s"] for r in done)
+            per_token.setdefault(kind, {})[n] = seconds / done[0]["tokens"]
+            print(f"| {kind} | {n} | {seconds:.1f} | {done[0]['tokens']} | {gpu:.1f}{ratio} | "
+                  f"{max(r['cpu_gib'] for r in done):.1f} | {model_gib:.1f} |")
+    print(f"\n| recovery at the paper preset ({PAPER['recover_tokens']} tokens, {full_layers} MoE layers) | "
+          "minutes per mask |")
+    print("|---|---|")
+    for kind, points in per_token.items():
+        print(f"| {kind} | {fit(points, full_layers) * PAPER['recover_tokens'] / 60:.1f} |")
 
 
 def main() -> None:
@@ -495,6 +553,9 @@ def main() -> None:
     parser.add_argument("--ppl-windows", type=int, default=1, help="perplexity windows per dataset per cell")
     parser.add_argument("--limit", type=int, default=4, help="documents per bundled zero-shot task per cell")
     parser.add_argument("--eval-batch-size", default="4", help="lm-eval batch size: N, auto or auto:N")
+    parser.add_argument("--recover", nargs="+", default=None, metavar="KIND",
+                        help="recovery kinds as a grid axis, e.g. router-kd merge (measured per mask)")
+    parser.add_argument("--recover-samples", type=int, default=8, help="recovery windows (paper preset: 256)")
     parser.add_argument("--json", default=None, help="also write the raw measurements to this file")
     parser.add_argument("--report", nargs="+", default=None, metavar="JSON", help="print tables from --json files")
     parser.add_argument("--keep", default=None, help="write checkpoints and grids here (kept) instead of a temp folder")

@@ -3,7 +3,8 @@
 Runs the same sweep as tests/test_architecture_sweep.py (tests/arch_sweep.py): a tiny random model per
 model type, profile -> plan -> apply (export + reload), reloaded logits compared with the dense model
 whose removed experts are taken out of routing; then expert-sparsity planning (its routing guard and the
-reconstruction loss checked against the model's own MoE block output).
+reconstruction loss checked against the model's own MoE block output); then recovery: router-kd a few
+steps on the REAP mask, and whether merge can merge the expert layout.
 
     PYTHONPATH=src:. python scripts/support_matrix.py [--out docs/support_matrix.md] [MODEL_TYPE ...]
 """
@@ -20,12 +21,20 @@ from pathlib import Path
 import torch
 import transformers
 
-from tests.arch_sweep import ATOL, CaseResult, moe_model_types, run_case, run_reconstruction_case
+from tests.arch_sweep import (
+    ATOL,
+    CaseResult,
+    moe_model_types,
+    run_case,
+    run_reconstruction_case,
+    run_recovery_case,
+)
 
 STATUS = {"exact": "exact", "refused": "refused", "wrong": "**WRONG**", "error": "**traceback**"}
 
 
-def render(results: list[CaseResult], recon: dict[str, CaseResult] | None = None) -> str:
+def render(results: list[CaseResult], recon: dict[str, CaseResult] | None = None,
+           recovery: dict[str, tuple[CaseResult, CaseResult]] | None = None) -> str:
     counts = {status: sum(r.status == status for r in results) for status in STATUS}
     lines = [
         "# Support matrix",
@@ -43,18 +52,27 @@ def render(results: list[CaseResult], recon: dict[str, CaseResult] | None = None
         "layer's reconstruction loss equals the change of the model's own MoE block output to 1e-4; *refused* "
         "(the guard's finding in brackets) where moeprune's routing rules do not reproduce the router.",
         "",
+        "Columns *router-kd* and *merge* (`--recover`, docs/recovery.md; `tests/arch_sweep.py` `run_recovery_case`): "
+        "*yes* when router KD trains only routing tensors (router weight and bias, shared-expert gate) a few steps "
+        "on the REAP mask, the trained tensors change the KL (noted where it rose on the random tiny model) and the "
+        "dense model is left bit-identical, and when merge accepts the expert layout and replaces only kept "
+        "experts' tensors; *no* with the reason where moeprune refuses it.",
+        "",
         f"**{counts['exact']} exact, {counts['refused']} refused, {counts['wrong']} wrong, "
         f"{counts['error']} tracebacks** of {len(results)} model types.",
         *_recon_counts(recon),
+        *_recovery_counts(recovery),
         "",
-        "| model type | status | max abs diff | expert-sparsity | reason |",
-        "| --- | --- | --- | --- | --- |",
+        "| model type | status | max abs diff | expert-sparsity | router-kd | merge | reason |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for result in results:
         diff = "" if result.diff is None else f"{result.diff:.1e}"
         reason = result.reason.replace("|", "\\|").replace("\n", " ")
         sparsity = _recon_cell((recon or {}).get(result.model_type))
-        lines.append(f"| {result.model_type} | {STATUS[result.status]} | {diff} | {sparsity} | {reason} |")
+        kd, merge = (_recovery_cell(r, result) for r in (recovery or {}).get(result.model_type, (None, None)))
+        lines.append(f"| {result.model_type} | {STATUS[result.status]} | {diff} | {sparsity} | {kd} | {merge} | "
+                     f"{reason} |")
     return "\n".join(lines) + "\n"
 
 
@@ -64,6 +82,32 @@ def _recon_counts(recon: dict[str, CaseResult] | None) -> list[str]:
     counts = {status: sum(r.status == status for r in recon.values()) for status in STATUS}
     return ["", f"expert-sparsity: **{counts['exact']} exact, {counts['refused']} refused, {counts['wrong']} wrong, "
             f"{counts['error']} tracebacks**."]
+
+
+def _recovery_counts(recovery: dict[str, tuple[CaseResult, CaseResult]] | None) -> list[str]:
+    if not recovery:
+        return []
+    out = []
+    for i, name in enumerate(("router-kd", "merge")):
+        yes = sum(r[i].status == "exact" for r in recovery.values())
+        no = sum(r[i].status == "refused" for r in recovery.values())
+        bad = len(recovery) - yes - no
+        out.append(f"{name}: **{yes} yes, {no} no, {bad} wrong or tracebacks**.")
+    return ["", " ".join(out)]
+
+
+def _recovery_cell(result: CaseResult | None, pruning: CaseResult) -> str:
+    """yes / no (reason) / **WRONG**; "no" without a reason where pruning itself is refused (its reason)."""
+    if result is None:
+        return ""
+    if result.status == "exact":
+        return f"yes ({result.reason} in the sweep's few steps)" if result.reason else "yes"
+    if result.status == "refused":
+        if pruning.status == "refused":
+            return "no"
+        reason = re.sub(r"^--recover merge cannot merge \S+ experts \(layer \d+\): ", "", result.reason)
+        return f"no ({reason.rstrip('.')})".replace("|", "\\|")
+    return STATUS[result.status]
 
 
 def _recon_cell(result: CaseResult | None) -> str:
@@ -82,14 +126,16 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     transformers.logging.set_verbosity_error()
-    results, recon = [], {}
+    results, recon, recovery = [], {}, {}
     for model_type in args.model_types or moe_model_types():
         start = time.perf_counter()
         results.append(run_case(model_type))
         recon[model_type] = run_reconstruction_case(model_type)
+        recovery[model_type] = run_recovery_case(model_type)
         print(f"{model_type:22s} {results[-1].status:8s} {recon[model_type].status:8s} "
+              f"{recovery[model_type][0].status:8s} {recovery[model_type][1].status:8s} "
               f"{time.perf_counter() - start:5.1f}s", flush=True)
-    args.out.write_text(render(results, recon))
+    args.out.write_text(render(results, recon, recovery))
     print(f"wrote {args.out}")
 
 

@@ -8,6 +8,9 @@ logits at -inf, or their choice bias at -inf for sigmoid routers with a correcti
 
 :func:`run_reconstruction_case` plans ``expert-sparsity`` instead: its routing guard passes, or refuses.
 
+:func:`run_recovery_case` runs router-kd on the REAP mask (a few steps on random tokens) and asks merge
+whether it can merge the layout.
+
 Used by tests/test_architecture_sweep.py and scripts/support_matrix.py (which writes docs/support_matrix.md).
 """
 
@@ -105,6 +108,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "qwen4_exp_text": dict(layer_types=["linear_attention", "indexed_attention", "linear_attention"],
                            indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8,
                            indexer_compress_ratio=2),
+    # NVFP4-rounded keys and values need head_dim % 16 == 0; its indexer scores with the query heads of key head 0.
+    "kolibri1_1": dict(head_dim=16, index_num_heads=2, mlp_only_layers=[0]),
     "inkling2_text": dict(unpadded_vocab_size=128),
     "inkling2_loop_text": dict(unpadded_vocab_size=128),
     "lfm2_moe": dict(num_dense_layers=1, layer_types=["conv", "full_attention", "conv"]),
@@ -241,6 +246,68 @@ def _block_output(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return out.reshape(-1, out.shape[-1])
 
 
+def run_recovery_case(model_type: str) -> tuple[CaseResult, CaseResult]:
+    """(router-kd, merge) on ``model_type``'s tiny model under the REAP 50% mask.
+
+    router-kd "exact": it trains at least one tensor, only routing tensors (router weight or bias, a
+    shared-expert gate), the trained tensors change the pruned model's KL, and the dense model is left
+    bit-identical; the reason says when the KL rose (a few steps on random tokens of a random tiny model
+    is no promise of descent: phimoe's and zaya's did). merge: "exact"
+    when ``merge_supported`` accepts the layout and a merge delta replaces only kept experts' tensors of
+    the pruned model, "refused" with its reason."""
+    from moeprune.recovery import RecoveryOptions, apply_delta, recover
+    from moeprune.recovery.router_kd import routing_parameters
+    from moeprune.surgery import masked
+
+    try:
+        spec_for(tiny_config(model_type))
+        model = build_model(model_type)
+        mask = plan(_profile(model), "reap", 0.5)
+    except MoePruneError as err:
+        refused = CaseResult(model_type, "refused", str(err))
+        return refused, refused
+    except Exception as err:  # noqa: BLE001 - reported as a traceback, never as a result
+        failed = _error_result(model_type, err)
+        return failed, failed
+    windows = {"random": torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(3))}
+    results = []
+    for kind in ("router-kd", "merge"):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        try:
+            options = RecoveryOptions(kind=kind, epochs=3, batch_size=2, samples=4, seq_len=16)
+            found = recover(model, mask, options, windows=windows, progress=False)
+            with masked(model, mask):
+                allowed = set(routing_parameters(model)) if kind == "router-kd" else _expert_names(model)
+                apply_delta(model, found.delta)
+        except MoePruneError as err:
+            results.append(CaseResult(model_type, "refused", str(err)))
+            continue
+        except Exception as err:  # noqa: BLE001
+            results.append(_error_result(model_type, err))
+            continue
+        after = model.state_dict()
+        wrong = [k for k in before if not torch.equal(before[k], after[k])]
+        outside = sorted(set(found.delta) - allowed)
+        kd = found.record.get("router_kd") or {"kl_before": {}, "kl_after": {}}
+        before_kl, after_kl = kd["kl_before"].get("random"), kd["kl_after"].get("random")
+        unused = kind == "router-kd" and before_kl == after_kl
+        if wrong or outside or (kind == "router-kd" and not found.delta) or unused:
+            why = f"changed {wrong[:2]}" if wrong else f"replaced {outside[:2]}" if outside else \
+                "the trained tensors do not change the output" if unused else "nothing trained"
+            results.append(CaseResult(model_type, "wrong", why))
+        else:
+            rose = kind == "router-kd" and after_kl > before_kl
+            results.append(CaseResult(model_type, "exact", f"KL rose {before_kl:.3g} -> {after_kl:.3g}" if rose
+                                      else ""))
+    return results[0], results[1]
+
+
+def _expert_names(model: nn.Module) -> set[str]:
+    names = {id(m): n for n, m in model.named_modules()}
+    return {f"{names[id(m)]}.{a}" for layer in moe_layers(model) for m in layer.experts.modules()
+            for a, p in m._parameters.items() if p is not None}
+
+
 @torch.no_grad()
 def _prune_and_compare(model_type: str, workdir: Path) -> float:
     spec_for(tiny_config(model_type))  # a refused architecture is refused before any model is built
@@ -351,6 +418,8 @@ def _keys(values: dict[str, Any]) -> list[str]:
 def _spread_weights(model: nn.Module) -> None:
     """Decisive, varied routing: larger random router rows, small random expert biases."""
     for name, param in model.named_parameters():
+        if "norm" in name and param.dim() == 2 and param.shape[0] == 8:  # a per-expert norm (Ergo's post_expert_norm)
+            param.uniform_(0.5, 1.5)  # rows differ, so a norm row left unsliced changes the logits
         if "norm" in name or param.dim() == 0:
             continue
         param.normal_(0.0, 0.5 if param.dim() == 2 and param.shape[0] in (8, 9) and "expert" not in name else 0.1)

@@ -36,7 +36,8 @@ MODEL_TYPES = moe_model_types()
 # refuses them with the fix (docs/expert_sparsity.md lists them with the reason).
 RECON_REFUSED = {
     "axk1", "beam", "deepseek_v4", "ernie4_5_moe", "flint", "gemma4_text", "inkling2_loop_text", "inkling2_text",
-    "inkling_text", "kolibri1", "laguna", "llama4_text", "longcat_flash", "minimax_m3_vl_text", "phimoe", "zaya",
+    "inkling_text", "kolibri1", "kolibri1_1", "laguna", "llama4_text", "longcat_flash", "minimax_m3_vl_text", "phimoe",
+    "zaya",
 }
 RECON_FIX = "plan with another method, or TB-Coverage with --candidate reap"
 
@@ -129,3 +130,43 @@ def test_per_expert_tensor_that_cannot_be_placed_is_refused() -> None:
     block.register_buffer("expert_table", torch.zeros(8, 3))  # per-expert rows outside router and experts
     with pytest.raises(MoePruneError, match=r"mlp.expert_table|expert_table \(8, 3\) looks per-expert"):
         apply_mask(model, make_mask(model))
+
+
+def test_ergo_expert_output_includes_its_per_expert_post_norm() -> None:
+    # Ergo normalises each route with its expert's own RMSNorm row before the router weight multiplies it, so
+    # f_e = norm_e(relu2(h @ up_e) @ down_e): REAP's |w| * ||f_e|| and the reconstruction Gram need the norm in f_e.
+    layer = moe_layers(build_model("ergo"))[1]
+    experts, hidden = layer.experts, torch.randn(5, 32)
+    norm = experts.post_expert_norm
+    assert norm.weight.shape == (8, 32) and not torch.allclose(norm.weight[3], norm.weight[4])
+    projected = torch.relu(hidden @ experts.up_proj[3]).square() @ experts.down_proj[3]
+    expected = torch.nn.functional.rms_norm(projected, (32,), eps=norm.eps) * norm.weight[3]
+    with torch.no_grad():
+        assert torch.allclose(layer.expert_forward(3, hidden), expected, atol=1e-6)
+
+
+def test_ergo_router_logits_round_the_weight_as_the_model_does() -> None:
+    # In bf16 Ergo keeps its router weight in float32 but multiplies bf16-rounded operands into float32 logits;
+    # its choice bias sits on gate, around the gate.linear that holds the weight.
+    from moeprune.arch.routing import router_bias, router_logits
+
+    layer = moe_layers(build_model("ergo").to(torch.bfloat16))[1]
+    gate = layer.router_owner
+    gate.linear.weight.data = torch.randn(8, 32)  # float32, as the checkpoint loads (keep_in_fp32_modules_strict)
+    hidden = torch.randn(16, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        own = gate(hidden)[0]
+        unrounded = torch.nn.functional.linear(hidden.float(), gate.linear.weight)
+        assert torch.equal(router_logits(layer, hidden), own) and not torch.equal(unrounded, own)
+    assert torch.equal(router_bias(layer), gate.e_score_correction_bias.float())
+
+
+def test_ergo_is_refused_by_model_free_apply_whose_name_rules_miss_its_post_norm(tmp_path: Path) -> None:
+    # gate.linear.weight is no router name the shard rules know, so the unsliced experts.post_expert_norm.weight
+    # can never be written: plain apply (above, in the sweep) is the way.
+    from moeprune.surgery.shards import prune_checkpoint_files
+
+    model = build_model("ergo")
+    model.save_pretrained(tmp_path / "source")
+    with pytest.raises(MoePruneError, match=r"no router weight .* Use plain `moeprune apply`"):
+        prune_checkpoint_files(tmp_path / "source", make_mask(model), tmp_path / "out", progress=False)

@@ -30,8 +30,8 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("io", "data", "arch", "loading"),
     ("profiling",),
     ("planning",),
-    ("reconstruction", "recovery", "validation", "inspect"),  # recovery: the package other branches add
-    ("surgery",),
+    ("reconstruction", "validation", "inspect"),
+    ("surgery", "recovery"),  # recovery runs the pruned model inside surgery.masked; export applies its deltas
     ("api",),
     ("evaluation",),
     ("cli", "__main__"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from moeprune.errors import MoePruneError
 from moeprune.loading import (  # noqa: F401 (re-export)
     checked_model,
     checked_tokenizer,
+    load_config,
     load_model,
     load_tokenizer,
     model_name,
@@ -42,6 +44,8 @@ from moeprune.planning.mask import ExpertMask, kept_count
 from moeprune.presets import PAPER, PRESETS, is_bundled, preset_for  # noqa: F401 (re-export)
 from moeprune.profiling.runner import ProfileSettings, profile_model
 from moeprune.profiling.stats import Profile
+from moeprune.recovery import Recovery, RecoveryOptions, check_mergeable_config, check_prunes, recovery_corpora
+from moeprune.recovery import recover as recover_loaded
 from moeprune.validation import check_method, check_profile_out, check_seq_len, model_config
 
 log = logging.getLogger("moeprune")
@@ -220,11 +224,16 @@ def apply(
     verify: bool = True,
     force: bool = False,
     progress: bool = True,
+    recover: RecoveryOptions | Recovery | None = None,
 ) -> Path:
     """Write the pruned checkpoint to ``out`` (atomically, verified against the in-memory masked model).
 
     A model given by name loads in its checkpoint dtype on the GPU when there is one (``device`` as in
-    :func:`moeprune.loading.load_model`). ``force`` accepts a mask planned for a model with another config hash."""
+    :func:`moeprune.loading.load_model`). ``force`` accepts a mask planned for a model with another config hash.
+    ``recover``: :class:`~moeprune.recovery.RecoveryOptions` to compute a recovery first (router-kd, merge; on
+    the model loaded as ``dtype``/``device`` place it, then freed before the export reloads it), or a
+    :class:`~moeprune.recovery.Recovery` computed earlier (:func:`recover`); the export is verified against the
+    recovered model."""
     from moeprune.surgery import export_pruned
 
     mask_file = None if isinstance(mask, ExpertMask) else mask
@@ -234,6 +243,11 @@ def apply(
     config = model.config if isinstance(model, torch.nn.Module) else model_config(model, trust_remote_code)
     check_mask_for_config(mask, config, force=force)
     _check_output(out, model, overwrite, mask_file)
+    recovery = recover
+    if isinstance(recover, RecoveryOptions):
+        recovery = _recovery(model, mask, recover, config, dtype, device, trust_remote_code, tokenizer, progress) \
+            if recover.active else None
+        _release_memory()  # the copy recovery loaded is gone before the export loads the checkpoint again
     return export_pruned(
         model,
         mask,
@@ -245,7 +259,46 @@ def apply(
         overwrite=overwrite,
         verify=verify,
         progress=progress,
+        recovery=recovery,
     )
+
+
+def recover(
+    model: Any,
+    mask: ExpertMask | str | Path,
+    options: RecoveryOptions,
+    *,
+    tokenizer: Any = None,
+    dtype: str = "auto",
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> Recovery:
+    """The recovery ``options`` asks for (router-kd, merge, merge+router-kd) of ``model`` under ``mask``, as a
+    :class:`~moeprune.recovery.Recovery` (delta + record) to pass to :func:`apply` or to apply in memory::
+
+        rec = api.recover(model, mask, RecoveryOptions(kind="router-kd"))
+        with masked(model, mask):
+            apply_delta(model, rec.delta)   # the recovered model, until the block ends
+    """
+    mask = mask if isinstance(mask, ExpertMask) else ExpertMask.load(mask)
+    config = model.config if isinstance(model, torch.nn.Module) else load_config(resolve_model_path(model),
+                                                                                   trust_remote_code)
+    return _recovery(model, mask, options, config, dtype, device, trust_remote_code, tokenizer, progress)
+
+
+def _recovery(model: Any, mask: ExpertMask, options: RecoveryOptions, config: Any, dtype: str, device: str | None,
+              trust_remote_code: bool, tokenizer: Any, progress: bool) -> Recovery:
+    """Checks first (nothing to merge, an unmergeable layout: before any weight loads), then the recovery on
+    the model (loaded here when given by name, and freed again)."""
+    check_prunes([options.kind], mask.kept_per_layer, mask.num_experts, "the mask")
+    corpora = recovery_corpora(options, mask)
+    if options.merge:
+        check_mergeable_config(config, trust_remote_code)
+    loaded = checked_model(model, dtype, device, trust_remote_code)
+    tok = checked_tokenizer(tokenizer, loaded, trust_remote_code)
+    options = options if options.corpora else replace(options, corpora=tuple(corpora))
+    return recover_loaded(loaded, mask, options, tokenizer=tok, progress=progress)
 
 
 def prune(
@@ -270,8 +323,10 @@ def prune(
     overwrite: bool = False,
     ppl_datasets: Sequence[str] | None = None,
     progress: bool = True,
+    recover: RecoveryOptions | None = None,
 ) -> Path:
     """Profile, plan and apply in one call; the profile is kept in ``workdir`` (default ``OUT.work``).
+    ``recover``: a recovery computed on the loaded model before the export (see :func:`apply`).
 
     With ``ppl_datasets`` the dense model and the written checkpoint are scored on those held-out sets
     and a table is printed (and saved as ``workdir/perplexity.json``)."""
@@ -305,6 +360,10 @@ def prune(
     mask.save(workdir / mask_filename(mask))
     ppl_seq_len = preset_for(model)["ppl_seq_len"]
     dense_ppl = _perplexities(loaded, tokenizer, ppl_datasets, ppl_seq_len, progress) if ppl_datasets else None
+    recovery = None
+    if recover is not None and recover.active:  # on the model already loaded, before it is freed below
+        recovery = _recovery(loaded, mask, recover, loaded.config, dtype, device, trust_remote_code, tokenizer,
+                             progress)
     # Exported from the checkpoint itself when we have one, so the output keeps its dtype (on a CPU the
     # loaded copy is float32, see loading.load_model).
     source = loaded if isinstance(model, torch.nn.Module) else model
@@ -320,6 +379,7 @@ def prune(
         overwrite=overwrite,
         trust_remote_code=trust_remote_code,
         progress=progress,
+        recover=recovery,
     )
     if dense_ppl is not None:
         pruned = load_model(written, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
@@ -344,6 +404,14 @@ def _report_perplexity(dense: dict[str, dict], pruned: dict[str, dict], mask: Ex
         a, b = dense[name]["ppl"], pruned[name]["ppl"]
         print(f"{name:<12}{a:>10.2f}{b:>10.2f}{b / a:>8.2f}")
     write_json_atomic(workdir / "perplexity.json", {"dense": dense, "pruned": pruned, "mask": mask.to_json()})
+
+
+def _release_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _fits(model: Any, device: str | None, dtype: str = "auto", trust_remote_code: bool = False) -> bool:

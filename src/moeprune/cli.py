@@ -12,7 +12,7 @@ from pathlib import Path
 
 from moeprune.errors import MoePruneError
 from moeprune.io import environment_errors, terminal_safe
-from moeprune.presets import help_default, preset_for
+from moeprune.presets import RECOVERY_KINDS, help_default, preset_for
 
 EXAMPLES = {
     "prune": "moeprune prune Qwen/Qwen1.5-MoE-A2.7B --retain 0.5 --out qwen-50/\n"
@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
             from moeprune.evaluation.checks import check_evaluation_args  # lazy: evaluation pulls in lm-eval
 
             check_evaluation_args(args)
+        if getattr(args, "recover", None):
+            from moeprune.recovery.checks import check_recovery_args  # lazy: torch, only for --recover
+
+            check_recovery_args(args)
         # A full disk or a read-only folder is one line, not a traceback; --out is locked for the whole run.
         with environment_errors(), held_outputs(args):
             return int(args.run(args) or 0)
@@ -226,6 +230,47 @@ def _recon_cost_options(r: argparse._ActionsContainer) -> None:
     )
 
 
+def _recovery_options(p: argparse.ArgumentParser, many: bool = False) -> None:
+    g = p.add_argument_group("recovery after pruning (docs/recovery.md)")
+    g.add_argument(
+        "--recover",
+        choices=RECOVERY_KINDS,
+        nargs="+" if many else None,
+        default=None,
+        help="router-kd: train only the routers to match the dense model (KL); merge: fold each dropped expert "
+        "into its most similar kept one; merge+router-kd: both" + ("; several make a grid axis" if many else "")
+        + " (default none)",
+    )
+    g.add_argument(
+        "--recover-corpus",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        help="repeatable: recovery calibration corpus, train split only (default: the profiled corpora)",
+    )
+    g.add_argument("--recover-samples", type=int, default=None,
+                   help=f"calibration windows in all, split over the corpora ({help_default('recover_samples')})")
+    g.add_argument("--recover-seq-len", type=int, default=None,
+                   help=f"tokens per window ({help_default('recover_seq_len')})")
+    g.add_argument("--recover-epochs", type=int, default=None,
+                   help=f"router-kd passes over the windows ({help_default('recover_epochs')})")
+    g.add_argument("--recover-lr", type=float, default=None,
+                   help=f"router-kd Adam learning rate ({help_default('recover_lr')})")
+    g.add_argument("--recover-batch-size", type=int, default=None,
+                   help=f"windows per router-kd step ({help_default('recover_batch_size')})")
+    g.add_argument("--recover-seed", type=int, default=None, help="recovery seed: data order and window sampling "
+                   "(default 0; windows are sampled with seed + 10000, not the profiling windows)")
+
+
+def recovery_from_args(args: argparse.Namespace):
+    """``--recover`` and its settings over the model's preset, or None without ``--recover``."""
+    from moeprune.recovery import RecoveryOptions  # lazy: torch
+
+    if not getattr(args, "recover", None):
+        return None
+    return RecoveryOptions.from_args(args, preset_for(args.model))
+
+
 def _methods() -> list[str]:
     from moeprune.planning import METHODS
 
@@ -322,6 +367,7 @@ def _add_apply(p: argparse.ArgumentParser) -> None:
         help="prune a local safetensors checkpoint shard by shard without building the model (peak memory about "
         "one shard; no logits verification)",
     )
+    _recovery_options(p)
     p.set_defaults(run=_run_apply)
 
 
@@ -352,6 +398,7 @@ def _run_apply(args: argparse.Namespace) -> None:
         verify=not args.no_verify,
         force=args.force,
         progress=_progress(args),
+        recover=recovery_from_args(args),
     )
     print(f"pruned checkpoint written to {out}")
 
@@ -370,6 +417,7 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
         metavar="DATASET",
         help="print dense and pruned perplexity on these held-out sets (e.g. wiki web, wikitext2 c4)",
     )
+    _recovery_options(p)
     p.set_defaults(run=_run_prune)
 
 
@@ -398,6 +446,7 @@ def _run_prune(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         ppl_datasets=args.ppl,
         progress=_progress(args),
+        recover=recovery_from_args(args),
     )
     print(f"pruned checkpoint written to {out}")
 
@@ -419,6 +468,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
         default=None,
         help="perplexity window (default: min(2048, max positions); bundled: 256)",
     )
+    _ppl_windows_option(p)
     _ppl_data_option(p)
     p.add_argument(
         "--tasks",
@@ -445,6 +495,7 @@ def _run_eval(args: argparse.Namespace) -> None:
         mask=args.mask,
         ppl_datasets=args.ppl,
         seq_len=args.ppl_seq_len,
+        max_windows=args.ppl_windows,
         tasks=args.tasks,
         limit=args.limit,
         batch_size=args.eval_batch_size,
@@ -478,6 +529,7 @@ def _add_experiment(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="calibration tokens per sequence")
     p.add_argument("--ppl", nargs="*", default=None, help="perplexity datasets")
     p.add_argument("--ppl-seq-len", type=int, default=None, help="perplexity window")
+    _ppl_windows_option(p)
     p.add_argument("--tasks", nargs="*", default=None, help="zero-shot tasks")
     p.add_argument("--limit", type=int, default=None, help="examples per task")
     _ppl_data_option(p)
@@ -506,6 +558,7 @@ def _add_experiment(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recon-samples", type=int, default=None, help="expert-sparsity sequences")
     p.add_argument("--recon-seq-len", type=int, default=None, help="expert-sparsity tokens per sequence")
     _recon_cost_options(p)
+    _recovery_options(p, many=True)
     p.add_argument("--out", required=True, help="experiment directory (finished cells are reused)")
     p.set_defaults(run=_run_experiment)
 
@@ -524,6 +577,29 @@ def _ppl_data_option(p: argparse.ArgumentParser) -> None:
         metavar="NAME=PATH",
         help="local files replacing hub perplexity data, e.g. wikitext2=wiki.test.raw c4=c4-validation.json.gz",
     )
+
+
+def _ppl_windows_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ppl-windows",
+        type=_positive_int("--ppl-windows"),
+        default=None,
+        metavar="N",
+        help="perplexity on the first N windows of each dataset's test split (default: all)",
+    )
+
+
+def _positive_int(flag: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes a whole number, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be at least 1, got {value}")
+        return value
+
+    return parse
 
 
 def _force_option(p: argparse.ArgumentParser) -> None:

@@ -19,6 +19,9 @@ BUNDLED = "bundled"
 # leaves the window open (eval_ppl_seq_len None).
 PPL_SEQ_LEN_CAP = 2048
 RETAINS = (0.25, 0.5, 0.75)
+# --recover's choices (moeprune.recovery; here so that the CLI's parser needs no torch): plain pruning, router-only
+# KD, expert merging, both.
+RECOVERY_KINDS = ("none", "router-kd", "merge", "merge+router-kd")
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,8 @@ class Preset:
     recon_samples: int
     recon_seq_len: int
     recon_loss: str
-    # recovery (fine-tuning the kept experts after pruning)
+    # recovery after pruning (--recover router-kd / merge, docs/recovery.md): windows in all, tokens, epochs, Adam lr,
+    # windows per step
     recover_samples: int
     recover_seq_len: int
     recover_epochs: int

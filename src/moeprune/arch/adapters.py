@@ -34,8 +34,9 @@ BLOCK_ATTRS = ("mlp", "block_sparse_moe", "moe", "feed_forward", "mixer", "ffn")
 DECODER_LISTS = ("layers", "blocks")
 ROUTER_ATTRS = ("gate", "router")
 # A router module without its own weight holds the [N, hidden] linear under one of these (dotted) names
-# (HunYuan gate.wg, AFMoE router.gate, LongCat router.classifier, Gemma 4 router.proj, ZAYA's router MLP).
-ROUTER_LINEARS = ("wg", "gate", "classifier", "proj", "layer", "router_mlp.out_proj")
+# (HunYuan gate.wg, AFMoE router.gate, LongCat router.classifier, Gemma 4 router.proj, ZAYA's router MLP,
+# Ergo gate.linear).
+ROUTER_LINEARS = ("wg", "gate", "classifier", "proj", "layer", "router_mlp.out_proj", "linear")
 # Buffers of hash-routed layers: a frozen token id -> expert ids table (DeepSeek-V4 hash_moe layers).
 HASH_TABLES = ("tid2eid",)
 # Config keys of group-limited routing (DeepSeek-V3 and its many relatives: GLM-4.5, dots1, Kimi, ...).
@@ -67,6 +68,9 @@ class ArchSpec:
     call_slots: int = 1
     # Router logits computed in float32 whatever the model dtype (the DeepSeek rules always do; see routing.py).
     fp32_logits: bool = False
+    # The router weight is rounded to the model dtype before that float32 product (Ergo keeps it in float32 but
+    # multiplies bf16-rounded operands, accumulating in float32).
+    round_router_weight: bool = False
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -105,6 +109,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                  top_k_key="ffn_config.moe_top_k"),
         # Zero-compute (identity) experts sit in router rows N..N+Z-1 and are never pruned.
         ArchSpec("longcat_flash", "n_routed_experts", "softmax_topk", router_attr="router", call_slots=2),
+        # Ergo: sigmoid router gate.linear (float32 output of bf16-rounded operands) with gate.e_score_correction_bias,
+        # renormalised, times moe_routed_scaling_factor; ungated transposed experts (up_proj [E, H, I], down_proj
+        # [E, I, H]) followed by a per-expert RMSNorm (experts.post_expert_norm.weight [E, H], part of f_e: it acts on
+        # each route before the router weight); a shared expert.
+        ArchSpec("ergo", "num_experts", "sigmoid_topk_renorm", router_vectors=("e_score_correction_bias",),
+                 shared=("shared_experts",), fp32_logits=True, round_router_weight=True),
         # DeepSeek-MoE-16B (trust_remote_code): ModuleList experts routed by block.moe_infer.
         ArchSpec("deepseek", "n_routed_experts", "deepseek_moe", layout="modulelist", shared=("shared_experts",)),
     )
@@ -117,8 +127,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 # expert-sparsity wherever that is not its router (docs/expert_sparsity.md lists which).
 _SIGMOID_BIASED = (  # DeepSeek-V3's router: sigmoid, e_score_correction_bias, top-2-sum groups, renorm, scale
     "axk1", "axk2", "bailing_hybrid", "deepseek_v32", "dots1", "dots3_note_text", "exaone_moe", "glm4_moe",
-    "glm4_moe_lite", "glm_moe_dsa", "hy_v4", "kimi_linear", "lfm2_moe", "mimo_v2_flash", "nemotron_h", "sarvam_mla",
-    "sarvam_moe", "solar_open",
+    "glm4_moe_lite", "glm_moe_dsa", "hy_v4", "kimi_linear", "lfm2_moe", "mimo_v2_flash", "minicpm5_moe", "nemotron_h",
+    "param2moe", "sarvam_mla", "sarvam_moe", "solar_open",
 )
 # The same without groups, always renormalised, scaled by routed_scaling_factor/router_scaling_factor/route_scale.
 _SIGMOID_RENORMALISED = ("afmoe", "hy_v3", "minimax_m2")

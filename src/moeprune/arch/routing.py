@@ -17,10 +17,11 @@ The rules (names in :class:`moeprune.arch.adapters.ArchSpec.routing`):
   of their top-2 choice scores; top-k in the ``topk_group`` best groups; weights are the sigmoid
   scores, renormalised (+1e-20) if ``norm_topk_prob``, times ``routed_scaling_factor``;
 - ``deepseek_moe``: softmax, top-k, renormalise (+1e-20) if top_k > 1 and ``norm_topk_prob``;
-- ``sigmoid_topk_renorm``: ``deepseek_v3`` without groups, always renormalised (MiniMax-M2, HY-V3, AFMoE).
+- ``sigmoid_topk_renorm``: ``deepseek_v3`` without groups, always renormalised (MiniMax-M2, HY-V3, AFMoE, Ergo).
 
 The scale of the sigmoid rules is the first config value of :data:`SCALE_KEYS` (1 when none is set);
-their choice bias is the router's or else the block's (:data:`CHOICE_BIASES`); a router bias
+their choice bias is the router's, else that of the module holding the router linear (Ergo's ``gate``), else the
+block's (:data:`CHOICE_BIASES`); a router bias
 (GPT-OSS) is part of the logits.
 
 Weights are returned in float32 (routers that cast them to the model dtype do so afterwards).
@@ -39,7 +40,7 @@ from moeprune.arch.adapters import TOP_K_KEYS, ArchSpec, config_value
 from moeprune.errors import MoePruneError
 
 RULES = ("softmax_topk", "softmax_topk_renorm", "deepseek_v2", "deepseek_v3", "deepseek_moe", "sigmoid_topk_renorm")
-SCALE_KEYS = ("routed_scaling_factor", "router_scaling_factor", "route_scale")
+SCALE_KEYS = ("routed_scaling_factor", "router_scaling_factor", "route_scale", "moe_routed_scaling_factor")
 CHOICE_BIASES = ("e_score_correction_bias", "expert_bias")  # per-expert choice bias of sigmoid routers
 GROUPED_RULES = ("deepseek_v2", "deepseek_v3")
 # Routers that compute logits in float32 whatever the model dtype (the others use the model dtype).
@@ -101,15 +102,19 @@ def router_logits(layer: Any, hidden: torch.Tensor) -> torch.Tensor:
     weight = layer.router.weight
     bias = getattr(layer.router, "bias", None)  # GPT-OSS's router is a linear layer with a bias
     bias = bias if isinstance(bias, torch.Tensor) and bias.shape == weight.shape[:1] else None
+    if layer.spec.round_router_weight:  # Ergo: float32 weight rounded to the model dtype, float32 product
+        weight = weight.to(hidden.dtype)
     if layer.spec.routing in FP32_LOGIT_RULES or layer.spec.fp32_logits:
         return F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
     return F.linear(hidden.to(weight.dtype), weight, bias).float()
 
 
 def router_bias(layer: Any) -> torch.Tensor | None:
-    """The per-expert choice bias of a sigmoid router, float32, or None: the router's, else the block's
-    (MiniMax-M2, HY-V3, AFMoE and LFM2-MoE keep it on the block)."""
-    for owner in (layer.router, layer.block):
+    """The per-expert choice bias of a sigmoid router, float32, or None: the router's, else its owner's (Ergo's
+    gate holds the linear and the bias), else the block's (MiniMax-M2, HY-V3, AFMoE and LFM2-MoE keep it there)."""
+    for owner in (layer.router, getattr(layer, "router_owner", None), layer.block):
+        if owner is None:
+            continue
         for name in CHOICE_BIASES:
             bias = getattr(owner, name, None)
             if isinstance(bias, torch.Tensor) and bias.dim() == 1:

@@ -42,6 +42,9 @@ class MoELayer:
     # The module whose subtree holds the block's per-expert vectors, when the block is a whole decoder
     # layer (Gemma 4 keeps router and experts on the layer): surgery then looks no further than this.
     vector_scope: nn.Module | None = None
+    # The block attribute the router weight was found under (the router itself, or e.g. Ergo's gate around
+    # gate.linear): it may hold the router's choice bias.
+    router_owner: nn.Module | None = None
 
     @property
     def num_experts(self) -> int:
@@ -65,7 +68,8 @@ class MoELayer:
             return (up * self.experts.act_fn(gate)) @ self.experts.down_proj[expert]
         if self.spec.layout == "flat" or not self._standard_gated(hidden):
             # Ungated (Nemotron-H), flat (DBRX) or otherwise laid out experts (Aria's [E, H, 2I], HY-V4 without
-            # act_fn): the model's own experts forward, top-1, weight 1.
+            # act_fn, Ergo's transposed up_proj/down_proj and per-expert post-norm): the model's own experts
+            # forward, top-1, weight 1.
             index = torch.full((hidden.shape[0], 1), expert, dtype=torch.long, device=hidden.device)
             return self.unweighted_pairs(hidden, index).reshape(-1, hidden.shape[-1])
         # Same operations, in the same order, as transformers' eager experts forward.
@@ -170,7 +174,7 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
             if router is None or not isinstance(experts, nn.Module):
                 continue
             scope = owner if block is layer else None
-            found.append(MoELayer(index, block, router, experts, _resolve_layout(spec, experts, block), scope))
+            found.append(MoELayer(index, block, router, experts, _resolve_layout(spec, experts, block), scope, owner))
             break
     if not found:
         raise MoePruneError(

@@ -53,7 +53,7 @@ def coverage_table(cells: Sequence[Mapping[str, Any]], calibration: Sequence[str
     rows: dict[tuple[float, str], list[dict[str, float]]] = {}
     for cell in cells:
         if cell["method"] != DENSE and (s := summary(cell, dense, domains)) is not None:
-            rows.setdefault((float(cell["retain"]), cell["method"]), []).append(s)
+            rows.setdefault((float(cell["retain"]), row_of(cell)), []).append(s)
     for (retain, method), members in sorted(rows.items(), key=lambda kv: -kv[0][0]):
         texts = [_stat_text([m[k] for m in members if k in m]) for k in keys]
         label = f"{method} ({len(members)} seeds)" if len(members) > 1 else method
@@ -70,17 +70,59 @@ def wins_against_seeds(
     out: dict[float, str] = {}
     if dense is None or not domains:
         return out
-    for mine in (c for c in cells if c["method"] == ours):
+    for mine in (c for c in cells if row_of(c) == ours):
         retain = float(mine["retain"])
         own = summary(mine, dense, domains)
         others = [
             s["worst"]
             for c in cells
-            if c["method"] == baseline and float(c["retain"]) == retain and (s := summary(c, dense, domains))
+            if row_of(c) == baseline and float(c["retain"]) == retain and (s := summary(c, dense, domains))
         ]
         if own is not None and others:
             out[retain] = f"{sum(own['worst'] < o for o in others)}/{len(others)}"
     return out
+
+
+def row_of(cell: Mapping[str, Any]) -> str:
+    """A table row: the cell's variant (method, ``reap@code``, ``tb-coverage@B4``, ``reap+router-kd``, ...)."""
+    return str(cell.get("variant") or (cell.get("mask") or {}).get("variant") or cell["method"])
+
+
+def recovery_table(cells: Sequence[Mapping[str, Any]], calibration: Sequence[str]) -> str:
+    """Markdown: per retain ratio and method, the worst unseen-domain ratio for each recovery kind present
+    (``none`` first), with the change against no recovery; seeded methods as the mean over their seeds.
+    Empty when no cell was recovered."""
+    dense = next((c for c in cells if c["method"] == DENSE), None)
+    domains = heldout_domains(cells, calibration)
+    kinds = list(dict.fromkeys(_kind(c) for c in cells if c["method"] != DENSE))
+    if dense is None or not domains or kinds == ["none"] or not kinds:
+        return ""
+    kinds = ["none", *[k for k in kinds if k != "none"]]
+    worst: dict[tuple[float, str], dict[str, list[float]]] = {}
+    for cell in cells:
+        if cell["method"] != DENSE and (s := summary(cell, dense, domains)) is not None:
+            base = row_of(cell).partition("+")[0]
+            worst.setdefault((float(cell["retain"]), base), {}).setdefault(_kind(cell), []).append(s["worst"])
+    lines = ["| Retain | Method | " + " | ".join(f"{k} worst × ↓" for k in kinds) + " |",
+             "|---|---|" + "---:|" * len(kinds)]
+    for (retain, method), by_kind in sorted(worst.items(), key=lambda kv: -kv[0][0]):
+        plain = statistics.fmean(by_kind["none"]) if by_kind.get("none") else None
+        texts = []
+        for kind in kinds:
+            values = by_kind.get(kind)
+            if not values:
+                texts.append("–")
+                continue
+            mean = statistics.fmean(values)
+            change = "" if kind == "none" or plain is None else f" ({100 * (mean / plain - 1):+.1f}%)"
+            texts.append(f"{mean:.3f}{change}")
+        label = f"{method} ({len(by_kind.get('none', []))} seeds)" if len(by_kind.get("none", [])) > 1 else method
+        lines.append(f"| {100 * retain:.0f}% | {label} | " + " | ".join(texts) + " |")
+    return "\n".join(lines)
+
+
+def _kind(cell: Mapping[str, Any]) -> str:
+    return str(cell.get("recover") or row_of(cell).partition("+")[2] or "none")
 
 
 def _stat_text(values: list[float]) -> str:

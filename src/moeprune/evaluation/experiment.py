@@ -5,6 +5,9 @@
     profile/            api.profile (finished corpora are reused)
     masks/<m>-<rho>[-seed<s>].json
     cells/<cell-id>.json   one evaluation each: "dense" or the mask's file stem; a finished cell is skipped
+                           (a recovered cell: "<mask stem>+<recovery>", e.g. reap-0.50+router-kd)
+    recovery/<cell-id>-<key>/  the recovery delta of that cell (delta.safetensors + recovery.json), keyed by a
+                           hash of the mask, the recovery settings and the model: a rerun reuses it
     experiment.json     the settings; a rerun with different settings is refused (its cells would not compare)
     results.json, results.csv, report.md, plots/*.png
 
@@ -15,6 +18,8 @@ memory with ``surgery.masked``, which restores the model afterwards).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -22,14 +27,27 @@ from pathlib import Path
 from typing import Any
 
 from moeprune.api import mask_file_name, mask_filename
+from moeprune.arch.adapters import routing_meta
 from moeprune.data.corpora import parse_corpus
 from moeprune.errors import MoePruneError
 from moeprune.evaluation.zeroshot import reuse_lm_eval
 from moeprune.io import read_json, remove_orphan_temp_files, terminal_safe, write_json_atomic, write_text_atomic
-from moeprune.planning.mask import ExpertMask
-from moeprune.presets import PAPER, PRESETS, preset_name
+from moeprune.loading import config_hash
+from moeprune.planning.mask import ExpertMask, kept_count
+from moeprune.presets import PAPER, PRESETS, preset_for, preset_name
 from moeprune.profiling.runner import tokenizer_fingerprint, weights_fingerprint
 from moeprune.profiling.stats import Profile
+from moeprune.recovery import (
+    KINDS,
+    NONE,
+    Recovery,
+    RecoveryOptions,
+    calibration_set,
+    check_mergeable,
+    check_prunes,
+    recover,
+    teacher_targets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +94,14 @@ def run_experiment(
     tokenizer: Any = None,
     plots: bool = True,
     progress: bool = True,
+    recover: Sequence[str] = ("none",),
+    recovery: Any = None,
 ) -> dict[str, Any]:
     """Profile once, plan every mask, evaluate dense + every mask, write results, report and plots.
+
+    ``recover``: recovery kinds, an axis of the grid (cells per mask and kind; ``none`` is plain pruning);
+    ``recovery``: the :class:`~moeprune.recovery.RecoveryOptions` they share (its kind is ignored; default: the
+    model's preset), calibrated on ``corpora``' train splits unless it names its own.
 
     ``protect_budget``: one B (a number or "auto"), or several for a sweep (TB-Coverage planned once per B,
     rows "TB-Coverage (B=b)", a sensitivity table and plots). ``reap_corpus`` (a corpus spec): REAP is also
@@ -119,12 +143,15 @@ def run_experiment(
         "calibration": calibration,
         "evaluation": eval_settings,
     }
+    kinds, recovery = _recovery_axis(model, recover, recovery, corpora, loaded, retains)
+    if any(k != "none" for k in kinds):  # recorded only when used, so older experiment.json files still match
+        settings["recovery"] = {"kinds": kinds, **{k: v for k, v in recovery.to_json().items() if k != "kind"}}
     _check_settings(out, settings)
     _remove_orphans(out)
     _profile(loaded, tokenizer, out, calibration, progress)
     recon = {**(reconstruction or {}), "tokenizer": tokenizer}  # not in the settings: an object
     masks = plan_grid(out, loaded, retains, methods, seeds, calibration, recon, progress)
-    cells = evaluate_grid(loaded, tokenizer, out, masks, eval_settings, progress)
+    cells = evaluate_grid(loaded, tokenizer, out, masks, eval_settings, progress, kinds, recovery)
     files = write_outputs(out, settings, cells, plots=plots)
     return {"settings": settings, "cells": cells, "files": {k: str(v) for k, v in files.items()}}
 
@@ -137,7 +164,9 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
         old = read_json(path, "Experiment settings", f"delete it (or use another --out) to start {out} over")
         if not isinstance(old, dict):
             raise MoePruneError(f"Experiment settings {path} is not a JSON object; delete it or use another --out.")
-        for key in ("model", "calibration", "evaluation"):
+        for key in ("model", "calibration", "evaluation", "recovery"):
+            if key == "recovery" and (key not in old or key not in settings):
+                continue  # recovery added to (or left out of) a grid: the plain cells still compare
             if old.get(key) != json.loads(json.dumps(settings[key])):
                 raise MoePruneError(
                     f"{out} holds an experiment with other {key} settings ({old.get(key)} vs "
@@ -329,8 +358,11 @@ def _tb_from_candidate(
     return mask
 
 
-def cell_id(mask: ExpertMask | None) -> str:
-    return DENSE if mask is None else mask_filename(mask).removesuffix(".json")
+def cell_id(mask: ExpertMask | None, recover: str = "none") -> str:
+    if mask is None:
+        return DENSE
+    stem = mask_filename(mask).removesuffix(".json")
+    return stem if recover == "none" else f"{stem}+{recover}"
 
 
 @reuse_lm_eval()  # lm-eval's tasks and model wrapper are built once for all cells
@@ -341,25 +373,91 @@ def evaluate_grid(
     masks: Sequence[tuple[Path, ExpertMask]],
     eval_settings: dict[str, Any],
     progress: bool = True,
+    recover: Sequence[str] = ("none",),
+    recovery: Any = None,
 ) -> list[dict[str, Any]]:
-    """Dense first, then every mask; each cell is written to ``out/cells`` as soon as it is done, and a
-    cell whose file exists is read back instead of recomputed (resume after a crash or a kill)."""
+    """Dense first, then every mask (and per mask every recovery kind in ``recover``); each cell is written
+    to ``out/cells`` as soon as it is done, and a cell whose file exists is read back instead of recomputed
+    (resume after a crash or a kill). Recovery deltas are cached in ``out/recovery``."""
     from moeprune.evaluation import footprint
 
     dense_fp = footprint(model)
     model_inputs = cell_inputs(model, tokenizer, None)
     cells = []
+    shared = _SharedCalibration(model, tokenizer, recovery, progress)
     for path, mask in [(None, None), *masks]:
-        file = out / "cells" / f"{cell_id(mask)}.json"
-        inputs = {**model_inputs, "mask_sha256": cell_inputs(None, None, mask)["mask_sha256"]}
-        cached = read_cell(file, cell_id(mask), inputs)
-        if cached is not None:
-            cells.append(cached)
-            continue
-        cell = {**run_cell(model, tokenizer, mask, path, dense_fp, eval_settings, progress), "inputs": inputs}
-        write_json_atomic(file, cell)
-        cells.append(cell)
+        for kind in ["none"] if mask is None else recover:
+            file = out / "cells" / f"{cell_id(mask, kind)}.json"
+            inputs = {**model_inputs, "mask_sha256": cell_inputs(None, None, mask)["mask_sha256"]}
+            cached = read_cell(file, cell_id(mask, kind), inputs)
+            if cached is not None:
+                cells.append(cached)
+                continue
+            found = None if kind == "none" else _cell_recovery(out, model, mask, recovery.with_kind(kind), shared)
+            cell = run_cell(model, tokenizer, mask, path, dense_fp, eval_settings, progress, found)
+            cell["inputs"] = inputs
+            write_json_atomic(file, cell)
+            cells.append(cell)
     return cells
+
+
+def _recovery_axis(model: Any, recover: Sequence[str], recovery: Any, corpora: Sequence[str], loaded: Any,
+                   retains: Sequence[float]) -> tuple[list[str], Any]:
+    """The grid's recovery kinds (``none`` first) and their shared settings, checked before any work."""
+    kinds = list(dict.fromkeys(recover or [NONE]))
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        RecoveryOptions(kind=unknown[0])  # raises the one-line "unknown recovery" error
+    if recovery is None:
+        recovery = RecoveryOptions.from_preset(preset_for(model))
+    if recovery.corpora is None:
+        recovery = dataclasses.replace(recovery, corpora=tuple(corpora))
+    if kinds != [NONE]:
+        meta = routing_meta(loaded.config)
+        for retain in retains:
+            check_prunes(kinds, kept_count(retain, meta["num_experts"], meta["top_k"]), meta["num_experts"],
+                         f"--retain {retain}")
+        if any(k in ("merge", "merge+router-kd") for k in kinds):
+            check_mergeable(loaded)
+    return kinds, recovery
+
+
+class _SharedCalibration:
+    """The recovery windows and the dense teacher's targets, made once for the whole grid (the teacher is the
+    same model for every mask), on first use."""
+
+    def __init__(self, model: Any, tokenizer: Any, options: Any, progress: bool) -> None:
+        self.model, self.tokenizer, self.options, self.progress = model, tokenizer, options, progress
+        self._windows = None
+        self._teacher = None
+
+    def windows(self) -> dict[str, Any]:
+        if self._windows is None:
+            self._windows = calibration_set(self.tokenizer, list(self.options.corpora), self.options)
+        return self._windows
+
+    def teacher(self) -> Any:
+        if self._teacher is None:
+            self._teacher = teacher_targets(self.model, self.windows(), self.options, self.progress)
+        return self._teacher
+
+
+def recovery_key(model: Any, mask: ExpertMask, options: Any) -> str:
+    """A short hash of everything that makes a recovery delta: the mask, the settings and kind, the model."""
+    blob = json.dumps({"mask": mask.to_json(), "options": options.to_json(), "model": config_hash(model.config)},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _cell_recovery(out: Path, model: Any, mask: ExpertMask, options: Any, shared: _SharedCalibration) -> Any:
+    """The cell's recovery from ``out/recovery`` when computed before, else computed now and saved."""
+    folder = out / "recovery" / f"{cell_id(mask, options.kind)}-{recovery_key(model, mask, options)}"
+    if Recovery.exists(folder):
+        return Recovery.load(folder)
+    teacher = shared.teacher() if options.router_kd else None
+    found = recover(model, mask, options, windows=shared.windows(), teacher=teacher, progress=shared.progress)
+    found.save(folder)
+    return found
 
 
 CELL_TYPES = {"cell": str, "method": str, "variant": str, "retain": (int, float), "summary": dict}
@@ -368,9 +466,6 @@ CELL_TYPES = {"cell": str, "method": str, "variant": str, "retain": (int, float)
 def cell_inputs(model: Any, tokenizer: Any, mask: ExpertMask | None) -> dict[str, str | None]:
     """What a cell's numbers come from beyond the settings: the model's weights, the tokenizer and the mask
     (its JSON, which records its profile): a cell is reused only when all three are the same."""
-    import hashlib
-
-
     mask_json = None if mask is None else json.dumps(mask.to_json(), sort_keys=True)
     return {
         "weights_sha256": None if model is None else weights_fingerprint(model),
@@ -413,9 +508,13 @@ def run_cell(
     dense_fp: dict[str, int],
     eval_settings: dict[str, Any],
     progress: bool,
+    recovery: Any = None,
 ) -> dict[str, Any]:
-    """One evaluation, with the fields the report groups by (cell, method, retain, seed) on top."""
+    """One evaluation, with the fields the report groups by (cell, method, retain, seed, recover) on top;
+    ``recovery`` (a :class:`~moeprune.recovery.Recovery`) is applied inside the mask for this cell only."""
     from moeprune.evaluation.runner import evaluate_loaded
+
+    kind = "none" if recovery is None else recovery.record.get("kind", "none")
 
     result = evaluate_loaded(
         model,
@@ -432,11 +531,15 @@ def run_cell(
         batch_size=eval_settings["eval_batch_size"],
         progress=progress,
         metadata={"model": _name(model)},
+        delta=None if recovery is None else recovery.delta,
     )
+    if recovery is not None:
+        result["recovery"] = recovery.record
     head = {
-        "cell": cell_id(mask),
+        "cell": cell_id(mask, kind),
         "method": DENSE if mask is None else mask.method,
-        "variant": DENSE if mask is None else mask.variant,
+        "variant": DENSE if mask is None else mask.variant + ("" if kind == "none" else f"+{kind}"),
+        "recover": None if mask is None else kind,
         "retain": 1.0 if mask is None else mask.retain,
         "seed": None if mask is None else mask.seed,
         "kept_per_layer": None if mask is None else mask.kept_per_layer,
@@ -457,7 +560,8 @@ def write_outputs(
     if plots:
         from moeprune.evaluation import plots as plotting
 
-        images = plotting.write_plots(cells, out / "plots", profile_dir=out / "profile")
+        images = plotting.write_plots(cells, out / "plots", profile_dir=out / "profile",
+                                      calibration=settings.get("calibration", {}).get("corpora", []))
     _write_text(
         files["report"], report.render_report(cells, settings, {k: v.relative_to(out) for k, v in images.items()})
     )
@@ -500,6 +604,7 @@ def experiment_options(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": pick("batch_size", 4),
         "ppl_datasets": pick("ppl", preset.ppl_datasets),
         "ppl_seq_len": pick("ppl_seq_len", preset.eval_ppl_seq_len),
+        "max_windows": pick("ppl_windows", None),
         "ppl_sources": parse_ppl_data(pick("ppl_data", None)),
         "tasks": pick("tasks", _listed(preset.tasks)),
         "limit": pick("limit", None),
@@ -514,6 +619,8 @@ def experiment_options(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "trust_remote_code": args.trust_remote_code,
         "tokenizer": pick("tokenizer", None),
+        "recover": pick("recover", ["none"]),
+        "recovery": RecoveryOptions.from_args(args, preset, kind="none"),
     }
 
 

@@ -5,6 +5,9 @@
 - ``ppl_<dataset>.png``: perplexity vs retain ratio per method, log scale, dense as a dashed line;
 - ``budget_<metric>.png`` (a protect-budget sweep): TB-Coverage's metric vs B per retain ratio, ``auto`` as
   a star at the B it chose;
+- ``recovery_worst.png`` (a grid with recovery): the worst unseen-domain perplexity ratio to dense vs retain
+  ratio, one panel per recovery kind (``none`` first), a line per method; the other plots show plain
+  pruning only (``none``), so that they stay readable;
 - ``ranking_overlap.png``: per MoE layer, how much the corpora agree on the top-K experts by REAP score,
   ``|top-K(A) ∩ top-K(B)| / K`` for K = N/4, N/2, 3N/4 (mean over corpus pairs when there are more than two).
 """
@@ -20,12 +23,15 @@ from typing import Any
 
 import torch
 
+from moeprune.evaluation.coverage import heldout_domains, summary
 from moeprune.evaluation.report import (
     DENSE,
     budget_used,
     dataset_label,
     datasets_of,
     method_label,
+    recovery_of,
+    split_recovery,
     sweep_cells,
     variant_of,
 )
@@ -43,12 +49,18 @@ def _pyplot():
 
 
 def write_plots(
-    cells: Sequence[Mapping[str, Any]], out_dir: str | Path, profile_dir: str | Path | None = None
+    cells: Sequence[Mapping[str, Any]], out_dir: str | Path, profile_dir: str | Path | None = None,
+    calibration: Sequence[str] = (),
 ) -> dict[str, Path]:
-    """Every plot the data allows, as {name: path}."""
+    """Every plot the data allows, as {name: path}; ``calibration``: the calibration corpora (the domains that
+    are not unseen, for the recovery plot)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
+    every = cells
+    cells = [c for c in cells if recovery_of(c) == "none"]
+    if len(cells) < len(every):
+        files.update(recovery_plot(every, out / "recovery_worst.png", calibration))
     for key, title in (("common_avg", "Common Avg"), ("bundled_avg", "Bundled Avg")):
         if any(c["summary"].get(key) is not None for c in cells):
             files[key] = plot_metric(cells, lambda c, k=key: c["summary"].get(k), title, out / f"{key}.png")
@@ -114,6 +126,41 @@ def plot_metric(
     ax.set_xlabel("retain ratio")
     ax.set_ylabel(label)
     return _save(plt, fig, ax, path)
+
+
+def recovery_plot(cells: Sequence[Mapping[str, Any]], path: Path, calibration: Sequence[str] = ()) \
+        -> dict[str, Path]:
+    """``recovery_worst.png``: worst unseen-domain ratio vs retain, a panel per recovery kind, a line per method."""
+    dense = next((c for c in cells if c["method"] == DENSE), None)
+    domains = heldout_domains(cells, calibration)
+    if dense is None or not domains:
+        return {}
+    kinds = ["none", *dict.fromkeys(k for c in cells if (k := recovery_of(c)) != "none" and c["method"] != DENSE)]
+
+    def worst(cell: Mapping[str, Any]) -> float | None:
+        found = summary(cell, dense, domains) if cell["method"] != DENSE else None
+        return None if found is None else found["worst"]
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 4), sharey=True, squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        members = [c for c in cells if recovery_of(c) == kind and c["method"] != DENSE]
+        lines = series(members, worst)
+        for variant, points in lines.items():
+            xs, ys, errs = zip(*points, strict=True)
+            base = split_recovery(variant)[0]
+            ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", capsize=3,
+                        label=method_label(base, [split_recovery(v)[0] for v in lines]))
+        ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+        ax.set_title("no recovery" if kind == "none" else kind, fontsize="small")
+        ax.set_xlabel("retain ratio")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"worst unseen-domain ppl ratio ({', '.join(domains)})", fontsize="small")
+    axes[0][-1].legend(fontsize="x-small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return {"recovery_worst": path}
 
 
 def _budget_plots(cells: Sequence[Mapping[str, Any]], out: Path) -> dict[str, Path]:

@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from moeprune.evaluation.coverage import recovery_table
+
 DENSE = "dense"
 METHOD_NAMES = {
     DENSE: "Dense",
@@ -49,6 +51,8 @@ TASK_NAMES = {
     "heldout_domain": "domain",
     "heldout_cloze": "cloze",
 }
+# Recovery kinds (a cell's variant ends in "+<kind>", e.g. reap+router-kd; method names hold no "+").
+RECOVERY_NAMES = {"router-kd": "Router KD", "merge": "Merge", "merge+router-kd": "Merge + Router KD"}
 AVERAGES = {"common_avg": "Common Avg ↑", "bundled_avg": "Bundled Avg ↑"}
 CLAMPED = "†"  # marks TB-Coverage rows whose B >= K (round-robin alone, candidate unused)
 MISSING = "–"
@@ -100,9 +104,23 @@ def candidate_unused(cell: Mapping[str, Any]) -> bool:
     return budget is not None and kept is not None and budget >= kept
 
 
+def split_recovery(variant: str) -> tuple[str, str]:
+    """``reap+router-kd`` -> ("reap", "router-kd"); a plain variant -> (variant, "none")."""
+    base, _, kind = variant.partition("+")
+    return base, kind or "none"
+
+
+def recovery_of(cell: Mapping[str, Any]) -> str:
+    """The cell's recovery kind ("none" for plain pruning and the dense cell)."""
+    return str(cell.get("recover") or split_recovery(variant_of(cell))[1])
+
+
 def method_label(variant: str, variants: Sequence[str] = ()) -> str:
-    """``reap@code`` -> "REAP (code)", ``tb-coverage@B4`` -> "TB-Coverage (B=4)"; plain REAP is
-    "REAP (generic)" when a corpus-calibrated REAP is in the same table."""
+    """``reap@code`` -> "REAP (code)", ``tb-coverage@B4`` -> "TB-Coverage (B=4)", ``reap+router-kd`` ->
+    "REAP + Router KD"; plain REAP is "REAP (generic)" when a corpus-calibrated REAP is in the same table."""
+    variant, kind = split_recovery(variant)
+    if kind != "none":
+        return f"{method_label(variant, variants)} + {RECOVERY_NAMES.get(kind, kind)}"
     method, _, detail = variant.partition("@")
     name = METHOD_NAMES.get(method, method)
     if detail.startswith("B") and method == "tb-coverage":
@@ -363,6 +381,7 @@ def render_report(
             "(never evaluation data; the tried budgets and scores are in the mask's `extra.auto_budget`).",
         ]
     parts += _coverage_section(cells, settings)
+    parts += _recovery_section(cells, settings)
     if images:
         parts += ["## Plots", "\n".join(f"![{name}]({path})" for name, path in images.items())]
     return "\n\n".join(parts) + "\n"
@@ -390,6 +409,23 @@ def _coverage_section(cells: Sequence[Mapping[str, Any]], settings: Mapping[str,
     return ["## Unseen-domain coverage", table, note]
 
 
+def _recovery_section(cells: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]) -> list[str]:
+    """Each method with and without recovery: the worst unseen-domain ratio per kind."""
+    rec = settings.get("recovery")
+    table = recovery_table(cells, settings.get("calibration", {}).get("corpora", []))
+    if not rec or not table:
+        return []
+    corpora = ", ".join(rec.get("corpora") or []) or "the profiled corpora"
+    note = (
+        f"Recovery calibration: {rec.get('samples')} windows x {rec.get('seq_len')} tokens of {corpora} (train "
+        f"splits, sampling seed {rec.get('data_seed')}); router KD: {rec.get('epochs')} epochs, Adam lr "
+        f"{rec.get('lr')}, batch {rec.get('batch_size')}, seed {rec.get('seed')} (docs/recovery.md). Entries: "
+        "worst unseen-domain perplexity ratio to dense (lower is better), and in brackets the change against the "
+        "same method without recovery."
+    )
+    return ["## Recovery after pruning", table, note]
+
+
 def _settings_text(settings: Mapping[str, Any]) -> str:
     if not settings:
         return ""
@@ -415,6 +451,7 @@ def to_csv(cells: Sequence[Mapping[str, Any]]) -> str:
         "retain",
         "seed",
         "kept_per_layer",
+        "recover",
         *(f"ppl_{d}" for d in datasets),
         *tasks,
         "common_avg",
@@ -429,8 +466,9 @@ def to_csv(cells: Sequence[Mapping[str, Any]]) -> str:
     writer.writeheader()
     for cell in cells:
         s = cell["summary"]
-        row = {k: cell.get(k) for k in fields[:6]}
+        row = {k: cell.get(k) for k in fields[:7]}
         row["variant"] = variant_of(cell)
+        row["recover"] = None if cell["method"] == DENSE else recovery_of(cell)
         row.update({f"ppl_{d}": s.get("ppl", {}).get(d) for d in datasets})
         row.update({t: s.get("tasks", {}).get(t) for t in tasks})
         row.update({k: s.get(k) for k in fields[-6:]})

@@ -19,6 +19,7 @@ from moeprune.evaluation.zeroshot import COMMON_TASKS, expand_tasks
 from moeprune.io import write_json_atomic
 from moeprune.planning.mask import ExpertMask
 from moeprune.presets import PPL_SEQ_LEN_CAP, preset_for
+from moeprune.recovery.delta import apply_delta
 
 NO_TASKS = {"none", ""}
 
@@ -150,8 +151,10 @@ def evaluate_loaded(
     max_windows: int | None = None,
     progress: bool = True,
     metadata: Mapping[str, Any] | None = None,
+    delta: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """One evaluation of an already loaded model, dense or under ``mask`` (restored afterwards)."""
+    """One evaluation of an already loaded model, dense or under ``mask`` (restored afterwards); ``delta``
+    (a recovery's replacement tensors) is applied inside the mask."""
     from moeprune.surgery import masked
 
     # Measured before masking: masked() slices in place, so footprint() inside it is the pruned size.
@@ -171,6 +174,7 @@ def evaluate_loaded(
         results = evaluate(model, tokenizer, **kwargs)
     else:
         with masked(model, mask):
+            apply_delta(model, dict(delta or {}))
             results = evaluate(model, tokenizer, **kwargs)
     results["mask"] = None if mask is None else mask_record(mask, mask_path)
     results["footprint_vs_dense"] = compare_footprints(dense, results["footprint"])

@@ -17,7 +17,7 @@ import json
 import logging
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from moeprune.loading import (
     resolve_model_path,
 )
 from moeprune.planning.mask import ExpertMask
+from moeprune.recovery.delta import Recovery, apply_delta
 from moeprune.surgery.config_json import pruned_config_json, source_config_json
 from moeprune.surgery.model_card import CardInfo, render_model_card
 from moeprune.surgery.slicing import apply_mask, count_parameters, masked
@@ -68,6 +69,7 @@ def export_pruned(
     overwrite: bool = False,
     verify: bool = True,
     progress: bool = True,
+    recovery: Recovery | None = None,
 ) -> Path:
     """Prune a model to ``mask`` and save it as a checkpoint in ``out_dir``; returns ``out_dir``.
 
@@ -76,7 +78,9 @@ def export_pruned(
     is one, see loading.load_model). ``tokenizer`` is a path or a tokenizer object (default: the model's
     own directory, skipped with a warning when it has none). With ``verify`` the written checkpoint is
     reloaded in the same dtype and placement and its weights and logits compared with the in-memory
-    pruned model's (see :class:`Reference`).
+    pruned model's (see :class:`Reference`). ``recovery`` (a :class:`moeprune.recovery.Recovery`) replaces the
+    tensors its delta names after slicing: the verification then holds the checkpoint to the recovered
+    model, and mask.json and the model card record the recovery.
     """
     out = Path(out_dir)
     # Fail before the (possibly long) model load: an existing --out, or one overlapping the source.
@@ -84,6 +88,10 @@ def export_pruned(
     check_output_dir(out, sources=[source_path], overwrite=overwrite)
     if not isinstance(mask, ExpertMask):
         mask = ExpertMask.load(mask)
+    delta = getattr(recovery, "delta", None) or {}
+    if recovery is not None and recovery.record.get("kind", "none") != "none":
+        # Recorded in the exported mask.json (and so in the card): what was done, with which settings and seed.
+        mask = replace(mask, extra={**mask.extra, "recovery": recovery.record})
     steps = tqdm(total=4 if verify else 3, desc="apply", disable=not progress, unit="step")
     try:
         _step(steps, "loading model")
@@ -95,7 +103,7 @@ def export_pruned(
         tok = _tokenizer(tokenizer, source, source_dir, trust)
         params_before = count_parameters(model)
         with atomic_directory(out, overwrite=overwrite) as tmp:
-            with _pruned(model, mask, owned):
+            with _pruned(model, mask, owned, delta):
                 info = CardInfo(source, str(out), mask, params_before, count_parameters(model))
                 reference = Reference.of(model) if verify else None
                 _write(model, tok, mask, info, source_dir or source, tmp, steps)
@@ -260,12 +268,12 @@ def _model(model_or_path: nn.Module | str | Path, dtype: str | torch.dtype, devi
 
 
 @contextmanager
-def _pruned(model: nn.Module, mask: ExpertMask, owned: bool):
+def _pruned(model: nn.Module, mask: ExpertMask, owned: bool, delta: dict[str, torch.Tensor] | None = None):
     if owned:
-        yield apply_mask(model, mask)
+        yield apply_delta(apply_mask(model, mask), delta or {})
     else:
-        with masked(model, mask):
-            yield model
+        with masked(model, mask):  # restores the original Parameters, the recovered ones included
+            yield apply_delta(model, delta or {})
 
 
 def _tokenizer(tokenizer: Any, source: str, source_dir: Path | None, trust_remote_code: bool) -> Any:

@@ -60,28 +60,63 @@ def render_model_card(info: CardInfo) -> str:
     for layer in sorted(mask.layers):
         protected = sorted(mask.layers[layer].protected)
         lines.append(f"| {layer} | {_ids(mask.kept(layer))} | {_ids(protected) if protected else '-'} |")
+    recovery = mask.extra.get("recovery") or {}
+    lines += _recovery_lines(recovery)
     lines += [
         "",
         "Reproduce:",
         "",
-        *_code_block(reproduce_command(info.source, info.out_dir)),
+        *_code_block(reproduce_command(info.source, info.out_dir, _recover_flags(recovery).split())),
         "",
     ]
     return "\n".join(lines)
 
 
-def reproduce_command(source: str, out_dir: str) -> str:
+def reproduce_command(source: str, out_dir: str, extra: list[str] | None = None) -> str:
     """The apply command line, shell-quoted; a path starting with "-" gets "./" so it is not read as a flag."""
     def arg(path: str) -> str:
         return f"./{path}" if str(path).startswith("-") else str(path)
 
-    return shlex.join(["moeprune", "apply", arg(source), "mask.json", "--out", arg(out_dir)])
+    return shlex.join(["moeprune", "apply", arg(source), "mask.json", "--out", arg(out_dir), *(extra or [])])
 
 
 def _code_block(text: str) -> list[str]:
     """A fenced block that ``text`` cannot close: the fence is longer than any run of backticks in it."""
     fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", text)), default=0))
     return [fence + "bash", text, fence]
+
+
+def _recovery_lines(record: dict) -> list[str]:
+    """What recovery did after pruning (docs/recovery.md), with its settings and KL before/after."""
+    if not record or record.get("kind", "none") == "none":
+        return []
+    settings = record.get("settings", {})
+    corpora = ", ".join(f"{name} ({shape[0]} x {shape[1]})" for name, shape in record.get("corpora", {}).items())
+    lines = ["", f"Recovery: **{record['kind']}** on {corpora} (train splits; seed {settings.get('seed')})."]
+    kd = record.get("router_kd")
+    if kd:
+        lines.append(
+            f"Router KD: {settings.get('epochs')} epochs, Adam lr {settings.get('lr')}, "
+            f"batch {settings.get('batch_size')}; "
+            f"only routing tensors trained ({kd['trained']['tensors']}). KL(dense || pruned) per token: "
+            + ", ".join(f"{c} {kd['kl_before'][c]:.4f} -> {kd['kl_after'][c]:.4f}" for c in kd["kl_before"])
+            + "."
+        )
+    if record.get("merge"):
+        lines.append("Merge: each dropped expert folded into its most similar kept expert (assignment in mask.json).")
+    return lines
+
+
+def _recover_flags(record: dict) -> str:
+    if not record or record.get("kind", "none") == "none":
+        return ""
+    s = record.get("settings", {})
+    flags = f" --recover {record['kind']}"
+    if s.get("corpora"):
+        flags += "".join(f" --recover-corpus {c}" for c in s["corpora"])
+    return flags + (f" --recover-samples {s.get('samples')} --recover-seq-len {s.get('seq_len')} --recover-epochs "
+                    f"{s.get('epochs')} --recover-lr {s.get('lr')} --recover-batch-size {s.get('batch_size')} "
+                    f"--recover-seed {s.get('seed')}")
 
 
 def _ids(ids: list[int]) -> str:

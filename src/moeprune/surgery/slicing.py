@@ -49,9 +49,11 @@ def slice_moe_layer(layer: MoELayer, kept: list[int]) -> None:
         for module in layer.experts.modules():
             _slice_flat(module, num_experts, ids)
     elif layer.spec.layout != "modulelist":
-        # Every per-expert tensor (gate_up_proj, down_proj and any [E, ...] bias) has the expert on dim 0;
-        # LongCat pads gate_up_proj to the router's rows.
-        _slice_rows(layer.experts, {num_experts: ids, rows: extended})
+        # Every per-expert tensor (gate_up_proj, down_proj and any [E, ...] bias) has the expert on dim 0, in
+        # the experts module or its submodules (Ergo's post_expert_norm.weight [E, H]); LongCat pads gate_up_proj
+        # to the router's rows.
+        for module in layer.experts.modules():
+            _slice_rows(module, {num_experts: ids, rows: extended})
     # Inkling's router has rows for its shared experts but a correction bias for the routed ones only.
     _slice_rows(layer.router, {num_experts: ids, rows: extended})
     _slice_block_vectors(layer, num_experts, ids, rows)
