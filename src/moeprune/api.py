@@ -40,6 +40,7 @@ from moeprune.profiling.runner import ProfileSettings, profile_model
 from moeprune.profiling.stats import Profile
 from moeprune.recovery import Recovery, RecoveryOptions, check_mergeable_config, check_prunes, recovery_corpora
 from moeprune.recovery import recover as recover_loaded
+from moeprune.validation import check_profile_out, check_seq_len, model_config
 
 log = logging.getLogger("moeprune")
 
@@ -81,9 +82,11 @@ def profile(
     if sequential:
         sequential_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         device, dtype = "cpu", _sequential_dtype(model, dtype, sequential_device, trust_remote_code)
+
+    specs = [c if isinstance(c, CorpusSpec) else parse_corpus(c) for c in corpora]
+    check_profile_out(out, model, specs, tokenizer)  # before loading: never over the model or a corpus file
     model = checked_model(model, dtype, device, trust_remote_code)
     tokenizer = checked_tokenizer(tokenizer, model, trust_remote_code)
-    specs = [c if isinstance(c, CorpusSpec) else parse_corpus(c) for c in corpora]
     settings = ProfileSettings(
         num_samples=samples,
         seq_len=seq_len,
@@ -107,12 +110,14 @@ def plan(
     reconstruction: ReconstructionOptions | Mapping[str, Any] | None = None,
     score_corpus: str | None = None,
     progress: bool = True,
+    corpora: Sequence[str] | None = None,
 ) -> ExpertMask:
     """One mask; see :func:`plan_many` for several retain ratios sharing one reconstruction."""
     return plan_many(
         profile,
         method,
         [retain],
+        corpora=corpora,
         seed=seed,
         protect_budget=protect_budget,
         candidate=candidate,
@@ -136,17 +141,19 @@ def plan_many(
     score_corpus: str | None = None,
     progress: bool = True,
     candidate_masks: Mapping[float, ExpertMask] | None = None,
+    corpora: Sequence[str] | None = None,
 ) -> list[ExpertMask]:
     """Masks for every retain ratio. Methods that need the model (expert-sparsity, tb-coverage with that
     candidate, tb-coverage with ``protect_budget="auto"``) load it from ``model`` or from the path recorded
     in the profile. ``score_corpus`` ranks reap on that profiled corpus alone. ``candidate_masks``
     ({retain: a planned mask of the candidate method}, e.g. an experiment's expert-sparsity masks) gives a
     protecting method its candidate instead of computing it again; their reconstruction losses are recorded
-    as for a candidate computed here."""
+    as for a candidate computed here. ``corpora`` (names) plans on
+    those corpora of a profile folder only, not on every corpus profiled there."""
     spec = registry.check_request(method, protect_budget, candidate)  # B/candidate the method would ignore fail here
     options = ReconstructionOptions.coerce(reconstruction)
     workdir = Path(profile) if isinstance(profile, (str, Path)) else None
-    prof = Profile.load(profile) if workdir is not None else profile
+    prof = Profile.load(profile, list(corpora) if corpora else None) if workdir is not None else profile
     candidate = registry.candidate_of(method, candidate)
     kept = [kept_count(r, prof.num_experts, prof.meta.get("top_k")) for r in retains]
     selections = None
@@ -224,8 +231,15 @@ def mask_filename(mask: ExpertMask) -> str:
 
 
 def variant_filename(variant: str, retain: float, seed: int | None = None) -> str:
-    """The file a mask of ``variant`` at ``retain`` is saved as (the seed only for seeded methods)."""
-    return f"{variant}-{retain:.2f}" + (f"-seed{seed}" if seed is not None else "") + ".json"
+    """``<variant>-<retain>[-seed<s>].json`` (the seed only for seeded methods); the ratio is exact, so no two
+    ratios share a name (0.62 and 0.625 were both ``-0.62``): two decimals when they say it exactly (0.50),
+    else the shortest exact form."""
+    return f"{variant}-{retain_label(retain)}" + (f"-seed{seed}" if seed is not None else "") + ".json"
+
+
+def retain_label(retain: float) -> str:
+    short = f"{retain:.2f}"
+    return short if float(short) == retain else repr(float(retain))
 
 
 def apply(
@@ -252,7 +266,6 @@ def apply(
     :class:`~moeprune.recovery.Recovery` computed earlier (:func:`recover`); the export is verified against the
     recovered model."""
     from moeprune.surgery import export_pruned
-    from moeprune.validation import model_config
 
     mask_file = None if isinstance(mask, ExpertMask) else mask
     mask = mask if isinstance(mask, ExpertMask) else ExpertMask.load(mask)
@@ -357,7 +370,7 @@ def prune(
     # the tokenizer files byte for byte instead of re-saving them (see surgery/tokenizer_files.py)
     requested_tokenizer = tokenizer
     tokenizer = checked_tokenizer(tokenizer, loaded, trust_remote_code)
-    profile(
+    profiled = profile(
         loaded,
         corpora,
         workdir,
@@ -372,6 +385,7 @@ def prune(
         workdir,
         method,
         retain,
+        corpora=profiled.names,  # this run's corpora: a workdir profiled earlier with others must not pool them
         seed=seed,
         protect_budget=protect_budget,
         candidate=candidate,
@@ -481,6 +495,7 @@ def _reconstruct(
     loaded = checked_model(model, opts.dtype, opts.device, opts.trust_remote_code)
     _check_same_model(prof, loaded)
     spec = _reconstruction_corpus(prof, opts.corpus)
+    check_seq_len(loaded.config, opts.seq_len, "--recon-seq-len")  # as prune refuses it, for plan and experiment too
     tokenizer = checked_tokenizer(opts.tokenizer, loaded, opts.trust_remote_code)
     windows = calibration_windows(spec, tokenizer, opts.windows, opts.seq_len, opts.seed)
     workdir = Path(opts.workdir or workdir or "moeprune-work")

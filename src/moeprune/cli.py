@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from moeprune.errors import MoePruneError
+from moeprune.io import environment_errors, terminal_safe
 from moeprune.options import Calibration, ReconstructionOptions
 from moeprune.presets import RECOVERY_KINDS, help_default, preset_for
 
@@ -34,17 +35,26 @@ WHERE_IT_RUNS = (
 )
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that every writer's cleanup runs (temporary files
+    removed; checkpoints, finished corpora and cells kept for the rerun)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args)
     if args.quiet:
         _silence_library_progress()
+    previous = _on_sigterm(_raise_terminated)
     try:
-        from moeprune.io import environment_errors
         from moeprune.validation import check_args, held_outputs
 
         check_args(args)  # everything that can fail before the expensive work (docs/errors.md)
+        if args.verb in ("eval", "experiment"):
+            from moeprune.evaluation.checks import check_evaluation_args  # lazy: evaluation pulls in lm-eval
+
+            check_evaluation_args(args)
         if getattr(args, "recover", None):
             from moeprune.recovery.checks import check_recovery_args  # lazy: torch, only for --recover
 
@@ -53,11 +63,45 @@ def main(argv: list[str] | None = None) -> int:
         with environment_errors(), held_outputs(args):
             return int(args.run(args) or 0)
     except MoePruneError as err:
-        print(f"moeprune: error: {err}", file=sys.stderr)
+        _error(f"error: {err}")
         return 2
     except BrokenPipeError:  # `moeprune inspect X | head`: the reader left; stop quietly, as cat does
         _stdout_to_devnull()
         return 128 + signal.SIGPIPE
+    except KeyboardInterrupt:
+        _error(INTERRUPTED)
+        return 128 + signal.SIGINT
+    except Terminated:
+        _error(INTERRUPTED.replace("interrupted", "terminated"))
+        return 128 + signal.SIGTERM
+    finally:
+        _on_sigterm(previous)
+
+
+INTERRUPTED = "interrupted; rerun to resume (finished work is kept, unfinished temporary files were removed)."
+
+
+def _error(message: str) -> None:
+    """One line on stderr; text from masks, profiles or configs inside it cannot drive the terminal."""
+    print(f"moeprune: {terminal_safe(message, keep_newlines=False)}", file=sys.stderr)
+
+
+def _say(text: str) -> None:
+    """stdout, with escape sequences and control characters from untrusted files stripped."""
+    print(terminal_safe(text))
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
+def _on_sigterm(handler):
+    """Install ``handler`` for SIGTERM (main thread only: others cannot handle signals); return the old one."""
+    import threading
+
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _stdout_to_devnull() -> None:
@@ -273,7 +317,7 @@ def _run_profile(args: argparse.Namespace) -> None:
         trust_remote_code=args.trust_remote_code,
         progress=_progress(args),
     )
-    print(f"profile of {len(prof.names)} corpora ({', '.join(prof.names)}) in {args.out}")
+    _say(f"profile of {len(prof.names)} corpora ({', '.join(prof.names)}) in {args.out}")
 
 
 def _add_plan(p: argparse.ArgumentParser) -> None:
@@ -306,9 +350,9 @@ def _run_plan(args: argparse.Namespace) -> None:
     for mask in masks:
         path = Path(args.out) / api.mask_filename(mask)
         mask.save(path)
-        print(f"{path}: keeps {mask.kept_per_layer} of {mask.num_experts} experts in {len(mask.layers)} layers")
+        _say(f"{path}: keeps {mask.kept_per_layer} of {mask.num_experts} experts in {len(mask.layers)} layers")
         for note in mask.notes:
-            print(f"  note: {note}")
+            _say(f"  note: {note}")
 
 
 def _add_apply(p: argparse.ArgumentParser) -> None:
@@ -439,6 +483,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
         "--eval-batch-size", type=_eval_batch_size, default=8, help="lm-eval batch size: N, auto or auto:N (default 8)"
     )
     p.add_argument("--out", default=None, help="results JSON file (default: print only)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (e.g. earlier results)")
     p.set_defaults(run=_run_eval)
 
 
@@ -573,7 +618,7 @@ def _add_inspect(p: argparse.ArgumentParser) -> None:
 def _run_inspect(args: argparse.Namespace) -> None:
     from moeprune.inspect import describe
 
-    print(describe(args.target, trust_remote_code=args.trust_remote_code))
+    _say(describe(args.target, trust_remote_code=args.trust_remote_code))
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -602,10 +647,17 @@ def _configure_logging(args: argparse.Namespace) -> None:
     for old in [h for h in logger.handlers if getattr(h, "moeprune_cli", False)]:  # main() run again
         logger.removeHandler(old)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("moeprune: %(message)s"))
+    handler.setFormatter(_SafeFormatter("moeprune: %(message)s"))
     handler.moeprune_cli = True
     logger.addHandler(handler)
     logger.setLevel(level)
+
+
+class _SafeFormatter(logging.Formatter):
+    """Log lines quote paths, model names and mask fields: escape sequences in them are stripped."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return terminal_safe(super().format(record))
 
 
 def _progress(args: argparse.Namespace) -> bool:

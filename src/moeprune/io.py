@@ -19,12 +19,13 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from moeprune.errors import MoePruneError
 
@@ -58,7 +59,10 @@ def environment_error(err: OSError) -> MoePruneError | None:
     if fix is None:
         return None
     where = f" ({err.filename})" if err.filename else ""
-    return MoePruneError(f"Cannot write{where}: {err.strerror or err}; {fix}. Nothing was changed.")
+    return MoePruneError(
+        f"Cannot write{where}: {err.strerror or err}; {fix}. The unfinished file was removed; what was finished "
+        "before is kept (rerun to resume)."
+    )
 
 
 @contextmanager
@@ -91,31 +95,104 @@ def sibling_prefix(final: Path) -> str:
     return f".{os.fsdecode(os.fsencode(name)[:100]).rstrip()}-{digest}"
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it into place."""
+@contextmanager
+def atomic_file(path: str | Path, text: bool = False) -> Iterator[IO[Any]]:
+    """The one way moeprune writes a file: into a new pid-tagged temporary sibling, created without
+    following symlinks (``O_CREAT | O_EXCL | O_NOFOLLOW``), renamed over ``path`` only if the block succeeds.
+
+    ``path`` itself must be absent or a regular file (a symlink, folder or FIFO there is refused, so a
+    planted link never redirects an output); the temporary file is removed on any failure or signal."""
     path = Path(path)
     with environment_errors():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_file_beside(path)
+        check_regular_destination(path)
+        tmp, fd = _create_temp(path)
         try:
-            with open(tmp, "w") as handle:
-                json.dump(obj, handle, indent=2, sort_keys=False)
-                handle.write("\n")
+            with os.fdopen(fd, "w" if text else "wb", **({"encoding": "utf-8"} if text else {})) as handle:
+                yield handle
+            check_regular_destination(path)  # again: a link planted while we wrote is refused too
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
 
 
-# ------------------------------------------------------------------------------- temporary files
-def temp_file_beside(path: Path) -> Path:
-    """A new, empty hidden file beside ``path`` for an atomic write, named after its writer:
-    ``.NAME.<pid>-<host>.XXXXXXXX.tmp`` (30 bytes past the prefix, within :func:`sibling_prefix`'s margin)."""
-    fd, tmp = tempfile.mkstemp(
-        dir=path.parent, prefix=f"{sibling_prefix(path)}.{os.getpid()}-{_host_tag()}.", suffix=".tmp"
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (see :func:`atomic_file`)."""
+    with atomic_file(path, text=True) as handle:
+        json.dump(obj, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_file(path, text=True) as handle:
+        handle.write(text)
+
+
+def save_safetensors_atomic(path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None,
+                            before_rename: Any = None) -> None:
+    """A safetensors file written atomically (its bytes go through our own no-follow descriptor);
+    ``before_rename()`` runs once the bytes are written, before the file appears (profiles write their .json there)."""
+    from safetensors.torch import save
+
+    with atomic_file(path) as handle:
+        handle.write(save(tensors, metadata=metadata))
+        handle.flush()
+        if before_rename is not None:
+            before_rename()
+
+
+def check_regular_destination(path: Path, flag: str | None = None) -> None:
+    """An output file's path must be absent or a regular file: never a symlink (even a dangling one), a
+    folder, a FIFO or a device, which a rename or a write would replace or write through."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):  # absent (a parent that is a file is reported by its check)
+        return
+    if stat.S_ISREG(st.st_mode):
+        return
+    kind = _file_kind(st.st_mode)
+    where = f"{flag} {path}" if flag else str(path)
+    raise MoePruneError(
+        f"{where} is {kind}, not a regular file; moeprune never writes through or over one. Remove it or "
+        "choose another path."
     )
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+# ------------------------------------------------------------------------------- temporary files
+_CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _create_temp(path: Path) -> tuple[Path, int]:
+    """A new hidden file beside ``path``, ``.NAME.<pid>-<host>.XXXXXXXX.tmp`` (30 bytes past the prefix,
+    within :func:`sibling_prefix`'s margin), and its open descriptor. O_EXCL never opens an existing file
+    or link; the mode is what any new file gets (0666 less the umask), so a renamed output is readable."""
+    prefix = f"{sibling_prefix(path)}.{os.getpid()}-{_host_tag()}."
+    names = tempfile._get_candidate_names()
+    for _ in range(100):
+        tmp = path.parent / f"{prefix}{next(names)}.tmp"
+        try:
+            return tmp, os.open(tmp, _CREATE_NEW, 0o666)
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
+
+
+def temp_file_beside(path: Path) -> Path:
+    """A new, empty temporary sibling of ``path`` (see :func:`_create_temp`), closed, for writers that need
+    a path; prefer :func:`atomic_file`."""
+    tmp, fd = _create_temp(path)
     os.close(fd)
-    return _with_default_mode(Path(tmp), 0o666)
+    return tmp
 
 
 def _with_default_mode(path: Path, mode: int) -> Path:
@@ -147,9 +224,10 @@ def remove_orphan_temp_files(folder: str | Path, max_age_s: float = TEMP_FILE_MA
     for path in Path(folder).glob(".*.tmp"):
         owner = _TEMP_OWNER.search(path.name)
         try:
-            if not path.is_file():
+            st = os.lstat(path)  # a link is judged (and removed) as itself, never followed
+            if stat.S_ISDIR(st.st_mode):
                 continue
-            age = time.time() - path.stat().st_mtime
+            age = time.time() - st.st_mtime
         except FileNotFoundError:  # its writer renamed it into place meanwhile
             continue
         dead = owner is not None and owner["host"] == _host_tag() and not _pid_alive(int(owner["pid"]))
@@ -175,6 +253,191 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+# -------------------------------------------------------------------------------------------- inputs
+MAX_JSON_BYTES = 256 << 20  # masks, profile metadata, cells, configs: far smaller; a larger file is not ours
+MAX_JSON_DEPTH = 64  # moeprune's own JSON nests 5 deep; configs about 4
+MAX_TEXT_BYTES = 16 << 30  # a text corpus or perplexity file read whole into memory
+
+
+def open_regular_file(path: str | Path, what: str) -> int:
+    """A read-only descriptor of ``path``, refused (one line) unless it is a regular file: a folder, a FIFO
+    (opened non-blocking, so it never hangs), a device or a socket is named as such."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise MoePruneError(f"{what} {path} not found; check the path.") from None
+    except IsADirectoryError:
+        raise MoePruneError(f"{what} {path} is a directory, not a file; give a file.") from None
+    except OSError as err:
+        if err.errno == errno.ENXIO:  # a socket, or a FIFO without a writer on some systems
+            raise MoePruneError(f"{what} {path} is not a regular file; give a file.") from None
+        raise MoePruneError(f"Cannot read {what.lower()} {path}: {err.strerror or err}.") from err
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise MoePruneError(f"{what} {path} is {_file_kind(mode)}, not a regular file; give a file.")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def check_regular_file(path: str | Path, what: str) -> None:
+    """Fail now unless ``path`` is a readable regular file (for inputs another library reads itself)."""
+    os.close(open_regular_file(path, what))
+
+
+def read_bytes(path: str | Path, what: str, limit: int = MAX_TEXT_BYTES) -> bytes:
+    fd = open_regular_file(path, what)
+    with os.fdopen(fd, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size > limit:
+            raise MoePruneError(f"{what} {path} is {size:,} bytes, over the {limit:,}-byte limit for it.")
+        return handle.read(limit + 1)
+
+
+def read_text(path: str | Path, what: str, limit: int = MAX_TEXT_BYTES, fix: str | None = None) -> str:
+    """The one reader of text inputs: a regular file, at most ``limit`` bytes, UTF-8 without NUL bytes."""
+    path = Path(path)
+    data = read_bytes(path, what, limit)
+    if b"\x00" in data[:65536]:
+        raise MoePruneError(f"{what} {path} looks binary (it holds NUL bytes), not text; {fix or 'give a UTF-8 file'}.")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise MoePruneError(
+            f"{what} {path} is not UTF-8 text (byte {err.start}: {data[err.start:err.start + 1]!r}); "
+            + (fix or f"convert it, e.g. iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}.")
+        ) from err
+
+
+def parse_json(text: str | bytes, where: str, fix: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Strict JSON: no NaN/Infinity, no duplicate keys (``{"0": .., "0": ..}``), nesting at most ``max_depth``;
+    anything else is one line ``where is not valid JSON (...); fix``."""
+    try:
+        obj = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise MoePruneError(f"{where} is nested too deeply to be moeprune's JSON; {fix}.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
+        raise MoePruneError(f"{where} is not valid JSON ({terminal_safe(str(err))}); {fix}.") from err
+    if _depth(obj) > max_depth:
+        raise MoePruneError(f"{where} nests deeper than {max_depth} levels, which no moeprune file does; {fix}.")
+    return obj
+
+
+def read_json(path: str | Path, what: str, fix: str, limit: int = MAX_JSON_BYTES) -> Any:
+    """The one loader of JSON files: :func:`read_text` (a bounded regular UTF-8 file) then :func:`parse_json`;
+    an empty file is named as empty. Callers check the schema of what they get."""
+    path = Path(path)
+    text = read_text(path, what, limit, fix=fix)
+    if not text.strip():
+        raise MoePruneError(f"{what} {path} is empty; {fix}.")
+    return parse_json(text, f"{what} {path}", fix)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"the key {twice!r} appears twice")
+    return obj
+
+
+def _depth(obj: Any) -> int:
+    """Nesting depth, iteratively (a deep object must not overflow the stack here either)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if isinstance(item, dict):
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, level + 1) for v in item)
+    return deepest
+
+
+INDEX_FILE = "model.safetensors.index.json"
+_SHARD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.safetensors")
+
+
+def read_config_json(folder: str | Path) -> dict[str, Any]:
+    """A checkpoint's config.json: a JSON object (read by :func:`read_json`)."""
+    path = Path(folder) / "config.json"
+    config = read_json(path, "Config file", "re-download or repair the checkpoint's config.json")
+    if not isinstance(config, dict):
+        raise MoePruneError(f"Config file {path} is not a JSON object; re-download or repair the checkpoint.")
+    return config
+
+
+def read_weight_map(folder: str | Path) -> dict[str, str]:
+    """The ``weight_map`` of a checkpoint's safetensors index: tensor name -> shard file name, each shard a plain
+    ``*.safetensors`` name in the folder (a ``../x`` would read, and model-free apply write, outside it)."""
+    path = Path(folder) / INDEX_FILE
+    fix = "re-download the checkpoint"
+    index = read_json(path, "Checkpoint index", fix)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise MoePruneError(f"Checkpoint index {path} has no weight_map of tensor -> shard names; {fix}.")
+    bad = sorted(v for v in set(weight_map.values()) if not _SHARD_NAME.fullmatch(v))
+    if bad:
+        raise MoePruneError(f"Checkpoint index {path} names the shard {terminal_safe(bad[0])!r}, not a "
+                            f"*.safetensors file in the checkpoint folder; {fix}.")
+    return weight_map
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def checkpoint_fingerprint(folder: str | Path) -> str | None:
+    """A cheap fingerprint of a local checkpoint's weights (None when ``folder`` is not a local folder): for
+    every weight file, its name, size and modification time, and for safetensors files their whole header
+    (tensor names, dtypes, shapes and offsets); the index file's content too. Weights rewritten in place (same
+    shapes) change the times; a copy keeps them (cp -p, copytree) or is profiled again, never reused wrongly."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if not path.name.endswith(WEIGHT_SUFFIXES + (".index.json",)) or not path.is_file():
+            continue
+        st = path.stat()
+        digest.update(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        if path.suffix == ".safetensors" and st.st_size >= 8:
+            with open(path, "rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                digest.update(handle.read(min(length, MAX_JSON_BYTES)))
+        elif path.name.endswith(".index.json"):
+            digest.update(path.read_bytes()[:MAX_JSON_BYTES])
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------ untrusted text
+# CSI/OSC/other escape sequences, then the C0/C1 controls and the bidi/zero-width marks that can fake output.
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[PX^_][^\x1b]*(?:\x1b\\)?|[@-Z\\-_])")
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069]")
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|~>])")
+
+
+def terminal_safe(text: Any, keep_newlines: bool = True) -> str:
+    """``text`` with escape sequences and control characters removed (newlines and tabs kept when asked):
+    what a mask, profile or config says cannot clear the screen or fake a line of output."""
+    text = _CONTROLS.sub("", _ANSI.sub("", str(text)).replace("\r", ""))
+    return text if keep_newlines else text.replace("\n", " ").replace("\t", " ")
+
+
+def markdown_safe(text: Any) -> str:
+    """Untrusted text inside a markdown table cell or line: one line, HTML escaped, markdown punctuation
+    backslash-escaped (no heading, link, image, table break or raw HTML can come out of it)."""
+    import html
+
+    return html.escape(_MARKDOWN.sub(r"\\\1", terminal_safe(text, keep_newlines=False)), quote=True)
+
+
 # ------------------------------------------------------------------------------------- output checks
 def check_output_dir(
     out: str | Path, *, sources: Iterable[str | Path | None] = (), overwrite: bool = False, flag: str = "--out"
@@ -184,6 +447,7 @@ def check_output_dir(
     written, has a name too long for the filesystem, or is being written by another process."""
     out = Path(out)
     check_name_length(out, flag)  # first: a name over the limit makes even exists() fail
+    check_not_symlink(out, flag)
     if out.exists() and not out.is_dir():
         raise MoePruneError(f"{flag} {out} is a file, not a directory; choose a directory path.")
     check_not_overlapping(out, sources, flag)
@@ -197,14 +461,41 @@ def check_output_dir(
     return out
 
 
-def check_output_file(out: str | Path, flag: str = "--out") -> Path:
-    """A results file must not be a directory and its folder must be writable (checked before the work)."""
+def check_output_file(out: str | Path, flag: str = "--out", sources: Iterable[str | Path | None] = (),
+                      overwrite: bool = True) -> Path:
+    """A results file must not be a directory, a symlink or another non-regular file, nor an input of the
+    verb (a source file, or a file inside a source folder), and its folder must be writable (checked before
+    the work). An existing one is replaced only with ``overwrite``."""
     out = Path(out)
     check_name_length(out, flag)
+    check_not_symlink(out, flag)
     if out.is_dir():
         raise MoePruneError(f"{flag} {out} is a directory; give a file name such as {out / 'results.json'}.")
-    check_writable_parent(out, flag)
+    check_regular_destination(out, flag)
+    target = out.resolve()
+    for source in sources:
+        if source is None or not Path(source).exists():
+            continue
+        src = Path(source).resolve()
+        if target == src or (src in target.parents and out.exists()):
+            raise MoePruneError(
+                f"{flag} {out} is {'the input' if target == src else 'a file of the input'} {source}; writing it "
+                f"would replace it. Choose another {flag}."
+            )
+    if out.exists() and not overwrite:
+        raise MoePruneError(f"{out} already exists; choose another {flag} or pass --overwrite to replace it.")
+    check_writable_parent(out.parent, flag)
     return out
+
+
+def check_not_symlink(path: Path, flag: str = "--out") -> None:
+    """An output path that is a symlink (dangling or not) is refused up front, named as the user gave it:
+    the rename that puts an output in place would replace the link, not write where it points."""
+    if path.is_symlink():
+        raise MoePruneError(
+            f"{flag} {path} is a symbolic link (to {os.readlink(path)}); moeprune writes outputs only to real "
+            f"paths. Give the target itself, or remove the link."
+        )
 
 
 def check_not_overlapping(out: Path, sources: Iterable[str | Path | None], flag: str = "--out") -> None:
@@ -286,12 +577,13 @@ def output_lock(final: str | Path) -> Iterator[None]:
 
 def _acquire(lock: Path, final: Path) -> int:
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock(lock)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
             os.close(fd)
+            holder = holder if holder.isdigit() else ""
             raise MoePruneError(
                 f"Another moeprune process{f' (pid {holder})' if holder else ''} is writing {final}; wait for it "
                 "to finish or choose another --out."
@@ -302,6 +594,27 @@ def _acquire(lock: Path, final: Path) -> int:
             os.pwrite(fd, str(os.getpid()).encode(), 0)
             return fd
         os.close(fd)
+
+
+def _open_lock(lock: Path) -> int:
+    """The lock file, opened without following a symlink and refused unless it is our kind of file: a regular
+    file with one link (a planted symlink or hard link to ~/.bashrc would otherwise be truncated)."""
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        if err.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            raise
+        fd = None
+    st = os.fstat(fd) if fd is not None else os.lstat(lock)
+    if fd is None or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        if fd is not None:
+            os.close(fd)
+        kind = _file_kind(st.st_mode) if not stat.S_ISREG(st.st_mode) else f"a file with {st.st_nlink} hard links"
+        raise MoePruneError(
+            f"The lock file {lock} is {kind}, not moeprune's own; it was not written through. Remove it and "
+            "run again."
+        )
+    return fd
 
 
 # ------------------------------------------------------------------------------ atomic directories
@@ -315,6 +628,7 @@ def atomic_directory(final: str | Path, overwrite: bool = False) -> Iterator[Pat
         final.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(final), environment_errors():
         recover_leftovers(final)
+        check_not_symlink(final)
         if final.exists() and not final.is_dir():
             raise MoePruneError(f"--out {final} is a file, not a directory; choose a directory path.")
         if final.exists() and not overwrite:
@@ -354,12 +668,13 @@ def recover_leftovers(final: Path) -> None:
     # Exactly the names mkdtemp gives our siblings: prefix, 8 random characters, suffix.
     pattern = re.compile(re.escape(sibling_prefix(final) + ".") + r"[A-Za-z0-9_]{8}\.(tmp|old)")
     siblings = [p for p in final.parent.iterdir() if pattern.fullmatch(p.name)]
-    olds = sorted((p for p in siblings if p.suffix == ".old"), key=lambda p: p.stat().st_mtime)
-    if olds and not final.exists():
+    # A set-aside output is a real folder; a link of that name is planted, never renamed into place.
+    olds = sorted((p for p in siblings if p.suffix == ".old" and not p.is_symlink() and p.is_dir()),
+                  key=lambda p: p.stat().st_mtime)
+    if olds and not final.exists() and not final.is_symlink():
         os.rename(olds.pop(), final)
     for path in siblings:
-        if path.exists():
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

@@ -13,6 +13,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from moeprune.errors import MoePruneError
+from moeprune.io import INDEX_FILE, read_weight_map
 from moeprune.models import register as register_ports
 
 # Files of which at least one makes a directory hold a tokenizer (transformers 5 silently builds an empty,
@@ -104,9 +105,23 @@ def load_model(
         kwargs["device_map"] = device_map
     log.info("Loading %s (%s) on %s", path, kwargs["dtype"], _placement_name(device_map))
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+        loaded, info = AutoModelForCausalLM.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
     except OSError as err:
         raise MoePruneError(f"Cannot load the weights of {path}: {err}") from err
+    except RuntimeError as err:
+        if "mismatched" not in str(err):
+            raise
+        raise MoePruneError(
+            f"The tensors of {path} do not have the shapes its config.json describes (e.g. the config says more "
+            "experts, or another size, than the weights hold); fix config.json or re-download the checkpoint."
+        ) from err
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        # transformers would initialise them randomly and carry on: every result would be silently wrong.
+        raise MoePruneError(
+            f"{len(missing)} weight(s) of the model are missing from {path} (e.g. {missing[0]}); transformers "
+            "would fill them with random values. Re-download or re-save the checkpoint."
+        )
     loaded.eval()
     loaded.name_or_path = path
     return loaded
@@ -260,8 +275,8 @@ def checked_tokenizer(tokenizer: Any, model: Any, trust_remote_code: bool = Fals
     if tokenizer is None or isinstance(tokenizer, str | Path):
         source = tokenizer or model_name(model)
         check_tokenizer_source(str(source), None)
-        return check_tokenizer(load_tokenizer(source, trust_remote_code), source)
-    return tokenizer
+        return check_tokenizer(load_tokenizer(source, trust_remote_code), source, model)
+    return check_tokenizer(tokenizer, "the given tokenizer", model)
 
 
 def check_device(device: str | None) -> None:
@@ -291,12 +306,10 @@ def check_checkpoint_files(model: Any) -> None:
     folder = Path(resolve_model_path(model))
     if not folder.is_dir():
         return
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise MoePruneError(f"{index} is corrupt ({err}); re-download the checkpoint.") from err
+
+    check_not_pickle_only(folder)
+    if (folder / INDEX_FILE).exists():
+        shards = set(read_weight_map(folder).values())
         missing = sorted(s for s in shards if not (folder / s).exists())
         if missing:
             raise MoePruneError(f"{folder} lacks the shard(s) {missing} its index names; re-download the checkpoint.")
@@ -321,8 +334,9 @@ def check_tokenizer_source(model: str, tokenizer: str | None) -> None:
         )
 
 
-def check_tokenizer(tokenizer: Any, source: Any) -> Any:
-    """Refuse an empty tokenizer (transformers 5 returns one of length 1 for a folder without its files)."""
+def check_tokenizer(tokenizer: Any, source: Any, model: Any = None) -> Any:
+    """Refuse an empty tokenizer (transformers 5 returns one of length 1 for a folder without its files), and
+    one whose ids run past the model's embedding rows (an IndexError deep in the embedding otherwise)."""
     try:
         size = len(tokenizer)
     except TypeError:
@@ -332,4 +346,35 @@ def check_tokenizer(tokenizer: Any, source: Any) -> Any:
             f"The tokenizer loaded from {source} is empty ({size} token); the folder has no tokenizer files. "
             "Pass --tokenizer PATH_OR_ID naming the model's tokenizer."
         )
+    rows = _embedding_rows(model)
+    if rows is not None and size > rows:
+        raise MoePruneError(
+            f"The tokenizer from {source} has {size} tokens, more than the model's {rows} embedding rows "
+            "(vocab_size): its ids would index past the embedding. Pass --tokenizer naming this model's tokenizer."
+        )
     return tokenizer
+
+
+def _embedding_rows(model: Any) -> int | None:
+    try:
+        return int(model.get_input_embeddings().num_embeddings)
+    except (AttributeError, TypeError, ValueError):
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        return vocab if isinstance(vocab, int) else None
+
+
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "pytorch_model.pt")
+
+
+def check_not_pickle_only(folder: Path) -> None:
+    """A checkpoint with pickle weights only (pytorch_model.bin, no safetensors): torch refuses to unpickle it
+    safely, and moeprune never unpickles untrusted files. Refused with the conversion to do."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = [name for name in PICKLE_WEIGHTS if (folder / name).exists()] or [p.name for p in folder.glob("*.bin")]
+    if pickles:
+        raise MoePruneError(
+            f"{folder} holds pickle weights only ({pickles[0]}), no .safetensors; moeprune loads safetensors "
+            "checkpoints only (unpickling can run code). Convert it where you trust the file, e.g. "
+            "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR_SAFE), and pass that folder."
+        )

@@ -10,23 +10,41 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from moeprune.arch import moe_layers
+from moeprune.data.corpora import CorpusSpec, check_corpus_file, parse_corpus
+from moeprune.data.sampling import calibration_windows
 from moeprune.errors import MoePruneError
-from moeprune.io import check_output_dir, check_output_file
+from moeprune.io import (
+    check_name_length,
+    check_not_overlapping,
+    check_not_symlink,
+    check_output_dir,
+    check_writable_parent,
+    output_lock,
+    read_config_json,
+)
 from moeprune.loading import (  # noqa: F401 (check_tokenizer re-exported)
     check_checkpoint_files,
     check_device,
     check_tokenizer,
     check_tokenizer_source,
+    config_hash,
+    load_config,
+    load_tokenizer,
+    model_name,
+    parse_dtype,
+    resolve_model_path,
 )
 from moeprune.options import at_least_one, non_negative
 from moeprune.presets import preset_for
+from moeprune.profiling.runner import weights_fingerprint
+from moeprune.profiling.stats import check_one_model, finished_corpora, read_meta
 
 # Flags that must be at least 1 (0 used to fall back to the preset silently).
 POSITIVE_FLAGS = (
@@ -44,6 +62,8 @@ POSITIVE_FLAGS = (
     "limit",
 )
 NON_NEGATIVE_FLAGS = ("seed", "plan_seed", "protect_budget")
+# Flags with a larger minimum: a perplexity window predicts tokens 2..L from the ones before, so L >= 2.
+MINIMUM_FLAGS = {"ppl_seq_len": 2}
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +74,6 @@ def check_args(args: argparse.Namespace) -> None:
     _check_numbers(args)
     check_device(getattr(args, "device", None))
     if getattr(args, "dtype", None) is not None:
-        from moeprune.loading import parse_dtype
-
         parse_dtype(args.dtype)
     check = {
         "profile": _check_profile,
@@ -71,8 +89,6 @@ def check_args(args: argparse.Namespace) -> None:
 
 def held_outputs(args: argparse.Namespace) -> AbstractContextManager:
     """The lock on apply's and prune's --out, held for the whole run: a second writer fails at its start."""
-    from moeprune.io import output_lock
-
     return output_lock(args.out) if args.verb in ("apply", "prune") else nullcontext()
 
 
@@ -80,6 +96,10 @@ def _check_numbers(args: argparse.Namespace) -> None:
     for name in POSITIVE_FLAGS:
         if any(value < 1 for value in _numbers(args, name)):
             raise at_least_one(f"--{_flag(name)}", getattr(args, name))
+    for name, least in MINIMUM_FLAGS.items():
+        if any(value < least for value in _numbers(args, name)):
+            raise MoePruneError(f"--{_flag(name)} must be at least {least} (got {getattr(args, name)}); a window "
+                                "scores each token from the ones before it.")
     for name in NON_NEGATIVE_FLAGS:
         if any(value < 0 for value in _numbers(args, name)):
             raise non_negative(f"--{_flag(name)}", getattr(args, name))
@@ -106,13 +126,14 @@ def _flag(name: str) -> str:
 def _check_profile(args: argparse.Namespace) -> None:
     check_not_a_file(args.out)
     check_corpora(args.corpora)
+    check_profile_out(args.out, args.model, args.corpora, args.tokenizer)
     config = check_model(args.model, args.trust_remote_code, weights=True)
     check_tokenizer_source(args.model, getattr(args, "tokenizer", None))
     check_seq_len(config, _effective(args, "seq_len"), "--seq-len")
-    from moeprune.loading import config_hash
-    from moeprune.profiling.stats import check_one_model
+    check_corpus_windows(args.corpora, args.tokenizer or args.model, _effective(args, "seq_len"),
+                         args.trust_remote_code)
 
-    check_one_model(args.out, config_hash(config))
+    check_one_model(args.out, config_hash(config), weights_fingerprint(args.model))
 
 
 def _effective(args: argparse.Namespace, name: str) -> Any:
@@ -124,10 +145,47 @@ def _effective(args: argparse.Namespace, name: str) -> Any:
 def _check_plan(args: argparse.Namespace) -> None:
     check_not_a_file(args.out)
     check_method(args.method, args.protect_budget, args.candidate)
+    model = args.model or _profiled_model(args.profile)
+    check_not_overlapping(Path(args.out), [local_model(model)])
+    if model and _reconstructs(args.method, args.candidate):
+        seq_len = args.recon_seq_len or preset_for(model)["recon_seq_len"]
+        check_seq_len(model_config(model, args.trust_remote_code), seq_len, "--recon-seq-len")
+
+
+def _profiled_model(profile: str | Path) -> str | None:
+    """The model a profile folder records (None when it records none or holds no finished corpus)."""
+    done = finished_corpora(profile)
+    model = read_meta(Path(profile) / f"{next(iter(done))}.json").get("model") if done else None
+    return model if isinstance(model, str) and model else None
+
+
+def local_model(model: Any) -> Path | None:
+    """A model's local folder (None for a hub id, a loaded model without a local path, or no model)."""
+    if model is None:
+        return None
+    name = model if isinstance(model, str | Path) else model_name(model)
+    try:
+        path = Path(resolve_model_path(name))
+    except (MoePruneError, OSError, TypeError):
+        return None
+    return path if path.exists() else None
+
+
+def check_profile_out(out: str | Path, model: Any, corpora: Sequence[Any] | None, tokenizer: Any = None,
+                      flag: str = "--out") -> None:
+    """A profile folder must not be, contain or lie inside the model, its tokenizer or a corpus file: a corpus
+    profile written there would replace the source's files (profile --out MODEL replaced model.safetensors)."""
+    sources: list[Any] = [local_model(model)]
+    if isinstance(tokenizer, str | Path):
+        sources.append(local_model(tokenizer))
+    for corpus in corpora or []:
+        spec = corpus if isinstance(corpus, CorpusSpec) else parse_corpus(corpus)
+        if spec.kind in ("txt", "jsonl", "parquet"):
+            sources.append(Path(spec.source))
+    check_not_overlapping(Path(out), sources, flag)
 
 
 def _check_apply(args: argparse.Namespace) -> None:
-    from moeprune.loading import resolve_model_path
     from moeprune.planning.fit import check_mask_for_config  # lazy: planning pulls in torch
 
     source = Path(resolve_model_path(args.model))
@@ -143,6 +201,24 @@ def _check_apply(args: argparse.Namespace) -> None:
     else:
         config = check_model(args.model, args.trust_remote_code, weights=True)
         check_mask_for_config(mask, config, force=args.force)
+        check_mask_layers(mask, config, args.trust_remote_code)
+
+
+def check_mask_layers(mask: Any, config: Any, trust_remote_code: bool = False) -> None:
+    """The mask covers exactly the model's MoE layers (none missing, none extra), found on an empty (meta
+    device) model built from the config: checked before the weights load. A config transformers cannot
+    build without running code is left to the check at load."""
+    try:
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+
+        with init_empty_weights():
+            empty = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        layers = moe_layers(empty)
+    except Exception:  # noqa: BLE001 - any failure here is reported by the load itself, with its own message
+        return
+    mask.check_model([layer.index for layer in layers], layers[0].num_experts if layers else mask.num_experts)
 
 
 def check_mask_for_checkpoint(mask: Any, folder: str | Path, *, force: bool = False,
@@ -167,8 +243,6 @@ def _warn_hash_unchecked(folder: str) -> None:
 def _config_or_json(folder: Path, trust_remote_code: bool) -> Any:
     """The config object when transformers can build it (for the config hash), else config.json's dict:
     model-free apply never runs the checkpoint's code, so it must not need --trust-remote-code."""
-    from moeprune.loading import load_config
-
     try:
         return load_config(folder, trust_remote_code)
     except MoePruneError:
@@ -177,11 +251,11 @@ def _config_or_json(folder: Path, trust_remote_code: bool) -> Any:
             raise MoePruneError(
                 f"{folder} has no config.json; model-free apply needs a Hugging Face checkpoint."
             ) from None
-        return json.loads(path.read_text())
+
+        return read_config_json(folder)
 
 
 def _check_prune(args: argparse.Namespace) -> None:
-    from moeprune.loading import resolve_model_path
     from moeprune.planning.fit import check_retain_for_config  # lazy: planning pulls in torch
 
     check_method(args.method, args.protect_budget, args.candidate)
@@ -191,12 +265,20 @@ def _check_prune(args: argparse.Namespace) -> None:
     sources = [source if source.exists() else None, workdir]
     check_output_dir(args.out, sources=sources, overwrite=args.overwrite)
     check_not_a_file(workdir, "--workdir")
+    check_profile_out(workdir, args.model, args.corpora, args.tokenizer, "--workdir")
     config = check_model(args.model, args.trust_remote_code, weights=True)
     check_tokenizer_source(args.model, args.tokenizer)
     check_seq_len(config, _effective(args, "seq_len"), "--seq-len")
+    check_corpus_windows(args.corpora, args.tokenizer or args.model, _effective(args, "seq_len"),
+                         args.trust_remote_code)
     if _reconstructs(args.method, args.candidate):
         check_seq_len(config, _effective(args, "recon_seq_len"), "--recon-seq-len")
     check_retain_for_config(config, args.retain)
+
+
+def reconstructs(method: str, candidate: str | None) -> bool:
+    """Whether planning ``method`` (with tb-coverage's ``candidate``) runs the layerwise reconstruction."""
+    return _reconstructs(method, candidate)
 
 
 def _reconstructs(method: str, candidate: str | None) -> bool:
@@ -206,22 +288,28 @@ def _reconstructs(method: str, candidate: str | None) -> bool:
 
 
 def _check_eval(args: argparse.Namespace) -> None:
+    """(The checks that need moeprune.evaluation, a floor up, are in evaluation.checks: --out, the [eval]
+    extra, local perplexity files; the CLI runs them right after these.)"""
     from moeprune.planning.fit import check_mask_for_config  # lazy: planning pulls in torch
-    if args.out:
-        check_output_file(args.out)
+
     config = check_model(args.model, args.trust_remote_code, weights=True)
     check_tokenizer_source(args.model, args.tokenizer)
     check_seq_len(config, args.ppl_seq_len, "--ppl-seq-len")
     if args.mask:
-        check_mask_for_config(load_mask(args.mask), config, force=args.force)
+        mask = load_mask(args.mask)
+        check_mask_for_config(mask, config, force=args.force)
+        check_mask_layers(mask, config, args.trust_remote_code)
 
 
 def _check_experiment(args: argparse.Namespace) -> None:
+    """(Checks on the experiment's effective options, the [eval] extra and local perplexity files are in
+    evaluation.checks, a floor up; the CLI runs them right after these.)"""
     from moeprune.planning import registry  # lazy: planning pulls in torch
     from moeprune.planning.fit import check_retain_for_config  # lazy: planning pulls in torch
 
     check_not_a_file(args.out)
     check_corpora(args.corpora)
+    check_profile_out(args.out, args.model, args.corpora, args.tokenizer)
     unknown = [m for m in args.methods or [] if m not in registry.REGISTRY]
     if unknown:
         raise MoePruneError(
@@ -239,7 +327,7 @@ def _check_experiment(args: argparse.Namespace) -> None:
             check_method(method, None, args.candidate)
     config = check_model(args.model, args.trust_remote_code, weights=True)
     check_tokenizer_source(args.model, getattr(args, "tokenizer", None))
-    for flag in ("seq_len", "recon_seq_len", "ppl_seq_len"):
+    for flag in ("seq_len", "ppl_seq_len"):
         check_seq_len(config, getattr(args, flag), f"--{_flag(flag)}")
     if args.retain:
         check_retain_for_config(config, args.retain)
@@ -255,20 +343,30 @@ def check_method(method: str, protect_budget: int | str | None, candidate: str |
 
 def check_not_a_file(path: str | Path, flag: str = "--out") -> None:
     """An output directory that already exists as a file fails now, not at the first write."""
-    from moeprune.io import check_name_length, check_writable_parent
-
     path = Path(path)
     check_name_length(path, flag)
+    check_not_symlink(path, flag)
     if path.exists() and not path.is_dir():
         raise MoePruneError(f"{flag} {path} is a file, not a directory; choose a directory path.")
     check_writable_parent(path, flag)
 
 
+def check_corpus_windows(specs: Sequence[str] | None, tokenizer_source: str, seq_len: int | None,
+                         trust_remote_code: bool = False) -> None:
+    """Local .txt/.jsonl corpora yield at least one window of ``seq_len`` tokens, found with the tokenizer alone
+    before the model loads (it tokenizes no more than one window's worth)."""
+    local = [spec for spec in map(parse_corpus, specs or []) if spec.kind in ("txt", "jsonl")]
+    if not local or not seq_len:
+        return
+
+    tokenizer = load_tokenizer(tokenizer_source, trust_remote_code)
+    for spec in local:
+        calibration_windows(spec, tokenizer, 1, seq_len)
+
+
 def check_corpora(specs: Sequence[str] | None) -> None:
     """Parse every --corpus and read local text files now (an unknown split, a missing file or one that is not
     UTF-8 text fails before the model loads)."""
-    from moeprune.data.corpora import check_corpus_file, parse_corpus
-
     for spec in specs or []:
         check_corpus_file(parse_corpus(spec))
 
@@ -277,8 +375,6 @@ def check_corpora(specs: Sequence[str] | None) -> None:
 def check_model(model: str, trust_remote_code: bool = False, weights: bool = False):
     """The model's config (MoePruneError when it cannot be read); with ``weights``, a local checkpoint's
     safetensors files must be complete (a truncated download fails here, not deep inside transformers)."""
-    from moeprune.loading import load_config
-
     config = load_config(model, trust_remote_code)
     if weights:
         check_checkpoint_files(model)
@@ -286,8 +382,6 @@ def check_model(model: str, trust_remote_code: bool = False, weights: bool = Fal
 
 
 def model_config(model: str, trust_remote_code: bool = False):
-    from moeprune.loading import load_config
-
     return load_config(model, trust_remote_code)
 
 

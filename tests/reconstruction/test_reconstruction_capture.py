@@ -98,13 +98,13 @@ def test_capture_writes_each_activation_once(tmp_path: Path, monkeypatch: pytest
     model = build_model("qwen2_moe")
     tokens = windows(model.config.vocab_size)
     written: list[int] = []
-    save = capture_module.save_file
+    save = capture_module.save_safetensors_atomic  # captures write through the one atomic-file helper
 
-    def counting_save(tensors: dict, path: str) -> None:
+    def counting_save(path, tensors: dict, *args, **kwargs) -> None:
         written.append(sum(t.numel() for t in tensors.values()))
-        save(tensors, path)
+        save(path, tensors, *args, **kwargs)
 
-    monkeypatch.setattr(capture_module, "save_file", counting_save)
+    monkeypatch.setattr(capture_module, "save_safetensors_atomic", counting_save)
     folder = capture_moe_inputs(model, tokens, tmp_path, "k", batch_size=3, progress=False)
     hidden = model.config.hidden_size
     assert len(written) == 2  # one file per batch (4 windows in batches of 3), nothing joined afterwards

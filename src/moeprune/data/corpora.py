@@ -22,12 +22,13 @@ blank line. ``NAME=SPEC`` gives the corpus another name (the profile file is ``N
 from __future__ import annotations
 
 import hashlib
-import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from moeprune.errors import MoePruneError
+from moeprune.io import check_regular_file, open_regular_file, parse_json, read_text
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,39 @@ def parse_corpus(spec: str) -> CorpusSpec:
     parsed = _parse_body(body)
     if name:
         parsed = CorpusSpec(**{**parsed.__dict__, "name": _safe_name(name)})
+    check_corpus_name(parsed.name, spec, given=bool(name))
     return parsed
+
+
+# Files moeprune (or a checkpoint) keeps beside a profile's <corpus>.safetensors/.json: a corpus of one of these
+# names would replace them (profile --out MODEL: model.safetensors) or be mistaken for one (a mask, a checkpoint).
+RESERVED_CORPUS_NAMES = frozenset({
+    "model", "config", "generation_config", "tokenizer", "tokenizer_config", "special_tokens_map", "mask",
+    "experiment", "results", "perplexity", "reconstruction", "profile", "profile-reap", "masks", "cells", "plots",
+    "meta", "pending", "adapter_model", "adapter_config", "pytorch_model", "training_args",
+})
+_RESERVED_SUFFIXES = (".partial", ".tmp", ".old", ".lock", ".json", ".safetensors", ".index")
+_CORPUS_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def check_corpus_name(name: str, spec: str = "", given: bool = True) -> None:
+    """A corpus name is the stem of its profile files, so it must be a plain name that cannot collide with
+    moeprune's own files: no leading dot, no "..", no path separator, none of the reserved names (model,
+    config, mask, ...), no reserved suffix (.partial, .tmp, .old, .lock, ...), not a mask file's name
+    (``reap-0.50``) nor a checkpoint shard's (``model-00001-of-00002``)."""
+    lower = name.lower()
+    problem = None
+    if not _CORPUS_NAME.fullmatch(name) or ".." in name or len(name) > 100:
+        problem = "is not a plain name (letters, digits, _ . -, not starting with a dot, no '..', at most 100)"
+    elif lower in RESERVED_CORPUS_NAMES or re.fullmatch(r"model-\d+-of-\d+", lower):
+        problem = "is the name of a file moeprune or the checkpoint keeps beside profiles"
+    elif any(part in lower for part in _RESERVED_SUFFIXES):
+        problem = f"contains one of the reserved suffixes {', '.join(_RESERVED_SUFFIXES)}"
+    elif re.fullmatch(r".*-\d+(\.\d+)?(e-?\d+)?(-seed\d+)?", lower):
+        problem = "ends like a mask file name (METHOD-RATIO[-seedS]), which plan and prune write beside profiles"
+    if problem:
+        how = "choose another NAME in NAME=SPEC" if given else f"name it with NAME=SPEC, e.g. --corpus my{name}={spec}"
+        raise MoePruneError(f"Corpus name {name!r} {problem}; {how}.")
 
 
 def _parse_body(spec: str) -> CorpusSpec:
@@ -115,15 +148,23 @@ def _parse_file(spec: str) -> CorpusSpec:
         )
     if not Path(path).exists():
         raise MoePruneError(f"Corpus file {path} not found. Check the path (relative paths are from {Path.cwd()}).")
+    check_regular_file(path, "Corpus file")  # a folder, FIFO or device is named now (a FIFO must not hang)
     return CorpusSpec(name=_safe_name(Path(path).stem), kind=kind, source=str(Path(path).resolve()), field=field)
 
 
 def check_corpus_file(spec: CorpusSpec) -> None:
-    """A local .txt or .jsonl corpus is readable text (checked before the model loads)."""
+    """A local .txt or .jsonl corpus is readable text with some text in it (checked before the model loads)."""
     if spec.kind == "txt":
-        _read_text(Path(spec.source))
+        text = _read_text(Path(spec.source))
+        if not text.strip():
+            raise MoePruneError(f"Corpus file {spec.source} holds no text (it is empty or only whitespace); "
+                                "give a file with documents.")
     elif spec.kind == "jsonl":
-        _check_jsonl(Path(spec.source), spec.field)
+        if not _check_jsonl(Path(spec.source), spec.field):
+            raise MoePruneError(
+                f"Corpus file {spec.source} holds no text: every record's {spec.field!r} is empty, whitespace or "
+                "missing; give records with text (or name the text field with FILE.jsonl:FIELD)."
+            )
 
 
 def corpus_fingerprint(spec: CorpusSpec) -> str | None:
@@ -132,7 +173,7 @@ def corpus_fingerprint(spec: CorpusSpec) -> str | None:
     if spec.kind not in ("txt", "jsonl", "parquet"):
         return None
     digest = hashlib.sha256()
-    with Path(spec.source).open("rb") as handle:
+    with os.fdopen(open_regular_file(spec.source, "Corpus file"), "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -165,17 +206,8 @@ def wikitext_articles(text: str) -> list[str]:
 
 
 def _read_text(path: Path) -> str:
-    """A .txt corpus as UTF-8 text; binary or other encodings fail with the fix."""
-    data = path.read_bytes()
-    if b"\x00" in data[:65536]:
-        raise MoePruneError(f"Corpus file {path} looks binary (it holds NUL bytes), not text; pass a UTF-8 .txt file.")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise MoePruneError(
-            f"Corpus file {path} is not UTF-8 text (byte {err.start}: {data[err.start:err.start + 1]!r}); convert it, "
-            f"e.g. iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8.txt."
-        ) from err
+    """A .txt corpus as UTF-8 text (io.read_text: a regular file; binary or other encodings fail with the fix)."""
+    return read_text(path, "Corpus file")
 
 
 def _load_with_datasets(spec: CorpusSpec) -> list[str]:
@@ -221,19 +253,15 @@ def _load_with_datasets(spec: CorpusSpec) -> list[str]:
     return ["\n\n".join(v for v in values if v) for values in zip(*columns, strict=True)]
 
 
-def _check_jsonl(path: Path, field: str) -> None:
+def _check_jsonl(path: Path, field: str) -> bool:
     """Every line of a .jsonl corpus is a JSON object whose ``field`` (each of ``a+b``) is a string (or null):
-    one line names the first bad one, instead of a pyarrow traceback."""
-    with path.open("rb") as handle:
+    one line names the first bad one, instead of a pyarrow traceback. True when some record holds text."""
+    has_text = False
+    with os.fdopen(open_regular_file(path, "Corpus file"), "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
-            try:
-                record = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise MoePruneError(
-                    f"Corpus file {path} line {number} is not valid JSON ({err}); fix or drop that line."
-                ) from err
+            record = parse_json(raw, f"Corpus file {path} line {number}", "fix or drop that line")
             if not isinstance(record, dict):
                 raise MoePruneError(f"Corpus file {path} line {number} is not a JSON object; write one object a line.")
             for name in field.split("+"):  # "a+b" joins fields (see _load_with_datasets)
@@ -243,6 +271,8 @@ def _check_jsonl(path: Path, field: str) -> None:
                         f"Corpus file {path} line {number}: field {name!r} is {value!r}, not a string; every "
                         f"record's text must be a string (or name another field with {path.name}:FIELD)."
                     )
+                has_text = has_text or bool(value and value.strip())
+    return has_text
 
 
 def _safe_name(name: str) -> str:

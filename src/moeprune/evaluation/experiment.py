@@ -21,19 +21,24 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from moeprune.api import mask_filename
 from moeprune.arch.adapters import routing_meta
+from moeprune.data.corpora import parse_corpus
 from moeprune.errors import MoePruneError
 from moeprune.evaluation.zeroshot import reuse_lm_eval
-from moeprune.io import write_json_atomic
+from moeprune.io import read_json, remove_orphan_temp_files, terminal_safe, write_json_atomic, write_text_atomic
 from moeprune.loading import config_hash
 from moeprune.options import Calibration, EvalSettings, ReconstructionOptions, flag_or, listed
 from moeprune.planning.mask import ExpertMask, kept_count
 from moeprune.presets import PAPER, PRESETS, preset_for, preset_name
+from moeprune.profiling.runner import tokenizer_fingerprint, weights_fingerprint
+from moeprune.profiling.stats import Profile
 from moeprune.recovery import (
     KINDS,
     NONE,
@@ -45,6 +50,8 @@ from moeprune.recovery import (
     recover,
     teacher_targets,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RETAINS = PRESETS[PAPER].retains
 DEFAULT_SEEDS = PRESETS[PAPER].seeds
@@ -158,8 +165,10 @@ def run_experiment(
 def _check_settings(out: Path, settings: dict[str, Any]) -> None:
     """Refuse to mix cells computed under other calibration or evaluation settings; the grid may grow."""
     path = out / "experiment.json"
-    if path.exists():
-        old = json.loads(path.read_text())
+    if path.exists() or path.is_symlink():
+        old = read_json(path, "Experiment settings", f"delete it (or use another --out) to start {out} over")
+        if not isinstance(old, dict):
+            raise MoePruneError(f"Experiment settings {path} is not a JSON object; delete it or use another --out.")
         for key in ("model", "calibration", "evaluation", "recovery"):
             if key == "recovery" and (key not in old or key not in settings):
                 continue  # recovery added to (or left out of) a grid: the plain cells still compare
@@ -220,9 +229,8 @@ def plan_grid(
         for seed in seeds if registry.method_spec(method).seeded else [None]:
             for variant, options in _variants(method, calibration):
                 paths = [out / "masks" / variant_filename(variant, r, seed) for r in retains]
-                if all(p.exists() for p in paths):
-                    masks = [ExpertMask.load(p) for p in paths]
-                else:
+                masks = _reusable_masks(paths, retains, _profile_of(out, options, calibration))
+                if masks is None:
                     masks = _plan(out, model, method, retains, seed, calibration, reconstruction, model_masks, progress,
                                   **options)
                     for path, mask in zip(paths, masks, strict=True):
@@ -234,6 +242,30 @@ def plan_grid(
                 planned.extend(zip(paths, masks, strict=True))
     # Table order: by method as the user listed them.
     return sorted(planned, key=lambda pm: (list(methods).index(pm[1].method), pm[1].retain, pm[1].seed or 0))
+
+
+def _profile_of(out: Path, options: dict[str, Any], calibration: dict[str, Any]) -> str:
+    """The fingerprint of the profile a variant is planned from (its corpora of this run only)."""
+    folder = options.get("profile", "profile")
+    return Profile.load(out / folder, _corpus_names(calibration, folder)).fingerprint()
+
+
+def _corpus_names(calibration: dict[str, Any], folder: str) -> list[str]:
+    specs = [calibration["reap_corpus"]["corpus"]] if folder == REAP_PROFILE else calibration["corpora"]
+    return [parse_corpus(spec).name for spec in specs]
+
+
+def _reusable_masks(paths: list[Path], retains: Sequence[float], profile_sha256: str) -> list[ExpertMask] | None:
+    """The grid's saved masks when every one exists, is for its exact ratio and was planned from this profile
+    (a changed corpus file, tokenizer or model changes the profile); else None: plan them again."""
+    if not all(p.exists() for p in paths):
+        return None
+    masks = [ExpertMask.load(p) for p in paths]
+    for path, mask, retain in zip(paths, masks, retains, strict=True):
+        if mask.retain != retain or mask.extra.get("profile_sha256") != profile_sha256:
+            log.info("%s was planned from another profile or ratio; planning it again.", path.name)
+            return None
+    return masks
 
 
 def budgets_of(protect_budget: int | str | Sequence[int | str] | None) -> list[int | str | None]:
@@ -254,8 +286,6 @@ def _variants(method: str, calibration: dict[str, Any]) -> list[tuple[str, dict[
             return [(method, {"budget": budgets[0]})]
         return [(f"{method}@B{b}", {"budget": b}) for b in budgets]
     if spec.one_corpus and calibration.get("reap_corpus"):
-        from moeprune.data.corpora import parse_corpus
-
         name = parse_corpus(calibration["reap_corpus"]["corpus"]).name
         return [(method, {}), (f"{method}@{name}", {"profile": REAP_PROFILE, "score_corpus": name})]
     return [(method, {})]
@@ -287,6 +317,7 @@ def _plan(
         out / profile,
         method,
         list(retains),
+        corpora=_corpus_names(calibration, profile),
         seed=seed or 0,
         protect_budget=budget if spec.protects else None,
         candidate=candidate,
@@ -299,8 +330,6 @@ def _plan(
 
 
 def cell_id(mask: ExpertMask | None, recover: str = "none") -> str:
-    from moeprune.api import mask_filename
-
     if mask is None:
         return DENSE
     stem = mask_filename(mask).removesuffix(".json")
@@ -324,16 +353,20 @@ def evaluate_grid(
     from moeprune.evaluation import footprint
 
     dense_fp = footprint(model)
+    model_inputs = cell_inputs(model, tokenizer, None)
     cells = []
     shared = _SharedCalibration(model, tokenizer, recovery, progress)
     for path, mask in [(None, None), *masks]:
         for kind in ["none"] if mask is None else recover:
             file = out / "cells" / f"{cell_id(mask, kind)}.json"
-            if file.exists():
-                cells.append(json.loads(file.read_text()))
+            inputs = {**model_inputs, "mask_sha256": cell_inputs(None, None, mask)["mask_sha256"]}
+            cached = read_cell(file, cell_id(mask, kind), inputs)
+            if cached is not None:
+                cells.append(cached)
                 continue
             found = None if kind == "none" else _cell_recovery(out, model, mask, recovery.with_kind(kind), shared)
             cell = run_cell(model, tokenizer, mask, path, dense_fp, eval_settings, progress, found)
+            cell["inputs"] = inputs
             write_json_atomic(file, cell)
             cells.append(cell)
     return cells
@@ -396,6 +429,46 @@ def _cell_recovery(out: Path, model: Any, mask: ExpertMask, options: Any, shared
     found = recover(model, mask, options, windows=shared.windows(), teacher=teacher, progress=shared.progress)
     found.save(folder)
     return found
+
+
+CELL_TYPES = {"cell": str, "method": str, "variant": str, "retain": (int, float), "summary": dict}
+
+
+def cell_inputs(model: Any, tokenizer: Any, mask: ExpertMask | None) -> dict[str, str | None]:
+    """What a cell's numbers come from beyond the settings: the model's weights, the tokenizer and the mask
+    (its JSON, which records its profile): a cell is reused only when all three are the same."""
+    mask_json = None if mask is None else json.dumps(mask.to_json(), sort_keys=True)
+    return {
+        "weights_sha256": None if model is None else weights_fingerprint(model),
+        "tokenizer_sha256": None if tokenizer is None else tokenizer_fingerprint(tokenizer),
+        "mask_sha256": None if mask_json is None else hashlib.sha256(mask_json.encode()).hexdigest(),
+    }
+
+
+def read_cell(file: Path, expected_id: str, inputs: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """A finished cell to reuse, or None to (re)compute it: absent, unreadable, not this cell's result, or
+    computed from other inputs (weights, tokenizer, mask: :func:`cell_inputs`). A cell is only lost time, so a
+    bad one is recomputed with a warning rather than refused."""
+    if not file.exists() and not file.is_symlink():
+        return None
+    try:
+        cell = read_json(file, "Cell file", "it will be recomputed")
+        problem = None if isinstance(cell, dict) else "not a JSON object"
+        for key, types in CELL_TYPES.items() if problem is None else ():
+            if not isinstance(cell.get(key), types) or isinstance(cell.get(key), bool):
+                problem = f"its {key!r} is {cell.get(key)!r}"
+                break
+        if problem is None and cell["cell"] != expected_id:
+            problem = f"it holds cell {cell['cell']!r}"
+        if problem is None and inputs is not None and cell.get("inputs") != inputs:
+            log.info("%s was computed from another model, tokenizer or mask; computing it again.", file.name)
+            return None
+        if problem:
+            raise MoePruneError(f"Cell file {file} is not a result of this cell ({problem})")
+    except MoePruneError as err:
+        log.warning("%s; recomputing it.", str(err).rstrip("."))
+        return None
+    return cell
 
 
 def run_cell(
@@ -467,9 +540,7 @@ def write_outputs(
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text_atomic(path, text)
 
 
 def _name(model: Any) -> str:
@@ -537,8 +608,6 @@ def parse_ppl_data(items: Sequence[str] | None) -> dict[str, str] | None:
 
 def _remove_orphans(out: Path) -> None:
     """A killed run's half-written files in the experiment's folders (no lock: only dead writers' files)."""
-    from moeprune.io import remove_orphan_temp_files
-
     for folder in (out, out / "masks", out / "cells"):
         if folder.is_dir():
             remove_orphan_temp_files(folder)
@@ -546,6 +615,7 @@ def _remove_orphans(out: Path) -> None:
 
 def run_experiment_cli(args: argparse.Namespace) -> dict[str, Any]:
     result = run_experiment(args.model, args.out, progress=not args.quiet, **experiment_options(args))
-    print(Path(result["files"]["report"]).read_text())
+
+    print(terminal_safe(Path(result["files"]["report"]).read_text()))
     print(f"experiment written to {args.out} ({len(result['cells'])} cells)")
     return result

@@ -11,9 +11,8 @@ window has the same number of predictions, this equals SparseGPT's
 from __future__ import annotations
 
 import gzip
-import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from moeprune.errors import MoePruneError
+from moeprune.io import parse_json, read_bytes, read_text
 
 # The bundled testbed's domains: calibration corpora, held-out domains, the never-trained one.
 BUNDLED_PPL_DATASETS: tuple[str, ...] = ("wiki", "web", "bible", "man", "glossary", "devil")
@@ -164,36 +164,65 @@ def load_eval_text(dataset: str, sources: Mapping[str, str | Path] | None = None
 
         return dataset, "\n\n".join(read_bundled_corpus(dataset, "test")), PROTOCOLS[dataset]
     path = Path(dataset)
-    if path.is_file():
-        return path.name, path.read_text(encoding="utf-8"), f"{PROTOCOLS['file']} ({path})"
+    if looks_like_path(dataset):
+        return path.name, read_text(path, "Perplexity file"), f"{PROTOCOLS['file']} ({path})"
     raise MoePruneError(
         f"Unknown perplexity dataset {dataset!r}: use one of {list(PPL_DATASETS)} or a path to a local text file."
     )
 
 
+def looks_like_path(dataset: str) -> bool:
+    """A --ppl value meant as a file: it exists (as anything: a folder or FIFO is then named as such), or it
+    has a folder or a suffix (a missing file is reported as missing, not as an unknown dataset)."""
+    path = Path(dataset)
+    return path.exists() or path.is_symlink() or len(path.parts) > 1 or bool(path.suffix)
+
+
+def check_local_ppl_files(datasets: Sequence[str] | None, sources: Mapping[str, str | Path] | None) -> None:
+    """Every local perplexity file (a --ppl FILE, a --ppl-data NAME=PATH) reads as its loader reads it: before the
+    model loads, a folder, FIFO, device, non-UTF-8 or malformed file is one line."""
+    sources = sources or {}
+    for name, path in sources.items():
+        if name in (datasets or sources):
+            _local_text(name, Path(path))
+    for dataset in datasets or []:
+        if dataset not in sources and dataset not in PPL_DATASETS and looks_like_path(dataset):
+            read_text(Path(dataset), "Perplexity file")
+
+
 def _local_text(name: str, path: Path) -> str:
     """A local copy of a hub dataset, turned into the same text the hub version gives."""
-    if not path.is_file():
-        raise MoePruneError(f"Local file for {name!r} not found: {path}")
+    what = f"Local file for {name!r}"
+    if name == "c4" and path.name.endswith((".json", ".json.gz", ".jsonl", ".jsonl.gz")):
+        return " ".join(_json_lines_text(path, C4_DOCUMENTS, what))
+    text = read_text(path, what)
     if name == "wikitext2":
         # wiki.test.raw: the hub dataset has one row per line, keeping its '\n', blank lines as ''.
-        with open(path, encoding="utf-8") as handle:
-            return "\n\n".join(row if row.strip() else "" for row in handle)
-    if name == "c4" and path.name.endswith((".json", ".json.gz", ".jsonl", ".jsonl.gz")):
-        return " ".join(_json_lines_text(path, C4_DOCUMENTS))
-    return path.read_text(encoding="utf-8")
+        return "\n\n".join(row if row.strip() else "" for row in text.splitlines(keepends=True))
+    return text
 
 
-def _json_lines_text(path: Path, limit: int) -> list[str]:
+def _json_lines_text(path: Path, limit: int, what: str) -> list[str]:
     """The "text" field of the first ``limit`` records of a (gzipped) JSON-lines file, as C4 ships."""
-    opener = gzip.open if path.suffix == ".gz" else open
+    data = read_bytes(path, what)
+    if path.suffix == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as err:
+            raise MoePruneError(f"{what} {path} is not a readable gzip file ({err}); re-download it.") from err
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise MoePruneError(f"{what} {path} is not UTF-8 text (byte {err.start}); re-download it.") from err
     rows = []
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                rows.append(json.loads(line)["text"])
-            if len(rows) == limit:
-                break
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            record = parse_json(line, f"{what} {path} line {number}", "fix or drop that line")
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise MoePruneError(f"{what} {path} line {number} is not an object with a string \"text\" field.")
+            rows.append(record["text"])
+        if len(rows) == limit:
+            break
     return rows
 
 

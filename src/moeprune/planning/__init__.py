@@ -98,6 +98,7 @@ def plan(
         extra.update(corpora=[score_corpus], score_corpus=score_corpus, variant=f"{method}@{score_corpus}")
     if meta.get("config_hash"):
         extra["config_hash"] = meta["config_hash"]
+    extra["profile_sha256"] = profile.fingerprint()  # which profile: a grid replans when it changes
     mask = ExpertMask(
         model=str(meta.get("model", "")),
         method=method,

@@ -16,14 +16,13 @@ readers ignore what they do not know.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moeprune.errors import MoePruneError
-from moeprune.io import write_json_atomic
+from moeprune.io import read_json, write_json_atomic
 
 MASK_FORMAT = "moeprune.mask/1"
 
@@ -149,7 +148,7 @@ class ExpertMask:
             raise MoePruneError(f"Not a moeprune mask (format {obj.get('format')!r}, expected {MASK_FORMAT!r}).")
         _check_fields(obj)
         layers = {}
-        for key, entry in obj["layers"].items():
+        for key, entry in obj["layers"].items():  # keys are canonical (_check_fields): one key per layer
             extra = {k: v for k, v in entry.items() if k not in ("kept", "protected")}
             layers[int(key)] = LayerMask(list(entry["kept"]), list(entry.get("protected", [])), extra)
         return cls(
@@ -171,17 +170,20 @@ class ExpertMask:
     @classmethod
     def load(cls, path: str | Path) -> ExpertMask:
         path = Path(path)
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             raise MoePruneError(f"Mask file {path} not found; create one with `moeprune plan`.")
-        try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            message = f"Mask file {path} is not valid JSON ({err}); re-create it with `moeprune plan`."
-            raise MoePruneError(message) from err
+        obj = read_json(path, "Mask file", "re-create it with `moeprune plan`")
         try:
             return cls.from_json(obj)
         except MoePruneError as err:
             raise MoePruneError(f"Mask file {path}: {err}") from err
+
+
+def _list(obj: dict[str, Any], key: str, fix: str) -> list[Any]:
+    value = obj.get(key, [])
+    if not isinstance(value, list):
+        raise MoePruneError(f"the mask's {key!r} is {value!r}, not a list; {fix}.")
+    return value
 
 
 def _is_int(value: Any) -> bool:
@@ -202,9 +204,33 @@ def _check_fields(obj: dict[str, Any]) -> None:
             raise MoePruneError(f"the mask lacks the field {key!r}; {fix}.")
         if not ok(obj[key]):
             raise MoePruneError(f"the mask's {key!r} is {obj[key]!r}, not {kind}; {fix}.")
+    for key, value, kind in (
+        ("model", obj.get("model"), "a string"),
+        ("candidate", obj.get("candidate"), "a string"),
+        ("protect_budget", obj.get("protect_budget"), "a whole number"),
+        ("seed", obj.get("seed"), "a whole number"),
+    ):
+        if value is not None and not (isinstance(value, str) if kind == "a string" else _is_int(value) and value >= 0):
+            raise MoePruneError(f"the mask's {key!r} is {value!r}, not {kind} or null; {fix}.")
+    if not all(isinstance(note, str) for note in _list(obj, "notes", fix)):
+        raise MoePruneError(f"the mask's 'notes' must be a list of strings; {fix}.")
+    if not isinstance(obj.get("extra", {}), dict):
+        raise MoePruneError(f"the mask's 'extra' is {obj['extra']!r}, not an object; {fix}.")
+    variant = obj.get("extra", {}).get("variant")
+    if variant is not None and not isinstance(variant, str):
+        raise MoePruneError(f"the mask's extra variant is {variant!r}, not a string; {fix}.")
+    retain, n, k = obj["retain"], obj["num_experts"], obj["kept_per_layer"]
+    if not 0.0 < retain <= 1.0 or k > n or kept_count(retain, n) != k:
+        raise MoePruneError(
+            f"the mask's retain {retain!r} does not give its kept_per_layer K={k} of num_experts N={n} "
+            f"(K = floor(retain * N)); a mask must say one ratio; {fix}."
+        )
     for key, entry in obj["layers"].items():
-        if not key.lstrip("-").isdigit() or int(key) < 0:
-            raise MoePruneError(f"the mask's layer key {key!r} is not a decoder-layer index; {fix}.")
+        if not key.isdigit() or key != str(int(key)):
+            raise MoePruneError(
+                f"the mask's layer key {key!r} is not a decoder-layer index in canonical form (0, 1, 12; not 00 or "
+                f"+1); {fix}."
+            )
         if not isinstance(entry, dict) or "kept" not in entry:
             raise MoePruneError(f"mask layer {key} is {entry!r}, not an object with a \"kept\" list; {fix}.")
         for field_name in ("kept", "protected"):

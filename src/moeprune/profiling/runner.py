@@ -24,15 +24,16 @@ from moeprune.arch.view import moe_layers, top_k_of
 from moeprune.data.corpora import CorpusSpec, corpus_fingerprint
 from moeprune.data.sampling import calibration_windows
 from moeprune.errors import MoePruneError
-from moeprune.io import remove_orphan_temp_files
-from moeprune.loading import config_hash, model_name
+from moeprune.io import checkpoint_fingerprint, output_lock, remove_orphan_temp_files
+from moeprune.loading import config_hash, model_name, resolve_model_path
 from moeprune.profiling.instrument import StatsRecorder
 from moeprune.profiling.stats import ExpertStats, Profile, check_one_model, finished_corpora
 
 # Metadata that must match for a saved corpus profile (or checkpoint) to be reused: everything that changes
 # the windows (the tokenizer and a local corpus file's content included). The batch size does not: a
 # checkpoint records the windows done, so a run resumed with another --batch-size continues at the next one.
-IDENTITY_KEYS = ("config_hash", "tokenizer_sha256", "corpus", "corpus_sha256", "samples_requested", "seq_len", "seed")
+IDENTITY_KEYS = ("config_hash", "weights_sha256", "tokenizer_sha256", "corpus", "corpus_sha256", "samples_requested",
+                 "seq_len", "seed")
 
 
 @dataclass
@@ -62,6 +63,7 @@ def model_meta(model) -> dict[str, Any]:
         "model": model_name(model),
         "model_type": getattr(config, "model_type", None),
         "config_hash": config_hash(config),
+        "weights_sha256": weights_fingerprint(model),
         "num_experts": layers[0].num_experts,
         "top_k": top_k_of(model),
         "moe_layers": [layer.index for layer in layers],
@@ -86,7 +88,7 @@ def profile_model(
         raise MoePruneError("Two corpora share a name; name them with NAME=SPEC.")
     base_meta = {**model_meta(model), **_library_versions(), "settings": asdict(settings)}
     base_meta["tokenizer_sha256"] = tokenizer_fingerprint(tokenizer)
-    check_one_model(out_dir, base_meta["config_hash"])
+    check_one_model(out_dir, base_meta["config_hash"], base_meta["weights_sha256"])
     if _is_rank0() and out_dir.is_dir():
         for path in remove_orphan_temp_files(out_dir):  # profile folders have no lock: only dead writers' files
             _log(progress, f"removed {path.name}, left by a killed profiling run")
@@ -110,9 +112,14 @@ def profile_model(
             partial = out_dir / f"{spec.name}.partial.safetensors"
             stats = profile_windows(model, windows, settings, meta, partial, progress, f"profile {spec.name}")
         if _is_rank0():
-            stats.meta["finished_at"] = time.time()
-            stats.save(path)
-            _remove_partial(out_dir / f"{spec.name}.partial.safetensors")
+            # Checked again under the folder's lock: a run of another model that finished meanwhile is not
+            # silently replaced or mixed with (two profiles started together into one new folder).
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with output_lock(out_dir / "corpora"):
+                check_one_model(out_dir, base_meta["config_hash"], base_meta["weights_sha256"])
+                stats.meta["finished_at"] = time.time()
+                stats.save(path)
+                _remove_partial(out_dir / f"{spec.name}.partial.safetensors")
     _barrier()
     return Profile.load(out_dir, [spec.name for spec in corpora])
 
@@ -186,9 +193,17 @@ def _windows_done(meta: dict[str, Any]) -> int:
     return int(meta.get("batches_done", 0)) * int(meta.get("settings", {}).get("batch_size", 0))
 
 
+def weights_fingerprint(model: Any) -> str | None:
+    """:func:`moeprune.io.checkpoint_fingerprint` of the folder a model (or a path) was loaded from; None for a
+    hub id or an in-memory model (then the config hash and the tokenizer identify it)."""
+    name = model if isinstance(model, str | Path) else model_name(model)
+    return checkpoint_fingerprint(resolve_model_path(name)) if name else None
+
+
 def _identity(base_meta: dict[str, Any], spec: CorpusSpec, settings: ProfileSettings) -> dict[str, Any]:
     return {
         "config_hash": base_meta["config_hash"],
+        "weights_sha256": base_meta["weights_sha256"],
         "tokenizer_sha256": base_meta["tokenizer_sha256"],
         "corpus": spec.describe(),
         "corpus_sha256": corpus_fingerprint(spec),

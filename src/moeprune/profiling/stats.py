@@ -18,18 +18,16 @@ library versions) for each corpus.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from moeprune.errors import MoePruneError
-from moeprune.io import temp_file_beside, write_json_atomic
+from moeprune.io import read_json, save_safetensors_atomic, write_json_atomic
 
 SUM_FIELDS = ("count", "gate_sum", "reap_sum", "norm_sum")
 PROFILE_FORMAT = "moeprune.profile/1"
@@ -96,16 +94,11 @@ class ExpertStats:
     def save(self, path: str | Path) -> None:
         """Write ``path`` (.safetensors) and its ``.json`` metadata, each atomically."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_file_beside(path)  # named after this process: the next run can tell if its writer died
-        try:
-            save_file(self.tensors(), str(tmp), metadata={"format": PROFILE_FORMAT})
-            # Metadata first: a .safetensors without its .json is treated as unfinished.
-            write_json_atomic(path.with_suffix(".json"), {"format": PROFILE_FORMAT, **self.meta})
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        # Metadata first: a .safetensors without its .json is treated as unfinished.
+        save_safetensors_atomic(
+            path, self.tensors(), {"format": PROFILE_FORMAT},
+            before_rename=lambda: write_json_atomic(path.with_suffix(".json"), {"format": PROFILE_FORMAT, **self.meta}),
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> ExpertStats:
@@ -145,6 +138,24 @@ class ExpertStats:
                 return f"{name} holds negative values"
         if not torch.equal(self.count, self.count.round()):
             return "count holds fractional token counts"
+        unrouted = self.count == 0
+        for name in SUM_FIELDS[1:]:
+            if (getattr(self, name)[unrouted] != 0).any():
+                return f"{name} is non-zero for an expert that count says no token reached"
+        return self._count_problem()
+
+    def _count_problem(self) -> str | None:
+        """A finished profile routes every token to top-k experts in every layer: each row of count sums to
+        top_k x tokens (checkpoints cover part of the tokens, so only their rows' equality is checked)."""
+        rows = self.count.sum(dim=1)
+        if len(rows) and not torch.equal(rows, rows[:1].expand_as(rows)):
+            return f"count sums to different token totals in different layers ({sorted(set(rows.tolist()))})"
+        top_k, tokens = self.meta.get("top_k"), self.meta.get("tokens")
+        if "windows_done" in self.meta or not _is_int(top_k) or not _is_int(tokens) or not len(rows):
+            return None
+        if int(rows[0]) != top_k * tokens:
+            return (f"count sums to {int(rows[0])} routings per layer, but {tokens} tokens routed to top-{top_k} "
+                    f"experts make {top_k * tokens}")
         return None
 
 
@@ -161,12 +172,13 @@ class Profile:
         for name, stats in self.corpora.items():
             if not torch.equal(stats.layers, first.layers) or stats.count.shape != first.count.shape:
                 raise MoePruneError(f"Corpus {name!r} was profiled on a model of a different shape.")
-        hashes = {name: s.meta["config_hash"] for name, s in self.corpora.items() if s.meta.get("config_hash")}
-        if len(set(hashes.values())) > 1:
-            raise MoePruneError(
-                f"The profile mixes corpora of different models (config hashes {hashes}); a profile folder must hold "
-                "one model's corpora. Move the other model's files to their own folder."
-            )
+        for key, what in (("config_hash", "config hashes"), ("weights_sha256", "weights fingerprints")):
+            values = {name: s.meta[key] for name, s in self.corpora.items() if s.meta.get(key)}
+            if len(set(values.values())) > 1:
+                raise MoePruneError(
+                    f"The profile mixes corpora of different models ({what} {values}); a profile folder must hold "
+                    "one model's corpora. Move the other model's files to their own folder."
+                )
 
     @property
     def names(self) -> list[str]:
@@ -192,6 +204,19 @@ class Profile:
         for other in stats[1:]:
             total = total.merge(other)
         return total
+
+    def fingerprint(self) -> str:
+        """SHA-256 of what planning reads: every corpus's name and sums, and the model's config hash and weights
+        fingerprint. A mask records it (``extra["profile_sha256"]``): a mask planned from other sums is stale."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name in sorted(self.corpora):
+            stats = self.corpora[name]
+            digest.update(f"{name}\0{stats.meta.get('config_hash')}\0{stats.meta.get('weights_sha256')}\0".encode())
+            for tensor_name, tensor in sorted(stats.tensors().items()):
+                digest.update(tensor_name.encode() + tensor.cpu().numpy().tobytes())
+        return digest.hexdigest()
 
     def reap_scores(self) -> torch.Tensor:
         """Per-corpus REAP scores stacked: ``[num_corpora, num_moe_layers, num_experts]``."""
@@ -230,32 +255,65 @@ def finished_corpora(directory: str | Path) -> dict[str, float]:
     return done
 
 
-def check_one_model(directory: str | Path, config_hash: str) -> None:
+def check_one_model(directory: str | Path, config_hash: str, weights_sha256: str | None = None) -> None:
     """Refuse to add a model's corpora to a folder holding another model's (planning would mix them, and a
-    corpus of the same name would replace the other model's profile)."""
+    corpus of the same name would replace the other model's profile): another config hash, or the same config
+    with other weights (another checkpoint of one architecture, or this one's weights changed since)."""
     directory = Path(directory)
     for name in finished_corpora(directory):
-        other = read_meta(directory / f"{name}.json").get("config_hash")
+        meta = read_meta(directory / f"{name}.json")
+        other = meta.get("config_hash")
         if other and other != config_hash:
             raise MoePruneError(
                 f"{directory} holds the profile of another model ({name}: config hash {other}, this model's is "
                 f"{config_hash}); a profile folder holds one model's corpora. Choose another --out."
             )
+        weights = meta.get("weights_sha256")
+        if weights and weights_sha256 and weights != weights_sha256:
+            raise MoePruneError(
+                f"{directory} holds corpus {name} profiled from other weights of this architecture (model "
+                f"{meta.get('model')!r}; its weights fingerprint differs: another checkpoint, or these weights "
+                "changed since). Its corpora would mix with this model's. Choose another --out, or delete "
+                f"{directory} to profile again."
+            )
+
+
+# Types of the metadata fields moeprune reads (planning, resuming, identity); others are kept as they are.
+META_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str,), "model_type": (str, type(None)), "config_hash": (str,), "tokenizer_sha256": (str,),
+    "corpus_sha256": (str, type(None)), "weights_sha256": (str, type(None)), "corpus": (dict,),
+    "tokens": (int,), "samples": (int,), "samples_requested": (int,), "seq_len": (int,), "seed": (int,),
+    "num_experts": (int,), "top_k": (int, type(None)), "n_group": (int, type(None)),
+    "topk_group": (int, type(None)), "moe_layers": (list,), "world_size": (int,), "windows_done": (int,),
+    "finished_at": (int, float), "settings": (dict,), "versions": (dict,),
+}
 
 
 def read_meta(path: Path) -> dict[str, Any]:
     """A corpus profile's metadata (empty when absent); a corrupt file is a MoePruneError with the fix."""
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return {}
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MoePruneError(
-            f"Profile metadata {path} is corrupt ({err}); delete it and its .safetensors and re-run `moeprune profile`."
-        ) from err
+    fix = "delete it and its .safetensors and re-run `moeprune profile`"
+    meta = read_json(path, "Profile metadata", fix)
     if not isinstance(meta, dict):
-        raise MoePruneError(f"Profile metadata {path} is not a JSON object; delete it and re-run `moeprune profile`.")
+        raise MoePruneError(f"Profile metadata {path} is not a JSON object; {fix}.")
+    for key, types in META_TYPES.items():
+        value = meta.get(key)
+        wrong = key in meta and (not isinstance(value, types) or isinstance(value, bool)
+                                 or (isinstance(value, int | float) and value < 0))
+        if wrong or (key == "moe_layers" and not all(_is_int(v) and v >= 0 for v in value or [])):
+            raise MoePruneError(f"Profile metadata {path}: {key!r} is {value!r}, not {_kind(types)}; {fix}.")
     return meta
+
+
+def _kind(types: tuple[type, ...]) -> str:
+    names = {str: "a string", int: "a non-negative integer", float: "a number", dict: "an object", list: "a list",
+             type(None): "null"}
+    return " or ".join(names[t] for t in types)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _safe_div(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:

@@ -19,19 +19,17 @@ a capture in an older layout is discarded and redone.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from moeprune.arch.view import moe_layers
 from moeprune.errors import MoePruneError
-from moeprune.io import remove_orphan_temp_files, temp_file_beside, write_json_atomic
+from moeprune.io import read_json, remove_orphan_temp_files, save_safetensors_atomic, write_json_atomic
 from moeprune.loading import config_hash, model_name
 
 CAPTURE_FORMAT = "moeprune.reconstruction-inputs/2"
@@ -59,9 +57,8 @@ class WorkDir:
         return self.dir / f"batch_{batch:05d}.safetensors"
 
     def read_meta(self) -> dict[str, Any] | None:
-        import json
-
-        return json.loads(self.meta_path.read_text()) if self.meta_path.exists() else None
+        """The finished capture's record, or None (absent or unreadable: the capture is then made again)."""
+        return _cached_json(self.meta_path)
 
     def load_layer(self, layer: int) -> torch.Tensor:
         """The captured inputs ``[T, H]`` of decoder layer ``layer``, in token-window order."""
@@ -125,13 +122,22 @@ def capture_moe_inputs(
 
 def _start(work: WorkDir, pending: dict[str, Any]) -> None:
     """Resume an interrupted capture of the same data; discard one of other data under this key."""
-    import json
-
-    if work.pending_path.exists() and json.loads(work.pending_path.read_text()) != pending:
+    if work.pending_path.exists() and _cached_json(work.pending_path) != pending:
         shutil.rmtree(work.dir)
     work.dir.mkdir(parents=True, exist_ok=True)
     remove_orphan_temp_files(work.dir)  # a killed capture's half-written batch (large): only dead writers' files
     write_json_atomic(work.pending_path, pending)
+
+
+def _cached_json(path: Path) -> dict[str, Any] | None:
+    """A capture's own bookkeeping JSON (a cache), None when absent, unreadable or not an object."""
+    if not path.exists():
+        return None
+    try:
+        obj = read_json(path, "Capture record", "it is made again")
+    except MoePruneError:
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def _expected_meta(model: nn.Module, token_windows: torch.Tensor, corpus: str | None) -> dict[str, Any]:
@@ -203,11 +209,4 @@ def _recorder(captured: dict[int, torch.Tensor], index: int):
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_file_beside(path)
-    try:
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    save_safetensors_atomic(path, tensors)

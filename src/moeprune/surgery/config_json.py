@@ -12,12 +12,12 @@ cannot be found (a model built in memory), the legacy keys are derived from tran
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from moeprune.arch.adapters import ARCHITECTURES, NUM_EXPERTS_KEYS, config_value, set_config_value
+from moeprune.io import read_config_json
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def source_config_json(source: str | Path | None) -> dict[str, Any] | None:
         return None
     path = Path(source) / "config.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        return read_config_json(source)
     try:
         from transformers import PretrainedConfig
 

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moeprune.errors import MoePruneError
-from moeprune.io import atomic_directory, check_output_dir
+from moeprune.io import atomic_directory, check_output_dir, read_config_json
 from moeprune.loading import (
     checkpoint_dtype,
     load_config,
@@ -253,7 +253,7 @@ def _write(model: nn.Module, tok: Any, mask: ExpertMask, info: CardInfo, source:
 def _write_config(tmp: Path, source: str | Path, mask: ExpertMask) -> None:
     """Replace transformers' config.json by the source's own with the expert count edited (portable to
     transformers 4.x readers and other tools; see surgery/config_json.py)."""
-    saved = json.loads((tmp / "config.json").read_text())
+    saved = read_config_json(tmp)
     config = pruned_config_json(source_config_json(source), saved, mask.num_experts, mask.kept_per_layer)
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 from moeprune import __version__
+from moeprune.io import markdown_safe as md
 from moeprune.planning.mask import ExpertMask
 
 
@@ -19,31 +23,33 @@ class CardInfo:
 
 
 def render_model_card(info: CardInfo) -> str:
+    """The card; every value from the mask or the command line is escaped (``md``: one line, no markdown or
+    HTML), the front matter's value is a quoted YAML string, and the Reproduce line is shell-quoted."""
     mask = info.mask
     k, n = mask.kept_per_layer, mask.num_experts
     saved = 1 - info.params_after / info.params_before if info.params_before else 0.0
     budget = "none" if mask.protect_budget is None else str(mask.protect_budget)
     lines = [
         "---",
-        f"base_model: {info.source}",
+        f"base_model: {json.dumps(str(info.source))}",
         "tags: [moeprune, moe, expert-pruning]",
         "---",
         "",
-        f"# {Path(info.out_dir).name}",
+        f"# {md(Path(info.out_dir).name)}",
         "",
-        f"`{info.source}` with routed experts pruned by moeprune {__version__}: "
+        f"{md(info.source)} with routed experts pruned by moeprune {__version__}: "
         f"every MoE layer keeps **K={k} of N={n}** experts (retain {mask.retain:g}).",
         "",
         "| | |",
         "|---|---|",
-        f"| Method | {mask.variant}"
-        + (f" (candidate {mask.candidate}{'' if mask.candidate_used is not False else ', unused: B >= K'})"
+        f"| Method | {md(mask.variant)}"
+        + (f" (candidate {md(mask.candidate)}{'' if mask.candidate_used is not False else ', unused: B >= K'})"
            if mask.candidate else "")
         + " |",
         f"| Retain ratio | {mask.retain:g} |",
         f"| Experts kept per layer | {k} of {n} |",
-        f"| Protected budget B | {budget} |",
-        f"| Seed | {mask.seed} |",
+        f"| Protected budget B | {md(budget)} |",
+        f"| Seed | {md(mask.seed)} |",
         f"| Parameters | {info.params_before:,} -> {info.params_after:,} ({saved:.1%} fewer) |",
         "",
         "Kept experts are renumbered 0..K-1 in their original order; `mask.json` maps them back.",
@@ -60,12 +66,24 @@ def render_model_card(info: CardInfo) -> str:
         "",
         "Reproduce:",
         "",
-        "```bash",
-        f"moeprune apply {info.source} mask.json --out {info.out_dir}{_recover_flags(recovery)}",
-        "```",
+        *_code_block(reproduce_command(info.source, info.out_dir, _recover_flags(recovery).split())),
         "",
     ]
     return "\n".join(lines)
+
+
+def reproduce_command(source: str, out_dir: str, extra: list[str] | None = None) -> str:
+    """The apply command line, shell-quoted; a path starting with "-" gets "./" so it is not read as a flag."""
+    def arg(path: str) -> str:
+        return f"./{path}" if str(path).startswith("-") else str(path)
+
+    return shlex.join(["moeprune", "apply", arg(source), "mask.json", "--out", arg(out_dir), *(extra or [])])
+
+
+def _code_block(text: str) -> list[str]:
+    """A fenced block that ``text`` cannot close: the fence is longer than any run of backticks in it."""
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", text)), default=0))
+    return [fence + "bash", text, fence]
 
 
 def _recovery_lines(record: dict) -> list[str]:

@@ -10,13 +10,13 @@ router tensors with K rows), each with the expected shape, and the new index nam
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
 from moeprune.errors import MoePruneError
+from moeprune.io import read_weight_map
 from moeprune.planning.mask import ExpertMask
 from moeprune.surgery.keys import EXPERT_KEY, FUSED_KEY, ROUTER_KEY, sliced_shape
 
@@ -61,7 +61,7 @@ def check_source(folder: Path, shards: list[str], mask: ExpertMask) -> dict[str,
         )
     index = folder / INDEX_FILE
     if index.exists():
-        listed = json.loads(index.read_text())["weight_map"]
+        listed = read_weight_map(folder)
         absent = sorted(name for name, shard in listed.items() if shapes.get(name, (None,))[0] != shard)
         if absent:
             raise MoePruneError(
@@ -123,6 +123,6 @@ def check_written(folder: Path, expected: dict[str, tuple[int, ...]], has_index:
             "plain `moeprune apply`."
         )
     if has_index:
-        listed = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+        listed = read_weight_map(folder)
         if set(listed) != set(written) or not set(listed.values()) <= set(shards):
             raise MoePruneError("Model-free apply wrote an index that does not match its shards; nothing was written.")

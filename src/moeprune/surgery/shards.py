@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from moeprune.arch.adapters import spec_for
 from moeprune.errors import MoePruneError
-from moeprune.io import atomic_directory, check_output_dir
+from moeprune.io import atomic_directory, check_output_dir, read_config_json, read_weight_map
 from moeprune.planning.mask import ExpertMask
 from moeprune.surgery.config_json import with_expert_count
 from moeprune.surgery.keys import EXPERT_KEY, FUSED_KEY, ROUTER_KEY, sliced_shape
@@ -61,7 +61,7 @@ def prune_checkpoint_files(
     check_output_dir(out, sources=[source], overwrite=overwrite)
     shards = _shards(source)
     check_mask_for_checkpoint(mask, source, force=force, trust_remote_code=trust_remote_code)
-    config = json.loads((source / "config.json").read_text())
+    config = read_config_json(source)
     flat = spec_for(SimpleNamespace(**config)).layout == "flat"  # config.json as attributes, for the table
     expected = expected_output(check_source(source, shards, mask), mask, flat)  # from the headers, before writing
     with atomic_directory(out, overwrite=overwrite) as tmp:
@@ -106,7 +106,7 @@ def _shard_numel(path: Path) -> int:
 def _shards(source: Path) -> list[str]:
     index = source / INDEX_FILE
     if index.exists():
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return sorted(set(read_weight_map(source).values()))
     if (source / "model.safetensors").exists():
         return ["model.safetensors"]
     raise MoePruneError(
