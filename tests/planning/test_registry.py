@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from moeprune import api
 from moeprune.cli import main
@@ -14,7 +15,7 @@ from moeprune.planning.base import PlanContext, ranked
 from moeprune.planning.mask import ExpertMask, LayerMask
 from moeprune.planning.registry import MethodSpec
 
-from . import random_profile
+from . import make_profile, random_profile
 
 
 def least_frequent(ctx: PlanContext, row: int, experts: list[int]) -> LayerMask:
@@ -31,7 +32,12 @@ def throwaway():
 
 
 def test_one_row_is_all_a_method_needs(throwaway, tmp_path, capsys) -> None:
-    profile = random_profile(2, 2, 8)
+    # Each layer's counts are a permutation of the same values: the token totals agree across layers, as the
+    # profile loader checks when the CLI reads the saved profile back.
+    gen = torch.Generator().manual_seed(0)
+    values = torch.arange(1, 9, dtype=torch.float64) * 7
+    counts = torch.stack([torch.stack([values[torch.randperm(8, generator=gen)] for _ in range(2)]) for _ in range(2)])
+    profile = make_profile(torch.rand(2, 2, 8, generator=gen, dtype=torch.float64), counts)
     mask = plan(profile, "least-frequent", 0.5)
     count = profile.pooled().count
     for row, layer in enumerate(profile.layer_ids):
