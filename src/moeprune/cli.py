@@ -583,24 +583,11 @@ def _ppl_data_option(p: argparse.ArgumentParser) -> None:
 def _ppl_windows_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ppl-windows",
-        type=_positive_int("--ppl-windows"),
+        type=int,
         default=None,
         metavar="N",
         help="perplexity on the first N windows of each dataset's test split (default: all)",
     )
-
-
-def _positive_int(flag: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} takes a whole number, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{flag} must be at least 1, got {value}")
-        return value
-
-    return parse
 
 
 def _force_option(p: argparse.ArgumentParser) -> None:

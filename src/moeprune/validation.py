@@ -58,6 +58,7 @@ POSITIVE_FLAGS = (
     "reap_samples",
     "reap_seq_len",
     "ppl_seq_len",
+    "ppl_windows",
     "eval_batch_size",
     "limit",
 )
