@@ -257,7 +257,7 @@ def instrumented(record: dict[str, Any], peaks: Peaks):
 
     import moeprune.evaluation as evaluation
     import moeprune.loading as loading
-    from moeprune.evaluation import experiment
+    from moeprune import experiment
 
     stages, cells = record.setdefault("stages", {}), record.setdefault("cells", [])
     plans = record.setdefault("plan_methods", {})
@@ -376,7 +376,8 @@ def ppl_files(tokenizer_dir: Path, windows: int, seq_len: int, out: Path) -> lis
 def run_grid(args: argparse.Namespace, checkpoint: Path, out: Path) -> dict[str, Any]:
     """``moeprune experiment CHECKPOINT --preset paper`` with the scaled-down flags, instrumented."""
     from moeprune.cli import build_parser
-    from moeprune.evaluation.experiment import experiment_options, run_experiment
+    from moeprune.cli import experiment_options
+    from moeprune.experiment import run_experiment
 
     max_positions = json.loads((checkpoint / "config.json").read_text())["max_position_embeddings"]
     ppl_seq_len = min(2048, max_positions)

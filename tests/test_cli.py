@@ -217,11 +217,11 @@ def test_expert_sparsity_refuses_a_routing_rule_that_is_not_the_models(profiled,
 
 def test_ppl_windows_reaches_the_evaluation(capsys):
     """--ppl-windows N scores the first N windows (eval and experiment), and refuses N < 1 before any work."""
-    from moeprune.cli import build_parser
-    from moeprune.evaluation.experiment import experiment_options
+    from moeprune.cli import build_parser, experiment_options
 
     args = build_parser().parse_args(["experiment", "bundled", "--ppl-windows", "7", "--out", "x"])
-    assert experiment_options(args)["max_windows"] == 7
-    assert experiment_options(build_parser().parse_args(["experiment", "bundled", "--out", "x"]))["max_windows"] is None
+    assert experiment_options(args)["evaluation"].max_windows == 7
+    plain = build_parser().parse_args(["experiment", "bundled", "--out", "x"])
+    assert experiment_options(plain)["evaluation"].max_windows is None
     assert main(["eval", "bundled", "--ppl-windows", "0"]) == 2
     assert "--ppl-windows must be at least 1" in capsys.readouterr().err

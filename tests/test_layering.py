@@ -32,22 +32,19 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("planning",),
     ("reconstruction", "validation", "inspect"),
     ("surgery", "recovery"),  # recovery runs the pruned model inside surgery.masked; export applies its deltas
-    ("api",),
-    ("evaluation",),
+    ("evaluation",),  # measurement: perplexity, lm-eval, footprints, the report's tables and plots
+    ("api",),  # the pipeline's verbs: profile, plan, apply, recover, prune, evaluate
+    ("experiment",),  # orchestration: the grid of methods x ratios x recoveries, through the api
     ("cli", "__main__"),
 )
 
 # Known arrows that still run up (issue 20), each "from-module -> to-module". The test fails when one is
 # gone (strike it from here) as well as when a new one appears.
-KNOWN_UPWARD: set[str] = {
-    "moeprune.planning.auto_budget -> moeprune.surgery",
-    "moeprune.planning.auto_budget -> moeprune.evaluation.perplexity",
-    "moeprune.api -> moeprune.evaluation.perplexity",
-}
+KNOWN_UPWARD: set[str] = set()
 # Known circles (issue 20), each the sorted files of one strongly connected component.
 KNOWN_CIRCLES: set[tuple[str, ...]] = set()
 KNOWN_PRIVATE: set[str] = set()
-MAX_FUNCTION_LEVEL = 88  # 137 before issue 20; lower it as they go
+MAX_FUNCTION_LEVEL = 22  # 137 before issue 20, 88 after its first half; lower it as they go
 
 
 def _module(path: Path) -> str:

@@ -270,7 +270,7 @@ def test_w14_prune_overwrite_plans_on_this_runs_corpora_only(tiny_checkpoint, tm
 
 def test_w15_grid_masks_and_cells_follow_their_profile(tmp_path, profiled):
     """Unit level: a saved mask is reused only for its exact ratio and profile; a cell only for its inputs."""
-    from moeprune.evaluation.experiment import _reusable_masks, read_cell
+    from moeprune.experiment import _reusable_masks, read_cell
     from moeprune.planning import plan
     from moeprune.profiling.stats import Profile
 

@@ -7,6 +7,10 @@ notebook and the CLI run the same code::
     prof = api.profile("Qwen/Qwen1.5-MoE-A2.7B", ["wikitext2", "c4"], "prof/")
     mask = api.plan(prof, "tb-coverage", 0.5, model="Qwen/Qwen1.5-MoE-A2.7B")
     api.apply("Qwen/Qwen1.5-MoE-A2.7B", mask, "qwen-50/")
+    results = api.evaluate("Qwen/Qwen1.5-MoE-A2.7B", mask)   # or the written checkpoint "qwen-50/"
+
+Measurement (``moeprune.evaluation``) sits below this module and orchestration (the experiment grid,
+``moeprune.experiment``) above it.
 """
 
 from __future__ import annotations
@@ -20,17 +24,24 @@ from typing import Any
 import torch
 
 from moeprune.data.corpora import CorpusSpec, parse_corpus
+from moeprune.data.sampling import calibration_windows
 from moeprune.errors import MoePruneError
+from moeprune.evaluation.perplexity import held_out_nll, perplexity
+from moeprune.evaluation.runner import evaluate_model
+from moeprune.io import check_output_dir, write_json_atomic
 from moeprune.loading import (  # noqa: F401 (re-export)
     checked_model,
     checked_tokenizer,
+    checkpoint_dtype,
+    config_hash,
+    fits_on_gpus,
     load_config,
     load_model,
     load_tokenizer,
     model_name,
     resolve_model_path,
 )
-from moeprune.options import Calibration, ReconstructionOptions
+from moeprune.options import Calibration, EvalSettings, ReconstructionOptions
 from moeprune.planning import auto_budget, candidate_needed, paper_protect_budget, registry
 from moeprune.planning import plan as plan_from_profile
 from moeprune.planning.fit import check_mask_for_config
@@ -38,8 +49,10 @@ from moeprune.planning.mask import ExpertMask, kept_count
 from moeprune.presets import PAPER, PRESETS, is_bundled, preset_for  # noqa: F401 (re-export)
 from moeprune.profiling.runner import ProfileSettings, profile_model
 from moeprune.profiling.stats import Profile
+from moeprune.reconstruction import reconstruction_selection
 from moeprune.recovery import Recovery, RecoveryOptions, check_mergeable_config, check_prunes, recovery_corpora
 from moeprune.recovery import recover as recover_loaded
+from moeprune.surgery import export_pruned
 from moeprune.validation import check_profile_out, check_seq_len, model_config
 
 log = logging.getLogger("moeprune")
@@ -181,7 +194,8 @@ def plan_many(
             def plan_with(budget: int, retain: float = retain, kwargs: dict = kwargs) -> ExpertMask:
                 return plan_from_profile(prof, method, retain, **{**kwargs, "protect_budget": budget})
 
-            mask = auto_budget.choose(plan_with, k, paper_protect_budget(prof.num_experts), model, held_out)
+            mask = auto_budget.choose(plan_with, k, paper_protect_budget(prof.num_experts),
+                                      lambda m, model=model: held_out_nll(model, m, held_out), held_out)
         else:
             mask = plan_from_profile(prof, method, retain, **kwargs)
         if losses is not None and mask.candidate_used is not False:
@@ -265,7 +279,6 @@ def apply(
     the model loaded as ``dtype``/``device`` place it, then freed before the export reloads it), or a
     :class:`~moeprune.recovery.Recovery` computed earlier (:func:`recover`); the export is verified against the
     recovered model."""
-    from moeprune.surgery import export_pruned
 
     mask_file = None if isinstance(mask, ExpertMask) else mask
     mask = mask if isinstance(mask, ExpertMask) else ExpertMask.load(mask)
@@ -338,13 +351,10 @@ def prune(
     out: str | Path,
     *,
     method: str = "tb-coverage",
-    corpora: Sequence[str] = DEFAULT_CORPORA,
+    calibration: Calibration | None = None,
     workdir: str | Path | None = None,
-    samples: int = 512,
-    seq_len: int = 1024,
-    batch_size: int = 4,
     seed: int = 0,
-    protect_budget: int | None = None,
+    protect_budget: int | str | None = None,
     candidate: str | None = None,
     reconstruction: ReconstructionOptions | Mapping[str, Any] | None = None,
     dtype: str = "auto",
@@ -357,11 +367,12 @@ def prune(
     recover: RecoveryOptions | None = None,
 ) -> Path:
     """Profile, plan and apply in one call; the profile is kept in ``workdir`` (default ``OUT.work``).
+    ``calibration``: the profiling corpora and windows (None: the model's preset, as on the CLI);
     ``recover``: a recovery computed on the loaded model before the export (see :func:`apply`).
 
     With ``ppl_datasets`` the dense model and the written checkpoint are scored on those held-out sets
     and a table is printed (and saved as ``workdir/perplexity.json``)."""
-    Calibration(tuple(corpora), samples, seq_len, batch_size)  # the CLI's rules, before the model loads
+    calibration = calibration if calibration is not None else Calibration.from_preset(preset_for(model))
     recon = ReconstructionOptions.coerce(reconstruction)
     workdir = Path(workdir) if workdir else Path(str(out).rstrip("/") + ".work")
     _check_output(out, model, overwrite, workdir)  # before profiling, not after
@@ -372,11 +383,11 @@ def prune(
     tokenizer = checked_tokenizer(tokenizer, loaded, trust_remote_code)
     profiled = profile(
         loaded,
-        corpora,
+        calibration.corpora,
         workdir,
-        samples=samples,
-        seq_len=seq_len,
-        batch_size=batch_size,
+        samples=calibration.samples,
+        seq_len=calibration.seq_len,
+        batch_size=calibration.batch_size,
         seed=seed,
         tokenizer=tokenizer,
         progress=progress,
@@ -424,15 +435,34 @@ def prune(
     return written
 
 
-def _perplexities(model: Any, tokenizer: Any, datasets: Sequence[str], seq_len: int, progress: bool) -> dict[str, dict]:
-    from moeprune.evaluation.perplexity import perplexity
+def evaluate(
+    model: Any,
+    mask: ExpertMask | str | Path | None = None,
+    settings: EvalSettings | None = None,
+    *,
+    out: str | Path | None = None,
+    dtype: str = "auto",
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    tokenizer: Any = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Perplexity and zero-shot accuracy of ``model`` (a path, hub id, "bundled", a pruned checkpoint or a loaded
+    model), under ``mask`` (applied in memory, restored afterwards) when given; written atomically to ``out``.
 
+    ``settings``: what to measure (:class:`~moeprune.options.EvalSettings`); None is the model's preset: the
+    bundled testbed's six domains and held-out tasks, else wikitext2, c4 and the six tasks of Common Avg.
+    Returns the result dict with its ``summary`` (docs/experiments.md)."""
+    return evaluate_model(model, mask=mask, settings=settings, dtype=dtype, device=device,
+                          trust_remote_code=trust_remote_code, out=out, tokenizer=tokenizer, progress=progress)
+
+
+def _perplexities(model: Any, tokenizer: Any, datasets: Sequence[str], seq_len: int, progress: bool) -> dict[str, dict]:
     seq_len = min(seq_len, int(getattr(model.config, "max_position_embeddings", seq_len) or seq_len))
     return {name: perplexity(model, tokenizer, name, seq_len=seq_len, progress=progress) for name in datasets}
 
 
 def _report_perplexity(dense: dict[str, dict], pruned: dict[str, dict], mask: ExpertMask, workdir: Path) -> None:
-    from moeprune.io import write_json_atomic
 
     print(f"\nheld-out perplexity, {mask.method} keeping {mask.kept_per_layer} of {mask.num_experts} experts per layer")
     print(f"{'dataset':<12}{'dense':>10}{'pruned':>10}{'ratio':>8}")
@@ -452,8 +482,6 @@ def _release_memory() -> None:
 
 def _fits(model: Any, device: str | None, dtype: str = "auto", trust_remote_code: bool = False) -> bool:
     """Whether the weights (in ``dtype``) fit in the free memory of the GPU(s) they would load on."""
-    from moeprune.loading import fits_on_gpus
-
     return fits_on_gpus(model, dtype, device, trust_remote_code)
 
 
@@ -462,8 +490,6 @@ def _sequential_dtype(model: Any, dtype: str, run_on: str, trust_remote_code: bo
     run on an accelerator ("auto" would mean fp32 for CPU-loaded weights, see loading.load_model)."""
     if dtype != "auto" or str(run_on).startswith("cpu") or isinstance(model, torch.nn.Module):
         return dtype
-    from moeprune.loading import checkpoint_dtype, load_config
-
     return checkpoint_dtype(load_config(model, trust_remote_code))
 
 
@@ -484,8 +510,6 @@ def _reconstruct(
 ) -> dict[int, dict[int, tuple[list[int], float]]]:
     """ExpertSparsity selections for each K, from activations captured once into the work directory
     (``options``: see :class:`~moeprune.options.ReconstructionOptions`; unset ones come from the model's preset)."""
-    from moeprune.data.sampling import calibration_windows
-    from moeprune.reconstruction import reconstruction_selection
 
     if model is None:
         model = prof.meta.get("model")
@@ -508,7 +532,6 @@ def _reconstruct(
 
 def _check_same_model(prof: Profile, model: Any) -> None:
     """A profile is only meaningful for the model it was made from: refuse any other."""
-    from moeprune.loading import config_hash
 
     recorded, actual = prof.meta.get("config_hash"), config_hash(model.config)
     if recorded and recorded != actual:
@@ -533,7 +556,6 @@ _tokenizer = checked_tokenizer
 
 def _check_output(out: str | Path, model: Any, overwrite: bool, *other_sources: Any) -> None:
     """The output directory must not overlap the model (or the other sources), nor exist without overwrite."""
-    from moeprune.io import check_output_dir
 
     source = resolve_model_path(model) if isinstance(model, str | Path) else None
     check_output_dir(out, sources=[source, *other_sources], overwrite=overwrite)

@@ -8,12 +8,20 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from moeprune.errors import MoePruneError
 from moeprune.io import environment_errors, terminal_safe
-from moeprune.options import Calibration, ReconstructionOptions
-from moeprune.presets import RECOVERY_KINDS, help_default, preset_for
+from moeprune.options import (
+    Calibration,
+    EvalSettings,
+    GridOptions,
+    ReconstructionOptions,
+    parse_ppl_data,
+)
+from moeprune.presets import PRESETS, RECOVERY_KINDS, help_default, preset_for, preset_name
 
 EXAMPLES = {
     "prune": "moeprune prune Qwen/Qwen1.5-MoE-A2.7B --retain 0.5 --out qwen-50/\n"
@@ -48,13 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         _silence_library_progress()
     previous = _on_sigterm(_raise_terminated)
     try:
-        from moeprune.validation import check_args, held_outputs
+        from moeprune.validation import check_args, held_outputs  # lazy: validation pulls in transformers configs
 
         check_args(args)  # everything that can fail before the expensive work (docs/errors.md)
         if args.verb in ("eval", "experiment"):
             from moeprune.evaluation.checks import check_evaluation_args  # lazy: evaluation pulls in lm-eval
 
-            check_evaluation_args(args)
+            check_evaluation_args(args, experiment_options(args) if args.verb == "experiment" else None)
         if getattr(args, "recover", None):
             from moeprune.recovery.checks import check_recovery_args  # lazy: torch, only for --recover
 
@@ -173,7 +181,7 @@ def _calibration_options(p: argparse.ArgumentParser) -> None:
         dest="corpora",
         metavar="SPEC",
         help="repeatable: wikitext2, c4, wiki, web, FILE.txt|.jsonl|.parquet, hf:ID[:CONFIG][:SPLIT]"
-        "[:FIELD], NAME=SPEC (default: wikitext2 and c4; for the bundled model: wiki and web)",
+        f"[:FIELD], NAME=SPEC ({help_default('corpora')})",
     )
     g.add_argument("--samples", type=int, default=None, help=f"sequences per corpus ({help_default('samples')})")
     g.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence ({help_default('seq_len')})")
@@ -273,7 +281,7 @@ def recovery_from_args(args: argparse.Namespace):
 
 
 def _methods() -> list[str]:
-    from moeprune.planning import registry
+    from moeprune.planning import registry  # lazy: planning pulls in torch
 
     return registry.names()
 
@@ -297,7 +305,7 @@ def _add_profile(p: argparse.ArgumentParser) -> None:
 
 
 def _run_profile(args: argparse.Namespace) -> None:
-    from moeprune import api
+    from moeprune import api  # lazy: the api pulls in torch; --help stays fast
 
     _init_distributed()
     calibration = Calibration.from_args(args)
@@ -330,8 +338,8 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
 
 
 def _run_plan(args: argparse.Namespace) -> None:
-    from moeprune import api
-    from moeprune.profiling.stats import Profile
+    from moeprune import api  # lazy: the api pulls in torch; --help stays fast
+    from moeprune.profiling.stats import Profile  # lazy: torch
 
     # expert-sparsity reloads the profiled model unless told otherwise; its preset follows that model.
     args.model = args.model or Profile.load(args.profile).meta.get("model")
@@ -373,11 +381,11 @@ def _add_apply(p: argparse.ArgumentParser) -> None:
 
 
 def _run_apply(args: argparse.Namespace) -> None:
-    from moeprune import api
+    from moeprune import api  # lazy: the api pulls in torch; --help stays fast
 
     if args.model_free:
-        from moeprune.planning.mask import ExpertMask
-        from moeprune.surgery.shards import prune_checkpoint_files
+        from moeprune.planning.mask import ExpertMask  # lazy: torch
+        from moeprune.surgery.shards import prune_checkpoint_files  # lazy: torch and safetensors
 
         source = Path(api.resolve_model_path(args.model))
         if not source.is_dir():
@@ -423,19 +431,15 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
 
 
 def _run_prune(args: argparse.Namespace) -> None:
-    from moeprune import api
+    from moeprune import api  # lazy: the api pulls in torch; --help stays fast
 
-    calibration = Calibration.from_args(args)
     out = api.prune(
         args.model,
         args.retain,
         args.out,
         method=args.method,
-        corpora=calibration.corpora,
+        calibration=Calibration.from_args(args),
         workdir=args.workdir,
-        samples=calibration.samples,
-        seq_len=calibration.seq_len,
-        batch_size=calibration.batch_size,
         seed=args.seed,
         protect_budget=args.protect_budget,
         candidate=args.candidate,
@@ -461,7 +465,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
         nargs="*",
         default=None,
         help="perplexity datasets: wikitext2, c4, the bundled wiki web bible man glossary devil, FILE.txt "
-        "(default: wikitext2 c4; bundled: all six bundled)",
+        f"({help_default('ppl_datasets')})",
     )
     p.add_argument(
         "--ppl-seq-len",
@@ -488,23 +492,16 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> None:
-    from moeprune.evaluation.experiment import parse_ppl_data
-    from moeprune.evaluation.runner import evaluate_model
+    from moeprune import api  # lazy: the api pulls in torch; --help stays fast
 
-    results = evaluate_model(
+    results = api.evaluate(
         args.model,
         mask=args.mask,
-        ppl_datasets=args.ppl,
-        seq_len=args.ppl_seq_len,
-        max_windows=args.ppl_windows,
-        tasks=args.tasks,
-        limit=args.limit,
-        batch_size=args.eval_batch_size,
+        settings=EvalSettings.from_args(args, ppl_sources=parse_ppl_data(args.ppl_data)),
         dtype=args.dtype,
         device=args.device,
         trust_remote_code=args.trust_remote_code,
         out=args.out,
-        ppl_sources=parse_ppl_data(args.ppl_data),
         tokenizer=args.tokenizer,
         progress=_progress(args),
     )
@@ -520,15 +517,18 @@ def _add_experiment(p: argparse.ArgumentParser) -> None:
         help="paper: wikitext2+c4, 512x1024, B=20/24, six tasks, seeds 0-4,42; bundled: the testbed, fast "
         "(default: bundled for the testbed, else paper)",
     )
-    p.add_argument("--retain", type=float, nargs="+", default=None, help="retain ratios (default 0.25 0.5 0.75)")
+    p.add_argument("--retain", type=float, nargs="+", default=None, help=f"retain ratios ({help_default('retains')})")
     p.add_argument("--methods", nargs="+", default=None, help="methods (default: all)")
     p.add_argument(
-        "--seeds", type=int, nargs="+", default=None, help="random-method seeds (default: paper 0-4 42; bundled 0-5)"
+        "--seeds", type=int, nargs="+", default=None, help=f"random-method seeds ({help_default('seeds')})"
     )
-    p.add_argument("--corpus", action="append", dest="corpora", metavar="SPEC", help="profiling corpora")
-    p.add_argument("--samples", type=int, default=None, help="calibration sequences per corpus")
-    p.add_argument("--seq-len", type=int, default=None, help="calibration tokens per sequence")
-    p.add_argument("--ppl", nargs="*", default=None, help="perplexity datasets")
+    p.add_argument("--corpus", action="append", dest="corpora", metavar="SPEC",
+                   help=f"profiling corpora ({help_default('corpora')})")
+    p.add_argument("--samples", type=int, default=None,
+                   help=f"calibration sequences per corpus ({help_default('samples')})")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help=f"calibration tokens per sequence ({help_default('seq_len')})")
+    p.add_argument("--ppl", nargs="*", default=None, help=f"perplexity datasets ({help_default('ppl_datasets')})")
     p.add_argument("--ppl-seq-len", type=int, default=None, help="perplexity window")
     _ppl_windows_option(p)
     p.add_argument("--tasks", nargs="*", default=None, help="zero-shot tasks")
@@ -564,10 +564,32 @@ def _add_experiment(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=_run_experiment)
 
 
-def _run_experiment(args: argparse.Namespace) -> None:
-    from moeprune.evaluation.experiment import run_experiment_cli
+def experiment_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``run_experiment`` keyword arguments from the CLI, one typed option per stage: explicit flags win over
+    the preset, and without ``--preset`` the model picks one (the bundled testbed gets the fast one)."""
+    from moeprune.recovery import RecoveryOptions  # lazy: torch
 
-    run_experiment_cli(args)
+    preset = PRESETS[args.preset or preset_name(args.model)]
+    return {
+        "grid": GridOptions.from_args(args, preset),
+        "calibration": Calibration.from_args(args, preset),
+        "evaluation": EvalSettings.from_args(args, preset, parse_ppl_data(getattr(args, "ppl_data", None))),
+        # The tokenizer travels beside it (run_experiment loads it once), not inside.
+        "reconstruction": replace(ReconstructionOptions.from_args(args, preset), tokenizer=None),
+        "recovery": RecoveryOptions.from_args(args, preset, kind="none"),
+        "dtype": args.dtype,
+        "device": args.device,
+        "trust_remote_code": args.trust_remote_code,
+        "tokenizer": getattr(args, "tokenizer", None),
+    }
+
+
+def _run_experiment(args: argparse.Namespace) -> None:
+    from moeprune.experiment import run_experiment  # lazy: the grid pulls in torch and transformers
+
+    result = run_experiment(args.model, args.out, progress=not args.quiet, **experiment_options(args))
+    print(terminal_safe(Path(result["files"]["report"]).read_text()))
+    print(f"experiment written to {args.out} ({len(result['cells'])} cells)")
 
 
 def _ppl_data_option(p: argparse.ArgumentParser) -> None:
@@ -603,7 +625,7 @@ def _add_inspect(p: argparse.ArgumentParser) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> None:
-    from moeprune.inspect import describe
+    from moeprune.inspect import describe  # lazy: inspect pulls in torch
 
     _say(describe(args.target, trust_remote_code=args.trust_remote_code))
 
@@ -662,7 +684,7 @@ def _silence_library_progress() -> None:
 
 
 def _eval_batch_size(text: str) -> int | str:
-    from moeprune.evaluation.zeroshot import eval_batch_size
+    from moeprune.evaluation.zeroshot import eval_batch_size  # lazy: evaluation pulls in torch
 
     try:
         return eval_batch_size(text)

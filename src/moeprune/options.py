@@ -256,3 +256,88 @@ class EvalSettings(_Keyed):
 
 def listed(values: Sequence[Any] | None) -> list[Any] | None:
     return None if values is None else list(values)
+
+
+def parse_ppl_data(items: Sequence[str] | None) -> dict[str, str] | None:
+    """``--ppl-data NAME=PATH ...`` (local copies of hub perplexity sets) as a dict."""
+    if not items:
+        return None
+    bad = [item for item in items if "=" not in item]
+    if bad:
+        raise MoePruneError(f"--ppl-data takes NAME=PATH (e.g. wikitext2=/data/wiki.test.raw); got {bad}.")
+    return dict(item.split("=", 1) for item in items)
+
+
+# ---------------------------------------------------------------------------------------------- grid
+OFF = ("none", "off", "")
+
+
+@dataclass(frozen=True)
+class GridOptions(_Keyed):
+    """The experiment grid's axes: ``retains`` x ``methods`` (None: every registered method; random once per
+    seed of ``seeds``) x ``recover`` (recovery kinds, ``none`` = plain pruning). ``protect_budget``: one B (a
+    number or "auto", None: the paper's) or several for a sensitivity sweep; ``candidate``: TB-Coverage's
+    candidate (None: its default). ``reap_corpus`` (a corpus spec, None or "none": off): REAP is also ranked
+    on that corpus alone, ``reap_samples`` x ``reap_seq_len``, as "reap@NAME"."""
+
+    retains: tuple[float, ...] = (0.25, 0.5, 0.75)
+    methods: tuple[str, ...] | None = None
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 42)
+    protect_budget: int | str | tuple[int | str, ...] | None = None
+    candidate: str | None = None
+    reap_corpus: str | None = None
+    reap_samples: int = 128
+    reap_seq_len: int = 2048
+    recover: tuple[str, ...] = ("none",)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "retains", tuple(self.retains))
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+        object.__setattr__(self, "recover", tuple(dict.fromkeys(self.recover or ("none",))))
+        if self.methods is not None:
+            object.__setattr__(self, "methods", tuple(self.methods))
+        if isinstance(self.protect_budget, list | tuple):
+            budgets = tuple(dict.fromkeys(self.protect_budget))
+            # ``-B 20`` arrives as [20]: one value is not a sweep.
+            object.__setattr__(self, "protect_budget", budgets[0] if len(budgets) == 1 else budgets or None)
+        if isinstance(self.reap_corpus, str) and self.reap_corpus.lower() in OFF:
+            object.__setattr__(self, "reap_corpus", None)
+        if not self.retains:
+            raise MoePruneError("The grid needs at least one retain ratio (--retain R ...).")
+        for seed in self.seeds:
+            check_seed(seed, "--seeds")
+        check_count(self.reap_samples, "--reap-samples")
+        check_count(self.reap_seq_len, "--reap-seq-len")
+
+    @property
+    def budgets(self) -> list[int | str | None]:
+        """The B values of the grid: one (a number, "auto" or None for the default) or a sweep."""
+        return list(self.protect_budget) if isinstance(self.protect_budget, tuple) else [self.protect_budget]
+
+    @classmethod
+    def from_preset(cls, preset: Preset, **overrides: Any) -> GridOptions:
+        values: dict[str, Any] = {
+            "retains": preset.retains,
+            "seeds": preset.seeds,
+            "reap_corpus": preset.reap_corpus,
+            "reap_samples": preset.reap_samples,
+            "reap_seq_len": preset.reap_seq_len,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, preset: Preset | None = None) -> GridOptions:
+        """From --retain/--methods/--seeds/-B/--candidate/--reap-*/--recover over ``preset``."""
+        return cls.from_preset(
+            _preset(args, preset),
+            retains=getattr(args, "retain", None),
+            methods=getattr(args, "methods", None),
+            seeds=getattr(args, "seeds", None),
+            protect_budget=getattr(args, "protect_budget", None),
+            candidate=getattr(args, "candidate", None),
+            reap_corpus=getattr(args, "reap_corpus", None),
+            reap_samples=getattr(args, "reap_samples", None),
+            reap_seq_len=getattr(args, "reap_seq_len", None),
+            recover=getattr(args, "recover", None),
+        )

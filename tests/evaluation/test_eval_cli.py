@@ -9,8 +9,9 @@ from transformers import Qwen2MoeConfig
 
 from moeprune.bundled import read_bundled_corpus
 from moeprune.cli import main
-from moeprune.evaluation.runner import default_ppl_datasets, default_seq_len, default_tasks, resolve_tasks, summarise
+from moeprune.evaluation.runner import default_seq_len, resolve_tasks, summarise
 from moeprune.evaluation.zeroshot import COMMON_TASKS
+from moeprune.options import EvalSettings
 from moeprune.planning.mask import ExpertMask, LayerMask
 from moeprune.surgery import export_pruned
 
@@ -88,24 +89,33 @@ def test_default_seq_len():
     assert default_seq_len(Model(), None) == 2048
 
 
+def _settings(model, **flags):
+    import argparse
+
+    return EvalSettings.from_args(argparse.Namespace(model=model, **flags))
+
+
 def test_default_ppl_datasets(tiny_checkpoint):
     # offline for the testbed: the calibration corpora and the domains calibration never uses
-    assert default_ppl_datasets("bundled", None) == ["wiki", "web", "bible", "man", "glossary", "devil"]
-    assert default_ppl_datasets(str(tiny_checkpoint), None) == ["wikitext2", "c4"]
-    assert default_ppl_datasets("bundled", []) == [] and default_ppl_datasets("bundled", ["c4"]) == ["c4"]
+    assert _settings("bundled").ppl_datasets == ("wiki", "web", "bible", "man", "glossary", "devil")
+    assert _settings(str(tiny_checkpoint)).ppl_datasets == ("wikitext2", "c4")
+    assert _settings("bundled", ppl=[]).ppl_datasets == () and _settings("bundled", ppl=["c4"]).ppl_datasets == ("c4",)
+    assert _settings("bundled").ppl_seq_len == 256 and _settings(str(tiny_checkpoint)).ppl_seq_len is None
 
 
 def test_default_tasks(tiny_checkpoint):
     # the testbed's default runs offline: its held-out tasks, not the six hub tasks of Common Avg
-    assert resolve_tasks(default_tasks("bundled", None)) == ["heldout_order", "heldout_domain", "heldout_cloze"]
-    assert resolve_tasks(default_tasks(str(tiny_checkpoint), None)) == list(COMMON_TASKS)
-    assert default_tasks("bundled", ["none"]) == ["none"] and default_tasks("bundled", "arc_easy") == "arc_easy"
+    assert resolve_tasks(_settings("bundled").tasks) == ["heldout_order", "heldout_domain", "heldout_cloze"]
+    assert resolve_tasks(_settings(str(tiny_checkpoint)).tasks) == list(COMMON_TASKS)
+    assert _settings("bundled", tasks=["none"]).tasks == ("none",)
+    assert _settings("bundled", tasks="arc_easy").tasks == "arc_easy"
 
 
 def test_eval_of_the_bundled_model_defaults_to_offline_tasks(monkeypatch, capsys):
     import moeprune.evaluation.runner as runner
 
     seen = {}
-    monkeypatch.setattr(runner, "evaluate_loaded", lambda *a, **kw: seen.update(kw) or {"summary": {}})
+    monkeypatch.setattr(runner, "evaluate_loaded", lambda model, tok, settings, **kw: seen.update(settings=settings)
+                        or {"summary": {}})
     assert main(["eval", "bundled", "--ppl", "-q"]) == 0
-    assert seen["tasks"] == ["heldout"]
+    assert seen["settings"].tasks == ("heldout",) and seen["settings"].ppl_datasets == ()

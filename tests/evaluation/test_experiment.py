@@ -10,10 +10,13 @@ import json
 import pytest
 import torch
 
+from moeprune.cli import experiment_options
 from moeprune.errors import MoePruneError
 from moeprune.evaluation import report, runner
-from moeprune.evaluation.experiment import experiment_options, parse_ppl_data, run_experiment
 from moeprune.evaluation.plots import ranking_overlap, series
+from moeprune.experiment import run_experiment
+from moeprune.options import parse_ppl_data
+from tests.grid_options import typed
 
 METHODS = ["random", "reap", "frequency", "tb-coverage"]
 
@@ -30,7 +33,7 @@ def grid_kwargs(text_corpus, **over):
 @pytest.fixture(scope="module")
 def grid(tiny_checkpoint, text_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("experiment")
-    return out, run_experiment(str(tiny_checkpoint), out, **grid_kwargs(text_corpus))
+    return out, run_experiment(str(tiny_checkpoint), out, **typed(grid_kwargs(text_corpus)))
 
 
 def _counting(monkeypatch, fail_at: int | None = None) -> list[str]:
@@ -90,7 +93,7 @@ def test_resume_recomputes_only_missing_cell(grid, tiny_checkpoint, text_corpus,
     before = {c["cell"]: c["summary"] for c in json.loads(json.dumps(first["cells"]))}
     (out / "cells" / "frequency-0.75.json").unlink()
     calls = _counting(monkeypatch)
-    again = run_experiment(str(tiny_checkpoint), out, **grid_kwargs(text_corpus))
+    again = run_experiment(str(tiny_checkpoint), out, **typed(grid_kwargs(text_corpus)))
     assert calls == ["frequency"]
     assert {c["cell"]: c["summary"] for c in again["cells"]} == before  # deterministic: the same numbers
 
@@ -99,17 +102,17 @@ def test_interrupted_run_resumes_without_redoing(tiny_checkpoint, text_corpus, t
     kwargs = grid_kwargs(text_corpus, methods=["reap"], retains=(0.5,))
     _counting(monkeypatch, fail_at=2)
     with pytest.raises(RuntimeError, match="killed"):
-        run_experiment(str(tiny_checkpoint), tmp_path, **kwargs)
+        run_experiment(str(tiny_checkpoint), tmp_path, **typed(kwargs))
     assert [p.name for p in (tmp_path / "cells").iterdir()] == ["dense.json"]  # no half-written file
     calls = _counting(monkeypatch)
-    result = run_experiment(str(tiny_checkpoint), tmp_path, **kwargs)
+    result = run_experiment(str(tiny_checkpoint), tmp_path, **typed(kwargs))
     assert calls == ["reap"] and [c["cell"] for c in result["cells"]] == ["dense", "reap-0.50"]
 
 
 def test_other_settings_are_refused(grid, tiny_checkpoint, text_corpus):
     out, _ = grid
     with pytest.raises(MoePruneError, match="other evaluation settings"):
-        run_experiment(str(tiny_checkpoint), out, **grid_kwargs(text_corpus, ppl_seq_len=32))
+        run_experiment(str(tiny_checkpoint), out, **typed(grid_kwargs(text_corpus, ppl_seq_len=32)))
 
 
 def test_tb_coverage_reuses_expert_sparsity_candidate(tiny_checkpoint, text_corpus, tmp_path):
@@ -117,7 +120,7 @@ def test_tb_coverage_reuses_expert_sparsity_candidate(tiny_checkpoint, text_corp
 
     kwargs = grid_kwargs(text_corpus, methods=["expert-sparsity", "tb-coverage"], retains=(0.5,), candidate=None,
                          plots=False)
-    cells = {c["cell"]: c for c in run_experiment(str(tiny_checkpoint), tmp_path, **kwargs)["cells"]}
+    cells = {c["cell"]: c for c in run_experiment(str(tiny_checkpoint), tmp_path, **typed(kwargs))["cells"]}
     assert set(cells) == {"dense", "expert-sparsity-0.50", "tb-coverage-0.50"}
     assert len(list((tmp_path / "profile" / "reconstruction").iterdir())) == 1  # one capture
     tb = json.loads((tmp_path / "masks" / "tb-coverage-0.50.json").read_text())
@@ -211,12 +214,14 @@ def test_cli_options_follow_preset(tiny_checkpoint):
                 device=None, trust_remote_code=False)
     bundled = experiment_options(argparse.Namespace(**base))
     # calibration on the two generic corpora only; perplexity also on every domain calibration never sees
-    assert bundled["corpora"] == ("wiki", "web")
-    assert bundled["ppl_datasets"] == ("wiki", "web", "bible", "man", "glossary", "devil")
-    assert bundled["tasks"] == ["heldout"] and len(bundled["seeds"]) >= 6 and bundled["samples"] == 128
+    assert bundled["calibration"].corpora == ("wiki", "web")
+    assert bundled["evaluation"].ppl_datasets == ("wiki", "web", "bible", "man", "glossary", "devil")
+    assert bundled["evaluation"].tasks == ("heldout",) and len(bundled["grid"].seeds) >= 6
+    assert bundled["calibration"].samples == 128
     paper = experiment_options(argparse.Namespace(**{**base, "model": str(tiny_checkpoint), "samples": 8}))
-    assert paper["seeds"] == (0, 1, 2, 3, 4, 42) and paper["tasks"] is None and paper["samples"] == 8
-    assert paper["corpora"] == ("wikitext2", "c4") and paper["reconstruction"]["samples"] == 128
+    assert paper["grid"].seeds == (0, 1, 2, 3, 4, 42) and paper["evaluation"].tasks is None
+    assert paper["calibration"].samples == 8
+    assert paper["calibration"].corpora == ("wikitext2", "c4") and paper["reconstruction"]["samples"] == 128
     # NAEE's settings in the paper preset; the bundled testbed keeps the cheaper global norm.
     assert paper["reconstruction"]["seq_len"] == 2048 and paper["reconstruction"]["loss"] == "per-batch"
     assert bundled["reconstruction"]["loss"] == "global" and bundled["reconstruction"]["tokens"] is None
@@ -233,7 +238,7 @@ def test_rerun_removes_killed_writers_leftovers_only(grid, tiny_checkpoint, text
     killed, _ = _writer(out / "cells", "killed", "dense.json")
     live, proc = _writer(out / "cells", "live", "dense.json")
     try:
-        run_experiment(str(tiny_checkpoint), out, **grid_kwargs(text_corpus))
+        run_experiment(str(tiny_checkpoint), out, **typed(grid_kwargs(text_corpus)))
         assert not killed.exists(), "a killed writer's leftover is cleaned by the next run"
         assert live.exists(), "a live writer's temporary file must survive"
     finally:

@@ -10,13 +10,16 @@ import datasets
 import pytest
 
 from moeprune import api
+from moeprune.cli import experiment_options
 from moeprune.data import sampling
 from moeprune.data.corpora import load_documents, parse_corpus
 from moeprune.errors import MoePruneError
 from moeprune.evaluation import report
-from moeprune.evaluation.experiment import experiment_options, run_experiment
+from moeprune.evaluation.perplexity import held_out_nll
+from moeprune.experiment import run_experiment
 from moeprune.planning import auto_budget
 from moeprune.profiling.stats import Profile
+from tests.grid_options import typed
 
 from .test_experiment import grid_kwargs
 
@@ -27,7 +30,7 @@ def sweep(tiny_checkpoint, text_corpus, tmp_path_factory):
     kwargs = grid_kwargs(text_corpus, methods=["reap", "tb-coverage"], retains=(0.25, 0.5), seeds=(0,),
                          protect_budget=[0, 2, "auto"], reap_corpus=f"code={text_corpus}", reap_samples=4,
                          reap_seq_len=32)
-    return out, run_experiment(str(tiny_checkpoint), out, **kwargs)
+    return out, run_experiment(str(tiny_checkpoint), out, **typed(kwargs))
 
 
 def test_grid_runs_code_reap_next_to_generic_and_sweeps_b(sweep):
@@ -105,14 +108,13 @@ def test_paper_preset_runs_code_reap_and_cli_budgets(tiny_checkpoint):
     import argparse
 
     base = dict(model=str(tiny_checkpoint), preset=None, out="x", dtype="auto", device=None, trust_remote_code=False)
-    paper = experiment_options(argparse.Namespace(**base, protect_budget=[20]))
-    assert paper["reap_corpus"] == "code=evol-codealpaca" and (paper["reap_samples"], paper["reap_seq_len"]) == (
-        128, 2048)
-    assert paper["protect_budget"] == 20
-    sweep = experiment_options(argparse.Namespace(**base, protect_budget=[0, 4, "auto"], reap_corpus="none"))
-    assert sweep["protect_budget"] == [0, 4, "auto"] and sweep["reap_corpus"] is None
-    bundled = experiment_options(argparse.Namespace(**{**base, "model": "bundled"}))
-    assert bundled["reap_corpus"] is None
+    paper = experiment_options(argparse.Namespace(**base, protect_budget=[20]))["grid"]
+    assert paper.reap_corpus == "code=evol-codealpaca" and (paper.reap_samples, paper.reap_seq_len) == (128, 2048)
+    assert paper.protect_budget == 20 and paper.budgets == [20]
+    sweep = experiment_options(argparse.Namespace(**base, protect_budget=[0, 4, "auto"], reap_corpus="none"))["grid"]
+    assert sweep.protect_budget == (0, 4, "auto") and sweep.budgets == [0, 4, "auto"] and sweep.reap_corpus is None
+    bundled = experiment_options(argparse.Namespace(**{**base, "model": "bundled"}))["grid"]
+    assert bundled.reap_corpus is None
 
 
 def test_code_corpus_offline_names_the_local_fallback(monkeypatch):
@@ -156,5 +158,5 @@ def test_auto_on_a_planned_expert_sparsity_candidate(tiny_checkpoint, tmp_path):
     if mask.candidate_used:  # the candidate's loss is copied only when the candidate counted
         assert all(lm.extra["candidate_reconstruction_loss"] == 1.5 for lm in mask.layers.values())
     # B=0 is the candidate itself: its score is that of the candidate mask.
-    b0 = auto_budget.held_out_nll(model, candidate, held_out)
+    b0 = held_out_nll(model, candidate, held_out)
     assert record["tried"]["0"]["nll"] == pytest.approx(sum(b0.values()) / 2)

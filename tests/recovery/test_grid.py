@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from moeprune.errors import MoePruneError
-from moeprune.evaluation.experiment import run_experiment
+from moeprune.experiment import run_experiment
 from moeprune.recovery import RecoveryOptions
+from tests.grid_options import typed
 
 RECOVERY = RecoveryOptions(samples=6, seq_len=32, epochs=1, batch_size=3)
 
@@ -23,7 +24,7 @@ def _kwargs(text_corpus, **over):
 @pytest.fixture(scope="module")
 def grid(tiny_checkpoint, text_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("grid")
-    return out, run_experiment(str(tiny_checkpoint), out, **_kwargs(text_corpus))
+    return out, run_experiment(str(tiny_checkpoint), out, **typed(_kwargs(text_corpus)))
 
 
 def test_cells_per_mask_and_recovery(grid) -> None:
@@ -49,7 +50,7 @@ def test_report_and_plot_show_recovery(grid) -> None:
 
 
 def test_rerun_reuses_cells_and_deltas(grid, tiny_checkpoint, text_corpus, monkeypatch) -> None:
-    from moeprune.evaluation import experiment
+    from moeprune import experiment
 
     out, first = grid
 
@@ -59,19 +60,19 @@ def test_rerun_reuses_cells_and_deltas(grid, tiny_checkpoint, text_corpus, monke
     monkeypatch.setattr(experiment, "recover", refuse)
     for cell in (out / "cells").glob("*+router-kd.json"):
         cell.unlink()  # the cells go, the cached deltas stay: evaluated again without recomputing
-    again = run_experiment(str(tiny_checkpoint), out, **_kwargs(text_corpus))
+    again = run_experiment(str(tiny_checkpoint), out, **typed(_kwargs(text_corpus)))
     assert {c["cell"]: c["summary"] for c in again["cells"]} == {c["cell"]: c["summary"] for c in first["cells"]}
 
 
 def test_other_recovery_settings_are_refused(grid, tiny_checkpoint, text_corpus) -> None:
     out, _ = grid
     with pytest.raises(MoePruneError, match="other recovery settings"):
-        run_experiment(str(tiny_checkpoint), out, **_kwargs(text_corpus, recovery=RecoveryOptions(
-            samples=6, seq_len=32, epochs=2, batch_size=3)))
+        run_experiment(str(tiny_checkpoint), out, **typed(_kwargs(text_corpus, recovery=RecoveryOptions(
+            samples=6, seq_len=32, epochs=2, batch_size=3))))
 
 
 def test_merge_on_a_ratio_keeping_all_experts_is_refused_up_front(tiny_checkpoint, text_corpus, tmp_path) -> None:
     with pytest.raises(MoePruneError, match="nothing to merge"):
-        run_experiment(str(tiny_checkpoint), tmp_path, **_kwargs(text_corpus, retains=(0.5, 1.0),
-                                                                   recover=["none", "merge"]))
+        run_experiment(str(tiny_checkpoint), tmp_path, **typed(_kwargs(text_corpus, retains=(0.5, 1.0),
+                                                                   recover=["none", "merge"])))
     assert not (tmp_path / "profile").exists()

@@ -1,20 +1,21 @@
 """The CLI's up-front checks of eval and experiment that need moeprune.evaluation (a floor above
 moeprune.validation, which runs the others): the [eval] extra, --out against the inputs, local perplexity
-files, and the experiment's effective options (its preset filled in). ``cli.main`` runs them right after
-:func:`moeprune.validation.check_args`, before any model loads."""
+files, and the experiment's effective options (its preset filled in, built by ``cli.experiment_options``
+and handed down). ``cli.main`` runs them right after :func:`moeprune.validation.check_args`, before any
+model loads."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from moeprune.errors import MoePruneError
-from moeprune.evaluation.experiment import experiment_options, parse_ppl_data
 from moeprune.evaluation.perplexity import check_local_ppl_files
-from moeprune.evaluation.runner import default_tasks, resolve_tasks
+from moeprune.evaluation.runner import resolve_tasks
 from moeprune.io import check_output_file
+from moeprune.options import EvalSettings, parse_ppl_data
 from moeprune.validation import (
     check_corpus_windows,
     check_seq_len,
@@ -26,11 +27,13 @@ from moeprune.validation import (
 EVAL_EXTRA = "pip install 'moeprune[eval]'"
 
 
-def check_evaluation_args(args: argparse.Namespace) -> None:
+def check_evaluation_args(args: argparse.Namespace, experiment: Mapping[str, Any] | None = None) -> None:
+    """``experiment``: the verb's ``run_experiment`` options (``cli.experiment_options``)."""
     if args.verb == "eval":
         _check_eval(args)
     elif args.verb == "experiment":
-        _check_experiment(args)
+        assert experiment is not None, "pass the experiment's options"
+        _check_experiment(args, experiment)
 
 
 def check_eval_extra(modules: Sequence[str], what: str) -> None:
@@ -44,12 +47,8 @@ def check_eval_extra(modules: Sequence[str], what: str) -> None:
         )
 
 
-def zero_shot_requested(model: str, tasks: Any) -> bool:
-    return bool(resolve_tasks(default_tasks(model, tasks)))
-
-
 def _check_eval(args: argparse.Namespace) -> None:
-    if zero_shot_requested(args.model, args.tasks):
+    if resolve_tasks(EvalSettings.from_args(args).tasks):
         check_eval_extra(["lm_eval"], "eval --tasks (zero-shot)")
     sources = parse_ppl_data(args.ppl_data) or {}
     if args.out:
@@ -58,14 +57,14 @@ def _check_eval(args: argparse.Namespace) -> None:
     check_local_ppl_files(args.ppl, sources)
 
 
-def _check_experiment(args: argparse.Namespace) -> None:
+def _check_experiment(args: argparse.Namespace, options: Mapping[str, Any]) -> None:
     from moeprune.planning import METHODS  # lazy: planning pulls in torch
 
-    options = experiment_options(args)
-    check_eval_extra(["lm_eval"] * zero_shot_requested(args.model, options["tasks"]) + ["matplotlib"],
+    grid, calibration, evaluation = options["grid"], options["calibration"], options["evaluation"]
+    check_eval_extra(["lm_eval"] * bool(resolve_tasks(evaluation.tasks)) + ["matplotlib"],
                      "experiment (zero-shot tasks and plots)")
-    check_local_ppl_files(options["ppl_datasets"], options["ppl_sources"])
-    check_corpus_windows(options["corpora"], args.tokenizer or args.model, options["seq_len"], args.trust_remote_code)
-    if any(reconstructs(m, options["candidate"]) for m in options["methods"] or list(METHODS)):
+    check_local_ppl_files(evaluation.ppl_datasets, evaluation.ppl_sources)
+    check_corpus_windows(calibration.corpora, args.tokenizer or args.model, calibration.seq_len, args.trust_remote_code)
+    if any(reconstructs(m, grid.candidate) for m in grid.methods or list(METHODS)):
         config = model_config(args.model, args.trust_remote_code)
         check_seq_len(config, options["reconstruction"]["seq_len"], "--recon-seq-len")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from moeprune.errors import MoePruneError
 from moeprune.io import parse_json, read_bytes, read_text
+from moeprune.surgery import masked
 
 # The bundled testbed's domains: calibration corpora, held-out domains, the never-trained one.
 BUNDLED_PPL_DATASETS: tuple[str, ...] = ("wiki", "web", "bible", "man", "glossary", "devil")
@@ -127,6 +128,16 @@ def window_nll(
         logits = model(input_ids=batch, use_cache=False).logits
         total += sequence_nll(logits[:, :-1], batch[:, 1:]).cpu()
     return float(total)
+
+
+def held_out_nll(model: torch.nn.Module, mask: Any, sets: Mapping[str, torch.Tensor], batch_size: int = 4) -> dict:
+    """{corpus: mean token NLL} of ``model`` under ``mask`` (applied in memory, restored afterwards): the
+    score ``-B auto`` ranks budgets by (:func:`moeprune.planning.auto_budget.choose`)."""
+    with torch.inference_mode(), masked(model, mask):
+        return {
+            name: window_nll(model, windows, batch_size) / (windows.shape[0] * (windows.shape[1] - 1))
+            for name, windows in sets.items()
+        }
 
 
 def sequence_nll(logits: torch.Tensor, labels: torch.Tensor, chunk: int = LOGIT_CHUNK) -> torch.Tensor:

@@ -16,10 +16,13 @@ import torch
 
 from moeprune.evaluation import compare_footprints, evaluate, footprint
 from moeprune.evaluation.zeroshot import COMMON_TASKS, expand_tasks
-from moeprune.io import write_json_atomic
+from moeprune.io import check_output_file, write_json_atomic
+from moeprune.loading import checked_model, checked_tokenizer, model_name
+from moeprune.options import EvalSettings
 from moeprune.planning.mask import ExpertMask
 from moeprune.presets import PPL_SEQ_LEN_CAP, preset_for
 from moeprune.recovery.delta import apply_delta
+from moeprune.surgery import masked
 
 NO_TASKS = {"none", ""}
 
@@ -41,27 +44,6 @@ def default_seq_len(model: torch.nn.Module, seq_len: int | None) -> int:
         return int(seq_len)
     limit = getattr(model.config, "max_position_embeddings", None)
     return min(PPL_SEQ_LEN_CAP, int(limit)) if isinstance(limit, int) and limit > 1 else PPL_SEQ_LEN_CAP
-
-
-def default_ppl_datasets(model: Any, datasets: Sequence[str] | None) -> list[str]:
-    """Given datasets as they are; else the bundled corpora for the testbed (offline) and the paper's otherwise."""
-    if datasets is not None:
-        return list(datasets)
-    return list(preset_for(model).ppl_datasets)
-
-
-def default_tasks(model: Any, tasks: str | Sequence[str] | None) -> str | Sequence[str] | None:
-    """Given tasks as they are; else the offline held-out tasks for the testbed (the six hub tasks of Common
-    Avg need the hub) and None, the six of Common Avg, otherwise."""
-    if tasks is not None:
-        return tasks
-    preset_tasks = preset_for(model).tasks
-    return None if preset_tasks is None else list(preset_tasks)
-
-
-def _preset_seq_len(model: Any) -> int | None:
-    """The bundled testbed is scored on the 256-token windows it was trained on (as prune and experiment do)."""
-    return preset_for(model).eval_ppl_seq_len
 
 
 def mask_record(mask: ExpertMask, path: str | Path | None = None) -> dict[str, Any]:
@@ -86,28 +68,22 @@ def evaluate_model(
     model: str | Path | torch.nn.Module,
     *,
     mask: ExpertMask | str | Path | None = None,
-    ppl_datasets: Sequence[str] | None = None,
-    seq_len: int | None = None,
-    tasks: str | Sequence[str] | None = None,
-    limit: int | float | None = None,
-    batch_size: int | str = 8,
+    settings: EvalSettings | None = None,
     dtype: str = "auto",
     device: str | None = None,
     trust_remote_code: bool = False,
     out: str | Path | None = None,
-    ppl_sources: Mapping[str, str | Path] | None = None,
     tokenizer: Any = None,
-    max_windows: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Perplexity and zero-shot accuracy of ``model`` (a path, hub id, "bundled" or a loaded model), under
     ``mask`` when given; the result (with a ``summary``) is written atomically to ``out`` when given.
 
-    ``ppl_datasets=None``: the six bundled domains for the bundled testbed, wikitext2 and c4 otherwise;
-    ``tasks=None``: the held-out tasks for the testbed, the six of Common Avg otherwise."""
-    from moeprune.io import check_output_file
-    from moeprune.loading import checked_model, checked_tokenizer  # lazy: loading pulls in transformers
+    ``settings=None``: the model's preset (:meth:`EvalSettings.from_preset`): the six bundled domains, their
+    256-token windows and the held-out tasks for the bundled testbed; wikitext2, c4 and the six tasks of Common
+    Avg otherwise."""
 
+    settings = settings if settings is not None else EvalSettings.from_preset(preset_for(model))
     if out is not None:
         check_output_file(out)  # an unwritable --out fails now, not after the evaluation
     loaded = checked_model(model, dtype, device, trust_remote_code)
@@ -118,17 +94,11 @@ def evaluate_model(
     results = evaluate_loaded(
         loaded,
         tok,
+        settings,
         mask=mask,
         mask_path=mask_path,
-        ppl_datasets=default_ppl_datasets(model, ppl_datasets),
-        seq_len=seq_len if seq_len is not None else _preset_seq_len(model),
-        tasks=default_tasks(model, tasks),
-        limit=limit,
-        batch_size=batch_size,
-        ppl_sources=ppl_sources,
-        max_windows=max_windows,
         progress=progress,
-        metadata={"model": str(model) if isinstance(model, (str, Path)) else _name(loaded)},
+        metadata={"model": str(model) if isinstance(model, (str, Path)) else model_name(loaded)},
     )
     if out is not None:
         write_json_atomic(out, results)
@@ -138,35 +108,27 @@ def evaluate_model(
 def evaluate_loaded(
     model: torch.nn.Module,
     tokenizer: Any,
+    settings: EvalSettings,
     *,
     mask: ExpertMask | None = None,
     mask_path: str | Path | None = None,
     dense_footprint: dict[str, int] | None = None,
-    ppl_datasets: Sequence[str] = ("wikitext2", "c4"),
-    seq_len: int | None = None,
-    tasks: str | Sequence[str] | None = None,
-    limit: int | float | None = None,
-    batch_size: int | str = 8,
-    ppl_sources: Mapping[str, str | Path] | None = None,
-    max_windows: int | None = None,
     progress: bool = True,
     metadata: Mapping[str, Any] | None = None,
     delta: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """One evaluation of an already loaded model, dense or under ``mask`` (restored afterwards); ``delta``
     (a recovery's replacement tensors) is applied inside the mask."""
-    from moeprune.surgery import masked
-
     # Measured before masking: masked() slices in place, so footprint() inside it is the pruned size.
     dense = dense_footprint or footprint(model)
     kwargs = {
-        "ppl_datasets": tuple(ppl_datasets),
-        "seq_len": default_seq_len(model, seq_len),
-        "ppl_sources": ppl_sources,
-        "max_windows": max_windows,
-        "tasks": resolve_tasks(tasks),
-        "limit": limit,
-        "batch_size": batch_size,
+        "ppl_datasets": tuple(settings.ppl_datasets),
+        "seq_len": default_seq_len(model, settings.ppl_seq_len),
+        "ppl_sources": settings.ppl_sources or None,
+        "max_windows": settings.max_windows,
+        "tasks": resolve_tasks(settings.tasks),
+        "limit": settings.limit,
+        "batch_size": settings.eval_batch_size,
         "progress": progress,
         "metadata": dict(metadata or {}),
     }
@@ -200,9 +162,3 @@ def summarise(results: Mapping[str, Any]) -> dict[str, Any]:
         "params_ratio": ratios.get("params_total_ratio"),
         "bytes_ratio": ratios.get("bytes_ratio"),
     }
-
-
-def _name(model: torch.nn.Module) -> str:
-    from moeprune.loading import model_name
-
-    return model_name(model)

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from moeprune.data.corpora import CorpusSpec, parse_corpus
+from moeprune.data.sampling import held_out_windows
 from moeprune.errors import MoePruneError
 from moeprune.planning.mask import ExpertMask
 
@@ -41,8 +43,6 @@ def budget_grid(kept: int, paper_budget: int) -> list[int]:
 
 def held_out_sets(profile: Any, tokenizer: Any, windows: int = HELD_OUT_WINDOWS) -> dict[str, torch.Tensor]:
     """{corpus: [windows, seq_len] token windows} that follow each profiled corpus's calibration windows."""
-    from moeprune.data.corpora import CorpusSpec, parse_corpus
-    from moeprune.data.sampling import held_out_windows
 
     sets = {}
     for name in profile.names:
@@ -58,38 +58,29 @@ def held_out_sets(profile: Any, tokenizer: Any, windows: int = HELD_OUT_WINDOWS)
     return sets
 
 
-def held_out_nll(model: torch.nn.Module, mask: ExpertMask, sets: dict[str, torch.Tensor], batch_size: int = 4) -> dict:
-    """{corpus: mean token NLL} of ``model`` under ``mask`` (applied in memory, restored afterwards)."""
-    from moeprune.evaluation.perplexity import window_nll
-    from moeprune.surgery import masked
-
-    with torch.inference_mode(), masked(model, mask):
-        return {
-            name: window_nll(model, windows, batch_size) / (windows.shape[0] * (windows.shape[1] - 1))
-            for name, windows in sets.items()
-        }
-
-
 def choose(
     plan_with: Callable[[int], ExpertMask],
     kept: int,
     paper_budget: int,
-    model: torch.nn.Module,
+    score: Callable[[ExpertMask], dict[str, float]],
     sets: dict[str, torch.Tensor],
-    batch_size: int = 4,
 ) -> ExpertMask:
-    """The TB-Coverage mask (``plan_with(B)``) of the budget with the lowest held-out NLL, with its record."""
-    from moeprune.planning import record_protection
+    """The TB-Coverage mask (``plan_with(B)``) of the budget with the lowest held-out NLL, with its record.
+
+    ``score(mask)`` gives {corpus: mean token NLL} of the model under ``mask`` on ``sets`` (the caller runs the
+    model: :func:`moeprune.evaluation.perplexity.held_out_nll`), so planning stays "profile in, mask out";
+    ``sets`` are read here only for the record (their names and shapes)."""
+    from moeprune.planning import record_protection  # lazy: planning/__init__ imports this module
 
     tried: dict[int, dict[str, Any]] = {}
     best: tuple[float, ExpertMask] | None = None
     for budget in budget_grid(kept, paper_budget):
         mask = plan_with(budget)
-        per_corpus = held_out_nll(model, mask, sets, batch_size)
-        score = sum(per_corpus.values()) / len(per_corpus)
-        tried[budget] = {"nll": score, "ppl": math.exp(score), "per_corpus_nll": per_corpus}
-        if best is None or score < best[0]:  # ascending B: a tie keeps the smaller
-            best = (score, mask)
+        per_corpus = score(mask)
+        nll = sum(per_corpus.values()) / len(per_corpus)
+        tried[budget] = {"nll": nll, "ppl": math.exp(nll), "per_corpus_nll": per_corpus}
+        if best is None or nll < best[0]:  # ascending B: a tie keeps the smaller
+            best = (nll, mask)
     assert best is not None
     mask = best[1]
     record_protection(mask, AUTO)

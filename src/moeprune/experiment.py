@@ -17,7 +17,6 @@ memory with ``surgery.masked``, which restores the model afterwards).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -27,16 +26,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from moeprune.api import mask_filename
+from moeprune import api
 from moeprune.arch.adapters import routing_meta
 from moeprune.data.corpora import parse_corpus
 from moeprune.errors import MoePruneError
+from moeprune.evaluation import footprint, report, runner
+from moeprune.evaluation.runner import default_seq_len, resolve_tasks
 from moeprune.evaluation.zeroshot import reuse_lm_eval
-from moeprune.io import read_json, remove_orphan_temp_files, terminal_safe, write_json_atomic, write_text_atomic
-from moeprune.loading import config_hash
-from moeprune.options import Calibration, EvalSettings, ReconstructionOptions, flag_or, listed
+from moeprune.io import read_json, remove_orphan_temp_files, write_json_atomic, write_text_atomic
+from moeprune.loading import checked_model, checked_tokenizer, config_hash, model_name
+from moeprune.options import Calibration, EvalSettings, GridOptions, ReconstructionOptions
+from moeprune.planning import registry
 from moeprune.planning.mask import ExpertMask, kept_count
-from moeprune.presets import PAPER, PRESETS, preset_for, preset_name
+from moeprune.presets import preset_for
 from moeprune.profiling.runner import tokenizer_fingerprint, weights_fingerprint
 from moeprune.profiling.stats import Profile
 from moeprune.recovery import (
@@ -53,16 +55,12 @@ from moeprune.recovery import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RETAINS = PRESETS[PAPER].retains
-DEFAULT_SEEDS = PRESETS[PAPER].seeds
 DENSE = "dense"
 
 REAP_PROFILE = "profile-reap"  # its own profile, so the generic methods never see the REAP corpus
 
 
 def all_methods() -> list[str]:
-    from moeprune.planning import registry
-
     return registry.names()
 
 
@@ -70,93 +68,75 @@ def run_experiment(
     model: Any,
     out_dir: str | Path,
     *,
-    retains: Sequence[float] = DEFAULT_RETAINS,
-    methods: Sequence[str] | None = None,
-    seeds: Sequence[int] = DEFAULT_SEEDS,
-    corpora: Sequence[str] = ("wikitext2", "c4"),
-    samples: int = 512,
-    seq_len: int = 1024,
-    batch_size: int = 4,
-    ppl_datasets: Sequence[str] = ("wikitext2", "c4"),
-    ppl_seq_len: int | None = None,
-    ppl_sources: Mapping[str, str | Path] | None = None,
-    max_windows: int | None = None,
-    tasks: str | Sequence[str] | None = None,
-    limit: int | float | None = None,
-    eval_batch_size: int | str = 8,
-    protect_budget: int | str | Sequence[int | str] | None = None,
-    candidate: str | None = None,
-    reap_corpus: str | None = None,
-    reap_samples: int = 128,
-    reap_seq_len: int = 2048,
+    grid: GridOptions | None = None,
+    calibration: Calibration | None = None,
     reconstruction: ReconstructionOptions | Mapping[str, Any] | None = None,
+    evaluation: EvalSettings | None = None,
+    recovery: RecoveryOptions | None = None,
     dtype: str = "auto",
     device: str | None = None,
     trust_remote_code: bool = False,
     tokenizer: Any = None,
     plots: bool = True,
     progress: bool = True,
-    recover: Sequence[str] = ("none",),
-    recovery: Any = None,
 ) -> dict[str, Any]:
     """Profile once, plan every mask, evaluate dense + every mask, write results, report and plots.
 
-    ``recover``: recovery kinds, an axis of the grid (cells per mask and kind; ``none`` is plain pruning);
-    ``recovery``: the :class:`~moeprune.recovery.RecoveryOptions` they share (its kind is ignored; default: the
-    model's preset), calibrated on ``corpora``' train splits unless it names its own.
-
-    ``protect_budget``: one B (a number or "auto"), or several for a sweep (TB-Coverage planned once per B,
-    rows "TB-Coverage (B=b)", a sensitivity table and plots). ``reap_corpus`` (a corpus spec): REAP is also
-    ranked on that corpus alone (profiled separately, ``reap_samples`` x ``reap_seq_len``), as "reap@NAME".
+    Each stage's options are typed (:mod:`moeprune.options`); one left out is the model's preset
+    (:func:`moeprune.presets.preset_for`: the bundled testbed's fast one, else the paper's). ``grid``: the axes
+    (retains x methods x seeds, the B sweep, REAP on its own corpus, the recovery kinds); ``recovery``: the
+    settings every recovery kind of the grid shares (its kind is ignored), calibrated on the profiled corpora's
+    train splits unless it names its own.
 
     Returns ``{"settings", "cells", "files"}``; ``cells[0]`` is the dense model."""
-    from moeprune.evaluation.runner import default_seq_len, resolve_tasks
-    from moeprune.loading import checked_model, checked_tokenizer  # lazy: loading pulls in transformers
-
     out = Path(out_dir)
+    preset = preset_for(model)
+    grid = grid if grid is not None else GridOptions.from_preset(preset)
+    calibration = calibration if calibration is not None else Calibration.from_preset(preset)
+    evaluation = evaluation if evaluation is not None else EvalSettings.from_preset(preset)
     recon = ReconstructionOptions.coerce(reconstruction)
-    Calibration(tuple(corpora), samples, seq_len, batch_size)  # the CLI's rules, before the model loads
-    EvalSettings(tuple(ppl_datasets), ppl_seq_len, ppl_sources, max_windows, tasks, limit, eval_batch_size)
-    methods = list(methods or all_methods())
+    methods = list(grid.methods or all_methods())
     loaded = checked_model(model, dtype, device, trust_remote_code)
     tokenizer = checked_tokenizer(tokenizer, loaded, trust_remote_code)
     eval_settings = {
-        "ppl_datasets": list(ppl_datasets),
-        "ppl_seq_len": default_seq_len(loaded, ppl_seq_len),
-        "ppl_sources": {k: str(v) for k, v in (ppl_sources or {}).items()},
-        "max_windows": max_windows,
-        "tasks": resolve_tasks(tasks),
-        "limit": limit,
-        "eval_batch_size": eval_batch_size,
+        "ppl_datasets": list(evaluation.ppl_datasets),
+        "ppl_seq_len": default_seq_len(loaded, evaluation.ppl_seq_len),
+        "ppl_sources": {k: str(v) for k, v in (evaluation.ppl_sources or {}).items()},
+        "max_windows": evaluation.max_windows,
+        "tasks": resolve_tasks(evaluation.tasks),
+        "limit": evaluation.limit,
+        "eval_batch_size": evaluation.eval_batch_size,
     }
-    calibration = {
-        "corpora": list(corpora),
-        "samples": samples,
-        "seq_len": seq_len,
-        "batch_size": batch_size,
-        "protect_budget": protect_budget,
-        "candidate": candidate,
+    planning = {
+        "corpora": list(calibration.corpora),
+        "samples": calibration.samples,
+        "seq_len": calibration.seq_len,
+        "batch_size": calibration.batch_size,
+        "protect_budget": grid.protect_budget,
+        "candidate": grid.candidate,
         "reconstruction": recon.to_json(),
     }
-    if reap_corpus and "reap" in methods:  # recorded only when used, so older experiment.json files still match
-        calibration["reap_corpus"] = {"corpus": reap_corpus, "samples": reap_samples, "seq_len": reap_seq_len}
+    if grid.reap_corpus and "reap" in methods:  # recorded only when used, so older experiment.json files match
+        planning["reap_corpus"] = {"corpus": grid.reap_corpus, "samples": grid.reap_samples,
+                                   "seq_len": grid.reap_seq_len}
     settings = {
-        "model": str(model) if isinstance(model, (str, Path)) else _name(loaded),
-        "retains": list(retains),
+        "model": str(model) if isinstance(model, (str, Path)) else model_name(loaded),
+        "retains": list(grid.retains),
         "methods": methods,
-        "seeds": list(seeds),
-        "calibration": calibration,
+        "seeds": list(grid.seeds),
+        "calibration": planning,
         "evaluation": eval_settings,
     }
-    kinds, recovery = _recovery_axis(model, recover, recovery, corpora, loaded, retains)
+    kinds, recovery = _recovery_axis(model, grid.recover, recovery, calibration.corpora, loaded, grid.retains)
     if any(k != "none" for k in kinds):  # recorded only when used, so older experiment.json files still match
         settings["recovery"] = {"kinds": kinds, **{k: v for k, v in recovery.to_json().items() if k != "kind"}}
     _check_settings(out, settings)
     _remove_orphans(out)
-    _profile(loaded, tokenizer, out, calibration, progress)
+    _profile(loaded, tokenizer, out, planning, progress)
     # The tokenizer is not in the settings (an object), only in what the reconstruction uses.
-    masks = plan_grid(out, loaded, retains, methods, seeds, calibration, replace(recon, tokenizer=tokenizer), progress)
-    cells = evaluate_grid(loaded, tokenizer, out, masks, eval_settings, progress, kinds, recovery)
+    masks = plan_grid(out, loaded, grid.retains, methods, grid.seeds, planning, replace(recon, tokenizer=tokenizer),
+                      progress)
+    cells = evaluate_grid(loaded, tokenizer, out, masks, evaluation, progress, kinds, recovery)
     files = write_outputs(out, settings, cells, plots=plots)
     return {"settings": settings, "cells": cells, "files": {k: str(v) for k, v in files.items()}}
 
@@ -181,8 +161,6 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
 
 
 def _profile(model: Any, tokenizer: Any, out: Path, calibration: dict[str, Any], progress: bool) -> None:
-    from moeprune import api
-
     reap = calibration.get("reap_corpus")
     if reap:  # first: a hub corpus that cannot load (offline) fails before the long generic profile
         api.profile(
@@ -218,9 +196,6 @@ def plan_grid(
     progress: bool = True,
 ) -> list[tuple[Path, ExpertMask]]:
     """Every mask of the grid as (file, mask); masks already in ``out/masks`` are loaded, not re-planned."""
-    from moeprune.api import variant_filename
-    from moeprune.planning import registry
-
     planned: list[tuple[Path, ExpertMask]] = []
     model_masks: dict[str, dict[float, ExpertMask]] = {}
     # Model-chosen methods (expert-sparsity) first: tb-coverage with that candidate reuses their selections.
@@ -228,7 +203,7 @@ def plan_grid(
     for method in order:
         for seed in seeds if registry.method_spec(method).seeded else [None]:
             for variant, options in _variants(method, calibration):
-                paths = [out / "masks" / variant_filename(variant, r, seed) for r in retains]
+                paths = [out / "masks" / api.variant_filename(variant, r, seed) for r in retains]
                 masks = _reusable_masks(paths, retains, _profile_of(out, options, calibration))
                 if masks is None:
                     masks = _plan(out, model, method, retains, seed, calibration, reconstruction, model_masks, progress,
@@ -268,20 +243,11 @@ def _reusable_masks(paths: list[Path], retains: Sequence[float], profile_sha256:
     return masks
 
 
-def budgets_of(protect_budget: int | str | Sequence[int | str] | None) -> list[int | str | None]:
-    """The B values of the grid: one (a number, "auto" or None for the default) or a sweep."""
-    if protect_budget is None or isinstance(protect_budget, (int, str)):
-        return [protect_budget]
-    return list(dict.fromkeys(protect_budget)) or [None]
-
-
 def _variants(method: str, calibration: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(variant, _plan options) per row the method gets: one, or one per B of a sweep, or REAP twice."""
-    from moeprune.planning import registry
-
     spec = registry.method_spec(method)
     if spec.protects:
-        budgets = budgets_of(calibration["protect_budget"])
+        budgets = GridOptions(protect_budget=calibration["protect_budget"]).budgets
         if len(budgets) == 1:
             return [(method, {"budget": budgets[0]})]
         return [(f"{method}@B{b}", {"budget": b}) for b in budgets]
@@ -305,9 +271,6 @@ def _plan(
     profile: str = "profile",
     score_corpus: str | None = None,
 ) -> list[ExpertMask]:
-    from moeprune import api
-    from moeprune.planning import registry
-
     spec = registry.method_spec(method)
     candidate = calibration["candidate"] if spec.protects else None
     # A candidate this grid already planned (expert-sparsity) is reused, not searched for a second time.
@@ -332,7 +295,7 @@ def _plan(
 def cell_id(mask: ExpertMask | None, recover: str = "none") -> str:
     if mask is None:
         return DENSE
-    stem = mask_filename(mask).removesuffix(".json")
+    stem = api.mask_filename(mask).removesuffix(".json")
     return stem if recover == "none" else f"{stem}+{recover}"
 
 
@@ -342,7 +305,7 @@ def evaluate_grid(
     tokenizer: Any,
     out: Path,
     masks: Sequence[tuple[Path, ExpertMask]],
-    eval_settings: dict[str, Any],
+    evaluation: EvalSettings,
     progress: bool = True,
     recover: Sequence[str] = ("none",),
     recovery: Any = None,
@@ -350,8 +313,6 @@ def evaluate_grid(
     """Dense first, then every mask (and per mask every recovery kind in ``recover``); each cell is written
     to ``out/cells`` as soon as it is done, and a cell whose file exists is read back instead of recomputed
     (resume after a crash or a kill). Recovery deltas are cached in ``out/recovery``."""
-    from moeprune.evaluation import footprint
-
     dense_fp = footprint(model)
     model_inputs = cell_inputs(model, tokenizer, None)
     cells = []
@@ -365,7 +326,7 @@ def evaluate_grid(
                 cells.append(cached)
                 continue
             found = None if kind == "none" else _cell_recovery(out, model, mask, recovery.with_kind(kind), shared)
-            cell = run_cell(model, tokenizer, mask, path, dense_fp, eval_settings, progress, found)
+            cell = run_cell(model, tokenizer, mask, path, dense_fp, evaluation, progress, found)
             cell["inputs"] = inputs
             write_json_atomic(file, cell)
             cells.append(cell)
@@ -477,31 +438,23 @@ def run_cell(
     mask: ExpertMask | None,
     mask_path: Path | None,
     dense_fp: dict[str, int],
-    eval_settings: dict[str, Any],
+    evaluation: EvalSettings,
     progress: bool,
     recovery: Any = None,
 ) -> dict[str, Any]:
     """One evaluation, with the fields the report groups by (cell, method, retain, seed, recover) on top;
     ``recovery`` (a :class:`~moeprune.recovery.Recovery`) is applied inside the mask for this cell only."""
-    from moeprune.evaluation.runner import evaluate_loaded
-
     kind = "none" if recovery is None else recovery.record.get("kind", "none")
-
-    result = evaluate_loaded(
+    # Looked up at call time, so a test can count (or fail) the per-cell evaluations.
+    result = runner.evaluate_loaded(
         model,
         tokenizer,
+        evaluation,
         mask=mask,
         mask_path=mask_path,
         dense_footprint=dense_fp,
-        ppl_datasets=eval_settings["ppl_datasets"],
-        seq_len=eval_settings["ppl_seq_len"],
-        ppl_sources=eval_settings["ppl_sources"] or None,
-        max_windows=eval_settings["max_windows"],
-        tasks=eval_settings["tasks"],
-        limit=eval_settings["limit"],
-        batch_size=eval_settings["eval_batch_size"],
         progress=progress,
-        metadata={"model": _name(model)},
+        metadata={"model": model_name(model)},
         delta=None if recovery is None else recovery.delta,
     )
     if recovery is not None:
@@ -522,14 +475,12 @@ def write_outputs(
     out: Path, settings: dict[str, Any], cells: list[dict[str, Any]], plots: bool = True
 ) -> dict[str, Path]:
     """results.json (settings + every cell), results.csv (one row per cell), report.md and the plots."""
-    from moeprune.evaluation import report
-
     files = {"results_json": out / "results.json", "results_csv": out / "results.csv", "report": out / "report.md"}
     write_json_atomic(files["results_json"], {"settings": settings, "cells": cells})
     _write_text(files["results_csv"], report.to_csv(cells))
     images: dict[str, Path] = {}
     if plots:
-        from moeprune.evaluation import plots as plotting
+        from moeprune.evaluation import plots as plotting  # lazy: matplotlib
 
         images = plotting.write_plots(cells, out / "plots", profile_dir=out / "profile",
                                       calibration=settings.get("calibration", {}).get("corpora", []))
@@ -543,79 +494,8 @@ def _write_text(path: Path, text: str) -> None:
     write_text_atomic(path, text)
 
 
-def _name(model: Any) -> str:
-    from moeprune.loading import model_name
-
-    return model_name(model)
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-def experiment_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``run_experiment`` keyword arguments from the CLI: explicit flags win over the preset, and without
-    ``--preset`` the model picks one (the bundled testbed gets the fast one)."""
-    preset = PRESETS[args.preset or preset_name(args.model)]
-    calibration = Calibration.from_args(args, preset)
-    evaluation = EvalSettings.from_args(args, preset, parse_ppl_data(getattr(args, "ppl_data", None)))
-    return {
-        "retains": flag_or(args, "retain", preset.retains),
-        "methods": getattr(args, "methods", None),
-        "seeds": flag_or(args, "seeds", preset.seeds),
-        "corpora": calibration.corpora,
-        "samples": calibration.samples,
-        "seq_len": calibration.seq_len,
-        "batch_size": calibration.batch_size,
-        "ppl_datasets": evaluation.ppl_datasets,
-        "ppl_seq_len": evaluation.ppl_seq_len,
-        "max_windows": evaluation.max_windows,
-        "ppl_sources": evaluation.ppl_sources,
-        "tasks": evaluation.tasks if isinstance(evaluation.tasks, str) else listed(evaluation.tasks),
-        "limit": evaluation.limit,
-        "eval_batch_size": evaluation.eval_batch_size,
-        "protect_budget": _single(getattr(args, "protect_budget", None)),
-        "candidate": getattr(args, "candidate", None),
-        "reap_corpus": _none_if_off(flag_or(args, "reap_corpus", preset.reap_corpus)),
-        "reap_samples": flag_or(args, "reap_samples", preset.reap_samples),
-        "reap_seq_len": flag_or(args, "reap_seq_len", preset.reap_seq_len),
-        # The tokenizer travels beside it (run_experiment loads it once), not inside.
-        "reconstruction": replace(ReconstructionOptions.from_args(args, preset), tokenizer=None),
-        "dtype": args.dtype,
-        "device": args.device,
-        "trust_remote_code": args.trust_remote_code,
-        "tokenizer": getattr(args, "tokenizer", None),
-        "recover": flag_or(args, "recover", ["none"]),
-        "recovery": RecoveryOptions.from_args(args, preset, kind="none"),
-    }
-
-
-def _single(values: Any) -> Any:
-    """``-B 20`` arrives as [20]: one value is not a sweep."""
-    return values[0] if isinstance(values, list) and len(values) == 1 else values
-
-
-def _none_if_off(corpus: str | None) -> str | None:
-    return None if corpus is None or corpus.lower() in ("none", "off", "") else corpus
-
-
-def parse_ppl_data(items: Sequence[str] | None) -> dict[str, str] | None:
-    """``NAME=PATH`` pairs (local copies of hub perplexity sets) as a dict."""
-    if not items:
-        return None
-    bad = [item for item in items if "=" not in item]
-    if bad:
-        raise MoePruneError(f"--ppl-data takes NAME=PATH (e.g. wikitext2=/data/wiki.test.raw); got {bad}.")
-    return dict(item.split("=", 1) for item in items)
-
-
 def _remove_orphans(out: Path) -> None:
     """A killed run's half-written files in the experiment's folders (no lock: only dead writers' files)."""
     for folder in (out, out / "masks", out / "cells"):
         if folder.is_dir():
             remove_orphan_temp_files(folder)
-
-
-def run_experiment_cli(args: argparse.Namespace) -> dict[str, Any]:
-    result = run_experiment(args.model, args.out, progress=not args.quiet, **experiment_options(args))
-
-    print(terminal_safe(Path(result["files"]["report"]).read_text()))
-    print(f"experiment written to {args.out} ({len(result['cells'])} cells)")
-    return result
