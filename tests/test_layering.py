@@ -31,7 +31,8 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("profiling",),
     ("planning",),
     ("reconstruction", "validation", "inspect"),
-    ("surgery", "recovery"),  # recovery runs the pruned model inside surgery.masked; export applies its deltas
+    ("surgery",),  # surgery.delta: the recovery delta format, which export writes and evaluation applies
+    ("recovery",),  # makes deltas, running the pruned model inside surgery.masked
     ("evaluation",),  # measurement: perplexity, lm-eval, footprints, the report's tables and plots
     ("api",),  # the pipeline's verbs: profile, plan, apply, recover, prune, evaluate
     ("experiment",),  # orchestration: the grid of methods x ratios x recoveries, through the api

@@ -31,6 +31,7 @@ from moeprune.arch.adapters import routing_meta
 from moeprune.data.corpora import parse_corpus
 from moeprune.errors import MoePruneError
 from moeprune.evaluation import footprint, report, runner
+from moeprune.evaluation.coverage import DENSE
 from moeprune.evaluation.runner import default_seq_len, resolve_tasks
 from moeprune.evaluation.zeroshot import reuse_lm_eval
 from moeprune.io import read_json, remove_orphan_temp_files, write_json_atomic, write_text_atomic
@@ -55,7 +56,6 @@ from moeprune.recovery import (
 
 log = logging.getLogger(__name__)
 
-DENSE = "dense"
 
 REAP_PROFILE = "profile-reap"  # its own profile, so the generic methods never see the REAP corpus
 

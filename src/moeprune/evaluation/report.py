@@ -20,9 +20,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from moeprune.evaluation.coverage import recovery_table
+from moeprune.evaluation.coverage import DENSE, recovery_table
 
-DENSE = "dense"
 DATASET_NAMES = {"wikitext2": "WikiText2", "c4": "C4"}
 TASK_NAMES = {
     "arc_challenge": "ARC-c",

@@ -21,8 +21,8 @@ from moeprune.loading import checked_model, checked_tokenizer, model_name
 from moeprune.options import EvalSettings
 from moeprune.planning.mask import ExpertMask
 from moeprune.presets import PPL_SEQ_LEN_CAP, preset_for
-from moeprune.recovery.delta import apply_delta
 from moeprune.surgery import masked
+from moeprune.surgery.delta import apply_delta
 
 NO_TASKS = {"none", ""}
 

@@ -24,7 +24,6 @@ from moeprune.data.sampling import calibration_windows
 from moeprune.errors import MoePruneError
 from moeprune.loading import load_tokenizer, model_name
 from moeprune.planning.mask import ExpertMask
-from moeprune.recovery.delta import Recovery, apply_delta, check_delta
 from moeprune.recovery.merge import merge_delta, merge_supported
 from moeprune.recovery.options import (
     KINDS,
@@ -37,6 +36,7 @@ from moeprune.recovery.options import (
     check_train_split,
 )
 from moeprune.recovery.router_kd import TeacherTargets, teacher_targets, train_routers
+from moeprune.surgery.delta import Recovery, apply_delta, check_delta
 from moeprune.surgery.slicing import masked
 
 __all__ = [

@@ -36,8 +36,8 @@ from moeprune.loading import (
     resolve_model_path,
 )
 from moeprune.planning.mask import ExpertMask
-from moeprune.recovery.delta import Recovery, apply_delta
 from moeprune.surgery.config_json import pruned_config_json, source_config_json
+from moeprune.surgery.delta import Recovery, apply_delta
 from moeprune.surgery.model_card import CardInfo, render_model_card
 from moeprune.surgery.slicing import apply_mask, count_parameters, masked
 from moeprune.surgery.tokenizer_files import write_tokenizer

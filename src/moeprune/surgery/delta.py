@@ -5,6 +5,9 @@ experts 0..K-1) to full replacement tensors. :func:`apply_delta` swaps in new Pa
 in-place edit), so inside ``surgery.masked(model, mask)``, which snapshots and reattaches every module of
 each MoE layer (block, router, experts, shared-expert gate), leaving the block restores the originals.
 Only parameters of MoE-layer modules may be replaced: anything else is refused.
+
+It lives in ``surgery`` (not ``recovery``, which makes deltas) because applying one is surgery's business:
+the export writes it and the evaluation applies it inside the mask, and neither needs to know how it was made.
 """
 
 from __future__ import annotations
