@@ -13,7 +13,6 @@ the export writes it and the evaluation applies it inside the mask, and neither 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from torch import nn
 
 from moeprune.arch.view import moe_layers
 from moeprune.errors import MoePruneError
-from moeprune.io import temp_file_beside, write_json_atomic
+from moeprune.io import save_safetensors_atomic, write_json_atomic
 
 DELTA_FILE = "delta.safetensors"
 RECORD_FILE = "recovery.json"
@@ -40,19 +39,10 @@ class Recovery:
 
     def save(self, folder: str | Path) -> Path:
         """``folder/delta.safetensors`` then ``folder/recovery.json`` (the record last: it marks it done)."""
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / DELTA_FILE
-        tmp = temp_file_beside(path)
-        try:
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.delta.items()}, str(tmp),
-                      metadata={"format": FORMAT})
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        save_safetensors_atomic(folder / DELTA_FILE, {k: v.detach().cpu().contiguous() for k, v in self.delta.items()},
+                                metadata={"format": FORMAT})
         write_json_atomic(folder / RECORD_FILE, {"format": FORMAT, **self.record})
         return folder
 
