@@ -300,7 +300,9 @@ def _probe_refusal(layer: MoELayer) -> str | None:
     try:
         layer.expert_forward(0, probe)
     except Exception as err:  # any failure of the model's own expert code means: not mergeable here
-        return f"its experts cannot be run one at a time ({type(err).__name__}: {str(err)[:80]})"
+        text = str(err) if len(str(err)) <= 120 else str(err)[:117] + "..."
+        return (f"its experts cannot be run one at a time ({type(err).__name__}: {text}); "
+                "use --recover none or router-kd")
     return None
 
 
