@@ -375,8 +375,7 @@ def ppl_files(tokenizer_dir: Path, windows: int, seq_len: int, out: Path) -> lis
 
 def run_grid(args: argparse.Namespace, checkpoint: Path, out: Path) -> dict[str, Any]:
     """``moeprune experiment CHECKPOINT --preset paper`` with the scaled-down flags, instrumented."""
-    from moeprune.cli import build_parser
-    from moeprune.cli import experiment_options
+    from moeprune.cli import build_parser, experiment_options
     from moeprune.experiment import run_experiment
 
     max_positions = json.loads((checkpoint / "config.json").read_text())["max_position_embeddings"]

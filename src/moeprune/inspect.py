@@ -7,7 +7,11 @@ from pathlib import Path
 
 import torch
 
+from moeprune.arch import decoder_layers, moe_layers, spec_for, top_k_of
 from moeprune.errors import MoePruneError
+from moeprune.loading import load_config
+from moeprune.planning.mask import ExpertMask
+from moeprune.profiling.stats import Profile
 
 
 def describe(target: str, trust_remote_code: bool = False) -> str:
@@ -23,9 +27,6 @@ def describe_model(target: str, trust_remote_code: bool = False) -> str:
     """Architecture, MoE layers, experts and parameters, from the config (weights on the meta device)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
-
-    from moeprune.arch import moe_layers, spec_for, top_k_of
-    from moeprune.loading import load_config
 
     config = load_config(target, trust_remote_code)
     with init_empty_weights():
@@ -50,8 +51,6 @@ def describe_model(target: str, trust_remote_code: bool = False) -> str:
 
 
 def describe_profile(path: Path) -> str:
-    from moeprune.profiling.stats import Profile
-
     profile = Profile.load(path)
     meta = profile.meta
     lines = [
@@ -78,8 +77,6 @@ def describe_profile(path: Path) -> str:
 
 
 def describe_mask(path: Path) -> str:
-    from moeprune.planning.mask import ExpertMask
-
     try:
         mask = ExpertMask.load(path)
     except (KeyError, TypeError) as err:
@@ -105,6 +102,4 @@ def describe_mask(path: Path) -> str:
 
 
 def _decoder_layers(model):
-    from moeprune.arch import decoder_layers
-
     return decoder_layers(model)

@@ -12,6 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from moeprune.bundled import bundled_model_path
 from moeprune.errors import MoePruneError
 from moeprune.io import INDEX_FILE, read_weight_map
 from moeprune.models import register as register_ports
@@ -45,8 +46,6 @@ DTYPES = {
 def resolve_model_path(model: str | Path) -> str:
     """``bundled`` names the testbed model that ships with moeprune; anything else is passed through."""
     if str(model) == "bundled":
-        from moeprune.bundled import bundled_model_path
-
         return str(bundled_model_path())
     return str(model)
 

@@ -42,6 +42,7 @@ from moeprune.loading import (  # noqa: F401 (check_tokenizer re-exported)
     resolve_model_path,
 )
 from moeprune.options import at_least_one, non_negative
+from moeprune.planning.mask import ExpertMask
 from moeprune.presets import preset_for
 from moeprune.profiling.runner import weights_fingerprint
 from moeprune.profiling.stats import check_one_model, finished_corpora, read_meta
@@ -403,6 +404,4 @@ def check_seq_len(config: Any, seq_len: int | None, flag: str) -> None:
 
 # -------------------------------------------------------------------------------------- mask checks
 def load_mask(path: str | Path):
-    from moeprune.planning.mask import ExpertMask
-
     return ExpertMask.load(path)

@@ -91,16 +91,16 @@ def test_export_equals_the_in_memory_recovered_model(tiny_checkpoint: Path, mask
 
 def test_calibration_reads_train_splits_only(tiny_checkpoint: Path, mask_file: Path, tmp_path: Path,
                                              monkeypatch) -> None:
-    import moeprune.bundled as bundled
+    import moeprune.data.corpora as corpora  # where the corpus loader reads the bundled files
 
     splits: list[str] = []
-    original = bundled.read_bundled_corpus
+    original = corpora.read_bundled_corpus
 
     def spy(name: str, split: str = "train"):
         splits.append(split)
         return original(name, split)
 
-    monkeypatch.setattr(bundled, "read_bundled_corpus", spy)
+    monkeypatch.setattr(corpora, "read_bundled_corpus", spy)
     model = load_model(tiny_checkpoint, dtype="float32")
     api.recover(model, mask_file, replace(KD, corpora=None), progress=False)  # the mask's corpora
     assert splits and set(splits) == {"train"}

@@ -27,6 +27,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from moeprune.bundled import BUNDLED_CORPORA, SPLITS, read_bundled_corpus
 from moeprune.errors import MoePruneError
 from moeprune.io import check_regular_file, open_regular_file, parse_json, read_text
 
@@ -102,14 +103,10 @@ def check_corpus_name(name: str, spec: str = "", given: bool = True) -> None:
 
 
 def _parse_body(spec: str) -> CorpusSpec:
-    from moeprune.bundled import BUNDLED_CORPORA
-
     if spec in KNOWN_HUB:
         return CorpusSpec(name=spec, kind="hub", **KNOWN_HUB[spec])
     head, _, split = spec.partition(":")
     if head in BUNDLED_CORPORA:
-        from moeprune.bundled import SPLITS
-
         if split and split not in SPLITS:
             raise MoePruneError(f"Corpus {spec!r}: the bundled corpora have splits {', '.join(SPLITS)}; not {split!r}.")
         return CorpusSpec(
@@ -182,8 +179,6 @@ def corpus_fingerprint(spec: CorpusSpec) -> str | None:
 def load_documents(spec: CorpusSpec, max_documents: int | None = None) -> list[str]:
     """The corpus's documents (non-empty strings), in their stored order."""
     if spec.kind == "bundled":
-        from moeprune.bundled import read_bundled_corpus
-
         docs = read_bundled_corpus(spec.source, spec.split)
     elif spec.kind == "txt":
         text = _read_text(Path(spec.source))

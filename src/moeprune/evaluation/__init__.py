@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+import moeprune
 from moeprune.evaluation.footprint import compare_footprints, footprint
 from moeprune.evaluation.perplexity import PPL_DATASETS, perplexity
 from moeprune.evaluation.zeroshot import (
@@ -82,8 +83,6 @@ def evaluate(
 def versions() -> dict[str, str]:
     """Library versions that change numbers (recorded with every result)."""
     import transformers
-
-    import moeprune
 
     found = {
         "python": platform.python_version(),

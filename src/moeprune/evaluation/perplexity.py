@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from moeprune.bundled import read_bundled_corpus
 from moeprune.errors import MoePruneError
 from moeprune.io import parse_json, read_bytes, read_text
 from moeprune.surgery import masked
@@ -171,8 +172,6 @@ def load_eval_text(dataset: str, sources: Mapping[str, str | Path] | None = None
     if dataset == "c4":
         return dataset, " ".join(_hub_rows(dataset)[:C4_DOCUMENTS]), PROTOCOLS[dataset]
     if dataset in BUNDLED_PPL_DATASETS:
-        from moeprune.bundled import read_bundled_corpus
-
         return dataset, "\n\n".join(read_bundled_corpus(dataset, "test")), PROTOCOLS[dataset]
     path = Path(dataset)
     if looks_like_path(dataset):

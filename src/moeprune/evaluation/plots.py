@@ -35,6 +35,7 @@ from moeprune.evaluation.report import (
     sweep_cells,
     variant_of,
 )
+from moeprune.profiling.stats import Profile
 
 OVERLAP_FRACTIONS = (0.25, 0.5, 0.75)
 
@@ -77,8 +78,6 @@ def write_plots(
     if sweep_cells(cells):
         files.update(_budget_plots(cells, out))
     if profile_dir is not None and Path(profile_dir).is_dir():
-        from moeprune.profiling.stats import Profile
-
         prof = Profile.load(profile_dir)
         if len(prof.names) > 1:
             files["ranking_overlap"] = plot_overlap(

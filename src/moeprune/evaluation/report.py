@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from moeprune.evaluation.coverage import DENSE, recovery_table
+from moeprune.evaluation.coverage import DENSE, coverage_table, recovery_table, wins_against_seeds
 
 DATASET_NAMES = {"wikitext2": "WikiText2", "c4": "C4"}
 TASK_NAMES = {
@@ -388,8 +388,6 @@ def render_report(
 
 def _coverage_section(cells: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]) -> list[str]:
     """Perplexity on the domains calibration never saw, as a ratio to dense (see evaluation/coverage.py)."""
-    from moeprune.evaluation.coverage import coverage_table, wins_against_seeds
-
     calibration = settings.get("calibration", {}).get("corpora", [])
     table = coverage_table(cells, calibration)
     if not table:

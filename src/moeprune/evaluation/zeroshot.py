@@ -215,7 +215,7 @@ def _build(manager: Any, name: str) -> list[Any]:
 
 def _hflm(model: torch.nn.Module, tokenizer: Any, batch_size: int | str, max_length: int | None) -> Any:
     # HFLM misscores a request whose text equals another's split at a different point (evaluation/hflm.py).
-    from moeprune.evaluation.hflm import SplitSafeHFLM
+    from moeprune.evaluation.hflm import SplitSafeHFLM  # lazy: hflm imports lm-eval, needed only for zero-shot
 
     # id() is a safe key: the cached wrapper holds the model and tokenizer, so neither id can be reused.
     return _reused(

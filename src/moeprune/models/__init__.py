@@ -16,7 +16,7 @@ def register() -> None:
     """Register every port with AutoConfig, AutoModel and AutoModelForCausalLM (idempotent, cheap after once)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    from moeprune.models import deepseek_moe
+    from moeprune.models import deepseek_moe  # lazy: the port pulls in transformers' modeling code
 
     AutoConfig.register("deepseek", deepseek_moe.DeepseekConfig, exist_ok=True)
     AutoModel.register(deepseek_moe.DeepseekConfig, deepseek_moe.DeepseekModel, exist_ok=True)

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+import moeprune
+from moeprune.arch.adapters import routing_groups
 from moeprune.arch.view import moe_layers, top_k_of
 from moeprune.data.corpora import CorpusSpec, corpus_fingerprint
 from moeprune.data.sampling import calibration_windows
@@ -27,6 +29,7 @@ from moeprune.errors import MoePruneError
 from moeprune.io import checkpoint_fingerprint, output_lock, remove_orphan_temp_files
 from moeprune.loading import config_hash, model_name, resolve_model_path
 from moeprune.profiling.instrument import StatsRecorder
+from moeprune.profiling.sequential import profile_windows_sequential
 from moeprune.profiling.stats import ExpertStats, Profile, check_one_model, finished_corpora
 
 # Metadata that must match for a saved corpus profile (or checkpoint) to be reused: everything that changes
@@ -54,8 +57,6 @@ class ProfileSettings:
 
 def model_meta(model) -> dict[str, Any]:
     """What a profile records about the model it came from (planning reads top_k and groups here)."""
-    from moeprune.arch.adapters import routing_groups
-
     layers = moe_layers(model)
     config = model.config
     n_group, topk_group = routing_groups(config) or (None, None)
@@ -162,8 +163,6 @@ def profile_windows(
 
 
 def _sequential(model, windows, settings: ProfileSettings, meta, progress: bool, desc: str) -> ExpertStats:
-    from moeprune.profiling.sequential import profile_windows_sequential
-
     if _rank_world()[1] > 1:
         raise MoePruneError("Layer-sequential profiling runs in one process; drop --sequential or torchrun.")
     return profile_windows_sequential(
@@ -261,8 +260,6 @@ def _remove_partial(path: Path) -> None:
 
 def _library_versions() -> dict[str, Any]:
     import transformers
-
-    import moeprune
 
     return {
         "versions": {
