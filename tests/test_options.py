@@ -76,3 +76,28 @@ def test_the_api_refuses_before_loading_anything(tmp_path) -> None:
         api.profile(str(tmp_path / "no-model"), ["wiki"], tmp_path / "prof", samples=0)
     with pytest.raises(MoePruneError, match="--recon-seq-len must be at least 1"):
         api.prune(str(tmp_path / "no-model"), 0.5, tmp_path / "out", reconstruction={"seq_len": 0})
+
+
+def test_grid_options_follow_the_preset_and_check_their_fields() -> None:
+    from moeprune.options import GridOptions
+
+    paper, bundled = PRESETS[PAPER], PRESETS[BUNDLED]
+    grid = GridOptions.from_args(_args(protect_budget=[20], recover=["none", "router-kd", "none"]))
+    assert (grid.retains, grid.seeds, grid.reap_corpus) == (paper.retains, paper.seeds, paper.reap_corpus)
+    assert grid.protect_budget == 20 and grid.budgets == [20]  # -B 20 arrives as [20]: not a sweep
+    assert grid.recover == ("none", "router-kd")  # once each, in the given order
+    sweep = GridOptions.from_args(_args(model="bundled", protect_budget=[0, 4, "auto", 4], reap_corpus="off"))
+    assert sweep.budgets == [0, 4, "auto"] and sweep.reap_corpus is None and sweep.seeds == bundled.seeds
+    assert GridOptions(protect_budget=None).budgets == [None]
+    with pytest.raises(MoePruneError, match="at least one retain ratio"):
+        GridOptions(retains=())
+    with pytest.raises(MoePruneError, match="--seeds must be 0 or more"):
+        GridOptions(seeds=(0, -1))
+    with pytest.raises(MoePruneError, match="--reap-samples must be at least 1"):
+        GridOptions(reap_samples=0)
+
+
+def test_api_prune_refuses_bad_calibration_before_loading(tmp_path) -> None:
+    """The Calibration refuses where it is built: prune (no such model here) never gets to load anything."""
+    with pytest.raises(MoePruneError, match="--seq-len must be at least 1"):
+        api.prune(str(tmp_path / "no-model"), 0.5, tmp_path / "out", calibration=Calibration(seq_len=0))

@@ -13,6 +13,9 @@
 
 One model is loaded for everything: profiling, reconstruction and every cell (masks are applied in
 memory with ``surgery.masked``, which restores the model afterwards).
+
+Orchestration only: this module sits above :mod:`moeprune.api` (profile, plan_many) and calls the
+evaluation and recovery stages below it; nothing in the package imports it but the CLI.
 """
 
 from __future__ import annotations
