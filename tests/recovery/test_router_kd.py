@@ -90,6 +90,17 @@ def test_top_k_teacher_bucket_kl_is_the_full_kl_when_k_is_the_vocabulary(monkeyp
     assert (bucketed <= exact + 1e-5).all() and (bucketed >= -1e-6).all()  # a coarser partition: a lower bound
 
 
+def test_full_teacher_targets_stay_bounded() -> None:
+    """Full log-probabilities only for a small vocabulary that fits: Mixtral's 32,000 entries over the paper
+    preset's 256 x 1024 tokens (33.5 GB) fall back to top-k buckets; the bundled defaults stay full."""
+    from moeprune.recovery.router_kd import full_targets
+
+    assert full_targets(128, 256, 4096)  # bundled: 0.5 GB
+    assert not full_targets(256, 1024, 32_000)  # Mixtral at the paper preset
+    assert not full_targets(2, 8, 151_936)  # Qwen: above the vocabulary limit whatever the size
+    assert full_targets(16, 1024, 32_000) and not full_targets(17, 1024, 32_000)  # 2.10e9 vs 2.23e9 bytes, 2 GiB
+
+
 def test_checkpointing_gives_the_same_training() -> None:
     model = build_model("mixtral")
     mask = make_mask(model)

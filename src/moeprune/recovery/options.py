@@ -27,6 +27,9 @@ EVALUATION_SPLITS = frozenset({"test", "validation", "valid", "val", "eval", "de
 DATA_SEED_OFFSET = 10_000
 # Teacher targets: full log-probabilities up to this vocabulary size; above it the top-k plus a "rest" bucket.
 FULL_VOCAB_LIMIT = 32_768
+# ... and only while the full targets (windows x tokens x vocabulary, fp32) stay below this on the CPU: Mixtral's
+# 32,000 entries over the paper preset's 256 x 1024 tokens would be 33.5 GB.
+FULL_TARGET_BYTES = 2 << 30
 DEFAULT_TEACHER_TOP_K = 64
 DEFAULT_MERGE_TOKENS = 4096  # tokens per layer merge compares expert outputs on (merge_delta's max_tokens)
 

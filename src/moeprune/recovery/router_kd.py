@@ -11,7 +11,8 @@ it is left as it is.
 
 Loss: KL(dense || pruned) of the next-token distributions, averaged over every calibration token. The
 teacher's targets are computed once per calibration set (:func:`teacher_targets`, kept on the CPU and
-reusable across masks): the full log-probabilities when the vocabulary is at most FULL_VOCAB_LIMIT, else
+reusable across masks): the full log-probabilities when the vocabulary is at most FULL_VOCAB_LIMIT and they
+fit in FULL_TARGET_BYTES, else
 the top-k log-probabilities plus one "rest" bucket, and the KL is then that of the (k + 1)-bucket
 distributions (a lower bound of the full KL).
 """
@@ -32,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moeprune.arch.view import decoder_layers, moe_layers
-from moeprune.recovery.options import FULL_VOCAB_LIMIT, RecoveryOptions
+from moeprune.recovery.options import FULL_TARGET_BYTES, FULL_VOCAB_LIMIT, RecoveryOptions
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +82,9 @@ def teacher_targets(model: nn.Module, windows: dict[str, torch.Tensor], options:
     stacked = torch.cat([windows[n] for n in names])
     vocab = int(model.config.vocab_size if hasattr(model.config, "vocab_size") else model.get_output_embeddings()
                 .weight.shape[0])
-    full = vocab <= FULL_VOCAB_LIMIT
-    k = min(options.teacher_top_k, vocab)
     n, seq = stacked.shape
+    full = full_targets(n, seq, vocab)
+    k = min(options.teacher_top_k, vocab)
     logp = torch.empty((n, seq, vocab if full else k), dtype=torch.float32)
     ids = None if full else torch.empty((n, seq, k), dtype=torch.int32)
     rest = None if full else torch.empty((n, seq), dtype=torch.float32)
@@ -101,6 +102,12 @@ def teacher_targets(model: nn.Module, windows: dict[str, torch.Tensor], options:
         bar.update(hi - lo)
     bar.close()
     return TeacherTargets(stacked, spans, "full" if full else "topk", logp, ids, rest)
+
+
+def full_targets(windows: int, seq_len: int, vocab: int) -> bool:
+    """Whether the teacher keeps its full log-probabilities: a small vocabulary, and at most FULL_TARGET_BYTES of
+    them on the CPU (else the top-k + rest buckets: bounded memory whatever the calibration size)."""
+    return vocab <= FULL_VOCAB_LIMIT and windows * seq_len * vocab * 4 <= FULL_TARGET_BYTES
 
 
 def routing_parameters(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
