@@ -121,6 +121,18 @@ def test_delta_round_trips_through_its_files(tmp_path: Path) -> None:
     assert torch.equal(back.delta["a.weight"], rec.delta["a.weight"]) and back.record == rec.record
 
 
+def test_a_corrupt_cached_recovery_is_one_line(tmp_path: Path) -> None:
+    from moeprune.errors import MoePruneError
+
+    folder = Recovery({"a.weight": torch.zeros(2)}, {"kind": "router-kd"}).save(tmp_path / "rec")
+    (folder / "recovery.json").write_text("[1, 2]")
+    with pytest.raises(MoePruneError, match="not a JSON object; delete it to recompute it"):
+        Recovery.load(folder)
+    (folder / "recovery.json").write_text("{")
+    with pytest.raises(MoePruneError, match="Recovery record in .*delete it to recompute it"):
+        Recovery.load(folder)
+
+
 # ------------------------------------------------------------------------------------------- CLI errors
 @pytest.fixture
 def no_model_load(monkeypatch):

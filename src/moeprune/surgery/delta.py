@@ -12,7 +12,6 @@ the export writes it and the evaluation applies it inside the mask, and neither 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from torch import nn
 
 from moeprune.arch.view import moe_layers
 from moeprune.errors import MoePruneError
-from moeprune.io import save_safetensors_atomic, write_json_atomic
+from moeprune.io import read_json, save_safetensors_atomic, write_json_atomic
 
 DELTA_FILE = "delta.safetensors"
 RECORD_FILE = "recovery.json"
@@ -52,12 +51,15 @@ class Recovery:
         from safetensors.torch import load_file
 
         folder = Path(folder)
+        fix = "delete it to recompute it"
+        # The project's one bounded, strict JSON reader (a cached record is a file like any other input).
+        record = read_json(folder / RECORD_FILE, f"Recovery record in {folder}", fix)
+        if not isinstance(record, dict):
+            raise MoePruneError(f"Recovery record in {folder} is not a JSON object; {fix}.")
         try:
-            record = json.loads((folder / RECORD_FILE).read_text())
             delta = load_file(str(folder / DELTA_FILE))
-        except (OSError, json.JSONDecodeError, SafetensorError) as err:
-            raise MoePruneError(f"Recovery in {folder} is missing or corrupt ({err}); delete it to recompute it.") \
-                from err
+        except (OSError, SafetensorError) as err:
+            raise MoePruneError(f"Recovery in {folder} is missing or corrupt ({err}); {fix}.") from err
         record.pop("format", None)
         return cls(delta, record)
 
