@@ -3,25 +3,16 @@ options, one per stage; the keys left over (plots, progress, dtype, ...) pass th
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 from moeprune.options import Calibration, EvalSettings, GridOptions
-
-GRID = ("retains", "methods", "seeds", "protect_budget", "candidate", "reap_corpus", "reap_samples", "reap_seq_len",
-        "recover")
-CALIBRATION = ("corpora", "samples", "seq_len", "batch_size")
-EVALUATION = ("ppl_datasets", "ppl_seq_len", "ppl_sources", "max_windows", "tasks", "limit", "eval_batch_size")
 
 
 def typed(flat: dict[str, Any]) -> dict[str, Any]:
     rest = dict(flat)
 
-    def take(names: tuple[str, ...]) -> dict[str, Any]:
-        return {name: rest.pop(name) for name in names if name in rest}
+    def take(cls: type) -> Any:
+        return cls(**{f.name: rest.pop(f.name) for f in fields(cls) if f.name in rest})
 
-    return {
-        "grid": GridOptions(**take(GRID)),
-        "calibration": Calibration(**take(CALIBRATION)),
-        "evaluation": EvalSettings(**take(EVALUATION)),
-        **rest,
-    }
+    return {"grid": take(GridOptions), "calibration": take(Calibration), "evaluation": take(EvalSettings), **rest}

@@ -279,7 +279,6 @@ def apply(
     the model loaded as ``dtype``/``device`` place it, then freed before the export reloads it), or a
     :class:`~moeprune.recovery.Recovery` computed earlier (:func:`recover`); the export is verified against the
     recovered model."""
-
     mask_file = None if isinstance(mask, ExpertMask) else mask
     mask = mask if isinstance(mask, ExpertMask) else ExpertMask.load(mask)
     if isinstance(model, str | Path):
@@ -463,7 +462,6 @@ def _perplexities(model: Any, tokenizer: Any, datasets: Sequence[str], seq_len: 
 
 
 def _report_perplexity(dense: dict[str, dict], pruned: dict[str, dict], mask: ExpertMask, workdir: Path) -> None:
-
     print(f"\nheld-out perplexity, {mask.method} keeping {mask.kept_per_layer} of {mask.num_experts} experts per layer")
     print(f"{'dataset':<12}{'dense':>10}{'pruned':>10}{'ratio':>8}")
     for name in dense:
@@ -510,7 +508,6 @@ def _reconstruct(
 ) -> dict[int, dict[int, tuple[list[int], float]]]:
     """ExpertSparsity selections for each K, from activations captured once into the work directory
     (``options``: see :class:`~moeprune.options.ReconstructionOptions`; unset ones come from the model's preset)."""
-
     if model is None:
         model = prof.meta.get("model")
         if not model:
@@ -532,7 +529,6 @@ def _reconstruct(
 
 def _check_same_model(prof: Profile, model: Any) -> None:
     """A profile is only meaningful for the model it was made from: refuse any other."""
-
     recorded, actual = prof.meta.get("config_hash"), config_hash(model.config)
     if recorded and recorded != actual:
         raise MoePruneError(
@@ -550,12 +546,7 @@ def _reconstruction_corpus(prof: Profile, name: str | None) -> CorpusSpec:
     return CorpusSpec(**recorded) if recorded else parse_corpus(chosen)
 
 
-_model = checked_model  # the old private names, for callers on other branches
-_tokenizer = checked_tokenizer
-
-
 def _check_output(out: str | Path, model: Any, overwrite: bool, *other_sources: Any) -> None:
     """The output directory must not overlap the model (or the other sources), nor exist without overwrite."""
-
     source = resolve_model_path(model) if isinstance(model, str | Path) else None
     check_output_dir(out, sources=[source, *other_sources], overwrite=overwrite)

@@ -82,7 +82,6 @@ def evaluate_model(
     ``settings=None``: the model's preset (:meth:`EvalSettings.from_preset`): the six bundled domains, their
     256-token windows and the held-out tasks for the bundled testbed; wikitext2, c4 and the six tasks of Common
     Avg otherwise."""
-
     settings = settings if settings is not None else EvalSettings.from_preset(preset_for(model))
     if out is not None:
         check_output_file(out)  # an unwritable --out fails now, not after the evaluation

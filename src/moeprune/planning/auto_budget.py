@@ -43,7 +43,6 @@ def budget_grid(kept: int, paper_budget: int) -> list[int]:
 
 def held_out_sets(profile: Any, tokenizer: Any, windows: int = HELD_OUT_WINDOWS) -> dict[str, torch.Tensor]:
     """{corpus: [windows, seq_len] token windows} that follow each profiled corpus's calibration windows."""
-
     sets = {}
     for name in profile.names:
         meta = profile.corpora[name].meta
