@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from moeprune.bundled import bundled_model_path
 from moeprune.errors import MoePruneError
 from moeprune.io import INDEX_FILE, read_weight_map
 from moeprune.models import register as register_ports
+from moeprune.presets import Preset, preset_for
 
 # Files of which at least one makes a directory hold a tokenizer (transformers 5 silently builds an empty,
 # one-token tokenizer for a directory with none of them).
@@ -377,3 +379,117 @@ def check_not_pickle_only(folder: Path) -> None:
             "checkpoints only (unpickling can run code). Convert it where you trust the file, e.g. "
             "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR_SAFE), and pass that folder."
         )
+
+
+# ------------------------------------------------------------------------------ the model source
+PLACEMENTS = ("memory", "device-map", "stream")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What a verb is given as "the model", resolved once at the door: a path, a hub id, ``bundled`` or a loaded
+    module, with how to load it (``dtype``, ``device``, ``trust_remote_code``, ``tokenizer``) and where its weights
+    live while the stages run (``stream``: True streams them from disk one decoder layer at a time, False keeps them
+    in memory, None decides from the memory available).
+
+    It knows its preset from its name before anything loads, its config (read once), its positions limit and
+    whether it is quantized, and loads itself (:meth:`load`, :meth:`load_tokenizer`). Verbs accept a string or a
+    source: :meth:`of` turns either into one.
+    """
+
+    model: Any
+    dtype: str | torch.dtype = "auto"
+    device: str | None = None
+    trust_remote_code: bool = False
+    tokenizer: Any = None
+    stream: bool | None = None
+    _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, ModelSource):
+            raise MoePruneError("ModelSource.model is a path, hub id, 'bundled' or a loaded model, not a ModelSource;"
+                                " use ModelSource.of(source, ...) to change its settings.")
+        if not isinstance(self.model, str | Path | torch.nn.Module) or (isinstance(self.model, str) and not self.model):
+            raise MoePruneError(f"model must be a path, hub id, 'bundled' or a loaded torch model, not "
+                                f"{type(self.model).__name__}.")
+        if isinstance(self.model, Path):
+            object.__setattr__(self, "model", str(self.model))
+
+    @classmethod
+    def of(cls, model: Any, **settings: Any) -> ModelSource:
+        """``model`` as a source; ``settings`` (None values ignored) override a given source's own."""
+        given = {k: v for k, v in settings.items() if v is not None}
+        if isinstance(model, ModelSource):
+            return replace(model, **given) if given else model
+        return cls(model, **given)
+
+    # ---------------------------------------------------------------------------------- what it is
+    @property
+    def is_loaded(self) -> bool:
+        return isinstance(self.model, torch.nn.Module)
+
+    @property
+    def name(self) -> str:
+        """The resolved path or hub id (``bundled`` resolved to its folder); a loaded model's ``name_or_path``."""
+        return model_name(self.model) if self.is_loaded else resolve_model_path(self.model)
+
+    @property
+    def local_dir(self) -> Path | None:
+        """The checkpoint's folder on this machine, or None (a hub id, a loaded model)."""
+        if self.is_loaded:
+            return None
+        path = Path(self.name)
+        return path if path.is_dir() else None
+
+    @property
+    def preset(self) -> Preset:
+        """The preset of the model's name: known before loading, and the same for the model once loaded."""
+        return preset_for(self.name)
+
+    @property
+    def config(self) -> Any:
+        if "config" not in self._cache:
+            self._cache["config"] = self.model.config if self.is_loaded \
+                else load_config(self.name, self.trust_remote_code)
+        return self._cache["config"]
+
+    @property
+    def max_positions(self) -> int | None:
+        value = getattr(self.config, "max_position_embeddings", None)
+        return value if isinstance(value, int) and value > 1 else None
+
+    @property
+    def config_hash(self) -> str:
+        return config_hash(self.config)
+
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        """The checkpoint's ``quantization_config`` as a dict (None for unquantized weights)."""
+        value = getattr(self.config, "quantization_config", None)
+        if value is None:
+            return None
+        return value if isinstance(value, dict) else value.to_dict()
+
+    def placement(self) -> str:
+        """Where the weights live while the stages run: ``memory`` (the CPU or one device), ``device-map``
+        (accelerate spreads them over the visible GPUs) or ``stream`` (one decoder layer at a time from disk)."""
+        if self.stream:
+            return "stream"
+        if self.is_loaded:
+            return "device-map" if len(getattr(self.model, "hf_device_map", None) or {}) > 1 else "memory"
+        if self.device is not None and str(self.device) == "auto":
+            return "device-map"
+        return "memory"
+
+    # ---------------------------------------------------------------------------------- loading it
+    def load(self) -> PreTrainedModel:
+        """The model, loaded (checked first) as :func:`checked_model` does; a loaded model is returned as is."""
+        return checked_model(self.model, self.dtype, self.device, self.trust_remote_code)
+
+    def load_tokenizer(self, model: Any = None) -> Any:
+        """The tokenizer (given, or the model's own), checked against ``model``'s embedding when given."""
+        return checked_tokenizer(self.tokenizer, model if model is not None else self.model, self.trust_remote_code)
+
+    def with_model(self, model: Any) -> ModelSource:
+        """The same settings for another model (a loaded copy of this one, a written checkpoint)."""
+        return replace(self, model=model)
