@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
-from moeprune.data.corpora import CorpusSpec, parse_corpus
+from moeprune.data.corpora import LOCAL_KINDS, CorpusSpec, corpus_fingerprint, corpus_spec_from_record, parse_corpus
 from moeprune.data.sampling import calibration_windows
 from moeprune.errors import MoePruneError
 from moeprune.evaluation.perplexity import held_out_nll, perplexity
 from moeprune.evaluation.runner import evaluate_model
-from moeprune.io import check_output_dir, write_json_atomic
+from moeprune.io import check_output_dir, output_root, write_json_atomic
 from moeprune.loading import (  # noqa: F401 (re-export)
     checked_model,
     checked_tokenizer,
@@ -47,13 +47,13 @@ from moeprune.planning import plan as plan_from_profile
 from moeprune.planning.fit import check_mask_for_config
 from moeprune.planning.mask import ExpertMask, kept_count
 from moeprune.presets import PAPER, PRESETS, is_bundled, preset_for  # noqa: F401 (re-export)
-from moeprune.profiling.runner import ProfileSettings, profile_model
+from moeprune.profiling.runner import ProfileSettings, profile_model, weights_fingerprint
 from moeprune.profiling.stats import Profile
 from moeprune.reconstruction import reconstruction_selection
 from moeprune.recovery import Recovery, RecoveryOptions, check_mergeable_config, check_prunes, recovery_corpora
 from moeprune.recovery import recover as recover_loaded
 from moeprune.surgery import export_pruned
-from moeprune.validation import check_profile_out, check_seq_len, model_config
+from moeprune.validation import check_profile_out, check_seq_len, input_files, model_config
 
 log = logging.getLogger("moeprune")
 
@@ -285,7 +285,8 @@ def apply(
         model = resolve_model_path(model)
     config = model.config if isinstance(model, torch.nn.Module) else model_config(model, trust_remote_code)
     check_mask_for_config(mask, config, force=force)
-    _check_output(out, model, overwrite, mask_file)
+    recover_corpora = recover.corpora if isinstance(recover, RecoveryOptions) else None
+    _check_output(out, model, overwrite, mask_file, *input_files(tokenizer, recover_corpora))
     recovery = recover
     if isinstance(recover, RecoveryOptions):
         recovery = _recovery(model, mask, recover, config, dtype, device, trust_remote_code, tokenizer, progress) \
@@ -374,7 +375,9 @@ def prune(
     calibration = calibration if calibration is not None else Calibration.from_preset(preset_for(model))
     recon = ReconstructionOptions.coerce(reconstruction)
     workdir = Path(workdir) if workdir else Path(str(out).rstrip("/") + ".work")
-    _check_output(out, model, overwrite, workdir)  # before profiling, not after
+    # before profiling, not after; every local input counts (an --overwrite must never delete one)
+    _check_output(out, model, overwrite, workdir,
+                  *input_files(tokenizer, calibration.corpora, recover.corpora if recover is not None else None))
     loaded = checked_model(model, dtype, device, trust_remote_code)
     # apply gets what was asked for (a path, None: the model's own), not the loaded object, so that it copies
     # the tokenizer files byte for byte instead of re-saving them (see surgery/tokenizer_files.py)
@@ -408,6 +411,8 @@ def prune(
     dense_ppl = _perplexities(loaded, tokenizer, ppl_datasets, ppl_seq_len, progress) if ppl_datasets else None
     recovery = None
     if recover is not None and recover.active:  # on the model already loaded, before it is freed below
+        # This run's own calibration corpora (specs), not names read back from the mask.
+        recover = recover if recover.corpora else replace(recover, corpora=tuple(str(c) for c in calibration.corpora))
         recovery = _recovery(loaded, mask, recover, loaded.config, dtype, device, trust_remote_code, tokenizer,
                              progress)
     # Exported from the checkpoint itself when we have one, so the output keeps its dtype (on a CPU the
@@ -521,14 +526,16 @@ def _reconstruct(
     windows = calibration_windows(spec, tokenizer, opts.windows, opts.seq_len, opts.seed)
     workdir = Path(opts.workdir or workdir or "moeprune-work")
     key = f"{spec.name}-{windows.shape[0]}x{windows.shape[1]}-seed{opts.seed}"
-    return reconstruction_selection(
-        loaded, windows, kept, workdir, key, corpus=spec.name, progress=progress,
-        loss=opts.loss, token_budget=opts.tokens,
-    )
+    with output_root(workdir):  # reconstruction/<key>/ below it: never through a link
+        return reconstruction_selection(
+            loaded, windows, kept, workdir, key, corpus=spec.name, progress=progress,
+            loss=opts.loss, token_budget=opts.tokens,
+        )
 
 
 def _check_same_model(prof: Profile, model: Any) -> None:
-    """A profile is only meaningful for the model it was made from: refuse any other."""
+    """A profile is only meaningful for the model it was made from: refuse any other, by config hash and, where
+    both are known, by weights fingerprint (another checkpoint of one architecture, or weights changed since)."""
     recorded, actual = prof.meta.get("config_hash"), config_hash(model.config)
     if recorded and recorded != actual:
         raise MoePruneError(
@@ -536,14 +543,31 @@ def _check_same_model(prof: Profile, model: Any) -> None:
             f"for planning, {model_name(model)!r}, has config hash {actual}. Profile this model first, or pass "
             "the profiled model with --model."
         )
+    weights, now = prof.meta.get("weights_sha256"), weights_fingerprint(model)
+    if weights and now and weights != now:
+        raise MoePruneError(
+            f"The profile was made from other weights than {model_name(model)!r} has now (same config, another "
+            "weights fingerprint: another checkpoint, or these weights changed since). Profile this model first, "
+            "or pass the profiled model with --model."
+        )
 
 
 def _reconstruction_corpus(prof: Profile, name: str | None) -> CorpusSpec:
     if name is not None:
         return parse_corpus(name)
     chosen = RECONSTRUCTION_CORPUS if RECONSTRUCTION_CORPUS in prof.names else prof.names[-1]
-    recorded = prof.corpora[chosen].meta.get("corpus")
-    return CorpusSpec(**recorded) if recorded else parse_corpus(chosen)
+    meta = prof.corpora[chosen].meta
+    if not meta.get("corpus"):
+        return parse_corpus(chosen)
+    fix = "pass the corpus with --recon-corpus"
+    spec = corpus_spec_from_record(meta["corpus"], f"The profile of {chosen}", fix)
+    # A file a profile names is read only if it is the file that was profiled (a record from elsewhere could
+    # name any file): its SHA-256 must be the one recorded.
+    if spec.kind in LOCAL_KINDS and (not meta.get("corpus_sha256") or not Path(spec.source).is_file()
+                                     or corpus_fingerprint(spec) != meta["corpus_sha256"]):
+        raise MoePruneError(f"The profile of {chosen} names the corpus file {spec.source}, which is missing or not the "
+                            f"file that was profiled (SHA-256 differs); {fix}.")
+    return spec
 
 
 def _check_output(out: str | Path, model: Any, overwrite: bool, *other_sources: Any) -> None:

@@ -25,7 +25,10 @@ from moeprune.io import (
     check_not_overlapping,
     check_not_symlink,
     check_output_dir,
+    check_own_folder,
     check_writable_parent,
+    holds_only_moeprune_files,
+    holds_regular_file,
     output_lock,
     read_config_json,
 )
@@ -127,6 +130,7 @@ def _flag(name: str) -> str:
 
 def _check_profile(args: argparse.Namespace) -> None:
     check_not_a_file(args.out)
+    check_own_folder(args.out, holds_only_moeprune_files, "profile")
     check_corpora(args.corpora)
     check_profile_out(args.out, args.model, args.corpora, args.tokenizer)
     config = check_model(args.model, args.trust_remote_code, weights=True)
@@ -146,6 +150,7 @@ def _effective(args: argparse.Namespace, name: str) -> Any:
 
 def _check_plan(args: argparse.Namespace) -> None:
     check_not_a_file(args.out)
+    check_own_folder(args.out, holds_only_moeprune_files, "plan")
     check_method(args.method, args.protect_budget, args.candidate)
     model = args.model or _profiled_model(args.profile)
     check_not_overlapping(Path(args.out), [local_model(model)])
@@ -187,13 +192,30 @@ def check_profile_out(out: str | Path, model: Any, corpora: Sequence[Any] | None
     check_not_overlapping(Path(out), sources, flag)
 
 
+def input_files(tokenizer: Any = None, *corpus_lists: Sequence[Any] | None) -> list[Path]:
+    """Every local input besides the model and the mask: the tokenizer's folder and each local corpus file
+    (calibration, recovery), for the overlap check of an output that --overwrite may delete."""
+    found = [Path(tokenizer)] if isinstance(tokenizer, str | Path) and Path(tokenizer).exists() else []
+    for corpora in corpus_lists:
+        for corpus in corpora or ():
+            try:
+                spec = corpus if isinstance(corpus, CorpusSpec) else parse_corpus(str(corpus))
+            except MoePruneError:
+                continue  # refused by its own check
+            if spec.kind in ("txt", "jsonl", "parquet"):
+                found.append(Path(spec.source))
+    return found
+
+
 def _check_apply(args: argparse.Namespace) -> None:
     from moeprune.planning.fit import check_mask_for_config  # lazy: planning pulls in torch
 
     source = Path(resolve_model_path(args.model))
     if args.model_free and not source.is_dir():
         raise MoePruneError(f"--model-free needs a local checkpoint directory; {source} is not one.")
-    check_output_dir(args.out, sources=[source if source.exists() else None, args.mask], overwrite=args.overwrite)
+    check_output_dir(args.out, sources=[source if source.exists() else None, args.mask,
+                                        *input_files(args.tokenizer, getattr(args, "recover_corpus", None))],
+                     overwrite=args.overwrite)
     if args.tokenizer:
         check_tokenizer_source(args.tokenizer, None)
     mask = load_mask(args.mask)
@@ -264,9 +286,11 @@ def _check_prune(args: argparse.Namespace) -> None:
     check_corpora(args.corpora)
     source = Path(resolve_model_path(args.model))
     workdir = Path(args.workdir or str(args.out).rstrip("/") + ".work")
-    sources = [source if source.exists() else None, workdir]
+    sources = [source if source.exists() else None, workdir,
+               *input_files(args.tokenizer, args.corpora, getattr(args, "recover_corpus", None))]
     check_output_dir(args.out, sources=sources, overwrite=args.overwrite)
     check_not_a_file(workdir, "--workdir")
+    check_own_folder(workdir, holds_only_moeprune_files, "prune", "--workdir")
     check_profile_out(workdir, args.model, args.corpora, args.tokenizer, "--workdir")
     config = check_model(args.model, args.trust_remote_code, weights=True)
     check_tokenizer_source(args.model, args.tokenizer)
@@ -310,6 +334,7 @@ def _check_experiment(args: argparse.Namespace) -> None:
     from moeprune.planning.fit import check_retain_for_config  # lazy: planning pulls in torch
 
     check_not_a_file(args.out)
+    check_own_folder(args.out, lambda out: holds_regular_file(out, "experiment.json"), "experiment")
     check_corpora(args.corpora)
     check_profile_out(args.out, args.model, args.corpora, args.tokenizer)
     unknown = [m for m in args.methods or [] if m not in registry.REGISTRY]

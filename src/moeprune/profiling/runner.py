@@ -26,7 +26,15 @@ from moeprune.arch.view import moe_layers, top_k_of
 from moeprune.data.corpora import CorpusSpec, corpus_fingerprint
 from moeprune.data.sampling import calibration_windows
 from moeprune.errors import MoePruneError
-from moeprune.io import checkpoint_fingerprint, output_lock, remove_orphan_temp_files
+from moeprune.io import (
+    check_own_folder,
+    checkpoint_fingerprint,
+    holds_only_moeprune_files,
+    make_dirs,
+    output_lock,
+    output_root,
+    remove_orphan_temp_files,
+)
 from moeprune.loading import config_hash, model_name, resolve_model_path
 from moeprune.profiling.instrument import StatsRecorder
 from moeprune.profiling.sequential import profile_windows_sequential
@@ -81,10 +89,19 @@ def profile_model(
     settings: ProfileSettings | None = None,
     progress: bool = True,
 ) -> Profile:
-    """Profile ``model`` on every corpus into ``out_dir``; finished corpora are reused, not recomputed."""
+    """Profile ``model`` on every corpus into ``out_dir``; finished corpora are reused, not recomputed.
+    ``out_dir`` is new, empty or a profile folder (never someone else's), and an output root: no folder below it
+    is written through a link."""
     settings = settings or ProfileSettings()
     settings.validate()
     out_dir = Path(out_dir)
+    check_own_folder(out_dir, holds_only_moeprune_files, "profile")
+    with output_root(out_dir):
+        return _profile_model(model, tokenizer, corpora, out_dir, settings, progress)
+
+
+def _profile_model(model, tokenizer, corpora: list[CorpusSpec], out_dir: Path, settings: ProfileSettings,
+                   progress: bool) -> Profile:
     if len({spec.name for spec in corpora}) != len(corpora):
         raise MoePruneError("Two corpora share a name; name them with NAME=SPEC.")
     base_meta = {**model_meta(model), **_library_versions(), "settings": asdict(settings)}
@@ -115,7 +132,7 @@ def profile_model(
         if _is_rank0():
             # Checked again under the folder's lock: a run of another model that finished meanwhile is not
             # silently replaced or mixed with (two profiles started together into one new folder).
-            out_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(out_dir)
             with output_lock(out_dir / "corpora"):
                 check_one_model(out_dir, base_meta["config_hash"], base_meta["weights_sha256"])
                 stats.meta["finished_at"] = time.time()

@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from moeprune.data.corpora import corpus_spec_from_record
 from moeprune.errors import MoePruneError
 from moeprune.io import read_json, save_safetensors_atomic, write_json_atomic
 
@@ -303,6 +304,8 @@ def read_meta(path: Path) -> dict[str, Any]:
                                  or (isinstance(value, int | float) and value < 0))
         if wrong or (key == "moe_layers" and not all(_is_int(v) and v >= 0 for v in value or [])):
             raise MoePruneError(f"Profile metadata {path}: {key!r} is {value!r}, not {_kind(types)}; {fix}.")
+    if "corpus" in meta:  # a corpus spec of known fields and a plain name (it names files when it is used)
+        corpus_spec_from_record(meta["corpus"], f"Profile metadata {path}", fix)
     return meta
 
 

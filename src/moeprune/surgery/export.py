@@ -17,7 +17,7 @@ import json
 import logging
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from moeprune.loading import (
 from moeprune.planning.mask import ExpertMask
 from moeprune.surgery.config_json import pruned_config_json, source_config_json
 from moeprune.surgery.delta import Recovery, apply_delta
-from moeprune.surgery.model_card import CardInfo, render_model_card
+from moeprune.surgery.model_card import CardInfo, exported_mask, render_model_card
 from moeprune.surgery.slicing import apply_mask, count_parameters, masked
 from moeprune.surgery.tokenizer_files import write_tokenizer
 
@@ -90,9 +90,9 @@ def export_pruned(
     if not isinstance(mask, ExpertMask):
         mask = ExpertMask.load(mask)
     delta = getattr(recovery, "delta", None) or {}
-    if recovery is not None and recovery.record.get("kind", "none") != "none":
-        # Recorded in the exported mask.json (and so in the card): what was done, with which settings and seed.
-        mask = replace(mask, extra={**mask.extra, "recovery": recovery.record})
+    # The exported mask.json (and so the card) records this export's recovery, if any: what was done, with which
+    # settings and seed; never a recovery the input mask claims.
+    mask = exported_mask(mask, None if recovery is None else recovery.record)
     steps = tqdm(total=4 if verify else 3, desc="apply", disable=not progress, unit="step")
     try:
         _step(steps, "loading model")

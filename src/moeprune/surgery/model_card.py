@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from moeprune import __version__
 from moeprune.io import markdown_safe as md
@@ -20,6 +21,20 @@ class CardInfo:
     mask: ExpertMask
     params_before: int
     params_after: int
+
+
+# What an export records about how it was made: taken from this export's own work, never from the input mask (a
+# mask copied from a router-kd export would otherwise make a plain apply claim a recovery that never ran).
+EXPORT_RECORDS = ("recovery",)
+
+
+def exported_mask(mask: ExpertMask, recovery_record: dict[str, Any] | None = None) -> ExpertMask:
+    """The mask as an export writes it (mask.json and the card): the input's ``extra`` without what only an
+    export may say (``recovery``), plus this export's own recovery record when one ran."""
+    extra = {k: v for k, v in mask.extra.items() if k not in EXPORT_RECORDS}
+    if recovery_record and recovery_record.get("kind", "none") != "none":
+        extra["recovery"] = recovery_record
+    return replace(mask, extra=extra)
 
 
 def render_model_card(info: CardInfo) -> str:
@@ -92,14 +107,15 @@ def _recovery_lines(record: dict) -> list[str]:
         return []
     settings = record.get("settings", {})
     corpora = ", ".join(f"{name} ({shape[0]} x {shape[1]})" for name, shape in record.get("corpora", {}).items())
-    lines = ["", f"Recovery: **{record['kind']}** on {corpora} (train splits; seed {settings.get('seed')})."]
+    corpora = md(corpora)
+    lines = ["", f"Recovery: **{md(record['kind'])}** on {corpora} (train splits; seed {md(settings.get('seed'))})."]
     kd = record.get("router_kd")
     if kd:
         lines.append(
-            f"Router KD: {settings.get('epochs')} epochs, Adam lr {settings.get('lr')}, "
-            f"batch {settings.get('batch_size')}; "
-            f"only routing tensors trained ({kd['trained']['tensors']}). KL(dense || pruned) per token: "
-            + ", ".join(f"{c} {kd['kl_before'][c]:.4f} -> {kd['kl_after'][c]:.4f}" for c in kd["kl_before"])
+            f"Router KD: {md(settings.get('epochs'))} epochs, Adam lr {md(settings.get('lr'))}, "
+            f"batch {md(settings.get('batch_size'))}; "
+            f"only routing tensors trained ({md(kd['trained']['tensors'])}). KL(dense || pruned) per token: "
+            + ", ".join(f"{md(c)} {kd['kl_before'][c]:.4f} -> {kd['kl_after'][c]:.4f}" for c in kd["kl_before"])
             + "."
         )
     if record.get("merge"):
