@@ -40,7 +40,6 @@ from moeprune.evaluation.zeroshot import reuse_lm_eval
 from moeprune.io import (
     SEAL_KEY,
     check_own_folder,
-    holds_regular_file,
     make_dirs,
     output_root,
     path_inside,
@@ -48,6 +47,7 @@ from moeprune.io import (
     remove_orphan_temp_files,
     seal_intact,
     sealed,
+    without_file,
     write_json_atomic,
     write_text_atomic,
 )
@@ -146,7 +146,7 @@ def run_experiment(
     kinds, recovery = _recovery_axis(model, grid.recover, recovery, calibration.corpora, loaded, grid.retains)
     if any(k != "none" for k in kinds):  # recorded only when used, so older experiment.json files still match
         settings["recovery"] = {"kinds": kinds, **{k: v for k, v in recovery.to_json().items() if k != "kind"}}
-    check_own_folder(out, is_experiment_folder, "experiment")
+    check_own_folder(out, without_file("experiment.json"), "experiment")
     with output_root(out):  # no folder below --out (cells/, masks/, recovery/, profile/) is written through a link
         _check_settings(out, settings)
         _remove_orphans(out)
@@ -157,11 +157,6 @@ def run_experiment(
         cells = evaluate_grid(loaded, tokenizer, out, masks, evaluation, progress, kinds, recovery)
         files = write_outputs(out, settings, cells, plots=plots)
     return {"settings": settings, "cells": cells, "files": {k: str(v) for k, v in files.items()}}
-
-
-def is_experiment_folder(out: Path) -> bool:
-    """An experiment's own --out: it holds the experiment.json an earlier run wrote (a regular file)."""
-    return holds_regular_file(out, "experiment.json")
 
 
 # experiment.json's schema: the sections a rerun compares, each an object (recovery only when used).

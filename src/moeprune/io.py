@@ -270,28 +270,30 @@ def path_inside(root: str | Path, *names: str, what: str = "A name", fix: str = 
 
 
 # ------------------------------------------------------------------------------- whose folder, whose file
-def check_own_folder(out: str | Path, is_own: Callable[[Path], bool], verb: str, flag: str = "--out") -> None:
-    """A non-empty existing ``out`` must be ``verb``'s own folder (``is_own``): moeprune never writes its files
-    among someone else's (experiment --out ~/project would replace report.md there)."""
+def check_own_folder(out: str | Path, foreign: Callable[[Path], Path | None], verb: str, flag: str = "--out") -> None:
+    """A non-empty existing ``out`` must be ``verb``'s own folder: ``foreign(out)`` names the first entry that is not
+    (None when all are). moeprune never writes its files among someone else's (experiment --out ~/project would
+    replace report.md there; profile --out data, data/wiki.json)."""
     out = Path(out)
     if not out.is_dir():
         return
-    visible = [p for p in out.iterdir() if not p.name.startswith(".")]
-    if visible and not is_own(out):
+    entry = foreign(out)
+    if entry is not None:
+        kind = "" if stat.S_ISREG(os.lstat(entry).st_mode) else f", {_file_kind(os.lstat(entry).st_mode)}"
         raise MoePruneError(
-            f"{flag} {out} is a folder that `moeprune {verb}` did not make (it holds {terminal_safe(visible[0].name)!r}"
-            f"{f' and {len(visible) - 1} more' if len(visible) > 1 else ''}); moeprune writes its files only into a "
-            f"new, an empty or its own folder. Choose another {flag}."
+            f"{flag} {out} is a folder that `moeprune {verb}` did not make (it holds {terminal_safe(entry.name)!r}"
+            f"{kind}); moeprune writes its files only into a new, an empty or its own folder. Choose another {flag}."
         )
 
 
-def holds_only_moeprune_files(out: Path, folders: Iterable[str] = ("reconstruction",),
-                              names: Iterable[str] = ("perplexity.json",)) -> bool:
-    """Whether every visible entry of ``out`` is moeprune's: a JSON file with a ``moeprune.*`` format (profile
-    metadata, masks, capture records), a ``.safetensors`` beside such a JSON (a corpus profile) or a partial one,
-    one of ``names``, or one of moeprune's ``folders`` (a real folder, not a link). A profile or plan --out."""
+def foreign_entry(out: Path, folders: Iterable[str] = ("reconstruction",),
+                  names: Iterable[str] = ("perplexity.json",)) -> Path | None:
+    """The first visible entry of ``out`` that is not moeprune's, or None: moeprune's are JSON files with a
+    ``moeprune.*`` format (profile metadata, masks, capture records), a ``.safetensors`` beside such a JSON (a
+    corpus profile) or a partial one, ``names``, and moeprune's ``folders`` (real folders, not links). For a
+    profile or plan --out."""
     folders, names = set(folders), set(names)
-    for path in out.iterdir():
+    for path in sorted(out.iterdir()):
         if path.name.startswith("."):
             continue
         st = os.lstat(path)
@@ -304,12 +306,23 @@ def holds_only_moeprune_files(out: Path, folders: Iterable[str] = ("reconstructi
         else:
             ok = path.name in names or (path.suffix == ".json" and _is_moeprune_json(path))
         if not ok:
-            return False
-    return True
+            return path
+    return None
+
+
+def without_file(name: str) -> Callable[[Path], Path | None]:
+    """For :func:`check_own_folder`: a folder is its verb's own when it holds ``name`` as a regular file (an
+    experiment's experiment.json); else its first visible entry is named."""
+    def foreign(out: Path) -> Path | None:
+        if holds_regular_file(out, name):
+            return None
+        return next((p for p in sorted(out.iterdir()) if not p.name.startswith(".")), None)
+
+    return foreign
 
 
 def holds_regular_file(out: Path, name: str) -> bool:
-    """Whether ``out/name`` is a regular file (not a link): an experiment folder holds its experiment.json."""
+    """Whether ``out/name`` is a regular file (not a link)."""
     try:
         return stat.S_ISREG(os.lstat(out / name).st_mode)
     except OSError:

@@ -125,7 +125,26 @@ def load_model(
         )
     loaded.eval()
     loaded.name_or_path = path
+    check_finite_weights(loaded, path)
     return loaded
+
+
+FINITE_CHUNK = 1 << 24  # elements checked per step, so the check needs little extra memory on any device
+
+
+def check_finite_weights(model: torch.nn.Module, source: Any = None) -> None:
+    """Every floating-point weight is finite: a NaN or inf weight is a broken checkpoint, named as such (with the
+    tensor) before it turns into NaN statistics, a NaN perplexity or a failed verification blamed on moeprune."""
+    for name, param in model.named_parameters():
+        if param.device.type == "meta" or not param.is_floating_point():
+            continue
+        for chunk in param.detach().reshape(-1).split(FINITE_CHUNK):
+            if not bool(torch.isfinite(chunk).all()):
+                where = f" of {source}" if source is not None else ""
+                raise MoePruneError(
+                    f"The weight {name}{where} holds NaN or infinite values: the checkpoint is broken (a bad save, "
+                    "download or conversion), not something moeprune can prune or score. Re-download or repair it."
+                )
 
 
 def choose_device_map(config, dtype: torch.dtype | str, device: str | None,
@@ -264,6 +283,7 @@ def checked_model(model: Any, dtype: str = "auto", device: str | None = None, tr
     """``model`` itself when it is loaded already; else :func:`load_model` after the device and the
     checkpoint's files are checked (a truncated download is one line, not a safetensors traceback)."""
     if isinstance(model, torch.nn.Module):
+        check_finite_weights(model, model_name(model))
         return model
     check_device(device)
     check_checkpoint_files(model)
@@ -278,6 +298,9 @@ def checked_tokenizer(tokenizer: Any, model: Any, trust_remote_code: bool = Fals
         check_tokenizer_source(str(source), None)
         return check_tokenizer(load_tokenizer(source, trust_remote_code), source, model)
     return check_tokenizer(tokenizer, "the given tokenizer", model)
+
+
+RUN_DEVICES = ("cpu", "cuda", "mps")
 
 
 def check_device(device: str | None) -> None:
@@ -297,6 +320,10 @@ def check_device(device: str | None) -> None:
             )
     elif parsed.type == "mps" and not torch.backends.mps.is_available():
         raise MoePruneError(f"--device {device}: MPS is not available here; use --device cpu.")
+    elif parsed.type not in RUN_DEVICES:
+        # meta holds no data (every result would be empty or a crash); others are not devices moeprune runs on.
+        raise MoePruneError(f"--device {device}: moeprune computes on {', '.join(RUN_DEVICES)} only; use --device "
+                            "cpu or cuda.")
 
 
 def check_checkpoint_files(model: Any) -> None:

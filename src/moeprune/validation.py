@@ -27,10 +27,10 @@ from moeprune.io import (
     check_output_dir,
     check_own_folder,
     check_writable_parent,
-    holds_only_moeprune_files,
-    holds_regular_file,
+    foreign_entry,
     output_lock,
     read_config_json,
+    without_file,
 )
 from moeprune.loading import (  # noqa: F401 (check_tokenizer re-exported)
     check_checkpoint_files,
@@ -44,7 +44,7 @@ from moeprune.loading import (  # noqa: F401 (check_tokenizer re-exported)
     parse_dtype,
     resolve_model_path,
 )
-from moeprune.options import at_least_one, non_negative
+from moeprune.options import at_least_one, check_seed, non_negative
 from moeprune.planning.mask import ExpertMask
 from moeprune.presets import preset_for
 from moeprune.profiling.runner import weights_fingerprint
@@ -111,6 +111,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
     seeds = getattr(args, "seeds", None) or []
     if any(seed < 0 for seed in seeds):
         raise non_negative("--seeds", seeds)
+    for name in ("seed", "plan_seed", "recon_seed", "recover_seed", "seeds"):
+        for value in _numbers(args, name):
+            check_seed(value, f"--{_flag(name)}")
     retains = getattr(args, "retain", None)
     for retain in [retains] if isinstance(retains, float) else retains or []:
         if not 0.0 < retain <= 1.0:
@@ -130,7 +133,7 @@ def _flag(name: str) -> str:
 
 def _check_profile(args: argparse.Namespace) -> None:
     check_not_a_file(args.out)
-    check_own_folder(args.out, holds_only_moeprune_files, "profile")
+    check_own_folder(args.out, foreign_entry, "profile")
     check_corpora(args.corpora)
     check_profile_out(args.out, args.model, args.corpora, args.tokenizer)
     config = check_model(args.model, args.trust_remote_code, weights=True)
@@ -150,7 +153,7 @@ def _effective(args: argparse.Namespace, name: str) -> Any:
 
 def _check_plan(args: argparse.Namespace) -> None:
     check_not_a_file(args.out)
-    check_own_folder(args.out, holds_only_moeprune_files, "plan")
+    check_own_folder(args.out, foreign_entry, "plan")
     check_method(args.method, args.protect_budget, args.candidate)
     model = args.model or _profiled_model(args.profile)
     check_not_overlapping(Path(args.out), [local_model(model)])
@@ -290,7 +293,7 @@ def _check_prune(args: argparse.Namespace) -> None:
                *input_files(args.tokenizer, args.corpora, getattr(args, "recover_corpus", None))]
     check_output_dir(args.out, sources=sources, overwrite=args.overwrite)
     check_not_a_file(workdir, "--workdir")
-    check_own_folder(workdir, holds_only_moeprune_files, "prune", "--workdir")
+    check_own_folder(workdir, foreign_entry, "prune", "--workdir")
     check_profile_out(workdir, args.model, args.corpora, args.tokenizer, "--workdir")
     config = check_model(args.model, args.trust_remote_code, weights=True)
     check_tokenizer_source(args.model, args.tokenizer)
@@ -334,7 +337,7 @@ def _check_experiment(args: argparse.Namespace) -> None:
     from moeprune.planning.fit import check_retain_for_config  # lazy: planning pulls in torch
 
     check_not_a_file(args.out)
-    check_own_folder(args.out, lambda out: holds_regular_file(out, "experiment.json"), "experiment")
+    check_own_folder(args.out, without_file("experiment.json"), "experiment")
     check_corpora(args.corpora)
     check_profile_out(args.out, args.model, args.corpora, args.tokenizer)
     unknown = [m for m in args.methods or [] if m not in registry.REGISTRY]

@@ -29,7 +29,7 @@ from moeprune.errors import MoePruneError
 from moeprune.io import (
     check_own_folder,
     checkpoint_fingerprint,
-    holds_only_moeprune_files,
+    foreign_entry,
     make_dirs,
     output_lock,
     output_root,
@@ -95,7 +95,7 @@ def profile_model(
     settings = settings or ProfileSettings()
     settings.validate()
     out_dir = Path(out_dir)
-    check_own_folder(out_dir, holds_only_moeprune_files, "profile")
+    check_own_folder(out_dir, foreign_entry, "profile")
     with output_root(out_dir):
         return _profile_model(model, tokenizer, corpora, out_dir, settings, progress)
 
@@ -129,6 +129,14 @@ def _profile_model(model, tokenizer, corpora: list[CorpusSpec], out_dir: Path, s
         else:
             partial = out_dir / f"{spec.name}.partial.safetensors"
             stats = profile_windows(model, windows, settings, meta, partial, progress, f"profile {spec.name}")
+        problem = stats.problem()
+        if problem and "NaN" in problem:
+            # The model's own outputs (finite weights, checked at load): an overflow in this dtype. Nothing is saved:
+            # the profile would only be refused on load and blamed on its file.
+            raise MoePruneError(
+                f"Profiling {spec.name} gave invalid statistics ({problem}): the model's expert outputs overflow or "
+                "are NaN in this dtype. Try --dtype float32; nothing was saved for this corpus."
+            )
         if _is_rank0():
             # Checked again under the folder's lock: a run of another model that finished meanwhile is not
             # silently replaced or mixed with (two profiles started together into one new folder).

@@ -16,6 +16,7 @@ from typing import Any
 
 from moeprune.data.corpora import parse_corpus
 from moeprune.errors import MoePruneError
+from moeprune.options import check_seed
 from moeprune.presets import RECOVERY_KINDS
 
 KINDS = RECOVERY_KINDS
@@ -74,6 +75,7 @@ class RecoveryOptions:
             raise MoePruneError(f"--recover-seq-len must be at least 2 tokens (got {self.seq_len}).")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise MoePruneError(f"--recover-seed must be a whole number, 0 or more (got {self.seed!r}).")
+        check_seed(self.seed, "--recover-seed")  # bounded: 2**64 overflowed the generators
         if not isinstance(self.lr, int | float) or not math.isfinite(self.lr) or self.lr <= 0:
             raise MoePruneError(f"--recover-lr must be a positive number (got {self.lr!r}), e.g. 3e-3.")
         for spec in self.corpora or ():

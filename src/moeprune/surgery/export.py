@@ -150,6 +150,12 @@ class Reference:
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model.config.vocab_size, VERIFY_SHAPE, generator=generator)
         logits = _logits(model, ids)
+        if not torch.isfinite(logits).all():
+            # Not a moeprune bug: the pruned model itself (weights checked finite at load) overflows in this dtype.
+            raise MoePruneError(
+                "The pruned model's logits are NaN or infinite on random tokens (its activations overflow in "
+                f"{str(_float_dtype(model)).removeprefix('torch.')}); nothing was written. Try --dtype float32."
+            )
         # Random tokens need not reach every expert, so the weights are compared too.
         fingerprints = {name: fingerprint(p) for name, p in model.named_parameters()}
         return cls(ids, logits, fingerprints, _float_dtype(model))
