@@ -133,9 +133,9 @@ def _flag(name: str) -> str:
 
 def _check_profile(args: argparse.Namespace) -> None:
     check_not_a_file(args.out)
-    check_own_folder(args.out, foreign_entry, "profile")
     check_corpora(args.corpora)
     check_profile_out(args.out, args.model, args.corpora, args.tokenizer)
+    check_own_folder(args.out, foreign_entry, "profile")
     config = check_model(args.model, args.trust_remote_code, weights=True)
     check_tokenizer_source(args.model, getattr(args, "tokenizer", None))
     check_seq_len(config, _effective(args, "seq_len"), "--seq-len")
@@ -153,10 +153,10 @@ def _effective(args: argparse.Namespace, name: str) -> Any:
 
 def _check_plan(args: argparse.Namespace) -> None:
     check_not_a_file(args.out)
-    check_own_folder(args.out, foreign_entry, "plan")
     check_method(args.method, args.protect_budget, args.candidate)
     model = args.model or _profiled_model(args.profile)
     check_not_overlapping(Path(args.out), [local_model(model)])
+    check_own_folder(args.out, foreign_entry, "plan")
     if model and _reconstructs(args.method, args.candidate):
         seq_len = args.recon_seq_len or preset_for(model)["recon_seq_len"]
         check_seq_len(model_config(model, args.trust_remote_code), seq_len, "--recon-seq-len")
@@ -293,8 +293,8 @@ def _check_prune(args: argparse.Namespace) -> None:
                *input_files(args.tokenizer, args.corpora, getattr(args, "recover_corpus", None))]
     check_output_dir(args.out, sources=sources, overwrite=args.overwrite)
     check_not_a_file(workdir, "--workdir")
-    check_own_folder(workdir, foreign_entry, "prune", "--workdir")
     check_profile_out(workdir, args.model, args.corpora, args.tokenizer, "--workdir")
+    check_own_folder(workdir, foreign_entry, "prune", "--workdir")
     config = check_model(args.model, args.trust_remote_code, weights=True)
     check_tokenizer_source(args.model, args.tokenizer)
     check_seq_len(config, _effective(args, "seq_len"), "--seq-len")
@@ -337,9 +337,9 @@ def _check_experiment(args: argparse.Namespace) -> None:
     from moeprune.planning.fit import check_retain_for_config  # lazy: planning pulls in torch
 
     check_not_a_file(args.out)
-    check_own_folder(args.out, without_file("experiment.json"), "experiment")
     check_corpora(args.corpora)
     check_profile_out(args.out, args.model, args.corpora, args.tokenizer)
+    check_own_folder(args.out, without_file("experiment.json"), "experiment")
     unknown = [m for m in args.methods or [] if m not in registry.REGISTRY]
     if unknown:
         raise MoePruneError(

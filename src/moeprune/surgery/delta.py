@@ -103,15 +103,15 @@ def _record_problem(record: Any, expected: dict[str, Any] | None) -> str | None:
         return f"has format {record.get('format')!r}, not {FORMAT!r}"
     if not seal_intact(record) or not isinstance(record.get("delta_sha256"), str):
         return "was edited since moeprune wrote it (its seal does not match)"
-    if not is_plain_name(record.get("kind")) or not isinstance(record.get("settings"), dict):
-        return "lacks its kind or settings"
+    if not is_plain_name(record.get("kind")) or not isinstance(record.get("settings", {}), dict):
+        return "lacks its kind, or its settings are not an object"
     corpora = record.get("corpora", {})
     if not isinstance(corpora, dict) or not all(
         isinstance(shape, list) and len(shape) == 2 and all(isinstance(n, int) for n in shape)
         for shape in corpora.values()
     ):
         return "has malformed corpora"
-    if expected is not None and (record["settings"] != expected or record["kind"] != expected.get("kind")):
+    if expected is not None and (record.get("settings") != expected or record["kind"] != expected.get("kind")):
         return "was made with other recovery settings"
     return None
 

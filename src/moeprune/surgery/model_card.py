@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from moeprune import __version__
+from moeprune.io import is_plain_name
 from moeprune.io import markdown_safe as md
 from moeprune.planning.mask import ExpertMask
 
@@ -107,15 +108,17 @@ def _recovery_lines(record: dict) -> list[str]:
         return []
     settings = record.get("settings", {})
     corpora = ", ".join(f"{name} ({shape[0]} x {shape[1]})" for name, shape in record.get("corpora", {}).items())
-    corpora = md(corpora)
-    lines = ["", f"Recovery: **{md(record['kind'])}** on {corpora} (train splits; seed {md(settings.get('seed'))})."]
+    # The record is this export's own (exported_mask drops any the input mask carried), made now or read back from a
+    # cache checked by Recovery.load: its kind and corpus names are plain names.
+    kind = record["kind"] if is_plain_name(record["kind"]) else md(record["kind"])
+    lines = ["", f"Recovery: **{kind}** on {corpora} (train splits; seed {settings.get('seed')})."]
     kd = record.get("router_kd")
     if kd:
         lines.append(
-            f"Router KD: {md(settings.get('epochs'))} epochs, Adam lr {md(settings.get('lr'))}, "
-            f"batch {md(settings.get('batch_size'))}; "
-            f"only routing tensors trained ({md(kd['trained']['tensors'])}). KL(dense || pruned) per token: "
-            + ", ".join(f"{md(c)} {kd['kl_before'][c]:.4f} -> {kd['kl_after'][c]:.4f}" for c in kd["kl_before"])
+            f"Router KD: {settings.get('epochs')} epochs, Adam lr {settings.get('lr')}, "
+            f"batch {settings.get('batch_size')}; "
+            f"only routing tensors trained ({kd['trained']['tensors']}). KL(dense || pruned) per token: "
+            + ", ".join(f"{c} {kd['kl_before'][c]:.4f} -> {kd['kl_after'][c]:.4f}" for c in kd["kl_before"])
             + "."
         )
     if record.get("merge"):
