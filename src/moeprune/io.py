@@ -263,6 +263,9 @@ def path_inside(root: str | Path, *names: str, what: str = "A name", fix: str = 
     for name in names:
         check_plain_name(name, what, fix)
     path = root.joinpath(*names)
+    if path.is_symlink():
+        raise MoePruneError(f"{path} is a symbolic link; moeprune never reads or writes through a link below its "
+                            "output. Remove it and run again.")
     base = root.resolve()
     if base not in path.resolve().parents:
         raise MoePruneError(f"{what} {terminal_safe('/'.join(names))!r} leads outside {root}; {fix}.")

@@ -13,6 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from moeprune.arch.adapters import check_routing_counts
 from moeprune.bundled import bundled_model_path
 from moeprune.errors import MoePruneError
 from moeprune.io import INDEX_FILE, read_weight_map
@@ -67,7 +68,7 @@ def load_config(model: str | Path, trust_remote_code: bool = False):
     register_ports()
     path = resolve_model_path(model)
     try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as err:
         if "trust_remote_code" in str(err):
             raise MoePruneError(
@@ -79,6 +80,8 @@ def load_config(model: str | Path, trust_remote_code: bool = False):
             f"Cannot load model {path!r}: not a local directory with config.json, and the hub is unreachable or "
             f"has no such repo ({err.__class__.__name__}). Pass a local checkout path instead."
         ) from err
+    check_routing_counts(config)  # top-k 0 or above the expert count: a broken config, named before any work
+    return config
 
 
 def load_model(

@@ -214,6 +214,18 @@ def routing_meta(config: Any) -> dict[str, Any]:
     }
 
 
+def check_routing_counts(config: Any) -> None:
+    """For any config moeprune reads (loading.load_config): an MoE's expert count and top-k are possible (see
+    _check_counts); configs that are no MoE moeprune knows are left to the checks that need one."""
+    if isinstance(config, dict):
+        config = SimpleNamespace(**config)
+    try:
+        spec = spec_for(config)
+    except MoePruneError:
+        return
+    _check_counts(config_value(config, spec.num_experts_key), config_value(config, spec.top_k_key), spec)
+
+
 def _check_counts(num_experts: Any, top_k: Any, spec: ArchSpec) -> None:
     """The config's expert count is a positive whole number and its top-k lies in 1..N: a router choosing 0
     experts, or more than there are, is a broken config (transformers would fail deep inside a forward)."""

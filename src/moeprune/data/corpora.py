@@ -165,8 +165,9 @@ def corpus_spec_from_record(recorded: Any, where: str, fix: str) -> CorpusSpec:
                             f"{fix}.")
     try:
         check_corpus_name(recorded["name"])
-    except MoePruneError as err:
-        raise MoePruneError(f"{where}: {err} ({fix})") from None
+    except MoePruneError:
+        raise MoePruneError(f"{where} records the corpus name {terminal_safe(recorded['name'])[:80]!r}, which is not a "
+                            f"corpus name moeprune writes; {fix}.") from None
     return CorpusSpec(**recorded)
 
 
