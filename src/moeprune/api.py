@@ -377,7 +377,8 @@ def prune(
     workdir = Path(workdir) if workdir else Path(str(out).rstrip("/") + ".work")
     # before profiling, not after; every local input counts (an --overwrite must never delete one)
     _check_output(out, model, overwrite, workdir,
-                  *input_files(tokenizer, calibration.corpora, recover.corpora if recover is not None else None))
+                  *input_files(tokenizer, calibration.corpora, recover.corpora if recover is not None else None),
+                  *[Path(p) for p in ppl_datasets or [] if Path(p).exists()])
     loaded = checked_model(model, dtype, device, trust_remote_code)
     # apply gets what was asked for (a path, None: the model's own), not the loaded object, so that it copies
     # the tokenizer files byte for byte instead of re-saving them (see surgery/tokenizer_files.py)

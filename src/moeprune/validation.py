@@ -290,7 +290,8 @@ def _check_prune(args: argparse.Namespace) -> None:
     source = Path(resolve_model_path(args.model))
     workdir = Path(args.workdir or str(args.out).rstrip("/") + ".work")
     sources = [source if source.exists() else None, workdir,
-               *input_files(args.tokenizer, args.corpora, getattr(args, "recover_corpus", None))]
+               *input_files(args.tokenizer, args.corpora, getattr(args, "recover_corpus", None)),
+               *[Path(p) for p in getattr(args, "ppl", None) or [] if Path(p).exists()]]
     check_output_dir(args.out, sources=sources, overwrite=args.overwrite)
     check_not_a_file(workdir, "--workdir")
     check_profile_out(workdir, args.model, args.corpora, args.tokenizer, "--workdir")

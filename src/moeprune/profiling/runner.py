@@ -43,8 +43,9 @@ from moeprune.profiling.stats import ExpertStats, Profile, check_one_model, fini
 # Metadata that must match for a saved corpus profile (or checkpoint) to be reused: everything that changes
 # the windows (the tokenizer and a local corpus file's content included). The batch size does not: a
 # checkpoint records the windows done, so a run resumed with another --batch-size continues at the next one.
+# The dtype the model ran in too: a bf16 profile is not "already profiled" for a float32 run (issue 27).
 IDENTITY_KEYS = ("config_hash", "weights_sha256", "tokenizer_sha256", "corpus", "corpus_sha256", "samples_requested",
-                 "seq_len", "seed")
+                 "seq_len", "seed", "dtype")
 
 
 @dataclass
@@ -73,6 +74,7 @@ def model_meta(model) -> dict[str, Any]:
         "model_type": getattr(config, "model_type", None),
         "config_hash": config_hash(config),
         "weights_sha256": weights_fingerprint(model),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "num_experts": layers[0].num_experts,
         "top_k": top_k_of(model),
         "moe_layers": [layer.index for layer in layers],
@@ -106,6 +108,8 @@ def _profile_model(model, tokenizer, corpora: list[CorpusSpec], out_dir: Path, s
         raise MoePruneError("Two corpora share a name; name them with NAME=SPEC.")
     base_meta = {**model_meta(model), **_library_versions(), "settings": asdict(settings)}
     base_meta["tokenizer_sha256"] = tokenizer_fingerprint(tokenizer)
+    if out_dir.exists() or out_dir.is_symlink():
+        make_dirs(out_dir)  # below an experiment's --out: a linked profile folder is refused before it is read
     check_one_model(out_dir, base_meta["config_hash"], base_meta["weights_sha256"])
     if _is_rank0() and out_dir.is_dir():
         for path in remove_orphan_temp_files(out_dir):  # profile folders have no lock: only dead writers' files
@@ -229,6 +233,7 @@ def _identity(base_meta: dict[str, Any], spec: CorpusSpec, settings: ProfileSett
         "config_hash": base_meta["config_hash"],
         "weights_sha256": base_meta["weights_sha256"],
         "tokenizer_sha256": base_meta["tokenizer_sha256"],
+        "dtype": base_meta["dtype"],
         "corpus": spec.describe(),
         "corpus_sha256": corpus_fingerprint(spec),
         "samples_requested": settings.num_samples,

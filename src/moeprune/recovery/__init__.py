@@ -142,6 +142,12 @@ def recover(
             apply_delta(model, delta)
             trained, record["router_kd"] = train_routers(model, targets, options, progress)
         delta = {**delta, **trained}
+    diverged = sorted(name for name, t in delta.items() if t.is_floating_point() and not torch.isfinite(t).all())
+    if diverged:  # never exported, evaluated or cached: blamed on the settings that made it
+        raise MoePruneError(
+            f"Recovery {options.kind} diverged: {diverged[0]} holds NaN or infinite values after training. Lower "
+            f"--recover-lr (now {options.lr}) or use fewer --recover-epochs."
+        )
     return Recovery(delta, record)
 
 
