@@ -439,3 +439,44 @@ def test_c7_exports_get_the_umask_mode(model_free, model, mask_file, tmp_path):
     assert modes["model.safetensors"] == 0o644, modes
     assert set(modes.values()) == {0o644}, modes
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
+
+
+# ------------------------------------------------------------------------------- more members of the classes
+def test_c1_ascii_digits_wherever_a_string_becomes_a_number():
+    from moeprune.evaluation.zeroshot import eval_batch_size
+    from moeprune.surgery.keys import EXPERT_KEY
+
+    for text in ("²", "٣", "1²"):
+        with pytest.raises(MoePruneError, match="eval batch size"):
+            eval_batch_size(text)
+    assert eval_batch_size("16") == 16
+    assert EXPERT_KEY.match("model.layers.٣.mlp.experts.0.w") is None
+    assert EXPERT_KEY.match("model.layers.3.mlp.experts.٣.w") is None
+
+
+@pytest.mark.parametrize("name", ["x;rm", "évil", "model"])
+def test_c1_profile_folder_entries_follow_the_corpus_name_rule(name, profiled, tmp_path, capsys):
+    import shutil
+
+    prof = tmp_path / "prof"
+    shutil.copytree(profiled, prof)
+    source = next(prof.glob("*.safetensors"))
+    shutil.copy(source, prof / f"{name}.safetensors")
+    shutil.copy(source.with_suffix(".json"), prof / f"{name}.json")
+    refused(capsys, ["plan", prof, "--method", "reap", "--retain", "0.5", "--out", tmp_path / "m"],
+            "not a corpus profile")
+
+
+def test_c4_a_profile_in_another_dtype_is_not_already_profiled(tiny_checkpoint, tmp_path):
+    prof = tmp_path / "p"
+    ok(["profile", tiny_checkpoint, *CALIBRATION, "--device", "cpu", "--dtype", "float32", "--out", prof])
+    assert json.loads((prof / "wiki.json").read_text())["dtype"] == "float32"
+    ok(["profile", tiny_checkpoint, *CALIBRATION, "--device", "cpu", "--dtype", "bfloat16", "--out", prof])
+    assert json.loads((prof / "wiki.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_c7_a_diverged_recovery_is_blamed_on_its_settings(model, mask_file, tmp_path, capsys):
+    line = refused(capsys, ["apply", model, mask_file, "--out", tmp_path / "o", "--recover", "router-kd",
+                            "--recover-lr", "1e30", "--recover-samples", "4", "--recover-seq-len", "16",
+                            "--recover-epochs", "1", "--recover-corpus", "wiki"], "diverged", "--recover-lr")
+    assert "moeprune bug" not in line and not (tmp_path / "o").exists()

@@ -49,7 +49,7 @@ ENVIRONMENT_ERRNOS = {
 # within seconds; this covers other hosts sharing the folder, and files named before writers were recorded).
 TEMP_FILE_MAX_AGE_S = 24 * 3600
 # ``.NAME.<pid>-<host>.XXXXXXXX.tmp``: the writer's pid, a hash of its host name, mkstemp's random part.
-_TEMP_OWNER = re.compile(r"\.(?P<pid>\d+)-(?P<host>[0-9a-f]{8})\.[a-z0-9_]{8}\.tmp$")
+_TEMP_OWNER = re.compile(r"\.(?P<pid>[0-9]+)-(?P<host>[0-9a-f]{8})\.[a-z0-9_]{8}\.tmp$")
 
 _HELD_LOCKS: dict[Path, list[int]] = {}  # lock path -> [fd, depth]: re-entrant within this process
 

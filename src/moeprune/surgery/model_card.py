@@ -26,7 +26,7 @@ class CardInfo:
 
 # What an export records about how it was made: taken from this export's own work, never from the input mask (a
 # mask copied from a router-kd export would otherwise make a plain apply claim a recovery that never ran).
-EXPORT_RECORDS = ("recovery",)
+EXPORT_RECORDS = ("recovery", "export")
 
 
 def exported_mask(mask: ExpertMask, recovery_record: dict[str, Any] | None = None) -> ExpertMask:
