@@ -270,6 +270,7 @@ def apply(
     force: bool = False,
     progress: bool = True,
     recover: RecoveryOptions | Recovery | None = None,
+    dequantize: bool = False,
 ) -> Path:
     """Write the pruned checkpoint to ``out`` (atomically, verified against the in-memory masked model).
 
@@ -278,7 +279,8 @@ def apply(
     ``recover``: :class:`~moeprune.recovery.RecoveryOptions` to compute a recovery first (router-kd, merge; on
     the model loaded as ``dtype``/``device`` place it, then freed before the export reloads it), or a
     :class:`~moeprune.recovery.Recovery` computed earlier (:func:`recover`); the export is verified against the
-    recovered model."""
+    recovered model. A quantized checkpoint is written in its own format (docs/apply.md, "Quantized
+    checkpoints"); ``dequantize`` writes it dequantized instead, without ``quantization_config``."""
     mask_file = None if isinstance(mask, ExpertMask) else mask
     mask = mask if isinstance(mask, ExpertMask) else ExpertMask.load(mask)
     if isinstance(model, str | Path):
@@ -303,6 +305,7 @@ def apply(
         verify=verify,
         progress=progress,
         recovery=recovery,
+        dequantize=dequantize,
     )
 
 

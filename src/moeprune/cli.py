@@ -376,6 +376,12 @@ def _add_apply(p: argparse.ArgumentParser) -> None:
         help="prune a local safetensors checkpoint shard by shard without building the model (peak memory about "
         "one shard; no logits verification)",
     )
+    p.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="write a quantized checkpoint (FP8, MXFP4, compressed-tensors) dequantized, in its config's dtype and "
+        "without quantization_config (default: the source's own format, its kept tensors byte for byte)",
+    )
     _recovery_options(p)
     p.set_defaults(run=_run_apply)
 
@@ -384,6 +390,9 @@ def _run_apply(args: argparse.Namespace) -> None:
     from moeprune import api  # lazy: the api pulls in torch; --help stays fast
 
     if args.model_free:
+        if args.dequantize:
+            raise MoePruneError("--model-free writes the source's tensors as they are and cannot --dequantize; drop "
+                                "--model-free (in-memory apply dequantizes) or drop --dequantize.")
         from moeprune.planning.mask import ExpertMask  # lazy: torch
         from moeprune.surgery.shards import prune_checkpoint_files  # lazy: torch and safetensors
 
@@ -408,6 +417,7 @@ def _run_apply(args: argparse.Namespace) -> None:
         force=args.force,
         progress=_progress(args),
         recover=recovery_from_args(args),
+        dequantize=args.dequantize,
     )
     print(f"pruned checkpoint written to {out}")
 

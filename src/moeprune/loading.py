@@ -15,9 +15,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from moeprune.bundled import bundled_model_path
 from moeprune.errors import MoePruneError
-from moeprune.io import INDEX_FILE, read_weight_map
+from moeprune.io import INDEX_FILE, read_config_json, read_weight_map
 from moeprune.models import register as register_ports
 from moeprune.presets import Preset, preset_for
+from moeprune.quant import QuantFormat, check_checkpoint, format_of, header_info
 
 # Files of which at least one makes a directory hold a tokenizer (transformers 5 silently builds an empty,
 # one-token tokenizer for a directory with none of them).
@@ -87,6 +88,7 @@ def load_model(
     device: str | None = None,
     trust_remote_code: bool = False,
     device_map: str | dict | None = None,
+    dequantize: bool = False,
 ) -> PreTrainedModel:
     """Load a causal LM in eval mode, placed the way the field's tools place it.
 
@@ -94,7 +96,9 @@ def load_model(
     :func:`choose_device_map`: with CUDA and no ``device`` the weights load straight onto one GPU, or are
     spread over all visible GPUs when one is not enough; ``device="cpu"`` keeps them on the CPU.
     ``dtype="auto"`` keeps the checkpoint's dtype (bf16 for most hub MoEs), except on the CPU, where it
-    means float32 (half-precision matmuls are many times slower there).
+    means float32 (half-precision matmuls are many times slower there). A quantized checkpoint loads through
+    transformers' quantizer (dequantized on the CPU, its kernels on a GPU); ``dequantize`` asks the quantizer to
+    dequantize it on any device.
     """
     path = resolve_model_path(model)
     config = load_config(path, trust_remote_code)
@@ -102,6 +106,12 @@ def load_model(
     if device_map is None:
         device_map = choose_device_map(config, torch_dtype, device, trust_remote_code)
     kwargs = {"dtype": _auto_dtype(torch_dtype, device_map), "trust_remote_code": trust_remote_code}
+    quantization = getattr(config, "quantization_config", None)
+    if dequantize and quantization is not None:
+        from transformers.quantizers.auto import AutoQuantizationConfig
+
+        raw = quantization if isinstance(quantization, dict) else quantization.to_dict()
+        kwargs["quantization_config"] = AutoQuantizationConfig.from_dict({**raw, "dequantize": True})
     if device_map is not None:
         kwargs["device_map"] = device_map
     log.info("Loading %s (%s) on %s", path, kwargs["dtype"], _placement_name(device_map))
@@ -230,9 +240,14 @@ def load_tokenizer(model: str | Path, trust_remote_code: bool = False):
 
 
 def config_hash(config) -> str:
-    """A short hash of the architecture-defining config, to recognise profiles and masks of other models."""
+    """A short hash of the architecture-defining config, to recognise profiles and masks of other models.
+
+    ``quantization_config`` is not part of it: transformers removes it from a config it dequantized on loading
+    (and adds its own fields to one it did not), so the same checkpoint would hash differently loaded and from
+    its config.json; and a mask's expert ids mean the same experts in a model's bf16 and quantized releases."""
     data = config.to_dict()
     for key in (
+        "quantization_config",
         "_name_or_path",
         "transformers_version",
         "torch_dtype",
@@ -322,6 +337,20 @@ def check_checkpoint_files(model: Any) -> None:
             raise MoePruneError(
                 f"{path} is truncated or corrupt ({err}); re-download or re-save the checkpoint."
             ) from err
+    check_quantized_files(folder)
+
+
+def check_quantized_files(folder: Path) -> QuantFormat | None:
+    """A quantized checkpoint's layout, checked from config.json and the safetensors headers before any weight is
+    read (a method transformers cannot read, a missing scale, a block the expert shape does not divide)."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return None
+    config = read_config_json(folder)
+    if not config.get("quantization_config"):
+        return None
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    return check_checkpoint(folder, config, header_info(folder, shards))
 
 
 def check_tokenizer_source(model: str, tokenizer: str | None) -> None:
@@ -464,11 +493,20 @@ class ModelSource:
 
     @property
     def quantization(self) -> dict[str, Any] | None:
-        """The checkpoint's ``quantization_config`` as a dict (None for unquantized weights)."""
+        """The checkpoint's ``quantization_config`` as a dict (None for unquantized weights). For a loaded model
+        whose quantizer dequantized it (transformers then drops the field), the one in its folder's config.json."""
         value = getattr(self.config, "quantization_config", None)
+        if value is None and self.is_loaded and Path(self.name, "config.json").is_file():
+            value = read_config_json(self.name).get("quantization_config")
         if value is None:
             return None
         return value if isinstance(value, dict) else value.to_dict()
+
+    @property
+    def format(self) -> QuantFormat | None:
+        """The quantized layout of the checkpoint (:mod:`moeprune.quant`), None when it is not quantized; a
+        quantization method transformers cannot read is refused here."""
+        return format_of(self.quantization, name=self.name)
 
     def placement(self) -> str:
         """Where the weights live while the stages run: ``memory`` (the CPU or one device), ``device-map``

@@ -1,0 +1,109 @@
+"""Tiny quantized checkpoints in published layouts, written offline by the tests' own writers.
+
+FP8 block-scaled, as DeepSeek-V3 publishes it (deepseek-ai/DeepSeek-V3 README_WEIGHTS.md and config.json): every
+linear weight of attention and MLPs (routed and shared experts, dense MLPs) stored as ``float8_e4m3fn`` with a
+``float32`` ``weight_scale_inv`` holding, per 128 x 128 block, the block's max |w| / 448 (the dequantized weight is
+``w_fp8 * scale_inv`` block-wise); embeddings, ``lm_head``, norms and the router (``mlp.gate``) stay unquantized;
+``quantization_config {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+"weight_block_size": [128, 128]}``. The bf16 checkpoint is first written by ``save_pretrained`` (hub per-expert keys,
+as the published checkpoints have), then each shard is converted in place, so multi-shard sources keep their index.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, DeepseekV3Config, Qwen3MoeConfig
+
+FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+UNQUANTIZED = ("embed_tokens", "lm_head", "norm", "mlp.gate.")  # DeepSeek-V3 keeps these in bf16 / fp32
+
+COMMON = dict(vocab_size=128, hidden_size=128, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+              max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def config(arch: str, expert_width: int = 128, num_experts: int = 8, vocab_size: int = 128) -> object:
+    """A tiny deepseek_v3 or qwen3_moe whose linear weights are whole 128 x 128 blocks (``expert_width`` is the
+    routed experts' intermediate size: pass one the block does not divide to test the refusal)."""
+    common = {**COMMON, "vocab_size": vocab_size}
+    if arch == "deepseek_v3":
+        return DeepseekV3Config(
+            **common, intermediate_size=256, n_routed_experts=num_experts, num_experts_per_tok=2,
+            moe_intermediate_size=expert_width, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=128,
+            q_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=128, v_head_dim=64, n_group=2, topk_group=2,
+            norm_topk_prob=True, routed_scaling_factor=2.5,
+        )
+    if arch == "qwen3_moe":
+        return Qwen3MoeConfig(**common, head_dim=64, intermediate_size=256, num_experts=num_experts,
+                              num_experts_per_tok=2, moe_intermediate_size=expert_width, norm_topk_prob=True)
+    raise ValueError(arch)
+
+
+def build(arch: str, seed: int = 0, **kwargs) -> torch.nn.Module:
+    """The bf16 model the quantized checkpoint is made from, with decisive routing (see tests/tiny_models.py)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config(arch, **kwargs), dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.normal_(0.0, 0.5 if name.endswith("gate.weight") and param.shape[0] > 1 else 0.1)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0.0, 0.05)
+    return model.eval()
+
+
+def quantize_fp8_block(weight: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8_e4m3fn weight, float32 scale_inv [ceil(rows/128), ceil(cols/128)]): DeepSeek-V3's block scaling
+    (a block at the edge is scaled by its own max, as if zero-padded to 128)."""
+    rows, cols = weight.shape
+    grid = (math.ceil(rows / block[0]), math.ceil(cols / block[1]))
+    padded = torch.zeros(grid[0] * block[0], grid[1] * block[1], dtype=torch.float32)
+    padded[:rows, :cols] = weight.float()
+    tiles = padded.reshape(grid[0], block[0], grid[1], block[1])
+    scale_inv = (tiles.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=1e-12)
+    quantized = (tiles / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return quantized.reshape(padded.shape)[:rows, :cols].contiguous(), scale_inv.float()
+
+
+def write_fp8_block(model: torch.nn.Module, path: Path, *, max_shard_size: str | None = None,
+                    quantization: dict | None = None) -> Path:
+    """``model`` saved in DeepSeek-V3's FP8 block layout (see the module docstring)."""
+    path = Path(path)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text()) if index_file.exists() else None
+    for shard in sorted(path.glob("*.safetensors")):
+        tensors = {}
+        for name, tensor in load_file(shard).items():
+            if tensor.ndim == 2 and name.endswith(".weight") and not any(u in name for u in UNQUANTIZED):
+                tensors[name], tensors[name.removesuffix("weight") + "weight_scale_inv"] = quantize_fp8_block(tensor)
+                if index is not None:
+                    index["weight_map"][name.removesuffix("weight") + "weight_scale_inv"] = shard.name
+            else:
+                tensors[name] = tensor
+        save_file(tensors, str(shard), metadata={"format": "pt"})
+    if index is not None:
+        index["metadata"]["total_size"] = sum(_tensor_bytes(s) for s in path.glob("*.safetensors"))
+        index["weight_map"] = dict(sorted(index["weight_map"].items()))
+        index_file.write_text(json.dumps(index, indent=2))
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = dict(quantization or FP8_CONFIG)
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+def _tensor_bytes(shard: Path) -> int:
+    return sum(t.numel() * t.element_size() for t in load_file(shard).values())
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(shard))
+    return out
