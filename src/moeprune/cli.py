@@ -299,6 +299,14 @@ def _add_profile(p: argparse.ArgumentParser) -> None:
         "does not fit in free GPU memory)",
     )
     p.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="read the weights from the checkpoint's safetensors shards one decoder layer at a time, never the "
+        "whole model in memory (default: only when the model does not fit in the memory available to the process, "
+        "cgroup limits included; --no-stream loads it whole)",
+    )
+    p.add_argument(
         "--checkpoint-every", type=int, default=16, help="batches between checkpoints of partial sums (default 16)"
     )
     p.set_defaults(run=_run_profile)
@@ -319,6 +327,7 @@ def _run_profile(args: argparse.Namespace) -> None:
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         sequential=args.sequential,
+        stream=args.stream,
         dtype=args.dtype,
         device=args.device,
         tokenizer=args.tokenizer,

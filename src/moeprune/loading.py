@@ -19,6 +19,8 @@ from moeprune.io import INDEX_FILE, read_config_json, read_weight_map
 from moeprune.models import register as register_ports
 from moeprune.presets import Preset, preset_for
 from moeprune.quant import QuantFormat, check_checkpoint, format_of, header_info
+from moeprune.streaming.layers import DiskLayers
+from moeprune.streaming.memory import Memory, available_memory, gib, should_stream
 
 # Files of which at least one makes a directory hold a tokenizer (transformers 5 silently builds an empty,
 # one-token tokenizer for a directory with none of them).
@@ -210,6 +212,15 @@ def _normalised(device: str | torch.device) -> str:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return str(device)
+
+
+def _gpu_free_bytes(device: str | None) -> int:
+    """Free memory of the GPUs a run would use (0 without CUDA or with --device cpu)."""
+    if not torch.cuda.is_available() or (device is not None and not str(device).startswith(("cuda", "auto"))):
+        return 0
+    if device is not None and str(device).startswith("cuda"):
+        return _free_bytes(torch.device(_normalised(device)).index)
+    return sum(_free_bytes(i) for i in range(torch.cuda.device_count()))
 
 
 def _free_bytes(gpu: int) -> int:
@@ -508,16 +519,68 @@ class ModelSource:
         quantization method transformers cannot read is refused here."""
         return format_of(self.quantization, name=self.name)
 
-    def placement(self) -> str:
+    def placement(self, memory: Memory | None = None) -> str:
         """Where the weights live while the stages run: ``memory`` (the CPU or one device), ``device-map``
-        (accelerate spreads them over the visible GPUs) or ``stream`` (one decoder layer at a time from disk)."""
+        (accelerate spreads them over the visible GPUs) or ``stream`` (one decoder layer at a time from disk).
+
+        ``stream=True`` streams, ``False`` never does; ``None`` (the default) streams a local checkpoint whose weights
+        in their compute dtype do not fit in :data:`~moeprune.streaming.memory.FIT_FRACTION` of the memory available
+        to this process (``memory``, by default read from /proc/meminfo and the process's cgroup v1/v2 limits) plus
+        the free memory of the visible GPUs, and logs one line saying why."""
         if self.stream:
             return "stream"
         if self.is_loaded:
             return "device-map" if len(getattr(self.model, "hf_device_map", None) or {}) > 1 else "memory"
+        if self.stream is None and self.local_dir is not None and "placement" not in self._cache:
+            host = memory or available_memory()
+            gpus = _gpu_free_bytes(self.device)
+            total = Memory(host.available + gpus, host.source + (f" + {gib(gpus)} free on GPUs" if gpus else ""))
+            streamed, why = should_stream(self.compute_bytes(), total)
+            if streamed:
+                log.info("%s: %s", self.name, why)
+            self._cache["placement"] = "stream" if streamed else None
+        if self._cache.get("placement") == "stream" and self.stream is None:
+            return "stream"
         if self.device is not None and str(self.device) == "auto":
             return "device-map"
         return "memory"
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the layers compute in: ``dtype``, or for "auto" the checkpoint's on a GPU and float32 on the CPU
+        (as :func:`load_model` loads)."""
+        dtype = parse_dtype(self.dtype)
+        if dtype != "auto":
+            return dtype
+        on_cpu = (self.device is not None and str(self.device).startswith("cpu")) or not torch.cuda.is_available()
+        return torch.float32 if on_cpu else checkpoint_dtype(self.config)
+
+    def compute_bytes(self) -> int:
+        """Bytes of the weights in their compute dtype."""
+        return weight_bytes(self.config, self.compute_dtype, self.trust_remote_code)
+
+    def open_stream(self, memory: Memory | None = None) -> DiskLayers:
+        """The meta skeleton and its per-layer reader (:class:`~moeprune.streaming.layers.DiskLayers`), checked
+        before any weight is read: a local safetensors checkpoint (no pickle, every shard the index names present),
+        not quantized (yet), and memory enough for one decoder layer, the one read ahead and the embeddings."""
+        if self.is_loaded:
+            raise MoePruneError("--stream reads the weights from a checkpoint folder; pass its path, not a loaded "
+                                "model (or drop --stream).")
+        folder = self.local_dir
+        if folder is None:
+            raise MoePruneError(f"--stream reads a local checkpoint folder; {self.name} is not one (download it, e.g. "
+                                "huggingface-cli download ID --local-dir DIR, and pass DIR).")
+        if self.quantization is not None:
+            raise MoePruneError(
+                f"{folder} is quantized ({self.quantization.get('quant_method', '?')}); streaming quantized "
+                "checkpoints layer by layer is not supported yet: run with --no-stream on a machine that holds the "
+                "dequantized model."
+            )
+        device = self.device if self.device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
+        check_device(device)
+        layers = DiskLayers(folder, self.config, self.compute_dtype, _normalised(device), self.trust_remote_code)
+        layers.check_fits(memory)
+        return layers
 
     # ---------------------------------------------------------------------------------- loading it
     def load(self) -> PreTrainedModel:

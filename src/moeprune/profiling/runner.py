@@ -29,8 +29,9 @@ from moeprune.errors import MoePruneError
 from moeprune.io import checkpoint_fingerprint, output_lock, remove_orphan_temp_files
 from moeprune.loading import config_hash, model_name, resolve_model_path
 from moeprune.profiling.instrument import StatsRecorder
-from moeprune.profiling.sequential import profile_windows_sequential
+from moeprune.profiling.sequential import profile_windows_layer_major, profile_windows_sequential
 from moeprune.profiling.stats import ExpertStats, Profile, check_one_model, finished_corpora
+from moeprune.streaming.layers import DiskLayers
 
 # Metadata that must match for a saved corpus profile (or checkpoint) to be reused: everything that changes
 # the windows (the tokenizer and a local corpus file's content included). The batch size does not: a
@@ -74,14 +75,19 @@ def model_meta(model) -> dict[str, Any]:
 
 
 def profile_model(
-    model,
+    model: Any,
     tokenizer,
     corpora: list[CorpusSpec],
     out_dir: str | Path,
     settings: ProfileSettings | None = None,
     progress: bool = True,
 ) -> Profile:
-    """Profile ``model`` on every corpus into ``out_dir``; finished corpora are reused, not recomputed."""
+    """Profile ``model`` on every corpus into ``out_dir``; finished corpora are reused, not recomputed.
+
+    ``model`` is a loaded model, or a :class:`~moeprune.streaming.layers.DiskLayers` (its meta skeleton with the
+    reader of its checkpoint): the weights are then streamed from disk one decoder layer at a time."""
+    stream = model if isinstance(model, DiskLayers) else None
+    model = stream.model if stream is not None else model
     settings = settings or ProfileSettings()
     settings.validate()
     out_dir = Path(out_dir)
@@ -107,7 +113,13 @@ def profile_model(
             continue
         windows = calibration_windows(spec, tokenizer, settings.num_samples, settings.seq_len, settings.seed)
         meta = {**base_meta, **wanted, "samples": int(windows.shape[0]), "tokens": int(windows.numel())}
-        if settings.sequential_device is not None:
+        if stream is not None:
+            rank, world = _rank_world()
+            stats = _reduced(profile_windows_layer_major(
+                stream, windows, settings.batch_size, meta, progress and rank == 0,
+                f"profile {spec.name} (streamed from disk)", rank, world))
+            stats.meta["stream"] = True
+        elif settings.sequential_device is not None:
             stats = _sequential(model, windows, settings, meta, progress, f"profile {spec.name} (layer by layer)")
         else:
             partial = out_dir / f"{spec.name}.partial.safetensors"
