@@ -107,3 +107,72 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
     for shard in sorted(Path(folder).glob("*.safetensors")):
         out.update(load_file(shard))
     return out
+
+
+# ---------------------------------------------------------------------------------------------- MXFP4 (gpt-oss)
+# openai/gpt-oss-20b's layout: the fused experts' gate_up_proj and down_proj as ``*_blocks`` (uint8, two E2M1 values
+# per byte, the even element in the low nibble) ``[E, out, in / 32, 16]`` and ``*_scales`` (uint8, E8M0: the exponent
+# + 127) ``[E, out, in / 32]`` of the transposed ``[E, out, in]`` matrix; biases, router, attention, embeddings and
+# head unquantized; ``quantization_config {"quant_method": "mxfp4", "modules_to_not_convert": [...]}``. Scaling per
+# the OCP Microscaling spec v1.0: shared exponent floor(log2(max |x|)) - 2 (E2M1's largest exponent), elements
+# rounded to the nearest E2M1 value and clamped to +-6.
+MXFP4_CONFIG = {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                           "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"}
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def build_gpt_oss(seed: int = 0, vocab_size: int = 128, width: int = 64, num_experts: int = 8) -> torch.nn.Module:
+    from transformers import GptOssConfig
+
+    torch.manual_seed(seed)
+    config = GptOssConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=width, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_local_experts=num_experts,
+                          num_experts_per_tok=2, max_position_embeddings=128, sliding_window=16,
+                          layer_types=["sliding_attention", "full_attention"], pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name and "sinks" not in name:
+                param.normal_(0.0, 0.5 if "router" in name else 0.1)
+    return model.eval()
+
+
+def quantize_mxfp4(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(blocks uint8 [..., rows, cols / 32, 16], scales uint8 [..., rows, cols / 32]) of ``matrix``
+    ``[..., rows, cols]``."""
+    x = matrix.float().reshape(*matrix.shape[:-1], matrix.shape[-1] // 32, 32)
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    exponent = torch.where(amax > 0, torch.floor(torch.log2(amax.clamp(min=2.0 ** -126))) - 2, torch.zeros_like(amax))
+    scaled = (x / torch.exp2(exponent)).clamp(-6.0, 6.0)
+    codes = (scaled.unsqueeze(-1) - E2M1).abs().argmin(dim=-1).to(torch.uint8)  # nearest E2M1 value
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    scales = (exponent.squeeze(-1) + 127).to(torch.uint8)
+    return blocks.contiguous(), scales.contiguous()
+
+
+def write_mxfp4(model: torch.nn.Module, path: Path, *, max_shard_size: str | None = None) -> Path:
+    """``model`` (gpt_oss) saved in gpt-oss's MXFP4 layout (see above)."""
+    path = Path(path)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text()) if index_file.exists() else None
+    for shard in sorted(path.glob("*.safetensors")):
+        tensors = {}
+        for name, tensor in load_file(shard).items():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [E, in, out] in transformers
+                blocks, scales = quantize_mxfp4(tensor.transpose(1, 2))
+                tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+                if index is not None:
+                    del index["weight_map"][name]
+                    index["weight_map"].update({name + "_blocks": shard.name, name + "_scales": shard.name})
+            else:
+                tensors[name] = tensor
+        save_file(tensors, str(shard), metadata={"format": "pt"})
+    if index is not None:
+        index["metadata"]["total_size"] = sum(_tensor_bytes(s) for s in path.glob("*.safetensors"))
+        index["weight_map"] = dict(sorted(index["weight_map"].items()))
+        index_file.write_text(json.dumps(index, indent=2))
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = dict(MXFP4_CONFIG)
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    return path

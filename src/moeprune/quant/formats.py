@@ -211,6 +211,12 @@ def check_checkpoint(folder: str | Path, config: Mapping[str, Any],
             )
         if fmt.key == "fp8-block":
             _check_fp8_block(folder, payload, shape, headers[parts.names[".weight_scale_inv"]][1], fmt.block)
+        if fmt.key == "mxfp4" and tuple(headers[parts.names["_scales"]][1]) != tuple(shape[:-1]):
+            raise MoePruneError(
+                f"{folder}: {payload} has shape {list(shape)} but {base}_scales has "
+                f"{list(headers[parts.names['_scales']][1])}, not {list(shape[:-1])} (one E8M0 scale per 32-value "
+                "block); the checkpoint is damaged: re-download it."
+            )
     return fmt
 
 
