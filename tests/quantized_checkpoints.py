@@ -176,3 +176,56 @@ def write_mxfp4(model: torch.nn.Module, path: Path, *, max_shard_size: str | Non
     cfg["quantization_config"] = dict(MXFP4_CONFIG)
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     return path
+
+
+# ---------------------------------------------------------------------------------------------- compressed-tensors
+# Made by the compressed-tensors package itself: its preset schemes (W4A16: int4 symmetric, groups of 128, format
+# pack-quantized; FP8_DYNAMIC: float8 per output channel, format float-quantized), its qparam and compressor code,
+# and its QuantizationConfig as the quantization_config, for every Linear but lm_head and the routers (the ignore
+# list llm-compressor's MoE examples use). Per-expert keys, as llm-compressor saves MoE checkpoints.
+CT_FORMATS = {"W4A16": "pack-quantized", "FP8_DYNAMIC": "float-quantized"}
+
+
+def write_compressed_tensors(model: torch.nn.Module, path: Path, preset: str = "W4A16", *,
+                             max_shard_size: str | None = None) -> Path:
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    path = Path(path)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    fmt = CT_FORMATS[preset]
+    compressor = BaseCompressor.get_value_from_registry(fmt)
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text()) if index_file.exists() else None
+    for shard in sorted(path.glob("*.safetensors")):
+        tensors = {}
+        for name, tensor in load_file(shard).items():
+            if not (tensor.ndim == 2 and name.endswith(".weight") and not any(u in name for u in UNQUANTIZED)):
+                tensors[name] = tensor
+                continue
+            args = scheme.weights
+            rows = tensor.float() if args.strategy == "channel" else \
+                tensor.float().unflatten(-1, (tensor.shape[-1] // args.group_size, args.group_size))
+            scale, zero = calculate_qparams(rows.amin(dim=-1), rows.amax(dim=-1), args)
+            scale = scale.reshape(tensor.shape[0], -1).to(tensor.dtype)
+            parts = compressor.compress({"weight": tensor, "weight_scale": scale,
+                                         "weight_zero_point": zero.reshape(scale.shape)}, scheme)
+            prefix = name.removesuffix("weight")
+            tensors.update({prefix + part: value.contiguous() for part, value in parts.items()})
+            if index is not None:
+                index["weight_map"].pop(name)
+                index["weight_map"].update({prefix + part: shard.name for part in parts})
+        save_file(tensors, str(shard), metadata={"format": "pt"})
+    if index is not None:
+        index["metadata"]["total_size"] = sum(_tensor_bytes(s) for s in path.glob("*.safetensors"))
+        index["weight_map"] = dict(sorted(index["weight_map"].items()))
+        index_file.write_text(json.dumps(index, indent=2))
+    config = QuantizationConfig(config_groups={"group_0": scheme}, format=fmt, quantization_status="compressed",
+                                ignore=["lm_head", "re:.*mlp.gate$"])
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {**json.loads(config.model_dump_json(exclude_none=True)),
+                                  "quant_method": "compressed-tensors"}
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    return path

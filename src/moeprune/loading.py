@@ -109,6 +109,12 @@ def load_model(
         device_map = choose_device_map(config, torch_dtype, device, trust_remote_code)
     kwargs = {"dtype": _auto_dtype(torch_dtype, device_map), "trust_remote_code": trust_remote_code}
     quantization = getattr(config, "quantization_config", None)
+    raw_method = quantization.get("quant_method") if isinstance(quantization, dict) else \
+        getattr(quantization, "quant_method", None)
+    # transformers dequantizes FP8 and MXFP4 on the CPU by itself; compressed-tensors it would decompress on the
+    # first forward and fake-quantize activations, so there the weights are dequantized on loading too.
+    dequantize = dequantize or (device_map is None and str(getattr(raw_method, "value", raw_method)) ==
+                                "compressed-tensors")
     if dequantize and quantization is not None:
         from transformers.quantizers.auto import AutoQuantizationConfig
 

@@ -260,20 +260,22 @@ def dequantize(fmt: QuantFormat, tensors: Mapping[str, torch.Tensor], dtype: tor
 
         return convert_moe_packed_tensors(tensors["_blocks"], tensors["_scales"], dtype=dtype)
     if fmt.key.startswith("ct-"):
-        return _ct_dequantize(fmt, tensors, quantization or {}).to(dtype)
+        return _ct_dequantize(fmt, tensors, quantization or {}, dtype).to(dtype)
     raise MoePruneError(f"moeprune cannot dequantize {describe(fmt)} itself; load the model through transformers.")
 
 
-def _ct_dequantize(fmt: QuantFormat, tensors: Mapping[str, torch.Tensor],
-                   quantization: Mapping[str, Any]) -> torch.Tensor:
+def _ct_dequantize(fmt: QuantFormat, tensors: Mapping[str, torch.Tensor], quantization: Mapping[str, Any],
+                   dtype: torch.dtype) -> torch.Tensor:
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
 
-    config = QuantizationConfig.model_validate(dict(quantization))
+    config = QuantizationConfig.model_validate({k: v for k, v in quantization.items() if k != "quant_method"})
     scheme = next(iter(config.config_groups.values()))
-    compressor = BaseCompressor.load_from_registry(config.format, config=config)
-    data = {suffix.lstrip("."): tensor for suffix, tensor in tensors.items()}
-    return compressor.decompress_weight(compressed_data=data, quantization_args=scheme.weights)
+    compressor = BaseCompressor.get_value_from_registry(config.format)
+    # Scales in the compute dtype first, as transformers' loader casts them before it decompresses.
+    state = {suffix.lstrip("."): tensor.to(dtype) if suffix == ".weight_scale" else tensor
+             for suffix, tensor in tensors.items()}
+    return compressor.decompress(state, scheme)["weight"]
 
 
 # ---------------------------------------------------------------------------------------------- config.json
