@@ -357,6 +357,19 @@ def check_checkpoint_files(model: Any) -> None:
     check_quantized_files(folder)
 
 
+def dequantizing_quantizer(quantization: dict[str, Any] | None) -> Any:
+    """transformers' quantizer for a pre-quantized checkpoint, set to dequantize as it loads (None when the
+    checkpoint is not quantized): what the streamer hands transformers' loader to dequantize one layer at a time."""
+    if not quantization:
+        return None
+    from transformers.quantizers.auto import AutoHfQuantizer, AutoQuantizationConfig
+
+    quantizer = AutoHfQuantizer.from_config(AutoQuantizationConfig.from_dict({**quantization, "dequantize": True}),
+                                            pre_quantized=True)
+    quantizer.validate_environment()
+    return quantizer
+
+
 def check_quantized_files(folder: Path) -> QuantFormat | None:
     """A quantized checkpoint's layout, checked from config.json and the safetensors headers before any weight is
     read (a method transformers cannot read, a missing scale, a block the expert shape does not divide)."""
@@ -567,8 +580,9 @@ class ModelSource:
 
     def open_stream(self, memory: Memory | None = None) -> DiskLayers:
         """The meta skeleton and its per-layer reader (:class:`~moeprune.streaming.layers.DiskLayers`), checked
-        before any weight is read: a local safetensors checkpoint (no pickle, every shard the index names present),
-        not quantized (yet), and memory enough for one decoder layer, the one read ahead and the embeddings."""
+        before any weight is read: a local safetensors checkpoint (no pickle, every shard the index names present; a
+        quantized one checked as :func:`check_quantized_files` does, then dequantized layer by layer through
+        transformers' quantizer), and memory enough for one decoder layer, the one read ahead and the embeddings."""
         if self.is_loaded:
             raise MoePruneError("--stream reads the weights from a checkpoint folder; pass its path, not a loaded "
                                 "model (or drop --stream).")
@@ -576,15 +590,11 @@ class ModelSource:
         if folder is None:
             raise MoePruneError(f"--stream reads a local checkpoint folder; {self.name} is not one (download it, e.g. "
                                 "huggingface-cli download ID --local-dir DIR, and pass DIR).")
-        if self.quantization is not None:
-            raise MoePruneError(
-                f"{folder} is quantized ({self.quantization.get('quant_method', '?')}); streaming quantized "
-                "checkpoints layer by layer is not supported yet: run with --no-stream on a machine that holds the "
-                "dequantized model."
-            )
+        check_quantized_files(folder)
         device = self.device if self.device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
         check_device(device)
-        layers = DiskLayers(folder, self.config, self.compute_dtype, _normalised(device), self.trust_remote_code)
+        layers = DiskLayers(folder, self.config, self.compute_dtype, _normalised(device), self.trust_remote_code,
+                            hf_quantizer=dequantizing_quantizer(self.quantization))
         layers.check_fits(memory)
         return layers
 
