@@ -99,8 +99,7 @@ def load_model(
     spread over all visible GPUs when one is not enough; ``device="cpu"`` keeps them on the CPU.
     ``dtype="auto"`` keeps the checkpoint's dtype (bf16 for most hub MoEs), except on the CPU, where it
     means float32 (half-precision matmuls are many times slower there). A quantized checkpoint loads through
-    transformers' quantizer (dequantized on the CPU, its kernels on a GPU); ``dequantize`` asks the quantizer to
-    dequantize it on any device.
+    transformers' quantizer, dequantized on every device (``dequantize`` is kept for callers that say so).
     """
     path = resolve_model_path(model)
     config = load_config(path, trust_remote_code)
@@ -109,12 +108,12 @@ def load_model(
         device_map = choose_device_map(config, torch_dtype, device, trust_remote_code)
     kwargs = {"dtype": _auto_dtype(torch_dtype, device_map), "trust_remote_code": trust_remote_code}
     quantization = getattr(config, "quantization_config", None)
-    raw_method = quantization.get("quant_method") if isinstance(quantization, dict) else \
-        getattr(quantization, "quant_method", None)
-    # transformers dequantizes FP8 and MXFP4 on the CPU by itself; compressed-tensors it would decompress on the
-    # first forward and fake-quantize activations, so there the weights are dequantized on loading too.
-    dequantize = dequantize or (device_map is None and str(getattr(raw_method, "value", raw_method)) ==
-                                "compressed-tensors")
+    # Always dequantized on loading, on a GPU too: moeprune's instrumentation (f_e for REAP, the expert-sparsity
+    # capture, slicing in memory) reads the experts' weights as tensors, which quantized kernels' packed weights
+    # are not; on the CPU transformers would dequantize FP8 and MXFP4 anyway, and compressed-tensors it would
+    # decompress only on the first forward, fake-quantizing activations. Too big dequantized: --stream, which
+    # dequantizes one layer at a time.
+    dequantize = dequantize or quantization is not None
     if dequantize and quantization is not None:
         from transformers.quantizers.auto import AutoQuantizationConfig
 
