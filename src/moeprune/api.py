@@ -30,6 +30,7 @@ from moeprune.evaluation.perplexity import held_out_nll, perplexity
 from moeprune.evaluation.runner import evaluate_model
 from moeprune.io import check_output_dir, output_root, write_json_atomic
 from moeprune.loading import (  # noqa: F401 (re-export)
+    ModelSource,
     checked_model,
     checked_tokenizer,
     checkpoint_dtype,
@@ -80,15 +81,27 @@ def profile(
     tokenizer: Any = None,
     trust_remote_code: bool = False,
     progress: bool = True,
+    stream: bool | None = None,
 ) -> Profile:
     """Profile ``model`` (a loaded model, a local path or a hub id) on each corpus into ``out``.
 
     A model given by name loads like :func:`moeprune.loading.load_model` places it (on the GPU when there
     is one). ``sequential=True`` keeps the weights on the CPU and runs one decoder layer at a time on
     ``device``; ``None`` (default) does so only when a model given by name does not fit in the free GPU
-    memory (of ``device``, or of all visible GPUs).
+    memory (of ``device``, or of all visible GPUs). ``stream=True`` reads the weights from the checkpoint's
+    safetensors shards one decoder layer at a time (never the whole model in memory); ``None`` does so when the
+    weights do not fit in the memory available to the process (see :meth:`ModelSource.placement`), ``False`` never.
     """
     Calibration(tuple(corpora), samples, seq_len, batch_size)  # the CLI's rules, before the model loads
+    source = ModelSource.of(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, stream=stream)
+    if source.placement() == "stream":
+        specs = [c if isinstance(c, CorpusSpec) else parse_corpus(c) for c in corpora]
+        check_profile_out(out, model, specs, tokenizer)
+        layers = source.open_stream()
+        tokenizer = checked_tokenizer(tokenizer, layers.model, trust_remote_code)
+        settings = ProfileSettings(num_samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                                   checkpoint_every=checkpoint_every)
+        return profile_model(layers, tokenizer, specs, out, settings, progress=progress)
     sequential_device = None
     if sequential is None and not isinstance(model, torch.nn.Module):
         sequential = not _fits(model, device, dtype, trust_remote_code)
@@ -270,6 +283,7 @@ def apply(
     force: bool = False,
     progress: bool = True,
     recover: RecoveryOptions | Recovery | None = None,
+    dequantize: bool = False,
 ) -> Path:
     """Write the pruned checkpoint to ``out`` (atomically, verified against the in-memory masked model).
 
@@ -278,7 +292,8 @@ def apply(
     ``recover``: :class:`~moeprune.recovery.RecoveryOptions` to compute a recovery first (router-kd, merge; on
     the model loaded as ``dtype``/``device`` place it, then freed before the export reloads it), or a
     :class:`~moeprune.recovery.Recovery` computed earlier (:func:`recover`); the export is verified against the
-    recovered model."""
+    recovered model. A quantized checkpoint is written in its own format (docs/apply.md, "Quantized
+    checkpoints"); ``dequantize`` writes it dequantized instead, without ``quantization_config``."""
     mask_file = None if isinstance(mask, ExpertMask) else mask
     mask = mask if isinstance(mask, ExpertMask) else ExpertMask.load(mask)
     if isinstance(model, str | Path):
@@ -304,6 +319,7 @@ def apply(
         verify=verify,
         progress=progress,
         recovery=recovery,
+        dequantize=dequantize,
     )
 
 

@@ -299,6 +299,14 @@ def _add_profile(p: argparse.ArgumentParser) -> None:
         "does not fit in free GPU memory)",
     )
     p.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="read the weights from the checkpoint's safetensors shards one decoder layer at a time, never the "
+        "whole model in memory (default: only when the model does not fit in the memory available to the process, "
+        "cgroup limits included; --no-stream loads it whole)",
+    )
+    p.add_argument(
         "--checkpoint-every", type=int, default=16, help="batches between checkpoints of partial sums (default 16)"
     )
     p.set_defaults(run=_run_profile)
@@ -319,6 +327,7 @@ def _run_profile(args: argparse.Namespace) -> None:
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         sequential=args.sequential,
+        stream=args.stream,
         dtype=args.dtype,
         device=args.device,
         tokenizer=args.tokenizer,
@@ -381,6 +390,12 @@ def _add_apply(p: argparse.ArgumentParser) -> None:
         help="prune a local safetensors checkpoint shard by shard without building the model (peak memory about "
         "one shard; no logits verification)",
     )
+    p.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="write a quantized checkpoint (FP8, MXFP4, compressed-tensors) dequantized, in its config's dtype and "
+        "without quantization_config (default: the source's own format, its kept tensors byte for byte)",
+    )
     _recovery_options(p)
     p.set_defaults(run=_run_apply)
 
@@ -389,6 +404,9 @@ def _run_apply(args: argparse.Namespace) -> None:
     from moeprune import api  # lazy: the api pulls in torch; --help stays fast
 
     if args.model_free:
+        if args.dequantize:
+            raise MoePruneError("--model-free writes the source's tensors as they are and cannot --dequantize; drop "
+                                "--model-free (in-memory apply dequantizes) or drop --dequantize.")
         from moeprune.planning.mask import ExpertMask  # lazy: torch
         from moeprune.surgery.shards import prune_checkpoint_files  # lazy: torch and safetensors
 
@@ -413,6 +431,7 @@ def _run_apply(args: argparse.Namespace) -> None:
         force=args.force,
         progress=_progress(args),
         recover=recovery_from_args(args),
+        dequantize=args.dequantize,
     )
     print(f"pruned checkpoint written to {out}")
 

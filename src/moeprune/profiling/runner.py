@@ -37,8 +37,9 @@ from moeprune.io import (
 )
 from moeprune.loading import config_hash, model_name, resolve_model_path
 from moeprune.profiling.instrument import StatsRecorder
-from moeprune.profiling.sequential import profile_windows_sequential
+from moeprune.profiling.sequential import profile_windows_layer_major, profile_windows_sequential
 from moeprune.profiling.stats import ExpertStats, Profile, check_one_model, finished_corpora
+from moeprune.streaming.layers import DiskLayers
 
 # Metadata that must match for a saved corpus profile (or checkpoint) to be reused: everything that changes
 # the windows (the tokenizer and a local corpus file's content included). The batch size does not: a
@@ -84,7 +85,7 @@ def model_meta(model) -> dict[str, Any]:
 
 
 def profile_model(
-    model,
+    model: Any,
     tokenizer,
     corpora: list[CorpusSpec],
     out_dir: str | Path,
@@ -93,17 +94,22 @@ def profile_model(
 ) -> Profile:
     """Profile ``model`` on every corpus into ``out_dir``; finished corpora are reused, not recomputed.
     ``out_dir`` is new, empty or a profile folder (never someone else's), and an output root: no folder below it
-    is written through a link."""
+    is written through a link.
+
+    ``model`` is a loaded model, or a :class:`~moeprune.streaming.layers.DiskLayers` (its meta skeleton with the
+    reader of its checkpoint): the weights are then streamed from disk one decoder layer at a time."""
+    stream = model if isinstance(model, DiskLayers) else None
+    model = stream.model if stream is not None else model
     settings = settings or ProfileSettings()
     settings.validate()
     out_dir = Path(out_dir)
     check_own_folder(out_dir, foreign_entry, "profile")
     with output_root(out_dir):
-        return _profile_model(model, tokenizer, corpora, out_dir, settings, progress)
+        return _profile_model(model, stream, tokenizer, corpora, out_dir, settings, progress)
 
 
-def _profile_model(model, tokenizer, corpora: list[CorpusSpec], out_dir: Path, settings: ProfileSettings,
-                   progress: bool) -> Profile:
+def _profile_model(model: Any, stream: DiskLayers | None, tokenizer: Any, corpora: list[CorpusSpec], out_dir: Path,
+                   settings: ProfileSettings, progress: bool) -> Profile:
     if len({spec.name for spec in corpora}) != len(corpora):
         raise MoePruneError("Two corpora share a name; name them with NAME=SPEC.")
     base_meta = {**model_meta(model), **_library_versions(), "settings": asdict(settings)}
@@ -128,7 +134,13 @@ def _profile_model(model, tokenizer, corpora: list[CorpusSpec], out_dir: Path, s
             continue
         windows = calibration_windows(spec, tokenizer, settings.num_samples, settings.seq_len, settings.seed)
         meta = {**base_meta, **wanted, "samples": int(windows.shape[0]), "tokens": int(windows.numel())}
-        if settings.sequential_device is not None:
+        if stream is not None:
+            rank, world = _rank_world()
+            stats = _reduced(profile_windows_layer_major(
+                stream, windows, settings.batch_size, meta, progress and rank == 0,
+                f"profile {spec.name} (streamed from disk)", rank, world))
+            stats.meta["stream"] = True
+        elif settings.sequential_device is not None:
             stats = _sequential(model, windows, settings, meta, progress, f"profile {spec.name} (layer by layer)")
         else:
             partial = out_dir / f"{spec.name}.partial.safetensors"
