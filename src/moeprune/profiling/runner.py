@@ -150,8 +150,9 @@ def _profile_model(model: Any, stream: DiskLayers | None, tokenizer: Any, corpor
             # The model's own outputs (finite weights, checked at load): an overflow in this dtype. Nothing is saved:
             # the profile would only be refused on load and blamed on its file.
             raise MoePruneError(
-                f"Profiling {spec.name} gave invalid statistics ({problem}): the model's expert outputs overflow or "
-                "are NaN in this dtype. Try --dtype float32; nothing was saved for this corpus."
+                f"Profiling {spec.name} gave invalid statistics ({problem}): the model's expert outputs are NaN or "
+                "overflow (weights holding NaN/inf, or activations beyond this dtype's range: try --dtype float32); "
+                "nothing was saved for this corpus."
             )
         if _is_rank0():
             # Checked again under the folder's lock: a run of another model that finished meanwhile is not
