@@ -32,6 +32,7 @@ FULL_VOCAB_LIMIT = 32_768
 # 32,000 entries over the paper preset's 256 x 1024 tokens would be 33.5 GB.
 FULL_TARGET_BYTES = 2 << 30
 DEFAULT_TEACHER_TOP_K = 64
+MAX_LR = 1.0  # --recover-lr above this only diverges (1e38 overflowed inside Adam: a traceback)
 DEFAULT_MERGE_TOKENS = 4096  # tokens per layer merge compares expert outputs on (merge_delta's max_tokens)
 
 
@@ -78,6 +79,8 @@ class RecoveryOptions:
         check_seed(self.seed, "--recover-seed")  # bounded: 2**64 overflowed the generators
         if not isinstance(self.lr, int | float) or not math.isfinite(self.lr) or self.lr <= 0:
             raise MoePruneError(f"--recover-lr must be a positive number (got {self.lr!r}), e.g. 3e-3.")
+        if self.lr > MAX_LR:  # Adam's step overflows float32 far below 1e38; no router trains above this
+            raise MoePruneError(f"--recover-lr must be at most {MAX_LR:g} (got {self.lr!r}), e.g. 3e-3.")
         for spec in self.corpora or ():
             check_train_split(spec)
 
