@@ -27,7 +27,8 @@ PACKAGE = SRC / "moeprune"
 # Ground floor first. Rooms on one floor may import each other (the circle check still holds).
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("", "errors", "bundled", "models", "presets", "options"),  # "" is moeprune/__init__.py (only __version__)
-    ("io", "data", "arch", "loading"),
+    # streaming: the layer-major runner every stage shares; quant: quantized layouts as data (apply, the streamer)
+    ("io", "data", "arch", "streaming", "loading", "quant"),
     ("profiling",),
     ("planning",),
     ("reconstruction", "inspect"),

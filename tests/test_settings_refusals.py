@@ -131,6 +131,9 @@ def test_wrong_types_are_one_line_errors(tiny_checkpoint, profiled, masks, tmp_p
         (lambda: run_experiment(str(tiny_checkpoint), tmp_path / "x", grid={"retains": 0.5}),
          "GridOptions.retains must be a list"),
         (lambda: api.profile(str(tiny_checkpoint), "wiki", tmp_path / "p"), "corpora must be a list"),
+        (lambda: run_experiment(str(tiny_checkpoint), tmp_path / "x", grid={"methods": ["frequency"]},
+                                calibration={"seq_len": 32}, evaluation={"ppl_seq_len": 32, "tasks": "none"},
+                                recovery={"lr": 0.1}), "have no effect: the grid recovers nothing"),
         (lambda: api.prune(str(tiny_checkpoint), 0.5, tmp_path / "o", method="reap", seed=2),
          "--plan-seed only applies to seeded methods"),
     ]

@@ -89,6 +89,7 @@ def profile(
     calibration: Calibration | Mapping[str, Any] | None = None,
     sequential: bool | None = None,
     progress: bool = True,
+    stream: bool | None = None,
 ) -> Profile:
     """Profile ``model`` (a path, hub id, ``bundled``, a loaded model or a :class:`ModelSource`) on each corpus
     into ``out``. ``corpora`` (names or specs) override ``calibration.corpora``; unset calibration fields are the
@@ -97,28 +98,35 @@ def profile(
     A model given by name loads where :meth:`ModelSource.load` places it (on the GPU when there is one).
     ``sequential=True`` keeps the weights on the CPU and runs one decoder layer at a time on the source's
     device; ``None`` (default) does so only when a model given by name does not fit in the free GPU memory.
+    ``stream=True`` (or the source's ``stream``) reads the weights from the checkpoint's safetensors shards one
+    decoder layer at a time (never the whole model in memory); ``None`` does so when the weights do not fit in the
+    memory available to the process (see :meth:`ModelSource.placement`), ``False`` never.
     """
-    source = source_of(model)
+    source = ModelSource.of(source_of(model), stream=stream)
     settings = _typed(calibration, Calibration, "calibration")
     if corpora is not None:
         if isinstance(corpora, str | CorpusSpec) or not isinstance(corpora, Sequence):
             raise MoePruneError(f"corpora must be a list of corpus specs, not {type(corpora).__name__} "
                                 "(e.g. ['wiki', 'web']).")
-        settings = replace(settings, corpora=tuple(c.name if isinstance(c, CorpusSpec) else c for c in corpora))
-        specs = [c if isinstance(c, CorpusSpec) else parse_corpus(c) for c in corpora]
+        settings = replace(settings, corpora=tuple(corpora))
     if sequential is not None and not isinstance(sequential, bool):
         raise MoePruneError(f"sequential must be True, False or None, not {sequential!r}.")
-    if sequential is None and not source.is_loaded:
+    streamed = source.placement() == "stream"
+    if sequential is None and not source.is_loaded and not streamed:
         sequential = not fits_on_gpus(source.name, source.dtype, source.device, source.trust_remote_code)
-    if sequential and settings.checkpoint_every is not None:
-        raise MoePruneError("--checkpoint-every does not apply to --sequential (a layer-sequential run finishes "
-                            "each layer for all windows; a killed run starts the corpus over); drop it.")
+    if (sequential or streamed) and settings.checkpoint_every is not None:
+        raise MoePruneError(f"--checkpoint-every does not apply to {'--stream' if streamed else '--sequential'} (a "
+                            "layer-by-layer run finishes each layer for all windows; a killed run starts the corpus "
+                            "over); drop it.")
     if sequential and is_distributed():
         raise MoePruneError(SEQUENTIAL_ONE_PROCESS)
     # before loading: never over the model or a corpus; readable corpora; windows within the model's positions
     settings = check_profile(source, settings, out)
-    if corpora is None:
-        specs = [parse_corpus(c) for c in settings.corpora]
+    specs = [c if isinstance(c, CorpusSpec) else parse_corpus(c) for c in settings.corpora]
+    if streamed:
+        layers = source.open_stream()
+        tokenizer = source.load_tokenizer(layers.model)
+        return profile_model(layers, tokenizer, specs, out, settings, progress=progress)
     sequential_device = None
     if sequential:
         sequential_device = source.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -293,6 +301,7 @@ def apply(
     force: bool = False,
     recover: RecoveryOptions | Recovery | Mapping[str, Any] | str | None = None,
     progress: bool = True,
+    dequantize: bool = False,
 ) -> Path:
     """Write the pruned checkpoint to ``out`` (atomically, verified against the in-memory masked model).
 
@@ -301,7 +310,9 @@ def apply(
     another config hash. ``recover``: :class:`~moeprune.recovery.RecoveryOptions` (or a kind such as
     ``"router-kd"``, or a dict of its fields; unset fields are the model's preset) to compute a recovery first on
     the model, then freed before the export reloads it; or a :class:`~moeprune.recovery.Recovery` computed earlier
-    for this mask (:func:`recover`); the export is verified against the recovered model."""
+    for this mask (:func:`recover`); the export is verified against the recovered model. A quantized checkpoint is
+    written in its own format (docs/apply.md, "Quantized checkpoints"); ``dequantize`` writes it dequantized
+    instead, without ``quantization_config``."""
     source = source_of(model)
     mask_file = None if isinstance(mask, ExpertMask) else mask
     mask = _mask(mask)
@@ -318,7 +329,7 @@ def apply(
         recovery = _recovery(source, mask, recovery, progress) if recovery.active else None
         _release_memory()  # the copy recovery loaded is gone before the export loads the checkpoint again
     return export_pruned(source, mask, out, overwrite=overwrite, verify=verify, progress=progress,
-                         recovery=recovery)
+                         recovery=recovery, dequantize=dequantize)
 
 
 def recover(

@@ -143,12 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
 # Every flag of a setting is made from its field (moeprune.options.flag metadata: name, help, group, preset shown in
 # the help) by one add_flags per options class; the run functions read them back with each class's from_args. The
 # flags written here by hand are the verbs' own: positional inputs, --out, --overwrite and the like.
-def _model_options(p: argparse.ArgumentParser, positional: bool = True) -> None:
+def _model_options(p: argparse.ArgumentParser, positional: bool = True, stream: bool = False) -> None:
     from moeprune.loading import ModelSource  # lazy: torch
 
     if positional:
         p.add_argument("model", help="local checkpoint directory, hub id, or 'bundled' (the shipped testbed)")
-    add_flags(p, ModelSource, "model loading", skip=["preset_name"] + ([] if positional else ["tokenizer"]))
+    skip = ["preset_name"] + ([] if positional else ["tokenizer"]) + ([] if stream else ["stream"])
+    add_flags(p, ModelSource, "model loading", skip=skip)
 
 
 def _plan_options(p: argparse.ArgumentParser, many: bool) -> None:
@@ -183,7 +184,7 @@ def model_source(args: argparse.Namespace, model: Any = None):
 
 # ------------------------------------------------------------------------------------------------ verbs
 def _add_profile(p: argparse.ArgumentParser) -> None:
-    _model_options(p)
+    _model_options(p, stream=True)
     add_flags(p, Calibration, "calibration")
     p.add_argument("--out", required=True, help="profile directory (finished corpora in it are reused)")
     p.add_argument(
@@ -248,6 +249,12 @@ def _add_apply(p: argparse.ArgumentParser) -> None:
         help="prune a local safetensors checkpoint shard by shard without building the model (peak memory about "
         "one shard; no logits verification)",
     )
+    p.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="write a quantized checkpoint (FP8, MXFP4, compressed-tensors) dequantized, in its config's dtype and "
+        "without quantization_config (default: the source's own format, its kept tensors byte for byte)",
+    )
     _recovery_options(p)
     p.set_defaults(run=_run_apply)
 
@@ -256,6 +263,9 @@ def _run_apply(args: argparse.Namespace) -> None:
     from moeprune import api  # lazy: the api pulls in torch; --help stays fast
 
     if args.model_free:
+        if args.dequantize:
+            raise MoePruneError("--model-free writes the source's tensors as they are and cannot --dequantize; drop "
+                                "--model-free (in-memory apply dequantizes) or drop --dequantize.")
         from moeprune.planning.mask import ExpertMask  # lazy: torch
         from moeprune.surgery.shards import prune_checkpoint_files  # lazy: torch and safetensors
 
@@ -268,7 +278,8 @@ def _run_apply(args: argparse.Namespace) -> None:
         print(f"pruned checkpoint written to {out} (model-free, shard by shard)")
         return
     out = api.apply(model_source(args), args.mask, args.out, overwrite=args.overwrite, verify=not args.no_verify,
-                    force=args.force, recover=recovery_from_args(args), progress=_progress(args))
+                    force=args.force, recover=recovery_from_args(args), dequantize=args.dequantize,
+                    progress=_progress(args))
     print(f"pruned checkpoint written to {out}")
 
 

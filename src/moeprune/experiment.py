@@ -159,6 +159,11 @@ def resolve_experiment(
         recovery.check_used_by([k for k in grid.recover if k != NONE])
         recovery = recovery.resolved(source)
     else:
+        given = [f.name for f in dataclasses.fields(recovery)
+                 if f.name != "kind" and getattr(recovery, f.name) != f.default]
+        if given:
+            raise MoePruneError(f"recovery settings {given} have no effect: the grid recovers nothing; add a kind to "
+                                "grid.recover (--recover router-kd, merge, ...) or drop them.")
         recovery = recovery.resolved(PresetSource(source.preset))
     if recovery.corpora is None:
         recovery = dataclasses.replace(recovery, corpora=tuple(calibration.corpora))

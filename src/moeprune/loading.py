@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -15,10 +16,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from moeprune.bundled import bundled_model_path
 from moeprune.errors import MoePruneError
-from moeprune.io import INDEX_FILE, read_weight_map
+from moeprune.io import INDEX_FILE, read_config_json, read_weight_map
 from moeprune.models import register as register_ports
 from moeprune.options import flag, given_flags
 from moeprune.presets import PRESETS, Preset, preset_for
+from moeprune.quant import QuantFormat, check_checkpoint, format_of, header_info
+from moeprune.streaming.layers import DiskLayers
+from moeprune.streaming.memory import Memory, available_memory, gib, should_stream
 
 # Files of which at least one makes a directory hold a tokenizer (transformers 5 silently builds an empty,
 # one-token tokenizer for a directory with none of them).
@@ -88,6 +92,7 @@ def load_model(
     device: str | None = None,
     trust_remote_code: bool = False,
     device_map: str | dict | None = None,
+    dequantize: bool = False,
 ) -> PreTrainedModel:
     """Load a causal LM in eval mode, placed the way the field's tools place it.
 
@@ -95,7 +100,8 @@ def load_model(
     :func:`choose_device_map`: with CUDA and no ``device`` the weights load straight onto one GPU, or are
     spread over all visible GPUs when one is not enough; ``device="cpu"`` keeps them on the CPU.
     ``dtype="auto"`` keeps the checkpoint's dtype (bf16 for most hub MoEs), except on the CPU, where it
-    means float32 (half-precision matmuls are many times slower there).
+    means float32 (half-precision matmuls are many times slower there). A quantized checkpoint loads through
+    transformers' quantizer, dequantized on every device (``dequantize`` is kept for callers that say so).
     """
     path = resolve_model_path(model)
     config = load_config(path, trust_remote_code)
@@ -103,6 +109,18 @@ def load_model(
     if device_map is None:
         device_map = choose_device_map(config, torch_dtype, device, trust_remote_code)
     kwargs = {"dtype": _auto_dtype(torch_dtype, device_map), "trust_remote_code": trust_remote_code}
+    quantization = getattr(config, "quantization_config", None)
+    # Always dequantized on loading, on a GPU too: moeprune's instrumentation (f_e for REAP, the expert-sparsity
+    # capture, slicing in memory) reads the experts' weights as tensors, which quantized kernels' packed weights
+    # are not; on the CPU transformers would dequantize FP8 and MXFP4 anyway, and compressed-tensors it would
+    # decompress only on the first forward, fake-quantizing activations. Too big dequantized: --stream, which
+    # dequantizes one layer at a time.
+    dequantize = dequantize or quantization is not None
+    if dequantize and quantization is not None:
+        from transformers.quantizers.auto import AutoQuantizationConfig
+
+        raw = quantization if isinstance(quantization, dict) else quantization.to_dict()
+        kwargs["quantization_config"] = AutoQuantizationConfig.from_dict({**raw, "dequantize": True})
     if device_map is not None:
         kwargs["device_map"] = device_map
     log.info("Loading %s (%s) on %s", path, kwargs["dtype"], _placement_name(device_map))
@@ -203,6 +221,15 @@ def _normalised(device: str | torch.device) -> str:
     return str(device)
 
 
+def _gpu_free_bytes(device: str | None) -> int:
+    """Free memory of the GPUs a run would use (0 without CUDA or with --device cpu)."""
+    if not torch.cuda.is_available() or (device is not None and not str(device).startswith(("cuda", "auto"))):
+        return 0
+    if device is not None and str(device).startswith("cuda"):
+        return _free_bytes(torch.device(_normalised(device)).index)
+    return sum(_free_bytes(i) for i in range(torch.cuda.device_count()))
+
+
 def _free_bytes(gpu: int) -> int:
     return torch.cuda.mem_get_info(gpu)[0]
 
@@ -231,9 +258,14 @@ def load_tokenizer(model: str | Path, trust_remote_code: bool = False):
 
 
 def config_hash(config) -> str:
-    """A short hash of the architecture-defining config, to recognise profiles and masks of other models."""
+    """A short hash of the architecture-defining config, to recognise profiles and masks of other models.
+
+    ``quantization_config`` is not part of it: transformers removes it from a config it dequantized on loading
+    (and adds its own fields to one it did not), so the same checkpoint would hash differently loaded and from
+    its config.json; and a mask's expert ids mean the same experts in a model's bf16 and quantized releases."""
     data = config.to_dict()
     for key in (
+        "quantization_config",
         "_name_or_path",
         "transformers_version",
         "torch_dtype",
@@ -323,6 +355,33 @@ def check_checkpoint_files(model: Any) -> None:
             raise MoePruneError(
                 f"{path} is truncated or corrupt ({err}); re-download or re-save the checkpoint."
             ) from err
+    check_quantized_files(folder)
+
+
+def dequantizing_quantizer(quantization: dict[str, Any] | None) -> Any:
+    """transformers' quantizer for a pre-quantized checkpoint, set to dequantize as it loads (None when the
+    checkpoint is not quantized): what the streamer hands transformers' loader to dequantize one layer at a time."""
+    if not quantization:
+        return None
+    from transformers.quantizers.auto import AutoHfQuantizer, AutoQuantizationConfig
+
+    quantizer = AutoHfQuantizer.from_config(AutoQuantizationConfig.from_dict({**quantization, "dequantize": True}),
+                                            pre_quantized=True)
+    quantizer.validate_environment()
+    return quantizer
+
+
+def check_quantized_files(folder: Path) -> QuantFormat | None:
+    """A quantized checkpoint's layout, checked from config.json and the safetensors headers before any weight is
+    read (a method transformers cannot read, a missing scale, a block the expert shape does not divide)."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return None
+    config = read_config_json(folder)
+    if not config.get("quantization_config"):
+        return None
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    return check_checkpoint(folder, config, header_info(folder, shards))
 
 
 def check_tokenizer_source(model: str, tokenizer: str | None) -> None:
@@ -410,7 +469,10 @@ class ModelSource:
     tokenizer: Any = field(default=None, metadata=flag(
         "--tokenizer", "tokenizer path or hub id (default: the model's; needed when the model folder has no "
         "tokenizer files)"))
-    stream: bool | None = None
+    stream: bool | None = field(default=None, metadata=flag(
+        "--stream", "read the weights from the checkpoint's safetensors shards one decoder layer at a time, never the "
+        "whole model in memory (default: only when the model does not fit in the memory available to the process, "
+        "cgroup limits included; --no-stream loads it whole)", action=argparse.BooleanOptionalAction))
     preset_name: str | None = field(default=None, metadata=flag(
         "--preset", "paper: wikitext2+c4, 512x1024, B=20/24, six tasks, seeds 0-4,42; bundled: the testbed, fast "
         "(default: bundled for the testbed, else paper)", dest="preset", choices=tuple(PRESETS)))
@@ -486,22 +548,80 @@ class ModelSource:
 
     @property
     def quantization(self) -> dict[str, Any] | None:
-        """The checkpoint's ``quantization_config`` as a dict (None for unquantized weights)."""
+        """The checkpoint's ``quantization_config`` as a dict (None for unquantized weights). For a loaded model
+        whose quantizer dequantized it (transformers then drops the field), the one in its folder's config.json."""
         value = getattr(self.config, "quantization_config", None)
+        if value is None and self.is_loaded and Path(self.name, "config.json").is_file():
+            value = read_config_json(self.name).get("quantization_config")
         if value is None:
             return None
         return value if isinstance(value, dict) else value.to_dict()
 
-    def placement(self) -> str:
+    @property
+    def format(self) -> QuantFormat | None:
+        """The quantized layout of the checkpoint (:mod:`moeprune.quant`), None when it is not quantized; a
+        quantization method transformers cannot read is refused here."""
+        return format_of(self.quantization, name=self.name)
+
+    def placement(self, memory: Memory | None = None) -> str:
         """Where the weights live while the stages run: ``memory`` (the CPU or one device), ``device-map``
-        (accelerate spreads them over the visible GPUs) or ``stream`` (one decoder layer at a time from disk)."""
+        (accelerate spreads them over the visible GPUs) or ``stream`` (one decoder layer at a time from disk).
+
+        ``stream=True`` streams, ``False`` never does; ``None`` (the default) streams a local checkpoint whose weights
+        in their compute dtype do not fit in :data:`~moeprune.streaming.memory.FIT_FRACTION` of the memory available
+        to this process (``memory``, by default read from /proc/meminfo and the process's cgroup v1/v2 limits) plus
+        the free memory of the visible GPUs, and logs one line saying why."""
         if self.stream:
             return "stream"
         if self.is_loaded:
             return "device-map" if len(getattr(self.model, "hf_device_map", None) or {}) > 1 else "memory"
+        if self.stream is None and self.local_dir is not None and "placement" not in self._cache:
+            host = memory or available_memory()
+            gpus = _gpu_free_bytes(self.device)
+            total = Memory(host.available + gpus, host.source + (f" + {gib(gpus)} free on GPUs" if gpus else ""))
+            streamed, why = should_stream(self.compute_bytes(), total)
+            if streamed:
+                log.info("%s: %s", self.name, why)
+            self._cache["placement"] = "stream" if streamed else None
+        if self._cache.get("placement") == "stream" and self.stream is None:
+            return "stream"
         if self.device is not None and str(self.device) == "auto":
             return "device-map"
         return "memory"
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the layers compute in: ``dtype``, or for "auto" the checkpoint's on a GPU and float32 on the CPU
+        (as :func:`load_model` loads)."""
+        dtype = parse_dtype(self.dtype)
+        if dtype != "auto":
+            return dtype
+        on_cpu = (self.device is not None and str(self.device).startswith("cpu")) or not torch.cuda.is_available()
+        return torch.float32 if on_cpu else checkpoint_dtype(self.config)
+
+    def compute_bytes(self) -> int:
+        """Bytes of the weights in their compute dtype."""
+        return weight_bytes(self.config, self.compute_dtype, self.trust_remote_code)
+
+    def open_stream(self, memory: Memory | None = None) -> DiskLayers:
+        """The meta skeleton and its per-layer reader (:class:`~moeprune.streaming.layers.DiskLayers`), checked
+        before any weight is read: a local safetensors checkpoint (no pickle, every shard the index names present; a
+        quantized one checked as :func:`check_quantized_files` does, then dequantized layer by layer through
+        transformers' quantizer), and memory enough for one decoder layer, the one read ahead and the embeddings."""
+        if self.is_loaded:
+            raise MoePruneError("--stream reads the weights from a checkpoint folder; pass its path, not a loaded "
+                                "model (or drop --stream).")
+        folder = self.local_dir
+        if folder is None:
+            raise MoePruneError(f"--stream reads a local checkpoint folder; {self.name} is not one (download it, e.g. "
+                                "huggingface-cli download ID --local-dir DIR, and pass DIR).")
+        check_quantized_files(folder)
+        device = self.device if self.device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
+        check_device(device)
+        layers = DiskLayers(folder, self.config, self.compute_dtype, _normalised(device), self.trust_remote_code,
+                            hf_quantizer=dequantizing_quantizer(self.quantization))
+        layers.check_fits(memory)
+        return layers
 
     # ---------------------------------------------------------------------------------- loading it
     def load(self) -> PreTrainedModel:

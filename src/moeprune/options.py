@@ -103,7 +103,7 @@ def add_flags(parser: Any, cls: type, title: str | None = None, *, only: Sequenc
 def given_flags(cls: type, args: argparse.Namespace) -> dict[str, Any]:
     """The values of ``cls``'s flags that were given on the command line, by field name."""
     values = {f.name: getattr(args, flag_dest(f), None) for f in flag_fields(cls)}
-    return {name: value for name, value in values.items() if value is not None and value is not False}
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def eval_batch_size_arg(text: str) -> int | str:

@@ -186,9 +186,10 @@ def _check_ignored(args: argparse.Namespace) -> None:
                         f"when planning runs the model (expert-sparsity, -B auto); --method {method} plans "
                         "from the profile alone")
     if args.verb == "profile":
-        if args.sequential and args.checkpoint_every is not None:
-            raise MoePruneError("--checkpoint-every does not apply to --sequential (a layer-sequential run finishes "
-                                "each layer for all windows; a killed run starts the corpus over); drop it.")
+        layered = "--sequential" if args.sequential else "--stream" if getattr(args, "stream", None) else None
+        if layered and args.checkpoint_every is not None:
+            raise MoePruneError(f"--checkpoint-every does not apply to {layered} (a layer-by-layer run finishes each "
+                                "layer for all windows; a killed run starts the corpus over); drop it.")
         if args.sequential and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise MoePruneError(SEQUENTIAL_ONE_PROCESS)
     if args.verb == "eval":
@@ -451,7 +452,8 @@ def check_not_a_file(path: str | Path, flag: str = "--out") -> None:
 def check_corpus_windows(specs: Sequence[str] | None, source: ModelSource, seq_len: int | None) -> None:
     """Local .txt/.jsonl corpora yield at least one window of ``seq_len`` tokens, found with the tokenizer alone
     before the model loads (it tokenizes no more than one window's worth)."""
-    local = [spec for spec in map(parse_corpus, specs or []) if spec.kind in ("txt", "jsonl")]
+    parsed = [spec if isinstance(spec, CorpusSpec) else parse_corpus(spec) for spec in specs or []]
+    local = [spec for spec in parsed if spec.kind in ("txt", "jsonl")]
     if not local or not seq_len:
         return
     tokenizer = source.tokenizer

@@ -31,7 +31,7 @@ def test_sequential_keeps_dbrx_blocks_where_they_are():
     """DBRX names its decoder list ``blocks``: sequential profiling must not register it under a second name
     (``layers``), nor move the blocks with the rest of the model."""
     from moeprune.arch.view import decoder_layers
-    from moeprune.profiling.sequential import _onload_all_but_layers
+    from moeprune.streaming.layers import ResidentLayers
     from tests.arch_sweep import build_model as build_swept_model
 
     model = build_swept_model("dbrx")
@@ -44,7 +44,7 @@ def test_sequential_keeps_dbrx_blocks_where_they_are():
     assert not hasattr(model.base_model, "layers")
     # "meta" stands in for the accelerator: everything else goes there, the blocks keep their CPU weights.
     blocks = decoder_layers(model)
-    _onload_all_but_layers(model, blocks, "meta")
+    ResidentLayers(model, "meta").load_outside()
     assert {p.device.type for p in blocks.parameters()} == {"cpu"}
     assert {p.device.type for n, p in model.named_parameters() if ".blocks." not in f".{n}"} == {"meta"}
     assert list(model.state_dict()) == keys

@@ -66,7 +66,10 @@ def test_export_round_trip(arch: str, sources, tmp_path: Path) -> None:
     names = _tensor_names(out)
     assert not any("gate_up_proj" in n for n in names), "expected hub-style per-expert keys"
     assert any(".experts.3." in n for n in names) and not any(".experts.4." in n for n in names)
-    assert ExpertMask.load(out / "mask.json").to_json() == mask.to_json()
+    written = ExpertMask.load(out / "mask.json")
+    export = written.extra.pop("export")  # what was written: format and tensor bytes before and after
+    assert export["format"] == "float32 (unquantized)" and 0 < export["bytes_after"] < export["bytes_before"]
+    assert written.to_json() == mask.to_json()
     card = (out / "README.md").read_text()
     assert "K=4 of N=8" in card and "moeprune apply" in card
     if arch == "deepseek":

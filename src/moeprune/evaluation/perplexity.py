@@ -55,7 +55,7 @@ def perplexity(
     model: torch.nn.Module,
     tokenizer: Any,
     dataset: str,
-    seq_len: int = 2048,
+    seq_len: int,
     batch_size: int = 1,
     max_windows: int | None = None,
     progress: bool = True,

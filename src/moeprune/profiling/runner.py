@@ -30,8 +30,9 @@ from moeprune.io import checkpoint_fingerprint, output_lock, remove_orphan_temp_
 from moeprune.loading import config_hash, model_name, resolve_model_path
 from moeprune.options import Calibration, fit_window
 from moeprune.profiling.instrument import StatsRecorder
-from moeprune.profiling.sequential import profile_windows_sequential
+from moeprune.profiling.sequential import profile_windows_layer_major, profile_windows_sequential
 from moeprune.profiling.stats import ExpertStats, Profile, check_one_model, finished_corpora
+from moeprune.streaming.layers import DiskLayers
 
 # Metadata that must match for a saved corpus profile (or checkpoint) to be reused: everything that changes
 # the windows (the tokenizer and a local corpus file's content included). The batch size does not: a
@@ -67,7 +68,7 @@ def model_meta(model) -> dict[str, Any]:
 
 
 def profile_model(
-    model,
+    model: Any,
     tokenizer,
     corpora: list[CorpusSpec],
     out_dir: str | Path,
@@ -77,7 +78,12 @@ def profile_model(
 ) -> Profile:
     """Profile ``model`` on every corpus into ``out_dir`` with the resolved ``settings`` (samples, seq_len,
     batch_size, seed, checkpoint_every); finished corpora are reused, not recomputed. ``sequential_device``:
-    run one decoder layer at a time there, the weights kept on the CPU (see profiling.sequential)."""
+    run one decoder layer at a time there, the weights kept on the CPU (see profiling.sequential).
+
+    ``model`` is a loaded model, or a :class:`~moeprune.streaming.layers.DiskLayers` (its meta skeleton with the
+    reader of its checkpoint): the weights are then streamed from disk one decoder layer at a time."""
+    stream = model if isinstance(model, DiskLayers) else None
+    model = stream.model if stream is not None else model
     if settings.samples is None or settings.seq_len is None:
         raise MoePruneError("profile_model takes resolved calibration settings: Calibration(...).resolved(source).")
     out_dir = Path(out_dir)
@@ -100,7 +106,13 @@ def profile_model(
             continue
         windows = calibration_windows(spec, tokenizer, settings.samples, settings.seq_len, settings.seed)
         meta = {**base_meta, **wanted, "samples": int(windows.shape[0]), "tokens": int(windows.numel())}
-        if sequential_device is not None:
+        if stream is not None:
+            rank, world = _rank_world()
+            stats = _reduced(profile_windows_layer_major(
+                stream, windows, settings.batch_size, meta, progress and rank == 0,
+                f"profile {spec.name} (streamed from disk)", rank, world))
+            stats.meta["stream"] = True
+        elif sequential_device is not None:
             stats = _sequential(model, windows, settings.batch_size, sequential_device, meta, progress,
                                 f"profile {spec.name} (layer by layer)")
         else:

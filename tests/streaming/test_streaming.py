@@ -1,0 +1,225 @@
+"""Weights streamed from disk one decoder layer at a time (issue 24): equal results, the automatic choice, refusals."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from moeprune import api
+from moeprune.cli import main
+from moeprune.errors import MoePruneError
+from moeprune.loading import ModelSource
+from moeprune.options import Calibration
+from moeprune.profiling.runner import profile_windows
+from moeprune.profiling.sequential import profile_windows_layer_major
+from moeprune.profiling.stats import SUM_FIELDS
+from moeprune.streaming import layers as stream_layers
+from moeprune.streaming import memory
+from moeprune.streaming.layers import DiskLayers
+from moeprune.streaming.memory import Memory, available_memory
+from moeprune.streaming.runner import run_layer_major
+from tests import arch_sweep
+from tests.tiny_models import build_model, save_model
+
+# The six architectures the issue names: a shared expert (qwen2_moe), plain (mixtral, qwen3_moe), routing groups and a
+# correction bias (deepseek_v3), fused experts with biases and alternating sliding-window layers (gpt_oss), and
+# moeprune's DeepSeek-MoE port.
+ARCHS = ["qwen2_moe", "mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "deepseek"]
+CALIBRATION = ["--corpus", "wiki", "--samples", "4", "--seq-len", "32", "--batch-size", "2"]
+
+
+def _saved(arch: str, path: Path) -> torch.nn.Module:
+    model = arch_sweep.build_model(arch) if arch == "gpt_oss" else build_model(arch)
+    if arch == "gpt_oss":
+        model.save_pretrained(path)
+    else:
+        save_model(model, path)
+    return model
+
+
+def _windows(vocab: int, n: int = 5, length: int = 12) -> torch.Tensor:
+    return torch.randint(3, min(vocab, 128), (n, length), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_streamed_profile_and_logits_equal_in_memory(arch, tmp_path):
+    model = _saved(arch, tmp_path / arch)
+    windows = _windows(model.config.vocab_size)
+    plain = profile_windows(model, windows, Calibration(batch_size=2, checkpoint_every=16), {}, progress=False)
+    streamed = profile_windows_layer_major(DiskLayers(tmp_path / arch, model.config, torch.float32), windows, 2, {},
+                                           progress=False)
+    assert streamed.count.sum() > 0 and torch.equal(streamed.count, plain.count)
+    for name in SUM_FIELDS:
+        torch.testing.assert_close(getattr(streamed, name), getattr(plain, name), rtol=1e-5, atol=1e-7, msg=name)
+
+    # The head runs too: logits of every batch equal the in-memory model's.
+    place = DiskLayers(tmp_path / arch, model.config, torch.float32)
+    got: dict[int, torch.Tensor] = {}
+    batches = [{"input_ids": b} for b in torch.split(windows, 2)]
+    run_layer_major(place, batches, on_logits=lambda b, logits: got.__setitem__(b, logits.clone()), progress=False)
+    with torch.no_grad():
+        expected = model(input_ids=windows).logits
+    torch.testing.assert_close(torch.cat([got[b] for b in range(len(batches))]), expected, rtol=1e-5, atol=1e-5)
+    # Everything went back to the meta device, and every layer was read once.
+    assert all(p.is_meta for p in place.model.parameters())
+    assert place.stats.layers_read == len(place.layers) and place.stats.bytes_read > 0
+
+
+def test_at_most_two_layers_are_materialized_at_once(tmp_path, monkeypatch):
+    model = _saved("mixtral", tmp_path / "m")
+    place = DiskLayers(tmp_path / "m", model.config, torch.float32)
+    seen = []
+    load = stream_layers.DiskLayers._load_layer
+
+    def counting(self, index):
+        load(self, index)
+        seen.append(sum(any(not p.is_meta for p in layer.parameters()) for layer in self.layers))
+
+    monkeypatch.setattr(stream_layers.DiskLayers, "_load_layer", counting)
+    run_layer_major(place, [{"input_ids": _windows(128, 2)}], progress=False)
+    assert seen and max(seen) <= 2
+
+
+def test_api_profile_streamed_equals_in_memory(tiny_checkpoint, text_corpus, tmp_path):
+    corpora = [f"notes={text_corpus}"]
+    kwargs = dict(calibration={"samples": 6, "seq_len": 16, "batch_size": 4}, progress=False)
+    model = ModelSource.of(str(tiny_checkpoint), device="cpu")
+    streamed = api.profile(model, corpora, tmp_path / "s", stream=True, **kwargs)
+    plain = api.profile(model, corpora, tmp_path / "p", stream=False, **kwargs)
+    a, b = streamed.corpora["notes"], plain.corpora["notes"]
+    assert a.meta.get("stream") is True and "stream" not in b.meta
+    assert torch.equal(a.count, b.count)
+    for name in SUM_FIELDS:
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-7, msg=name)
+    assert a.meta["config_hash"] == b.meta["config_hash"] and a.meta["weights_sha256"] == b.meta["weights_sha256"]
+
+
+def test_cli_stream_and_no_stream(tiny_checkpoint, tmp_path):
+    assert main(["profile", str(tiny_checkpoint), *CALIBRATION, "--device", "cpu", "--stream", "--out",
+                 str(tmp_path / "s"), "-q"]) == 0
+    assert json.loads((tmp_path / "s" / "wiki.json").read_text())["stream"] is True
+    assert main(["profile", str(tiny_checkpoint), *CALIBRATION, "--device", "cpu", "--no-stream", "--out",
+                 str(tmp_path / "n"), "-q"]) == 0
+    assert "stream" not in json.loads((tmp_path / "n" / "wiki.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------ memory and the choice
+def _fake_cgroup(root: Path, version: int, limit: int, usage: int, inactive: int, meminfo_kb: int = 64 << 20):
+    proc = root / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text(f"MemTotal: {meminfo_kb} kB\nMemAvailable: {meminfo_kb} kB\n")
+    cgroups = root / "cgroup"
+    if version == 1:
+        (proc / "self" / "cgroup").write_text("5:devices:/\n4:memory:/slurm/job_7\n0::/\n")
+        node = cgroups / "memory" / "slurm" / "job_7"
+        node.mkdir(parents=True)
+        (cgroups / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+        (node / "memory.limit_in_bytes").write_text(f"{limit}\n")
+        (node / "memory.usage_in_bytes").write_text(f"{usage}\n")
+        (node / "memory.stat").write_text(f"cache 5\ntotal_inactive_file {inactive}\n")
+    else:
+        (proc / "self" / "cgroup").write_text("0::/user.slice/job\n")
+        node = cgroups / "user.slice" / "job"
+        node.mkdir(parents=True)
+        (cgroups / "user.slice" / "memory.max").write_text("max\n")
+        (node / "memory.max").write_text(f"{limit}\n")
+        (node / "memory.current").write_text(f"{usage}\n")
+        (node / "memory.stat").write_text(f"anon 1\ninactive_file {inactive}\n")
+    return proc, cgroups
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_available_memory_honours_the_cgroup_limit(tmp_path, version):
+    proc, cgroups = _fake_cgroup(tmp_path, version, limit=3 << 30, usage=1 << 30, inactive=256 << 20)
+    found = available_memory(proc, cgroups)
+    assert found.available == (3 << 30) - (1 << 30) + (256 << 20)  # page cache counted against it is reclaimable
+    assert found.source.endswith("memory.limit_in_bytes" if version == 1 else "memory.max")
+    # No limit anywhere: MemAvailable.
+    unlimited = tmp_path / "free"
+    proc, cgroups = _fake_cgroup(unlimited, version, limit=1 << 62, usage=0, inactive=0, meminfo_kb=1234)
+    assert available_memory(proc, cgroups) == Memory(1234 * 1024, str(proc / "meminfo"))
+
+
+def test_the_automatic_choice_reads_the_cgroup_limit(tiny_checkpoint, tmp_path, monkeypatch, caplog):
+    size = ModelSource.of(str(tiny_checkpoint), device="cpu").compute_bytes()
+    proc, cgroups = _fake_cgroup(tmp_path / "small", 1, limit=size, usage=0, inactive=0)
+    monkeypatch.setattr(memory, "PROC", proc)
+    monkeypatch.setattr(memory, "CGROUP_ROOT", cgroups)
+    logger = logging.getLogger("moeprune")
+    logger.addHandler(caplog.handler)  # the CLI's logging setup may stop propagation to the root
+    try:
+        with caplog.at_level("INFO", logger="moeprune"):
+            assert ModelSource.of(str(tiny_checkpoint), device="cpu").placement() == "stream"
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "memory.limit_in_bytes" in caplog.text and "--no-stream" in caplog.text
+    assert ModelSource.of(str(tiny_checkpoint), device="cpu", stream=False).placement() == "memory"
+    proc, cgroups = _fake_cgroup(tmp_path / "large", 2, limit=100 * size, usage=0, inactive=0)
+    monkeypatch.setattr(memory, "PROC", proc)
+    monkeypatch.setattr(memory, "CGROUP_ROOT", cgroups)
+    assert ModelSource.of(str(tiny_checkpoint), device="cpu").placement() == "memory"
+
+
+# ------------------------------------------------------------------------------------------ refusals
+@pytest.fixture
+def no_reads(monkeypatch):
+    def fail(self, keys):
+        raise AssertionError("a weight was read before the refusal")
+
+    monkeypatch.setattr(stream_layers.DiskLayers, "_materialize", fail)
+
+
+def _refused(capsys, argv: list[str], *expected: str) -> str:
+    capsys.readouterr()
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    line = err.splitlines()[-1]
+    assert line.startswith("moeprune: error: ") and "Traceback" not in err, err
+    for text in expected:
+        assert text in line, line
+    return line
+
+
+def test_stream_refuses_a_pickle_checkpoint(tiny_checkpoint, tmp_path, capsys, no_reads):
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_checkpoint, folder)
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    _refused(capsys, ["profile", folder, *CALIBRATION, "--device", "cpu", "--stream", "--out", tmp_path / "o"],
+             "pickle", "pytorch_model.bin", "safetensors")
+    assert not (tmp_path / "o").exists()
+
+
+def test_stream_refuses_a_missing_shard(tiny_checkpoint, tmp_path, capsys, no_reads):
+    folder = tmp_path / "sharded"
+    shutil.copytree(tiny_checkpoint, folder)
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    keys = sorted(state)
+    half = len(keys) // 2
+    save_file({k: state[k] for k in keys[:half]}, folder / "model-00001-of-00002.safetensors")
+    weight_map = {k: "model-00001-of-00002.safetensors" if i < half else "model-00002-of-00002.safetensors"
+                  for i, k in enumerate(keys)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    _refused(capsys, ["profile", folder, *CALIBRATION, "--device", "cpu", "--stream", "--out", tmp_path / "o"],
+             "model-00002-of-00002.safetensors", "re-download")
+    assert not (tmp_path / "o").exists()
+
+
+def test_stream_refuses_memory_too_small_for_one_layer(tiny_checkpoint, tmp_path, capsys, monkeypatch, no_reads):
+    proc, cgroups = _fake_cgroup(tmp_path / "tiny", 2, limit=4096, usage=0, inactive=0)
+    monkeypatch.setattr(memory, "PROC", proc)
+    monkeypatch.setattr(memory, "CGROUP_ROOT", cgroups)
+    line = _refused(capsys, ["profile", tiny_checkpoint, *CALIBRATION, "--device", "cpu", "--out", tmp_path / "o"],
+                    "Too little memory to stream", "one decoder layer takes", "0.00 GiB available", "memory.max")
+    assert "nothing was read" in line
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(MoePruneError, match="Too little memory"):
+        ModelSource.of(str(tiny_checkpoint), device="cpu").open_stream(Memory(4096, "test"))
