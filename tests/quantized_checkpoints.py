@@ -71,9 +71,18 @@ def quantize_fp8_block(weight: torch.Tensor, block: tuple[int, int] = (128, 128)
     return quantized.reshape(padded.shape)[:rows, :cols].contiguous(), scale_inv.float()
 
 
+def quantize_fp8_tensor(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8_e4m3fn weight, float32 scalar scale_inv): one scale per tensor (``weight_block_size: null``)."""
+    scale_inv = (weight.float().abs().max() / FP8_MAX).clamp(min=1e-12).float()
+    return (weight.float() / scale_inv).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale_inv
+
+
 def write_fp8_block(model: torch.nn.Module, path: Path, *, max_shard_size: str | None = None,
                     quantization: dict | None = None) -> Path:
-    """``model`` saved in DeepSeek-V3's FP8 block layout (see the module docstring)."""
+    """``model`` saved in DeepSeek-V3's FP8 block layout (see the module docstring); with a ``quantization``
+    whose ``weight_block_size`` is None, one scale per tensor instead."""
+    quantization = dict(quantization or FP8_CONFIG)
+    quantize = quantize_fp8_block if quantization.get("weight_block_size") else quantize_fp8_tensor
     path = Path(path)
     model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     index_file = path / "model.safetensors.index.json"
@@ -82,7 +91,7 @@ def write_fp8_block(model: torch.nn.Module, path: Path, *, max_shard_size: str |
         tensors = {}
         for name, tensor in load_file(shard).items():
             if tensor.ndim == 2 and name.endswith(".weight") and not any(u in name for u in UNQUANTIZED):
-                tensors[name], tensors[name.removesuffix("weight") + "weight_scale_inv"] = quantize_fp8_block(tensor)
+                tensors[name], tensors[name.removesuffix("weight") + "weight_scale_inv"] = quantize(tensor)
                 if index is not None:
                     index["weight_map"][name.removesuffix("weight") + "weight_scale_inv"] = shard.name
             else:
@@ -93,7 +102,7 @@ def write_fp8_block(model: torch.nn.Module, path: Path, *, max_shard_size: str |
         index["weight_map"] = dict(sorted(index["weight_map"].items()))
         index_file.write_text(json.dumps(index, indent=2))
     cfg = json.loads((path / "config.json").read_text())
-    cfg["quantization_config"] = dict(quantization or FP8_CONFIG)
+    cfg["quantization_config"] = quantization
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     return path
 

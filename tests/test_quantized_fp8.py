@@ -195,3 +195,41 @@ def test_a_block_the_expert_shape_does_not_divide_is_refused(tmp_path, tokenizer
         out = tmp_path / "out"
         err = _refused(capsys, ["apply", str(source), str(mask), "--out", str(out), *extra], out)
         assert "is not a whole number of 128 x 128 blocks" in err and "192" in err and len(err.splitlines()) == 1
+
+
+def test_per_tensor_fp8_is_written_back_too(tmp_path, tokenizer):
+    quantization = {**FP8_CONFIG, "weight_block_size": None}
+    source = write_fp8_block(build("qwen3_moe", vocab_size=len(tokenizer)), tmp_path / "fp8", quantization=quantization)
+    tokenizer.save_pretrained(source)
+    assert ModelSource(str(source)).format.key == "fp8-tensor"
+    mask_file = _mask_file(source, tmp_path)
+    mask = ExpertMask.load(mask_file)
+    out = tmp_path / "out"
+    assert main(["apply", str(source), str(mask_file), "--out", str(out)]) == 0
+    src, got = tensors(source), tensors(out)
+    for new, old in enumerate(mask.kept(1)):
+        for part in ("up_proj.weight", "up_proj.weight_scale_inv"):
+            ours = got[f"model.layers.1.mlp.experts.{new}.{part}"]
+            theirs = src[f"model.layers.1.mlp.experts.{old}.{part}"]
+            assert ours.shape == theirs.shape and torch.equal(ours.reshape(-1).view(torch.uint8),
+                                                              theirs.reshape(-1).view(torch.uint8))
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == quantization
+    ids = torch.randint(5, 4000, (2, 16), generator=torch.Generator().manual_seed(0))
+    dense = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    with masked(dense, mask):
+        expected = _logits(dense, ids)
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), ids),
+                               expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_free", [False, True])
+def test_a_layout_moeprune_does_not_write_back_is_refused_with_the_fix(small_fp8, tmp_path, capsys, model_free):
+    """GPTQ (transformers reads it) has no writer here: apply refuses before loading and names --dequantize."""
+    mask = _mask_file(small_fp8, tmp_path)
+    config = json.loads((small_fp8 / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (small_fp8 / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    err = _refused(capsys, ["apply", str(small_fp8), str(mask), "--out", str(out), *(["--model-free"] * model_free)],
+                   out)
+    assert "does not write back in its own format" in err and "--dequantize" in err and len(err.splitlines()) == 1
