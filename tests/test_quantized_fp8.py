@@ -220,3 +220,16 @@ def test_per_tensor_fp8_is_written_back_too(tmp_path, tokenizer):
         expected = _logits(dense, ids)
     torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), ids),
                                expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_free", [False, True])
+def test_a_layout_moeprune_does_not_write_back_is_refused_with_the_fix(small_fp8, tmp_path, capsys, model_free):
+    """GPTQ (transformers reads it) has no writer here: apply refuses before loading and names --dequantize."""
+    mask = _mask_file(small_fp8, tmp_path)
+    config = json.loads((small_fp8 / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (small_fp8 / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    err = _refused(capsys, ["apply", str(small_fp8), str(mask), "--out", str(out), *(["--model-free"] * model_free)],
+                   out)
+    assert "does not write back in its own format" in err and "--dequantize" in err and len(err.splitlines()) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -18,7 +19,8 @@ from moeprune.bundled import bundled_model_path
 from moeprune.errors import MoePruneError
 from moeprune.io import INDEX_FILE, read_config_json, read_weight_map
 from moeprune.models import register as register_ports
-from moeprune.presets import Preset, preset_for
+from moeprune.options import flag, given_flags
+from moeprune.presets import PRESETS, Preset, preset_for
 from moeprune.quant import QuantFormat, check_checkpoint, format_of, header_info
 from moeprune.streaming.layers import DiskLayers
 from moeprune.streaming.memory import Memory, available_memory, gib, should_stream
@@ -478,7 +480,8 @@ class ModelSource:
     """What a verb is given as "the model", resolved once at the door: a path, a hub id, ``bundled`` or a loaded
     module, with how to load it (``dtype``, ``device``, ``trust_remote_code``, ``tokenizer``) and where its weights
     live while the stages run (``stream``: True streams them from disk one decoder layer at a time, False keeps them
-    in memory, None decides from the memory available).
+    in memory, None decides from the memory available); ``preset_name`` picks a preset instead of the one the name
+    implies (``experiment --preset``).
 
     It knows its preset from its name before anything loads, its config (read once), its positions limit and
     whether it is quantized, and loads itself (:meth:`load`, :meth:`load_tokenizer`). Verbs accept a string or a
@@ -486,11 +489,23 @@ class ModelSource:
     """
 
     model: Any
-    dtype: str | torch.dtype = "auto"
-    device: str | None = None
-    trust_remote_code: bool = False
-    tokenizer: Any = None
-    stream: bool | None = None
+    dtype: str | torch.dtype = field(default="auto", metadata=flag(
+        "--dtype", "auto | float32 | bfloat16 | float16 (auto: the checkpoint's dtype; float32 on the CPU)"))
+    device: str | None = field(default=None, metadata=flag(
+        "--device", "cpu, cuda, cuda:1, or auto (spread over all GPUs) (default: the GPU if there is one, spread "
+        "over all visible GPUs when it is too small, else the CPU)"))
+    trust_remote_code: bool = field(default=False, metadata=flag(
+        "--trust-remote-code", "allow the checkpoint's own modeling code", action="store_true"))
+    tokenizer: Any = field(default=None, metadata=flag(
+        "--tokenizer", "tokenizer path or hub id (default: the model's; needed when the model folder has no "
+        "tokenizer files)"))
+    stream: bool | None = field(default=None, metadata=flag(
+        "--stream", "read the weights from the checkpoint's safetensors shards one decoder layer at a time, never the "
+        "whole model in memory (default: only when the model does not fit in the memory available to the process, "
+        "cgroup limits included; --no-stream loads it whole)", action=argparse.BooleanOptionalAction))
+    preset_name: str | None = field(default=None, metadata=flag(
+        "--preset", "paper: wikitext2+c4, 512x1024, B=20/24, six tasks, seeds 0-4,42; bundled: the testbed, fast "
+        "(default: bundled for the testbed, else paper)", dest="preset", choices=tuple(PRESETS)))
     _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -502,6 +517,16 @@ class ModelSource:
                                 f"{type(self.model).__name__}.")
         if isinstance(self.model, Path):
             object.__setattr__(self, "model", str(self.model))
+        if self.preset_name is not None and self.preset_name not in PRESETS:
+            raise MoePruneError(f"Unknown preset {self.preset_name!r}; choose one of: {', '.join(PRESETS)}.")
+        if not isinstance(self.trust_remote_code, bool):
+            raise MoePruneError(f"trust_remote_code must be True or False, not {self.trust_remote_code!r}.")
+        if self.device is not None and not isinstance(self.device, str):
+            object.__setattr__(self, "device", str(self.device))
+        if not isinstance(self.dtype, str | torch.dtype):
+            raise MoePruneError(f"dtype must be a name such as 'bfloat16' or 'auto', not {self.dtype!r}.")
+        if isinstance(self.tokenizer, Path):
+            object.__setattr__(self, "tokenizer", str(self.tokenizer))
 
     @classmethod
     def of(cls, model: Any, **settings: Any) -> ModelSource:
@@ -531,8 +556,9 @@ class ModelSource:
 
     @property
     def preset(self) -> Preset:
-        """The preset of the model's name: known before loading, and the same for the model once loaded."""
-        return preset_for(self.name)
+        """The preset of the model's name (or ``preset_name``): known before loading, and the same for the model
+        once loaded. The one place a verb's preset is decided."""
+        return PRESETS[self.preset_name] if self.preset_name else preset_for(self.name)
 
     @property
     def config(self) -> Any:
@@ -635,6 +661,11 @@ class ModelSource:
     def load_tokenizer(self, model: Any = None) -> Any:
         """The tokenizer (given, or the model's own), checked against ``model``'s embedding when given."""
         return checked_tokenizer(self.tokenizer, model if model is not None else self.model, self.trust_remote_code)
+
+    @classmethod
+    def from_args(cls, args: Any, model: Any = None) -> ModelSource:
+        """The verb's model (``args.model`` unless given) with its loading flags, as the CLI's parser made them."""
+        return cls.of(model if model is not None else args.model, **given_flags(cls, args))
 
     def with_model(self, model: Any) -> ModelSource:
         """The same settings for another model (a loaded copy of this one, a written checkpoint)."""

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from moeprune.errors import MoePruneError
 from moeprune.io import atomic_directory, check_output_dir, read_config_json
 from moeprune.loading import (
+    ModelSource,
     checkpoint_dtype,
     load_config,
     load_model,
@@ -61,14 +62,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def export_pruned(
-    model_or_path: nn.Module | str | Path,
+    model: ModelSource | nn.Module | str | Path,
     mask: ExpertMask | str | Path,
     out_dir: str | Path,
     *,
-    tokenizer: Any = None,
-    dtype: str | torch.dtype = "auto",
-    device: str | None = None,
-    trust_remote_code: bool = False,
     overwrite: bool = False,
     verify: bool = True,
     progress: bool = True,
@@ -77,18 +74,22 @@ def export_pruned(
 ) -> Path:
     """Prune a model to ``mask`` and save it as a checkpoint in ``out_dir``; returns ``out_dir``.
 
-    A model object is pruned only for the duration of the export and restored afterwards; a path or hub
-    id is loaded with ``dtype`` ("auto": the checkpoint's own) on ``device`` (default: the GPU when there
-    is one, see loading.load_model). ``tokenizer`` is a path or a tokenizer object (default: the model's
-    own directory, skipped with a warning when it has none). With ``verify`` the written checkpoint is
+    ``model``: a :class:`~moeprune.loading.ModelSource` (or what :meth:`ModelSource.of` takes). A model object is
+    pruned only for the duration of the export and restored afterwards; a path or hub id is loaded with the
+    source's ``dtype`` ("auto": the checkpoint's own) on its ``device`` (default: the GPU when there is one, see
+    loading.load_model). The source's ``tokenizer`` is a path or a tokenizer object (default: the model's own
+    directory, skipped with a warning when it has none). With ``verify`` the written checkpoint is
     reloaded in the same dtype and placement and its weights and logits compared with the in-memory
     pruned model's (see :class:`Reference`). ``recovery`` (a :class:`moeprune.recovery.Recovery`) replaces the
     tensors its delta names after slicing: the verification then holds the checkpoint to the recovered
     model, and mask.json and the model card record the recovery.
     """
     out = Path(out_dir)
+    given = ModelSource.of(model)
+    model_or_path, tokenizer = given.model, given.tokenizer
+    dtype, device, trust_remote_code = given.dtype, given.device, given.trust_remote_code
     # Fail before the (possibly long) model load: an existing --out, or one overlapping the source.
-    source_path = resolve_model_path(model_or_path) if isinstance(model_or_path, str | Path) else None
+    source_path = None if given.is_loaded else given.name
     check_output_dir(out, sources=[source_path], overwrite=overwrite)
     if not isinstance(mask, ExpertMask):
         mask = ExpertMask.load(mask)

@@ -34,13 +34,13 @@ from tqdm.auto import tqdm
 from moeprune.arch.adapters import spec_for
 from moeprune.errors import MoePruneError
 from moeprune.io import WEIGHT_SUFFIXES, atomic_directory, check_output_dir, read_config_json, read_weight_map
+from moeprune.planning.fit import check_mask_for_checkpoint
 from moeprune.planning.mask import ExpertMask
 from moeprune.quant import QuantFormat, check_checkpoint, describe, dtype_size, header_info, is_writable
 from moeprune.surgery.config_json import with_expert_count, with_pruned_quantization
 from moeprune.surgery.keys import EXPERT_KEY, FUSED_KEY, ROUTER_KEY, sliced_shape
 from moeprune.surgery.model_card import CardInfo, exported_mask, render_model_card
 from moeprune.surgery.shard_checks import check_source, check_written, expected_output
-from moeprune.validation import check_mask_for_checkpoint
 
 INDEX_FILE = "model.safetensors.index.json"
 
