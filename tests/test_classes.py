@@ -143,8 +143,8 @@ def test_c1_experiment_json_has_a_schema(settings, tiny_checkpoint, tmp_path, ca
     out = tmp_path / "grid"
     out.mkdir()
     (out / "experiment.json").write_text(json.dumps(settings))
-    refused(capsys, ["experiment", tiny_checkpoint, "--methods", "reap", "--corpus", "wiki", "--samples", "2",
-                     "--seq-len", "16", "--retain", "0.5", "--tasks", "none", "--ppl", "wiki", "--ppl-windows", "1",
+    refused(capsys, ["experiment", tiny_checkpoint, "--methods", "reap", "--reap-corpus", "none", "--corpus", "wiki",
+                     "--samples", "2", "--seq-len", "16", "--ppl", "wiki", "--ppl-seq-len", "16", "--tasks", "none",
                      "--out", out], "Experiment settings", untouched=(out,))
 
 
@@ -236,7 +236,8 @@ def test_c3_experiment_refuses_someone_elses_folder(tiny_checkpoint, tmp_path, c
     project.mkdir()
     for name in ("report.md", "results.json", "results.csv"):
         (project / name).write_text("mine\n")
-    refused(capsys, ["experiment", tiny_checkpoint, "--methods", "reap", "--corpus", "wiki", "--out", project],
+    refused(capsys, ["experiment", tiny_checkpoint, "--methods", "reap", "--reap-corpus", "none", "--corpus", "wiki",
+                     "--seq-len", "16", "--ppl-seq-len", "16", "--tasks", "none", "--out", project],
             "did not make", untouched=(project,))
 
 
@@ -482,7 +483,8 @@ def test_c7_a_diverged_recovery_is_blamed_on_its_settings(tiny_checkpoint, mask_
 
     loaded = load_model(tiny_checkpoint, device="cpu")
     monkeypatch.setattr(recovery, "train_routers", lambda *a, **k: ({"w": torch.tensor([float("nan")])}, {}))
-    options = recovery.RecoveryOptions(kind="router-kd", corpora=("wiki",))
+    options = recovery.RecoveryOptions(kind="router-kd", corpora=("wiki",), samples=1, seq_len=4, epochs=1, lr=1e-3,
+                                       batch_size=1)
     with pytest.raises(MoePruneError, match="diverged.*--recover-lr"):
         recovery.recover(loaded, ExpertMask.load(mask_file), options, windows={"wiki": torch.zeros(1, 4).long()},
                          teacher=object(), progress=False)
