@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from moeprune import api
+from moeprune.loading import ModelSource
 from moeprune.profiling.stats import SUM_FIELDS
 from tests.quantized_checkpoints import build, build_gpt_oss, write_compressed_tensors, write_fp8_block, write_mxfp4
 
@@ -27,9 +28,10 @@ def test_streamed_profile_of_a_quantized_checkpoint_equals_in_memory(kind, tmp_p
     source = _write(kind, tmp_path / kind, len(tokenizer))
     tokenizer.save_pretrained(source)
     corpora = [f"notes={text_corpus}"]
-    kwargs = dict(samples=4, seq_len=16, batch_size=2, progress=False, device="cpu")
-    streamed = api.profile(str(source), corpora, tmp_path / "s", stream=True, **kwargs).corpora["notes"]
-    plain = api.profile(str(source), corpora, tmp_path / "p", stream=False, **kwargs).corpora["notes"]
+    kwargs = dict(calibration={"samples": 4, "seq_len": 16, "batch_size": 2}, progress=False)
+    model = ModelSource.of(str(source), device="cpu")
+    streamed = api.profile(model, corpora, tmp_path / "s", stream=True, **kwargs).corpora["notes"]
+    plain = api.profile(model, corpora, tmp_path / "p", stream=False, **kwargs).corpora["notes"]
     assert streamed.meta.get("stream") is True and streamed.count.sum() > 0
     assert torch.equal(streamed.count, plain.count)
     for name in SUM_FIELDS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -13,11 +14,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from moeprune.arch.adapters import check_routing_counts
 from moeprune.bundled import bundled_model_path
 from moeprune.errors import MoePruneError
 from moeprune.io import INDEX_FILE, read_config_json, read_weight_map
 from moeprune.models import register as register_ports
-from moeprune.presets import Preset, preset_for
+from moeprune.options import flag, given_flags
+from moeprune.presets import PRESETS, Preset, preset_for
 from moeprune.quant import QuantFormat, check_checkpoint, format_of, header_info
 from moeprune.streaming.layers import DiskLayers
 from moeprune.streaming.memory import Memory, available_memory, gib, should_stream
@@ -70,7 +73,7 @@ def load_config(model: str | Path, trust_remote_code: bool = False):
     register_ports()
     path = resolve_model_path(model)
     try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as err:
         if "trust_remote_code" in str(err):
             raise MoePruneError(
@@ -82,6 +85,8 @@ def load_config(model: str | Path, trust_remote_code: bool = False):
             f"Cannot load model {path!r}: not a local directory with config.json, and the hub is unreachable or "
             f"has no such repo ({err.__class__.__name__}). Pass a local checkout path instead."
         ) from err
+    check_routing_counts(config)  # top-k 0 or above the expert count: a broken config, named before any work
+    return config
 
 
 def load_model(
@@ -142,7 +147,26 @@ def load_model(
         )
     loaded.eval()
     loaded.name_or_path = path
+    check_finite_weights(loaded, path)
     return loaded
+
+
+FINITE_CHUNK = 1 << 24  # elements checked per step, so the check needs little extra memory on any device
+
+
+def check_finite_weights(model: torch.nn.Module, source: Any = None) -> None:
+    """Every floating-point weight is finite: a NaN or inf weight is a broken checkpoint, named as such (with the
+    tensor) before it turns into NaN statistics, a NaN perplexity or a failed verification blamed on moeprune."""
+    for name, param in model.named_parameters():
+        if param.device.type == "meta" or not param.is_floating_point():
+            continue
+        for chunk in param.detach().reshape(-1).split(FINITE_CHUNK):
+            if not bool(torch.isfinite(chunk).all()):
+                where = f" of {source}" if source is not None else ""
+                raise MoePruneError(
+                    f"The weight {name}{where} holds NaN or infinite values: the checkpoint is broken (a bad save, "
+                    "download or conversion), not something moeprune can prune or score. Re-download or repair it."
+                )
 
 
 def choose_device_map(config, dtype: torch.dtype | str, device: str | None,
@@ -295,6 +319,7 @@ def checked_model(model: Any, dtype: str = "auto", device: str | None = None, tr
     """``model`` itself when it is loaded already; else :func:`load_model` after the device and the
     checkpoint's files are checked (a truncated download is one line, not a safetensors traceback)."""
     if isinstance(model, torch.nn.Module):
+        check_finite_weights(model, model_name(model))
         return model
     check_device(device)
     check_checkpoint_files(model)
@@ -309,6 +334,9 @@ def checked_tokenizer(tokenizer: Any, model: Any, trust_remote_code: bool = Fals
         check_tokenizer_source(str(source), None)
         return check_tokenizer(load_tokenizer(source, trust_remote_code), source, model)
     return check_tokenizer(tokenizer, "the given tokenizer", model)
+
+
+RUN_DEVICES = ("cpu", "cuda", "mps")
 
 
 def check_device(device: str | None) -> None:
@@ -328,6 +356,10 @@ def check_device(device: str | None) -> None:
             )
     elif parsed.type == "mps" and not torch.backends.mps.is_available():
         raise MoePruneError(f"--device {device}: MPS is not available here; use --device cpu.")
+    elif parsed.type not in RUN_DEVICES:
+        # meta holds no data (every result would be empty or a crash); others are not devices moeprune runs on.
+        raise MoePruneError(f"--device {device}: moeprune computes on {', '.join(RUN_DEVICES)} only; use --device "
+                            "cpu or cuda.")
 
 
 def check_checkpoint_files(model: Any) -> None:
@@ -448,7 +480,8 @@ class ModelSource:
     """What a verb is given as "the model", resolved once at the door: a path, a hub id, ``bundled`` or a loaded
     module, with how to load it (``dtype``, ``device``, ``trust_remote_code``, ``tokenizer``) and where its weights
     live while the stages run (``stream``: True streams them from disk one decoder layer at a time, False keeps them
-    in memory, None decides from the memory available).
+    in memory, None decides from the memory available); ``preset_name`` picks a preset instead of the one the name
+    implies (``experiment --preset``).
 
     It knows its preset from its name before anything loads, its config (read once), its positions limit and
     whether it is quantized, and loads itself (:meth:`load`, :meth:`load_tokenizer`). Verbs accept a string or a
@@ -456,11 +489,23 @@ class ModelSource:
     """
 
     model: Any
-    dtype: str | torch.dtype = "auto"
-    device: str | None = None
-    trust_remote_code: bool = False
-    tokenizer: Any = None
-    stream: bool | None = None
+    dtype: str | torch.dtype = field(default="auto", metadata=flag(
+        "--dtype", "auto | float32 | bfloat16 | float16 (auto: the checkpoint's dtype; float32 on the CPU)"))
+    device: str | None = field(default=None, metadata=flag(
+        "--device", "cpu, cuda, cuda:1, or auto (spread over all GPUs) (default: the GPU if there is one, spread "
+        "over all visible GPUs when it is too small, else the CPU)"))
+    trust_remote_code: bool = field(default=False, metadata=flag(
+        "--trust-remote-code", "allow the checkpoint's own modeling code", action="store_true"))
+    tokenizer: Any = field(default=None, metadata=flag(
+        "--tokenizer", "tokenizer path or hub id (default: the model's; needed when the model folder has no "
+        "tokenizer files)"))
+    stream: bool | None = field(default=None, metadata=flag(
+        "--stream", "read the weights from the checkpoint's safetensors shards one decoder layer at a time, never the "
+        "whole model in memory (default: only when the model does not fit in the memory available to the process, "
+        "cgroup limits included; --no-stream loads it whole)", action=argparse.BooleanOptionalAction))
+    preset_name: str | None = field(default=None, metadata=flag(
+        "--preset", "paper: wikitext2+c4, 512x1024, B=20/24, six tasks, seeds 0-4,42; bundled: the testbed, fast "
+        "(default: bundled for the testbed, else paper)", dest="preset", choices=tuple(PRESETS)))
     _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -472,6 +517,16 @@ class ModelSource:
                                 f"{type(self.model).__name__}.")
         if isinstance(self.model, Path):
             object.__setattr__(self, "model", str(self.model))
+        if self.preset_name is not None and self.preset_name not in PRESETS:
+            raise MoePruneError(f"Unknown preset {self.preset_name!r}; choose one of: {', '.join(PRESETS)}.")
+        if not isinstance(self.trust_remote_code, bool):
+            raise MoePruneError(f"trust_remote_code must be True or False, not {self.trust_remote_code!r}.")
+        if self.device is not None and not isinstance(self.device, str):
+            object.__setattr__(self, "device", str(self.device))
+        if not isinstance(self.dtype, str | torch.dtype):
+            raise MoePruneError(f"dtype must be a name such as 'bfloat16' or 'auto', not {self.dtype!r}.")
+        if isinstance(self.tokenizer, Path):
+            object.__setattr__(self, "tokenizer", str(self.tokenizer))
 
     @classmethod
     def of(cls, model: Any, **settings: Any) -> ModelSource:
@@ -501,8 +556,9 @@ class ModelSource:
 
     @property
     def preset(self) -> Preset:
-        """The preset of the model's name: known before loading, and the same for the model once loaded."""
-        return preset_for(self.name)
+        """The preset of the model's name (or ``preset_name``): known before loading, and the same for the model
+        once loaded. The one place a verb's preset is decided."""
+        return PRESETS[self.preset_name] if self.preset_name else preset_for(self.name)
 
     @property
     def config(self) -> Any:
@@ -605,6 +661,11 @@ class ModelSource:
     def load_tokenizer(self, model: Any = None) -> Any:
         """The tokenizer (given, or the model's own), checked against ``model``'s embedding when given."""
         return checked_tokenizer(self.tokenizer, model if model is not None else self.model, self.trust_remote_code)
+
+    @classmethod
+    def from_args(cls, args: Any, model: Any = None) -> ModelSource:
+        """The verb's model (``args.model`` unless given) with its loading flags, as the CLI's parser made them."""
+        return cls.of(model if model is not None else args.model, **given_flags(cls, args))
 
     def with_model(self, model: Any) -> ModelSource:
         """The same settings for another model (a loaded copy of this one, a written checkpoint)."""

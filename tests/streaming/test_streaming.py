@@ -15,7 +15,8 @@ from moeprune import api
 from moeprune.cli import main
 from moeprune.errors import MoePruneError
 from moeprune.loading import ModelSource
-from moeprune.profiling.runner import ProfileSettings, profile_windows
+from moeprune.options import Calibration
+from moeprune.profiling.runner import profile_windows
 from moeprune.profiling.sequential import profile_windows_layer_major
 from moeprune.profiling.stats import SUM_FIELDS
 from moeprune.streaming import layers as stream_layers
@@ -50,7 +51,7 @@ def _windows(vocab: int, n: int = 5, length: int = 12) -> torch.Tensor:
 def test_streamed_profile_and_logits_equal_in_memory(arch, tmp_path):
     model = _saved(arch, tmp_path / arch)
     windows = _windows(model.config.vocab_size)
-    plain = profile_windows(model, windows, ProfileSettings(batch_size=2), {}, progress=False)
+    plain = profile_windows(model, windows, Calibration(batch_size=2, checkpoint_every=16), {}, progress=False)
     streamed = profile_windows_layer_major(DiskLayers(tmp_path / arch, model.config, torch.float32), windows, 2, {},
                                            progress=False)
     assert streamed.count.sum() > 0 and torch.equal(streamed.count, plain.count)
@@ -87,9 +88,10 @@ def test_at_most_two_layers_are_materialized_at_once(tmp_path, monkeypatch):
 
 def test_api_profile_streamed_equals_in_memory(tiny_checkpoint, text_corpus, tmp_path):
     corpora = [f"notes={text_corpus}"]
-    kwargs = dict(samples=6, seq_len=16, batch_size=4, progress=False, device="cpu")
-    streamed = api.profile(str(tiny_checkpoint), corpora, tmp_path / "s", stream=True, **kwargs)
-    plain = api.profile(str(tiny_checkpoint), corpora, tmp_path / "p", stream=False, **kwargs)
+    kwargs = dict(calibration={"samples": 6, "seq_len": 16, "batch_size": 4}, progress=False)
+    model = ModelSource.of(str(tiny_checkpoint), device="cpu")
+    streamed = api.profile(model, corpora, tmp_path / "s", stream=True, **kwargs)
+    plain = api.profile(model, corpora, tmp_path / "p", stream=False, **kwargs)
     a, b = streamed.corpora["notes"], plain.corpora["notes"]
     assert a.meta.get("stream") is True and "stream" not in b.meta
     assert torch.equal(a.count, b.count)

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from moeprune.arch.view import moe_layers
 from moeprune.errors import MoePruneError
-from moeprune.loading import load_model
+from moeprune.loading import ModelSource, load_model
 from moeprune.planning.mask import ExpertMask
 from moeprune.surgery import apply_mask, export_pruned
 from tests.tiny_models import ARCH_NAMES, build_model, save_model
@@ -34,7 +34,8 @@ def sources(tmp_path_factory):
 
 
 def _export(arch: str, source: Path, mask: ExpertMask, out: Path, **kwargs) -> Path:
-    return export_pruned(source, mask, out, trust_remote_code=arch == "deepseek", progress=False, **kwargs)
+    return export_pruned(ModelSource.of(source, trust_remote_code=arch == "deepseek"), mask, out, progress=False,
+                         **kwargs)
 
 
 def _reload(arch: str, path: Path):

@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
+from moeprune.errors import MoePruneError
 from moeprune.evaluation import compare_footprints, evaluate, footprint
 from moeprune.evaluation.zeroshot import COMMON_TASKS, expand_tasks
 from moeprune.io import check_output_file, write_json_atomic
-from moeprune.loading import checked_model, checked_tokenizer, model_name
+from moeprune.loading import ModelSource, model_name
 from moeprune.options import EvalSettings
 from moeprune.planning.mask import ExpertMask
-from moeprune.presets import PPL_SEQ_LEN_CAP, preset_for
 from moeprune.surgery import masked
 from moeprune.surgery.delta import apply_delta
 
@@ -35,15 +35,6 @@ def resolve_tasks(tasks: str | Sequence[str] | None) -> list[str]:
     if not names or all(n.strip().lower() in NO_TASKS for n in names):
         return []
     return expand_tasks([n for n in names if n.strip().lower() not in NO_TASKS])
-
-
-def default_seq_len(model: torch.nn.Module, seq_len: int | None) -> int:
-    """An explicit ``seq_len`` is kept (perplexity refuses one beyond max positions, with the fix);
-    ``None`` means min(2048, max_position_embeddings)."""
-    if seq_len is not None:
-        return int(seq_len)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    return min(PPL_SEQ_LEN_CAP, int(limit)) if isinstance(limit, int) and limit > 1 else PPL_SEQ_LEN_CAP
 
 
 def mask_record(mask: ExpertMask, path: str | Path | None = None) -> dict[str, Any]:
@@ -65,28 +56,22 @@ def mask_record(mask: ExpertMask, path: str | Path | None = None) -> dict[str, A
 
 
 def evaluate_model(
-    model: str | Path | torch.nn.Module,
+    model: ModelSource | str | Path | torch.nn.Module,
     *,
+    settings: EvalSettings,
     mask: ExpertMask | str | Path | None = None,
-    settings: EvalSettings | None = None,
-    dtype: str = "auto",
-    device: str | None = None,
-    trust_remote_code: bool = False,
     out: str | Path | None = None,
-    tokenizer: Any = None,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Perplexity and zero-shot accuracy of ``model`` (a path, hub id, "bundled" or a loaded model), under
-    ``mask`` when given; the result (with a ``summary``) is written atomically to ``out`` when given.
-
-    ``settings=None``: the model's preset (:meth:`EvalSettings.from_preset`): the six bundled domains, their
-    256-token windows and the held-out tasks for the bundled testbed; wikitext2, c4 and the six tasks of Common
-    Avg otherwise."""
-    settings = settings if settings is not None else EvalSettings.from_preset(preset_for(model))
+    """Perplexity and zero-shot accuracy of ``model`` (a model source, or what :meth:`ModelSource.of` takes),
+    under ``mask`` when given, with resolved ``settings`` (``EvalSettings(...).resolved(source)``: the api does
+    it); the result (with a ``summary``) is written atomically to ``out`` when given."""
+    source = ModelSource.of(model)
     if out is not None:
-        check_output_file(out)  # an unwritable --out fails now, not after the evaluation
-    loaded = checked_model(model, dtype, device, trust_remote_code)
-    tok = checked_tokenizer(tokenizer, loaded, trust_remote_code)
+        check_output_file(out, overwrite=overwrite)  # an unwritable --out fails now, not after the evaluation
+    loaded = source.load()
+    tok = source.load_tokenizer(loaded)
     mask_path = None if mask is None or isinstance(mask, ExpertMask) else mask
     if mask_path is not None:
         mask = ExpertMask.load(mask_path)
@@ -97,7 +82,7 @@ def evaluate_model(
         mask=mask,
         mask_path=mask_path,
         progress=progress,
-        metadata={"model": str(model) if isinstance(model, (str, Path)) else model_name(loaded)},
+        metadata={"model": model_name(loaded) if source.is_loaded else str(source.model)},
     )
     if out is not None:
         write_json_atomic(out, results)
@@ -116,27 +101,20 @@ def evaluate_loaded(
     metadata: Mapping[str, Any] | None = None,
     delta: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """One evaluation of an already loaded model, dense or under ``mask`` (restored afterwards); ``delta``
-    (a recovery's replacement tensors) is applied inside the mask."""
+    """One evaluation of an already loaded model, dense or under ``mask`` (restored afterwards), with resolved
+    ``settings``; ``delta`` (a recovery's replacement tensors) is applied inside the mask."""
+    if settings.ppl_datasets is None or settings.ppl_seq_len is None or settings.tasks is None:
+        raise MoePruneError("evaluate_loaded takes resolved settings: EvalSettings(...).resolved(source).")
     # Measured before masking: masked() slices in place, so footprint() inside it is the pruned size.
     dense = dense_footprint or footprint(model)
-    kwargs = {
-        "ppl_datasets": tuple(settings.ppl_datasets),
-        "seq_len": default_seq_len(model, settings.ppl_seq_len),
-        "ppl_sources": settings.ppl_sources or None,
-        "max_windows": settings.max_windows,
-        "tasks": resolve_tasks(settings.tasks),
-        "limit": settings.limit,
-        "batch_size": settings.eval_batch_size,
-        "progress": progress,
-        "metadata": dict(metadata or {}),
-    }
+    meta = dict(metadata or {})
+    tasks = resolve_tasks(settings.tasks)
     if mask is None:
-        results = evaluate(model, tokenizer, **kwargs)
+        results = evaluate(model, tokenizer, settings, tasks=tasks, progress=progress, metadata=meta)
     else:
         with masked(model, mask):
             apply_delta(model, dict(delta or {}))
-            results = evaluate(model, tokenizer, **kwargs)
+            results = evaluate(model, tokenizer, settings, tasks=tasks, progress=progress, metadata=meta)
     results["mask"] = None if mask is None else mask_record(mask, mask_path)
     results["footprint_vs_dense"] = compare_footprints(dense, results["footprint"])
     results["summary"] = summarise(results)

@@ -80,7 +80,7 @@ def eval_batch_size(value: int | str) -> int | str:
     """A positive integer, ``auto`` (lm-eval finds the largest batch that fits) or ``auto:N`` (it looks
     again N times per task as the inputs get shorter); integers given as text become ints."""
     text = str(value).strip().lower()
-    if text.isdigit() and int(text) > 0:
+    if re.fullmatch(r"[0-9]+", text) and int(text) > 0:  # ASCII digits: "²".isdigit() is true, int() fails
         return int(text)
     if _AUTO_BATCH.fullmatch(text):
         return text
@@ -110,6 +110,20 @@ def _reused(key: tuple, build: Callable[[], Any]) -> Any:
     if key not in _REUSED:
         _REUSED[key] = build()
     return _REUSED[key]
+
+
+def check_tasks(names: Sequence[str], include_path: str | Path | Sequence[str | Path] | None = None) -> None:
+    """Every task is one lm-eval (with moeprune's own task folder) knows: an unknown --tasks name is refused before
+    the model loads, not after the perplexity ran."""
+    from lm_eval.tasks import TaskManager
+
+    include = _include_paths(include_path)
+    manager = _reused(("manager", *include), lambda: TaskManager(include_path=include))
+    known = set(manager.all_tasks)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise MoePruneError(f"Unknown lm-eval task(s) {unknown}; use lm-eval task names (lm-eval ls tasks) or the "
+                            f"presets {', '.join(TASK_PRESETS)}, or --tasks none.")
 
 
 def expand_tasks(tasks: str | Sequence[str]) -> list[str]:

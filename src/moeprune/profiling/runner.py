@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,17 @@ from moeprune.arch.view import moe_layers, top_k_of
 from moeprune.data.corpora import CorpusSpec, corpus_fingerprint
 from moeprune.data.sampling import calibration_windows
 from moeprune.errors import MoePruneError
-from moeprune.io import checkpoint_fingerprint, output_lock, remove_orphan_temp_files
+from moeprune.io import (
+    check_own_folder,
+    checkpoint_fingerprint,
+    foreign_entry,
+    make_dirs,
+    output_lock,
+    output_root,
+    remove_orphan_temp_files,
+)
 from moeprune.loading import config_hash, model_name, resolve_model_path
+from moeprune.options import Calibration, fit_window
 from moeprune.profiling.instrument import StatsRecorder
 from moeprune.profiling.sequential import profile_windows_layer_major, profile_windows_sequential
 from moeprune.profiling.stats import ExpertStats, Profile, check_one_model, finished_corpora
@@ -36,24 +45,17 @@ from moeprune.streaming.layers import DiskLayers
 # Metadata that must match for a saved corpus profile (or checkpoint) to be reused: everything that changes
 # the windows (the tokenizer and a local corpus file's content included). The batch size does not: a
 # checkpoint records the windows done, so a run resumed with another --batch-size continues at the next one.
+# The dtype the model ran in too: a bf16 profile is not "already profiled" for a float32 run (issue 27).
 IDENTITY_KEYS = ("config_hash", "weights_sha256", "tokenizer_sha256", "corpus", "corpus_sha256", "samples_requested",
-                 "seq_len", "seed")
+                 "seq_len", "seed", "dtype")
 
 
-@dataclass
-class ProfileSettings:
-    num_samples: int = 512
-    seq_len: int = 1024
-    batch_size: int = 4
-    seed: int = 0
-    checkpoint_every: int = 16  # batches between partial-sum checkpoints
-    # Run one decoder layer at a time on this device, weights kept on the CPU (see profiling.sequential).
-    sequential_device: str | None = None
+SEQUENTIAL_ONE_PROCESS = "Layer-sequential profiling runs in one process; drop --sequential or torchrun."
 
-    def validate(self) -> None:
-        for name in ("num_samples", "seq_len", "batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise MoePruneError(f"{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)}).")
+
+def is_distributed() -> bool:
+    """Whether this process is one rank of several (torchrun)."""
+    return _rank_world()[1] > 1
 
 
 def model_meta(model) -> dict[str, Any]:
@@ -66,6 +68,7 @@ def model_meta(model) -> dict[str, Any]:
         "model_type": getattr(config, "model_type", None),
         "config_hash": config_hash(config),
         "weights_sha256": weights_fingerprint(model),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "num_experts": layers[0].num_experts,
         "top_k": top_k_of(model),
         "moe_layers": [layer.index for layer in layers],
@@ -79,39 +82,50 @@ def profile_model(
     tokenizer,
     corpora: list[CorpusSpec],
     out_dir: str | Path,
-    settings: ProfileSettings | None = None,
+    settings: Calibration,
     progress: bool = True,
+    sequential_device: str | None = None,
 ) -> Profile:
-    """Profile ``model`` on every corpus into ``out_dir``; finished corpora are reused, not recomputed.
+    """Profile ``model`` on every corpus into ``out_dir`` with the resolved ``settings`` (samples, seq_len,
+    batch_size, seed, checkpoint_every); finished corpora are reused, not recomputed. ``sequential_device``:
+    run one decoder layer at a time there, the weights kept on the CPU (see profiling.sequential). ``out_dir`` is
+    new, empty or a profile folder (never someone else's), and an output root: no folder below it is written
+    through a link.
 
     ``model`` is a loaded model, or a :class:`~moeprune.streaming.layers.DiskLayers` (its meta skeleton with the
     reader of its checkpoint): the weights are then streamed from disk one decoder layer at a time."""
     stream = model if isinstance(model, DiskLayers) else None
     model = stream.model if stream is not None else model
-    settings = settings or ProfileSettings()
-    settings.validate()
+    if settings.samples is None or settings.seq_len is None:
+        raise MoePruneError("profile_model takes resolved calibration settings: Calibration(...).resolved(source).")
     out_dir = Path(out_dir)
+    check_own_folder(out_dir, foreign_entry, "profile")
+    with output_root(out_dir):
+        return _profile_model(model, stream, tokenizer, corpora, out_dir, settings, progress, sequential_device)
+
+
+def _profile_model(model: Any, stream: DiskLayers | None, tokenizer: Any, corpora: list[CorpusSpec], out_dir: Path,
+                   settings: Calibration, progress: bool, sequential_device: str | None) -> Profile:
     if len({spec.name for spec in corpora}) != len(corpora):
         raise MoePruneError("Two corpora share a name; name them with NAME=SPEC.")
-    base_meta = {**model_meta(model), **_library_versions(), "settings": asdict(settings)}
+    recorded = {k: v for k, v in asdict(settings).items() if k != "corpora"}
+    base_meta = {**model_meta(model), **_library_versions(), "settings": recorded}
     base_meta["tokenizer_sha256"] = tokenizer_fingerprint(tokenizer)
+    if out_dir.exists() or out_dir.is_symlink():
+        make_dirs(out_dir)  # below an experiment's --out: a linked profile folder is refused before it is read
     check_one_model(out_dir, base_meta["config_hash"], base_meta["weights_sha256"])
     if _is_rank0() and out_dir.is_dir():
         for path in remove_orphan_temp_files(out_dir):  # profile folders have no lock: only dead writers' files
             _log(progress, f"removed {path.name}, left by a killed profiling run")
     limit = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and limit > 1 and settings.seq_len > limit:
-        raise MoePruneError(
-            f"--seq-len {settings.seq_len} exceeds the model's max_position_embeddings={limit}; pass --seq-len "
-            f"{limit} or less."
-        )
+    fit_window(settings.seq_len, limit if isinstance(limit, int) and limit > 1 else None, "--seq-len")
     for spec in corpora:
         path = out_dir / f"{spec.name}.safetensors"
         wanted = _identity(base_meta, spec, settings)
         if spec.name in finished_corpora(out_dir) and _matches(ExpertStats.load(path).meta, wanted):
             _log(progress, f"corpus {spec.name}: already profiled in {path}, skipping")
             continue
-        windows = calibration_windows(spec, tokenizer, settings.num_samples, settings.seq_len, settings.seed)
+        windows = calibration_windows(spec, tokenizer, settings.samples, settings.seq_len, settings.seed)
         meta = {**base_meta, **wanted, "samples": int(windows.shape[0]), "tokens": int(windows.numel())}
         if stream is not None:
             rank, world = _rank_world()
@@ -119,15 +133,25 @@ def profile_model(
                 stream, windows, settings.batch_size, meta, progress and rank == 0,
                 f"profile {spec.name} (streamed from disk)", rank, world))
             stats.meta["stream"] = True
-        elif settings.sequential_device is not None:
-            stats = _sequential(model, windows, settings, meta, progress, f"profile {spec.name} (layer by layer)")
+        elif sequential_device is not None:
+            stats = _sequential(model, windows, settings.batch_size, sequential_device, meta, progress,
+                                f"profile {spec.name} (layer by layer)")
         else:
             partial = out_dir / f"{spec.name}.partial.safetensors"
             stats = profile_windows(model, windows, settings, meta, partial, progress, f"profile {spec.name}")
+        problem = stats.problem()
+        if problem and "NaN" in problem:
+            # The model's own outputs (finite weights, checked at load): an overflow in this dtype. Nothing is saved:
+            # the profile would only be refused on load and blamed on its file.
+            raise MoePruneError(
+                f"Profiling {spec.name} gave invalid statistics ({problem}): the model's expert outputs are NaN or "
+                "overflow (weights holding NaN/inf, or activations beyond this dtype's range: try --dtype float32); "
+                "nothing was saved for this corpus."
+            )
         if _is_rank0():
             # Checked again under the folder's lock: a run of another model that finished meanwhile is not
             # silently replaced or mixed with (two profiles started together into one new folder).
-            out_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(out_dir)
             with output_lock(out_dir / "corpora"):
                 check_one_model(out_dir, base_meta["config_hash"], base_meta["weights_sha256"])
                 stats.meta["finished_at"] = time.time()
@@ -141,7 +165,7 @@ def profile_model(
 def profile_windows(
     model,
     windows: torch.Tensor,
-    settings: ProfileSettings,
+    settings: Calibration,
     meta: dict[str, Any],
     partial_path: Path | None = None,
     progress: bool = True,
@@ -174,12 +198,10 @@ def profile_windows(
     return total
 
 
-def _sequential(model, windows, settings: ProfileSettings, meta, progress: bool, desc: str) -> ExpertStats:
-    if _rank_world()[1] > 1:
-        raise MoePruneError("Layer-sequential profiling runs in one process; drop --sequential or torchrun.")
-    return profile_windows_sequential(
-        model, windows, settings.batch_size, meta, settings.sequential_device, progress=progress, desc=desc
-    )
+def _sequential(model, windows, batch_size: int, device: str, meta, progress: bool, desc: str) -> ExpertStats:
+    if is_distributed():
+        raise MoePruneError(SEQUENTIAL_ONE_PROCESS)
+    return profile_windows_sequential(model, windows, batch_size, meta, device, progress=progress, desc=desc)
 
 
 def _resume(partial_path: Path | None, meta: dict[str, Any], layers) -> tuple[ExpertStats, int]:
@@ -211,14 +233,15 @@ def weights_fingerprint(model: Any) -> str | None:
     return checkpoint_fingerprint(resolve_model_path(name)) if name else None
 
 
-def _identity(base_meta: dict[str, Any], spec: CorpusSpec, settings: ProfileSettings) -> dict[str, Any]:
+def _identity(base_meta: dict[str, Any], spec: CorpusSpec, settings: Calibration) -> dict[str, Any]:
     return {
         "config_hash": base_meta["config_hash"],
         "weights_sha256": base_meta["weights_sha256"],
         "tokenizer_sha256": base_meta["tokenizer_sha256"],
+        "dtype": base_meta["dtype"],
         "corpus": spec.describe(),
         "corpus_sha256": corpus_fingerprint(spec),
-        "samples_requested": settings.num_samples,
+        "samples_requested": settings.samples,
         "seq_len": settings.seq_len,
         "seed": settings.seed,
         "world_size": _rank_world()[1],

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeprune.data.corpora import parse_corpus
+from moeprune.data.corpora import is_builtin_corpus, parse_corpus
 from moeprune.data.sampling import calibration_windows
 from moeprune.errors import MoePruneError
+from moeprune.io import terminal_safe
 from moeprune.loading import load_tokenizer, model_name
 from moeprune.planning.mask import ExpertMask
 from moeprune.recovery.merge import merge_delta, merge_supported
@@ -62,7 +63,9 @@ log = logging.getLogger(__name__)
 
 
 def recovery_corpora(options: RecoveryOptions, mask: ExpertMask | None) -> list[str]:
-    """``options.corpora``, else the corpora the mask was profiled on (its ``extra["corpora"]``)."""
+    """``options.corpora``, else the corpora the mask was profiled on (its ``extra["corpora"]``), but only the
+    built-in ones: a mask is a record from someone else, and a local file or hub dataset it names is read only
+    when the user names it (``--recover-corpus``). (prune and experiment pass their own corpora explicitly.)"""
     if options.corpora:
         return list(options.corpora)
     recorded = list((mask.extra.get("corpora") if mask is not None else None) or [])
@@ -71,12 +74,20 @@ def recovery_corpora(options: RecoveryOptions, mask: ExpertMask | None) -> list[
             "Recovery needs calibration text and the mask records no profiled corpora; pass --recover-corpus "
             "(e.g. --recover-corpus wikitext2 --recover-corpus c4)."
         )
+    for spec in recorded:
+        if not is_builtin_corpus(spec):
+            raise MoePruneError(
+                f"The mask records the profiled corpus {terminal_safe(spec)[:120]!r}, which is not a built-in corpus; "
+                "recovery reads a file or dataset a mask names only when you name it too: pass --recover-corpus "
+                "for each calibration corpus."
+            )
     return recorded
 
 
 def calibration_set(tokenizer: Any, corpora: Sequence[str], options: RecoveryOptions) -> dict[str, torch.Tensor]:
     """{corpus: windows [n, seq_len]}: ``options.samples`` windows in all, split evenly over the corpora, from
     each corpus's train split, sampled with ``options.data_seed`` (not the profiling seed)."""
+    options.require_resolved()
     out: dict[str, torch.Tensor] = {}
     share, extra = divmod(options.samples, len(corpora))
     for i, spec_text in enumerate(corpora):
@@ -109,7 +120,8 @@ def recover(
     precomputed :class:`~moeprune.recovery.router_kd.TeacherTargets` for those windows (a grid reuses them
     for every mask). The model is left exactly as it was."""
     if not options.active:
-        return Recovery({}, {"kind": NONE})
+        return Recovery({}, {"kind": NONE, "mask": mask.identity})
+    options.require_resolved()
     check_prunes([options.kind], mask.kept_per_layer, mask.num_experts, "the mask")
     if windows is None:
         if tokenizer is None:
@@ -117,6 +129,7 @@ def recover(
         windows = calibration_set(tokenizer, recovery_corpora(options, mask), options)
     record: dict[str, Any] = {
         "kind": options.kind,
+        "mask": mask.identity,  # what the delta was trained for: apply refuses it for any other mask
         "settings": options.to_json(),
         "corpora": {name: list(w.shape) for name, w in windows.items()},
     }
@@ -132,6 +145,12 @@ def recover(
             apply_delta(model, delta)
             trained, record["router_kd"] = train_routers(model, targets, options, progress)
         delta = {**delta, **trained}
+    diverged = sorted(name for name, t in delta.items() if t.is_floating_point() and not torch.isfinite(t).all())
+    if diverged:  # never exported, evaluated or cached: blamed on the settings that made it
+        raise MoePruneError(
+            f"Recovery {options.kind} diverged: {diverged[0]} holds NaN or infinite values after training. Lower "
+            f"--recover-lr (now {options.lr}) or use fewer --recover-epochs."
+        )
     return Recovery(delta, record)
 
 

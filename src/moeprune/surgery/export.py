@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from moeprune.errors import MoePruneError
 from moeprune.io import atomic_directory, check_output_dir, read_config_json
 from moeprune.loading import (
+    ModelSource,
     checkpoint_dtype,
     load_config,
     load_model,
@@ -39,7 +40,7 @@ from moeprune.planning.mask import ExpertMask
 from moeprune.quant import QuantFormat, checkpoint_bytes, describe
 from moeprune.surgery.config_json import pruned_config_json, source_config_json, without_quantization
 from moeprune.surgery.delta import Recovery, apply_delta
-from moeprune.surgery.model_card import CardInfo, render_model_card
+from moeprune.surgery.model_card import CardInfo, exported_mask, render_model_card
 from moeprune.surgery.shards import check_quantized_source, pruned_config, write_pruned_tensors
 from moeprune.surgery.slicing import apply_mask, count_parameters, masked
 from moeprune.surgery.tokenizer_files import write_tokenizer
@@ -61,14 +62,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def export_pruned(
-    model_or_path: nn.Module | str | Path,
+    model: ModelSource | nn.Module | str | Path,
     mask: ExpertMask | str | Path,
     out_dir: str | Path,
     *,
-    tokenizer: Any = None,
-    dtype: str | torch.dtype = "auto",
-    device: str | None = None,
-    trust_remote_code: bool = False,
     overwrite: bool = False,
     verify: bool = True,
     progress: bool = True,
@@ -77,26 +74,30 @@ def export_pruned(
 ) -> Path:
     """Prune a model to ``mask`` and save it as a checkpoint in ``out_dir``; returns ``out_dir``.
 
-    A model object is pruned only for the duration of the export and restored afterwards; a path or hub
-    id is loaded with ``dtype`` ("auto": the checkpoint's own) on ``device`` (default: the GPU when there
-    is one, see loading.load_model). ``tokenizer`` is a path or a tokenizer object (default: the model's
-    own directory, skipped with a warning when it has none). With ``verify`` the written checkpoint is
+    ``model``: a :class:`~moeprune.loading.ModelSource` (or what :meth:`ModelSource.of` takes). A model object is
+    pruned only for the duration of the export and restored afterwards; a path or hub id is loaded with the
+    source's ``dtype`` ("auto": the checkpoint's own) on its ``device`` (default: the GPU when there is one, see
+    loading.load_model). The source's ``tokenizer`` is a path or a tokenizer object (default: the model's own
+    directory, skipped with a warning when it has none). With ``verify`` the written checkpoint is
     reloaded in the same dtype and placement and its weights and logits compared with the in-memory
     pruned model's (see :class:`Reference`). ``recovery`` (a :class:`moeprune.recovery.Recovery`) replaces the
     tensors its delta names after slicing: the verification then holds the checkpoint to the recovered
     model, and mask.json and the model card record the recovery.
     """
     out = Path(out_dir)
+    given = ModelSource.of(model)
+    model_or_path, tokenizer = given.model, given.tokenizer
+    dtype, device, trust_remote_code = given.dtype, given.device, given.trust_remote_code
     # Fail before the (possibly long) model load: an existing --out, or one overlapping the source.
-    source_path = resolve_model_path(model_or_path) if isinstance(model_or_path, str | Path) else None
+    source_path = None if given.is_loaded else given.name
     check_output_dir(out, sources=[source_path], overwrite=overwrite)
     if not isinstance(mask, ExpertMask):
         mask = ExpertMask.load(mask)
     quantized = _quantized_source(model_or_path, source_path, dequantize, delta=getattr(recovery, "delta", None))
     delta = getattr(recovery, "delta", None) or {}
-    if recovery is not None and recovery.record.get("kind", "none") != "none":
-        # Recorded in the exported mask.json (and so in the card): what was done, with which settings and seed.
-        mask = replace(mask, extra={**mask.extra, "recovery": recovery.record})
+    # The exported mask.json (and so the card) records this export's recovery, if any: what was done, with which
+    # settings and seed; never a recovery the input mask claims.
+    mask = exported_mask(mask, None if recovery is None else recovery.record)
     steps = tqdm(total=4 if verify else 3, desc="apply", disable=not progress, unit="step")
     try:
         _step(steps, "loading model")
@@ -154,6 +155,12 @@ class Reference:
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model.config.vocab_size, VERIFY_SHAPE, generator=generator)
         logits = _logits(model, ids)
+        if not torch.isfinite(logits).all():
+            # Not a moeprune bug: the pruned model itself (weights checked finite at load) overflows in this dtype.
+            raise MoePruneError(
+                "The pruned model's logits are NaN or infinite on random tokens (its activations overflow in "
+                f"{str(_float_dtype(model)).removeprefix('torch.')}); nothing was written. Try --dtype float32."
+            )
         # Random tokens need not reach every expert, so the weights are compared too.
         fingerprints = {name: fingerprint(p) for name, p in model.named_parameters()}
         return cls(ids, logits, fingerprints, _float_dtype(model))
