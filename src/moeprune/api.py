@@ -458,6 +458,7 @@ def evaluate(
     trust_remote_code: bool = False,
     tokenizer: Any = None,
     progress: bool = True,
+    stream: bool | None = None,
 ) -> dict[str, Any]:
     """Perplexity and zero-shot accuracy of ``model`` (a path, hub id, "bundled", a pruned checkpoint or a loaded
     model), under ``mask`` (applied in memory, restored afterwards) when given; written atomically to ``out``.
@@ -466,7 +467,8 @@ def evaluate(
     bundled testbed's six domains and held-out tasks, else wikitext2, c4 and the six tasks of Common Avg.
     Returns the result dict with its ``summary`` (docs/experiments.md)."""
     return evaluate_model(model, mask=mask, settings=settings, dtype=dtype, device=device,
-                          trust_remote_code=trust_remote_code, out=out, tokenizer=tokenizer, progress=progress)
+                          trust_remote_code=trust_remote_code, out=out, tokenizer=tokenizer, progress=progress,
+                          stream=stream)
 
 
 def _perplexities(model: Any, tokenizer: Any, datasets: Sequence[str], seq_len: int, progress: bool) -> dict[str, dict]:

@@ -287,6 +287,17 @@ def _methods() -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ verbs
+def _stream_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="read the weights from the checkpoint's safetensors shards one decoder layer at a time, never the "
+        "whole model in memory (default: only when the model does not fit in the memory available to the process, "
+        "cgroup limits included; --no-stream loads it whole)",
+    )
+
+
 def _add_profile(p: argparse.ArgumentParser) -> None:
     _model_options(p)
     _calibration_options(p)
@@ -298,14 +309,7 @@ def _add_profile(p: argparse.ArgumentParser) -> None:
         help="run one decoder layer at a time on --device, weights on the CPU (default: only when the model "
         "does not fit in free GPU memory)",
     )
-    p.add_argument(
-        "--stream",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="read the weights from the checkpoint's safetensors shards one decoder layer at a time, never the "
-        "whole model in memory (default: only when the model does not fit in the memory available to the process, "
-        "cgroup limits included; --no-stream loads it whole)",
-    )
+    _stream_flag(p)
     p.add_argument(
         "--checkpoint-every", type=int, default=16, help="batches between checkpoints of partial sums (default 16)"
     )
@@ -497,6 +501,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", default=None, help="results JSON file (default: print only)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (e.g. earlier results)")
+    _stream_flag(p)
     p.set_defaults(run=_run_eval)
 
 
@@ -513,6 +518,7 @@ def _run_eval(args: argparse.Namespace) -> None:
         out=args.out,
         tokenizer=args.tokenizer,
         progress=_progress(args),
+        stream=args.stream,
     )
     print(json.dumps(results.get("summary", results), indent=2))
 

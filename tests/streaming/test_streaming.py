@@ -15,6 +15,7 @@ from moeprune import api
 from moeprune.cli import main
 from moeprune.errors import MoePruneError
 from moeprune.loading import ModelSource
+from moeprune.options import EvalSettings
 from moeprune.profiling.runner import ProfileSettings, profile_windows
 from moeprune.profiling.sequential import profile_windows_layer_major
 from moeprune.profiling.stats import SUM_FIELDS
@@ -221,3 +222,30 @@ def test_stream_refuses_memory_too_small_for_one_layer(tiny_checkpoint, tmp_path
     assert not (tmp_path / "o").exists()
     with pytest.raises(MoePruneError, match="Too little memory"):
         ModelSource.of(str(tiny_checkpoint), device="cpu").open_stream(Memory(4096, "test"))
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def test_streamed_perplexity_equals_in_memory_with_and_without_a_mask(tiny_checkpoint, text_corpus, tmp_path):
+    prof = api.profile(str(tiny_checkpoint), [f"notes={text_corpus}"], tmp_path / "prof", samples=4, seq_len=16,
+                       progress=False, device="cpu", stream=False)
+    mask = api.plan(prof, "frequency", 0.5, progress=False)
+    settings = EvalSettings(ppl_datasets=(str(text_corpus),), ppl_seq_len=24, max_windows=5, tasks="none",
+                            eval_batch_size=2)
+    for m in (None, mask):
+        kwargs = dict(mask=m, settings=settings, device="cpu", progress=False)
+        streamed = api.evaluate(str(tiny_checkpoint), stream=True, **kwargs)
+        plain = api.evaluate(str(tiny_checkpoint), stream=False, **kwargs)
+        (a,), (b,) = streamed["perplexity"].values(), plain["perplexity"].values()
+        assert a["windows"] == b["windows"] == 5
+        assert a["nll"] == pytest.approx(b["nll"], rel=1e-5)
+        assert streamed["footprint"] == plain["footprint"]
+        assert streamed["metadata"]["stream"] is True
+    assert streamed["footprint"]["params_total"] < api.evaluate(str(tiny_checkpoint), settings=settings,
+                                                                device="cpu", progress=False,
+                                                                stream=True)["footprint"]["params_total"]
+
+
+def test_streamed_eval_refuses_zero_shot_tasks_before_reading(tiny_checkpoint, tmp_path, capsys, no_reads):
+    _refused(capsys, ["eval", tiny_checkpoint, "--device", "cpu", "--stream", "--tasks", "bundled",
+                      "--out", tmp_path / "r.json"], "Zero-shot tasks do not run on a model streamed", "--tasks none")
+    assert not (tmp_path / "r.json").exists()

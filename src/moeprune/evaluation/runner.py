@@ -14,15 +14,18 @@ from typing import Any
 
 import torch
 
-from moeprune.evaluation import compare_footprints, evaluate, footprint
+from moeprune.errors import MoePruneError
+from moeprune.evaluation import STREAMED_TASKS, compare_footprints, evaluate, footprint
 from moeprune.evaluation.zeroshot import COMMON_TASKS, expand_tasks
 from moeprune.io import check_output_file, write_json_atomic
-from moeprune.loading import checked_model, checked_tokenizer, model_name
+from moeprune.loading import ModelSource, checked_model, checked_tokenizer, model_name
 from moeprune.options import EvalSettings
 from moeprune.planning.mask import ExpertMask
 from moeprune.presets import PPL_SEQ_LEN_CAP, preset_for
+from moeprune.streaming.layers import DiskLayers
 from moeprune.surgery import masked
 from moeprune.surgery.delta import apply_delta
+from moeprune.surgery.slicing import masked_on_load
 
 NO_TASKS = {"none", ""}
 
@@ -75,9 +78,14 @@ def evaluate_model(
     out: str | Path | None = None,
     tokenizer: Any = None,
     progress: bool = True,
+    stream: bool | None = None,
 ) -> dict[str, Any]:
     """Perplexity and zero-shot accuracy of ``model`` (a path, hub id, "bundled" or a loaded model), under
     ``mask`` when given; the result (with a ``summary``) is written atomically to ``out`` when given.
+
+    ``stream``: read the weights from disk one decoder layer at a time (:meth:`ModelSource.placement` decides
+    when None); perplexity then runs layer-major over all windows, and the mask is applied to each layer as it is
+    read.
 
     ``settings=None``: the model's preset (:meth:`EvalSettings.from_preset`): the six bundled domains, their
     256-token windows and the held-out tasks for the bundled testbed; wikitext2, c4 and the six tasks of Common
@@ -85,8 +93,15 @@ def evaluate_model(
     settings = settings if settings is not None else EvalSettings.from_preset(preset_for(model))
     if out is not None:
         check_output_file(out)  # an unwritable --out fails now, not after the evaluation
-    loaded = checked_model(model, dtype, device, trust_remote_code)
-    tok = checked_tokenizer(tokenizer, loaded, trust_remote_code)
+    source = ModelSource.of(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, stream=stream)
+    if source.placement() == "stream":
+        if resolve_tasks(settings.tasks):
+            raise MoePruneError(STREAMED_TASKS)
+        loaded = source.open_stream()
+        tok = checked_tokenizer(tokenizer, loaded.model, trust_remote_code)
+    else:
+        loaded = checked_model(model, dtype, device, trust_remote_code)
+        tok = checked_tokenizer(tokenizer, loaded, trust_remote_code)
     mask_path = None if mask is None or isinstance(mask, ExpertMask) else mask
     if mask_path is not None:
         mask = ExpertMask.load(mask_path)
@@ -97,7 +112,8 @@ def evaluate_model(
         mask=mask,
         mask_path=mask_path,
         progress=progress,
-        metadata={"model": str(model) if isinstance(model, (str, Path)) else model_name(loaded)},
+        metadata={"model": str(model) if isinstance(model, (str, Path)) else model_name(loaded),
+                  **({"stream": True} if isinstance(loaded, DiskLayers) else {})},
     )
     if out is not None:
         write_json_atomic(out, results)
@@ -105,7 +121,7 @@ def evaluate_model(
 
 
 def evaluate_loaded(
-    model: torch.nn.Module,
+    model: torch.nn.Module | DiskLayers,
     tokenizer: Any,
     settings: EvalSettings,
     *,
@@ -119,10 +135,12 @@ def evaluate_loaded(
     """One evaluation of an already loaded model, dense or under ``mask`` (restored afterwards); ``delta``
     (a recovery's replacement tensors) is applied inside the mask."""
     # Measured before masking: masked() slices in place, so footprint() inside it is the pruned size.
-    dense = dense_footprint or footprint(model)
+    streamed = isinstance(model, DiskLayers)
+    net = model.model if streamed else model
+    dense = dense_footprint or footprint(net)
     kwargs = {
         "ppl_datasets": tuple(settings.ppl_datasets),
-        "seq_len": default_seq_len(model, settings.ppl_seq_len),
+        "seq_len": default_seq_len(net, settings.ppl_seq_len),
         "ppl_sources": settings.ppl_sources or None,
         "max_windows": settings.max_windows,
         "tasks": resolve_tasks(settings.tasks),
@@ -133,6 +151,13 @@ def evaluate_loaded(
     }
     if mask is None:
         results = evaluate(model, tokenizer, **kwargs)
+    elif streamed:
+        if delta:
+            raise MoePruneError("A recovery delta cannot be applied to a model streamed from disk; evaluate the "
+                                "exported checkpoint instead (it holds the delta).")
+        with masked_on_load(model, mask):
+            results = evaluate(model, tokenizer, **kwargs)
+            results["footprint"] = _pruned_footprint(net, mask)
     else:
         with masked(model, mask):
             apply_delta(model, dict(delta or {}))
@@ -141,6 +166,12 @@ def evaluate_loaded(
     results["footprint_vs_dense"] = compare_footprints(dense, results["footprint"])
     results["summary"] = summarise(results)
     return results
+
+
+def _pruned_footprint(model: torch.nn.Module, mask: ExpertMask) -> dict[str, Any]:
+    """The footprint of the pruned model, for a streamed one: its meta skeleton sliced (nothing is read)."""
+    with masked(model, mask):
+        return footprint(model)
 
 
 def summarise(results: Mapping[str, Any]) -> dict[str, Any]:
