@@ -50,7 +50,7 @@ from moeprune.planning.mask import ExpertMask, kept_count
 from moeprune.presets import PAPER, PRESETS, is_bundled, preset_for  # noqa: F401 (re-export)
 from moeprune.profiling.runner import ProfileSettings, profile_model
 from moeprune.profiling.stats import Profile
-from moeprune.reconstruction import reconstruction_selection
+from moeprune.reconstruction import reconstruction_selection, reconstruction_selection_streamed
 from moeprune.recovery import Recovery, RecoveryOptions, check_mergeable_config, check_prunes, recovery_corpora
 from moeprune.recovery import recover as recover_loaded
 from moeprune.surgery import export_pruned
@@ -528,12 +528,19 @@ def _reconstruct(
         if not model:
             raise MoePruneError("expert-sparsity needs the model: pass --model (the profile records none).")
     opts = options.resolved(preset_for(model))
-    loaded = checked_model(model, opts.dtype, opts.device, opts.trust_remote_code)
+    source = ModelSource.of(model, dtype=opts.dtype, device=opts.device, trust_remote_code=opts.trust_remote_code,
+                            stream=opts.stream)
+    streamed = source.open_stream() if source.placement() == "stream" else None
+    loaded = streamed.model if streamed is not None else checked_model(model, opts.dtype, opts.device,
+                                                                       opts.trust_remote_code)
     _check_same_model(prof, loaded)
     spec = _reconstruction_corpus(prof, opts.corpus)
     check_seq_len(loaded.config, opts.seq_len, "--recon-seq-len")  # as prune refuses it, for plan and experiment too
     tokenizer = checked_tokenizer(opts.tokenizer, loaded, opts.trust_remote_code)
     windows = calibration_windows(spec, tokenizer, opts.windows, opts.seq_len, opts.seed)
+    if streamed is not None:
+        return reconstruction_selection_streamed(streamed, windows, kept, progress=progress, loss=opts.loss,
+                                                 token_budget=opts.tokens)
     workdir = Path(opts.workdir or workdir or "moeprune-work")
     key = f"{spec.name}-{windows.shape[0]}x{windows.shape[1]}-seed{opts.seed}"
     return reconstruction_selection(

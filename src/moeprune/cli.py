@@ -347,6 +347,7 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
     _model_options(p, positional=False)
     p.add_argument("--model", default=None, help="model for expert-sparsity (default: the profile's model)")
     p.add_argument("--out", required=True, help="directory for the mask files (<method>-<rho>.json)")
+    _stream_flag(p)
     p.set_defaults(run=_run_plan)
 
 
@@ -440,6 +441,7 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
         help="print dense and pruned perplexity on these held-out sets (e.g. wiki web, wikitext2 c4)",
     )
     _recovery_options(p)
+    _stream_flag(p)
     p.set_defaults(run=_run_prune)
 
 
@@ -576,6 +578,7 @@ def _add_experiment(p: argparse.ArgumentParser) -> None:
     _recon_cost_options(p)
     _recovery_options(p, many=True)
     p.add_argument("--out", required=True, help="experiment directory (finished cells are reused)")
+    _stream_flag(p)
     p.set_defaults(run=_run_experiment)
 
 

@@ -148,6 +148,7 @@ class ReconstructionOptions(_Keyed):
     dtype: str = "auto"
     device: str | None = None
     trust_remote_code: bool = False
+    stream: bool | None = None  # the model streamed from disk (None: when it does not fit, see ModelSource)
 
     def __post_init__(self) -> None:
         for name in ("samples", "seq_len", "tokens"):
@@ -180,7 +181,7 @@ class ReconstructionOptions(_Keyed):
         """As experiment.json records it (no device: a rerun on another device reuses the cells; no tokenizer:
         an object)."""
         out = asdict(self)
-        for key in ("device", "tokenizer", "seed", "workdir"):
+        for key in ("device", "tokenizer", "seed", "workdir", "stream"):
             out.pop(key)
         return out
 
@@ -198,6 +199,7 @@ class ReconstructionOptions(_Keyed):
             dtype=getattr(args, "dtype", None) or "auto",
             device=getattr(args, "device", None),
             trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
+            stream=getattr(args, "stream", None),
         )
 
 

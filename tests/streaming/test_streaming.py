@@ -19,6 +19,7 @@ from moeprune.options import EvalSettings
 from moeprune.profiling.runner import ProfileSettings, profile_windows
 from moeprune.profiling.sequential import profile_windows_layer_major
 from moeprune.profiling.stats import SUM_FIELDS
+from moeprune.reconstruction import reconstruction_selection, reconstruction_selection_streamed
 from moeprune.streaming import layers as stream_layers
 from moeprune.streaming import memory
 from moeprune.streaming.layers import DiskLayers
@@ -249,3 +250,34 @@ def test_streamed_eval_refuses_zero_shot_tasks_before_reading(tiny_checkpoint, t
     _refused(capsys, ["eval", tiny_checkpoint, "--device", "cpu", "--stream", "--tasks", "bundled",
                       "--out", tmp_path / "r.json"], "Zero-shot tasks do not run on a model streamed", "--tasks none")
     assert not (tmp_path / "r.json").exists()
+
+
+# ------------------------------------------------------------------------------------------ expert-sparsity
+def _outcome(run):
+    try:
+        return {k: {i: (r.kept, round(r.loss, 4)) for i, r in layers.items()} for k, layers in run().items()}
+    except MoePruneError as err:
+        return f"refused: {err}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_streamed_expert_sparsity_equals_in_memory(arch, tmp_path):
+    model = _saved(arch, tmp_path / arch)
+    windows = _windows(model.config.vocab_size, n=4, length=16)
+    kwargs = dict(batch_size=2, progress=False, loss="per-batch", loss_batch=2)
+    plain = _outcome(lambda: reconstruction_selection(model, windows, [4, 6], tmp_path / "work", "k", **kwargs))
+    place = DiskLayers(tmp_path / arch, model.config, torch.float32)
+    streamed = _outcome(lambda: reconstruction_selection_streamed(place, windows, [4, 6], **kwargs))
+    assert streamed == plain
+    assert isinstance(plain, str) or all(len(layers) for layers in plain.values())
+
+
+def test_plan_expert_sparsity_streamed_equals_in_memory(tiny_checkpoint, text_corpus, tmp_path):
+    prof = api.profile(str(tiny_checkpoint), [f"c4={text_corpus}"], tmp_path / "prof", samples=4, seq_len=16,
+                       progress=False, device="cpu", stream=False)
+    masks = {}
+    for stream in (True, False):
+        recon = {"samples": 4, "seq_len": 16, "device": "cpu", "stream": stream, "workdir": str(tmp_path / "w")}
+        masks[stream] = api.plan(prof, "tb-coverage", 0.5, model=str(tiny_checkpoint), reconstruction=recon,
+                                 progress=False)
+    assert masks[True].layers == masks[False].layers
