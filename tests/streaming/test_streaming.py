@@ -246,10 +246,30 @@ def test_streamed_perplexity_equals_in_memory_with_and_without_a_mask(tiny_check
                                                                 stream=True)["footprint"]["params_total"]
 
 
-def test_streamed_eval_refuses_zero_shot_tasks_before_reading(tiny_checkpoint, tmp_path, capsys, no_reads):
-    _refused(capsys, ["eval", tiny_checkpoint, "--device", "cpu", "--stream", "--tasks", "bundled",
-                      "--out", tmp_path / "r.json"], "Zero-shot tasks do not run on a model streamed", "--tasks none")
-    assert not (tmp_path / "r.json").exists()
+def test_streamed_lm_eval_loglikelihoods_equal_in_memory(tiny_checkpoint, tokenizer):
+    from moeprune.evaluation.hflm import SplitSafeHFLM, StreamedHFLM
+    from moeprune.loading import load_model
+
+    model = load_model(str(tiny_checkpoint), device="cpu")
+    place = ModelSource.of(str(tiny_checkpoint), device="cpu", stream=True).open_stream()
+    texts = ["The cat sat on", "A river runs", "Numbers are", "The cat sat on the"]
+    requests = [((a, b), tokenizer.encode(a), tokenizer.encode(b))
+                for a in texts for b in (" the mat", " quickly", " x")]
+    plain = SplitSafeHFLM(pretrained=model, tokenizer=tokenizer, batch_size=3)._loglikelihood_tokens(requests)
+    lm = StreamedHFLM(place, tokenizer=tokenizer, batch_size=3)
+    lm.chunk_bytes = 1  # one batch per chunk: the chunked path, every layer read once per batch
+    streamed = lm._loglikelihood_tokens(requests)
+    assert [g for _, g in streamed] == [g for _, g in plain]
+    assert [ll for ll, _ in streamed] == pytest.approx([ll for ll, _ in plain], rel=1e-5)
+    # chunks of one batch: every layer read once per batch HFLM runs (5 here: two rounds of split requests)
+    assert place.stats.layers_read == len(place.layers) * 5
+
+
+def test_streamed_eval_with_tasks_equals_in_memory(tiny_checkpoint, tmp_path):
+    settings = EvalSettings(ppl_datasets=(), tasks="bundled", limit=3, eval_batch_size=4)
+    streamed = api.evaluate(str(tiny_checkpoint), settings=settings, device="cpu", progress=False, stream=True)
+    plain = api.evaluate(str(tiny_checkpoint), settings=settings, device="cpu", progress=False, stream=False)
+    assert streamed["summary"]["tasks"] == pytest.approx(plain["summary"]["tasks"], rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ expert-sparsity

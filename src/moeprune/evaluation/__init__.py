@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 import moeprune
-from moeprune.errors import MoePruneError
 from moeprune.evaluation.footprint import compare_footprints, footprint
 from moeprune.evaluation.perplexity import PPL_DATASETS, perplexity
 from moeprune.evaluation.zeroshot import (
@@ -28,9 +27,6 @@ from moeprune.evaluation.zeroshot import (
 )
 from moeprune.io import write_json_atomic
 from moeprune.streaming.layers import DiskLayers
-
-STREAMED_TASKS = ("Zero-shot tasks do not run on a model streamed from disk yet; pass --tasks none with --stream "
-                  "(perplexity streams), or --no-stream on a machine that holds the model.")
 
 
 def evaluate(
@@ -54,8 +50,6 @@ def evaluate(
 
     ``metadata`` (e.g. model path, mask file, method) is copied into the result as is.
     """
-    if tasks and isinstance(model, DiskLayers):
-        raise MoePruneError(STREAMED_TASKS)
     start = time.time()
     net = model.model if isinstance(model, DiskLayers) else model
     results: dict[str, Any] = {"metadata": dict(metadata or {}), "footprint": footprint(net)}

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from moeprune.errors import MoePruneError
-from moeprune.evaluation import STREAMED_TASKS, compare_footprints, evaluate, footprint
+from moeprune.evaluation import compare_footprints, evaluate, footprint
 from moeprune.evaluation.zeroshot import COMMON_TASKS, expand_tasks
 from moeprune.io import check_output_file, write_json_atomic
 from moeprune.loading import ModelSource, checked_model, checked_tokenizer, model_name
@@ -95,8 +95,6 @@ def evaluate_model(
         check_output_file(out)  # an unwritable --out fails now, not after the evaluation
     source = ModelSource.of(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, stream=stream)
     if source.placement() == "stream":
-        if resolve_tasks(settings.tasks):
-            raise MoePruneError(STREAMED_TASKS)
         loaded = source.open_stream()
         tok = checked_tokenizer(tokenizer, loaded.model, trust_remote_code)
     else:
