@@ -53,7 +53,9 @@ from moeprune.profiling.stats import Profile
 from moeprune.reconstruction import reconstruction_selection, reconstruction_selection_streamed
 from moeprune.recovery import Recovery, RecoveryOptions, check_mergeable_config, check_prunes, recovery_corpora
 from moeprune.recovery import recover as recover_loaded
+from moeprune.streaming.memory import available_memory, gib
 from moeprune.surgery import export_pruned
+from moeprune.surgery.export import export_streamed
 from moeprune.validation import check_profile_out, check_seq_len, model_config
 
 log = logging.getLogger("moeprune")
@@ -283,8 +285,14 @@ def apply(
     force: bool = False,
     progress: bool = True,
     recover: RecoveryOptions | Recovery | None = None,
+    stream: bool | None = None,
 ) -> Path:
     """Write the pruned checkpoint to ``out`` (atomically, verified against the in-memory masked model).
+
+    ``stream`` (None: when the model does not fit in memory, see :meth:`ModelSource.placement`): the checkpoint is
+    written shard by shard and verified layer by layer against the source streamed from disk
+    (:func:`moeprune.surgery.export.export_streamed`); a recovery cannot stream and is refused before anything
+    loads.
 
     A model given by name loads in its checkpoint dtype on the GPU when there is one (``device`` as in
     :func:`moeprune.loading.load_model`). ``force`` accepts a mask planned for a model with another config hash.
@@ -299,6 +307,15 @@ def apply(
     config = model.config if isinstance(model, torch.nn.Module) else model_config(model, trust_remote_code)
     check_mask_for_config(mask, config, force=force)
     _check_output(out, model, overwrite, mask_file)
+    if not isinstance(model, torch.nn.Module):
+        source = ModelSource.of(model, dtype=checkpoint_dtype(config) if dtype == "auto" else dtype, device=device,
+                                trust_remote_code=trust_remote_code, stream=stream)
+        if source.placement() == "stream":
+            active = isinstance(recover, Recovery) or (isinstance(recover, RecoveryOptions) and recover.active)
+            if active:
+                raise MoePruneError(recovery_not_streamed(source))
+            return export_streamed(source.open_stream(), mask, out, overwrite=overwrite, verify=verify,
+                                   progress=progress, force=force, trust_remote_code=trust_remote_code)
     recovery = recover
     if isinstance(recover, RecoveryOptions):
         recovery = _recovery(model, mask, recover, config, dtype, device, trust_remote_code, tokenizer, progress) \
@@ -317,6 +334,14 @@ def apply(
         progress=progress,
         recovery=recovery,
     )
+
+
+def recovery_not_streamed(source: ModelSource) -> str:
+    """The one-line refusal of a recovery on a model that only fits streamed (docs/recovery.md)."""
+    dtype = str(source.compute_dtype).removeprefix("torch.")
+    return (f"--recover needs the whole model in memory (its weights alone take {gib(source.compute_bytes())} in "
+            f"{dtype}; {available_memory().describe()}), and {source.name} is streamed from disk here; apply "
+            "without --recover, or recover on a machine that holds the model (--no-stream forces loading it).")
 
 
 def recover(
@@ -340,6 +365,10 @@ def recover(
     mask = mask if isinstance(mask, ExpertMask) else ExpertMask.load(mask)
     config = model.config if isinstance(model, torch.nn.Module) else load_config(resolve_model_path(model),
                                                                                    trust_remote_code)
+    if not isinstance(model, torch.nn.Module):
+        source = ModelSource.of(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        if source.placement() == "stream":
+            raise MoePruneError(recovery_not_streamed(source))
     return _recovery(model, mask, options, config, dtype, device, trust_remote_code, tokenizer, progress)
 
 
@@ -377,10 +406,12 @@ def prune(
     ppl_datasets: Sequence[str] | None = None,
     progress: bool = True,
     recover: RecoveryOptions | None = None,
+    stream: bool | None = None,
 ) -> Path:
     """Profile, plan and apply in one call; the profile is kept in ``workdir`` (default ``OUT.work``).
     ``calibration``: the profiling corpora and windows (None: the model's preset, as on the CLI);
-    ``recover``: a recovery computed on the loaded model before the export (see :func:`apply`).
+    ``recover``: a recovery computed on the loaded model before the export (see :func:`apply`); ``stream``: every
+    stage reads the weights from disk one decoder layer at a time (None: when the model does not fit in memory).
 
     With ``ppl_datasets`` the dense model and the written checkpoint are scored on those held-out sets
     and a table is printed (and saved as ``workdir/perplexity.json``)."""
@@ -388,6 +419,15 @@ def prune(
     recon = ReconstructionOptions.coerce(reconstruction)
     workdir = Path(workdir) if workdir else Path(str(out).rstrip("/") + ".work")
     _check_output(out, model, overwrite, workdir)  # before profiling, not after
+    if not isinstance(model, torch.nn.Module):
+        source = ModelSource.of(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                                tokenizer=tokenizer, stream=stream)
+        if source.placement() == "stream":
+            if recover is not None and recover.active:
+                raise MoePruneError(recovery_not_streamed(source))
+            return _prune_streamed(source, retain, out, workdir, calibration, recon, method=method, seed=seed,
+                                   protect_budget=protect_budget, candidate=candidate, overwrite=overwrite,
+                                   ppl_datasets=ppl_datasets, progress=progress)
     loaded = checked_model(model, dtype, device, trust_remote_code)
     # apply gets what was asked for (a path, None: the model's own), not the loaded object, so that it copies
     # the tokenizer files byte for byte instead of re-saving them (see surgery/tokenizer_files.py)
@@ -444,6 +484,32 @@ def prune(
         pruned = load_model(written, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         pruned_ppl = _perplexities(pruned, tokenizer, ppl_datasets, ppl_seq_len, progress)
         _report_perplexity(dense_ppl, pruned_ppl, mask, workdir)
+    return written
+
+
+def _prune_streamed(source: ModelSource, retain: float, out: str | Path, workdir: Path, calibration: Calibration,
+                    recon: ReconstructionOptions, *, method: str, seed: int, protect_budget: int | str | None,
+                    candidate: str | None, overwrite: bool, ppl_datasets: Sequence[str] | None,
+                    progress: bool) -> Path:
+    """:func:`prune` with every stage streamed from disk: each reads the layers again, nothing is held whole."""
+    settings = dict(dtype=source.dtype, device=source.device, trust_remote_code=source.trust_remote_code)
+    profiled = profile(source.name, calibration.corpora, workdir, samples=calibration.samples,
+                       seq_len=calibration.seq_len, batch_size=calibration.batch_size, seed=seed,
+                       tokenizer=source.tokenizer, progress=progress, stream=True, **settings)
+    mask = plan(workdir, method, retain, corpora=profiled.names, seed=seed, protect_budget=protect_budget,
+                candidate=candidate, model=source.name, progress=progress,
+                reconstruction=replace(recon, tokenizer=source.tokenizer, stream=True, **settings))
+    mask.save(workdir / mask_filename(mask))
+    written = apply(source.name, mask, out, tokenizer=source.tokenizer, overwrite=overwrite, progress=progress,
+                    stream=True, **settings)
+    if ppl_datasets:
+        seq_len = preset_for(source.name)["ppl_seq_len"]
+        dense = source.open_stream()
+        tokenizer = checked_tokenizer(source.tokenizer, dense.model, source.trust_remote_code)
+        dense_ppl = _perplexities(dense, tokenizer, ppl_datasets, seq_len, progress)
+        pruned = source.with_model(str(written)).open_stream()
+        _report_perplexity(dense_ppl, _perplexities(pruned, tokenizer, ppl_datasets, seq_len, progress), mask,
+                           workdir)
     return written
 
 

@@ -391,6 +391,7 @@ def _add_apply(p: argparse.ArgumentParser) -> None:
         "one shard; no logits verification)",
     )
     _recovery_options(p)
+    _stream_flag(p)
     p.set_defaults(run=_run_apply)
 
 
@@ -422,6 +423,7 @@ def _run_apply(args: argparse.Namespace) -> None:
         force=args.force,
         progress=_progress(args),
         recover=recovery_from_args(args),
+        stream=args.stream,
     )
     print(f"pruned checkpoint written to {out}")
 
@@ -467,6 +469,7 @@ def _run_prune(args: argparse.Namespace) -> None:
         ppl_datasets=args.ppl,
         progress=_progress(args),
         recover=recovery_from_args(args),
+        stream=args.stream,
     )
     print(f"pruned checkpoint written to {out}")
 

@@ -15,7 +15,7 @@ from moeprune import api
 from moeprune.cli import main
 from moeprune.errors import MoePruneError
 from moeprune.loading import ModelSource
-from moeprune.options import EvalSettings
+from moeprune.options import Calibration, EvalSettings
 from moeprune.profiling.runner import ProfileSettings, profile_windows
 from moeprune.profiling.sequential import profile_windows_layer_major
 from moeprune.profiling.stats import SUM_FIELDS
@@ -301,3 +301,64 @@ def test_plan_expert_sparsity_streamed_equals_in_memory(tiny_checkpoint, text_co
         masks[stream] = api.plan(prof, "tb-coverage", 0.5, model=str(tiny_checkpoint), reconstruction=recon,
                                  progress=False)
     assert masks[True].layers == masks[False].layers
+
+
+# ------------------------------------------------------------------------------------------ apply, prune, recovery
+@pytest.fixture(scope="module")
+def half_mask(tiny_checkpoint, tmp_path_factory):
+    prof = api.profile(str(tiny_checkpoint), ["wiki"], tmp_path_factory.mktemp("prof"), samples=4, seq_len=16,
+                       progress=False, device="cpu", stream=False)
+    return api.plan(prof, "frequency", 0.5, progress=False)
+
+
+def test_streamed_apply_writes_the_model_free_checkpoint_verified(tiny_checkpoint, half_mask, tmp_path):
+    streamed = api.apply(str(tiny_checkpoint), half_mask, tmp_path / "s", device="cpu", progress=False, stream=True)
+    plain = api.apply(str(tiny_checkpoint), half_mask, tmp_path / "p", device="cpu", progress=False, stream=False)
+    a, b = load_file(streamed / "model.safetensors"), load_file(plain / "model.safetensors")
+    fused = {k for k in b if "experts" in k}
+    assert fused  # the in-memory export's fused experts; the streamed one keeps the source's layout
+    with torch.no_grad():
+        from moeprune.loading import load_model
+
+        ids = _windows(128, 2, 12)
+        x = load_model(str(streamed), device="cpu")(input_ids=ids).logits
+        y = load_model(str(plain), device="cpu")(input_ids=ids).logits
+    torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    assert (streamed / "mask.json").exists() and len(a) > 0
+
+
+def test_streamed_apply_verification_catches_a_wrong_checkpoint(tiny_checkpoint, half_mask, tmp_path, monkeypatch):
+    from moeprune.surgery import shards
+
+    real = shards._pruned_shard
+
+    def corrupted(*args, **kwargs):
+        tensors = real(*args, **kwargs)
+        name = next(k for k in sorted(tensors) if "mlp.gate.weight" in k)
+        tensors[name] = tensors[name] + 1.0
+        return tensors
+
+    monkeypatch.setattr(shards, "_pruned_shard", corrupted)
+    with pytest.raises(MoePruneError, match="Verification failed"):
+        api.apply(str(tiny_checkpoint), half_mask, tmp_path / "s", device="cpu", progress=False, stream=True)
+    assert not (tmp_path / "s").exists()
+
+
+def test_recovery_is_refused_up_front_when_streaming(tiny_checkpoint, half_mask, tmp_path, capsys, no_reads):
+    mask_file = half_mask.save(tmp_path / "mask.json") or tmp_path / "mask.json"
+    _refused(capsys, ["apply", tiny_checkpoint, mask_file, "--device", "cpu", "--stream", "--recover", "router-kd",
+                      "--recover-seq-len", "32", "--out", tmp_path / "o"], "--recover needs the whole model in memory",
+             "GiB")
+    assert not (tmp_path / "o").exists()
+
+
+def test_prune_streamed_end_to_end(tiny_checkpoint, text_corpus, tmp_path):
+    calibration = Calibration((f"c4={text_corpus}",), 4, 16, 2)
+    recon = {"samples": 4, "seq_len": 16}
+    streamed = api.prune(str(tiny_checkpoint), 0.5, tmp_path / "s", calibration=calibration, reconstruction=recon,
+                         device="cpu", progress=False, stream=True)
+    plain = api.prune(str(tiny_checkpoint), 0.5, tmp_path / "p", calibration=calibration, reconstruction=recon,
+                      device="cpu", progress=False, stream=False)
+    a = json.loads((streamed / "mask.json").read_text())
+    b = json.loads((plain / "mask.json").read_text())
+    assert a["layers"] == b["layers"]

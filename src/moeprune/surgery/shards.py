@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -51,8 +52,11 @@ def prune_checkpoint_files(
     progress: bool = True,
     force: bool = False,
     trust_remote_code: bool = False,
+    verify: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write the pruned checkpoint of the local safetensors checkpoint ``source`` into ``out``.
+
+    ``verify(folder)`` is called on the complete checkpoint before it replaces ``out`` (an error leaves nothing).
 
     The mask gets the checks plain apply makes (expert count, config hash, top-k, routing groups); ``force``
     accepts a mask planned for a model with another config hash (the CLI's ``--force``). ``trust_remote_code``
@@ -91,6 +95,8 @@ def prune_checkpoint_files(
         card = CardInfo(str(source), str(out), mask, params_before, params_after)
         (tmp / "README.md").write_text(render_model_card(card).replace("moeprune apply", "moeprune apply --model-free"))
         check_written(tmp, expected, (source / INDEX_FILE).exists())
+        if verify is not None:
+            verify(tmp)
     return Path(out)
 
 
