@@ -38,7 +38,7 @@ from moeprune.evaluation.coverage import DENSE
 from moeprune.evaluation.runner import default_seq_len, resolve_tasks
 from moeprune.evaluation.zeroshot import reuse_lm_eval
 from moeprune.io import read_json, remove_orphan_temp_files, write_json_atomic, write_text_atomic
-from moeprune.loading import checked_model, checked_tokenizer, config_hash, model_name
+from moeprune.loading import ModelSource, checked_model, checked_tokenizer, config_hash, model_name
 from moeprune.options import Calibration, EvalSettings, GridOptions, ReconstructionOptions
 from moeprune.planning import registry
 from moeprune.planning.mask import ExpertMask, kept_count
@@ -99,6 +99,15 @@ def run_experiment(
     evaluation = evaluation if evaluation is not None else EvalSettings.from_preset(preset)
     recon = ReconstructionOptions.coerce(reconstruction)
     methods = list(grid.methods or all_methods())
+    if isinstance(model, str | Path):
+        source = ModelSource.of(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                                stream=recon.stream)
+        if source.placement() == "stream":
+            raise MoePruneError(
+                f"experiment keeps one model in memory for every cell, and {source.name} streams from disk here "
+                "(--stream, or too little memory); run the stages streamed instead (moeprune profile/plan/apply/eval "
+                "--stream), or pass --no-stream on a machine that holds the model."
+            )
     loaded = checked_model(model, dtype, device, trust_remote_code)
     tokenizer = checked_tokenizer(tokenizer, loaded, trust_remote_code)
     eval_settings = {
