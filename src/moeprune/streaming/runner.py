@@ -108,6 +108,7 @@ def run_layer_major(
     the model's modules fire as in an ordinary forward pass.
     """
     model, layers = place.model, place.layers
+    place.stats = StreamStats()  # this run's reads only (a reader serves one run per corpus, chunk, ...)
     report = RunReport(stats=place.stats)
     start = time.perf_counter()
     try:
