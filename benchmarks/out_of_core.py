@@ -240,8 +240,10 @@ def main() -> None:
         sys.exit(f"out_of_core: cannot cap memory here: {why}")
     checkpoint, work = args.dir / args.model, args.dir / "work"
     work.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     results: dict[str, Any] = {"model": args.model, "cap_gib": args.cap_gib, "windows_per_corpus": args.windows,
-                               "cpus": os.cpu_count(), "load_at_start": os.getloadavg(), "stages": {}}
+                               "cpus": os.cpu_count(), "load_at_start": os.getloadavg(),
+                               "stages": previous.get("stages", {})}
     start = time.perf_counter()
     if not (checkpoint / "model.safetensors.index.json").exists():
         results["checkpoint_bytes"] = write_checkpoint(checkpoint, args.model, layers=args.layers)
@@ -257,6 +259,18 @@ def main() -> None:
                  "--out", str(work / "masks")],
         "apply": ["apply", str(checkpoint), str(work / "masks" / "reap-0.50.json"), "--model-free",
                   "--out", str(work / "pruned"), "--overwrite"],
+        # TB-Coverage at 50%: its candidate is the expert-sparsity search, streamed (one pass over the layers)
+        "plan-tb": ["plan", str(work / "prof"), "--method", "tb-coverage", "--retain", "0.5", "--model",
+                    str(checkpoint), "--recon-samples", str(args.windows), "--recon-seq-len", "1024",
+                    "--dtype", "bfloat16", "--device", "cpu", "--out", str(work / "masks-tb")],
+        "apply-stream": ["apply", str(checkpoint), str(work / "masks" / "reap-0.50.json"), "--dtype", "bfloat16",
+                         "--device", "cpu", "--out", str(work / "pruned-stream"), "--overwrite"],
+        "ppl": ["eval", str(checkpoint), "--mask", str(work / "masks" / "reap-0.50.json"), "--ppl", "wiki",
+                "--ppl-seq-len", "1024", "--ppl-windows", str(args.windows), "--tasks", "none", "--dtype",
+                "bfloat16", "--device", "cpu", "--out", str(work / "ppl.json"), "--overwrite"],
+        "zero-shot": ["eval", str(checkpoint), "--mask", str(work / "masks" / "reap-0.50.json"), "--ppl",
+                      "--tasks", "bundled", "--limit", "5", "--eval-batch-size", "8", "--dtype", "bfloat16",
+                      "--device", "cpu", "--out", str(work / "zero-shot.json"), "--overwrite"],
     }
     for name in args.stages:
         result = run_stage(name, stages[name], cap, checkpoint, work)
@@ -265,6 +279,7 @@ def main() -> None:
             read_s = result["read_bytes"] / DISK_BYTES_PER_S
             result["read_s"] = read_s
             result["ratio"] = result["wall_s"] / max(result["compute_s"], read_s)
+        result["read_floor_s"] = result.get("read_bytes", 0) / DISK_BYTES_PER_S
         results["stages"][name] = result
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
