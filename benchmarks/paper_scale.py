@@ -375,7 +375,7 @@ def ppl_files(tokenizer_dir: Path, windows: int, seq_len: int, out: Path) -> lis
 
 def run_grid(args: argparse.Namespace, checkpoint: Path, out: Path) -> dict[str, Any]:
     """``moeprune experiment CHECKPOINT --preset paper`` with the scaled-down flags, instrumented."""
-    from moeprune.cli import build_parser, experiment_options
+    from moeprune.cli import build_parser, experiment_options, model_source
     from moeprune.experiment import run_experiment
 
     max_positions = json.loads((checkpoint / "config.json").read_text())["max_position_embeddings"]
@@ -400,7 +400,7 @@ def run_grid(args: argparse.Namespace, checkpoint: Path, out: Path) -> dict[str,
     }
     peaks = Peaks()
     with instrumented(record, peaks):
-        run_experiment(parsed.model, parsed.out, **{**experiment_options(parsed), "progress": False})
+        run_experiment(model_source(parsed), parsed.out, **{**experiment_options(parsed), "progress": False})
     return record
 
 

@@ -38,8 +38,9 @@ from moeprune.arch.adapters import spec_for
 from moeprune.arch.view import moe_layers
 from moeprune.errors import MoePruneError
 from moeprune.loading import load_model
+from moeprune.options import Calibration
 from moeprune.planning import plan
-from moeprune.profiling.runner import ProfileSettings, model_meta, profile_windows
+from moeprune.profiling.runner import model_meta, profile_windows
 from moeprune.profiling.stats import Profile
 from moeprune.surgery import export_pruned
 
@@ -208,7 +209,7 @@ def run_stream_case(model_type: str, workdir: Path | None = None) -> CaseResult:
             model.save_pretrained(workdir / model_type)
             ids = torch.randint(3, min(int(model.config.vocab_size), 100), (3, 12),
                                 generator=torch.Generator().manual_seed(1))
-            plain = profile_windows(model, ids, ProfileSettings(batch_size=2), {}, progress=False)
+            plain = profile_windows(model, ids, Calibration(batch_size=2, checkpoint_every=16), {}, progress=False)
             place = DiskLayers(workdir / model_type, model.config, torch.float32)
             streamed = profile_windows_layer_major(place, ids, 2, {}, progress=False)
             got: dict[int, torch.Tensor] = {}
@@ -315,7 +316,8 @@ def run_recovery_case(model_type: str) -> tuple[CaseResult, CaseResult]:
     for kind in ("router-kd", "merge"):
         before = {k: v.clone() for k, v in model.state_dict().items()}
         try:
-            options = RecoveryOptions(kind=kind, epochs=3, batch_size=2, samples=4, seq_len=16)
+            options = RecoveryOptions(kind=kind, epochs=3 if kind == "router-kd" else None, lr=3e-3, batch_size=2,
+                                      samples=4, seq_len=16)
             found = recover(model, mask, options, windows=windows, progress=False)
             with masked(model, mask):
                 allowed = set(routing_parameters(model)) if kind == "router-kd" else _expert_names(model)
@@ -371,7 +373,7 @@ def check_model(dense: nn.Module, workdir: Path) -> float:
 
 def _profile(model: nn.Module) -> Profile:
     windows = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(2))
-    settings = ProfileSettings(num_samples=4, seq_len=16, batch_size=2)
+    settings = Calibration(samples=4, seq_len=16, batch_size=2, checkpoint_every=16)
     stats = profile_windows(model, windows, settings, model_meta(model), progress=False)
     return Profile({"random": stats})
 

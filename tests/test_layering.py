@@ -27,13 +27,15 @@ PACKAGE = SRC / "moeprune"
 # Ground floor first. Rooms on one floor may import each other (the circle check still holds).
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("", "errors", "bundled", "models", "presets", "options"),  # "" is moeprune/__init__.py (only __version__)
-    ("io", "data", "arch", "streaming", "loading"),  # streaming: the layer-major runner every stage shares
+    # streaming: the layer-major runner every stage shares; quant: quantized layouts as data (apply, the streamer)
+    ("io", "data", "arch", "streaming", "loading", "quant"),
     ("profiling",),
     ("planning",),
-    ("reconstruction", "validation", "inspect"),
+    ("reconstruction", "inspect"),
     ("surgery",),  # surgery.delta: the recovery delta format, which export writes and evaluation applies
     ("recovery",),  # makes deltas, running the pruned model inside surgery.masked
     ("evaluation",),  # measurement: perplexity, lm-eval, footprints, the report's tables and plots
+    ("preflight",),  # the one preflight: every check before the work, for the CLI and the api's verbs
     ("api",),  # the pipeline's verbs: profile, plan, apply, recover, prune, evaluate
     ("experiment",),  # orchestration: the grid of methods x ratios x recoveries, through the api
     ("cli", "__main__"),
@@ -197,3 +199,15 @@ def test_the_checks_can_fail() -> None:
     """The circle search finds a planted loop and the floor map puts the CLI above the API."""
     assert _components({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [("a", "b", "c")]
     assert _floor("moeprune.cli") > _floor("moeprune.api") > _floor("moeprune.planning.mask")
+
+
+STAGES = ("profiling", "planning", "reconstruction", "surgery", "recovery", "evaluation")
+
+
+def test_stages_never_read_presets_or_the_preflight(graph: dict[str, set[str]]) -> None:
+    """Settings are resolved once, at the door (api, experiment, cli): a stage takes resolved options and never
+    decides a preset or runs the preflight itself."""
+    reads = {f"{a} -> {b}" for a, targets in graph.items() if _room(a) in STAGES for b in targets
+             if b in ("moeprune.presets", "moeprune.preflight")}
+    assert reads == set(), "stages that read the presets or the preflight"
+    assert {"moeprune.api -> moeprune.preflight"} <= {f"{a} -> {b}" for a, t in graph.items() for b in t}

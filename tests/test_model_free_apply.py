@@ -105,7 +105,7 @@ def test_a_config_transformers_cannot_build_is_checked_without_its_hash_and_says
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "model_type": "not_in_transformers"}))
     mask = _random_mask(model, 4)
     mask.extra["config_hash"] = "0123456789abcdef"
-    with caplog.at_level("WARNING", logger="moeprune.validation"):
+    with caplog.at_level("WARNING", logger="moeprune.planning.fit"):
         prune_checkpoint_files(tmp_path / "source", mask, tmp_path / "out", progress=False)
     assert "config hash was not checked" in caplog.text
 

@@ -102,14 +102,14 @@ def test_asking_for_cuda_without_it_names_the_fix(bf16_checkpoint, calls, monkey
 def test_profile_loads_a_fitting_model_on_the_gpu(bf16_checkpoint, calls, monkeypatch) -> None:
     _fake_gpus(monkeypatch, [10 * _bytes(bf16_checkpoint)])
     with pytest.raises(_Loaded):
-        api.profile(bf16_checkpoint, ["wiki"], "unused", progress=False)
+        api.profile(bf16_checkpoint, ["wiki"], "unused", calibration={"seq_len": 32}, progress=False)
     assert calls[-1]["device_map"] == {"": 0} and calls[-1]["dtype"] == "auto"
 
 
 def test_profile_parks_a_too_big_model_on_the_cpu_in_its_own_dtype(bf16_checkpoint, calls, monkeypatch) -> None:
     _fake_gpus(monkeypatch, [_bytes(bf16_checkpoint) // 4] * 2)  # not even all GPUs together hold it
     with pytest.raises(_Loaded):
-        api.profile(bf16_checkpoint, ["wiki"], "unused", progress=False)
+        api.profile(bf16_checkpoint, ["wiki"], "unused", calibration={"seq_len": 32}, progress=False)
     # Layer-sequential: weights on the CPU, in bf16 (they run on the GPU), not upcast to fp32.
     assert "device_map" not in calls[-1] and calls[-1]["dtype"] == torch.bfloat16
 
@@ -118,5 +118,6 @@ def test_the_fit_check_honours_trust_remote_code(tmp_path, calls, monkeypatch) -
     remote = save_model(build_model("deepseek"), tmp_path / "remote")
     _fake_gpus(monkeypatch, [10 * weight_bytes(loading.load_config(remote, True), "auto", True)])
     with pytest.raises(_Loaded):
-        api.profile(remote, ["wiki"], "unused", trust_remote_code=True, progress=False)
+        api.profile(loading.ModelSource.of(remote, trust_remote_code=True), ["wiki"], "unused",
+                    calibration={"seq_len": 32}, progress=False)
     assert calls[-1]["device_map"] == {"": 0} and calls[-1]["trust_remote_code"] is True

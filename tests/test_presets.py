@@ -35,7 +35,7 @@ def test_the_values_the_paper_and_the_testbed_use() -> None:
     assert (paper.samples, paper.seq_len, paper.recon_samples, paper.recon_seq_len) == (512, 1024, 128, 2048)
     assert (bundled.samples, bundled.seq_len, bundled.recon_samples, bundled.recon_seq_len) == (128, 256, 32, 256)
     assert bundled.ppl_datasets == BUNDLED_PPL_DATASETS
-    assert paper.eval_ppl_seq_len is None and bundled.eval_ppl_seq_len == bundled.ppl_seq_len == 256
+    assert paper.ppl_seq_len is None and bundled.ppl_seq_len == 256  # None: min(2048, the model's positions)
     assert (bundled.recover_samples, bundled.recover_seq_len, bundled.recover_epochs) == (128, 256, 3)
     assert (paper.recover_samples, paper.recover_seq_len, paper.recover_epochs) == (256, 1024, 1)
 

@@ -359,8 +359,9 @@ def test_t18_malformed_json_of_every_kind(what, profiled, model, tiny_checkpoint
         out = tmp_path / "x"
         out.mkdir()
         (out / "experiment.json").write_text("[1, 2]")
-        refused(capsys, ["experiment", tiny_checkpoint, "--methods", "reap", "--corpus", "wiki", "--samples", "2",
-                         "--seq-len", "16", "--ppl", "wiki", "--ppl-seq-len", "16", *NO_TASKS, "--out", out],
+        refused(capsys, ["experiment", tiny_checkpoint, "--methods", "reap", "--reap-corpus", "none", "--corpus",
+                         "wiki", "--samples", "2", "--seq-len", "16", "--ppl", "wiki", "--ppl-seq-len", "16",
+                         *NO_TASKS, "--out", out],
                 "not a JSON object")
     else:
         (model / "model.safetensors.index.json").write_text(
@@ -374,8 +375,8 @@ def test_t19_the_eval_extra_is_checked_before_the_work(missing, tiny_checkpoint,
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
     if missing == "lm_eval":
         refused(capsys, ["eval", tiny_checkpoint, "--ppl", "wiki", "--tasks", "heldout"], "moeprune[eval]")
-    refused(capsys, ["experiment", tiny_checkpoint, "--methods", "reap", "--corpus", "wiki", "--seq-len", "16",
-                     "--out", tmp_path / "x"], "pip install 'moeprune[eval]'", untouched=(tmp_path,))
+    refused(capsys, ["experiment", tiny_checkpoint, "--methods", "reap", "--reap-corpus", "none", "--corpus", "wiki",
+                     "--seq-len", "16", "--out", tmp_path / "x"], "pip install 'moeprune[eval]'", untouched=(tmp_path,))
 
 
 # ---------------------------------------------------------------------------------------- L: weak

@@ -1,4 +1,4 @@
-"""The pipeline's verbs as Python functions: profile -> plan -> apply (prune does all three), evaluate.
+"""The pipeline's verbs as Python functions: profile -> plan -> apply (prune does all three), recover, evaluate.
 
 Each takes what the previous one wrote (a profile directory, a mask file) or the object itself, so a
 notebook and the CLI run the same code::
@@ -8,6 +8,12 @@ notebook and the CLI run the same code::
     mask = api.plan(prof, "tb-coverage", 0.5, model="Qwen/Qwen1.5-MoE-A2.7B")
     api.apply("Qwen/Qwen1.5-MoE-A2.7B", mask, "qwen-50/")
     results = api.evaluate("Qwen/Qwen1.5-MoE-A2.7B", mask)   # or the written checkpoint "qwen-50/"
+
+A verb's model is a path, a hub id, ``bundled``, a loaded model or a :class:`~moeprune.loading.ModelSource`
+(which carries dtype, device, trust_remote_code and the tokenizer: ``ModelSource.of("M", device="cpu")``).
+Settings are resolved once, here at the door: every options object (``Calibration``, ``ReconstructionOptions``,
+``RecoveryOptions``, ``EvalSettings``; a dict of their fields works too) is filled from the model source's preset
+and checked (the window rule, types) before anything loads; the stages below take resolved values only.
 
 Measurement (``moeprune.evaluation``) sits below this module and orchestration (the experiment grid,
 ``moeprune.experiment``) above it.
@@ -45,174 +51,179 @@ from moeprune.loading import (  # noqa: F401 (re-export)
 from moeprune.options import Calibration, EvalSettings, ReconstructionOptions
 from moeprune.planning import auto_budget, candidate_needed, paper_protect_budget, registry
 from moeprune.planning import plan as plan_from_profile
-from moeprune.planning.fit import check_mask_for_config
+from moeprune.planning.fit import check_mask_for_config, check_mask_layers
 from moeprune.planning.mask import ExpertMask, kept_count
+from moeprune.planning.request import PlanRequest
+from moeprune.preflight import check_evaluation, check_model, check_profile, check_recovery
 from moeprune.presets import PAPER, PRESETS, is_bundled, preset_for  # noqa: F401 (re-export)
-from moeprune.profiling.runner import ProfileSettings, profile_model
+from moeprune.profiling.runner import SEQUENTIAL_ONE_PROCESS, is_distributed, profile_model
 from moeprune.profiling.stats import Profile
 from moeprune.reconstruction import reconstruction_selection, reconstruction_selection_streamed
-from moeprune.recovery import Recovery, RecoveryOptions, check_mergeable_config, check_prunes, recovery_corpora
+from moeprune.recovery import Recovery, RecoveryOptions, recovery_corpora
 from moeprune.recovery import recover as recover_loaded
 from moeprune.streaming.memory import available_memory, gib
 from moeprune.surgery import export_pruned
 from moeprune.surgery.export import export_streamed
-from moeprune.validation import check_profile_out, check_seq_len, model_config
 
 log = logging.getLogger("moeprune")
-
-DEFAULT_CORPORA = PRESETS[PAPER].corpora
-
 
 # The reconstruction candidate is fitted on C4 in the paper; without C4 we use the last profiled corpus.
 RECONSTRUCTION_CORPUS = "c4"
 
 
+def source_of(model: Any) -> ModelSource:
+    """The verb's model as a :class:`ModelSource` (a string, a path, a loaded model or a source)."""
+    return ModelSource.of(model)
+
+
+def _typed(value: Any, cls: type, what: str) -> Any:
+    """``value`` as a ``cls`` (itself, None: all defaults, or a dict of its fields); anything else is one line."""
+    if value is None or isinstance(value, cls | Mapping):
+        return cls.coerce(value)
+    raise MoePruneError(f"{what} must be a {cls.__name__} or a dict of its fields, not {type(value).__name__}.")
+
+
 def profile(
     model: Any,
-    corpora: Sequence[str | CorpusSpec] = DEFAULT_CORPORA,
+    corpora: Sequence[str | CorpusSpec] | None = None,
     out: str | Path = "profile",
     *,
-    samples: int = 512,
-    seq_len: int = 1024,
-    batch_size: int = 4,
-    seed: int = 0,
-    checkpoint_every: int = 16,
+    calibration: Calibration | Mapping[str, Any] | None = None,
     sequential: bool | None = None,
-    dtype: str = "auto",
-    device: str | None = None,
-    tokenizer: Any = None,
-    trust_remote_code: bool = False,
     progress: bool = True,
     stream: bool | None = None,
 ) -> Profile:
-    """Profile ``model`` (a loaded model, a local path or a hub id) on each corpus into ``out``.
+    """Profile ``model`` (a path, hub id, ``bundled``, a loaded model or a :class:`ModelSource`) on each corpus
+    into ``out``. ``corpora`` (names or specs) override ``calibration.corpora``; unset calibration fields are the
+    model's preset.
 
-    A model given by name loads like :func:`moeprune.loading.load_model` places it (on the GPU when there
-    is one). ``sequential=True`` keeps the weights on the CPU and runs one decoder layer at a time on
-    ``device``; ``None`` (default) does so only when a model given by name does not fit in the free GPU
-    memory (of ``device``, or of all visible GPUs). ``stream=True`` reads the weights from the checkpoint's
-    safetensors shards one decoder layer at a time (never the whole model in memory); ``None`` does so when the
-    weights do not fit in the memory available to the process (see :meth:`ModelSource.placement`), ``False`` never.
+    A model given by name loads where :meth:`ModelSource.load` places it (on the GPU when there is one).
+    ``sequential=True`` keeps the weights on the CPU and runs one decoder layer at a time on the source's
+    device; ``None`` (default) does so only when a model given by name does not fit in the free GPU memory.
+    ``stream=True`` (or the source's ``stream``) reads the weights from the checkpoint's safetensors shards one
+    decoder layer at a time (never the whole model in memory); ``None`` does so when the weights do not fit in the
+    memory available to the process (see :meth:`ModelSource.placement`), ``False`` never.
     """
-    Calibration(tuple(corpora), samples, seq_len, batch_size)  # the CLI's rules, before the model loads
-    source = ModelSource.of(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, stream=stream)
-    if source.placement() == "stream":
-        specs = [c if isinstance(c, CorpusSpec) else parse_corpus(c) for c in corpora]
-        check_profile_out(out, model, specs, tokenizer)
+    source = ModelSource.of(source_of(model), stream=stream)
+    settings = _typed(calibration, Calibration, "calibration")
+    if corpora is not None:
+        if isinstance(corpora, str | CorpusSpec) or not isinstance(corpora, Sequence):
+            raise MoePruneError(f"corpora must be a list of corpus specs, not {type(corpora).__name__} "
+                                "(e.g. ['wiki', 'web']).")
+        settings = replace(settings, corpora=tuple(corpora))
+    if sequential is not None and not isinstance(sequential, bool):
+        raise MoePruneError(f"sequential must be True, False or None, not {sequential!r}.")
+    streamed = source.placement() == "stream"
+    if sequential is None and not source.is_loaded and not streamed:
+        sequential = not fits_on_gpus(source.name, source.dtype, source.device, source.trust_remote_code)
+    if (sequential or streamed) and settings.checkpoint_every is not None:
+        raise MoePruneError(f"--checkpoint-every does not apply to {'--stream' if streamed else '--sequential'} (a "
+                            "layer-by-layer run finishes each layer for all windows; a killed run starts the corpus "
+                            "over); drop it.")
+    if sequential and is_distributed():
+        raise MoePruneError(SEQUENTIAL_ONE_PROCESS)
+    # before loading: never over the model or a corpus; readable corpora; windows within the model's positions
+    settings = check_profile(source, settings, out)
+    specs = [c if isinstance(c, CorpusSpec) else parse_corpus(c) for c in settings.corpora]
+    if streamed:
         layers = source.open_stream()
-        tokenizer = checked_tokenizer(tokenizer, layers.model, trust_remote_code)
-        settings = ProfileSettings(num_samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                                   checkpoint_every=checkpoint_every)
+        tokenizer = source.load_tokenizer(layers.model)
         return profile_model(layers, tokenizer, specs, out, settings, progress=progress)
     sequential_device = None
-    if sequential is None and not isinstance(model, torch.nn.Module):
-        sequential = not _fits(model, device, dtype, trust_remote_code)
     if sequential:
-        sequential_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        device, dtype = "cpu", _sequential_dtype(model, dtype, sequential_device, trust_remote_code)
-
-    specs = [c if isinstance(c, CorpusSpec) else parse_corpus(c) for c in corpora]
-    check_profile_out(out, model, specs, tokenizer)  # before loading: never over the model or a corpus file
-    model = checked_model(model, dtype, device, trust_remote_code)
-    tokenizer = checked_tokenizer(tokenizer, model, trust_remote_code)
-    settings = ProfileSettings(
-        num_samples=samples,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-        sequential_device=sequential_device,
-    )
-    return profile_model(model, tokenizer, specs, out, settings, progress=progress)
+        sequential_device = source.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        source = ModelSource.of(source, device="cpu", dtype=_sequential_dtype(source, sequential_device))
+    loaded = source.load()
+    tokenizer = source.load_tokenizer(loaded)
+    return profile_model(loaded, tokenizer, specs, out, settings, progress=progress,
+                         sequential_device=sequential_device)
 
 
 def plan(
     profile: Profile | str | Path,
-    method: str = "tb-coverage",
-    retain: float = 0.5,
+    method: str | PlanRequest = "tb-coverage",
+    retain: float | None = None,
     *,
-    seed: int = 0,
-    protect_budget: int | str | None = None,
-    candidate: str | None = None,
     model: Any = None,
     reconstruction: ReconstructionOptions | Mapping[str, Any] | None = None,
-    score_corpus: str | None = None,
     progress: bool = True,
-    corpora: Sequence[str] | None = None,
+    **request: Any,
 ) -> ExpertMask:
-    """One mask; see :func:`plan_many` for several retain ratios sharing one reconstruction."""
-    return plan_many(
-        profile,
-        method,
-        [retain],
-        corpora=corpora,
-        seed=seed,
-        protect_budget=protect_budget,
-        candidate=candidate,
-        model=model,
-        reconstruction=reconstruction,
-        score_corpus=score_corpus,
-        progress=progress,
-    )[0]
+    """One mask; see :func:`plan_many` for several retain ratios sharing one reconstruction (and for planning on
+    some corpora of a profile folder). ``request``: the :class:`~moeprune.planning.request.PlanRequest` fields
+    (seed, protect_budget, candidate, score_corpus)."""
+    if retain is not None and (isinstance(retain, bool) or not isinstance(retain, int | float)):
+        raise MoePruneError(f"Retain ratio {retain!r} must be a number in (0, 1], e.g. 0.5 to keep half.")
+    return plan_many(profile, method, None if retain is None else [retain], model=model,
+                     reconstruction=reconstruction, progress=progress, **request)[0]
 
 
 def plan_many(
     profile: Profile | str | Path,
-    method: str,
-    retains: Sequence[float],
+    method: str | PlanRequest,
+    retains: Sequence[float] | None = None,
     *,
-    seed: int = 0,
-    protect_budget: int | str | None = None,
-    candidate: str | None = None,
     model: Any = None,
     reconstruction: ReconstructionOptions | Mapping[str, Any] | None = None,
-    score_corpus: str | None = None,
-    progress: bool = True,
-    candidate_masks: Mapping[float, ExpertMask] | None = None,
     corpora: Sequence[str] | None = None,
+    candidate_masks: Mapping[float, ExpertMask] | None = None,
+    progress: bool = True,
+    **request: Any,
 ) -> list[ExpertMask]:
-    """Masks for every retain ratio. Methods that need the model (expert-sparsity, tb-coverage with that
-    candidate, tb-coverage with ``protect_budget="auto"``) load it from ``model`` or from the path recorded
-    in the profile. ``score_corpus`` ranks reap on that profiled corpus alone. ``candidate_masks``
-    ({retain: a planned mask of the candidate method}, e.g. an experiment's expert-sparsity masks) gives a
-    protecting method its candidate instead of computing it again; their reconstruction losses are recorded
-    as for a candidate computed here. ``corpora`` (names) plans on
-    those corpora of a profile folder only, not on every corpus profiled there."""
-    spec = registry.check_request(method, protect_budget, candidate)  # B/candidate the method would ignore fail here
-    options = ReconstructionOptions.coerce(reconstruction)
+    """Masks for every retain ratio of the request (``method`` a :class:`PlanRequest`, or a method name with
+    ``retains`` and the request's other fields by name: seed, protect_budget, candidate, score_corpus).
+
+    Methods that need the model (expert-sparsity, tb-coverage with that candidate, tb-coverage with
+    ``protect_budget="auto"``) load it from ``model`` (a name, a loaded model or a :class:`ModelSource`) or
+    from the path recorded in the profile. ``score_corpus`` ranks reap on that profiled corpus alone.
+    ``candidate_masks`` ({retain: a planned mask of the candidate method}, e.g. an experiment's expert-sparsity
+    masks) gives a protecting method its candidate instead of computing it again; their reconstruction losses
+    are recorded as for a candidate computed here. ``corpora`` (names) plans on those corpora of a profile
+    folder only, not on every corpus profiled there."""
+    req = PlanRequest.of(method, retains, request)
+    spec = req.spec
+    if candidate_masks is not None:
+        registry.check_request(req.method, candidate_masks=candidate_masks)
+    options = _typed(reconstruction, ReconstructionOptions, "reconstruction")
     workdir = Path(profile) if isinstance(profile, (str, Path)) else None
+    if workdir is None and not isinstance(profile, Profile):
+        raise MoePruneError(f"profile must be a profile directory or a Profile, not {type(profile).__name__}.")
     prof = Profile.load(profile, list(corpora) if corpora else None) if workdir is not None else profile
-    candidate = registry.candidate_of(method, candidate)
-    kept = [kept_count(r, prof.num_experts, prof.meta.get("top_k")) for r in retains]
+    candidate = registry.candidate_of(req.method, req.candidate)
+    kept = [kept_count(r, prof.num_experts, prof.meta.get("top_k")) for r in req.retains]
     selections = None
-    auto = spec.protects and protect_budget == auto_budget.AUTO
-    if auto:  # loaded once, shared with the reconstruction below
-        model, held_out = _auto_budget_setup(prof, model, options)
+    source = _planning_source(prof, model, req, candidate_masks)
+    held_out = None
+    if req.auto:  # loaded once, shared with the reconstruction below
+        source, held_out = _auto_budget_setup(prof, source)
     # TB-Coverage with B >= K protects all K experts: its candidate is not needed there (issue 9).
     needed = [
-        k for k in kept if spec.needs_model or auto or candidate_needed(prof.num_experts, k, protect_budget)
+        k for k in kept
+        if spec.needs_model or req.auto or candidate_needed(prof.num_experts, k, req.protect_budget)
     ]
-    given = _given_candidates(spec, candidate_masks, retains)
-    if needed and given is None and registry.needs_model(method, candidate):
-        selections = _reconstruct(prof, needed, model, workdir, options, progress)
+    given = _given_candidates(spec, candidate_masks, req.retains)
+    if needed and given is None and registry.needs_model(req.method, req.candidate):
+        selections = _reconstruct(prof, needed, source, workdir, options, progress)
     masks = []
-    for retain, k in zip(retains, kept, strict=True):
+    for retain, k in zip(req.retains, kept, strict=True):
         chosen, losses = given[retain] if given is not None else _found(selections, k)
-        kwargs: dict[str, Any] = {"seed": seed}
-        if spec.protects:
-            kwargs.update(protect_budget=protect_budget, candidate=candidate, candidate_masks=chosen)
-        elif spec.needs_model:
-            kwargs["precomputed"] = chosen
-        if score_corpus is not None:
-            kwargs["score_corpus"] = score_corpus
-        if auto:
-            def plan_with(budget: int, retain: float = retain, kwargs: dict = kwargs) -> ExpertMask:
-                return plan_from_profile(prof, method, retain, **{**kwargs, "protect_budget": budget})
 
+        def plan_with(budget: int | str | None, retain: float = retain, chosen: Any = chosen) -> ExpertMask:
+            return plan_from_profile(
+                prof, req.method, retain, seed=req.plan_seed,
+                protect_budget=budget if spec.protects else None,
+                candidate=candidate if spec.protects else None,
+                candidate_masks=chosen if spec.protects else None,
+                precomputed=chosen if spec.needs_model and not spec.protects else None,
+                score_corpus=req.score_corpus,
+            )
+
+        if req.auto:
+            loaded = source.model
             mask = auto_budget.choose(plan_with, k, paper_protect_budget(prof.num_experts),
-                                      lambda m, model=model: held_out_nll(model, m, held_out), held_out)
+                                      lambda m, model=loaded: held_out_nll(model, m, held_out), held_out)
         else:
-            mask = plan_from_profile(prof, method, retain, **kwargs)
+            mask = plan_with(req.protect_budget)
         if losses is not None and mask.candidate_used is not False:
             # For tb-coverage the loss is its candidate's, not the final mask's: say so in the name.
             prefix = "" if spec.needs_model else "candidate_"
@@ -222,6 +233,17 @@ def plan_many(
                         mask.layers[layer].extra[prefix + key] = extra[key]
         masks.append(mask)
     return masks
+
+
+def _planning_source(prof: Profile, model: Any, req: PlanRequest, candidate_masks: Any) -> ModelSource | None:
+    """The model source planning runs (a method that chooses with the model, -B auto), else None."""
+    if not (req.auto or (candidate_masks is None and registry.needs_model(req.method, req.candidate))):
+        return None
+    model = model if model is not None else prof.meta.get("model")
+    if model is None or model == "":
+        what = "-B auto" if req.auto else "expert-sparsity"
+        raise MoePruneError(f"{what} needs the model: pass --model (the profile records none).")
+    return source_of(model)
 
 
 Chosen = tuple[dict[int, list[int]] | None, dict[int, dict[str, Any]] | None]  # (selections, per-layer losses)
@@ -276,64 +298,63 @@ def apply(
     mask: ExpertMask | str | Path,
     out: str | Path,
     *,
-    dtype: str = "auto",
-    tokenizer: Any = None,
-    device: str | None = None,
-    trust_remote_code: bool = False,
     overwrite: bool = False,
     verify: bool = True,
     force: bool = False,
+    recover: RecoveryOptions | Recovery | Mapping[str, Any] | str | None = None,
     progress: bool = True,
-    recover: RecoveryOptions | Recovery | None = None,
-    stream: bool | None = None,
+    dequantize: bool = False,
 ) -> Path:
     """Write the pruned checkpoint to ``out`` (atomically, verified against the in-memory masked model).
 
-    ``stream`` (None: when the model does not fit in memory, see :meth:`ModelSource.placement`): the checkpoint is
-    written shard by shard and verified layer by layer against the source streamed from disk
-    (:func:`moeprune.surgery.export.export_streamed`); a recovery cannot stream and is refused before anything
-    loads.
+    ``model``: a path, hub id, ``bundled``, a loaded model or a :class:`ModelSource` (a model given by name loads
+    in its checkpoint dtype on the GPU when there is one). ``force`` accepts a mask planned for a model with
+    another config hash. ``recover``: :class:`~moeprune.recovery.RecoveryOptions` (or a kind such as
+    ``"router-kd"``, or a dict of its fields; unset fields are the model's preset) to compute a recovery first on
+    the model, then freed before the export reloads it; or a :class:`~moeprune.recovery.Recovery` computed earlier
+    for this mask (:func:`recover`); the export is verified against the recovered model. A quantized checkpoint is
+    written in its own format (docs/apply.md, "Quantized checkpoints"); ``dequantize`` writes it dequantized
+    instead, without ``quantization_config``.
 
-    A model given by name loads in its checkpoint dtype on the GPU when there is one (``device`` as in
-    :func:`moeprune.loading.load_model`). ``force`` accepts a mask planned for a model with another config hash.
-    ``recover``: :class:`~moeprune.recovery.RecoveryOptions` to compute a recovery first (router-kd, merge; on
-    the model loaded as ``dtype``/``device`` place it, then freed before the export reloads it), or a
-    :class:`~moeprune.recovery.Recovery` computed earlier (:func:`recover`); the export is verified against the
-    recovered model."""
+    A model that streams (``stream=True`` on the source, or too large for the memory available, see
+    :meth:`ModelSource.placement`) is written shard by shard and verified layer by layer against the source
+    streamed from disk (:func:`moeprune.surgery.export.export_streamed`); a recovery is then refused before
+    anything loads."""
+    source = source_of(model)
     mask_file = None if isinstance(mask, ExpertMask) else mask
-    mask = mask if isinstance(mask, ExpertMask) else ExpertMask.load(mask)
-    if isinstance(model, str | Path):
-        model = resolve_model_path(model)
-    config = model.config if isinstance(model, torch.nn.Module) else model_config(model, trust_remote_code)
-    check_mask_for_config(mask, config, force=force)
-    _check_output(out, model, overwrite, mask_file)
-    if not isinstance(model, torch.nn.Module):
-        source = ModelSource.of(model, dtype=checkpoint_dtype(config) if dtype == "auto" else dtype, device=device,
-                                trust_remote_code=trust_remote_code, stream=stream)
-        if source.placement() == "stream":
-            active = isinstance(recover, Recovery) or (isinstance(recover, RecoveryOptions) and recover.active)
-            if active:
-                raise MoePruneError(recovery_not_streamed(source))
-            return export_streamed(source.open_stream(), mask, out, overwrite=overwrite, verify=verify,
-                                   progress=progress, force=force, trust_remote_code=trust_remote_code)
-    recovery = recover
-    if isinstance(recover, RecoveryOptions):
-        recovery = _recovery(model, mask, recover, config, dtype, device, trust_remote_code, tokenizer, progress) \
-            if recover.active else None
+    mask = _mask(mask)
+    check_model(source)
+    check_mask_for_config(mask, source.config, force=force)
+    check_mask_layers(mask, source.config, source.trust_remote_code)
+    recovery = _recovery_request(recover)
+    streamed = _streamed_apply_source(source)
+    if streamed is not None:
+        if isinstance(recovery, Recovery) or (isinstance(recovery, RecoveryOptions) and recovery.active):
+            raise MoePruneError(recovery_not_streamed(streamed))
+        if dequantize:
+            raise MoePruneError("--dequantize writes the model dequantized from memory, and this model streams from "
+                                "disk here; drop --dequantize (the export keeps the source's format) or --no-stream.")
+        _check_output(out, source, overwrite, mask_file)
+        return export_streamed(streamed.open_stream(), mask, out, overwrite=overwrite, verify=verify,
+                               progress=progress, force=force, trust_remote_code=source.trust_remote_code)
+    if isinstance(recovery, Recovery):
+        recovery.check_mask(mask)
+    elif recovery is not None:
+        recovery = _resolved_recovery(source, mask, recovery)
+    _check_output(out, source, overwrite, mask_file)
+    if isinstance(recovery, RecoveryOptions):
+        recovery = _recovery(source, mask, recovery, progress) if recovery.active else None
         _release_memory()  # the copy recovery loaded is gone before the export loads the checkpoint again
-    return export_pruned(
-        model,
-        mask,
-        out,
-        tokenizer=tokenizer,
-        dtype=dtype,
-        device=device,
-        trust_remote_code=trust_remote_code,
-        overwrite=overwrite,
-        verify=verify,
-        progress=progress,
-        recovery=recovery,
-    )
+    return export_pruned(source, mask, out, overwrite=overwrite, verify=verify, progress=progress,
+                         recovery=recovery, dequantize=dequantize)
+
+
+def _streamed_apply_source(source: ModelSource) -> ModelSource | None:
+    """The source apply streams (in the checkpoint's dtype, as apply keeps it), or None when it loads the model."""
+    if source.is_loaded:
+        return None
+    kept = ModelSource.of(source, dtype=checkpoint_dtype(source.config) if source.dtype == "auto" else None)
+    return kept if kept.placement() == "stream" else None
 
 
 def recovery_not_streamed(source: ModelSource) -> str:
@@ -347,43 +368,74 @@ def recovery_not_streamed(source: ModelSource) -> str:
 def recover(
     model: Any,
     mask: ExpertMask | str | Path,
-    options: RecoveryOptions,
+    options: RecoveryOptions | Mapping[str, Any] | str,
     *,
-    tokenizer: Any = None,
-    dtype: str = "auto",
-    device: str | None = None,
-    trust_remote_code: bool = False,
     progress: bool = True,
 ) -> Recovery:
-    """The recovery ``options`` asks for (router-kd, merge, merge+router-kd) of ``model`` under ``mask``, as a
-    :class:`~moeprune.recovery.Recovery` (delta + record) to pass to :func:`apply` or to apply in memory::
+    """The recovery ``options`` asks for (router-kd, merge, merge+router-kd; unset fields are the model's preset,
+    windows no longer than the model's positions) of ``model`` under ``mask``, as a
+    :class:`~moeprune.recovery.Recovery` (delta + record, which names the mask it was made for) to pass to
+    :func:`apply` or to apply in memory::
 
         rec = api.recover(model, mask, RecoveryOptions(kind="router-kd"))
         with masked(model, mask):
             apply_delta(model, rec.delta)   # the recovered model, until the block ends
     """
-    mask = mask if isinstance(mask, ExpertMask) else ExpertMask.load(mask)
-    config = model.config if isinstance(model, torch.nn.Module) else load_config(resolve_model_path(model),
-                                                                                   trust_remote_code)
-    if not isinstance(model, torch.nn.Module):
-        source = ModelSource.of(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        if source.placement() == "stream":
-            raise MoePruneError(recovery_not_streamed(source))
-    return _recovery(model, mask, options, config, dtype, device, trust_remote_code, tokenizer, progress)
+    source = source_of(model)
+    mask = _mask(mask)
+    options = _recovery_request(options)
+    if not isinstance(options, RecoveryOptions):
+        raise MoePruneError("recover() takes RecoveryOptions (or a kind such as 'router-kd'), not a Recovery.")
+    if not source.is_loaded and source.placement() == "stream":
+        raise MoePruneError(recovery_not_streamed(source))
+    return _recovery(source, mask, _resolved_recovery(source, mask, options), progress)
 
 
-def _recovery(model: Any, mask: ExpertMask, options: RecoveryOptions, config: Any, dtype: str, device: str | None,
-              trust_remote_code: bool, tokenizer: Any, progress: bool) -> Recovery:
-    """Checks first (nothing to merge, an unmergeable layout: before any weight loads), then the recovery on
-    the model (loaded here when given by name, and freed again)."""
-    check_prunes([options.kind], mask.kept_per_layer, mask.num_experts, "the mask")
-    corpora = recovery_corpora(options, mask)
-    if options.merge:
-        check_mergeable_config(config, trust_remote_code)
-    loaded = checked_model(model, dtype, device, trust_remote_code)
-    tok = checked_tokenizer(tokenizer, loaded, trust_remote_code)
-    options = options if options.corpora else replace(options, corpora=tuple(corpora))
-    return recover_loaded(loaded, mask, options, tokenizer=tok, progress=progress)
+def _mask(mask: Any) -> ExpertMask:
+    if isinstance(mask, ExpertMask):
+        return mask
+    if isinstance(mask, str | Path):
+        return ExpertMask.load(mask)
+    raise MoePruneError(f"mask must be an ExpertMask or the path of a mask .json, not {type(mask).__name__}.")
+
+
+def _recovery_request(value: Any) -> RecoveryOptions | Recovery | None:
+    """``recover=`` as RecoveryOptions (a kind name or a dict of its fields works too) or a Recovery."""
+    if value is None or isinstance(value, RecoveryOptions | Recovery):
+        return value
+    if isinstance(value, str):
+        return RecoveryOptions(kind=value)
+    if isinstance(value, Mapping):
+        return _typed(dict(value), _RecoveryFields, "recover")
+    raise MoePruneError(f"recover must be RecoveryOptions, a Recovery, a kind ('router-kd', 'merge', "
+                        f"'merge+router-kd') or a dict of RecoveryOptions fields, not {type(value).__name__}.")
+
+
+class _RecoveryFields:
+    """RecoveryOptions built from a dict, with the one-line error for unknown keys."""
+
+    @staticmethod
+    def coerce(value: Mapping[str, Any]) -> RecoveryOptions:
+        known = set(RecoveryOptions.__dataclass_fields__)
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise MoePruneError(f"Unknown recover option(s) {unknown}; known: {', '.join(sorted(known))}.")
+        return RecoveryOptions(**value)
+
+
+def _resolved_recovery(source: ModelSource, mask: ExpertMask, options: RecoveryOptions) -> RecoveryOptions:
+    """The preset filled in and every check that needs no weights: something to merge, calibration text, a
+    layout merge understands, windows within the model's positions."""
+    if not options.active:
+        return options.resolved(source)
+    options = check_recovery(source, options, mask=mask)
+    return options if options.corpora else replace(options, corpora=tuple(recovery_corpora(options, mask)))
+
+
+def _recovery(source: ModelSource, mask: ExpertMask, options: RecoveryOptions, progress: bool) -> Recovery:
+    """The recovery on the model (loaded here when given by name, and freed again)."""
+    loaded = source.load()
+    return recover_loaded(loaded, mask, options, tokenizer=source.load_tokenizer(loaded), progress=progress)
 
 
 def prune(
@@ -391,155 +443,145 @@ def prune(
     retain: float,
     out: str | Path,
     *,
-    method: str = "tb-coverage",
-    calibration: Calibration | None = None,
-    workdir: str | Path | None = None,
-    seed: int = 0,
-    protect_budget: int | str | None = None,
-    candidate: str | None = None,
+    calibration: Calibration | Mapping[str, Any] | None = None,
     reconstruction: ReconstructionOptions | Mapping[str, Any] | None = None,
-    dtype: str = "auto",
-    device: str | None = None,
-    trust_remote_code: bool = False,
-    tokenizer: Any = None,
+    recover: RecoveryOptions | Mapping[str, Any] | str | None = None,
+    ppl_datasets: EvalSettings | Sequence[str] | None = None,
+    workdir: str | Path | None = None,
     overwrite: bool = False,
-    ppl_datasets: Sequence[str] | None = None,
     progress: bool = True,
-    recover: RecoveryOptions | None = None,
-    stream: bool | None = None,
+    **request: Any,
 ) -> Path:
     """Profile, plan and apply in one call; the profile is kept in ``workdir`` (default ``OUT.work``).
-    ``calibration``: the profiling corpora and windows (None: the model's preset, as on the CLI);
-    ``recover``: a recovery computed on the loaded model before the export (see :func:`apply`); ``stream``: every
-    stage reads the weights from disk one decoder layer at a time (None: when the model does not fit in memory).
+    ``request``: the plan's fields (method, default tb-coverage; seed, protect_budget, candidate; a seeded
+    method's seed defaults to ``calibration.seed``);
+    ``calibration``: the profiling corpora and windows (unset fields: the model's preset, as on the CLI);
+    ``recover``: a recovery computed on the loaded model before the export (see :func:`apply`).
 
-    With ``ppl_datasets`` the dense model and the written checkpoint are scored on those held-out sets
-    and a table is printed (and saved as ``workdir/perplexity.json``)."""
-    calibration = calibration if calibration is not None else Calibration.from_preset(preset_for(model))
-    recon = ReconstructionOptions.coerce(reconstruction)
+    With ``ppl_datasets`` (names, or EvalSettings) the dense model and the written checkpoint are scored on
+    those held-out sets and a table is printed (and saved as ``workdir/perplexity.json``)."""
+    source = source_of(model)
+    method = request.pop("method", "tb-coverage")
+    calibration = _typed(calibration, Calibration, "calibration")
+    if request.get("seed") is None and _seeded(method, request):  # a seeded method follows the calibration seed
+        request["seed"] = calibration.seed
+    req = PlanRequest.of(method, [retain], request)
+    recon = _typed(reconstruction, ReconstructionOptions, "reconstruction")
+    options = _recovery_request(recover)  # every type checked before anything is read from the model
+    if isinstance(options, Recovery):
+        raise MoePruneError("prune computes its own recovery: pass RecoveryOptions (or a kind), not a Recovery.")
+    calibration = calibration.resolved(source)
+    if registry.needs_model(req.method, req.candidate):
+        recon = recon.resolved(source)
+    evaluation = None
+    if ppl_datasets:
+        evaluation = ppl_datasets if isinstance(ppl_datasets, EvalSettings) else EvalSettings(
+            ppl_datasets=_names(ppl_datasets, "ppl_datasets"))
+        evaluation = evaluation.resolved(source)
     workdir = Path(workdir) if workdir else Path(str(out).rstrip("/") + ".work")
-    _check_output(out, model, overwrite, workdir)  # before profiling, not after
-    if not isinstance(model, torch.nn.Module):
-        source = ModelSource.of(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                                tokenizer=tokenizer, stream=stream)
-        if source.placement() == "stream":
-            if recover is not None and recover.active:
-                raise MoePruneError(recovery_not_streamed(source))
-            return _prune_streamed(source, retain, out, workdir, calibration, recon, method=method, seed=seed,
-                                   protect_budget=protect_budget, candidate=candidate, overwrite=overwrite,
-                                   ppl_datasets=ppl_datasets, progress=progress)
-    loaded = checked_model(model, dtype, device, trust_remote_code)
-    # apply gets what was asked for (a path, None: the model's own), not the loaded object, so that it copies
+    _check_output(out, source, overwrite, workdir)  # before profiling, not after
+    if not source.is_loaded and source.placement() == "stream":
+        if options is not None and options.active:
+            raise MoePruneError(recovery_not_streamed(source))
+        return _prune_streamed(source, req, out, workdir, calibration, recon, evaluation, overwrite, progress)
+    loaded = source.load()
+    # apply gets the tokenizer asked for (a path, None: the model's own), not the loaded object, so that it copies
     # the tokenizer files byte for byte instead of re-saving them (see surgery/tokenizer_files.py)
-    requested_tokenizer = tokenizer
-    tokenizer = checked_tokenizer(tokenizer, loaded, trust_remote_code)
-    profiled = profile(
-        loaded,
-        calibration.corpora,
+    tokenizer = source.load_tokenizer(loaded)
+    running = ModelSource.of(source.with_model(loaded), tokenizer=tokenizer)
+    profiled = profile(running, out=workdir, calibration=calibration, progress=progress)
+    (mask,) = plan_many(
         workdir,
-        samples=calibration.samples,
-        seq_len=calibration.seq_len,
-        batch_size=calibration.batch_size,
-        seed=seed,
-        tokenizer=tokenizer,
-        progress=progress,
-    )
-    mask = plan(
-        workdir,
-        method,
-        retain,
+        req,
         corpora=profiled.names,  # this run's corpora: a workdir profiled earlier with others must not pool them
-        seed=seed,
-        protect_budget=protect_budget,
-        candidate=candidate,
-        model=loaded,
-        reconstruction=replace(recon, tokenizer=tokenizer),
+        model=running,
+        reconstruction=recon,
         progress=progress,
     )
     mask.save(workdir / mask_filename(mask))
-    ppl_seq_len = preset_for(model)["ppl_seq_len"]
-    dense_ppl = _perplexities(loaded, tokenizer, ppl_datasets, ppl_seq_len, progress) if ppl_datasets else None
+    dense_ppl = _perplexities(loaded, tokenizer, evaluation, progress) if evaluation else None
     recovery = None
-    if recover is not None and recover.active:  # on the model already loaded, before it is freed below
-        recovery = _recovery(loaded, mask, recover, loaded.config, dtype, device, trust_remote_code, tokenizer,
-                             progress)
+    if options is not None and options.active:  # on the model already loaded, before it is freed below
+        recovery = _recovery(running, mask, _resolved_recovery(source, mask, options), progress)
     # Exported from the checkpoint itself when we have one, so the output keeps its dtype (on a CPU the
     # loaded copy is float32, see loading.load_model).
-    source = loaded if isinstance(model, torch.nn.Module) else model
-    if not isinstance(model, torch.nn.Module):
-        del loaded  # apply reloads the checkpoint: never hold two dense copies (GPU or CPU) at once
-    written = apply(
-        source,
-        mask,
-        out,
-        dtype=dtype,
-        tokenizer=requested_tokenizer,
-        device=device,
-        overwrite=overwrite,
-        trust_remote_code=trust_remote_code,
-        progress=progress,
-        recover=recovery,
-    )
+    target = running if source.is_loaded else source
+    if not source.is_loaded:
+        del loaded, running  # apply reloads the checkpoint: never hold two dense copies (GPU or CPU) at once
+    written = apply(target, mask, out, overwrite=overwrite, progress=progress, recover=recovery)
     if dense_ppl is not None:
-        pruned = load_model(written, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        pruned_ppl = _perplexities(pruned, tokenizer, ppl_datasets, ppl_seq_len, progress)
+        pruned = ModelSource.of(source.with_model(str(written)), tokenizer=None).load()
+        pruned_ppl = _perplexities(pruned, tokenizer, evaluation, progress)
         _report_perplexity(dense_ppl, pruned_ppl, mask, workdir)
     return written
 
 
-def _prune_streamed(source: ModelSource, retain: float, out: str | Path, workdir: Path, calibration: Calibration,
-                    recon: ReconstructionOptions, *, method: str, seed: int, protect_budget: int | str | None,
-                    candidate: str | None, overwrite: bool, ppl_datasets: Sequence[str] | None,
+def _prune_streamed(source: ModelSource, req: PlanRequest, out: str | Path, workdir: Path, calibration: Calibration,
+                    recon: ReconstructionOptions, evaluation: EvalSettings | None, overwrite: bool,
                     progress: bool) -> Path:
     """:func:`prune` with every stage streamed from disk: each reads the layers again, nothing is held whole."""
-    settings = dict(dtype=source.dtype, device=source.device, trust_remote_code=source.trust_remote_code)
-    profiled = profile(source.name, calibration.corpora, workdir, samples=calibration.samples,
-                       seq_len=calibration.seq_len, batch_size=calibration.batch_size, seed=seed,
-                       tokenizer=source.tokenizer, progress=progress, stream=True, **settings)
-    mask = plan(workdir, method, retain, corpora=profiled.names, seed=seed, protect_budget=protect_budget,
-                candidate=candidate, model=source.name, progress=progress,
-                reconstruction=replace(recon, tokenizer=source.tokenizer, stream=True, **settings))
+    source = ModelSource.of(source, stream=True)
+    # a layer-by-layer run never checkpoints (the preset's --checkpoint-every does not apply)
+    profiled = profile(source, out=workdir, calibration=replace(calibration, checkpoint_every=None), progress=progress)
+    (mask,) = plan_many(workdir, req, corpora=profiled.names, model=source, reconstruction=recon, progress=progress)
     mask.save(workdir / mask_filename(mask))
-    written = apply(source.name, mask, out, tokenizer=source.tokenizer, overwrite=overwrite, progress=progress,
-                    stream=True, **settings)
-    if ppl_datasets:
-        seq_len = preset_for(source.name)["ppl_seq_len"]
+    written = apply(source, mask, out, overwrite=overwrite, progress=progress)
+    if evaluation is not None:
         dense = source.open_stream()
-        tokenizer = checked_tokenizer(source.tokenizer, dense.model, source.trust_remote_code)
-        dense_ppl = _perplexities(dense, tokenizer, ppl_datasets, seq_len, progress)
-        pruned = source.with_model(str(written)).open_stream()
-        _report_perplexity(dense_ppl, _perplexities(pruned, tokenizer, ppl_datasets, seq_len, progress), mask,
-                           workdir)
+        tokenizer = source.load_tokenizer(dense.model)
+        dense_ppl = _perplexities(dense, tokenizer, evaluation, progress)
+        pruned = ModelSource.of(source.with_model(str(written)), tokenizer=None).open_stream()
+        _report_perplexity(dense_ppl, _perplexities(pruned, tokenizer, evaluation, progress), mask, workdir)
     return written
+
+
+def _seeded(method: Any, request: Mapping[str, Any]) -> bool:
+    """Whether ``method`` (with the request's candidate) reads a seed: prune passes its --seed only then."""
+    if not isinstance(method, str) or method not in registry.REGISTRY:
+        return False
+    chosen = registry.candidate_of(method, request.get("candidate"))
+    return registry.method_spec(method).seeded or (chosen in registry.REGISTRY and
+                                                   registry.method_spec(chosen).seeded)
+
+
+def _names(value: Any, what: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise MoePruneError(f"{what} must be a list of names, not {type(value).__name__} (e.g. ['wiki', 'web']).")
+    return tuple(value)
 
 
 def evaluate(
     model: Any,
     mask: ExpertMask | str | Path | None = None,
-    settings: EvalSettings | None = None,
+    settings: EvalSettings | Mapping[str, Any] | None = None,
     *,
     out: str | Path | None = None,
-    dtype: str = "auto",
-    device: str | None = None,
-    trust_remote_code: bool = False,
-    tokenizer: Any = None,
+    overwrite: bool = False,
+    force: bool = False,
     progress: bool = True,
-    stream: bool | None = None,
 ) -> dict[str, Any]:
-    """Perplexity and zero-shot accuracy of ``model`` (a path, hub id, "bundled", a pruned checkpoint or a loaded
-    model), under ``mask`` (applied in memory, restored afterwards) when given; written atomically to ``out``.
+    """Perplexity and zero-shot accuracy of ``model`` (a path, hub id, "bundled", a pruned checkpoint, a loaded
+    model or a :class:`ModelSource`), under ``mask`` (applied in memory, restored afterwards) when given; written
+    atomically to ``out``. ``force`` accepts a mask planned for a model with another config hash.
 
-    ``settings``: what to measure (:class:`~moeprune.options.EvalSettings`); None is the model's preset: the
-    bundled testbed's six domains and held-out tasks, else wikitext2, c4 and the six tasks of Common Avg.
-    Returns the result dict with its ``summary`` (docs/experiments.md)."""
-    return evaluate_model(model, mask=mask, settings=settings, dtype=dtype, device=device,
-                          trust_remote_code=trust_remote_code, out=out, tokenizer=tokenizer, progress=progress,
-                          stream=stream)
+    ``settings``: what to measure (:class:`~moeprune.options.EvalSettings` or a dict of its fields); unset fields
+    are the model's preset: the bundled testbed's six domains and held-out tasks, else wikitext2, c4 and the six
+    tasks of Common Avg. Returns the result dict with its ``summary`` (docs/experiments.md)."""
+    source = source_of(model)
+    settings = check_evaluation(source, _typed(settings, EvalSettings, "settings"))
+    check_model(source)
+    if mask is not None:
+        mask_file = None if isinstance(mask, ExpertMask) else mask
+        checked = _mask(mask)
+        check_mask_for_config(checked, source.config, force=force)
+        check_mask_layers(checked, source.config, source.trust_remote_code)
+        mask = mask_file if mask_file is not None else checked
+    return evaluate_model(source, mask=mask, settings=settings, out=out, overwrite=overwrite, progress=progress)
 
 
-def _perplexities(model: Any, tokenizer: Any, datasets: Sequence[str], seq_len: int, progress: bool) -> dict[str, dict]:
-    seq_len = min(seq_len, int(getattr(model.config, "max_position_embeddings", seq_len) or seq_len))
-    return {name: perplexity(model, tokenizer, name, seq_len=seq_len, progress=progress) for name in datasets}
+def _perplexities(model: Any, tokenizer: Any, evaluation: EvalSettings, progress: bool) -> dict[str, dict]:
+    return {name: perplexity(model, tokenizer, name, seq_len=evaluation.ppl_seq_len, progress=progress)
+            for name in evaluation.ppl_datasets}
 
 
 def _report_perplexity(dense: dict[str, dict], pruned: dict[str, dict], mask: ExpertMask, workdir: Path) -> None:
@@ -559,52 +601,38 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _fits(model: Any, device: str | None, dtype: str = "auto", trust_remote_code: bool = False) -> bool:
-    """Whether the weights (in ``dtype``) fit in the free memory of the GPU(s) they would load on."""
-    return fits_on_gpus(model, dtype, device, trust_remote_code)
-
-
-def _sequential_dtype(model: Any, dtype: str, run_on: str, trust_remote_code: bool) -> str | torch.dtype:
+def _sequential_dtype(source: ModelSource, run_on: str) -> str | torch.dtype:
     """Weights parked on the CPU for a layer-sequential run keep the checkpoint's dtype when the layers
     run on an accelerator ("auto" would mean fp32 for CPU-loaded weights, see loading.load_model)."""
-    if dtype != "auto" or str(run_on).startswith("cpu") or isinstance(model, torch.nn.Module):
-        return dtype
-    return checkpoint_dtype(load_config(model, trust_remote_code))
+    if source.dtype != "auto" or str(run_on).startswith("cpu") or source.is_loaded:
+        return source.dtype
+    return checkpoint_dtype(source.config)
 
 
-def _auto_budget_setup(
-    prof: Profile, model: Any, options: ReconstructionOptions
-) -> tuple[Any, dict[str, torch.Tensor]]:
-    """The loaded model and the held-out calibration windows that ``-B auto`` scores budgets on."""
-    model = model if model is not None else prof.meta.get("model")
-    if not model:
-        raise MoePruneError("-B auto needs the model: pass --model (the profile records none).")
-    loaded = checked_model(model, options.dtype, options.device, options.trust_remote_code)
+def _auto_budget_setup(prof: Profile, source: ModelSource) -> tuple[ModelSource, dict[str, torch.Tensor]]:
+    """The loaded model (as a source) and the held-out calibration windows that ``-B auto`` scores budgets on."""
+    if not source.is_loaded and source.placement() == "stream":
+        raise MoePruneError("-B auto scores every budget on the model in memory, and this model streams from disk "
+                            "here; pass a number (-B 20) or --no-stream on a machine that holds the model.")
+    loaded = source.load()
     _check_same_model(prof, loaded)
-    return loaded, auto_budget.held_out_sets(prof, checked_tokenizer(None, loaded, options.trust_remote_code))
+    return source.with_model(loaded), auto_budget.held_out_sets(prof, source.load_tokenizer(loaded))
 
 
 def _reconstruct(
-    prof: Profile, kept: list[int], model: Any, workdir: Path | None, options: ReconstructionOptions, progress: bool
+    prof: Profile, kept: list[int], source: ModelSource, workdir: Path | None, options: ReconstructionOptions,
+    progress: bool,
 ) -> dict[int, dict[int, tuple[list[int], float]]]:
     """ExpertSparsity selections for each K, from activations captured once into the work directory
-    (``options``: see :class:`~moeprune.options.ReconstructionOptions`; unset ones come from the model's preset)."""
-    if model is None:
-        model = prof.meta.get("model")
-        if not model:
-            raise MoePruneError("expert-sparsity needs the model: pass --model (the profile records none).")
-    opts = options.resolved(preset_for(model))
-    source = ModelSource.of(model, dtype=opts.dtype, device=opts.device, trust_remote_code=opts.trust_remote_code,
-                            stream=opts.stream)
-    streamed = source.open_stream() if source.placement() == "stream" else None
-    loaded = streamed.model if streamed is not None else checked_model(model, opts.dtype, opts.device,
-                                                                       opts.trust_remote_code)
+    (``options``: see :class:`~moeprune.options.ReconstructionOptions`; unset ones are the model's preset)."""
+    opts = options.resolved(source)  # the window rule, before the model loads
+    streamed = source.open_stream() if not source.is_loaded and source.placement() == "stream" else None
+    loaded = streamed.model if streamed is not None else source.load()
     _check_same_model(prof, loaded)
     spec = _reconstruction_corpus(prof, opts.corpus)
-    check_seq_len(loaded.config, opts.seq_len, "--recon-seq-len")  # as prune refuses it, for plan and experiment too
-    tokenizer = checked_tokenizer(opts.tokenizer, loaded, opts.trust_remote_code)
+    tokenizer = source.load_tokenizer(loaded)
     windows = calibration_windows(spec, tokenizer, opts.windows, opts.seq_len, opts.seed)
-    if streamed is not None:
+    if streamed is not None:  # one layer-major pass, nothing captured to the work directory
         return reconstruction_selection_streamed(streamed, windows, kept, progress=progress, loss=opts.loss,
                                                  token_budget=opts.tokens)
     workdir = Path(opts.workdir or workdir or "moeprune-work")
@@ -634,7 +662,9 @@ def _reconstruction_corpus(prof: Profile, name: str | None) -> CorpusSpec:
     return CorpusSpec(**recorded) if recorded else parse_corpus(chosen)
 
 
-def _check_output(out: str | Path, model: Any, overwrite: bool, *other_sources: Any) -> None:
-    """The output directory must not overlap the model (or the other sources), nor exist without overwrite."""
-    source = resolve_model_path(model) if isinstance(model, str | Path) else None
-    check_output_dir(out, sources=[source, *other_sources], overwrite=overwrite)
+def _check_output(out: str | Path, source: ModelSource, overwrite: bool, *other_sources: Any) -> None:
+    """The output directory must not overlap the model, its tokenizer (or the other sources), nor exist without
+    overwrite."""
+    tokenizer = source.tokenizer if isinstance(source.tokenizer, str | Path) else None
+    model = None if source.is_loaded else source.name
+    check_output_dir(out, sources=[model, tokenizer, *other_sources], overwrite=overwrite)

@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,9 @@ from moeprune.options import (
     EvalSettings,
     GridOptions,
     ReconstructionOptions,
-    parse_ppl_data,
+    add_flags,
+    budget_arg,  # noqa: F401 (re-export: the old home of the -B parser)
 )
-from moeprune.presets import PRESETS, RECOVERY_KINDS, help_default, preset_for, preset_name
 
 EXAMPLES = {
     "prune": "moeprune prune Qwen/Qwen1.5-MoE-A2.7B --retain 0.5 --out qwen-50/\n"
@@ -56,17 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         _silence_library_progress()
     previous = _on_sigterm(_raise_terminated)
     try:
-        from moeprune.validation import check_args, held_outputs  # lazy: validation pulls in transformers configs
+        from moeprune.preflight import check_args, held_outputs  # lazy: the preflight pulls in torch and configs
 
         check_args(args)  # everything that can fail before the expensive work (docs/errors.md)
-        if args.verb in ("eval", "experiment"):
-            from moeprune.evaluation.checks import check_evaluation_args  # lazy: evaluation pulls in lm-eval
-
-            check_evaluation_args(args, experiment_options(args) if args.verb == "experiment" else None)
-        if getattr(args, "recover", None):
-            from moeprune.recovery.checks import check_recovery_args  # lazy: torch, only for --recover
-
-            check_recovery_args(args)
         # A full disk or a read-only folder is one line, not a traceback; --out is locked for the whole run.
         with environment_errors(), held_outputs(args):
             return int(args.run(args) or 0)
@@ -149,158 +140,52 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------- options
-def _model_options(p: argparse.ArgumentParser, positional: bool = True, device: bool = True) -> None:
+# Every flag of a setting is made from its field (moeprune.options.flag metadata: name, help, group, preset shown in
+# the help) by one add_flags per options class; the run functions read them back with each class's from_args. The
+# flags written here by hand are the verbs' own: positional inputs, --out, --overwrite and the like.
+def _model_options(p: argparse.ArgumentParser, positional: bool = True, stream: bool = False) -> None:
+    from moeprune.loading import ModelSource  # lazy: torch
+
     if positional:
         p.add_argument("model", help="local checkpoint directory, hub id, or 'bundled' (the shipped testbed)")
-    g = p.add_argument_group("model loading")
-    g.add_argument(
-        "--dtype",
-        default="auto",
-        help="auto | float32 | bfloat16 | float16 (default auto: the checkpoint's dtype; float32 on the CPU)",
-    )
-    if device:
-        g.add_argument(
-            "--device",
-            default=None,
-            help="cpu, cuda, cuda:1, or auto (spread over all GPUs) (default: the GPU if there is one, spread over "
-            "all visible GPUs when it is too small, else the CPU)",
-        )
-    g.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own modeling code")
-    if positional:
-        g.add_argument(
-            "--tokenizer", default=None, help="tokenizer path or hub id (default: the model's; needed when the "
-            "model folder has no tokenizer files)"
-        )
-
-
-def _calibration_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("calibration")
-    g.add_argument(
-        "--corpus",
-        action="append",
-        dest="corpora",
-        metavar="SPEC",
-        help="repeatable: wikitext2, c4, wiki, web, FILE.txt|.jsonl|.parquet, hf:ID[:CONFIG][:SPLIT]"
-        f"[:FIELD], NAME=SPEC ({help_default('corpora')})",
-    )
-    g.add_argument("--samples", type=int, default=None, help=f"sequences per corpus ({help_default('samples')})")
-    g.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence ({help_default('seq_len')})")
-    g.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    skip = ["preset_name"] + ([] if positional else ["tokenizer"]) + ([] if stream else ["stream"])
+    add_flags(p, ModelSource, "model loading", skip=skip)
 
 
 def _plan_options(p: argparse.ArgumentParser, many: bool) -> None:
-    g = p.add_argument_group("planning")
-    g.add_argument("--method", default="tb-coverage", help="one of: " + ", ".join(_methods()))
-    if many:
-        g.add_argument("--retain", type=float, nargs="+", required=True, help="retain ratios rho in (0, 1]")
-    else:
-        g.add_argument("--retain", type=float, required=True, help="retain ratio rho in (0, 1]")
-    g.add_argument(
-        "--protect-budget",
-        "-B",
-        type=budget_arg,
-        default=None,
-        metavar="B",
-        help="TB-Coverage's protected experts per layer, or 'auto' (picked per ratio on held-out calibration "
-        "windows); default: 20 for N=60, 24 for N=64, else N/3; B > K is clamped to K and noted in the mask",
-    )
-    if many:  # plan only: prune profiles its own corpora, pooled
-        g.add_argument(
-            "--reap-corpus",
-            default=None,
-            metavar="NAME",
-            help="reap: rank on this profiled corpus alone instead of all corpora pooled (e.g. a code corpus)",
-        )
-    g.add_argument("--candidate", default=None, help="TB-Coverage's candidate method (default: expert-sparsity)")
-    g.add_argument("--plan-seed", type=int, default=None, help="seed of the random method (default: --seed or 0)")
-    r = p.add_argument_group("reconstruction (expert-sparsity)")
-    r.add_argument(
-        "--recon-corpus",
-        default=None,
-        help="corpus to reconstruct on (default: c4 if profiled, else the last profiled corpus)",
-    )
-    r.add_argument("--recon-samples", type=int, default=None, help=f"sequences ({help_default('recon_samples')})")
-    r.add_argument(
-        "--recon-seq-len", type=int, default=None, help=f"tokens per sequence ({help_default('recon_seq_len')})"
-    )
-    _recon_cost_options(r)
+    from moeprune.planning.request import PlanRequest  # lazy: planning pulls in torch
+
+    one = {"retains": {"nargs": None, "help": "retain ratio rho in (0, 1]"}}
+    add_flags(p, PlanRequest, "planning", skip=[] if many else ["score_corpus"], override=None if many else one)
+    add_flags(p, ReconstructionOptions, "reconstruction (expert-sparsity)")
 
 
-def _recon_cost_options(r: argparse._ActionsContainer) -> None:
-    r.add_argument(
-        "--recon-loss",
-        choices=["per-batch", "global"],
-        default=None,
-        help="per-batch: NAEE's sum of per-batch (8-sequence) norms (default); global: one norm (bundled default)",
-    )
-    r.add_argument(
-        "--recon-tokens", type=int, default=None, help="token budget: at most this many tokens, in whole sequences"
-    )
+def _recovery_options(p: argparse.ArgumentParser, grid: bool = False) -> None:
+    from moeprune.recovery import RecoveryOptions  # lazy: torch
 
-
-def _recovery_options(p: argparse.ArgumentParser, many: bool = False) -> None:
-    g = p.add_argument_group("recovery after pruning (docs/recovery.md)")
-    g.add_argument(
-        "--recover",
-        choices=RECOVERY_KINDS,
-        nargs="+" if many else None,
-        default=None,
-        help="router-kd: train only the routers to match the dense model (KL); merge: fold each dropped expert "
-        "into its most similar kept one; merge+router-kd: both" + ("; several make a grid axis" if many else "")
-        + " (default none)",
-    )
-    g.add_argument(
-        "--recover-corpus",
-        action="append",
-        default=None,
-        metavar="SPEC",
-        help="repeatable: recovery calibration corpus, train split only (default: the profiled corpora)",
-    )
-    g.add_argument("--recover-samples", type=int, default=None,
-                   help=f"calibration windows in all, split over the corpora ({help_default('recover_samples')})")
-    g.add_argument("--recover-seq-len", type=int, default=None,
-                   help=f"tokens per window ({help_default('recover_seq_len')})")
-    g.add_argument("--recover-epochs", type=int, default=None,
-                   help=f"router-kd passes over the windows ({help_default('recover_epochs')})")
-    g.add_argument("--recover-lr", type=float, default=None,
-                   help=f"router-kd Adam learning rate ({help_default('recover_lr')})")
-    g.add_argument("--recover-batch-size", type=int, default=None,
-                   help=f"windows per router-kd step ({help_default('recover_batch_size')})")
-    g.add_argument("--recover-seed", type=int, default=None, help="recovery seed: data order and window sampling "
-                   "(default 0; windows are sampled with seed + 10000, not the profiling windows)")
+    add_flags(p, RecoveryOptions, "recovery after pruning (docs/recovery.md)", skip=["kind"] if grid else ())
 
 
 def recovery_from_args(args: argparse.Namespace):
-    """``--recover`` and its settings over the model's preset, or None without ``--recover``."""
+    """``--recover`` and its settings (unset: the model's preset, filled by the verb), or None without it."""
     from moeprune.recovery import RecoveryOptions  # lazy: torch
 
     if not getattr(args, "recover", None):
         return None
-    return RecoveryOptions.from_args(args, preset_for(args.model))
+    return RecoveryOptions.from_args(args)
 
 
-def _methods() -> list[str]:
-    from moeprune.planning import registry  # lazy: planning pulls in torch
+def model_source(args: argparse.Namespace, model: Any = None):
+    """The verb's model with the loading flags (and experiment's --preset) as one ModelSource."""
+    from moeprune.loading import ModelSource  # lazy: torch
 
-    return registry.names()
+    return ModelSource.from_args(args, model)
 
 
 # ------------------------------------------------------------------------------------------------ verbs
-def _stream_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--stream",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="read the weights from the checkpoint's safetensors shards one decoder layer at a time, never the "
-        "whole model in memory (default: only when the model does not fit in the memory available to the process, "
-        "cgroup limits included; --no-stream loads it whole)",
-    )
-
-
 def _add_profile(p: argparse.ArgumentParser) -> None:
-    _model_options(p)
-    _calibration_options(p)
+    _model_options(p, stream=True)
+    add_flags(p, Calibration, "calibration")
     p.add_argument("--out", required=True, help="profile directory (finished corpora in it are reused)")
     p.add_argument(
         "--sequential",
@@ -309,10 +194,6 @@ def _add_profile(p: argparse.ArgumentParser) -> None:
         help="run one decoder layer at a time on --device, weights on the CPU (default: only when the model "
         "does not fit in free GPU memory)",
     )
-    _stream_flag(p)
-    p.add_argument(
-        "--checkpoint-every", type=int, default=16, help="batches between checkpoints of partial sums (default 16)"
-    )
     p.set_defaults(run=_run_profile)
 
 
@@ -320,34 +201,17 @@ def _run_profile(args: argparse.Namespace) -> None:
     from moeprune import api  # lazy: the api pulls in torch; --help stays fast
 
     _init_distributed()
-    calibration = Calibration.from_args(args)
-    prof = api.profile(
-        args.model,
-        calibration.corpora,
-        args.out,
-        samples=calibration.samples,
-        seq_len=calibration.seq_len,
-        batch_size=calibration.batch_size,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-        sequential=args.sequential,
-        stream=args.stream,
-        dtype=args.dtype,
-        device=args.device,
-        tokenizer=args.tokenizer,
-        trust_remote_code=args.trust_remote_code,
-        progress=_progress(args),
-    )
+    prof = api.profile(model_source(args), out=args.out, calibration=Calibration.from_args(args),
+                       sequential=args.sequential, progress=_progress(args))
     _say(f"profile of {len(prof.names)} corpora ({', '.join(prof.names)}) in {args.out}")
 
 
 def _add_plan(p: argparse.ArgumentParser) -> None:
     p.add_argument("profile", help="profile directory written by `moeprune profile`")
     _plan_options(p, many=True)
-    _model_options(p, positional=False)
+    _model_options(p, positional=False, stream=True)
     p.add_argument("--model", default=None, help="model for expert-sparsity (default: the profile's model)")
     p.add_argument("--out", required=True, help="directory for the mask files (<method>-<rho>.json)")
-    _stream_flag(p)
     p.set_defaults(run=_run_plan)
 
 
@@ -359,14 +223,9 @@ def _run_plan(args: argparse.Namespace) -> None:
     args.model = args.model or Profile.load(args.profile).meta.get("model")
     masks = api.plan_many(
         args.profile,
-        args.method,
-        args.retain,
-        seed=_plan_seed(args),
-        protect_budget=args.protect_budget,
-        candidate=args.candidate,
-        model=args.model,
+        plan_request(args),
+        model=model_source(args) if args.model else None,
         reconstruction=ReconstructionOptions.from_args(args),
-        score_corpus=args.reap_corpus,
         progress=_progress(args),
     )
     for mask in masks:
@@ -378,7 +237,7 @@ def _run_plan(args: argparse.Namespace) -> None:
 
 
 def _add_apply(p: argparse.ArgumentParser) -> None:
-    _model_options(p)
+    _model_options(p, stream=True)
     p.add_argument("mask", help="mask.json written by `moeprune plan`")
     p.add_argument("--out", required=True, help="directory for the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -390,8 +249,13 @@ def _add_apply(p: argparse.ArgumentParser) -> None:
         help="prune a local safetensors checkpoint shard by shard without building the model (peak memory about "
         "one shard; no logits verification)",
     )
+    p.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="write a quantized checkpoint (FP8, MXFP4, compressed-tensors) dequantized, in its config's dtype and "
+        "without quantization_config (default: the source's own format, its kept tensors byte for byte)",
+    )
     _recovery_options(p)
-    _stream_flag(p)
     p.set_defaults(run=_run_apply)
 
 
@@ -399,6 +263,9 @@ def _run_apply(args: argparse.Namespace) -> None:
     from moeprune import api  # lazy: the api pulls in torch; --help stays fast
 
     if args.model_free:
+        if args.dequantize:
+            raise MoePruneError("--model-free writes the source's tensors as they are and cannot --dequantize; drop "
+                                "--model-free (in-memory apply dequantizes) or drop --dequantize.")
         from moeprune.planning.mask import ExpertMask  # lazy: torch
         from moeprune.surgery.shards import prune_checkpoint_files  # lazy: torch and safetensors
 
@@ -410,227 +277,101 @@ def _run_apply(args: argparse.Namespace) -> None:
                                      progress=_progress(args))
         print(f"pruned checkpoint written to {out} (model-free, shard by shard)")
         return
-    out = api.apply(
-        args.model,
-        args.mask,
-        args.out,
-        dtype=args.dtype,
-        tokenizer=args.tokenizer,
-        device=args.device,
-        trust_remote_code=args.trust_remote_code,
-        overwrite=args.overwrite,
-        verify=not args.no_verify,
-        force=args.force,
-        progress=_progress(args),
-        recover=recovery_from_args(args),
-        stream=args.stream,
-    )
+    out = api.apply(model_source(args), args.mask, args.out, overwrite=args.overwrite, verify=not args.no_verify,
+                    force=args.force, recover=recovery_from_args(args), dequantize=args.dequantize,
+                    progress=_progress(args))
     print(f"pruned checkpoint written to {out}")
 
 
 def _add_prune(p: argparse.ArgumentParser) -> None:
-    _model_options(p)
-    _calibration_options(p)
+    _model_options(p, stream=True)
+    add_flags(p, Calibration, "calibration", skip=["checkpoint_every"])
     _plan_options(p, many=False)
     p.add_argument("--out", required=True, help="directory for the pruned checkpoint")
     p.add_argument("--workdir", default=None, help="where the profile and mask are kept (default: OUT.work)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument(
-        "--ppl",
-        nargs="*",
-        default=None,
-        metavar="DATASET",
-        help="print dense and pruned perplexity on these held-out sets (e.g. wiki web, wikitext2 c4)",
-    )
+    add_flags(p, EvalSettings, only=["ppl_datasets"], override={"ppl_datasets": {
+        "help": "print dense and pruned perplexity on these held-out sets (e.g. wiki web, wikitext2 c4)"}})
     _recovery_options(p)
-    _stream_flag(p)
     p.set_defaults(run=_run_prune)
 
 
 def _run_prune(args: argparse.Namespace) -> None:
     from moeprune import api  # lazy: the api pulls in torch; --help stays fast
 
+    request = plan_request(args)
     out = api.prune(
-        args.model,
+        model_source(args),
         args.retain,
         args.out,
-        method=args.method,
         calibration=Calibration.from_args(args),
-        workdir=args.workdir,
-        seed=args.seed,
-        protect_budget=args.protect_budget,
-        candidate=args.candidate,
         reconstruction=ReconstructionOptions.from_args(args),
-        dtype=args.dtype,
-        device=args.device,
-        trust_remote_code=args.trust_remote_code,
-        tokenizer=args.tokenizer,
-        overwrite=args.overwrite,
-        ppl_datasets=args.ppl,
-        progress=_progress(args),
         recover=recovery_from_args(args),
-        stream=args.stream,
+        ppl_datasets=args.ppl,
+        workdir=args.workdir,
+        overwrite=args.overwrite,
+        progress=_progress(args),
+        method=request.method,
+        seed=request.seed,
+        protect_budget=request.protect_budget,
+        candidate=request.candidate,
     )
     print(f"pruned checkpoint written to {out}")
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
-    _model_options(p)
+    _model_options(p, stream=True)
     p.add_argument("--mask", default=None, help="mask.json applied in memory (no export needed)")
     _force_option(p)
-    p.add_argument(
-        "--ppl",
-        nargs="*",
-        default=None,
-        help="perplexity datasets: wikitext2, c4, the bundled wiki web bible man glossary devil, FILE.txt "
-        f"({help_default('ppl_datasets')})",
-    )
-    p.add_argument(
-        "--ppl-seq-len",
-        type=int,
-        default=None,
-        help="perplexity window (default: min(2048, max positions); bundled: 256)",
-    )
-    _ppl_windows_option(p)
-    _ppl_data_option(p)
-    p.add_argument(
-        "--tasks",
-        nargs="*",
-        default=None,
-        help="lm-eval tasks or presets common, bundled, heldout, stress (default: the six of Common Avg; "
-        "bundled: heldout; none to skip)",
-    )
-    p.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
-    p.add_argument(
-        "--eval-batch-size", type=_eval_batch_size, default=8, help="lm-eval batch size: N, auto or auto:N (default 8)"
-    )
+    add_flags(p, EvalSettings, "evaluation")
     p.add_argument("--out", default=None, help="results JSON file (default: print only)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (e.g. earlier results)")
-    _stream_flag(p)
     p.set_defaults(run=_run_eval)
 
 
 def _run_eval(args: argparse.Namespace) -> None:
     from moeprune import api  # lazy: the api pulls in torch; --help stays fast
 
-    results = api.evaluate(
-        args.model,
-        mask=args.mask,
-        settings=EvalSettings.from_args(args, ppl_sources=parse_ppl_data(args.ppl_data)),
-        dtype=args.dtype,
-        device=args.device,
-        trust_remote_code=args.trust_remote_code,
-        out=args.out,
-        tokenizer=args.tokenizer,
-        progress=_progress(args),
-        stream=args.stream,
-    )
+    results = api.evaluate(model_source(args), mask=args.mask,
+                           settings=EvalSettings.from_args(args),
+                           out=args.out, overwrite=args.overwrite, force=args.force, progress=_progress(args))
     print(json.dumps(results.get("summary", results), indent=2))
 
 
 def _add_experiment(p: argparse.ArgumentParser) -> None:
-    _model_options(p)
-    p.add_argument(
-        "--preset",
-        choices=["paper", "bundled"],
-        default=None,
-        help="paper: wikitext2+c4, 512x1024, B=20/24, six tasks, seeds 0-4,42; bundled: the testbed, fast "
-        "(default: bundled for the testbed, else paper)",
-    )
-    p.add_argument("--retain", type=float, nargs="+", default=None, help=f"retain ratios ({help_default('retains')})")
-    p.add_argument("--methods", nargs="+", default=None, help="methods (default: all)")
-    p.add_argument(
-        "--seeds", type=int, nargs="+", default=None, help=f"random-method seeds ({help_default('seeds')})"
-    )
-    p.add_argument("--corpus", action="append", dest="corpora", metavar="SPEC",
-                   help=f"profiling corpora ({help_default('corpora')})")
-    p.add_argument("--samples", type=int, default=None,
-                   help=f"calibration sequences per corpus ({help_default('samples')})")
-    p.add_argument("--seq-len", type=int, default=None,
-                   help=f"calibration tokens per sequence ({help_default('seq_len')})")
-    p.add_argument("--ppl", nargs="*", default=None, help=f"perplexity datasets ({help_default('ppl_datasets')})")
-    p.add_argument("--ppl-seq-len", type=int, default=None, help="perplexity window")
-    _ppl_windows_option(p)
-    p.add_argument("--tasks", nargs="*", default=None, help="zero-shot tasks")
-    p.add_argument("--limit", type=int, default=None, help="examples per task")
-    _ppl_data_option(p)
-    p.add_argument("--batch-size", type=int, default=None, help="calibration sequences per forward pass")
-    p.add_argument("--eval-batch-size", type=_eval_batch_size, default=None, help="lm-eval batch size: N, auto, auto:N")
-    p.add_argument(
-        "--protect-budget",
-        "-B",
-        type=budget_arg,
-        nargs="+",
-        default=None,
-        metavar="B",
-        help="TB-Coverage's protect budget: one value, 'auto', or several (e.g. 0 4 8 auto) for a sensitivity sweep",
-    )
-    p.add_argument(
-        "--reap-corpus",
-        default=None,
-        metavar="SPEC",
-        help="also run REAP ranked on this corpus alone, e.g. code=evol-codealpaca or "
-        "code=FILE.jsonl:instruction+output (paper preset: code=evol-codealpaca; 'none' to skip)",
-    )
-    p.add_argument("--reap-samples", type=int, default=None, help="REAP-corpus sequences (paper: 128)")
-    p.add_argument("--reap-seq-len", type=int, default=None, help="REAP-corpus tokens per sequence (paper: 2048)")
-    p.add_argument("--candidate", default=None, help="TB-Coverage's candidate method (default: expert-sparsity)")
-    p.add_argument("--recon-corpus", default=None, help="expert-sparsity corpus (default: c4 or the last corpus)")
-    p.add_argument("--recon-samples", type=int, default=None, help="expert-sparsity sequences")
-    p.add_argument("--recon-seq-len", type=int, default=None, help="expert-sparsity tokens per sequence")
-    _recon_cost_options(p)
-    _recovery_options(p, many=True)
+    from moeprune.loading import ModelSource  # lazy: torch
+
+    _model_options(p, stream=True)
+    add_flags(p, ModelSource, only=["preset_name"])
+    add_flags(p, GridOptions, "grid")
+    add_flags(p, Calibration, "calibration", skip=["seed", "checkpoint_every"])
+    add_flags(p, EvalSettings, "evaluation")
+    add_flags(p, ReconstructionOptions, "reconstruction (expert-sparsity)")
+    _recovery_options(p, grid=True)
     p.add_argument("--out", required=True, help="experiment directory (finished cells are reused)")
-    _stream_flag(p)
     p.set_defaults(run=_run_experiment)
 
 
 def experiment_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``run_experiment`` keyword arguments from the CLI, one typed option per stage: explicit flags win over
-    the preset, and without ``--preset`` the model picks one (the bundled testbed gets the fast one)."""
+    """``run_experiment`` keyword arguments from the CLI, one typed option per stage (unset fields: the model
+    source's preset, resolved by the verb; ``--preset`` is the source's)."""
     from moeprune.recovery import RecoveryOptions  # lazy: torch
 
-    preset = PRESETS[args.preset or preset_name(args.model)]
     return {
-        "grid": GridOptions.from_args(args, preset),
-        "calibration": Calibration.from_args(args, preset),
-        "evaluation": EvalSettings.from_args(args, preset, parse_ppl_data(getattr(args, "ppl_data", None))),
-        # The tokenizer travels beside it (run_experiment loads it once), not inside.
-        "reconstruction": replace(ReconstructionOptions.from_args(args, preset), tokenizer=None),
-        "recovery": RecoveryOptions.from_args(args, preset, kind="none"),
-        "dtype": args.dtype,
-        "device": args.device,
-        "trust_remote_code": args.trust_remote_code,
-        "tokenizer": getattr(args, "tokenizer", None),
+        "grid": GridOptions.from_args(args),
+        "calibration": Calibration.from_args(args),
+        "evaluation": EvalSettings.from_args(args),
+        "reconstruction": ReconstructionOptions.from_args(args),
+        "recovery": RecoveryOptions.from_args(args, kind="none"),
     }
 
 
 def _run_experiment(args: argparse.Namespace) -> None:
     from moeprune.experiment import run_experiment  # lazy: the grid pulls in torch and transformers
 
-    result = run_experiment(args.model, args.out, progress=not args.quiet, **experiment_options(args))
+    result = run_experiment(model_source(args), args.out, progress=not args.quiet, **experiment_options(args))
     print(terminal_safe(Path(result["files"]["report"]).read_text()))
     print(f"experiment written to {args.out} ({len(result['cells'])} cells)")
-
-
-def _ppl_data_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--ppl-data",
-        nargs="*",
-        default=None,
-        metavar="NAME=PATH",
-        help="local files replacing hub perplexity data, e.g. wikitext2=wiki.test.raw c4=c4-validation.json.gz",
-    )
-
-
-def _ppl_windows_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--ppl-windows",
-        type=int,
-        default=None,
-        metavar="N",
-        help="perplexity on the first N windows of each dataset's test split (default: all)",
-    )
 
 
 def _force_option(p: argparse.ArgumentParser) -> None:
@@ -652,16 +393,6 @@ def _run_inspect(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def budget_arg(text: str) -> int | str:
-    """A protect budget on the command line: a whole number or 'auto'."""
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'auto' (e.g. -B 20, -B auto)") from None
-
-
 def _output_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     loudness = parent.add_argument_group("output").add_mutually_exclusive_group()
@@ -704,17 +435,11 @@ def _silence_library_progress() -> None:
     datasets.disable_progress_bars()
 
 
-def _eval_batch_size(text: str) -> int | str:
-    from moeprune.evaluation.zeroshot import eval_batch_size  # lazy: evaluation pulls in torch
+def plan_request(args: argparse.Namespace):
+    """The plan request of plan and prune (--method, --retain, --plan-seed, -B, --candidate, --reap-corpus)."""
+    from moeprune.planning.request import PlanRequest  # lazy: planning pulls in torch
 
-    try:
-        return eval_batch_size(text)
-    except MoePruneError as err:  # argparse prints it with the usage line and exits 2
-        raise argparse.ArgumentTypeError(str(err)) from err
-
-
-def _plan_seed(args: argparse.Namespace) -> int:
-    return args.plan_seed if args.plan_seed is not None else getattr(args, "seed", 0) or 0
+    return PlanRequest.from_args(args)
 
 
 def _init_distributed() -> None:

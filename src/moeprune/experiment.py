@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +34,14 @@ from moeprune.data.corpora import parse_corpus
 from moeprune.errors import MoePruneError
 from moeprune.evaluation import footprint, report, runner
 from moeprune.evaluation.coverage import DENSE
-from moeprune.evaluation.runner import default_seq_len, resolve_tasks
+from moeprune.evaluation.runner import resolve_tasks
 from moeprune.evaluation.zeroshot import reuse_lm_eval
 from moeprune.io import read_json, remove_orphan_temp_files, write_json_atomic, write_text_atomic
-from moeprune.loading import ModelSource, checked_model, checked_tokenizer, config_hash, model_name
-from moeprune.options import Calibration, EvalSettings, GridOptions, ReconstructionOptions
+from moeprune.loading import ModelSource, config_hash, model_name
+from moeprune.options import Calibration, EvalSettings, GridOptions, PresetSource, ReconstructionOptions
 from moeprune.planning import registry
 from moeprune.planning.mask import ExpertMask, kept_count
-from moeprune.presets import preset_for
+from moeprune.planning.request import PlanRequest
 from moeprune.profiling.runner import tokenizer_fingerprint, weights_fingerprint
 from moeprune.profiling.stats import Profile
 from moeprune.recovery import (
@@ -71,86 +70,155 @@ def run_experiment(
     model: Any,
     out_dir: str | Path,
     *,
-    grid: GridOptions | None = None,
-    calibration: Calibration | None = None,
+    grid: GridOptions | Mapping[str, Any] | None = None,
+    calibration: Calibration | Mapping[str, Any] | None = None,
     reconstruction: ReconstructionOptions | Mapping[str, Any] | None = None,
-    evaluation: EvalSettings | None = None,
-    recovery: RecoveryOptions | None = None,
-    dtype: str = "auto",
-    device: str | None = None,
-    trust_remote_code: bool = False,
-    tokenizer: Any = None,
+    evaluation: EvalSettings | Mapping[str, Any] | None = None,
+    recovery: RecoveryOptions | Mapping[str, Any] | None = None,
     plots: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Profile once, plan every mask, evaluate dense + every mask, write results, report and plots.
 
-    Each stage's options are typed (:mod:`moeprune.options`); one left out is the model's preset
-    (:func:`moeprune.presets.preset_for`: the bundled testbed's fast one, else the paper's). ``grid``: the axes
-    (retains x methods x seeds, the B sweep, REAP on its own corpus, the recovery kinds); ``recovery``: the
-    settings every recovery kind of the grid shares (its kind is ignored), calibrated on the profiled corpora's
-    train splits unless it names its own.
+    ``model``: a path, hub id, ``bundled``, a loaded model or a :class:`~moeprune.loading.ModelSource` (its
+    ``preset_name`` is ``experiment --preset``). Each stage's options are typed (:mod:`moeprune.options`, or a
+    dict of their fields); a field left unset is the model source's preset (the bundled testbed's fast one, else
+    the paper's). ``grid``: the axes (retains x methods x seeds, the B sweep, REAP on its own corpus, the recovery
+    kinds); ``recovery``: the settings every recovery kind of the grid shares (its kind is ignored), calibrated on
+    the profiled corpora's train splits unless it names its own.
 
     Returns ``{"settings", "cells", "files"}``; ``cells[0]`` is the dense model."""
     out = Path(out_dir)
-    preset = preset_for(model)
-    grid = grid if grid is not None else GridOptions.from_preset(preset)
-    calibration = calibration if calibration is not None else Calibration.from_preset(preset)
-    evaluation = evaluation if evaluation is not None else EvalSettings.from_preset(preset)
-    recon = ReconstructionOptions.coerce(reconstruction)
+    source, settings = resolve_experiment(model, grid, calibration, reconstruction, evaluation, recovery)
+    grid, calibration, recon = settings.grid, settings.calibration, settings.reconstruction
+    evaluation, recovery, methods = settings.evaluation, settings.recovery, settings.methods
+    if not source.is_loaded and source.placement() == "stream":
+        raise MoePruneError(
+            f"experiment keeps one model in memory for every cell, and {source.name} streams from disk here "
+            "(--stream, or too little memory); run the stages streamed instead (moeprune profile/plan/apply/eval "
+            "--stream), or pass --no-stream on a machine that holds the model."
+        )
+    loaded = source.load()
+    tokenizer = source.load_tokenizer(loaded)
+    record = {
+        "model": model_name(loaded) if source.is_loaded else str(source.model),
+        "retains": list(grid.retains),
+        "methods": methods,
+        "seeds": list(grid.seeds),
+        "calibration": _calibration_record(calibration, grid, recon, methods),
+        "evaluation": _evaluation_record(evaluation),
+    }
+    kinds = list(grid.recover)
+    _check_recovery_axis(kinds, loaded, grid.retains)
+    if any(k != "none" for k in kinds):  # recorded only when used, so older experiment.json files still match
+        record["recovery"] = {"kinds": kinds, **{k: v for k, v in recovery.to_json().items() if k != "kind"}}
+    _check_settings(out, record)
+    _remove_orphans(out)
+    running = ModelSource.of(source.with_model(loaded), tokenizer=tokenizer)
+    _profile(running, out, calibration, grid, methods, progress)
+    masks = plan_grid(out, running, grid, methods, calibration, recon, progress)
+    cells = evaluate_grid(loaded, tokenizer, out, masks, evaluation, progress, kinds, recovery)
+    files = write_outputs(out, record, cells, plots=plots)
+    return {"settings": record, "cells": cells, "files": {k: str(v) for k, v in files.items()}}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentSettings:
+    """An experiment's options, resolved against its model source (what the CLI's preflight checks)."""
+
+    grid: GridOptions
+    methods: list[str]
+    calibration: Calibration
+    reconstruction: ReconstructionOptions
+    evaluation: EvalSettings
+    recovery: RecoveryOptions
+
+
+def resolve_experiment(
+    model: Any,
+    grid: GridOptions | Mapping[str, Any] | None = None,
+    calibration: Calibration | Mapping[str, Any] | None = None,
+    reconstruction: ReconstructionOptions | Mapping[str, Any] | None = None,
+    evaluation: EvalSettings | Mapping[str, Any] | None = None,
+    recovery: RecoveryOptions | Mapping[str, Any] | None = None,
+) -> tuple[ModelSource, ExperimentSettings]:
+    """The model source and every option of the grid filled from its preset and checked, before any weight
+    loads: the window rule on every window the grid uses, wrong types as one line."""
+    source = api.source_of(model)
+    grid = _typed(grid, GridOptions, "grid")
+    unknown = [m for m in grid.methods or () if m not in registry.REGISTRY]
+    if unknown:
+        raise MoePruneError(
+            f"Unknown method(s) {unknown} in --methods; known methods: {', '.join(registry.names())}."
+        )
     methods = list(grid.methods or all_methods())
-    if isinstance(model, str | Path):
-        source = ModelSource.of(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                                stream=recon.stream)
-        if source.placement() == "stream":
-            raise MoePruneError(
-                f"experiment keeps one model in memory for every cell, and {source.name} streams from disk here "
-                "(--stream, or too little memory); run the stages streamed instead (moeprune profile/plan/apply/eval "
-                "--stream), or pass --no-stream on a machine that holds the model."
-            )
-    loaded = checked_model(model, dtype, device, trust_remote_code)
-    tokenizer = checked_tokenizer(tokenizer, loaded, trust_remote_code)
-    eval_settings = {
+    grid = grid.resolved(source, methods)
+    recon = _typed(reconstruction, ReconstructionOptions, "reconstruction")
+    if any(registry.needs_model(m, grid.candidate if registry.method_spec(m).protects else None) for m in methods):
+        recon = recon.resolved(source)
+    calibration = _typed(calibration, Calibration, "calibration").resolved(source)
+    recovery = _typed(recovery, RecoveryOptions, "recovery")
+    unknown_kinds = [k for k in grid.recover if k not in KINDS]
+    if unknown_kinds:
+        RecoveryOptions(kind=unknown_kinds[0])  # raises the one-line "unknown recovery" error
+    if any(k != NONE for k in grid.recover):
+        recovery.check_used_by([k for k in grid.recover if k != NONE])
+        recovery = recovery.resolved(source)
+    else:
+        given = [f.name for f in dataclasses.fields(recovery)
+                 if f.name != "kind" and getattr(recovery, f.name) != f.default]
+        if given:
+            raise MoePruneError(f"recovery settings {given} have no effect: the grid recovers nothing; add a kind to "
+                                "grid.recover (--recover router-kd, merge, ...) or drop them.")
+        recovery = recovery.resolved(PresetSource(source.preset))
+    if recovery.corpora is None:
+        recovery = dataclasses.replace(recovery, corpora=tuple(calibration.corpora))
+    evaluation = _typed(evaluation, EvalSettings, "evaluation").resolved(source)
+    return source, ExperimentSettings(grid, methods, calibration, recon, evaluation, recovery)
+
+
+def _typed(value: Any, cls: type, what: str) -> Any:
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise MoePruneError(f"Unknown {what} option(s) {unknown}; known: {', '.join(sorted(known))}.")
+        return cls(**value)
+    raise MoePruneError(f"{what} must be a {cls.__name__} or a dict of its fields, not {type(value).__name__}.")
+
+
+def _calibration_record(calibration: Calibration, grid: GridOptions, recon: ReconstructionOptions,
+                        methods: Sequence[str]) -> dict[str, Any]:
+    """What experiment.json records of the calibration (its keys as older experiment folders have them)."""
+    # Every calibration field that shapes the windows (a new one is recorded without touching this file); the seed
+    # and checkpointing are not recorded (older experiment.json files hold these keys only).
+    record: dict[str, Any] = {k: v for k, v in dataclasses.asdict(calibration).items()
+                              if k not in ("seed", "checkpoint_every")}
+    record["corpora"] = list(calibration.corpora)
+    record.update({
+        "protect_budget": grid.protect_budget,
+        "candidate": grid.candidate,
+        "reconstruction": recon.to_json(),
+    })
+    if grid.reap and "reap" in methods:  # recorded only when used, so older experiment.json files match
+        record["reap_corpus"] = {"corpus": grid.reap, "samples": grid.reap_samples, "seq_len": grid.reap_seq_len}
+    return record
+
+
+def _evaluation_record(evaluation: EvalSettings) -> dict[str, Any]:
+    return {
         "ppl_datasets": list(evaluation.ppl_datasets),
-        "ppl_seq_len": default_seq_len(loaded, evaluation.ppl_seq_len),
+        "ppl_seq_len": evaluation.ppl_seq_len,
         "ppl_sources": {k: str(v) for k, v in (evaluation.ppl_sources or {}).items()},
         "max_windows": evaluation.max_windows,
         "tasks": resolve_tasks(evaluation.tasks),
         "limit": evaluation.limit,
         "eval_batch_size": evaluation.eval_batch_size,
     }
-    planning = {
-        "corpora": list(calibration.corpora),
-        "samples": calibration.samples,
-        "seq_len": calibration.seq_len,
-        "batch_size": calibration.batch_size,
-        "protect_budget": grid.protect_budget,
-        "candidate": grid.candidate,
-        "reconstruction": recon.to_json(),
-    }
-    if grid.reap_corpus and "reap" in methods:  # recorded only when used, so older experiment.json files match
-        planning["reap_corpus"] = {"corpus": grid.reap_corpus, "samples": grid.reap_samples,
-                                   "seq_len": grid.reap_seq_len}
-    settings = {
-        "model": str(model) if isinstance(model, (str, Path)) else model_name(loaded),
-        "retains": list(grid.retains),
-        "methods": methods,
-        "seeds": list(grid.seeds),
-        "calibration": planning,
-        "evaluation": eval_settings,
-    }
-    kinds, recovery = _recovery_axis(model, grid.recover, recovery, calibration.corpora, loaded, grid.retains)
-    if any(k != "none" for k in kinds):  # recorded only when used, so older experiment.json files still match
-        settings["recovery"] = {"kinds": kinds, **{k: v for k, v in recovery.to_json().items() if k != "kind"}}
-    _check_settings(out, settings)
-    _remove_orphans(out)
-    _profile(loaded, tokenizer, out, planning, progress)
-    # The tokenizer is not in the settings (an object), only in what the reconstruction uses.
-    masks = plan_grid(out, loaded, grid.retains, methods, grid.seeds, planning, replace(recon, tokenizer=tokenizer),
-                      progress)
-    cells = evaluate_grid(loaded, tokenizer, out, masks, evaluation, progress, kinds, recovery)
-    files = write_outputs(out, settings, cells, plots=plots)
-    return {"settings": settings, "cells": cells, "files": {k: str(v) for k, v in files.items()}}
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -172,38 +240,21 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
     write_json_atomic(path, settings)
 
 
-def _profile(model: Any, tokenizer: Any, out: Path, calibration: dict[str, Any], progress: bool) -> None:
-    reap = calibration.get("reap_corpus")
-    if reap:  # first: a hub corpus that cannot load (offline) fails before the long generic profile
-        api.profile(
-            model,
-            [reap["corpus"]],
-            out / REAP_PROFILE,
-            samples=reap["samples"],
-            seq_len=reap["seq_len"],
-            batch_size=calibration["batch_size"],
-            tokenizer=tokenizer,
-            progress=progress,
-        )
-    api.profile(
-        model,
-        calibration["corpora"],
-        out / "profile",
-        samples=calibration["samples"],
-        seq_len=calibration["seq_len"],
-        batch_size=calibration["batch_size"],
-        tokenizer=tokenizer,
-        progress=progress,
-    )
+def _profile(source: ModelSource, out: Path, calibration: Calibration, grid: GridOptions, methods: Sequence[str],
+             progress: bool) -> None:
+    if grid.reap and "reap" in methods:  # first: a hub corpus that cannot load (offline) fails before the long profile
+        reap = dataclasses.replace(calibration, corpora=(grid.reap,), samples=grid.reap_samples,
+                                   seq_len=grid.reap_seq_len)
+        api.profile(source, out=out / REAP_PROFILE, calibration=reap, sequential=False, progress=progress)
+    api.profile(source, out=out / "profile", calibration=calibration, sequential=False, progress=progress)
 
 
 def plan_grid(
     out: Path,
-    model: Any,
-    retains: Sequence[float],
+    model: ModelSource,
+    grid: GridOptions,
     methods: Sequence[str],
-    seeds: Sequence[int],
-    calibration: dict[str, Any],
+    calibration: Calibration,
     reconstruction: ReconstructionOptions,
     progress: bool = True,
 ) -> list[tuple[Path, ExpertMask]]:
@@ -213,12 +264,14 @@ def plan_grid(
     # Model-chosen methods (expert-sparsity) first: tb-coverage with that candidate reuses their selections.
     order = sorted(methods, key=lambda m: 0 if registry.method_spec(m).needs_model else 1)
     for method in order:
-        for seed in seeds if registry.method_spec(method).seeded else [None]:
-            for variant, options in _variants(method, calibration):
-                paths = [out / "masks" / api.variant_filename(variant, r, seed) for r in retains]
-                masks = _reusable_masks(paths, retains, _profile_of(out, options, calibration))
+        for seed in grid.seeds if registry.method_spec(method).seeded else [None]:
+            for variant, options in _variants(method, grid, methods):
+                paths = [out / "masks" / api.variant_filename(variant, r, seed) for r in grid.retains]
+                folder = options.get("profile", "profile")
+                corpora = _corpus_names(calibration, grid, folder)
+                masks = _reusable_masks(paths, grid.retains, Profile.load(out / folder, corpora).fingerprint())
                 if masks is None:
-                    masks = _plan(out, model, method, retains, seed, calibration, reconstruction, model_masks, progress,
+                    masks = _plan(out, model, method, grid, seed, corpora, reconstruction, model_masks, progress,
                                   **options)
                     for path, mask in zip(paths, masks, strict=True):
                         if variant != mask.variant:
@@ -231,14 +284,8 @@ def plan_grid(
     return sorted(planned, key=lambda pm: (list(methods).index(pm[1].method), pm[1].retain, pm[1].seed or 0))
 
 
-def _profile_of(out: Path, options: dict[str, Any], calibration: dict[str, Any]) -> str:
-    """The fingerprint of the profile a variant is planned from (its corpora of this run only)."""
-    folder = options.get("profile", "profile")
-    return Profile.load(out / folder, _corpus_names(calibration, folder)).fingerprint()
-
-
-def _corpus_names(calibration: dict[str, Any], folder: str) -> list[str]:
-    specs = [calibration["reap_corpus"]["corpus"]] if folder == REAP_PROFILE else calibration["corpora"]
+def _corpus_names(calibration: Calibration, grid: GridOptions, folder: str) -> list[str]:
+    specs = [grid.reap] if folder == REAP_PROFILE else calibration.corpora
     return [parse_corpus(spec).name for spec in specs]
 
 
@@ -255,27 +302,27 @@ def _reusable_masks(paths: list[Path], retains: Sequence[float], profile_sha256:
     return masks
 
 
-def _variants(method: str, calibration: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def _variants(method: str, grid: GridOptions, methods: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
     """(variant, _plan options) per row the method gets: one, or one per B of a sweep, or REAP twice."""
     spec = registry.method_spec(method)
     if spec.protects:
-        budgets = GridOptions(protect_budget=calibration["protect_budget"]).budgets
+        budgets = grid.budgets
         if len(budgets) == 1:
             return [(method, {"budget": budgets[0]})]
         return [(f"{method}@B{b}", {"budget": b}) for b in budgets]
-    if spec.one_corpus and calibration.get("reap_corpus"):
-        name = parse_corpus(calibration["reap_corpus"]["corpus"]).name
+    if spec.one_corpus and grid.reap:
+        name = parse_corpus(grid.reap).name
         return [(method, {}), (f"{method}@{name}", {"profile": REAP_PROFILE, "score_corpus": name})]
     return [(method, {})]
 
 
 def _plan(
     out: Path,
-    model: Any,
+    model: ModelSource,
     method: str,
-    retains: Sequence[float],
+    grid: GridOptions,
     seed: int | None,
-    calibration: dict[str, Any],
+    corpora: list[str],
     reconstruction: ReconstructionOptions,
     model_masks: dict[str, dict[float, ExpertMask]],
     progress: bool,
@@ -284,23 +331,20 @@ def _plan(
     score_corpus: str | None = None,
 ) -> list[ExpertMask]:
     spec = registry.method_spec(method)
-    candidate = calibration["candidate"] if spec.protects else None
+    candidate = grid.candidate if spec.protects else None
     # A candidate this grid already planned (expert-sparsity) is reused, not searched for a second time.
     planned = model_masks.get(registry.candidate_of(method, candidate) or "", {})
-    reuse = spec.protects and all(r in planned for r in retains)
+    reuse = spec.protects and all(r in planned for r in grid.retains)
+    request = PlanRequest(method, grid.retains, seed=seed, protect_budget=budget if spec.protects else None,
+                          candidate=candidate, score_corpus=score_corpus)
     return api.plan_many(
         out / profile,
-        method,
-        list(retains),
-        corpora=_corpus_names(calibration, profile),
-        seed=seed or 0,
-        protect_budget=budget if spec.protects else None,
-        candidate=candidate,
+        request,
+        corpora=corpora,
         model=model,
         reconstruction=reconstruction,
-        score_corpus=score_corpus,
         progress=progress,
-        candidate_masks={r: planned[r] for r in retains} if reuse else None,
+        candidate_masks={r: planned[r] for r in grid.retains} if reuse else None,
     )
 
 
@@ -345,17 +389,8 @@ def evaluate_grid(
     return cells
 
 
-def _recovery_axis(model: Any, recover: Sequence[str], recovery: Any, corpora: Sequence[str], loaded: Any,
-                   retains: Sequence[float]) -> tuple[list[str], Any]:
-    """The grid's recovery kinds (``none`` first) and their shared settings, checked before any work."""
-    kinds = list(dict.fromkeys(recover or [NONE]))
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown:
-        RecoveryOptions(kind=unknown[0])  # raises the one-line "unknown recovery" error
-    if recovery is None:
-        recovery = RecoveryOptions.from_preset(preset_for(model))
-    if recovery.corpora is None:
-        recovery = dataclasses.replace(recovery, corpora=tuple(corpora))
+def _check_recovery_axis(kinds: Sequence[str], loaded: Any, retains: Sequence[float]) -> None:
+    """Something to merge at every ratio, and a layout merge understands, before any work."""
     if kinds != [NONE]:
         meta = routing_meta(loaded.config)
         for retain in retains:
@@ -363,7 +398,6 @@ def _recovery_axis(model: Any, recover: Sequence[str], recovery: Any, corpora: S
                          f"--retain {retain}")
         if any(k in ("merge", "merge+router-kd") for k in kinds):
             check_mergeable(loaded)
-    return kinds, recovery
 
 
 class _SharedCalibration:

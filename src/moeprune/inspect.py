@@ -9,9 +9,11 @@ import torch
 
 from moeprune.arch import decoder_layers, moe_layers, spec_for, top_k_of
 from moeprune.errors import MoePruneError
-from moeprune.loading import load_config
+from moeprune.loading import load_config, resolve_model_path
 from moeprune.planning.mask import ExpertMask
 from moeprune.profiling.stats import Profile
+from moeprune.quant import checkpoint_bytes, format_of
+from moeprune.quant import describe as describe_format
 
 
 def describe(target: str, trust_remote_code: bool = False) -> str:
@@ -46,8 +48,36 @@ def describe_model(target: str, trust_remote_code: bool = False) -> str:
             f"experts      {layers[0].num_experts} routed per layer, top-{top_k_of(model)}"
             + (f", shared: {', '.join(spec.shared)}" if spec.shared else ""),
             f"parameters   {total / 1e6:.2f}M total, {routed / 1e6:.2f}M in routed experts ({routed / total:.1%})",
+            *_weights_lines(target, config),
         ]
     )
+
+
+def _weights_lines(target: str, config) -> list[str]:
+    """The weights' format (moeprune.quant) and, for a local folder, their bytes; for a moeprune export, the
+    source's bytes as its mask.json recorded them."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is not None and not isinstance(quantization, dict):
+        quantization = quantization.to_dict()
+    fmt = format_of(quantization, name=target)
+    dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "?").removeprefix("torch.")
+    lines = [f"weights      {describe_format(fmt) if fmt is not None else dtype + ' (unquantized)'}"]
+    folder = Path(resolve_model_path(target))
+    if folder.is_dir() and any(folder.glob("*.safetensors")):
+        size = checkpoint_bytes(folder)
+        line = f"bytes        {size:,} in tensors"
+        record = _export_record(folder)
+        if record.get("bytes_before"):
+            line += f" (source {record['bytes_before']:,}: {1 - size / record['bytes_before']:.1%} fewer)"
+        lines.append(line)
+    return lines
+
+
+def _export_record(folder: Path) -> dict:
+    try:
+        return dict(ExpertMask.load(folder / "mask.json").extra.get("export") or {})
+    except (MoePruneError, OSError):
+        return {}
 
 
 def describe_profile(path: Path) -> str:

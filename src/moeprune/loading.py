@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -15,9 +16,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from moeprune.bundled import bundled_model_path
 from moeprune.errors import MoePruneError
-from moeprune.io import INDEX_FILE, read_weight_map
+from moeprune.io import INDEX_FILE, read_config_json, read_weight_map
 from moeprune.models import register as register_ports
-from moeprune.presets import Preset, preset_for
+from moeprune.options import flag, given_flags
+from moeprune.presets import PRESETS, Preset, preset_for
+from moeprune.quant import QuantFormat, check_checkpoint, format_of, header_info
 from moeprune.streaming.layers import DiskLayers
 from moeprune.streaming.memory import Memory, available_memory, gib, should_stream
 
@@ -89,6 +92,7 @@ def load_model(
     device: str | None = None,
     trust_remote_code: bool = False,
     device_map: str | dict | None = None,
+    dequantize: bool = False,
 ) -> PreTrainedModel:
     """Load a causal LM in eval mode, placed the way the field's tools place it.
 
@@ -96,7 +100,8 @@ def load_model(
     :func:`choose_device_map`: with CUDA and no ``device`` the weights load straight onto one GPU, or are
     spread over all visible GPUs when one is not enough; ``device="cpu"`` keeps them on the CPU.
     ``dtype="auto"`` keeps the checkpoint's dtype (bf16 for most hub MoEs), except on the CPU, where it
-    means float32 (half-precision matmuls are many times slower there).
+    means float32 (half-precision matmuls are many times slower there). A quantized checkpoint loads through
+    transformers' quantizer, dequantized on every device (``dequantize`` is kept for callers that say so).
     """
     path = resolve_model_path(model)
     config = load_config(path, trust_remote_code)
@@ -104,6 +109,18 @@ def load_model(
     if device_map is None:
         device_map = choose_device_map(config, torch_dtype, device, trust_remote_code)
     kwargs = {"dtype": _auto_dtype(torch_dtype, device_map), "trust_remote_code": trust_remote_code}
+    quantization = getattr(config, "quantization_config", None)
+    # Always dequantized on loading, on a GPU too: moeprune's instrumentation (f_e for REAP, the expert-sparsity
+    # capture, slicing in memory) reads the experts' weights as tensors, which quantized kernels' packed weights
+    # are not; on the CPU transformers would dequantize FP8 and MXFP4 anyway, and compressed-tensors it would
+    # decompress only on the first forward, fake-quantizing activations. Too big dequantized: --stream, which
+    # dequantizes one layer at a time.
+    dequantize = dequantize or quantization is not None
+    if dequantize and quantization is not None:
+        from transformers.quantizers.auto import AutoQuantizationConfig
+
+        raw = quantization if isinstance(quantization, dict) else quantization.to_dict()
+        kwargs["quantization_config"] = AutoQuantizationConfig.from_dict({**raw, "dequantize": True})
     if device_map is not None:
         kwargs["device_map"] = device_map
     log.info("Loading %s (%s) on %s", path, kwargs["dtype"], _placement_name(device_map))
@@ -241,9 +258,14 @@ def load_tokenizer(model: str | Path, trust_remote_code: bool = False):
 
 
 def config_hash(config) -> str:
-    """A short hash of the architecture-defining config, to recognise profiles and masks of other models."""
+    """A short hash of the architecture-defining config, to recognise profiles and masks of other models.
+
+    ``quantization_config`` is not part of it: transformers removes it from a config it dequantized on loading
+    (and adds its own fields to one it did not), so the same checkpoint would hash differently loaded and from
+    its config.json; and a mask's expert ids mean the same experts in a model's bf16 and quantized releases."""
     data = config.to_dict()
     for key in (
+        "quantization_config",
         "_name_or_path",
         "transformers_version",
         "torch_dtype",
@@ -333,6 +355,33 @@ def check_checkpoint_files(model: Any) -> None:
             raise MoePruneError(
                 f"{path} is truncated or corrupt ({err}); re-download or re-save the checkpoint."
             ) from err
+    check_quantized_files(folder)
+
+
+def dequantizing_quantizer(quantization: dict[str, Any] | None) -> Any:
+    """transformers' quantizer for a pre-quantized checkpoint, set to dequantize as it loads (None when the
+    checkpoint is not quantized): what the streamer hands transformers' loader to dequantize one layer at a time."""
+    if not quantization:
+        return None
+    from transformers.quantizers.auto import AutoHfQuantizer, AutoQuantizationConfig
+
+    quantizer = AutoHfQuantizer.from_config(AutoQuantizationConfig.from_dict({**quantization, "dequantize": True}),
+                                            pre_quantized=True)
+    quantizer.validate_environment()
+    return quantizer
+
+
+def check_quantized_files(folder: Path) -> QuantFormat | None:
+    """A quantized checkpoint's layout, checked from config.json and the safetensors headers before any weight is
+    read (a method transformers cannot read, a missing scale, a block the expert shape does not divide)."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return None
+    config = read_config_json(folder)
+    if not config.get("quantization_config"):
+        return None
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    return check_checkpoint(folder, config, header_info(folder, shards))
 
 
 def check_tokenizer_source(model: str, tokenizer: str | None) -> None:
@@ -401,7 +450,8 @@ class ModelSource:
     """What a verb is given as "the model", resolved once at the door: a path, a hub id, ``bundled`` or a loaded
     module, with how to load it (``dtype``, ``device``, ``trust_remote_code``, ``tokenizer``) and where its weights
     live while the stages run (``stream``: True streams them from disk one decoder layer at a time, False keeps them
-    in memory, None decides from the memory available).
+    in memory, None decides from the memory available); ``preset_name`` picks a preset instead of the one the name
+    implies (``experiment --preset``).
 
     It knows its preset from its name before anything loads, its config (read once), its positions limit and
     whether it is quantized, and loads itself (:meth:`load`, :meth:`load_tokenizer`). Verbs accept a string or a
@@ -409,11 +459,23 @@ class ModelSource:
     """
 
     model: Any
-    dtype: str | torch.dtype = "auto"
-    device: str | None = None
-    trust_remote_code: bool = False
-    tokenizer: Any = None
-    stream: bool | None = None
+    dtype: str | torch.dtype = field(default="auto", metadata=flag(
+        "--dtype", "auto | float32 | bfloat16 | float16 (auto: the checkpoint's dtype; float32 on the CPU)"))
+    device: str | None = field(default=None, metadata=flag(
+        "--device", "cpu, cuda, cuda:1, or auto (spread over all GPUs) (default: the GPU if there is one, spread "
+        "over all visible GPUs when it is too small, else the CPU)"))
+    trust_remote_code: bool = field(default=False, metadata=flag(
+        "--trust-remote-code", "allow the checkpoint's own modeling code", action="store_true"))
+    tokenizer: Any = field(default=None, metadata=flag(
+        "--tokenizer", "tokenizer path or hub id (default: the model's; needed when the model folder has no "
+        "tokenizer files)"))
+    stream: bool | None = field(default=None, metadata=flag(
+        "--stream", "read the weights from the checkpoint's safetensors shards one decoder layer at a time, never the "
+        "whole model in memory (default: only when the model does not fit in the memory available to the process, "
+        "cgroup limits included; --no-stream loads it whole)", action=argparse.BooleanOptionalAction))
+    preset_name: str | None = field(default=None, metadata=flag(
+        "--preset", "paper: wikitext2+c4, 512x1024, B=20/24, six tasks, seeds 0-4,42; bundled: the testbed, fast "
+        "(default: bundled for the testbed, else paper)", dest="preset", choices=tuple(PRESETS)))
     _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -425,6 +487,16 @@ class ModelSource:
                                 f"{type(self.model).__name__}.")
         if isinstance(self.model, Path):
             object.__setattr__(self, "model", str(self.model))
+        if self.preset_name is not None and self.preset_name not in PRESETS:
+            raise MoePruneError(f"Unknown preset {self.preset_name!r}; choose one of: {', '.join(PRESETS)}.")
+        if not isinstance(self.trust_remote_code, bool):
+            raise MoePruneError(f"trust_remote_code must be True or False, not {self.trust_remote_code!r}.")
+        if self.device is not None and not isinstance(self.device, str):
+            object.__setattr__(self, "device", str(self.device))
+        if not isinstance(self.dtype, str | torch.dtype):
+            raise MoePruneError(f"dtype must be a name such as 'bfloat16' or 'auto', not {self.dtype!r}.")
+        if isinstance(self.tokenizer, Path):
+            object.__setattr__(self, "tokenizer", str(self.tokenizer))
 
     @classmethod
     def of(cls, model: Any, **settings: Any) -> ModelSource:
@@ -454,8 +526,9 @@ class ModelSource:
 
     @property
     def preset(self) -> Preset:
-        """The preset of the model's name: known before loading, and the same for the model once loaded."""
-        return preset_for(self.name)
+        """The preset of the model's name (or ``preset_name``): known before loading, and the same for the model
+        once loaded. The one place a verb's preset is decided."""
+        return PRESETS[self.preset_name] if self.preset_name else preset_for(self.name)
 
     @property
     def config(self) -> Any:
@@ -475,11 +548,20 @@ class ModelSource:
 
     @property
     def quantization(self) -> dict[str, Any] | None:
-        """The checkpoint's ``quantization_config`` as a dict (None for unquantized weights)."""
+        """The checkpoint's ``quantization_config`` as a dict (None for unquantized weights). For a loaded model
+        whose quantizer dequantized it (transformers then drops the field), the one in its folder's config.json."""
         value = getattr(self.config, "quantization_config", None)
+        if value is None and self.is_loaded and Path(self.name, "config.json").is_file():
+            value = read_config_json(self.name).get("quantization_config")
         if value is None:
             return None
         return value if isinstance(value, dict) else value.to_dict()
+
+    @property
+    def format(self) -> QuantFormat | None:
+        """The quantized layout of the checkpoint (:mod:`moeprune.quant`), None when it is not quantized; a
+        quantization method transformers cannot read is refused here."""
+        return format_of(self.quantization, name=self.name)
 
     def placement(self, memory: Memory | None = None) -> str:
         """Where the weights live while the stages run: ``memory`` (the CPU or one device), ``device-map``
@@ -523,8 +605,9 @@ class ModelSource:
 
     def open_stream(self, memory: Memory | None = None) -> DiskLayers:
         """The meta skeleton and its per-layer reader (:class:`~moeprune.streaming.layers.DiskLayers`), checked
-        before any weight is read: a local safetensors checkpoint (no pickle, every shard the index names present),
-        not quantized (yet), and memory enough for one decoder layer, the one read ahead and the embeddings."""
+        before any weight is read: a local safetensors checkpoint (no pickle, every shard the index names present; a
+        quantized one checked as :func:`check_quantized_files` does, then dequantized layer by layer through
+        transformers' quantizer), and memory enough for one decoder layer, the one read ahead and the embeddings."""
         if self.is_loaded:
             raise MoePruneError("--stream reads the weights from a checkpoint folder; pass its path, not a loaded "
                                 "model (or drop --stream).")
@@ -532,15 +615,11 @@ class ModelSource:
         if folder is None:
             raise MoePruneError(f"--stream reads a local checkpoint folder; {self.name} is not one (download it, e.g. "
                                 "huggingface-cli download ID --local-dir DIR, and pass DIR).")
-        if self.quantization is not None:
-            raise MoePruneError(
-                f"{folder} is quantized ({self.quantization.get('quant_method', '?')}); streaming quantized "
-                "checkpoints layer by layer is not supported yet: run with --no-stream on a machine that holds the "
-                "dequantized model."
-            )
+        check_quantized_files(folder)
         device = self.device if self.device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
         check_device(device)
-        layers = DiskLayers(folder, self.config, self.compute_dtype, _normalised(device), self.trust_remote_code)
+        layers = DiskLayers(folder, self.config, self.compute_dtype, _normalised(device), self.trust_remote_code,
+                            hf_quantizer=dequantizing_quantizer(self.quantization))
         layers.check_fits(memory)
         return layers
 
@@ -552,6 +631,11 @@ class ModelSource:
     def load_tokenizer(self, model: Any = None) -> Any:
         """The tokenizer (given, or the model's own), checked against ``model``'s embedding when given."""
         return checked_tokenizer(self.tokenizer, model if model is not None else self.model, self.trust_remote_code)
+
+    @classmethod
+    def from_args(cls, args: Any, model: Any = None) -> ModelSource:
+        """The verb's model (``args.model`` unless given) with its loading flags, as the CLI's parser made them."""
+        return cls.of(model if model is not None else args.model, **given_flags(cls, args))
 
     def with_model(self, model: Any) -> ModelSource:
         """The same settings for another model (a loaded copy of this one, a written checkpoint)."""

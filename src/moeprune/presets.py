@@ -1,7 +1,8 @@
 """Every default of the pipeline in one place: the paper's settings, and a fast set for the bundled testbed.
 
-Each verb asks :func:`preset_for` once (the bundled testbed model gets ``bundled``, every other model
-``paper``) and an explicit argument always wins over the preset. The CLI's help texts are written from
+The preset is decided in one place, the model source (:attr:`moeprune.loading.ModelSource.preset`: the bundled
+testbed model gets ``bundled``, every other model ``paper``, ``experiment --preset`` picks one), and an explicit
+option always wins over it (each options class's ``resolved(source)``). The CLI's help texts are written from
 these values (:func:`help_default`), so they cannot drift from what runs.
 """
 
@@ -16,12 +17,9 @@ from moeprune.bundled import bundled_model_path
 PAPER = "paper"
 BUNDLED = "bundled"
 # Perplexity windows: the SparseGPT/Wanda 2048 tokens, clamped to the model's max positions where a preset
-# leaves the window open (eval_ppl_seq_len None).
+# leaves the window open (ppl_seq_len None; options.fit_window).
 PPL_SEQ_LEN_CAP = 2048
 RETAINS = (0.25, 0.5, 0.75)
-# --recover's choices (moeprune.recovery; here so that the CLI's parser needs no torch): plain pruning, router-only
-# KD, expert merging, both.
-RECOVERY_KINDS = ("none", "router-kd", "merge", "merge+router-kd")
 
 
 @dataclass(frozen=True)
@@ -45,11 +43,10 @@ class Preset:
     recover_epochs: int
     recover_lr: float
     recover_batch_size: int
-    # evaluation: prune --ppl's window, and the evaluation/grid window (None = min(2048, max positions))
-    ppl_seq_len: int
-    eval_ppl_seq_len: int | None
+    # evaluation (eval, experiment, prune --ppl): the perplexity window (None = min(2048, max positions))
+    ppl_seq_len: int | None
     ppl_datasets: tuple[str, ...]
-    tasks: tuple[str, ...] | None  # None = the six Common Avg tasks
+    tasks: tuple[str, ...]  # lm-eval tasks or task presets ("common": the six of Common Avg)
     # experiment grid
     retains: tuple[float, ...]
     seeds: tuple[int, ...]
@@ -83,10 +80,9 @@ PRESETS: dict[str, Preset] = {
         recover_epochs=1,
         recover_lr=3e-3,
         recover_batch_size=8,
-        ppl_seq_len=PPL_SEQ_LEN_CAP,
-        eval_ppl_seq_len=None,
+        ppl_seq_len=None,
         ppl_datasets=("wikitext2", "c4"),
-        tasks=None,
+        tasks=("common",),
         retains=RETAINS,
         seeds=(0, 1, 2, 3, 4, 42),
         reap_corpus="code=evol-codealpaca",
@@ -109,7 +105,6 @@ PRESETS: dict[str, Preset] = {
         recover_lr=3e-3,
         recover_batch_size=8,
         ppl_seq_len=256,
-        eval_ppl_seq_len=256,
         ppl_datasets=("wiki", "web", "bible", "man", "glossary", "devil"),
         tasks=("heldout",),
         retains=RETAINS,

@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import Qwen2MoeConfig
 
 from moeprune.bundled import read_bundled_corpus
 from moeprune.cli import main
-from moeprune.evaluation.runner import default_seq_len, resolve_tasks, summarise
+from moeprune.evaluation.runner import resolve_tasks, summarise
 from moeprune.evaluation.zeroshot import COMMON_TASKS
+from moeprune.loading import ModelSource
 from moeprune.options import EvalSettings
 from moeprune.planning.mask import ExpertMask, LayerMask
+from moeprune.presets import PAPER, PRESETS
 from moeprune.surgery import export_pruned
 
 PPL = ["--ppl-seq-len", "64", "--tasks", "none", "--dtype", "float32"]
@@ -43,7 +44,8 @@ def _eval(model, out, short_text, *extra) -> dict:
 
 def test_masked_eval_equals_exported_checkpoint(tiny_checkpoint, mask_file, short_text, tmp_path, capsys):
     masked = _eval(tiny_checkpoint, tmp_path / "masked.json", short_text, "--mask", str(mask_file))
-    exported = export_pruned(str(tiny_checkpoint), mask_file, tmp_path / "pruned", dtype="float32", progress=False)
+    exported = export_pruned(ModelSource.of(str(tiny_checkpoint), dtype="float32"), mask_file, tmp_path / "pruned",
+                             progress=False)
     pruned = _eval(exported, tmp_path / "pruned.json", short_text)
     dense = _eval(tiny_checkpoint, tmp_path / "dense.json", short_text)
     name = str(short_text)
@@ -80,19 +82,21 @@ def test_resolve_tasks():
 
 
 def test_default_seq_len():
-    class Model:
-        config = Qwen2MoeConfig(max_position_embeddings=1024)
+    """The open perplexity window of the paper preset: min(2048, max positions); a given one is kept."""
+    class Source:
+        preset = PRESETS[PAPER]
+        max_positions = 1024
 
-    assert default_seq_len(Model(), None) == 1024
-    assert default_seq_len(Model(), 256) == 256
-    Model.config = Qwen2MoeConfig(max_position_embeddings=32768)
-    assert default_seq_len(Model(), None) == 2048
+    assert EvalSettings().resolved(Source()).ppl_seq_len == 1024
+    assert EvalSettings(ppl_seq_len=256).resolved(Source()).ppl_seq_len == 256
+    Source.max_positions = 32768
+    assert EvalSettings().resolved(Source()).ppl_seq_len == 2048
 
 
 def _settings(model, **flags):
     import argparse
 
-    return EvalSettings.from_args(argparse.Namespace(model=model, **flags))
+    return EvalSettings.from_args(argparse.Namespace(model=model, **flags)).resolved(ModelSource.of(model))
 
 
 def test_default_ppl_datasets(tiny_checkpoint):
@@ -100,7 +104,7 @@ def test_default_ppl_datasets(tiny_checkpoint):
     assert _settings("bundled").ppl_datasets == ("wiki", "web", "bible", "man", "glossary", "devil")
     assert _settings(str(tiny_checkpoint)).ppl_datasets == ("wikitext2", "c4")
     assert _settings("bundled", ppl=[]).ppl_datasets == () and _settings("bundled", ppl=["c4"]).ppl_datasets == ("c4",)
-    assert _settings("bundled").ppl_seq_len == 256 and _settings(str(tiny_checkpoint)).ppl_seq_len is None
+    assert _settings("bundled").ppl_seq_len == 256 and _settings(str(tiny_checkpoint)).ppl_seq_len == 128
 
 
 def test_default_tasks(tiny_checkpoint):

@@ -25,7 +25,7 @@ def grid_kwargs(text_corpus, **over):
     kwargs = dict(
         retains=(0.5, 0.75), methods=METHODS, seeds=(0, 1), corpora=["wiki", "web"], samples=4, seq_len=32,
         batch_size=2, ppl_datasets=[str(text_corpus)], ppl_seq_len=64, max_windows=2, tasks=["none"],
-        candidate="reap", reconstruction={"samples": 4, "seq_len": 32}, progress=False,
+        candidate="reap", reconstruction={"samples": 4, "seq_len": 32}, reap_corpus="none", progress=False,
     )
     return {**kwargs, **over}
 
@@ -209,22 +209,33 @@ def test_ranking_overlap():
 def test_cli_options_follow_preset(tiny_checkpoint):
     import argparse
 
+    from moeprune.cli import model_source
+    from moeprune.experiment import resolve_experiment
+
     base = dict(model="bundled", preset=None, retain=None, methods=None, seeds=None, corpora=None, samples=None,
                 seq_len=None, ppl=None, ppl_seq_len=None, tasks=None, limit=None, out="x", dtype="auto",
-                device=None, trust_remote_code=False)
-    bundled = experiment_options(argparse.Namespace(**base))
+                device=None, trust_remote_code=False, reap_corpus="none")
+
+    def resolved(**flags):
+        args = argparse.Namespace(**{**base, **flags})
+        return resolve_experiment(model_source(args), **experiment_options(args))[1]
+
+    bundled = resolved()
     # calibration on the two generic corpora only; perplexity also on every domain calibration never sees
-    assert bundled["calibration"].corpora == ("wiki", "web")
-    assert bundled["evaluation"].ppl_datasets == ("wiki", "web", "bible", "man", "glossary", "devil")
-    assert bundled["evaluation"].tasks == ("heldout",) and len(bundled["grid"].seeds) >= 6
-    assert bundled["calibration"].samples == 128
-    paper = experiment_options(argparse.Namespace(**{**base, "model": str(tiny_checkpoint), "samples": 8}))
-    assert paper["grid"].seeds == (0, 1, 2, 3, 4, 42) and paper["evaluation"].tasks is None
-    assert paper["calibration"].samples == 8
-    assert paper["calibration"].corpora == ("wikitext2", "c4") and paper["reconstruction"]["samples"] == 128
+    assert bundled.calibration.corpora == ("wiki", "web")
+    assert bundled.evaluation.ppl_datasets == ("wiki", "web", "bible", "man", "glossary", "devil")
+    assert bundled.evaluation.tasks == ("heldout",) and len(bundled.grid.seeds) >= 6
+    assert bundled.calibration.samples == 128
+    # the paper preset on a model of 128 positions: its 2048-token reconstruction windows are refused up front
+    with pytest.raises(MoePruneError, match="--recon-seq-len 2048"):
+        resolved(model=str(tiny_checkpoint), samples=8, seq_len=32)
+    paper = resolved(model=str(tiny_checkpoint), samples=8, seq_len=32, recon_seq_len=64, preset="paper")
+    assert paper.grid.seeds == (0, 1, 2, 3, 4, 42) and paper.evaluation.tasks == ("common",)
+    assert paper.calibration.samples == 8 and paper.evaluation.ppl_seq_len == 128  # min(2048, positions)
+    assert paper.calibration.corpora == ("wikitext2", "c4") and paper.reconstruction["samples"] == 128
     # NAEE's settings in the paper preset; the bundled testbed keeps the cheaper global norm.
-    assert paper["reconstruction"]["seq_len"] == 2048 and paper["reconstruction"]["loss"] == "per-batch"
-    assert bundled["reconstruction"]["loss"] == "global" and bundled["reconstruction"]["tokens"] is None
+    assert paper.reconstruction["seq_len"] == 64 and paper.reconstruction["loss"] == "per-batch"
+    assert bundled.reconstruction["loss"] == "global" and bundled.reconstruction["tokens"] is None
     assert parse_ppl_data(["c4=/x.json.gz"]) == {"c4": "/x.json.gz"}
     with pytest.raises(MoePruneError, match="NAME=PATH"):
         parse_ppl_data(["c4"])

@@ -68,8 +68,8 @@ def test_sweep_records_clamp_and_auto(sweep):
 
 
 def test_auto_reads_only_held_out_train_windows(tiny_checkpoint, tmp_path, monkeypatch):
-    prof = api.profile(str(tiny_checkpoint), ["wiki", "web"], tmp_path / "prof", samples=4, seq_len=32,
-                       batch_size=2, progress=False)
+    prof = api.profile(str(tiny_checkpoint), ["wiki", "web"], tmp_path / "prof",
+                       calibration={"samples": 4, "seq_len": 32, "batch_size": 2}, progress=False)
     read = []
 
     def spy(spec, *args, **kwargs):
@@ -97,8 +97,8 @@ def test_auto_reads_only_held_out_train_windows(tiny_checkpoint, tmp_path, monke
 
 
 def test_auto_refuses_a_profile_on_an_evaluation_split(tiny_checkpoint, tmp_path):
-    prof = api.profile(str(tiny_checkpoint), ["wiki:test"], tmp_path / "prof", samples=2, seq_len=32,
-                       batch_size=2, progress=False)
+    prof = api.profile(str(tiny_checkpoint), ["wiki:test"], tmp_path / "prof",
+                       calibration={"samples": 2, "seq_len": 32, "batch_size": 2}, progress=False)
     with pytest.raises(MoePruneError, match="evaluation data"):
         api.plan_many(prof, "tb-coverage", [0.5], protect_budget="auto", candidate="reap",
                       model=str(tiny_checkpoint), progress=False)
@@ -107,14 +107,22 @@ def test_auto_refuses_a_profile_on_an_evaluation_split(tiny_checkpoint, tmp_path
 def test_paper_preset_runs_code_reap_and_cli_budgets(tiny_checkpoint):
     import argparse
 
+    from moeprune.loading import ModelSource
+    from moeprune.options import GridOptions
+
     base = dict(model=str(tiny_checkpoint), preset=None, out="x", dtype="auto", device=None, trust_remote_code=False)
+    small = ModelSource.of(str(tiny_checkpoint))  # the paper preset (not the testbed), 128 positions
     paper = experiment_options(argparse.Namespace(**base, protect_budget=[20]))["grid"]
-    assert paper.reap_corpus == "code=evol-codealpaca" and (paper.reap_samples, paper.reap_seq_len) == (128, 2048)
     assert paper.protect_budget == 20 and paper.budgets == [20]
+    with pytest.raises(MoePruneError, match="--reap-seq-len 2048"):  # REAP's code windows beyond 128 positions
+        paper.resolved(small)
+    paper = GridOptions(protect_budget=20, reap_seq_len=64).resolved(small)
+    assert paper.reap == "code=evol-codealpaca" and (paper.reap_samples, paper.reap_seq_len) == (128, 64)
     sweep = experiment_options(argparse.Namespace(**base, protect_budget=[0, 4, "auto"], reap_corpus="none"))["grid"]
-    assert sweep.protect_budget == (0, 4, "auto") and sweep.budgets == [0, 4, "auto"] and sweep.reap_corpus is None
+    sweep = sweep.resolved(small)
+    assert sweep.protect_budget == (0, 4, "auto") and sweep.budgets == [0, 4, "auto"] and sweep.reap is None
     bundled = experiment_options(argparse.Namespace(**{**base, "model": "bundled"}))["grid"]
-    assert bundled.reap_corpus is None
+    assert bundled.resolved(ModelSource.of("bundled")).reap is None
 
 
 def test_code_corpus_offline_names_the_local_fallback(monkeypatch):
@@ -142,8 +150,8 @@ def test_auto_on_a_planned_expert_sparsity_candidate(tiny_checkpoint, tmp_path):
     from moeprune.planning import plan
     from moeprune.planning.mask import ExpertMask
 
-    prof = api.profile(str(tiny_checkpoint), ["wiki", "web"], tmp_path / "prof", samples=4, seq_len=32,
-                       batch_size=2, progress=False)
+    prof = api.profile(str(tiny_checkpoint), ["wiki", "web"], tmp_path / "prof",
+                       calibration={"samples": 4, "seq_len": 32, "batch_size": 2}, progress=False)
     reap = plan(prof, "reap", 0.5)
     candidate = ExpertMask.from_json({**reap.to_json(), "method": "expert-sparsity"})
     for layer in candidate.layers.values():

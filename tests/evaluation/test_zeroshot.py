@@ -17,6 +17,7 @@ from moeprune.evaluation.zeroshot import (
     task_metrics,
     zero_shot,
 )
+from moeprune.options import EvalSettings
 from tests.evaluation import bundled_tokenizer, tiny_lm
 
 LIMIT = 8
@@ -25,8 +26,9 @@ LIMIT = 8
 @pytest.fixture(scope="module")
 def results():
     tok = bundled_tokenizer()
-    return evaluate(tiny_lm(len(tok)), tok, ppl_datasets=("wiki",), seq_len=128, max_windows=2, tasks="bundled",
-                    limit=LIMIT, batch_size=8, progress=False, metadata={"model": "tiny"})
+    settings = EvalSettings(ppl_datasets=("wiki",), ppl_seq_len=128, max_windows=2, tasks="bundled", limit=LIMIT,
+                            eval_batch_size=8)
+    return evaluate(tiny_lm(len(tok)), tok, settings, progress=False, metadata={"model": "tiny"})
 
 
 def test_bundled_tasks_run(results):

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from moeprune.arch import moe_layers
+from moeprune.options import Calibration
 from moeprune.profiling.instrument import StatsRecorder
-from moeprune.profiling.runner import ProfileSettings, profile_windows
+from moeprune.profiling.runner import profile_windows
 from moeprune.profiling.stats import ExpertStats, Profile
 from tests.tiny_models import ARCH_NAMES, build_model
 
@@ -78,7 +79,7 @@ def _reference_sums(model, ids: torch.Tensor, valid: torch.Tensor | None = None)
 def test_profile_sums_equal_per_token_reference(arch):
     model = build_model(arch)
     ids = _tokens(1)
-    stats = profile_windows(model, ids, ProfileSettings(batch_size=2), {}, progress=False)
+    stats = profile_windows(model, ids, Calibration(batch_size=2, checkpoint_every=16), {}, progress=False)
     reference = _reference_sums(model, ids)
     for name, expected in reference.items():
         torch.testing.assert_close(getattr(stats, name), expected, rtol=1e-5, atol=1e-6, msg=name)
@@ -105,7 +106,7 @@ def test_padding_is_excluded():
 def test_profiles_of_two_halves_merge_to_the_whole():
     model = build_model("mixtral")
     ids = _tokens(3, batch=4)
-    settings = ProfileSettings(batch_size=2)
+    settings = Calibration(batch_size=2, checkpoint_every=16)
     whole = profile_windows(model, ids, settings, {}, progress=False)
     first = profile_windows(model, ids[:2], settings, {}, progress=False)
     second = profile_windows(model, ids[2:], settings, {}, progress=False)
@@ -116,9 +117,8 @@ def test_profiles_of_two_halves_merge_to_the_whole():
 
 def test_profile_round_trips_through_disk(tmp_path):
     model = build_model("olmoe")
-    stats = profile_windows(
-        model, _tokens(4), ProfileSettings(batch_size=3), {"model": "tiny", "tokens": 36}, progress=False
-    )
+    settings = Calibration(batch_size=3, checkpoint_every=16)
+    stats = profile_windows(model, _tokens(4), settings, {"model": "tiny", "tokens": 36}, progress=False)
     Profile({"a": stats}).save(tmp_path)
     loaded = ExpertStats.load(tmp_path / "a.safetensors")
     assert torch.equal(loaded.reap_sum, stats.reap_sum) and torch.equal(loaded.layers, stats.layers)

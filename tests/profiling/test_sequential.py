@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeprune.profiling.runner import ProfileSettings, profile_windows
+from moeprune.options import Calibration
+from moeprune.profiling.runner import profile_windows
 from moeprune.profiling.sequential import profile_windows_sequential
 from moeprune.profiling.stats import SUM_FIELDS
 from tests.tiny_models import build_model
@@ -15,7 +16,7 @@ from tests.tiny_models import build_model
 def test_sequential_equals_plain(arch):
     model = build_model(arch)
     windows = torch.randint(3, 128, (5, 12), generator=torch.Generator().manual_seed(7))
-    plain = profile_windows(model, windows, ProfileSettings(batch_size=2), {}, progress=False)
+    plain = profile_windows(model, windows, Calibration(batch_size=2, checkpoint_every=16), {}, progress=False)
     layered = profile_windows_sequential(model, windows, 2, {}, device="cpu", progress=False)
     assert torch.equal(layered.count, plain.count)
     for name in SUM_FIELDS:
@@ -36,7 +37,7 @@ def test_sequential_keeps_dbrx_blocks_where_they_are():
     model = build_swept_model("dbrx")
     keys = list(model.state_dict())
     windows = torch.randint(3, 128, (3, 8), generator=torch.Generator().manual_seed(7))
-    plain = profile_windows(model, windows, ProfileSettings(batch_size=2), {}, progress=False)
+    plain = profile_windows(model, windows, Calibration(batch_size=2, checkpoint_every=16), {}, progress=False)
     layered = profile_windows_sequential(model, windows, 2, {}, device="cpu", progress=False)
     assert torch.equal(layered.count, plain.count)
     assert list(model.state_dict()) == keys

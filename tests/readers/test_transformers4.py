@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moeprune.bundled import bundled_model_path, read_bundled_corpus
-from moeprune.loading import load_model
+from moeprune.loading import ModelSource, load_model
 from moeprune.surgery import export_pruned
 from tests.surgery import make_mask
 from tests.tiny_models import build_model, save_model
@@ -65,8 +65,8 @@ def pruned_export(arch: str, tmp: Path) -> Path:
     model = build_model(arch)
     source = save_model(model, tmp / f"{arch}-source")
     hub_style_config(source)
-    return export_pruned(source, make_mask(model), tmp / f"{arch}-pruned", progress=False,
-                         trust_remote_code=arch == "deepseek")
+    return export_pruned(ModelSource.of(source, trust_remote_code=arch == "deepseek"), make_mask(model),
+                         tmp / f"{arch}-pruned", progress=False)
 
 
 @pytest.mark.parametrize("arch", NATIVE)

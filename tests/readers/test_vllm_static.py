@@ -14,7 +14,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from moeprune.bundled import bundled_model_path
-from moeprune.loading import load_model
+from moeprune.loading import ModelSource, load_model
 from moeprune.surgery import export_pruned
 from tests.surgery import make_mask
 from tests.tiny_models import build_model, save_model
@@ -31,8 +31,8 @@ def exports(tmp_path_factory):
         if arch not in made:
             model = build_model(arch)
             source = save_model(model, root / f"{arch}-source")
-            made[arch] = export_pruned(source, make_mask(model), root / f"{arch}-pruned", progress=False,
-                                       trust_remote_code=arch == "deepseek")
+            made[arch] = export_pruned(ModelSource.of(source, trust_remote_code=arch == "deepseek"),
+                                       make_mask(model), root / f"{arch}-pruned", progress=False)
         return made[arch]
 
     return get

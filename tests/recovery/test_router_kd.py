@@ -79,8 +79,8 @@ def test_top_k_teacher_bucket_kl_is_the_full_kl_when_k_is_the_vocabulary(monkeyp
     windows = _windows()
     full = teacher_targets(model, windows, TINY, progress=False)
     monkeypatch.setattr(rk, "FULL_VOCAB_LIMIT", 16)
-    top_all = teacher_targets(model, windows, RecoveryOptions(teacher_top_k=128), progress=False)
-    top_few = teacher_targets(model, windows, RecoveryOptions(teacher_top_k=8), progress=False)
+    top_all = teacher_targets(model, windows, replace(TINY, teacher_top_k=128), progress=False)
+    top_few = teacher_targets(model, windows, replace(TINY, teacher_top_k=8), progress=False)
     assert top_all.mode == top_few.mode == "topk"
     student = torch.randn(2, 24, 128)
     index = torch.arange(2)
@@ -132,4 +132,4 @@ def test_merge_of_a_mask_keeping_every_expert_is_refused() -> None:
     model = build_model("qwen2_moe")
     everything = make_mask(model, [list(range(8))])
     with pytest.raises(MoePruneError, match="nothing to merge"):
-        recover(model, everything, RecoveryOptions(kind="merge"), windows=_windows(), progress=False)
+        recover(model, everything, replace(TINY, kind="merge"), windows=_windows(), progress=False)

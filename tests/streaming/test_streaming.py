@@ -16,7 +16,7 @@ from moeprune.cli import main
 from moeprune.errors import MoePruneError
 from moeprune.loading import ModelSource
 from moeprune.options import Calibration, EvalSettings
-from moeprune.profiling.runner import ProfileSettings, profile_windows
+from moeprune.profiling.runner import profile_windows
 from moeprune.profiling.sequential import profile_windows_layer_major
 from moeprune.profiling.stats import SUM_FIELDS
 from moeprune.reconstruction import reconstruction_selection, reconstruction_selection_streamed
@@ -33,6 +33,10 @@ from tests.tiny_models import build_model, save_model
 # moeprune's DeepSeek-MoE port.
 ARCHS = ["qwen2_moe", "mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "deepseek"]
 CALIBRATION = ["--corpus", "wiki", "--samples", "4", "--seq-len", "32", "--batch-size", "2"]
+
+
+def _src(path, stream: bool | None = None) -> ModelSource:
+    return ModelSource.of(str(path), device="cpu", stream=stream)
 
 
 def _saved(arch: str, path: Path) -> torch.nn.Module:
@@ -52,7 +56,7 @@ def _windows(vocab: int, n: int = 5, length: int = 12) -> torch.Tensor:
 def test_streamed_profile_and_logits_equal_in_memory(arch, tmp_path):
     model = _saved(arch, tmp_path / arch)
     windows = _windows(model.config.vocab_size)
-    plain = profile_windows(model, windows, ProfileSettings(batch_size=2), {}, progress=False)
+    plain = profile_windows(model, windows, Calibration(batch_size=2, checkpoint_every=16), {}, progress=False)
     streamed = profile_windows_layer_major(DiskLayers(tmp_path / arch, model.config, torch.float32), windows, 2, {},
                                            progress=False)
     assert streamed.count.sum() > 0 and torch.equal(streamed.count, plain.count)
@@ -89,9 +93,10 @@ def test_at_most_two_layers_are_materialized_at_once(tmp_path, monkeypatch):
 
 def test_api_profile_streamed_equals_in_memory(tiny_checkpoint, text_corpus, tmp_path):
     corpora = [f"notes={text_corpus}"]
-    kwargs = dict(samples=6, seq_len=16, batch_size=4, progress=False, device="cpu")
-    streamed = api.profile(str(tiny_checkpoint), corpora, tmp_path / "s", stream=True, **kwargs)
-    plain = api.profile(str(tiny_checkpoint), corpora, tmp_path / "p", stream=False, **kwargs)
+    kwargs = dict(calibration={"samples": 6, "seq_len": 16, "batch_size": 4}, progress=False)
+    model = ModelSource.of(str(tiny_checkpoint), device="cpu")
+    streamed = api.profile(model, corpora, tmp_path / "s", stream=True, **kwargs)
+    plain = api.profile(model, corpora, tmp_path / "p", stream=False, **kwargs)
     a, b = streamed.corpora["notes"], plain.corpora["notes"]
     assert a.meta.get("stream") is True and "stream" not in b.meta
     assert torch.equal(a.count, b.count)
@@ -227,23 +232,22 @@ def test_stream_refuses_memory_too_small_for_one_layer(tiny_checkpoint, tmp_path
 
 # ------------------------------------------------------------------------------------------ evaluation
 def test_streamed_perplexity_equals_in_memory_with_and_without_a_mask(tiny_checkpoint, text_corpus, tmp_path):
-    prof = api.profile(str(tiny_checkpoint), [f"notes={text_corpus}"], tmp_path / "prof", samples=4, seq_len=16,
-                       progress=False, device="cpu", stream=False)
+    prof = api.profile(_src(tiny_checkpoint, False), [f"notes={text_corpus}"], tmp_path / "prof",
+                       calibration={"samples": 4, "seq_len": 16}, progress=False)
     mask = api.plan(prof, "frequency", 0.5, progress=False)
     settings = EvalSettings(ppl_datasets=(str(text_corpus),), ppl_seq_len=24, max_windows=5, tasks="none",
                             eval_batch_size=2)
     for m in (None, mask):
-        kwargs = dict(mask=m, settings=settings, device="cpu", progress=False)
-        streamed = api.evaluate(str(tiny_checkpoint), stream=True, **kwargs)
-        plain = api.evaluate(str(tiny_checkpoint), stream=False, **kwargs)
+        kwargs = dict(mask=m, settings=settings, progress=False)
+        streamed = api.evaluate(_src(tiny_checkpoint, True), **kwargs)
+        plain = api.evaluate(_src(tiny_checkpoint, False), **kwargs)
         (a,), (b,) = streamed["perplexity"].values(), plain["perplexity"].values()
         assert a["windows"] == b["windows"] == 5
         assert a["nll"] == pytest.approx(b["nll"], rel=1e-5)
         assert streamed["footprint"] == plain["footprint"]
         assert streamed["metadata"]["stream"] is True
-    assert streamed["footprint"]["params_total"] < api.evaluate(str(tiny_checkpoint), settings=settings,
-                                                                device="cpu", progress=False,
-                                                                stream=True)["footprint"]["params_total"]
+    dense = api.evaluate(_src(tiny_checkpoint, True), settings=settings, progress=False)
+    assert streamed["footprint"]["params_total"] < dense["footprint"]["params_total"]
 
 
 def test_streamed_lm_eval_loglikelihoods_equal_in_memory(tiny_checkpoint, tokenizer, monkeypatch):
@@ -270,8 +274,8 @@ def test_streamed_lm_eval_loglikelihoods_equal_in_memory(tiny_checkpoint, tokeni
 
 def test_streamed_eval_with_tasks_equals_in_memory(tiny_checkpoint, tmp_path):
     settings = EvalSettings(ppl_datasets=(), tasks="bundled", limit=3, eval_batch_size=4)
-    streamed = api.evaluate(str(tiny_checkpoint), settings=settings, device="cpu", progress=False, stream=True)
-    plain = api.evaluate(str(tiny_checkpoint), settings=settings, device="cpu", progress=False, stream=False)
+    streamed = api.evaluate(_src(tiny_checkpoint, True), settings=settings, progress=False)
+    plain = api.evaluate(_src(tiny_checkpoint, False), settings=settings, progress=False)
     assert streamed["summary"]["tasks"] == pytest.approx(plain["summary"]["tasks"], rel=1e-6)
 
 
@@ -296,27 +300,27 @@ def test_streamed_expert_sparsity_equals_in_memory(arch, tmp_path):
 
 
 def test_plan_expert_sparsity_streamed_equals_in_memory(tiny_checkpoint, text_corpus, tmp_path):
-    prof = api.profile(str(tiny_checkpoint), [f"c4={text_corpus}"], tmp_path / "prof", samples=4, seq_len=16,
-                       progress=False, device="cpu", stream=False)
+    prof = api.profile(_src(tiny_checkpoint, False), [f"c4={text_corpus}"], tmp_path / "prof",
+                       calibration={"samples": 4, "seq_len": 16}, progress=False)
     masks = {}
     for stream in (True, False):
-        recon = {"samples": 4, "seq_len": 16, "device": "cpu", "stream": stream, "workdir": str(tmp_path / "w")}
-        masks[stream] = api.plan(prof, "tb-coverage", 0.5, model=str(tiny_checkpoint), reconstruction=recon,
-                                 progress=False)
+        recon = {"samples": 4, "seq_len": 16, "workdir": str(tmp_path / "w")}
+        masks[stream] = api.plan(prof, "tb-coverage", 0.5, model=_src(tiny_checkpoint, stream),
+                                 reconstruction=recon, progress=False)
     assert masks[True].layers == masks[False].layers
 
 
 # ------------------------------------------------------------------------------------------ apply, prune, recovery
 @pytest.fixture(scope="module")
 def half_mask(tiny_checkpoint, tmp_path_factory):
-    prof = api.profile(str(tiny_checkpoint), ["wiki"], tmp_path_factory.mktemp("prof"), samples=4, seq_len=16,
-                       progress=False, device="cpu", stream=False)
+    prof = api.profile(_src(tiny_checkpoint, False), ["wiki"], tmp_path_factory.mktemp("prof"),
+                       calibration={"samples": 4, "seq_len": 16}, progress=False)
     return api.plan(prof, "frequency", 0.5, progress=False)
 
 
 def test_streamed_apply_writes_the_model_free_checkpoint_verified(tiny_checkpoint, half_mask, tmp_path):
-    streamed = api.apply(str(tiny_checkpoint), half_mask, tmp_path / "s", device="cpu", progress=False, stream=True)
-    plain = api.apply(str(tiny_checkpoint), half_mask, tmp_path / "p", device="cpu", progress=False, stream=False)
+    streamed = api.apply(_src(tiny_checkpoint, True), half_mask, tmp_path / "s", progress=False)
+    plain = api.apply(_src(tiny_checkpoint, False), half_mask, tmp_path / "p", progress=False)
     a, b = load_file(streamed / "model.safetensors"), load_file(plain / "model.safetensors")
     fused = {k for k in b if "experts" in k}
     assert fused  # the in-memory export's fused experts; the streamed one keeps the source's layout
@@ -343,7 +347,7 @@ def test_streamed_apply_verification_catches_a_wrong_checkpoint(tiny_checkpoint,
 
     monkeypatch.setattr(shards, "_pruned_shard", corrupted)
     with pytest.raises(MoePruneError, match="Verification failed"):
-        api.apply(str(tiny_checkpoint), half_mask, tmp_path / "s", device="cpu", progress=False, stream=True)
+        api.apply(_src(tiny_checkpoint, True), half_mask, tmp_path / "s", progress=False)
     assert not (tmp_path / "s").exists()
 
 
@@ -356,19 +360,19 @@ def test_recovery_is_refused_up_front_when_streaming(tiny_checkpoint, half_mask,
 
 
 def test_prune_streamed_end_to_end(tiny_checkpoint, text_corpus, tmp_path):
-    calibration = Calibration((f"c4={text_corpus}",), 4, 16, 2)
+    calibration = {"corpora": (f"c4={text_corpus}",), "samples": 4, "seq_len": 16, "batch_size": 2}
     recon = {"samples": 4, "seq_len": 16}
-    streamed = api.prune(str(tiny_checkpoint), 0.5, tmp_path / "s", calibration=calibration, reconstruction=recon,
-                         device="cpu", progress=False, stream=True)
-    plain = api.prune(str(tiny_checkpoint), 0.5, tmp_path / "p", calibration=calibration, reconstruction=recon,
-                      device="cpu", progress=False, stream=False)
+    streamed = api.prune(_src(tiny_checkpoint, True), 0.5, tmp_path / "s", calibration=calibration,
+                         reconstruction=recon, progress=False)
+    plain = api.prune(_src(tiny_checkpoint, False), 0.5, tmp_path / "p", calibration=calibration,
+                      reconstruction=recon, progress=False)
     a = json.loads((streamed / "mask.json").read_text())
     b = json.loads((plain / "mask.json").read_text())
     assert a["layers"] == b["layers"]
 
 
 def test_experiment_refuses_to_stream_up_front(tiny_checkpoint, tmp_path, capsys, no_reads):
-    _refused(capsys, ["experiment", tiny_checkpoint, *CALIBRATION, "--recon-seq-len", "32", "--ppl-seq-len", "32",
+    _refused(capsys, ["experiment", tiny_checkpoint, *CALIBRATION, "--methods", "frequency", "--ppl-seq-len", "32",
                       "--device", "cpu", "--stream", "--out", tmp_path / "grid"],
              "experiment keeps one model in memory", "--stream")
     assert not (tmp_path / "grid").exists()

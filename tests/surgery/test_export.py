@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from moeprune.arch.view import moe_layers
 from moeprune.errors import MoePruneError
-from moeprune.loading import load_model
+from moeprune.loading import ModelSource, load_model
 from moeprune.planning.mask import ExpertMask
 from moeprune.surgery import apply_mask, export_pruned
 from tests.tiny_models import ARCH_NAMES, build_model, save_model
@@ -34,7 +34,8 @@ def sources(tmp_path_factory):
 
 
 def _export(arch: str, source: Path, mask: ExpertMask, out: Path, **kwargs) -> Path:
-    return export_pruned(source, mask, out, trust_remote_code=arch == "deepseek", progress=False, **kwargs)
+    return export_pruned(ModelSource.of(source, trust_remote_code=arch == "deepseek"), mask, out, progress=False,
+                         **kwargs)
 
 
 def _reload(arch: str, path: Path):
@@ -65,7 +66,10 @@ def test_export_round_trip(arch: str, sources, tmp_path: Path) -> None:
     names = _tensor_names(out)
     assert not any("gate_up_proj" in n for n in names), "expected hub-style per-expert keys"
     assert any(".experts.3." in n for n in names) and not any(".experts.4." in n for n in names)
-    assert ExpertMask.load(out / "mask.json").to_json() == mask.to_json()
+    written = ExpertMask.load(out / "mask.json")
+    export = written.extra.pop("export")  # what was written: format and tensor bytes before and after
+    assert export["format"] == "float32 (unquantized)" and 0 < export["bytes_after"] < export["bytes_before"]
+    assert written.to_json() == mask.to_json()
     card = (out / "README.md").read_text()
     assert "K=4 of N=8" in card and "moeprune apply" in card
     if arch == "deepseek":

@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from moeprune.bundled import bundled_model_path, read_bundled_corpus
-from moeprune.loading import load_model
+from moeprune.loading import ModelSource, load_model
 from moeprune.surgery import export_pruned
 from moeprune.surgery import tokenizer_files as tf
 from tests.tiny_models import build_model, save_model
@@ -72,8 +72,8 @@ def test_export_copies_the_source_tokenizer_files_byte_for_byte(source: Path, tm
 def test_export_with_a_tokenizer_path_copies_that_folder(source: Path, tmp_path: Path) -> None:
     model_only = tmp_path / "model-only"
     save_model(build_model("qwen2_moe", vocab_size=4096), model_only)
-    out = export_pruned(model_only, make_mask(load_model(model_only, dtype="float32")), tmp_path / "pruned",
-                        tokenizer=source, progress=False)
+    mask = make_mask(load_model(model_only, dtype="float32"))
+    out = export_pruned(ModelSource.of(model_only, tokenizer=source), mask, tmp_path / "pruned", progress=False)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (out / name).read_bytes() == (source / name).read_bytes(), name
 
@@ -81,7 +81,7 @@ def test_export_with_a_tokenizer_path_copies_that_folder(source: Path, tmp_path:
 def test_a_tokenizer_object_is_saved_with_a_portable_class(source: Path, tmp_path: Path) -> None:
     tok = AutoTokenizer.from_pretrained(source)
     model = load_model(source, dtype="float32")
-    out = export_pruned(model, make_mask(model), tmp_path / "pruned", tokenizer=tok, progress=False)
+    out = export_pruned(ModelSource.of(model, tokenizer=tok), make_mask(model), tmp_path / "pruned", progress=False)
     saved = json.loads((out / "tokenizer_config.json").read_text())
     assert saved["tokenizer_class"] == "PreTrainedTokenizerFast"  # transformers 5 alone writes TokenizersBackend
     assert _ids(out, _texts()) == _ids(source, _texts())

@@ -164,6 +164,13 @@ def check_corpus_file(spec: CorpusSpec) -> None:
             )
 
 
+def check_reachable(spec: CorpusSpec) -> None:
+    """A hub corpus loads now (from the datasets cache or the hub), so an unreachable one is refused before the
+    model loads, with the loader's own message (it names the fix: a local file)."""
+    if spec.kind == "hub":
+        _load_with_datasets(spec)
+
+
 def corpus_fingerprint(spec: CorpusSpec) -> str | None:
     """SHA-256 of a local corpus file (None for hub and bundled corpora): an edited file at the same path is
     a different corpus, and a profile of the old one must not be reused."""

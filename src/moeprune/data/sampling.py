@@ -32,8 +32,8 @@ from moeprune.errors import MoePruneError
 def calibration_windows(
     spec: CorpusSpec,
     tokenizer,
-    num_samples: int = 512,
-    seq_len: int = 1024,
+    num_samples: int,
+    seq_len: int,
     seed: int = 0,
     min_samples: int = 1,
     skip: int = 0,

@@ -26,31 +26,27 @@ from moeprune.evaluation.zeroshot import (
     zero_shot,
 )
 from moeprune.io import write_json_atomic
+from moeprune.options import EvalSettings
 from moeprune.streaming.layers import DiskLayers
 
 
 def evaluate(
     model: torch.nn.Module,
     tokenizer: Any,
+    settings: EvalSettings,
     *,
-    ppl_datasets: Sequence[str] = ("wikitext2", "c4"),
-    seq_len: int = 2048,
-    ppl_batch_size: int = 1,
-    max_windows: int | None = None,
-    ppl_sources: Mapping[str, str | Path] | None = None,
-    tasks: str | Sequence[str] | None = COMMON_TASKS,
-    limit: int | float | None = None,
-    batch_size: int | str = 8,
-    max_length: int | None = None,
+    tasks: Sequence[str] | None = None,
     include_path: str | Path | Sequence[str | Path] | None = None,
     progress: bool = True,
     metadata: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Perplexity on each of ``ppl_datasets`` and zero-shot accuracy on ``tasks`` (None or () skips it).
+    """Perplexity on each of the resolved ``settings.ppl_datasets`` (``settings.ppl_seq_len`` tokens a window) and
+    zero-shot accuracy on ``tasks`` (lm-eval names, already expanded; None: ``settings.tasks`` as given; () skips).
 
     ``metadata`` (e.g. model path, mask file, method) is copied into the result as is.
     """
     start = time.time()
+    tasks = settings.tasks if tasks is None else tasks
     net = model.model if isinstance(model, DiskLayers) else model
     results: dict[str, Any] = {"metadata": dict(metadata or {}), "footprint": footprint(net)}
     results["perplexity"] = {
@@ -58,22 +54,21 @@ def evaluate(
             model,
             tokenizer,
             name,
-            seq_len=seq_len,
-            batch_size=ppl_batch_size,
-            max_windows=max_windows,
+            seq_len=settings.ppl_seq_len,
+            max_windows=settings.max_windows,
             progress=progress,
-            sources=ppl_sources,
+            sources=settings.ppl_sources or None,
         )
-        for name in ppl_datasets
+        for name in settings.ppl_datasets or ()
     }
-    if tasks:
+    names = [tasks] if isinstance(tasks, str) else list(tasks or ())
+    if names and not all(n.strip().lower() in ("none", "") for n in names):
         results["zero_shot"] = zero_shot(
             model,
             tokenizer,
             tasks=tasks,
-            limit=limit,
-            batch_size=batch_size,
-            max_length=max_length,
+            limit=settings.limit,
+            batch_size=settings.eval_batch_size,
             include_path=include_path,
             progress=progress,
         )

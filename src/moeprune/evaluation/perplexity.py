@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from moeprune.bundled import read_bundled_corpus
 from moeprune.errors import MoePruneError
 from moeprune.io import parse_json, read_bytes, read_text
+from moeprune.options import fit_window
 from moeprune.streaming.layers import DiskLayers
 from moeprune.streaming.runner import run_layer_major
 from moeprune.surgery import masked
@@ -56,7 +57,7 @@ def perplexity(
     model: torch.nn.Module,
     tokenizer: Any,
     dataset: str,
-    seq_len: int = 2048,
+    seq_len: int,
     batch_size: int = 1,
     max_windows: int | None = None,
     progress: bool = True,
@@ -92,14 +93,11 @@ def _min(a: int | None, b: int) -> int:
 
 
 def _check_seq_len(model: torch.nn.Module, seq_len: int) -> None:
+    """The window rule (options.fit_window), for a caller that skipped the verb's resolution."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if seq_len < 2:
         raise MoePruneError(f"seq_len must be at least 2 (got {seq_len}).")
-    if isinstance(limit, int) and seq_len > limit:
-        raise MoePruneError(
-            f"seq_len={seq_len} exceeds the model's max_position_embeddings={limit}; "
-            f"pass a smaller --seq-len (e.g. {limit})."
-        )
+    fit_window(seq_len, limit if isinstance(limit, int) and limit > 1 else None, "--ppl-seq-len")
 
 
 def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
@@ -205,6 +203,14 @@ def looks_like_path(dataset: str) -> bool:
     has a folder or a suffix (a missing file is reported as missing, not as an unknown dataset)."""
     path = Path(dataset)
     return path.exists() or path.is_symlink() or len(path.parts) > 1 or bool(path.suffix)
+
+
+def check_ppl_datasets(datasets: Sequence[str] | None, sources: Mapping[str, str | Path] | None = None) -> None:
+    """Every --ppl name is a known dataset, a --ppl-data name or a path (before the model loads, not after)."""
+    for dataset in datasets or []:
+        if dataset not in (sources or {}) and dataset not in PPL_DATASETS and not looks_like_path(dataset):
+            raise MoePruneError(f"Unknown perplexity dataset {dataset!r}: use one of {list(PPL_DATASETS)} or a path "
+                                "to a local text file.")
 
 
 def check_local_ppl_files(datasets: Sequence[str] | None, sources: Mapping[str, str | Path] | None) -> None:

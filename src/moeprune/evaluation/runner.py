@@ -18,10 +18,9 @@ from moeprune.errors import MoePruneError
 from moeprune.evaluation import compare_footprints, evaluate, footprint
 from moeprune.evaluation.zeroshot import COMMON_TASKS, expand_tasks
 from moeprune.io import check_output_file, write_json_atomic
-from moeprune.loading import ModelSource, checked_model, checked_tokenizer, model_name
+from moeprune.loading import ModelSource, model_name
 from moeprune.options import EvalSettings
 from moeprune.planning.mask import ExpertMask
-from moeprune.presets import PPL_SEQ_LEN_CAP, preset_for
 from moeprune.streaming.layers import DiskLayers
 from moeprune.surgery import masked
 from moeprune.surgery.delta import apply_delta
@@ -38,15 +37,6 @@ def resolve_tasks(tasks: str | Sequence[str] | None) -> list[str]:
     if not names or all(n.strip().lower() in NO_TASKS for n in names):
         return []
     return expand_tasks([n for n in names if n.strip().lower() not in NO_TASKS])
-
-
-def default_seq_len(model: torch.nn.Module, seq_len: int | None) -> int:
-    """An explicit ``seq_len`` is kept (perplexity refuses one beyond max positions, with the fix);
-    ``None`` means min(2048, max_position_embeddings)."""
-    if seq_len is not None:
-        return int(seq_len)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    return min(PPL_SEQ_LEN_CAP, int(limit)) if isinstance(limit, int) and limit > 1 else PPL_SEQ_LEN_CAP
 
 
 def mask_record(mask: ExpertMask, path: str | Path | None = None) -> dict[str, Any]:
@@ -68,38 +58,27 @@ def mask_record(mask: ExpertMask, path: str | Path | None = None) -> dict[str, A
 
 
 def evaluate_model(
-    model: str | Path | torch.nn.Module,
+    model: ModelSource | str | Path | torch.nn.Module,
     *,
+    settings: EvalSettings,
     mask: ExpertMask | str | Path | None = None,
-    settings: EvalSettings | None = None,
-    dtype: str = "auto",
-    device: str | None = None,
-    trust_remote_code: bool = False,
     out: str | Path | None = None,
-    tokenizer: Any = None,
+    overwrite: bool = False,
     progress: bool = True,
-    stream: bool | None = None,
 ) -> dict[str, Any]:
-    """Perplexity and zero-shot accuracy of ``model`` (a path, hub id, "bundled" or a loaded model), under
-    ``mask`` when given; the result (with a ``summary``) is written atomically to ``out`` when given.
+    """Perplexity and zero-shot accuracy of ``model`` (a model source, or what :meth:`ModelSource.of` takes),
+    under ``mask`` when given, with resolved ``settings`` (``EvalSettings(...).resolved(source)``: the api does
+    it); the result (with a ``summary``) is written atomically to ``out`` when given.
 
-    ``stream``: read the weights from disk one decoder layer at a time (:meth:`ModelSource.placement` decides
-    when None); perplexity then runs layer-major over all windows, and the mask is applied to each layer as it is
-    read.
-
-    ``settings=None``: the model's preset (:meth:`EvalSettings.from_preset`): the six bundled domains, their
-    256-token windows and the held-out tasks for the bundled testbed; wikitext2, c4 and the six tasks of Common
-    Avg otherwise."""
-    settings = settings if settings is not None else EvalSettings.from_preset(preset_for(model))
+    A source that streams (see :meth:`ModelSource.placement`) is evaluated from disk one decoder layer at a time:
+    perplexity runs all windows layer-major, lm-eval's batches are computed layer-major in chunks, and the mask is
+    applied to each layer as it is read."""
+    source = ModelSource.of(model)
     if out is not None:
-        check_output_file(out)  # an unwritable --out fails now, not after the evaluation
-    source = ModelSource.of(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, stream=stream)
-    if source.placement() == "stream":
-        loaded = source.open_stream()
-        tok = checked_tokenizer(tokenizer, loaded.model, trust_remote_code)
-    else:
-        loaded = checked_model(model, dtype, device, trust_remote_code)
-        tok = checked_tokenizer(tokenizer, loaded, trust_remote_code)
+        check_output_file(out, overwrite=overwrite)  # an unwritable --out fails now, not after the evaluation
+    streamed = not source.is_loaded and source.placement() == "stream"
+    loaded = source.open_stream() if streamed else source.load()
+    tok = source.load_tokenizer(loaded.model if streamed else loaded)
     mask_path = None if mask is None or isinstance(mask, ExpertMask) else mask
     if mask_path is not None:
         mask = ExpertMask.load(mask_path)
@@ -110,8 +89,8 @@ def evaluate_model(
         mask=mask,
         mask_path=mask_path,
         progress=progress,
-        metadata={"model": str(model) if isinstance(model, (str, Path)) else model_name(loaded),
-                  **({"stream": True} if isinstance(loaded, DiskLayers) else {})},
+        metadata={"model": model_name(loaded) if source.is_loaded else str(source.model),
+                  **({"stream": True} if streamed else {})},
     )
     if out is not None:
         write_json_atomic(out, results)
@@ -130,36 +109,29 @@ def evaluate_loaded(
     metadata: Mapping[str, Any] | None = None,
     delta: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """One evaluation of an already loaded model, dense or under ``mask`` (restored afterwards); ``delta``
-    (a recovery's replacement tensors) is applied inside the mask."""
+    """One evaluation of an already loaded model, dense or under ``mask`` (restored afterwards), with resolved
+    ``settings``; ``delta`` (a recovery's replacement tensors) is applied inside the mask."""
+    if settings.ppl_datasets is None or settings.ppl_seq_len is None or settings.tasks is None:
+        raise MoePruneError("evaluate_loaded takes resolved settings: EvalSettings(...).resolved(source).")
     # Measured before masking: masked() slices in place, so footprint() inside it is the pruned size.
     streamed = isinstance(model, DiskLayers)
     net = model.model if streamed else model
     dense = dense_footprint or footprint(net)
-    kwargs = {
-        "ppl_datasets": tuple(settings.ppl_datasets),
-        "seq_len": default_seq_len(net, settings.ppl_seq_len),
-        "ppl_sources": settings.ppl_sources or None,
-        "max_windows": settings.max_windows,
-        "tasks": resolve_tasks(settings.tasks),
-        "limit": settings.limit,
-        "batch_size": settings.eval_batch_size,
-        "progress": progress,
-        "metadata": dict(metadata or {}),
-    }
+    meta = dict(metadata or {})
+    tasks = resolve_tasks(settings.tasks)
     if mask is None:
-        results = evaluate(model, tokenizer, **kwargs)
+        results = evaluate(model, tokenizer, settings, tasks=tasks, progress=progress, metadata=meta)
     elif streamed:
         if delta:
             raise MoePruneError("A recovery delta cannot be applied to a model streamed from disk; evaluate the "
                                 "exported checkpoint instead (it holds the delta).")
         with masked_on_load(model, mask):
-            results = evaluate(model, tokenizer, **kwargs)
+            results = evaluate(model, tokenizer, settings, tasks=tasks, progress=progress, metadata=meta)
             results["footprint"] = _pruned_footprint(net, mask)
     else:
         with masked(model, mask):
             apply_delta(model, dict(delta or {}))
-            results = evaluate(model, tokenizer, **kwargs)
+            results = evaluate(model, tokenizer, settings, tasks=tasks, progress=progress, metadata=meta)
     results["mask"] = None if mask is None else mask_record(mask, mask_path)
     results["footprint_vs_dense"] = compare_footprints(dense, results["footprint"])
     results["summary"] = summarise(results)

@@ -113,6 +113,20 @@ def _reused(key: tuple, build: Callable[[], Any]) -> Any:
     return _REUSED[key]
 
 
+def check_tasks(names: Sequence[str], include_path: str | Path | Sequence[str | Path] | None = None) -> None:
+    """Every task is one lm-eval (with moeprune's own task folder) knows: an unknown --tasks name is refused before
+    the model loads, not after the perplexity ran."""
+    from lm_eval.tasks import TaskManager
+
+    include = _include_paths(include_path)
+    manager = _reused(("manager", *include), lambda: TaskManager(include_path=include))
+    known = set(manager.all_tasks)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise MoePruneError(f"Unknown lm-eval task(s) {unknown}; use lm-eval task names (lm-eval ls tasks) or the "
+                            f"presets {', '.join(TASK_PRESETS)}, or --tasks none.")
+
+
 def expand_tasks(tasks: str | Sequence[str]) -> list[str]:
     """Split comma lists and expand presets, keeping order and dropping repeats."""
     names = tasks.split(",") if isinstance(tasks, str) else [n for t in tasks for n in t.split(",")]

@@ -52,7 +52,7 @@ def held_out_sets(profile: Any, tokenizer: Any, windows: int = HELD_OUT_WINDOWS)
                 f"-B auto scores budgets on held-out windows of the calibration corpora, but corpus {name!r} reads "
                 f"the {spec.split!r} split, which is evaluation data. Profile on train splits, or give -B a number."
             )
-        seq_len, seed = int(meta.get("seq_len", 1024)), int(meta.get("seed", 0))
+        seq_len, seed = int(meta["seq_len"]), int(meta.get("seed", 0))
         sets[name] = held_out_windows(spec, tokenizer, windows, seq_len, seed, int(meta.get("samples", 0)))
     return sets
 

@@ -6,15 +6,22 @@ each message exists once. A config is a transformers config or a config.json dic
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from moeprune.arch import moe_layers
 from moeprune.arch.adapters import routing_meta
 from moeprune.errors import MoePruneError
-from moeprune.loading import config_hash
+from moeprune.io import read_config_json
+from moeprune.loading import config_hash, load_config
 from moeprune.planning.groups import expert_groups
 from moeprune.planning.mask import kept_count
+
+log = logging.getLogger(__name__)
 
 
 def check_retain_for_config(config: Any, retains: float | Sequence[float]) -> None:
@@ -77,3 +84,51 @@ def check_mask_routable(mask: Any, meta: dict[str, Any]) -> None:
                 f"but every group must keep K/n_group={per_group}: an uneven mask silently regroups experts. "
                 "Plan the mask with moeprune plan, which keeps the same number inside each group."
             )
+
+
+def check_mask_layers(mask: Any, config: Any, trust_remote_code: bool = False) -> None:
+    """The mask covers exactly the model's MoE layers (none missing, none extra), found on an empty (meta
+    device) model built from the config: checked before the weights load. A config transformers cannot
+    build without running code is left to the check at load."""
+    try:
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        with init_empty_weights():
+            empty = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        layers = moe_layers(empty)
+    except Exception:  # noqa: BLE001 - any failure here is reported by the load itself, with its own message
+        return
+    mask.check_model([layer.index for layer in layers], layers[0].num_experts if layers else mask.num_experts)
+
+
+def check_mask_for_checkpoint(mask: Any, folder: str | Path, *, force: bool = False,
+                              trust_remote_code: bool = False) -> Any:
+    """Model-free apply's check of ``mask`` against the checkpoint in ``folder``, made without its weights (the
+    CLI and :func:`moeprune.surgery.shards.prune_checkpoint_files` both call it): :func:`check_mask_for_config`
+    on the config transformers builds from config.json, config hash included (``force`` skips it)."""
+    config = _config_or_json(Path(folder), trust_remote_code)
+    if isinstance(config, dict) and mask.extra.get("config_hash") and not force:
+        _warn_hash_unchecked(str(folder))
+    check_mask_for_config(mask, config, force=force)
+    return config
+
+
+@functools.cache  # once per folder: the CLI checks up front, then again where it writes
+def _warn_hash_unchecked(folder: str) -> None:
+    log.warning("The mask's config hash was not checked: transformers cannot build the config of %s without "
+                "--trust-remote-code (expert count, top-k and routing groups were checked).", folder)
+
+
+def _config_or_json(folder: Path, trust_remote_code: bool) -> Any:
+    """The config object when transformers can build it (for the config hash), else config.json's dict:
+    model-free apply never runs the checkpoint's code, so it must not need --trust-remote-code."""
+    try:
+        return load_config(folder, trust_remote_code)
+    except MoePruneError:
+        path = folder / "config.json"
+        if not path.exists():
+            raise MoePruneError(
+                f"{folder} has no config.json; model-free apply needs a Hugging Face checkpoint."
+            ) from None
+        return read_config_json(folder)

@@ -16,6 +16,8 @@ readers ignore what they do not know.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +94,14 @@ class ExpertMask:
         """The method as grids and tables tell its variants apart: ``extra["variant"]`` when set (e.g.
         ``reap@code`` for REAP ranked on one corpus, ``tb-coverage@B4`` in a protect-budget sweep)."""
         return str(self.extra.get("variant") or self.method)
+
+    @property
+    def identity(self) -> str:
+        """A short hash of what the mask keeps (expert count and kept ids per layer): what a recovery made for
+        this mask records, so that a Recovery made for another mask of the same K is refused."""
+        kept = {str(layer): sorted(int(e) for e in self.kept(layer)) for layer in sorted(self.layers)}
+        blob = json.dumps({"num_experts": self.num_experts, "kept": kept}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def kept(self, layer: int) -> list[int]:
         return sorted(self.layers[layer].kept)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from moeprune.data.sampling import calibration_windows
 from moeprune.errors import MoePruneError
 from moeprune.io import checkpoint_fingerprint, output_lock, remove_orphan_temp_files
 from moeprune.loading import config_hash, model_name, resolve_model_path
+from moeprune.options import Calibration, fit_window
 from moeprune.profiling.instrument import StatsRecorder
 from moeprune.profiling.sequential import profile_windows_layer_major, profile_windows_sequential
 from moeprune.profiling.stats import ExpertStats, Profile, check_one_model, finished_corpora
@@ -40,20 +41,12 @@ IDENTITY_KEYS = ("config_hash", "weights_sha256", "tokenizer_sha256", "corpus", 
                  "seq_len", "seed")
 
 
-@dataclass
-class ProfileSettings:
-    num_samples: int = 512
-    seq_len: int = 1024
-    batch_size: int = 4
-    seed: int = 0
-    checkpoint_every: int = 16  # batches between partial-sum checkpoints
-    # Run one decoder layer at a time on this device, weights kept on the CPU (see profiling.sequential).
-    sequential_device: str | None = None
+SEQUENTIAL_ONE_PROCESS = "Layer-sequential profiling runs in one process; drop --sequential or torchrun."
 
-    def validate(self) -> None:
-        for name in ("num_samples", "seq_len", "batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise MoePruneError(f"{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)}).")
+
+def is_distributed() -> bool:
+    """Whether this process is one rank of several (torchrun)."""
+    return _rank_world()[1] > 1
 
 
 def model_meta(model) -> dict[str, Any]:
@@ -79,39 +72,39 @@ def profile_model(
     tokenizer,
     corpora: list[CorpusSpec],
     out_dir: str | Path,
-    settings: ProfileSettings | None = None,
+    settings: Calibration,
     progress: bool = True,
+    sequential_device: str | None = None,
 ) -> Profile:
-    """Profile ``model`` on every corpus into ``out_dir``; finished corpora are reused, not recomputed.
+    """Profile ``model`` on every corpus into ``out_dir`` with the resolved ``settings`` (samples, seq_len,
+    batch_size, seed, checkpoint_every); finished corpora are reused, not recomputed. ``sequential_device``:
+    run one decoder layer at a time there, the weights kept on the CPU (see profiling.sequential).
 
     ``model`` is a loaded model, or a :class:`~moeprune.streaming.layers.DiskLayers` (its meta skeleton with the
     reader of its checkpoint): the weights are then streamed from disk one decoder layer at a time."""
     stream = model if isinstance(model, DiskLayers) else None
     model = stream.model if stream is not None else model
-    settings = settings or ProfileSettings()
-    settings.validate()
+    if settings.samples is None or settings.seq_len is None:
+        raise MoePruneError("profile_model takes resolved calibration settings: Calibration(...).resolved(source).")
     out_dir = Path(out_dir)
     if len({spec.name for spec in corpora}) != len(corpora):
         raise MoePruneError("Two corpora share a name; name them with NAME=SPEC.")
-    base_meta = {**model_meta(model), **_library_versions(), "settings": asdict(settings)}
+    recorded = {k: v for k, v in asdict(settings).items() if k != "corpora"}
+    base_meta = {**model_meta(model), **_library_versions(), "settings": recorded}
     base_meta["tokenizer_sha256"] = tokenizer_fingerprint(tokenizer)
     check_one_model(out_dir, base_meta["config_hash"], base_meta["weights_sha256"])
     if _is_rank0() and out_dir.is_dir():
         for path in remove_orphan_temp_files(out_dir):  # profile folders have no lock: only dead writers' files
             _log(progress, f"removed {path.name}, left by a killed profiling run")
     limit = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and limit > 1 and settings.seq_len > limit:
-        raise MoePruneError(
-            f"--seq-len {settings.seq_len} exceeds the model's max_position_embeddings={limit}; pass --seq-len "
-            f"{limit} or less."
-        )
+    fit_window(settings.seq_len, limit if isinstance(limit, int) and limit > 1 else None, "--seq-len")
     for spec in corpora:
         path = out_dir / f"{spec.name}.safetensors"
         wanted = _identity(base_meta, spec, settings)
         if spec.name in finished_corpora(out_dir) and _matches(ExpertStats.load(path).meta, wanted):
             _log(progress, f"corpus {spec.name}: already profiled in {path}, skipping")
             continue
-        windows = calibration_windows(spec, tokenizer, settings.num_samples, settings.seq_len, settings.seed)
+        windows = calibration_windows(spec, tokenizer, settings.samples, settings.seq_len, settings.seed)
         meta = {**base_meta, **wanted, "samples": int(windows.shape[0]), "tokens": int(windows.numel())}
         if stream is not None:
             rank, world = _rank_world()
@@ -119,8 +112,9 @@ def profile_model(
                 stream, windows, settings.batch_size, meta, progress and rank == 0,
                 f"profile {spec.name} (streamed from disk)", rank, world))
             stats.meta["stream"] = True
-        elif settings.sequential_device is not None:
-            stats = _sequential(model, windows, settings, meta, progress, f"profile {spec.name} (layer by layer)")
+        elif sequential_device is not None:
+            stats = _sequential(model, windows, settings.batch_size, sequential_device, meta, progress,
+                                f"profile {spec.name} (layer by layer)")
         else:
             partial = out_dir / f"{spec.name}.partial.safetensors"
             stats = profile_windows(model, windows, settings, meta, partial, progress, f"profile {spec.name}")
@@ -141,7 +135,7 @@ def profile_model(
 def profile_windows(
     model,
     windows: torch.Tensor,
-    settings: ProfileSettings,
+    settings: Calibration,
     meta: dict[str, Any],
     partial_path: Path | None = None,
     progress: bool = True,
@@ -174,12 +168,10 @@ def profile_windows(
     return total
 
 
-def _sequential(model, windows, settings: ProfileSettings, meta, progress: bool, desc: str) -> ExpertStats:
-    if _rank_world()[1] > 1:
-        raise MoePruneError("Layer-sequential profiling runs in one process; drop --sequential or torchrun.")
-    return profile_windows_sequential(
-        model, windows, settings.batch_size, meta, settings.sequential_device, progress=progress, desc=desc
-    )
+def _sequential(model, windows, batch_size: int, device: str, meta, progress: bool, desc: str) -> ExpertStats:
+    if is_distributed():
+        raise MoePruneError(SEQUENTIAL_ONE_PROCESS)
+    return profile_windows_sequential(model, windows, batch_size, meta, device, progress=progress, desc=desc)
 
 
 def _resume(partial_path: Path | None, meta: dict[str, Any], layers) -> tuple[ExpertStats, int]:
@@ -211,14 +203,14 @@ def weights_fingerprint(model: Any) -> str | None:
     return checkpoint_fingerprint(resolve_model_path(name)) if name else None
 
 
-def _identity(base_meta: dict[str, Any], spec: CorpusSpec, settings: ProfileSettings) -> dict[str, Any]:
+def _identity(base_meta: dict[str, Any], spec: CorpusSpec, settings: Calibration) -> dict[str, Any]:
     return {
         "config_hash": base_meta["config_hash"],
         "weights_sha256": base_meta["weights_sha256"],
         "tokenizer_sha256": base_meta["tokenizer_sha256"],
         "corpus": spec.describe(),
         "corpus_sha256": corpus_fingerprint(spec),
-        "samples_requested": settings.num_samples,
+        "samples_requested": settings.samples,
         "seq_len": settings.seq_len,
         "seed": settings.seed,
         "world_size": _rank_world()[1],

@@ -77,6 +77,7 @@ def recovery_corpora(options: RecoveryOptions, mask: ExpertMask | None) -> list[
 def calibration_set(tokenizer: Any, corpora: Sequence[str], options: RecoveryOptions) -> dict[str, torch.Tensor]:
     """{corpus: windows [n, seq_len]}: ``options.samples`` windows in all, split evenly over the corpora, from
     each corpus's train split, sampled with ``options.data_seed`` (not the profiling seed)."""
+    options.require_resolved()
     out: dict[str, torch.Tensor] = {}
     share, extra = divmod(options.samples, len(corpora))
     for i, spec_text in enumerate(corpora):
@@ -109,7 +110,8 @@ def recover(
     precomputed :class:`~moeprune.recovery.router_kd.TeacherTargets` for those windows (a grid reuses them
     for every mask). The model is left exactly as it was."""
     if not options.active:
-        return Recovery({}, {"kind": NONE})
+        return Recovery({}, {"kind": NONE, "mask": mask.identity})
+    options.require_resolved()
     check_prunes([options.kind], mask.kept_per_layer, mask.num_experts, "the mask")
     if windows is None:
         if tokenizer is None:
@@ -117,6 +119,7 @@ def recover(
         windows = calibration_set(tokenizer, recovery_corpora(options, mask), options)
     record: dict[str, Any] = {
         "kind": options.kind,
+        "mask": mask.identity,  # what the delta was trained for: apply refuses it for any other mask
         "settings": options.to_json(),
         "corpora": {name: list(w.shape) for name, w in windows.items()},
     }

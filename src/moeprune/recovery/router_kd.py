@@ -80,6 +80,7 @@ def teacher_targets(model: nn.Module, windows: dict[str, torch.Tensor], options:
         spans.append((name, start, start + w.shape[0]))
         start += w.shape[0]
     stacked = torch.cat([windows[n] for n in names])
+    options.require_resolved()
     vocab = int(model.config.vocab_size if hasattr(model.config, "vocab_size") else model.get_output_embeddings()
                 .weight.shape[0])
     n, seq = stacked.shape

@@ -18,6 +18,8 @@ from typing import Any
 
 from moeprune.arch.adapters import ARCHITECTURES, NUM_EXPERTS_KEYS, config_value, set_config_value
 from moeprune.io import read_config_json
+from moeprune.planning.mask import ExpertMask
+from moeprune.quant import pruned_quantization_config
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,21 @@ def with_expert_count(config: dict[str, Any], num_experts: int, kept: int) -> di
         config = copy.deepcopy(config)  # the nested dicts are the source's: edit a copy
         set_config_value(config, row.num_experts_key, kept)
     return config
+
+
+def with_pruned_quantization(config: dict[str, Any], mask: ExpertMask) -> dict[str, Any]:
+    """``config`` with its quantization_config's ignore lists (``ignore``, ``modules_to_not_convert``, ...) naming
+    routed experts renumbered to the kept ones, and those of removed experts dropped (see moeprune.quant)."""
+    quantization = config.get("quantization_config")
+    if not isinstance(quantization, dict):
+        return config
+    kept = {layer: mask.kept(layer) for layer in mask.layers}
+    return {**config, "quantization_config": pruned_quantization_config(quantization, kept)}
+
+
+def without_quantization(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` for dequantized weights: no quantization_config (a reader would look for scales otherwise)."""
+    return {k: v for k, v in config.items() if k != "quantization_config"}
 
 
 def legacy_keys(config: dict[str, Any]) -> dict[str, Any]:

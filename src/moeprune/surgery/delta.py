@@ -63,6 +63,16 @@ class Recovery:
         record.pop("format", None)
         return cls(delta, record)
 
+    def check_mask(self, mask: Any) -> None:
+        """A recovery is only valid for the mask it was made for (its router rows were trained for those kept
+        experts): refuse it for any other, and one whose record names no mask."""
+        made_for = self.record.get("mask")
+        if made_for != mask.identity:
+            what = "names no mask (made before recoveries recorded one)" if made_for is None else \
+                f"was made for another mask ({made_for}, this one is {mask.identity})"
+            raise MoePruneError(f"The recovery {what}; its router rows were trained for other experts. Compute "
+                                "it for this mask (api.recover(model, mask, options)) or pass recover=options.")
+
     @staticmethod
     def exists(folder: str | Path) -> bool:
         return (Path(folder) / RECORD_FILE).exists() and (Path(folder) / DELTA_FILE).exists()

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from moeprune.errors import MoePruneError
 from moeprune.io import atomic_directory, check_output_dir, read_config_json
 from moeprune.loading import (
+    ModelSource,
     checkpoint_dtype,
     load_config,
     load_model,
@@ -36,12 +37,13 @@ from moeprune.loading import (
     resolve_model_path,
 )
 from moeprune.planning.mask import ExpertMask
+from moeprune.quant import QuantFormat, checkpoint_bytes, describe
 from moeprune.streaming.layers import DiskLayers
 from moeprune.streaming.runner import run_layer_major
-from moeprune.surgery.config_json import pruned_config_json, source_config_json
+from moeprune.surgery.config_json import pruned_config_json, source_config_json, without_quantization
 from moeprune.surgery.delta import Recovery, apply_delta
 from moeprune.surgery.model_card import CardInfo, render_model_card
-from moeprune.surgery.shards import prune_checkpoint_files
+from moeprune.surgery.shards import check_quantized_source, prune_checkpoint_files, pruned_config, write_pruned_tensors
 from moeprune.surgery.slicing import apply_mask, count_parameters, masked, masked_on_load
 from moeprune.surgery.tokenizer_files import write_tokenizer
 
@@ -62,36 +64,38 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def export_pruned(
-    model_or_path: nn.Module | str | Path,
+    model: ModelSource | nn.Module | str | Path,
     mask: ExpertMask | str | Path,
     out_dir: str | Path,
     *,
-    tokenizer: Any = None,
-    dtype: str | torch.dtype = "auto",
-    device: str | None = None,
-    trust_remote_code: bool = False,
     overwrite: bool = False,
     verify: bool = True,
     progress: bool = True,
     recovery: Recovery | None = None,
+    dequantize: bool = False,
 ) -> Path:
     """Prune a model to ``mask`` and save it as a checkpoint in ``out_dir``; returns ``out_dir``.
 
-    A model object is pruned only for the duration of the export and restored afterwards; a path or hub
-    id is loaded with ``dtype`` ("auto": the checkpoint's own) on ``device`` (default: the GPU when there
-    is one, see loading.load_model). ``tokenizer`` is a path or a tokenizer object (default: the model's
-    own directory, skipped with a warning when it has none). With ``verify`` the written checkpoint is
+    ``model``: a :class:`~moeprune.loading.ModelSource` (or what :meth:`ModelSource.of` takes). A model object is
+    pruned only for the duration of the export and restored afterwards; a path or hub id is loaded with the
+    source's ``dtype`` ("auto": the checkpoint's own) on its ``device`` (default: the GPU when there is one, see
+    loading.load_model). The source's ``tokenizer`` is a path or a tokenizer object (default: the model's own
+    directory, skipped with a warning when it has none). With ``verify`` the written checkpoint is
     reloaded in the same dtype and placement and its weights and logits compared with the in-memory
     pruned model's (see :class:`Reference`). ``recovery`` (a :class:`moeprune.recovery.Recovery`) replaces the
     tensors its delta names after slicing: the verification then holds the checkpoint to the recovered
     model, and mask.json and the model card record the recovery.
     """
     out = Path(out_dir)
+    given = ModelSource.of(model)
+    model_or_path, tokenizer = given.model, given.tokenizer
+    dtype, device, trust_remote_code = given.dtype, given.device, given.trust_remote_code
     # Fail before the (possibly long) model load: an existing --out, or one overlapping the source.
-    source_path = resolve_model_path(model_or_path) if isinstance(model_or_path, str | Path) else None
+    source_path = None if given.is_loaded else given.name
     check_output_dir(out, sources=[source_path], overwrite=overwrite)
     if not isinstance(mask, ExpertMask):
         mask = ExpertMask.load(mask)
+    quantized = _quantized_source(model_or_path, source_path, dequantize, delta=getattr(recovery, "delta", None))
     delta = getattr(recovery, "delta", None) or {}
     if recovery is not None and recovery.record.get("kind", "none") != "none":
         # Recorded in the exported mask.json (and so in the card): what was done, with which settings and seed.
@@ -99,7 +103,7 @@ def export_pruned(
     steps = tqdm(total=4 if verify else 3, desc="apply", disable=not progress, unit="step")
     try:
         _step(steps, "loading model")
-        model, owned = _model(model_or_path, dtype, device, trust_remote_code)
+        model, owned = _model(model_or_path, dtype, device, trust_remote_code, dequantize)
         source = model_name(model_or_path if isinstance(model_or_path, (str, Path)) else model)
         source_dir = _local_dir(source)
         # Whoever hands us a loaded remote-code model has already trusted that code.
@@ -111,7 +115,7 @@ def export_pruned(
                 info = CardInfo(source, str(out), mask, params_before, count_parameters(model))
                 reference = Reference.of(model) if verify else None
                 _write(model, tok, mask, info, source_dir or source, tmp, steps,
-                       _tokenizer_source(tokenizer, source_dir or source))
+                       _tokenizer_source(tokenizer, source_dir or source), quantized, dequantize)
             if reference is not None:
                 placement = _placement(model)
                 if owned:  # ours alone: free it before the reload, so two models are never held
@@ -294,19 +298,37 @@ def _release_memory() -> None:
 
 
 def _write(model: nn.Module, tok: Any, mask: ExpertMask, info: CardInfo, source: str | Path,
-           tmp: Path, steps: tqdm, tokenizer_from: str | Path | None = None) -> None:
+           tmp: Path, steps: tqdm, tokenizer_from: str | Path | None = None,
+           quantized: QuantFormat | None = None, dequantize: bool = False) -> None:
     _step(steps, "saving weights")
-    # Default save_pretrained: hub-style per-expert keys, which every transformers version reloads.
-    model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
-    _write_config(tmp, source, mask)
+    source_dir = _local_dir(str(source))
+    if quantized is not None:
+        # The source's own quantized tensors, sliced by name (one writer with model-free apply).
+        written = write_pruned_tensors(source_dir, mask, tmp, progress=False)
+        (tmp / "config.json").write_text(json.dumps(pruned_config(read_config_json(source_dir), mask), indent=2,
+                                                    sort_keys=True) + "\n")
+        info.format, info.bytes_before, info.bytes_after = describe(quantized), written.bytes_before, \
+            written.bytes_after
+        if (source_dir / "generation_config.json").is_file():
+            shutil.copy2(source_dir / "generation_config.json", tmp / "generation_config.json")
+    else:
+        # Default save_pretrained: hub-style per-expert keys, which every transformers version reloads.
+        model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
+        _write_config(tmp, source, mask)
+        info.format = f"{str(_float_dtype(model)).removeprefix('torch.')} (unquantized)"
+        info.bytes_before = checkpoint_bytes(source_dir) if source_dir is not None else None
+        info.bytes_after = checkpoint_bytes(tmp)
+        if dequantize:
+            info.flags = ("--dequantize",)
     if tok is not None:  # the source's files byte for byte where it has them (see surgery/tokenizer_files.py)
         write_tokenizer(tok, tokenizer_from, tmp, TOKENIZER_FILES)
-    source_dir = _local_dir(str(source))
     if source_dir is not None:
         for code in source_dir.glob("*.py"):  # remote modeling code (trust_remote_code models)
             if not (tmp / code.name).exists():
                 shutil.copy2(code, tmp / code.name)
-    mask.save(tmp / "mask.json")
+    # What was written, for `moeprune inspect` of the export (bytes before and after, the weights' format).
+    export = {"format": info.format, "bytes_before": info.bytes_before, "bytes_after": info.bytes_after}
+    replace(mask, extra={**mask.extra, "export": export}).save(tmp / "mask.json")
     (tmp / "README.md").write_text(render_model_card(info))
 
 
@@ -314,19 +336,47 @@ def _write_config(tmp: Path, source: str | Path, mask: ExpertMask) -> None:
     """Replace transformers' config.json by the source's own with the expert count edited (portable to
     transformers 4.x readers and other tools; see surgery/config_json.py)."""
     saved = read_config_json(tmp)
-    config = pruned_config_json(source_config_json(source), saved, mask.num_experts, mask.kept_per_layer)
+    # The weights save_pretrained wrote are not quantized: a source's quantization_config would be a false claim.
+    config = without_quantization(pruned_config_json(source_config_json(source), saved, mask.num_experts,
+                                                     mask.kept_per_layer))
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _model(model_or_path: nn.Module | str | Path, dtype: str | torch.dtype, device: str | None,
-           trust_remote_code: bool) -> tuple[nn.Module, bool]:
+           trust_remote_code: bool, dequantize: bool = False) -> tuple[nn.Module, bool]:
     """The model to prune, and whether we loaded it (then it may be pruned in place, without restoring)."""
     if isinstance(model_or_path, (str, Path)):
         if dtype == "auto":  # the export keeps the checkpoint's own dtype, even on a CPU
             dtype = checkpoint_dtype(load_config(model_or_path, trust_remote_code))
-        loaded = load_model(model_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        loaded = load_model(model_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                            dequantize=dequantize)
         return loaded, True
     return model_or_path.eval(), False
+
+
+def _quantized_source(model_or_path: nn.Module | str | Path, source_path: str | None, dequantize: bool,
+                      delta: dict | None = None) -> QuantFormat | None:
+    """The source's quantized layout when the export writes it back (None: save_pretrained writes the model as
+    loaded), checked before anything loads: a layout moeprune cannot write back, a source that is not a local
+    folder, or a recovery (its float tensors have no quantized form) are refused with the fix."""
+    name = source_path if source_path is not None else model_name(model_or_path)
+    raw = source_config_json(name)
+    if dequantize or raw is None or not raw.get("quantization_config"):
+        return None
+    folder = _local_dir(str(name))
+    if folder is None:
+        raise MoePruneError(
+            f"{name} is a quantized checkpoint; apply writes it back in its own format from its local files. "
+            "Download it (e.g. `hf download ID --local-dir DIR`) and pass DIR, or pass --dequantize."
+        )
+    fmt = check_quantized_source(folder, raw)
+    if delta:
+        raise MoePruneError(
+            f"{name} is quantized ({describe(fmt)}) and --recover changes float tensors that the source's format "
+            "cannot hold as they are; pass --dequantize with --recover (then quantize the result again), or apply "
+            "without --recover."
+        )
+    return fmt
 
 
 @contextmanager

@@ -20,6 +20,10 @@ class CardInfo:
     mask: ExpertMask
     params_before: int
     params_after: int
+    format: str = ""  # the weights' format as written (moeprune.quant.describe); empty: not stated
+    bytes_before: int | None = None  # tensor bytes of the source and of the export, from the safetensors headers
+    bytes_after: int | None = None
+    flags: tuple[str, ...] = ()  # apply flags to reproduce beyond the recovery's (e.g. --dequantize)
 
 
 def render_model_card(info: CardInfo) -> str:
@@ -51,6 +55,9 @@ def render_model_card(info: CardInfo) -> str:
         f"| Protected budget B | {md(budget)} |",
         f"| Seed | {md(mask.seed)} |",
         f"| Parameters | {info.params_before:,} -> {info.params_after:,} ({saved:.1%} fewer) |",
+        *([f"| Weights format | {md(info.format)} |"] if info.format else []),
+        *([f"| Weight bytes | {_bytes_line(info.bytes_before, info.bytes_after)} |"]
+          if info.bytes_before and info.bytes_after is not None else []),
         "",
         "Kept experts are renumbered 0..K-1 in their original order; `mask.json` maps them back.",
         "",
@@ -66,7 +73,7 @@ def render_model_card(info: CardInfo) -> str:
         "",
         "Reproduce:",
         "",
-        *_code_block(reproduce_command(info.source, info.out_dir, _recover_flags(recovery).split())),
+        *_code_block(reproduce_command(info.source, info.out_dir, [*info.flags, *_recover_flags(recovery).split()])),
         "",
     ]
     return "\n".join(lines)
@@ -117,6 +124,10 @@ def _recover_flags(record: dict) -> str:
     return flags + (f" --recover-samples {s.get('samples')} --recover-seq-len {s.get('seq_len')} --recover-epochs "
                     f"{s.get('epochs')} --recover-lr {s.get('lr')} --recover-batch-size {s.get('batch_size')} "
                     f"--recover-seed {s.get('seed')}")
+
+
+def _bytes_line(before: int, after: int) -> str:
+    return f"{before:,} -> {after:,} ({1 - after / before:.1%} fewer)"
 
 
 def _ids(ids: list[int]) -> str:

@@ -20,8 +20,10 @@ copied as they are.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,12 +35,13 @@ from tqdm.auto import tqdm
 from moeprune.arch.adapters import spec_for
 from moeprune.errors import MoePruneError
 from moeprune.io import atomic_directory, check_output_dir, read_config_json, read_weight_map
+from moeprune.planning.fit import check_mask_for_checkpoint
 from moeprune.planning.mask import ExpertMask
-from moeprune.surgery.config_json import with_expert_count
+from moeprune.quant import QuantFormat, check_checkpoint, describe, dtype_size, header_info, is_writable
+from moeprune.surgery.config_json import with_expert_count, with_pruned_quantization
 from moeprune.surgery.keys import EXPERT_KEY, FUSED_KEY, ROUTER_KEY, sliced_shape
 from moeprune.surgery.model_card import CardInfo, render_model_card
 from moeprune.surgery.shard_checks import check_source, check_written, expected_output
-from moeprune.validation import check_mask_for_checkpoint
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -63,50 +66,89 @@ def prune_checkpoint_files(
     only lets transformers build a remote-code config to compute its hash; no model code is run."""
     source = Path(source)
     check_output_dir(out, sources=[source], overwrite=overwrite)
-    shards = _shards(source)
     check_mask_for_checkpoint(mask, source, force=force, trust_remote_code=trust_remote_code)
     config = read_config_json(source)
-    flat = spec_for(SimpleNamespace(**config)).layout == "flat"  # config.json as attributes, for the table
-    expected = expected_output(check_source(source, shards, mask), mask, flat)  # from the headers, before writing
+    fmt = check_quantized_source(source, config)
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        weight_map: dict[str, str] = {}
-        total_size = 0
-        params_before = params_after = 0
-        routers: set[int] = set()
-        for shard in tqdm(shards, desc="prune shards", unit="shard", disable=not progress):
-            params_before += _shard_numel(source / shard)
-            tensors = _pruned_shard(source / shard, mask, routers, flat)
-            params_after += sum(t.numel() for t in tensors.values())
-            save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
-            weight_map.update({name: shard for name in tensors})
-            total_size += sum(t.numel() * t.element_size() for t in tensors.values())
-        if routers != set(mask.layers):
-            raise MoePruneError(
-                f"The mask covers MoE layers {sorted(mask.layers)} but the checkpoint has routers of "
-                f"{mask.num_experts} experts in layers {sorted(routers)}: the mask is for a different model."
-            )
-        if (source / INDEX_FILE).exists():
-            index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        _copy_other_files(source, tmp, set(shards))
-        (tmp / "config.json").write_text(json.dumps(_pruned_config(config, mask), indent=2) + "\n")
-        mask.save(tmp / "mask.json")
+        written = write_pruned_tensors(source, mask, tmp, progress=progress, config=config)
+        _copy_other_files(source, tmp, set(_shards(source)))
+        (tmp / "config.json").write_text(json.dumps(pruned_config(config, mask), indent=2) + "\n")
         # Counted from the tensors on disk: tied embeddings stored twice would be counted twice.
-        card = CardInfo(str(source), str(out), mask, params_before, params_after)
+        card = CardInfo(str(source), str(out), mask, written.params_before, written.params_after,
+                        format=describe(fmt), bytes_before=written.bytes_before, bytes_after=written.bytes_after)
+        export = {"format": card.format, "bytes_before": card.bytes_before, "bytes_after": card.bytes_after}
+        replace(mask, extra={**mask.extra, "export": export}).save(tmp / "mask.json")
         (tmp / "README.md").write_text(render_model_card(card).replace("moeprune apply", "moeprune apply --model-free"))
-        check_written(tmp, expected, (source / INDEX_FILE).exists())
         if verify is not None:
             verify(tmp)
     return Path(out)
 
 
-def _shard_numel(path: Path) -> int:
-    with safe_open(str(path), framework="pt") as handle:
-        total = 0
-        for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
-            shape = handle.get_slice(name).get_shape()
-            total += int(torch.tensor(shape).prod()) if shape else 1
-        return total
+@dataclass
+class Written:
+    """What :func:`write_pruned_tensors` wrote: parameters (elements) and tensor bytes before and after."""
+
+    params_before: int
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+
+
+def write_pruned_tensors(source: Path, mask: ExpertMask, tmp: Path, *, progress: bool = True,
+                         config: dict | None = None) -> Written:
+    """The source's safetensors shards, pruned by ``mask`` tensor by tensor, written into ``tmp`` (with the index
+    when the source has one) and checked from the written headers. Every kept tensor is the source's own bytes:
+    quantized payloads and their scales travel with their expert (see :mod:`moeprune.quant`). The one writer of
+    model-free apply and of the in-memory apply of a quantized checkpoint."""
+    config = read_config_json(source) if config is None else config
+    shards = _shards(source)
+    flat = spec_for(SimpleNamespace(**config)).layout == "flat"  # config.json as attributes, for the table
+    expected = expected_output(check_source(source, shards, mask), mask, flat)  # from the headers, before writing
+    weight_map: dict[str, str] = {}
+    written = Written(0, 0, 0, 0)
+    routers: set[int] = set()
+    for shard in tqdm(shards, desc="prune shards", unit="shard", disable=not progress):
+        numel, size = _shard_size(source / shard)
+        written.params_before += numel
+        written.bytes_before += size
+        tensors = _pruned_shard(source / shard, mask, routers, flat)
+        written.params_after += sum(t.numel() for t in tensors.values())
+        save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
+        weight_map.update({name: shard for name in tensors})
+        written.bytes_after += sum(t.numel() * t.element_size() for t in tensors.values())
+    if routers != set(mask.layers):
+        raise MoePruneError(
+            f"The mask covers MoE layers {sorted(mask.layers)} but the checkpoint has routers of "
+            f"{mask.num_experts} experts in layers {sorted(routers)}: the mask is for a different model."
+        )
+    if (source / INDEX_FILE).exists():
+        index = {"metadata": {"total_size": written.bytes_after}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    check_written(tmp, expected, (source / INDEX_FILE).exists())
+    return written
+
+
+def check_quantized_source(source: Path, config: dict) -> QuantFormat | None:
+    """The source's quantized layout after its checks (see :func:`moeprune.quant.check_checkpoint`); a layout
+    moeprune cannot write back is refused here, before anything is written."""
+    fmt = check_checkpoint(source, config, header_info(source, _shards(source)))
+    if not is_writable(fmt):
+        raise MoePruneError(
+            f"{source} is quantized as {describe(fmt)}, which moeprune does not write back in its own format (it "
+            "writes FP8 block/tensor, MXFP4 and compressed-tensors pack-/float-quantized); pass --dequantize to write "
+            "a bf16 checkpoint (in-memory apply), or quantize again after pruning (docs/apply.md)."
+        )
+    return fmt
+
+
+def _shard_size(path: Path) -> tuple[int, int]:
+    """(elements, tensor bytes) of one shard, from its header."""
+    numel = size = 0
+    for dtype, shape in header_info(path.parent, [path.name]).values():
+        count = math.prod(shape)
+        numel += count
+        size += count * dtype_size(dtype)
+    return numel, size
 
 
 def _shards(source: Path) -> list[str]:
@@ -157,9 +199,10 @@ def _prune_tensor(name: str, load, mask: ExpertMask, flat: bool) -> tuple[str, t
     return name, load()
 
 
-def _pruned_config(config: dict, mask: ExpertMask) -> dict:
-    """The source's config.json, every field kept, with the expert count (and any alias of it) set to K."""
-    return with_expert_count(config, mask.num_experts, mask.kept_per_layer)
+def pruned_config(config: dict, mask: ExpertMask) -> dict:
+    """The source's config.json, every field kept, with the expert count (and any alias of it) set to K and the
+    quantization_config's ignore lists renumbered to the kept experts."""
+    return with_pruned_quantization(with_expert_count(config, mask.num_experts, mask.kept_per_layer), mask)
 
 
 def _copy_other_files(source: Path, target: Path, shards: set[str]) -> None:
