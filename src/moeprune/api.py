@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 
-from moeprune.data.corpora import CorpusSpec, parse_corpus
+from moeprune.data.corpora import LOCAL_KINDS, CorpusSpec, corpus_fingerprint, corpus_spec_from_record, parse_corpus
 from moeprune.data.sampling import calibration_windows
 from moeprune.errors import MoePruneError
 from moeprune.evaluation.perplexity import held_out_nll, perplexity
 from moeprune.evaluation.runner import evaluate_model
-from moeprune.io import check_output_dir, write_json_atomic
+from moeprune.io import check_output_dir, output_root, write_json_atomic
 from moeprune.loading import (  # noqa: F401 (re-export)
     ModelSource,
     checked_model,
@@ -54,9 +54,9 @@ from moeprune.planning import plan as plan_from_profile
 from moeprune.planning.fit import check_mask_for_config, check_mask_layers
 from moeprune.planning.mask import ExpertMask, kept_count
 from moeprune.planning.request import PlanRequest
-from moeprune.preflight import check_evaluation, check_model, check_profile, check_recovery
+from moeprune.preflight import check_evaluation, check_model, check_profile, check_recovery, input_files
 from moeprune.presets import PAPER, PRESETS, is_bundled, preset_for  # noqa: F401 (re-export)
-from moeprune.profiling.runner import SEQUENTIAL_ONE_PROCESS, is_distributed, profile_model
+from moeprune.profiling.runner import SEQUENTIAL_ONE_PROCESS, is_distributed, profile_model, weights_fingerprint
 from moeprune.profiling.stats import Profile
 from moeprune.reconstruction import reconstruction_selection, reconstruction_selection_streamed
 from moeprune.recovery import Recovery, RecoveryOptions, recovery_corpora
@@ -341,7 +341,8 @@ def apply(
         recovery.check_mask(mask)
     elif recovery is not None:
         recovery = _resolved_recovery(source, mask, recovery)
-    _check_output(out, source, overwrite, mask_file)
+    recover_corpora = recovery.corpora if isinstance(recovery, RecoveryOptions) else None
+    _check_output(out, source, overwrite, mask_file, *input_files(None, recover_corpora))
     if isinstance(recovery, RecoveryOptions):
         recovery = _recovery(source, mask, recovery, progress) if recovery.active else None
         _release_memory()  # the copy recovery loaded is gone before the export loads the checkpoint again
@@ -479,7 +480,13 @@ def prune(
             ppl_datasets=_names(ppl_datasets, "ppl_datasets"))
         evaluation = evaluation.resolved(source)
     workdir = Path(workdir) if workdir else Path(str(out).rstrip("/") + ".work")
-    _check_output(out, source, overwrite, workdir)  # before profiling, not after
+    if options is not None and options.active and not options.corpora:
+        # This run's own calibration corpora (specs), not names read back from the mask it plans (issue 27).
+        options = replace(options, corpora=tuple(str(c) for c in calibration.corpora))
+    ppl_files = [Path(p) for p in (evaluation.ppl_datasets if evaluation else ()) if Path(p).exists()]
+    # before profiling, not after; every local input counts (an --overwrite must never delete one)
+    _check_output(out, source, overwrite, workdir,
+                  *input_files(None, calibration.corpora, options.corpora if options is not None else None), *ppl_files)
     if not source.is_loaded and source.placement() == "stream":
         if options is not None and options.active:
             raise MoePruneError(recovery_not_streamed(source))
@@ -637,14 +644,16 @@ def _reconstruct(
                                                  token_budget=opts.tokens)
     workdir = Path(opts.workdir or workdir or "moeprune-work")
     key = f"{spec.name}-{windows.shape[0]}x{windows.shape[1]}-seed{opts.seed}"
-    return reconstruction_selection(
-        loaded, windows, kept, workdir, key, corpus=spec.name, progress=progress,
-        loss=opts.loss, token_budget=opts.tokens,
-    )
+    with output_root(workdir):  # reconstruction/<key>/ below it: never through a link
+        return reconstruction_selection(
+            loaded, windows, kept, workdir, key, corpus=spec.name, progress=progress,
+            loss=opts.loss, token_budget=opts.tokens,
+        )
 
 
 def _check_same_model(prof: Profile, model: Any) -> None:
-    """A profile is only meaningful for the model it was made from: refuse any other."""
+    """A profile is only meaningful for the model it was made from: refuse any other, by config hash and, where
+    both are known, by weights fingerprint (another checkpoint of one architecture, or weights changed since)."""
     recorded, actual = prof.meta.get("config_hash"), config_hash(model.config)
     if recorded and recorded != actual:
         raise MoePruneError(
@@ -652,14 +661,31 @@ def _check_same_model(prof: Profile, model: Any) -> None:
             f"for planning, {model_name(model)!r}, has config hash {actual}. Profile this model first, or pass "
             "the profiled model with --model."
         )
+    weights, now = prof.meta.get("weights_sha256"), weights_fingerprint(model)
+    if weights and now and weights != now:
+        raise MoePruneError(
+            f"The profile was made from other weights than {model_name(model)!r} has now (same config, another "
+            "weights fingerprint: another checkpoint, or these weights changed since). Profile this model first, "
+            "or pass the profiled model with --model."
+        )
 
 
 def _reconstruction_corpus(prof: Profile, name: str | None) -> CorpusSpec:
     if name is not None:
         return parse_corpus(name)
     chosen = RECONSTRUCTION_CORPUS if RECONSTRUCTION_CORPUS in prof.names else prof.names[-1]
-    recorded = prof.corpora[chosen].meta.get("corpus")
-    return CorpusSpec(**recorded) if recorded else parse_corpus(chosen)
+    meta = prof.corpora[chosen].meta
+    if not meta.get("corpus"):
+        return parse_corpus(chosen)
+    fix = "pass the corpus with --recon-corpus"
+    spec = corpus_spec_from_record(meta["corpus"], f"The profile of {chosen}", fix)
+    # A file a profile names is read only if it is the file that was profiled (a record from elsewhere could
+    # name any file): its SHA-256 must be the one recorded.
+    if spec.kind in LOCAL_KINDS and (not meta.get("corpus_sha256") or not Path(spec.source).is_file()
+                                     or corpus_fingerprint(spec) != meta["corpus_sha256"]):
+        raise MoePruneError(f"The profile of {chosen} names the corpus file {spec.source}, which is missing or not the "
+                            f"file that was profiled (SHA-256 differs); {fix}.")
+    return spec
 
 
 def _check_output(out: str | Path, source: ModelSource, overwrite: bool, *other_sources: Any) -> None:

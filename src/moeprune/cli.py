@@ -212,11 +212,14 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
     _model_options(p, positional=False, stream=True)
     p.add_argument("--model", default=None, help="model for expert-sparsity (default: the profile's model)")
     p.add_argument("--out", required=True, help="directory for the mask files (<method>-<rho>.json)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace mask files moeprune did not write or that were edited since (default: refuse)")
     p.set_defaults(run=_run_plan)
 
 
 def _run_plan(args: argparse.Namespace) -> None:
     from moeprune import api  # lazy: the api pulls in torch; --help stays fast
+    from moeprune.planning.mask import check_replaceable_mask  # lazy: torch
     from moeprune.profiling.stats import Profile  # lazy: torch
 
     # expert-sparsity reloads the profiled model unless told otherwise; its preset follows that model.
@@ -228,8 +231,10 @@ def _run_plan(args: argparse.Namespace) -> None:
         reconstruction=ReconstructionOptions.from_args(args),
         progress=_progress(args),
     )
-    for mask in masks:
-        path = Path(args.out) / api.mask_filename(mask)
+    paths = [Path(args.out) / api.mask_filename(mask) for mask in masks]
+    for path in paths:  # all checked before any is written
+        check_replaceable_mask(path, args.overwrite)
+    for mask, path in zip(masks, paths, strict=True):
         mask.save(path)
         _say(f"{path}: keeps {mask.kept_per_layer} of {mask.num_experts} experts in {len(mask.layers)} layers")
         for note in mask.notes:

@@ -81,7 +81,7 @@ def eval_batch_size(value: int | str) -> int | str:
     """A positive integer, ``auto`` (lm-eval finds the largest batch that fits) or ``auto:N`` (it looks
     again N times per task as the inputs get shorter); integers given as text become ints."""
     text = str(value).strip().lower()
-    if text.isdigit() and int(text) > 0:
+    if re.fullmatch(r"[0-9]+", text) and int(text) > 0:  # ASCII digits: "²".isdigit() is true, int() fails
         return int(text)
     if _AUTO_BATCH.fullmatch(text):
         return text

@@ -42,7 +42,7 @@ from moeprune.streaming.layers import DiskLayers
 from moeprune.streaming.runner import run_layer_major
 from moeprune.surgery.config_json import pruned_config_json, source_config_json, without_quantization
 from moeprune.surgery.delta import Recovery, apply_delta
-from moeprune.surgery.model_card import CardInfo, render_model_card
+from moeprune.surgery.model_card import CardInfo, exported_mask, render_model_card
 from moeprune.surgery.shards import check_quantized_source, prune_checkpoint_files, pruned_config, write_pruned_tensors
 from moeprune.surgery.slicing import apply_mask, count_parameters, masked, masked_on_load
 from moeprune.surgery.tokenizer_files import write_tokenizer
@@ -97,9 +97,9 @@ def export_pruned(
         mask = ExpertMask.load(mask)
     quantized = _quantized_source(model_or_path, source_path, dequantize, delta=getattr(recovery, "delta", None))
     delta = getattr(recovery, "delta", None) or {}
-    if recovery is not None and recovery.record.get("kind", "none") != "none":
-        # Recorded in the exported mask.json (and so in the card): what was done, with which settings and seed.
-        mask = replace(mask, extra={**mask.extra, "recovery": recovery.record})
+    # The exported mask.json (and so the card) records this export's recovery, if any: what was done, with which
+    # settings and seed; never a recovery the input mask claims.
+    mask = exported_mask(mask, None if recovery is None else recovery.record)
     steps = tqdm(total=4 if verify else 3, desc="apply", disable=not progress, unit="step")
     try:
         _step(steps, "loading model")
@@ -157,6 +157,12 @@ class Reference:
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model.config.vocab_size, VERIFY_SHAPE, generator=generator)
         logits = _logits(model, ids)
+        if not torch.isfinite(logits).all():
+            # Not a moeprune bug: the pruned model itself (weights checked finite at load) overflows in this dtype.
+            raise MoePruneError(
+                "The pruned model's logits are NaN or infinite on random tokens (its activations overflow in "
+                f"{str(_float_dtype(model)).removeprefix('torch.')}); nothing was written. Try --dtype float32."
+            )
         # Random tokens need not reach every expert, so the weights are compared too.
         fingerprints = {name: fingerprint(p) for name, p in model.named_parameters()}
         return cls(ids, logits, fingerprints, _float_dtype(model))
