@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moeprune.cli import main
-from moeprune.io import markdown_safe, parse_json, terminal_safe
+from moeprune.io import markdown_safe, parse_json, sealed, terminal_safe
 from tests.test_contract import (  # noqa: F401 (fixtures)
     CALIBRATION,
     copy_model,
@@ -82,7 +82,8 @@ HOSTILE = "<img src=x onerror=alert(1)>\n# owned | x |\n[link](http://evil)"
 
 
 def test_s2_mask_text_is_escaped_in_the_model_card(model, mask_json, tmp_path):
-    mask_json.update(method=HOSTILE, candidate="`code` <b>")
+    # (a method is a file name, refused unless a plain name since issue 27: tests/test_classes.py)
+    mask_json.update(candidate=HOSTILE + "`code` <b>")
     mask = write_mask(tmp_path / "hostile.json", mask_json)
     out = tmp_path / "-my out"
     ok(["apply", model, mask, "--model-free", "--out", out])
@@ -98,7 +99,7 @@ def test_s2_mask_text_is_escaped_in_the_model_card(model, mask_json, tmp_path):
 
 
 def test_s2_terminal_output_has_no_escape_sequences(model, mask_json, tmp_path, capsys):
-    mask_json.update(model="\x1b[2J\x1b[1;1Hall checks passed\x07", method="reap\x1b]0;title\x07")
+    mask_json.update(model="\x1b[2J\x1b[1;1Hall checks passed\x07", candidate="reap\x1b]0;title\x07")
     mask = write_mask(tmp_path / "ansi.json", mask_json)
     capsys.readouterr()
     ok(["inspect", mask])
@@ -286,7 +287,10 @@ def test_w15_grid_masks_and_cells_follow_their_profile(tmp_path, profiled):
             "inputs": {"weights_sha256": "a", "tokenizer_sha256": "b", "mask_sha256": None}}
     file = tmp_path / "dense.json"
     file.write_text(json.dumps(cell))
+    assert read_cell(file, "dense", cell["inputs"]) is None  # unsealed: not moeprune's (issue 27)
+    file.write_text(json.dumps(sealed(cell)))
     assert read_cell(file, "dense", cell["inputs"]) == cell
+    file.write_text(json.dumps(sealed({**cell, "inputs": cell["inputs"]})))
     assert read_cell(file, "dense", {**cell["inputs"], "tokenizer_sha256": "c"}) is None
     for garbage in ("", "[1]", '{"cell": 3}', "{" * 5):
         file.write_text(garbage)

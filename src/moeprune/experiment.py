@@ -30,13 +30,26 @@ from typing import Any
 
 from moeprune import api
 from moeprune.arch.adapters import routing_meta
-from moeprune.data.corpora import parse_corpus
+from moeprune.data.corpora import corpus_fingerprint, parse_corpus
 from moeprune.errors import MoePruneError
 from moeprune.evaluation import footprint, report, runner
 from moeprune.evaluation.coverage import DENSE
 from moeprune.evaluation.runner import resolve_tasks
 from moeprune.evaluation.zeroshot import reuse_lm_eval
-from moeprune.io import read_json, remove_orphan_temp_files, write_json_atomic, write_text_atomic
+from moeprune.io import (
+    SEAL_KEY,
+    check_own_folder,
+    make_dirs,
+    output_root,
+    path_inside,
+    read_json,
+    remove_orphan_temp_files,
+    seal_intact,
+    sealed,
+    without_file,
+    write_json_atomic,
+    write_text_atomic,
+)
 from moeprune.loading import ModelSource, config_hash, model_name
 from moeprune.options import Calibration, EvalSettings, GridOptions, PresetSource, ReconstructionOptions
 from moeprune.planning import registry
@@ -92,6 +105,12 @@ def run_experiment(
     source, settings = resolve_experiment(model, grid, calibration, reconstruction, evaluation, recovery)
     grid, calibration, recon = settings.grid, settings.calibration, settings.reconstruction
     evaluation, recovery, methods = settings.evaluation, settings.recovery, settings.methods
+    if not source.is_loaded and source.placement() == "stream":
+        raise MoePruneError(
+            f"experiment keeps one model in memory for every cell, and {source.name} streams from disk here "
+            "(--stream, or too little memory); run the stages streamed instead (moeprune profile/plan/apply/eval "
+            "--stream), or pass --no-stream on a machine that holds the model."
+        )
     loaded = source.load()
     tokenizer = source.load_tokenizer(loaded)
     record = {
@@ -106,14 +125,23 @@ def run_experiment(
     _check_recovery_axis(kinds, loaded, grid.retains)
     if any(k != "none" for k in kinds):  # recorded only when used, so older experiment.json files still match
         record["recovery"] = {"kinds": kinds, **{k: v for k, v in recovery.to_json().items() if k != "kind"}}
-    _check_settings(out, record)
-    _remove_orphans(out)
-    running = ModelSource.of(source.with_model(loaded), tokenizer=tokenizer)
-    _profile(running, out, calibration, grid, methods, progress)
-    masks = plan_grid(out, running, grid, methods, calibration, recon, progress)
-    cells = evaluate_grid(loaded, tokenizer, out, masks, evaluation, progress, kinds, recovery)
-    files = write_outputs(out, record, cells, plots=plots)
+    check_own_folder(out, without_file("experiment.json"), "experiment")
+    with output_root(out):  # no folder below --out (cells/, masks/, recovery/, profile/) is written through a link
+        _check_settings(out, record)
+        _remove_orphans(out)
+        running = ModelSource.of(source.with_model(loaded), tokenizer=tokenizer)
+        _profile(running, out, calibration, grid, methods, progress)
+        masks = plan_grid(out, running, grid, methods, calibration, recon, progress)
+        cells = evaluate_grid(loaded, tokenizer, out, masks, evaluation, progress, kinds, recovery)
+        files = write_outputs(out, record, cells, plots=plots)
     return {"settings": record, "cells": cells, "files": {k: str(v) for k, v in files.items()}}
+
+
+# experiment.json's schema: the sections a rerun compares, each of its type (recovery only when used).
+SETTINGS_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str,), "retains": (list,), "methods": (list,), "seeds": (list,), "calibration": (dict,),
+    "evaluation": (dict,), "recovery": (dict,),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +251,10 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
         old = read_json(path, "Experiment settings", f"delete it (or use another --out) to start {out} over")
         if not isinstance(old, dict):
             raise MoePruneError(f"Experiment settings {path} is not a JSON object; delete it or use another --out.")
+        for key, types in SETTINGS_TYPES.items():
+            if key in old and not isinstance(old[key], types):
+                raise MoePruneError(f"Experiment settings {path}: {key!r} is not {types[0].__name__}; delete it or "
+                                    "use another --out.")
         for key in ("model", "calibration", "evaluation", "recovery"):
             if key == "recovery" and (key not in old or key not in settings):
                 continue  # recovery added to (or left out of) a grid: the plain cells still compare
@@ -260,10 +292,12 @@ def plan_grid(
     for method in order:
         for seed in grid.seeds if registry.method_spec(method).seeded else [None]:
             for variant, options in _variants(method, grid, methods):
-                paths = [out / "masks" / api.variant_filename(variant, r, seed) for r in grid.retains]
+                paths = [path_inside(make_dirs(out / "masks"), api.variant_filename(variant, r, seed),
+                                     what="Mask file name") for r in grid.retains]
                 folder = options.get("profile", "profile")
                 corpora = _corpus_names(calibration, grid, folder)
-                masks = _reusable_masks(paths, grid.retains, Profile.load(out / folder, corpora).fingerprint())
+                masks = _reusable_masks(paths, grid.retains, Profile.load(out / folder, corpora).fingerprint(),
+                                        variant, seed)
                 if masks is None:
                     masks = _plan(out, model, method, grid, seed, corpora, reconstruction, model_masks, progress,
                                   **options)
@@ -283,15 +317,26 @@ def _corpus_names(calibration: Calibration, grid: GridOptions, folder: str) -> l
     return [parse_corpus(spec).name for spec in specs]
 
 
-def _reusable_masks(paths: list[Path], retains: Sequence[float], profile_sha256: str) -> list[ExpertMask] | None:
-    """The grid's saved masks when every one exists, is for its exact ratio and was planned from this profile
-    (a changed corpus file, tokenizer or model changes the profile); else None: plan them again."""
+def _reusable_masks(paths: list[Path], retains: Sequence[float], profile_sha256: str, variant: str | None = None,
+                    seed: int | None = None) -> list[ExpertMask] | None:
+    """The grid's saved masks when every one exists, is intact (its seal matches: not edited by hand), is this
+    variant's at its exact ratio and seed, and was planned from this profile (a changed corpus file, tokenizer
+    or model changes the profile); else None: plan them again. An unreadable one is planned again too."""
     if not all(p.exists() for p in paths):
         return None
-    masks = [ExpertMask.load(p) for p in paths]
+    try:
+        masks = [ExpertMask.load(p) for p in paths]
+    except MoePruneError as err:
+        log.warning("%s; planning it again.", str(err).rstrip("."))
+        return None
     for path, mask, retain in zip(paths, masks, retains, strict=True):
-        if mask.retain != retain or mask.extra.get("profile_sha256") != profile_sha256:
-            log.info("%s was planned from another profile or ratio; planning it again.", path.name)
+        if not mask.intact:
+            log.warning("%s was edited since moeprune wrote it (its seal does not match); planning it again.",
+                        path.name)
+            return None
+        same = variant is None or (mask.variant == variant and mask.seed == seed)
+        if mask.retain != retain or mask.extra.get("profile_sha256") != profile_sha256 or not same:
+            log.info("%s was planned from another profile, ratio or method; planning it again.", path.name)
             return None
     return masks
 
@@ -367,10 +412,13 @@ def evaluate_grid(
     model_inputs = cell_inputs(model, tokenizer, None)
     cells = []
     shared = _SharedCalibration(model, tokenizer, recovery, progress)
+    cells_dir = make_dirs(out / "cells")  # created (and later read) without following a link
     for path, mask in [(None, None), *masks]:
         for kind in ["none"] if mask is None else recover:
-            file = out / "cells" / f"{cell_id(mask, kind)}.json"
+            file = path_inside(cells_dir, f"{cell_id(mask, kind)}.json", what="Cell file name")
             inputs = {**model_inputs, "mask_sha256": cell_inputs(None, None, mask)["mask_sha256"]}
+            if kind != "none":  # a recovered cell also depends on every input of its recovery
+                inputs["recovery_sha256"] = recovery_key(model, mask, recovery.with_kind(kind), full=True)
             cached = read_cell(file, cell_id(mask, kind), inputs)
             if cached is not None:
                 cells.append(cached)
@@ -378,7 +426,7 @@ def evaluate_grid(
             found = None if kind == "none" else _cell_recovery(out, model, mask, recovery.with_kind(kind), shared)
             cell = run_cell(model, tokenizer, mask, path, dense_fp, evaluation, progress, found)
             cell["inputs"] = inputs
-            write_json_atomic(file, cell)
+            write_json_atomic(file, sealed(cell))  # sealed: a cell edited by hand is recomputed, not reported
             cells.append(cell)
     return cells
 
@@ -414,18 +462,27 @@ class _SharedCalibration:
         return self._teacher
 
 
-def recovery_key(model: Any, mask: ExpertMask, options: Any) -> str:
-    """A short hash of everything that makes a recovery delta: the mask, the settings and kind, the model."""
-    blob = json.dumps({"mask": mask.to_json(), "options": options.to_json(), "model": config_hash(model.config)},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+def recovery_key(model: Any, mask: ExpertMask, options: Any, full: bool = False) -> str:
+    """A hash of everything that makes a recovery delta: the mask, the settings and kind, the model's config and
+    weights fingerprint, and the SHA-256 of every local calibration corpus file (an edited file at the same path
+    is another corpus). Short (12 hex digits) for folder names, ``full`` for a cell's inputs."""
+    corpora = {spec: corpus_fingerprint(parse_corpus(spec)) for spec in options.corpora or ()}
+    blob = json.dumps({"mask": mask.to_json(), "options": options.to_json(), "model": config_hash(model.config),
+                       "weights": weights_fingerprint(model), "corpora": corpora}, sort_keys=True, default=str)
+    digest = hashlib.sha256(blob.encode()).hexdigest()
+    return digest if full else digest[:12]
 
 
 def _cell_recovery(out: Path, model: Any, mask: ExpertMask, options: Any, shared: _SharedCalibration) -> Any:
-    """The cell's recovery from ``out/recovery`` when computed before, else computed now and saved."""
-    folder = out / "recovery" / f"{cell_id(mask, options.kind)}-{recovery_key(model, mask, options)}"
+    """The cell's recovery from ``out/recovery`` when computed before and intact (its record and delta check
+    out, see Recovery.load), else computed now and saved."""
+    name = f"{cell_id(mask, options.kind)}-{recovery_key(model, mask, options)}"
+    folder = path_inside(make_dirs(out / "recovery"), name, what="Recovery folder name")
     if Recovery.exists(folder):
-        return Recovery.load(folder)
+        try:
+            return Recovery.load(folder, expected=options.to_json())
+        except MoePruneError as err:
+            log.warning("%s; recomputing it.", str(err).rstrip("."))
     teacher = shared.teacher() if options.router_kd else None
     found = recover(model, mask, options, windows=shared.windows(), teacher=teacher, progress=shared.progress)
     found.save(folder)
@@ -461,6 +518,8 @@ def read_cell(file: Path, expected_id: str, inputs: dict[str, Any] | None = None
                 break
         if problem is None and cell["cell"] != expected_id:
             problem = f"it holds cell {cell['cell']!r}"
+        if problem is None and not seal_intact(cell):
+            problem = "it was edited since moeprune wrote it: its seal does not match"
         if problem is None and inputs is not None and cell.get("inputs") != inputs:
             log.info("%s was computed from another model, tokenizer or mask; computing it again.", file.name)
             return None
@@ -469,6 +528,7 @@ def read_cell(file: Path, expected_id: str, inputs: dict[str, Any] | None = None
     except MoePruneError as err:
         log.warning("%s; recomputing it.", str(err).rstrip("."))
         return None
+    cell.pop(SEAL_KEY)
     return cell
 
 

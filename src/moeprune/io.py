@@ -22,8 +22,9 @@ import socket
 import stat
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import IO, Any
 
@@ -48,7 +49,7 @@ ENVIRONMENT_ERRNOS = {
 # within seconds; this covers other hosts sharing the folder, and files named before writers were recorded).
 TEMP_FILE_MAX_AGE_S = 24 * 3600
 # ``.NAME.<pid>-<host>.XXXXXXXX.tmp``: the writer's pid, a hash of its host name, mkstemp's random part.
-_TEMP_OWNER = re.compile(r"\.(?P<pid>\d+)-(?P<host>[0-9a-f]{8})\.[a-z0-9_]{8}\.tmp$")
+_TEMP_OWNER = re.compile(r"\.(?P<pid>[0-9]+)-(?P<host>[0-9a-f]{8})\.[a-z0-9_]{8}\.tmp$")
 
 _HELD_LOCKS: dict[Path, list[int]] = {}  # lock path -> [fd, depth]: re-entrant within this process
 
@@ -104,13 +105,14 @@ def atomic_file(path: str | Path, text: bool = False) -> Iterator[IO[Any]]:
     planted link never redirects an output); the temporary file is removed on any failure or signal."""
     path = Path(path)
     with environment_errors():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent)  # below an output root: no folder is a link (see output_root)
         check_regular_destination(path)
         tmp, fd = _create_temp(path)
         try:
             with os.fdopen(fd, "w" if text else "wb", **({"encoding": "utf-8"} if text else {})) as handle:
                 yield handle
-            check_regular_destination(path)  # again: a link planted while we wrote is refused too
+            make_dirs(path.parent)  # again: a link planted while we wrote is refused too
+            check_regular_destination(path)
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -166,6 +168,209 @@ def _file_kind(mode: int) -> str:
         if test(mode):
             return kind
     return "not a regular file"
+
+
+# ------------------------------------------------------------------------- folders below an output root
+# The output roots of the running verb (an experiment's --out, a profile folder, a capture's work folder): every
+# folder below one is created and entered without following links, so `ln -s ~/elsewhere OUT/cells` is refused
+# instead of written through. The root itself is the user's choice (it may be reached through a link).
+_OUTPUT_ROOTS: ContextVar[tuple[Path, ...]] = ContextVar("moeprune_output_roots", default=())
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+@contextmanager
+def output_root(root: str | Path) -> Iterator[Path]:
+    """Declare ``root`` an output root for the block: :func:`make_dirs` (and so :func:`atomic_file`) then
+    refuses any link among the folders between it and what is written below it. Roots nest; the outermost
+    one that holds a path is the one checked from."""
+    root = Path(os.path.abspath(root))
+    token = _OUTPUT_ROOTS.set((*_OUTPUT_ROOTS.get(), root))
+    try:
+        yield root
+    finally:
+        _OUTPUT_ROOTS.reset(token)
+
+
+def _root_of(path: Path) -> Path | None:
+    for root in _OUTPUT_ROOTS.get():
+        if path == root or root in path.parents:
+            return root
+    return None
+
+
+def make_dirs(path: str | Path) -> Path:
+    """Create ``path`` and its missing parents; below a declared :func:`output_root`, each folder is created
+    and opened relative to its parent's descriptor with ``O_NOFOLLOW``: a symbolic link (or a file) in its
+    place is refused in one line, never followed. Returns ``path``."""
+    path = Path(path)
+    absolute = Path(os.path.abspath(path))
+    root = _root_of(absolute)
+    if root is None:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root, _DIR_FLAGS)
+    where = root
+    try:
+        for part in absolute.relative_to(root).parts:
+            where = where / part
+            try:
+                os.mkdir(part, 0o777, dir_fd=fd)
+            except FileExistsError:
+                pass
+            try:
+                inner = os.open(part, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as err:
+                if err.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                kind = _file_kind(os.lstat(part, dir_fd=fd).st_mode)
+                raise MoePruneError(
+                    f"{where} is {kind}, not a folder moeprune made; moeprune never writes through a link (or "
+                    f"over a file) below its output {root}. Remove it and run again."
+                ) from None
+            os.close(fd)
+            fd = inner
+    finally:
+        os.close(fd)
+    return path
+
+
+# ------------------------------------------------------------------------------------- names from records
+# One rule for every name that becomes a file or folder name (corpus names, mask variants and methods, cell
+# ids, capture keys): ASCII letters and digits, then also _ . - @ + =, at most 120 bytes, no "..". It is applied
+# when a record is read and again when a path is built (path_inside).
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@+=-]{0,119}")
+
+
+def is_plain_name(name: Any) -> bool:
+    return isinstance(name, str) and PLAIN_NAME.fullmatch(name) is not None and ".." not in name
+
+
+def check_plain_name(name: Any, what: str, fix: str) -> str:
+    """``name`` if it is a plain name (see PLAIN_NAME), else one line naming ``what`` and the ``fix``."""
+    if not is_plain_name(name):
+        raise MoePruneError(
+            f"{what} {terminal_safe(repr(name))[:80]} is not a plain name (ASCII letters, digits and _ . - @ + =, "
+            f"not starting with a dot, no '..', at most 120 characters); {fix}."
+        )
+    return name
+
+
+def path_inside(root: str | Path, *names: str, what: str = "A name", fix: str = "rename it") -> Path:
+    """``root/names...`` for names that come from a record: each a plain name, and the resolved result
+    checked to stay inside the resolved ``root`` (one line otherwise, nothing written)."""
+    root = Path(root)
+    for name in names:
+        check_plain_name(name, what, fix)
+    path = root.joinpath(*names)
+    if path.is_symlink():
+        raise MoePruneError(f"{path} is a symbolic link; moeprune never reads or writes through a link below its "
+                            "output. Remove it and run again.")
+    base = root.resolve()
+    if base not in path.resolve().parents:
+        raise MoePruneError(f"{what} {terminal_safe('/'.join(names))!r} leads outside {root}; {fix}.")
+    return path
+
+
+# ------------------------------------------------------------------------------- whose folder, whose file
+def check_own_folder(out: str | Path, foreign: Callable[[Path], Path | None], verb: str, flag: str = "--out") -> None:
+    """A non-empty existing ``out`` must be ``verb``'s own folder: ``foreign(out)`` names the first entry that is not
+    (None when all are). moeprune never writes its files among someone else's (experiment --out ~/project would
+    replace report.md there; profile --out data, data/wiki.json)."""
+    out = Path(out)
+    if not out.is_dir():
+        return
+    entry = foreign(out)
+    if entry is not None:
+        kind = "" if stat.S_ISREG(os.lstat(entry).st_mode) else f", {_file_kind(os.lstat(entry).st_mode)}"
+        raise MoePruneError(
+            f"{flag} {out} is a folder that `moeprune {verb}` did not make (it holds {terminal_safe(entry.name)!r}"
+            f"{kind}); moeprune writes its files only into a new, an empty or its own folder. Choose another {flag}."
+        )
+
+
+def foreign_entry(out: Path, folders: Iterable[str] = ("reconstruction",),
+                  names: Iterable[str] = ("perplexity.json",)) -> Path | None:
+    """The first visible entry of ``out`` that is not moeprune's, or None: moeprune's are JSON files with a
+    ``moeprune.*`` format (profile metadata, masks, capture records), a ``.safetensors`` beside such a JSON (a
+    corpus profile) or a partial one, ``names``, and moeprune's ``folders`` (real folders, not links). For a
+    profile or plan --out."""
+    folders, names = set(folders), set(names)
+    for path in sorted(out.iterdir()):
+        if path.name.startswith("."):
+            continue
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
+            ok = path.name in folders
+        elif not stat.S_ISREG(st.st_mode):
+            ok = False
+        elif path.suffix == ".safetensors":
+            ok = path.stem.endswith(".partial") or _is_moeprune_json(path.with_suffix(".json"))
+        else:
+            ok = path.name in names or (path.suffix == ".json" and _is_moeprune_json(path))
+        if not ok:
+            return path
+    return None
+
+
+def without_file(name: str) -> Callable[[Path], Path | None]:
+    """For :func:`check_own_folder`: a folder is its verb's own when it holds ``name`` as a regular file (an
+    experiment's experiment.json); else its first visible entry is named."""
+    def foreign(out: Path) -> Path | None:
+        if holds_regular_file(out, name):
+            return None
+        return next((p for p in sorted(out.iterdir()) if not p.name.startswith(".")), None)
+
+    return foreign
+
+
+def holds_regular_file(out: Path, name: str) -> bool:
+    """Whether ``out/name`` is a regular file (not a link)."""
+    try:
+        return stat.S_ISREG(os.lstat(out / name).st_mode)
+    except OSError:
+        return False
+
+
+def _is_moeprune_json(path: Path) -> bool:
+    try:
+        obj = read_json(path, "File", "-", limit=MAX_JSON_BYTES)
+    except MoePruneError:
+        return False
+    return isinstance(obj, dict) and isinstance(obj.get("format"), str) and obj["format"].startswith("moeprune.")
+
+
+SEAL_KEY = "sha256"
+
+
+def sealed(obj: dict[str, Any]) -> dict[str, Any]:
+    """``obj`` with ``sha256``: the SHA-256 of its canonical JSON without that key. moeprune seals what it caches
+    and writes for others to reuse (masks, cells, recovery records), so a hand edit is told apart."""
+    body = {k: v for k, v in obj.items() if k != SEAL_KEY}
+    return {**body, SEAL_KEY: _canonical_sha256(body)}
+
+
+def seal_intact(obj: Any) -> bool:
+    """True when ``obj`` carries a seal that matches its content (written by moeprune and not edited since)."""
+    if not isinstance(obj, dict) or not isinstance(obj.get(SEAL_KEY), str):
+        return False
+    return obj[SEAL_KEY] == _canonical_sha256({k: v for k, v in obj.items() if k != SEAL_KEY})
+
+
+def _canonical_sha256(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False,
+                                     default=str).encode()).hexdigest()
+
+
+def check_replaceable_file(path: str | Path, ours: bool, overwrite: bool, flag: str = "--out") -> None:
+    """An existing output file is replaced only when moeprune wrote it (``ours``, e.g. an intact seal) or with
+    ``--overwrite``: a hand-edited or foreign file is never silently replaced."""
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and not ours and not overwrite:
+        raise MoePruneError(
+            f"{path} exists and was not written by moeprune (or was edited since); it is not replaced. Pass "
+            f"--overwrite to replace it, or choose another {flag}."
+        )
 
 
 # ------------------------------------------------------------------------------- temporary files
@@ -639,10 +844,23 @@ def atomic_directory(final: str | Path, overwrite: bool = False) -> Iterator[Pat
         _with_default_mode(tmp, 0o777)
         try:
             yield tmp
+            _default_modes(tmp)
             swap_in(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def _default_modes(folder: Path) -> None:
+    """Every file and folder written into ``folder`` gets the mode a new one gets under the umask (0644 / 0755
+    under umask 022), whoever wrote it: safetensors' writer (and so transformers' save_pretrained) creates its
+    files 0600, which other users could not read."""
+    for path in folder.rglob("*"):
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
+            _with_default_mode(path, 0o777)
+        elif stat.S_ISREG(st.st_mode):
+            _with_default_mode(path, 0o777 if st.st_mode & 0o111 else 0o666)
 
 
 def swap_in(tmp: Path, final: Path) -> None:

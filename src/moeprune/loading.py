@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from moeprune.arch.adapters import check_routing_counts
 from moeprune.bundled import bundled_model_path
 from moeprune.errors import MoePruneError
 from moeprune.io import INDEX_FILE, read_config_json, read_weight_map
@@ -72,7 +73,7 @@ def load_config(model: str | Path, trust_remote_code: bool = False):
     register_ports()
     path = resolve_model_path(model)
     try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as err:
         if "trust_remote_code" in str(err):
             raise MoePruneError(
@@ -84,6 +85,8 @@ def load_config(model: str | Path, trust_remote_code: bool = False):
             f"Cannot load model {path!r}: not a local directory with config.json, and the hub is unreachable or "
             f"has no such repo ({err.__class__.__name__}). Pass a local checkout path instead."
         ) from err
+    check_routing_counts(config)  # top-k 0 or above the expert count: a broken config, named before any work
+    return config
 
 
 def load_model(
@@ -144,7 +147,26 @@ def load_model(
         )
     loaded.eval()
     loaded.name_or_path = path
+    check_finite_weights(loaded, path)
     return loaded
+
+
+FINITE_CHUNK = 1 << 24  # elements checked per step, so the check needs little extra memory on any device
+
+
+def check_finite_weights(model: torch.nn.Module, source: Any = None) -> None:
+    """Every floating-point weight is finite: a NaN or inf weight is a broken checkpoint, named as such (with the
+    tensor) before it turns into NaN statistics, a NaN perplexity or a failed verification blamed on moeprune."""
+    for name, param in model.named_parameters():
+        if param.device.type == "meta" or not param.is_floating_point():
+            continue
+        for chunk in param.detach().reshape(-1).split(FINITE_CHUNK):
+            if not bool(torch.isfinite(chunk).all()):
+                where = f" of {source}" if source is not None else ""
+                raise MoePruneError(
+                    f"The weight {name}{where} holds NaN or infinite values: the checkpoint is broken (a bad save, "
+                    "download or conversion), not something moeprune can prune or score. Re-download or repair it."
+                )
 
 
 def choose_device_map(config, dtype: torch.dtype | str, device: str | None,
@@ -297,6 +319,7 @@ def checked_model(model: Any, dtype: str = "auto", device: str | None = None, tr
     """``model`` itself when it is loaded already; else :func:`load_model` after the device and the
     checkpoint's files are checked (a truncated download is one line, not a safetensors traceback)."""
     if isinstance(model, torch.nn.Module):
+        check_finite_weights(model, model_name(model))
         return model
     check_device(device)
     check_checkpoint_files(model)
@@ -311,6 +334,9 @@ def checked_tokenizer(tokenizer: Any, model: Any, trust_remote_code: bool = Fals
         check_tokenizer_source(str(source), None)
         return check_tokenizer(load_tokenizer(source, trust_remote_code), source, model)
     return check_tokenizer(tokenizer, "the given tokenizer", model)
+
+
+RUN_DEVICES = ("cpu", "cuda", "mps")
 
 
 def check_device(device: str | None) -> None:
@@ -330,6 +356,10 @@ def check_device(device: str | None) -> None:
             )
     elif parsed.type == "mps" and not torch.backends.mps.is_available():
         raise MoePruneError(f"--device {device}: MPS is not available here; use --device cpu.")
+    elif parsed.type not in RUN_DEVICES:
+        # meta holds no data (every result would be empty or a crash); others are not devices moeprune runs on.
+        raise MoePruneError(f"--device {device}: moeprune computes on {', '.join(RUN_DEVICES)} only; use --device "
+                            "cpu or cuda.")
 
 
 def check_checkpoint_files(model: Any) -> None:

@@ -51,11 +51,16 @@ def check_count(value: Any, flag: str, *, optional: bool = False) -> None:
         raise at_least_one(flag, value)
 
 
+MAX_SEED = 2**32 - 1  # what every generator moeprune seeds takes (numpy's is the narrowest); recovery adds 10000
+
+
 def check_seed(value: Any, flag: str) -> None:
     if not _number(value) or value != int(value):
         raise MoePruneError(f"{flag} must be a whole number, 0 or more (got {value!r}).")
     if value < 0:
         raise non_negative(flag, value)
+    if value > MAX_SEED:
+        raise MoePruneError(f"{flag} must be at most {MAX_SEED} (2**32 - 1; got {value}).")
 
 
 # ------------------------------------------------------------------------------------- flags from fields

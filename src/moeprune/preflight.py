@@ -34,8 +34,11 @@ from moeprune.io import (
     check_not_symlink,
     check_output_dir,
     check_output_file,
+    check_own_folder,
     check_writable_parent,
+    foreign_entry,
     output_lock,
+    without_file,
 )
 from moeprune.loading import (  # noqa: F401 (check_tokenizer re-exported)
     ModelSource,
@@ -54,6 +57,7 @@ from moeprune.options import (
     GridOptions,
     ReconstructionOptions,
     at_least_one,
+    check_seed,
     non_negative,
     parse_ppl_data,
 )
@@ -135,6 +139,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
     seeds = getattr(args, "seeds", None) or []
     if any(seed < 0 for seed in seeds):
         raise non_negative("--seeds", seeds)
+    for name in ("seed", "plan_seed", "recon_seed", "recover_seed", "seeds"):  # bounded: 2**64 overflowed generators
+        for value in _numbers(args, name):
+            check_seed(value, f"--{_flag(name)}")
     retains = getattr(args, "retain", None)
     for retain in [retains] if isinstance(retains, float) else retains or []:
         if not 0.0 < retain <= 1.0:
@@ -239,6 +246,7 @@ def _check_plan(args: argparse.Namespace) -> None:
     Profile.load(args.profile)  # a profile that cannot be planned from (mixed models, corrupt) fails here
     model = args.model or _profiled_model(args.profile)
     check_not_overlapping(Path(args.out), [local_model(model)])
+    check_own_folder(args.out, foreign_entry, "plan")
     if model and registry.needs_model(request.method, request.candidate):
         ReconstructionOptions.from_args(args).resolved(_source(args, model))
 
@@ -247,7 +255,9 @@ def _check_apply(args: argparse.Namespace) -> None:
     source = Path(resolve_model_path(args.model))
     if args.model_free and not source.is_dir():
         raise MoePruneError(f"--model-free needs a local checkpoint directory; {source} is not one.")
-    check_output_dir(args.out, sources=[source if source.exists() else None, args.mask], overwrite=args.overwrite)
+    check_output_dir(args.out, sources=[source if source.exists() else None, args.mask,
+                                        *input_files(args.tokenizer, getattr(args, "recover_corpus", None))],
+                     overwrite=args.overwrite)
     if args.tokenizer:
         check_tokenizer_source(args.tokenizer, None)
     mask = load_mask(args.mask)
@@ -269,7 +279,10 @@ def _check_prune(args: argparse.Namespace) -> None:
     model = _source(args)
     workdir = Path(args.workdir or str(args.out).rstrip("/") + ".work")
     local = Path(resolve_model_path(args.model))
-    check_output_dir(args.out, sources=[local if local.exists() else None, workdir], overwrite=args.overwrite)
+    inputs = [*input_files(args.tokenizer, args.corpora, getattr(args, "recover_corpus", None)),
+              *[Path(p) for p in args.ppl or [] if Path(p).exists()]]  # every input: --overwrite deletes none
+    check_output_dir(args.out, sources=[local if local.exists() else None, workdir, *inputs],
+                     overwrite=args.overwrite)
     check_not_a_file(workdir, "--workdir")
     check_profile(model, Calibration.from_args(args), workdir, "--workdir")
     if registry.needs_model(request.method, request.candidate):
@@ -319,6 +332,7 @@ def _check_experiment(args: argparse.Namespace) -> None:
             check_method(method, None, args.candidate)
     check_corpora(args.corpora)
     check_profile_out(args.out, args.model, args.corpora, args.tokenizer)
+    check_own_folder(args.out, without_file("experiment.json"), "experiment")
     check_model(model)
     methods = list(grid.methods or registry.names())
     grid = grid.resolved(model, methods)
@@ -340,6 +354,7 @@ def check_profile(source: ModelSource, calibration: Calibration, out: str | Path
     corpora, one model per profile folder. Returns the resolved calibration."""
     check_corpora(calibration.corpora)
     check_profile_out(out, source.model, calibration.corpora, source.tokenizer, flag)
+    check_own_folder(out, foreign_entry, "profile" if flag == "--out" else "prune", flag)
     check_model(source)
     if not source.is_loaded:
         check_tokenizer_source(source.name, source.tokenizer if isinstance(source.tokenizer, str) else None)
@@ -432,6 +447,21 @@ def check_profile_out(out: str | Path, model: Any, corpora: Sequence[Any] | None
         if spec.kind in ("txt", "jsonl", "parquet"):
             sources.append(Path(spec.source))
     check_not_overlapping(Path(out), sources, flag)
+
+
+def input_files(tokenizer: Any = None, *corpus_lists: Sequence[Any] | None) -> list[Path]:
+    """Every local input besides the model and the mask: the tokenizer's folder and each local corpus file
+    (calibration, recovery), for the overlap check of an output that --overwrite may delete."""
+    found = [Path(tokenizer)] if isinstance(tokenizer, str | Path) and Path(tokenizer).exists() else []
+    for corpora in corpus_lists:
+        for corpus in corpora or ():
+            try:
+                spec = corpus if isinstance(corpus, CorpusSpec) else parse_corpus(str(corpus))
+            except MoePruneError:
+                continue  # refused by its own check
+            if spec.kind in ("txt", "jsonl", "parquet"):
+                found.append(Path(spec.source))
+    return found
 
 
 def check_method(method: str, protect_budget: int | str | None, candidate: str | None) -> None:

@@ -203,6 +203,7 @@ def routing_meta(config: Any) -> dict[str, Any]:
     spec = spec_for(config)
     top_k = config_value(config, spec.top_k_key)
     groups = routing_groups(config)  # any family's n_group/topk_group; None for DeepSeek-V2's greedy top-k
+    _check_counts(config_value(config, spec.num_experts_key), top_k, spec)
     return {
         "num_experts_key": spec.num_experts_key,
         "num_experts": config_value(config, spec.num_experts_key),
@@ -211,6 +212,34 @@ def routing_meta(config: Any) -> dict[str, Any]:
         "topk_group": groups[1] if groups else None,
         "model_type": getattr(config, "model_type", None),
     }
+
+
+def check_routing_counts(config: Any) -> None:
+    """For any config moeprune reads (loading.load_config): an MoE's expert count and top-k are possible (see
+    _check_counts); configs that are no MoE moeprune knows are left to the checks that need one."""
+    if isinstance(config, dict):
+        config = SimpleNamespace(**config)
+    try:
+        spec = spec_for(config)
+    except MoePruneError:
+        return
+    _check_counts(config_value(config, spec.num_experts_key), config_value(config, spec.top_k_key), spec)
+
+
+def _check_counts(num_experts: Any, top_k: Any, spec: ArchSpec) -> None:
+    """The config's expert count is a positive whole number and its top-k lies in 1..N: a router choosing 0
+    experts, or more than there are, is a broken config (transformers would fail deep inside a forward)."""
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if whole(num_experts) and num_experts < 1:
+        raise MoePruneError(f"The model's config.json says {spec.num_experts_key}={num_experts}: no routed experts; "
+                            "fix config.json (or re-download the checkpoint).")
+    if whole(top_k) and whole(num_experts) and not 1 <= top_k <= num_experts:
+        raise MoePruneError(
+            f"The model's config.json says {spec.top_k_key}={top_k} with {num_experts} experts; the router must "
+            f"choose between 1 and {num_experts} experts per token. Fix config.json (or re-download the checkpoint)."
+        )
 
 
 def config_value(config, key: str):

@@ -21,15 +21,17 @@ blank line. ``NAME=SPEC`` gives the corpus another name (the profile file is ``N
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from moeprune.bundled import BUNDLED_CORPORA, SPLITS, read_bundled_corpus
 from moeprune.errors import MoePruneError
-from moeprune.io import check_regular_file, open_regular_file, parse_json, read_text
+from moeprune.io import check_regular_file, open_regular_file, parse_json, read_text, terminal_safe
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,35 @@ def _parse_file(spec: str) -> CorpusSpec:
         raise MoePruneError(f"Corpus file {path} not found. Check the path (relative paths are from {Path.cwd()}).")
     check_regular_file(path, "Corpus file")  # a folder, FIFO or device is named now (a FIFO must not hang)
     return CorpusSpec(name=_safe_name(Path(path).stem), kind=kind, source=str(Path(path).resolve()), field=field)
+
+
+LOCAL_KINDS = ("txt", "jsonl", "parquet")
+
+
+def corpus_spec_from_record(recorded: Any, where: str, fix: str) -> CorpusSpec:
+    """A :class:`CorpusSpec` from a record (a profile's metadata): its schema checked (known fields, strings,
+    a known kind, a plain name), so a record never builds a spec Python refuses or names a file oddly."""
+    fields = {f.name for f in dataclasses.fields(CorpusSpec)}
+    if (not isinstance(recorded, dict) or not {"name", "kind", "source"} <= set(recorded) <= fields
+            or not all(isinstance(v, str) or v is None for v in recorded.values())
+            or recorded["kind"] not in ("hub", "bundled", *LOCAL_KINDS)):
+        raise MoePruneError(f"{where} records a corpus that is not a corpus spec ({terminal_safe(recorded)[:120]}); "
+                            f"{fix}.")
+    try:
+        check_corpus_name(recorded["name"])
+    except MoePruneError:
+        raise MoePruneError(f"{where} records the corpus name {terminal_safe(recorded['name'])[:80]!r}, which is not a "
+                            f"corpus name moeprune writes; {fix}.") from None
+    return CorpusSpec(**recorded)
+
+
+def is_builtin_corpus(spec: str) -> bool:
+    """A corpus moeprune names itself (wikitext2, c4, ..., the bundled wiki/web and their splits), optionally
+    NAME=: not a local file nor an arbitrary hub dataset, which only the user may name."""
+    if not isinstance(spec, str):
+        return False
+    body = spec.partition("=")[2] if "=" in spec and not spec.startswith("hf:") else spec
+    return body in KNOWN_HUB or body.partition(":")[0] in BUNDLED_CORPORA
 
 
 def check_corpus_file(spec: CorpusSpec) -> None:

@@ -35,6 +35,7 @@ from moeprune.evaluation.report import (
     sweep_cells,
     variant_of,
 )
+from moeprune.io import atomic_file, make_dirs
 from moeprune.profiling.stats import Profile
 
 OVERLAP_FRACTIONS = (0.25, 0.5, 0.75)
@@ -55,8 +56,7 @@ def write_plots(
 ) -> dict[str, Path]:
     """Every plot the data allows, as {name: path}; ``calibration``: the calibration corpora (the domains that
     are not unseen, for the recovery plot)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dirs(Path(out_dir))  # below an experiment's --out: never through a link
     files: dict[str, Path] = {}
     every = cells
     cells = [c for c in cells if recovery_of(c) == "none"]
@@ -157,7 +157,7 @@ def recovery_plot(cells: Sequence[Mapping[str, Any]], path: Path, calibration: S
     axes[0][0].set_ylabel(f"worst unseen-domain ppl ratio ({', '.join(domains)})", fontsize="small")
     axes[0][-1].legend(fontsize="x-small")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _savefig(fig, path)
     plt.close(fig)
     return {"recovery_worst": path}
 
@@ -256,6 +256,12 @@ def _save(plt, fig, ax, path: Path) -> Path:
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _savefig(fig, path)
     plt.close(fig)
     return path
+
+
+def _savefig(fig: Any, path: Path) -> None:
+    """A PNG written like every other output (io.atomic_file: no link followed, renamed in when complete)."""
+    with atomic_file(path) as handle:
+        fig.savefig(handle, dpi=120, format="png")

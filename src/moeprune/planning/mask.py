@@ -11,7 +11,11 @@ Protecting methods (tb-coverage) also write ``protect_budget_requested`` (the B 
 and ``notes`` (sentences saying so). ``protect_budget`` is always the B actually used.
 
 Extra per-layer fields (e.g. a reconstruction loss) and top-level fields (``extra``) are allowed;
-readers ignore what they do not know.
+readers ignore what they do not know. A saved mask carries ``sha256``, a seal of its content
+(:func:`moeprune.io.sealed`): a mask edited by hand (or written by another tool) loads, but is not reused
+from a cache nor replaced without ``--overwrite``. ``method`` and ``extra.variant`` become file names, so
+they follow :data:`moeprune.io.PLAIN_NAME`; what ``extra`` says about how a checkpoint was made
+(``recovery``) is never carried into an export that did not do it.
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moeprune.errors import MoePruneError
-from moeprune.io import read_json, write_json_atomic
+from moeprune.io import check_plain_name, check_replaceable_file, read_json, seal_intact, sealed, write_json_atomic
 
 MASK_FORMAT = "moeprune.mask/1"
 
@@ -70,6 +75,9 @@ class ExpertMask:
     protect_budget_requested: int | str | None = None  # B as asked ("auto" or a number, maybe > K)
     candidate_used: bool | None = None  # False when B >= K: the candidate played no part
     notes: list[str] = field(default_factory=list)
+    # Loaded from a file whose seal matches (moeprune wrote it, nobody edited it since); False for a mask made in
+    # memory until saved. Caches reuse only intact masks.
+    intact: bool = field(default=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -147,7 +155,8 @@ class ExpertMask:
         }
 
     def save(self, path: str | Path) -> None:
-        write_json_atomic(path, self.to_json())
+        write_json_atomic(path, sealed(self.to_json()))
+        self.intact = True
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> ExpertMask:
@@ -175,6 +184,7 @@ class ExpertMask:
             protect_budget_requested=obj.get("protect_budget_requested"),
             candidate_used=obj.get("candidate_used"),
             notes=list(obj.get("notes", [])),
+            intact=seal_intact(obj),
         )
 
     @classmethod
@@ -187,6 +197,22 @@ class ExpertMask:
             return cls.from_json(obj)
         except MoePruneError as err:
             raise MoePruneError(f"Mask file {path}: {err}") from err
+
+
+def check_replaceable_mask(path: str | Path, overwrite: bool = False) -> None:
+    """An existing mask file at ``path`` is replaced only when moeprune wrote it and nobody edited it since (its
+    seal matches), or with ``overwrite``: a hand-edited mask or a foreign file is never lost silently."""
+    path = Path(path)
+    ours = False
+    if path.is_file() and not path.is_symlink():
+        try:
+            ours = seal_intact(read_json(path, "Mask file", "-"))
+        except MoePruneError:
+            ours = False
+    check_replaceable_file(path, ours, overwrite)
+
+
+_LAYER_KEY = re.compile(r"0|[1-9][0-9]{0,8}")
 
 
 def _list(obj: dict[str, Any], key: str, fix: str) -> list[Any]:
@@ -224,11 +250,20 @@ def _check_fields(obj: dict[str, Any]) -> None:
             raise MoePruneError(f"the mask's {key!r} is {value!r}, not {kind} or null; {fix}.")
     if not all(isinstance(note, str) for note in _list(obj, "notes", fix)):
         raise MoePruneError(f"the mask's 'notes' must be a list of strings; {fix}.")
-    if not isinstance(obj.get("extra", {}), dict):
+    check_plain_name(obj["method"], "the mask's method", fix)
+    extra = obj.get("extra", {})
+    if not isinstance(extra, dict):
         raise MoePruneError(f"the mask's 'extra' is {obj['extra']!r}, not an object; {fix}.")
-    variant = obj.get("extra", {}).get("variant")
-    if variant is not None and not isinstance(variant, str):
-        raise MoePruneError(f"the mask's extra variant is {variant!r}, not a string; {fix}.")
+    if extra.get("variant") is not None:
+        check_plain_name(extra["variant"], "the mask's extra variant", fix)
+    for key, ok, kind in (
+        ("corpora", lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v), "a list of strings"),
+        ("config_hash", lambda v: isinstance(v, str), "a string"),
+        ("profile_sha256", lambda v: isinstance(v, str), "a string"),
+        ("recovery", lambda v: isinstance(v, dict), "an object"),
+    ):
+        if extra.get(key) is not None and not ok(extra[key]):
+            raise MoePruneError(f"the mask's extra {key!r} is {extra[key]!r}, not {kind}; {fix}.")
     retain, n, k = obj["retain"], obj["num_experts"], obj["kept_per_layer"]
     if not 0.0 < retain <= 1.0 or k > n or kept_count(retain, n) != k:
         raise MoePruneError(
@@ -236,7 +271,7 @@ def _check_fields(obj: dict[str, Any]) -> None:
             f"(K = floor(retain * N)); a mask must say one ratio; {fix}."
         )
     for key, entry in obj["layers"].items():
-        if not key.isdigit() or key != str(int(key)):
+        if not _LAYER_KEY.fullmatch(key):  # ASCII digits only: "²" is a digit to str.isdigit(), not to int()
             raise MoePruneError(
                 f"the mask's layer key {key!r} is not a decoder-layer index in canonical form (0, 1, 12; not 00 or "
                 f"+1); {fix}."

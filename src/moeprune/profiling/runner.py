@@ -26,7 +26,15 @@ from moeprune.arch.view import moe_layers, top_k_of
 from moeprune.data.corpora import CorpusSpec, corpus_fingerprint
 from moeprune.data.sampling import calibration_windows
 from moeprune.errors import MoePruneError
-from moeprune.io import checkpoint_fingerprint, output_lock, remove_orphan_temp_files
+from moeprune.io import (
+    check_own_folder,
+    checkpoint_fingerprint,
+    foreign_entry,
+    make_dirs,
+    output_lock,
+    output_root,
+    remove_orphan_temp_files,
+)
 from moeprune.loading import config_hash, model_name, resolve_model_path
 from moeprune.options import Calibration, fit_window
 from moeprune.profiling.instrument import StatsRecorder
@@ -37,8 +45,9 @@ from moeprune.streaming.layers import DiskLayers
 # Metadata that must match for a saved corpus profile (or checkpoint) to be reused: everything that changes
 # the windows (the tokenizer and a local corpus file's content included). The batch size does not: a
 # checkpoint records the windows done, so a run resumed with another --batch-size continues at the next one.
+# The dtype the model ran in too: a bf16 profile is not "already profiled" for a float32 run (issue 27).
 IDENTITY_KEYS = ("config_hash", "weights_sha256", "tokenizer_sha256", "corpus", "corpus_sha256", "samples_requested",
-                 "seq_len", "seed")
+                 "seq_len", "seed", "dtype")
 
 
 SEQUENTIAL_ONE_PROCESS = "Layer-sequential profiling runs in one process; drop --sequential or torchrun."
@@ -59,6 +68,7 @@ def model_meta(model) -> dict[str, Any]:
         "model_type": getattr(config, "model_type", None),
         "config_hash": config_hash(config),
         "weights_sha256": weights_fingerprint(model),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "num_experts": layers[0].num_experts,
         "top_k": top_k_of(model),
         "moe_layers": [layer.index for layer in layers],
@@ -78,7 +88,9 @@ def profile_model(
 ) -> Profile:
     """Profile ``model`` on every corpus into ``out_dir`` with the resolved ``settings`` (samples, seq_len,
     batch_size, seed, checkpoint_every); finished corpora are reused, not recomputed. ``sequential_device``:
-    run one decoder layer at a time there, the weights kept on the CPU (see profiling.sequential).
+    run one decoder layer at a time there, the weights kept on the CPU (see profiling.sequential). ``out_dir`` is
+    new, empty or a profile folder (never someone else's), and an output root: no folder below it is written
+    through a link.
 
     ``model`` is a loaded model, or a :class:`~moeprune.streaming.layers.DiskLayers` (its meta skeleton with the
     reader of its checkpoint): the weights are then streamed from disk one decoder layer at a time."""
@@ -87,11 +99,20 @@ def profile_model(
     if settings.samples is None or settings.seq_len is None:
         raise MoePruneError("profile_model takes resolved calibration settings: Calibration(...).resolved(source).")
     out_dir = Path(out_dir)
+    check_own_folder(out_dir, foreign_entry, "profile")
+    with output_root(out_dir):
+        return _profile_model(model, stream, tokenizer, corpora, out_dir, settings, progress, sequential_device)
+
+
+def _profile_model(model: Any, stream: DiskLayers | None, tokenizer: Any, corpora: list[CorpusSpec], out_dir: Path,
+                   settings: Calibration, progress: bool, sequential_device: str | None) -> Profile:
     if len({spec.name for spec in corpora}) != len(corpora):
         raise MoePruneError("Two corpora share a name; name them with NAME=SPEC.")
     recorded = {k: v for k, v in asdict(settings).items() if k != "corpora"}
     base_meta = {**model_meta(model), **_library_versions(), "settings": recorded}
     base_meta["tokenizer_sha256"] = tokenizer_fingerprint(tokenizer)
+    if out_dir.exists() or out_dir.is_symlink():
+        make_dirs(out_dir)  # below an experiment's --out: a linked profile folder is refused before it is read
     check_one_model(out_dir, base_meta["config_hash"], base_meta["weights_sha256"])
     if _is_rank0() and out_dir.is_dir():
         for path in remove_orphan_temp_files(out_dir):  # profile folders have no lock: only dead writers' files
@@ -118,10 +139,19 @@ def profile_model(
         else:
             partial = out_dir / f"{spec.name}.partial.safetensors"
             stats = profile_windows(model, windows, settings, meta, partial, progress, f"profile {spec.name}")
+        problem = stats.problem()
+        if problem and "NaN" in problem:
+            # The model's own outputs (finite weights, checked at load): an overflow in this dtype. Nothing is saved:
+            # the profile would only be refused on load and blamed on its file.
+            raise MoePruneError(
+                f"Profiling {spec.name} gave invalid statistics ({problem}): the model's expert outputs are NaN or "
+                "overflow (weights holding NaN/inf, or activations beyond this dtype's range: try --dtype float32); "
+                "nothing was saved for this corpus."
+            )
         if _is_rank0():
             # Checked again under the folder's lock: a run of another model that finished meanwhile is not
             # silently replaced or mixed with (two profiles started together into one new folder).
-            out_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(out_dir)
             with output_lock(out_dir / "corpora"):
                 check_one_model(out_dir, base_meta["config_hash"], base_meta["weights_sha256"])
                 stats.meta["finished_at"] = time.time()
@@ -208,6 +238,7 @@ def _identity(base_meta: dict[str, Any], spec: CorpusSpec, settings: Calibration
         "config_hash": base_meta["config_hash"],
         "weights_sha256": base_meta["weights_sha256"],
         "tokenizer_sha256": base_meta["tokenizer_sha256"],
+        "dtype": base_meta["dtype"],
         "corpus": spec.describe(),
         "corpus_sha256": corpus_fingerprint(spec),
         "samples_requested": settings.samples,

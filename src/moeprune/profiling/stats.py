@@ -26,8 +26,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from moeprune.data.corpora import check_corpus_name, corpus_spec_from_record
 from moeprune.errors import MoePruneError
-from moeprune.io import read_json, save_safetensors_atomic, write_json_atomic
+from moeprune.io import read_json, save_safetensors_atomic, terminal_safe, write_json_atomic
 
 SUM_FIELDS = ("count", "gate_sum", "reap_sum", "norm_sum")
 PROFILE_FORMAT = "moeprune.profile/1"
@@ -249,6 +250,13 @@ def finished_corpora(directory: str | Path) -> dict[str, float]:
     for path in directory.glob("*.safetensors"):
         if path.name.startswith(".") or path.stem.endswith(".partial"):
             continue
+        try:  # a corpus name is a file name moeprune writes (one rule, applied when the folder is read)
+            check_corpus_name(path.stem)
+        except MoePruneError:
+            raise MoePruneError(
+                f"{directory} holds {terminal_safe(path.name)!r}, which is not a corpus profile moeprune writes (its "
+                "name is not a corpus name); move it out of the profile folder."
+            ) from None
         if path.with_suffix(".json").exists():
             meta = read_meta(path.with_suffix(".json"))
             done[path.stem] = float(meta.get("finished_at", path.stat().st_mtime))
@@ -303,6 +311,8 @@ def read_meta(path: Path) -> dict[str, Any]:
                                  or (isinstance(value, int | float) and value < 0))
         if wrong or (key == "moe_layers" and not all(_is_int(v) and v >= 0 for v in value or [])):
             raise MoePruneError(f"Profile metadata {path}: {key!r} is {value!r}, not {_kind(types)}; {fix}.")
+    if "corpus" in meta:  # a corpus spec of known fields and a plain name (it names files when it is used)
+        corpus_spec_from_record(meta["corpus"], f"Profile metadata {path}", fix)
     return meta
 
 

@@ -29,21 +29,28 @@ from torch import nn
 
 from moeprune.arch.view import moe_layers
 from moeprune.errors import MoePruneError
-from moeprune.io import read_json, remove_orphan_temp_files, save_safetensors_atomic, write_json_atomic
+from moeprune.io import (
+    make_dirs,
+    path_inside,
+    read_json,
+    remove_orphan_temp_files,
+    save_safetensors_atomic,
+    write_json_atomic,
+)
 from moeprune.loading import config_hash, model_name
+from moeprune.profiling.runner import weights_fingerprint
 
-CAPTURE_FORMAT = "moeprune.reconstruction-inputs/2"
+CAPTURE_FORMAT = "moeprune.reconstruction-inputs/3"  # /3: weights_sha256 recorded
 
 
 class WorkDir:
     """Paths of one capture: ``<root>/reconstruction/<key>/``."""
 
     def __init__(self, root: str | Path, key: str) -> None:
-        if not key or any(c in key for c in "/\\") or key.startswith("."):
-            raise MoePruneError(f"Capture key {key!r} must be a plain name (no slashes), e.g. 'c4-64x1024-s0'.")
         self.root = Path(root)
         self.key = key
-        self.dir = self.root / "reconstruction" / key
+        self.dir = path_inside(self.root / "reconstruction", key, what="Capture key",
+                               fix="use a plain name, e.g. 'c4-64x1024-seed0'")
 
     @property
     def meta_path(self) -> Path:
@@ -57,19 +64,31 @@ class WorkDir:
         return self.dir / f"batch_{batch:05d}.safetensors"
 
     def read_meta(self) -> dict[str, Any] | None:
-        """The finished capture's record, or None (absent or unreadable: the capture is then made again)."""
-        return _cached_json(self.meta_path)
+        """The finished capture's record, or None (absent, unreadable or not of this schema: the capture is then
+        made again): ``batches`` a count whose batch files all exist, ``layers`` a list of layer indices."""
+        meta = _cached_json(self.meta_path)
+        if meta is None or meta.get("format") != CAPTURE_FORMAT:
+            return meta
+        batches, layers = meta.get("batches"), meta.get("layers")
+        valid = (_is_count(batches) and isinstance(layers, list) and all(_is_count(i) for i in layers)
+                 and all(isinstance(meta.get(k), str) for k in ("config_hash", "tokens_sha256", "dtype"))
+                 and all(self.part_path(b).is_file() for b in range(batches)))
+        return meta if valid else None
 
     def load_layer(self, layer: int) -> torch.Tensor:
         """The captured inputs ``[T, H]`` of decoder layer ``layer``, in token-window order."""
         meta = self.read_meta()
-        if meta is None or layer not in meta.get("layers", []):
+        if meta is None or layer not in meta["layers"]:
             raise MoePruneError(f"No captured inputs for layer {layer} in {self.dir}; run the capture first.")
         pieces = []
         for batch in range(meta["batches"]):
             with safe_open(self.part_path(batch), framework="pt") as handle:
                 pieces.append(handle.get_tensor(f"layer_{layer}"))
         return torch.cat(pieces)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**9
 
 
 def tokens_hash(token_windows: torch.Tensor) -> str:
@@ -122,9 +141,10 @@ def capture_moe_inputs(
 
 def _start(work: WorkDir, pending: dict[str, Any]) -> None:
     """Resume an interrupted capture of the same data; discard one of other data under this key."""
+    make_dirs(work.dir)  # never through a link below the work folder
     if work.pending_path.exists() and _cached_json(work.pending_path) != pending:
         shutil.rmtree(work.dir)
-    work.dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(work.dir)
     remove_orphan_temp_files(work.dir)  # a killed capture's half-written batch (large): only dead writers' files
     write_json_atomic(work.pending_path, pending)
 
@@ -148,6 +168,8 @@ def _expected_meta(model: nn.Module, token_windows: torch.Tensor, corpus: str | 
         "model": model_name(model),
         "config_hash": config_hash(model.config),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        # The weights themselves (changed in place, same config): inputs captured from others are never reused.
+        "weights_sha256": weights_fingerprint(model),
         "corpus": corpus,
         "samples": int(token_windows.shape[0]),
         "seq_len": int(token_windows.shape[1]),
@@ -157,17 +179,19 @@ def _expected_meta(model: nn.Module, token_windows: torch.Tensor, corpus: str | 
 
 
 def _already_captured(work: WorkDir, meta: dict[str, Any]) -> bool:
+    if work.dir.is_dir():
+        make_dirs(work.dir)  # a link in its place is refused before anything there is read or deleted
     found = work.read_meta()
     if found is not None and found.get("format") != CAPTURE_FORMAT:
         shutil.rmtree(work.dir)  # an older layout of this cache: capture again
         return False
     if found is None:
         return False
-    same = all(found.get(k) == meta[k] for k in ("config_hash", "tokens_sha256", "dtype"))
+    same = all(found.get(k) == meta[k] for k in ("config_hash", "tokens_sha256", "dtype", "weights_sha256"))
     if not same:
         raise MoePruneError(
-            f"{work.dir} holds inputs captured from another model or other tokens (key {work.key!r}); "
-            "use another key or delete that folder."
+            f"{work.dir} holds inputs captured from another model, other weights or other tokens (key "
+            f"{work.key!r}); use another key or delete that folder."
         )
     return True
 

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeprune.data.corpora import parse_corpus
+from moeprune.data.corpora import is_builtin_corpus, parse_corpus
 from moeprune.data.sampling import calibration_windows
 from moeprune.errors import MoePruneError
+from moeprune.io import terminal_safe
 from moeprune.loading import load_tokenizer, model_name
 from moeprune.planning.mask import ExpertMask
 from moeprune.recovery.merge import merge_delta, merge_supported
@@ -62,7 +63,9 @@ log = logging.getLogger(__name__)
 
 
 def recovery_corpora(options: RecoveryOptions, mask: ExpertMask | None) -> list[str]:
-    """``options.corpora``, else the corpora the mask was profiled on (its ``extra["corpora"]``)."""
+    """``options.corpora``, else the corpora the mask was profiled on (its ``extra["corpora"]``), but only the
+    built-in ones: a mask is a record from someone else, and a local file or hub dataset it names is read only
+    when the user names it (``--recover-corpus``). (prune and experiment pass their own corpora explicitly.)"""
     if options.corpora:
         return list(options.corpora)
     recorded = list((mask.extra.get("corpora") if mask is not None else None) or [])
@@ -71,6 +74,13 @@ def recovery_corpora(options: RecoveryOptions, mask: ExpertMask | None) -> list[
             "Recovery needs calibration text and the mask records no profiled corpora; pass --recover-corpus "
             "(e.g. --recover-corpus wikitext2 --recover-corpus c4)."
         )
+    for spec in recorded:
+        if not is_builtin_corpus(spec):
+            raise MoePruneError(
+                f"The mask records the profiled corpus {terminal_safe(spec)[:120]!r}, which is not a built-in corpus; "
+                "recovery reads a file or dataset a mask names only when you name it too: pass --recover-corpus "
+                "for each calibration corpus."
+            )
     return recorded
 
 
@@ -135,6 +145,12 @@ def recover(
             apply_delta(model, delta)
             trained, record["router_kd"] = train_routers(model, targets, options, progress)
         delta = {**delta, **trained}
+    diverged = sorted(name for name, t in delta.items() if t.is_floating_point() and not torch.isfinite(t).all())
+    if diverged:  # never exported, evaluated or cached: blamed on the settings that made it
+        raise MoePruneError(
+            f"Recovery {options.kind} diverged: {diverged[0]} holds NaN or infinite values after training. Lower "
+            f"--recover-lr (now {options.lr}) or use fewer --recover-epochs."
+        )
     return Recovery(delta, record)
 
 

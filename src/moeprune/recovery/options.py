@@ -17,7 +17,7 @@ from typing import Any
 
 from moeprune.data.corpora import parse_corpus
 from moeprune.errors import MoePruneError
-from moeprune.options import RECOVERY_KINDS, PresetSource, Source, fit_window, flag, given_flags, unset
+from moeprune.options import RECOVERY_KINDS, PresetSource, Source, check_seed, fit_window, flag, given_flags, unset
 
 KINDS = RECOVERY_KINDS
 NONE, ROUTER_KD, MERGE, MERGE_ROUTER_KD = KINDS
@@ -32,6 +32,7 @@ FULL_VOCAB_LIMIT = 32_768
 # 32,000 entries over the paper preset's 256 x 1024 tokens would be 33.5 GB.
 FULL_TARGET_BYTES = 2 << 30
 DEFAULT_TEACHER_TOP_K = 64
+MAX_LR = 1.0  # --recover-lr above this only diverges (1e38 overflowed inside Adam: a traceback)
 DEFAULT_MERGE_TOKENS = 4096  # tokens per layer merge compares expert outputs on (merge_delta's max_tokens)
 PRESET_FIELDS = ("samples", "seq_len", "epochs", "lr", "batch_size")  # None = the preset's recover_* value
 
@@ -94,9 +95,12 @@ class RecoveryOptions:
             raise MoePruneError(f"--recover-seq-len must be at least 2 tokens (got {self.seq_len}).")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise MoePruneError(f"--recover-seed must be a whole number, 0 or more (got {self.seed!r}).")
+        check_seed(self.seed, "--recover-seed")  # bounded: 2**64 overflowed the generators
         if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, int | float)
                                     or not math.isfinite(self.lr) or self.lr <= 0):
             raise MoePruneError(f"--recover-lr must be a positive number (got {self.lr!r}), e.g. 3e-3.")
+        if self.lr is not None and self.lr > MAX_LR:  # Adam overflowed (a traceback) at 1e38
+            raise MoePruneError(f"--recover-lr must be at most {MAX_LR:g} (got {self.lr!r}), e.g. 3e-3.")
         for spec in self.corpora or ():
             check_train_split(spec)
 

@@ -12,6 +12,7 @@ the export writes it and the evaluation applies it inside the mask, and neither 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,17 @@ from torch import nn
 
 from moeprune.arch.view import moe_layers
 from moeprune.errors import MoePruneError
-from moeprune.io import read_json, save_safetensors_atomic, write_json_atomic
+from moeprune.io import (
+    SEAL_KEY,
+    atomic_file,
+    is_plain_name,
+    make_dirs,
+    read_bytes,
+    read_json,
+    seal_intact,
+    sealed,
+    write_json_atomic,
+)
 
 DELTA_FILE = "delta.safetensors"
 RECORD_FILE = "recovery.json"
@@ -37,30 +48,46 @@ class Recovery:
     record: dict[str, Any] = field(default_factory=dict)
 
     def save(self, folder: str | Path) -> Path:
-        """``folder/delta.safetensors`` then ``folder/recovery.json`` (the record last: it marks it done)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_safetensors_atomic(folder / DELTA_FILE, {k: v.detach().cpu().contiguous() for k, v in self.delta.items()},
-                                metadata={"format": FORMAT})
-        write_json_atomic(folder / RECORD_FILE, {"format": FORMAT, **self.record})
+        """``folder/delta.safetensors`` then ``folder/recovery.json`` (the record last: it marks it done). The record
+        is sealed and holds the delta file's SHA-256, so a cached recovery is checked whole before it is reused."""
+        from safetensors.torch import save
+
+        folder = make_dirs(folder)
+        data = save({k: v.detach().cpu().contiguous() for k, v in self.delta.items()}, metadata={"format": FORMAT})
+        with atomic_file(folder / DELTA_FILE) as handle:
+            handle.write(data)
+        record = {"format": FORMAT, **self.record, "delta_sha256": hashlib.sha256(data).hexdigest()}
+        write_json_atomic(folder / RECORD_FILE, sealed(record))
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path) -> Recovery:
+    def load(cls, folder: str | Path, expected: dict[str, Any] | None = None) -> Recovery:
+        """A saved recovery, checked before use: its record is moeprune's and unedited (format, seal, the schema
+        below, and ``expected`` settings when given), its delta file is the one the record was written with
+        (SHA-256), and every tensor is finite. Anything else is one line naming the folder (delete it)."""
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
         folder = Path(folder)
         fix = "delete it to recompute it"
+        where = f"Recovery record in {folder}"
         # The project's one bounded, strict JSON reader (a cached record is a file like any other input).
-        record = read_json(folder / RECORD_FILE, f"Recovery record in {folder}", fix)
-        if not isinstance(record, dict):
-            raise MoePruneError(f"Recovery record in {folder} is not a JSON object; {fix}.")
+        record = read_json(folder / RECORD_FILE, where, fix)
+        problem = _record_problem(record, expected)
+        if problem:
+            raise MoePruneError(f"{where} {problem}; {fix}.")
+        data = read_bytes(folder / DELTA_FILE, f"Recovery delta in {folder}")
+        if hashlib.sha256(data).hexdigest() != record["delta_sha256"]:
+            raise MoePruneError(f"Recovery delta in {folder} is not the one its record was written with; {fix}.")
         try:
-            delta = load_file(str(folder / DELTA_FILE))
+            delta = load(data)
         except (OSError, SafetensorError) as err:
-            raise MoePruneError(f"Recovery in {folder} is missing or corrupt ({err}); {fix}.") from err
-        record.pop("format", None)
+            raise MoePruneError(f"Recovery in {folder} is corrupt ({err}); {fix}.") from err
+        bad = sorted(name for name, t in delta.items() if t.is_floating_point() and not torch.isfinite(t).all())
+        if bad:
+            raise MoePruneError(f"Recovery delta in {folder} holds NaN or infinite values ({bad[0]}); {fix}.")
+        for key in ("format", "delta_sha256", SEAL_KEY):
+            record.pop(key, None)
         return cls(delta, record)
 
     def check_mask(self, mask: Any) -> None:
@@ -76,6 +103,27 @@ class Recovery:
     @staticmethod
     def exists(folder: str | Path) -> bool:
         return (Path(folder) / RECORD_FILE).exists() and (Path(folder) / DELTA_FILE).exists()
+
+
+def _record_problem(record: Any, expected: dict[str, Any] | None) -> str | None:
+    """Why a saved recovery record cannot be reused, or None (schema: format, seal, kind, settings, corpora)."""
+    if not isinstance(record, dict):
+        return "is not a JSON object"
+    if record.get("format") != FORMAT:
+        return f"has format {record.get('format')!r}, not {FORMAT!r}"
+    if not seal_intact(record) or not isinstance(record.get("delta_sha256"), str):
+        return "was edited since moeprune wrote it (its seal does not match)"
+    if not is_plain_name(record.get("kind")) or not isinstance(record.get("settings", {}), dict):
+        return "lacks its kind, or its settings are not an object"
+    corpora = record.get("corpora", {})
+    if not isinstance(corpora, dict) or not all(
+        isinstance(shape, list) and len(shape) == 2 and all(isinstance(n, int) for n in shape)
+        for shape in corpora.values()
+    ):
+        return "has malformed corpora"
+    if expected is not None and (record.get("settings") != expected or record["kind"] != expected.get("kind")):
+        return "was made with other recovery settings"
+    return None
 
 
 def moe_parameter_owners(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:

@@ -11,8 +11,8 @@ import re
 from moeprune.arch.adapters import DECODER_LISTS, ROUTER_ATTRS
 from moeprune.planning.mask import ExpertMask
 
-_BLOCK = r".*\.(?:" + "|".join(DECODER_LISTS) + r")\.(?P<layer>\d+)\.[^.]+\."  # ...layers.{i}.<block>.
-EXPERT_KEY = re.compile(r"^(?P<head>" + _BLOCK + r"experts)\.(?P<expert>\d+)\.(?P<rest>.+)$")
+_BLOCK = r".*\.(?:" + "|".join(DECODER_LISTS) + r")\.(?P<layer>[0-9]+)\.[^.]+\."  # ...layers.{i}.<block>.
+EXPERT_KEY = re.compile(r"^(?P<head>" + _BLOCK + r"experts)\.(?P<expert>[0-9]+)\.(?P<rest>.+)$")
 # DBRX's expert matrices sit one module deeper (experts.mlp.w1), and its router linear inside the router
 # (router.layer); other routers with an inner linear also keep per-expert vectors this rule would miss.
 FUSED_KEY = re.compile(r"^" + _BLOCK + r"experts\.(?:mlp\.)?[^.]+$")

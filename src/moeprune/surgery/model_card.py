@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from moeprune import __version__
+from moeprune.io import is_plain_name
 from moeprune.io import markdown_safe as md
 from moeprune.planning.mask import ExpertMask
 
@@ -24,6 +26,20 @@ class CardInfo:
     bytes_before: int | None = None  # tensor bytes of the source and of the export, from the safetensors headers
     bytes_after: int | None = None
     flags: tuple[str, ...] = ()  # apply flags to reproduce beyond the recovery's (e.g. --dequantize)
+
+
+# What an export records about how it was made: taken from this export's own work, never from the input mask (a
+# mask copied from a router-kd export would otherwise make a plain apply claim a recovery that never ran).
+EXPORT_RECORDS = ("recovery", "export")
+
+
+def exported_mask(mask: ExpertMask, recovery_record: dict[str, Any] | None = None) -> ExpertMask:
+    """The mask as an export writes it (mask.json and the card): the input's ``extra`` without what only an
+    export may say (``recovery``), plus this export's own recovery record when one ran."""
+    extra = {k: v for k, v in mask.extra.items() if k not in EXPORT_RECORDS}
+    if recovery_record and recovery_record.get("kind", "none") != "none":
+        extra["recovery"] = recovery_record
+    return replace(mask, extra=extra)
 
 
 def render_model_card(info: CardInfo) -> str:
@@ -99,7 +115,10 @@ def _recovery_lines(record: dict) -> list[str]:
         return []
     settings = record.get("settings", {})
     corpora = ", ".join(f"{name} ({shape[0]} x {shape[1]})" for name, shape in record.get("corpora", {}).items())
-    lines = ["", f"Recovery: **{record['kind']}** on {corpora} (train splits; seed {settings.get('seed')})."]
+    # The record is this export's own (exported_mask drops any the input mask carried), made now or read back from a
+    # cache checked by Recovery.load: its kind and corpus names are plain names.
+    kind = record["kind"] if is_plain_name(record["kind"]) else md(record["kind"])
+    lines = ["", f"Recovery: **{kind}** on {corpora} (train splits; seed {settings.get('seed')})."]
     kd = record.get("router_kd")
     if kd:
         lines.append(

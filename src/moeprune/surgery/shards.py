@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,13 +34,13 @@ from tqdm.auto import tqdm
 
 from moeprune.arch.adapters import spec_for
 from moeprune.errors import MoePruneError
-from moeprune.io import atomic_directory, check_output_dir, read_config_json, read_weight_map
+from moeprune.io import WEIGHT_SUFFIXES, atomic_directory, check_output_dir, read_config_json, read_weight_map
 from moeprune.planning.fit import check_mask_for_checkpoint
 from moeprune.planning.mask import ExpertMask
 from moeprune.quant import QuantFormat, check_checkpoint, describe, dtype_size, header_info, is_writable
 from moeprune.surgery.config_json import with_expert_count, with_pruned_quantization
 from moeprune.surgery.keys import EXPERT_KEY, FUSED_KEY, ROUTER_KEY, sliced_shape
-from moeprune.surgery.model_card import CardInfo, render_model_card
+from moeprune.surgery.model_card import CardInfo, exported_mask, render_model_card
 from moeprune.surgery.shard_checks import check_source, check_written, expected_output
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -54,13 +55,17 @@ def prune_checkpoint_files(
     progress: bool = True,
     force: bool = False,
     trust_remote_code: bool = False,
+    verify: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write the pruned checkpoint of the local safetensors checkpoint ``source`` into ``out``.
+
+    ``verify(folder)`` is called on the complete checkpoint before it replaces ``out`` (an error leaves nothing).
 
     The mask gets the checks plain apply makes (expert count, config hash, top-k, routing groups); ``force``
     accepts a mask planned for a model with another config hash (the CLI's ``--force``). ``trust_remote_code``
     only lets transformers build a remote-code config to compute its hash; no model code is run."""
     source = Path(source)
+    mask = exported_mask(mask)  # no recovery runs here: a recovery the input mask claims is not recorded
     check_output_dir(out, sources=[source], overwrite=overwrite)
     check_mask_for_checkpoint(mask, source, force=force, trust_remote_code=trust_remote_code)
     config = read_config_json(source)
@@ -75,6 +80,8 @@ def prune_checkpoint_files(
         export = {"format": card.format, "bytes_before": card.bytes_before, "bytes_after": card.bytes_after}
         replace(mask, extra={**mask.extra, "export": export}).save(tmp / "mask.json")
         (tmp / "README.md").write_text(render_model_card(card).replace("moeprune apply", "moeprune apply --model-free"))
+        if verify is not None:
+            verify(tmp)
     return Path(out)
 
 
@@ -200,7 +207,13 @@ def pruned_config(config: dict, mask: ExpertMask) -> dict:
 
 
 def _copy_other_files(source: Path, target: Path, shards: set[str]) -> None:
+    """The source's other files (tokenizer, generation config, remote code, licence), never its weights in
+    another format (a dense ``pytorch_model.bin`` beside ``model.safetensors`` would be loaded unpruned by
+    readers preferring it) nor a symbolic link (its target may lie anywhere)."""
     skip = shards | {INDEX_FILE, "config.json", "mask.json", "README.md"}
     for path in source.iterdir():
-        if path.is_file() and path.name not in skip and not path.name.startswith("."):
-            shutil.copy2(path, target / path.name)
+        name = path.name
+        weights = name.endswith(WEIGHT_SUFFIXES) or ".bin.index" in name or ".safetensors.index" in name
+        if path.is_symlink() or not path.is_file() or name in skip or name.startswith(".") or weights:
+            continue
+        shutil.copyfile(path, target / name)
