@@ -5,6 +5,9 @@
 #   2. apply's peak CPU RAM and GPU memory against the checkpoint bytes (target <= 1.2x)
 #   3. the paper grid's per-stage cost on Qwen1.5-MoE-A2.7B at full width and depth, extrapolated to
 #      37 cells (target <= 4 h on one 80 GB GPU)
+#   5. (STEPS=stream) full-depth Qwen1.5-MoE-A2.7B streamed from disk one layer at a time onto the GPU, its memory
+#      capped to a quarter of the model's bytes (torch.cuda.set_per_process_memory_fraction): wall, bytes read,
+#      peak GPU memory per stage (docs/streaming.md)
 #   4. the recovery stage (router-kd and merge, docs/recovery.md) at the published Qwen1.5-MoE-A2.7B and
 #      DeepSeek-MoE-16B widths, 4 and 8 MoE layers, extrapolated to full depth: time per mask and peak GPU
 #      memory against the checkpoint bytes (target <= 1.3x + activations)
@@ -15,6 +18,9 @@
 #   STEPS="speed memory" bash benchmarks/gpu_checks.sh     # <= 5 min; OUT defaults to benchmarks/out
 #   STEPS=grid bash benchmarks/gpu_checks.sh               # <= 9 min (builds and saves a 28.6 GB model)
 #   STEPS=recover bash benchmarks/gpu_checks.sh            # <= 9 min
+#   STEPS=stream bash benchmarks/gpu_checks.sh             # <= 9 min: writes a 28.6 GB checkpoint (STREAM_DIR),
+#                                                          # profiles and evaluates it streamed with the GPU's
+#                                                          # memory capped to a quarter of the model
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out}"
@@ -51,6 +57,8 @@ for step in $STEPS; do
                --device cuda --dtype bfloat16 --layers 4 8 --samples 8 --batch-size 4 --recon-samples 2 \
                --retain 0.5 --methods frequency --recover router-kd merge --recover-samples 16 --ppl-windows 1 \
                --limit 4 --eval-batch-size auto --json "$OUT/recover.json" ;;
-    *) echo "unknown step $step (speed, memory, grid, recover)" >&2; exit 2 ;;
+    stream) run_step stream 540 "$PYTHON" benchmarks/out_of_core.py --gpu --gpu-fraction 0.25 --windows 4 \
+              --dir "${STREAM_DIR:-/tmp/moeprune-ooc}" --out "$OUT/stream.json" ;;
+    *) echo "unknown step $step (speed, memory, grid, recover, stream)" >&2; exit 2 ;;
   esac
 done

@@ -177,6 +177,34 @@ def compute_seconds(checkpoint: Path, windows: int, seq_len: int, batch_size: in
             "compute_s": embed + per_layer * len(place.layers) + head}
 
 
+def gpu_stream(checkpoint: Path, windows: int, fraction: float) -> dict[str, Any]:
+    """On a GPU, capped to ``fraction`` of the model's bytes: streamed profile and perplexity, wall, bytes, peak."""
+    import torch
+
+    from moeprune import api
+    from moeprune.options import EvalSettings
+
+    size = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, fraction * size / total))
+    out: dict[str, Any] = {"checkpoint_bytes": size, "gpu_cap_bytes": int(fraction * size),
+                           "gpu": torch.cuda.get_device_name(0)}
+    for stage, run in {
+        "profile": lambda: api.profile(str(checkpoint), ["wiki", "web"], checkpoint.parent / "gpu-prof",
+                                       samples=windows, seq_len=1024, batch_size=2, dtype="bfloat16",
+                                       device="cuda", stream=True, progress=False),
+        "ppl": lambda: api.evaluate(str(checkpoint), settings=EvalSettings(ppl_datasets=("wiki",), ppl_seq_len=1024,
+                                                                           max_windows=windows, tasks="none"),
+                                    dtype="bfloat16", device="cuda", stream=True, progress=False),
+    }.items():
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        run()
+        out[stage] = {"wall_s": time.perf_counter() - start, "gpu_peak": torch.cuda.max_memory_allocated()}
+        print(f"{stage}: {json.dumps(out[stage])}", file=sys.stderr, flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen1.5-moe-a2.7b")
@@ -187,6 +215,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "out" / "out_of_core.json")
     parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers (a smoke test)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint (default: deleted at the end)")
+    parser.add_argument("--gpu", action="store_true", help="stream onto the GPU instead of capping host memory")
+    parser.add_argument("--gpu-fraction", type=float, default=0.25, help="GPU memory cap, times the model's bytes")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--report", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cgroup", help=argparse.SUPPRESS)
@@ -194,6 +224,15 @@ def main() -> None:
     if args.child:
         return child(json.loads(args.child), args.cgroup, args.report)
 
+    if args.gpu:
+        checkpoint = args.dir / args.model
+        if not (checkpoint / "model.safetensors.index.json").exists():
+            write_checkpoint(checkpoint, args.model, layers=args.layers)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(gpu_stream(checkpoint, 2 * args.windows, args.gpu_fraction), indent=1))
+        if not args.keep:
+            shutil.rmtree(args.dir)
+        return None
     from apply_memory import MemoryCap
 
     why = MemoryCap.why_unavailable()
@@ -201,8 +240,10 @@ def main() -> None:
         sys.exit(f"out_of_core: cannot cap memory here: {why}")
     checkpoint, work = args.dir / args.model, args.dir / "work"
     work.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     results: dict[str, Any] = {"model": args.model, "cap_gib": args.cap_gib, "windows_per_corpus": args.windows,
-                               "cpus": os.cpu_count(), "load_at_start": os.getloadavg(), "stages": {}}
+                               "cpus": os.cpu_count(), "load_at_start": os.getloadavg(),
+                               "stages": previous.get("stages", {})}
     start = time.perf_counter()
     if not (checkpoint / "model.safetensors.index.json").exists():
         results["checkpoint_bytes"] = write_checkpoint(checkpoint, args.model, layers=args.layers)
@@ -218,6 +259,18 @@ def main() -> None:
                  "--out", str(work / "masks")],
         "apply": ["apply", str(checkpoint), str(work / "masks" / "reap-0.50.json"), "--model-free",
                   "--out", str(work / "pruned"), "--overwrite"],
+        # TB-Coverage at 50%: its candidate is the expert-sparsity search, streamed (one pass over the layers)
+        "plan-tb": ["plan", str(work / "prof"), "--method", "tb-coverage", "--retain", "0.5", "--model",
+                    str(checkpoint), "--recon-samples", str(args.windows), "--recon-seq-len", "1024",
+                    "--dtype", "bfloat16", "--device", "cpu", "--out", str(work / "masks-tb")],
+        "apply-stream": ["apply", str(checkpoint), str(work / "masks" / "reap-0.50.json"), "--dtype", "bfloat16",
+                         "--device", "cpu", "--out", str(work / "pruned-stream"), "--overwrite"],
+        "ppl": ["eval", str(checkpoint), "--mask", str(work / "masks" / "reap-0.50.json"), "--ppl", "wiki",
+                "--ppl-seq-len", "1024", "--ppl-windows", str(args.windows), "--tasks", "none", "--dtype",
+                "bfloat16", "--device", "cpu", "--out", str(work / "ppl.json"), "--overwrite"],
+        "zero-shot": ["eval", str(checkpoint), "--mask", str(work / "masks" / "reap-0.50.json"), "--ppl",
+                      "--tasks", "bundled", "--limit", "5", "--eval-batch-size", "8", "--dtype", "bfloat16",
+                      "--device", "cpu", "--out", str(work / "zero-shot.json"), "--overwrite"],
     }
     for name in args.stages:
         result = run_stage(name, stages[name], cap, checkpoint, work)
@@ -226,6 +279,7 @@ def main() -> None:
             read_s = result["read_bytes"] / DISK_BYTES_PER_S
             result["read_s"] = read_s
             result["ratio"] = result["wall_s"] / max(result["compute_s"], read_s)
+        result["read_floor_s"] = result.get("read_bytes", 0) / DISK_BYTES_PER_S
         results["stages"][name] = result
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))

@@ -28,13 +28,15 @@ from tests.arch_sweep import (
     run_case,
     run_reconstruction_case,
     run_recovery_case,
+    run_stream_case,
 )
 
 STATUS = {"exact": "exact", "refused": "refused", "wrong": "**WRONG**", "error": "**traceback**"}
 
 
 def render(results: list[CaseResult], recon: dict[str, CaseResult] | None = None,
-           recovery: dict[str, tuple[CaseResult, CaseResult]] | None = None) -> str:
+           recovery: dict[str, tuple[CaseResult, CaseResult]] | None = None,
+           stream: dict[str, CaseResult] | None = None) -> str:
     counts = {status: sum(r.status == status for r in results) for status in STATUS}
     lines = [
         "# Support matrix",
@@ -58,21 +60,28 @@ def render(results: list[CaseResult], recon: dict[str, CaseResult] | None = None
         "dense model is left bit-identical, and when merge accepts the expert layout and replaces only kept "
         "experts' tensors; *no* with the reason where moeprune refuses it.",
         "",
+        "Column *stream* (`--stream`, weights read from disk one decoder layer at a time; `tests/arch_sweep.py` "
+        "`run_stream_case`): *exact* when the model saved and streamed back through transformers' own conversions "
+        "gives the in-memory profile (counts equal, sums to 1e-5) and logits (to the *exact* tolerance above); "
+        "*refused* with the reason.",
+        "",
         f"**{counts['exact']} exact, {counts['refused']} refused, {counts['wrong']} wrong, "
         f"{counts['error']} tracebacks** of {len(results)} model types.",
         *_recon_counts(recon),
         *_recovery_counts(recovery),
+        *_stream_counts(stream),
         "",
-        "| model type | status | max abs diff | expert-sparsity | router-kd | merge | reason |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| model type | status | max abs diff | expert-sparsity | router-kd | merge | stream | reason |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for result in results:
         diff = "" if result.diff is None else f"{result.diff:.1e}"
         reason = result.reason.replace("|", "\\|").replace("\n", " ")
         sparsity = _recon_cell((recon or {}).get(result.model_type))
         kd, merge = (_recovery_cell(r, result) for r in (recovery or {}).get(result.model_type, (None, None)))
+        streamed = _stream_cell((stream or {}).get(result.model_type))
         lines.append(f"| {result.model_type} | {STATUS[result.status]} | {diff} | {sparsity} | {kd} | {merge} | "
-                     f"{reason} |")
+                     f"{streamed} | {reason} |")
     return "\n".join(lines) + "\n"
 
 
@@ -94,6 +103,44 @@ def _recovery_counts(recovery: dict[str, tuple[CaseResult, CaseResult]] | None) 
         bad = len(recovery) - yes - no
         out.append(f"{name}: **{yes} yes, {no} no, {bad} wrong or tracebacks**.")
     return ["", " ".join(out)]
+
+
+def _stream_counts(stream: dict[str, CaseResult] | None) -> list[str]:
+    if not stream:
+        return []
+    counts = {status: sum(r.status == status for r in stream.values()) for status in STATUS}
+    return ["", f"stream: **{counts['exact']} exact, {counts['refused']} refused, {counts['wrong']} wrong, "
+            f"{counts['error']} tracebacks**."]
+
+
+def _stream_cell(result: CaseResult | None) -> str:
+    if result is None:
+        return ""
+    reason = f" ({result.reason.rstrip('.')})" if result.status != "exact" and result.reason else ""
+    return f"{STATUS[result.status]}{reason}".replace("|", "\\|").replace("\n", " ")
+
+
+def add_stream_column(markdown: str, stream: dict[str, CaseResult]) -> str:
+    """The matrix with its *stream* column (re)computed, the other columns as they were (a stream-only sweep)."""
+    lines = markdown.splitlines()
+    rows = {line.split(" | ")[0].lstrip("| "): i for i, line in enumerate(lines) if line.startswith("| ")}
+    header = lines[rows["model type"]]
+    if " stream |" not in header:
+        lines[rows["model type"]] = header.replace(" merge | reason |", " merge | stream | reason |")
+        lines[rows["model type"] + 1] = "| --- " * 8 + "|"
+        for name, i in rows.items():
+            if name not in ("model type", "---"):
+                cells = lines[i].split(" | ")
+                lines[i] = " | ".join([*cells[:6], "", *cells[6:]])
+    for name, result in stream.items():
+        if name in rows:
+            cells = lines[rows[name]].split(" | ")
+            cells[6] = _stream_cell(result)
+            lines[rows[name]] = " | ".join(cells)
+    text = "\n".join(lines) + "\n"
+    text = re.sub(r"\n\nstream: \*\*.*?\*\*\.\n", "\n", text)
+    marker = "\n\n| model type |"
+    return text.replace(marker, "\n" + _stream_counts(stream)[1] + "\n" + marker, 1) if stream else text
 
 
 def _recovery_cell(result: CaseResult | None, pruning: CaseResult) -> str:
@@ -122,20 +169,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_types", nargs="*", help="default: every MoE causal LM of transformers")
     parser.add_argument("--out", type=Path, default=Path("docs/support_matrix.md"))
+    parser.add_argument("--stream-only", action="store_true",
+                        help="sweep only the stream column and write it into the existing --out")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     transformers.logging.set_verbosity_error()
-    results, recon, recovery = [], {}, {}
+    if args.stream_only:
+        stream = {}
+        for model_type in args.model_types or moe_model_types():
+            stream[model_type] = run_stream_case(model_type)
+            print(f"{model_type:22s} {stream[model_type].status:8s} {stream[model_type].reason[:90]}", flush=True)
+        args.out.write_text(add_stream_column(args.out.read_text(), stream))
+        print(f"wrote {args.out}")
+        return
+    results, recon, recovery, stream = [], {}, {}, {}
     for model_type in args.model_types or moe_model_types():
         start = time.perf_counter()
         results.append(run_case(model_type))
         recon[model_type] = run_reconstruction_case(model_type)
         recovery[model_type] = run_recovery_case(model_type)
+        stream[model_type] = run_stream_case(model_type)
         print(f"{model_type:22s} {results[-1].status:8s} {recon[model_type].status:8s} "
               f"{recovery[model_type][0].status:8s} {recovery[model_type][1].status:8s} "
               f"{time.perf_counter() - start:5.1f}s", flush=True)
-    args.out.write_text(render(results, recon, recovery))
+    args.out.write_text(render(results, recon, recovery, stream))
     print(f"wrote {args.out}")
 
 

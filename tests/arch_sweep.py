@@ -189,6 +189,47 @@ def run_case(model_type: str, workdir: Path | None = None) -> CaseResult:
     return CaseResult(model_type, status, "" if status == "exact" else f"max |diff| {diff:.3g}", diff)
 
 
+STREAM_RTOL = 1e-5  # streamed profile sums against in-memory ones (float32)
+
+
+def run_stream_case(model_type: str, workdir: Path | None = None) -> CaseResult:
+    """Profile and run the tiny model streamed from its saved checkpoint one layer at a time: *exact* when the
+    counts equal the in-memory profile's, the sums agree to STREAM_RTOL and the logits to ATOL (the diff is the
+    logits'); *refused* with moeprune's reason (in memory or streamed)."""
+    from moeprune.profiling.sequential import profile_windows_layer_major
+    from moeprune.profiling.stats import SUM_FIELDS
+    from moeprune.streaming.layers import DiskLayers
+    from moeprune.streaming.runner import run_layer_major
+
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        try:
+            model = build_model(model_type)
+            model.save_pretrained(workdir / model_type)
+            ids = torch.randint(3, min(int(model.config.vocab_size), 100), (3, 12),
+                                generator=torch.Generator().manual_seed(1))
+            plain = profile_windows(model, ids, Calibration(batch_size=2, checkpoint_every=16), {}, progress=False)
+            place = DiskLayers(workdir / model_type, model.config, torch.float32)
+            streamed = profile_windows_layer_major(place, ids, 2, {}, progress=False)
+            got: dict[int, torch.Tensor] = {}
+            batches = [{"input_ids": b} for b in torch.split(ids, 2)]
+            run_layer_major(place, batches, on_logits=lambda b, x: got.__setitem__(b, x.float()), progress=False)
+            with torch.no_grad():
+                expected = model(input_ids=ids).logits.float()
+        except MoePruneError as err:
+            return CaseResult(model_type, "refused", str(err))
+        except Exception as err:  # noqa: BLE001 - the sweep reports every other failure as a traceback
+            return _error_result(model_type, err)
+    diff = (torch.cat([got[b] for b in sorted(got)]) - expected).abs().max().item()
+    sums = all(torch.allclose(getattr(streamed, f), getattr(plain, f), rtol=STREAM_RTOL, atol=1e-7)
+               for f in SUM_FIELDS)
+    if torch.equal(streamed.count, plain.count) and sums and diff <= ATOL:
+        return CaseResult(model_type, "exact", "", diff)
+    return CaseResult(model_type, "wrong", f"streamed differs (counts equal: {torch.equal(streamed.count, plain.count)}"
+                      f", sums within rtol: {sums}, logits max |diff| {diff:.3g})", diff)
+
+
 def _error_result(model_type: str, err: Exception) -> CaseResult:
     last = traceback.extract_tb(err.__traceback__)[-1]
     return CaseResult(model_type, "error", f"{type(err).__name__}: {err} ({Path(last.filename).name}:{last.lineno})")

@@ -58,10 +58,12 @@ from moeprune.preflight import check_evaluation, check_model, check_profile, che
 from moeprune.presets import PAPER, PRESETS, is_bundled, preset_for  # noqa: F401 (re-export)
 from moeprune.profiling.runner import SEQUENTIAL_ONE_PROCESS, is_distributed, profile_model, weights_fingerprint
 from moeprune.profiling.stats import Profile
-from moeprune.reconstruction import reconstruction_selection
+from moeprune.reconstruction import reconstruction_selection, reconstruction_selection_streamed
 from moeprune.recovery import Recovery, RecoveryOptions, recovery_corpora
 from moeprune.recovery import recover as recover_loaded
+from moeprune.streaming.memory import available_memory, gib
 from moeprune.surgery import export_pruned
+from moeprune.surgery.export import export_streamed
 
 log = logging.getLogger("moeprune")
 
@@ -312,7 +314,12 @@ def apply(
     the model, then freed before the export reloads it; or a :class:`~moeprune.recovery.Recovery` computed earlier
     for this mask (:func:`recover`); the export is verified against the recovered model. A quantized checkpoint is
     written in its own format (docs/apply.md, "Quantized checkpoints"); ``dequantize`` writes it dequantized
-    instead, without ``quantization_config``."""
+    instead, without ``quantization_config``.
+
+    A model that streams (``stream=True`` on the source, or too large for the memory available, see
+    :meth:`ModelSource.placement`) is written shard by shard and verified layer by layer against the source
+    streamed from disk (:func:`moeprune.surgery.export.export_streamed`); a recovery is then refused before
+    anything loads."""
     source = source_of(model)
     mask_file = None if isinstance(mask, ExpertMask) else mask
     mask = _mask(mask)
@@ -320,6 +327,23 @@ def apply(
     check_mask_for_config(mask, source.config, force=force)
     check_mask_layers(mask, source.config, source.trust_remote_code)
     recovery = _recovery_request(recover)
+    streamed = _streamed_apply_source(source)
+    if streamed is not None:
+        if isinstance(recovery, Recovery) or (isinstance(recovery, RecoveryOptions) and recovery.active):
+            raise MoePruneError(recovery_not_streamed(streamed))
+        if dequantize:
+            raise MoePruneError("--dequantize writes the model dequantized from memory, and this model streams from "
+                                "disk here; drop --dequantize (the export keeps the source's format) or --no-stream.")
+        _check_output(out, source, overwrite, mask_file)
+        return export_streamed(streamed.open_stream(), mask, out, overwrite=overwrite, verify=verify,
+                               progress=progress, force=force, trust_remote_code=source.trust_remote_code)
+    recovering = isinstance(recovery, Recovery) or (isinstance(recovery, RecoveryOptions) and recovery.active)
+    if recovering and not dequantize and source.quantization:
+        raise MoePruneError(
+            f"{source.name} is quantized ({source.quantization.get('quant_method', '?')}) and a recovery changes "
+            "float tensors that its format cannot hold as they are; pass --dequantize with --recover (then quantize "
+            "the result again, docs/apply.md), or apply without --recover."
+        )
     if isinstance(recovery, Recovery):
         recovery.check_mask(mask)
     elif recovery is not None:
@@ -331,6 +355,22 @@ def apply(
         _release_memory()  # the copy recovery loaded is gone before the export loads the checkpoint again
     return export_pruned(source, mask, out, overwrite=overwrite, verify=verify, progress=progress,
                          recovery=recovery, dequantize=dequantize)
+
+
+def _streamed_apply_source(source: ModelSource) -> ModelSource | None:
+    """The source apply streams (in the checkpoint's dtype, as apply keeps it), or None when it loads the model."""
+    if source.is_loaded:
+        return None
+    kept = ModelSource.of(source, dtype=checkpoint_dtype(source.config) if source.dtype == "auto" else None)
+    return kept if kept.placement() == "stream" else None
+
+
+def recovery_not_streamed(source: ModelSource) -> str:
+    """The one-line refusal of a recovery on a model that only fits streamed (docs/recovery.md)."""
+    dtype = str(source.compute_dtype).removeprefix("torch.")
+    return (f"--recover needs the whole model in memory (its weights alone take {gib(source.compute_bytes())} in "
+            f"{dtype}; {available_memory().describe()}), and {source.name} is streamed from disk here; apply "
+            "without --recover, or recover on a machine that holds the model (--no-stream forces loading it).")
 
 
 def recover(
@@ -354,6 +394,8 @@ def recover(
     options = _recovery_request(options)
     if not isinstance(options, RecoveryOptions):
         raise MoePruneError("recover() takes RecoveryOptions (or a kind such as 'router-kd'), not a Recovery.")
+    if not source.is_loaded and source.placement() == "stream":
+        raise MoePruneError(recovery_not_streamed(source))
     return _recovery(source, mask, _resolved_recovery(source, mask, options), progress)
 
 
@@ -452,6 +494,10 @@ def prune(
     # before profiling, not after; every local input counts (an --overwrite must never delete one)
     _check_output(out, source, overwrite, workdir,
                   *input_files(None, calibration.corpora, options.corpora if options is not None else None), *ppl_files)
+    if not source.is_loaded and source.placement() == "stream":
+        if options is not None and options.active:
+            raise MoePruneError(recovery_not_streamed(source))
+        return _prune_streamed(source, req, out, workdir, calibration, recon, evaluation, overwrite, progress)
     loaded = source.load()
     # apply gets the tokenizer asked for (a path, None: the model's own), not the loaded object, so that it copies
     # the tokenizer files byte for byte instead of re-saving them (see surgery/tokenizer_files.py)
@@ -481,6 +527,25 @@ def prune(
         pruned = ModelSource.of(source.with_model(str(written)), tokenizer=None).load()
         pruned_ppl = _perplexities(pruned, tokenizer, evaluation, progress)
         _report_perplexity(dense_ppl, pruned_ppl, mask, workdir)
+    return written
+
+
+def _prune_streamed(source: ModelSource, req: PlanRequest, out: str | Path, workdir: Path, calibration: Calibration,
+                    recon: ReconstructionOptions, evaluation: EvalSettings | None, overwrite: bool,
+                    progress: bool) -> Path:
+    """:func:`prune` with every stage streamed from disk: each reads the layers again, nothing is held whole."""
+    source = ModelSource.of(source, stream=True)
+    # a layer-by-layer run never checkpoints (the preset's --checkpoint-every does not apply)
+    profiled = profile(source, out=workdir, calibration=replace(calibration, checkpoint_every=None), progress=progress)
+    (mask,) = plan_many(workdir, req, corpora=profiled.names, model=source, reconstruction=recon, progress=progress)
+    mask.save(workdir / mask_filename(mask))
+    written = apply(source, mask, out, overwrite=overwrite, progress=progress)
+    if evaluation is not None:
+        dense = source.open_stream()
+        tokenizer = source.load_tokenizer(dense.model)
+        dense_ppl = _perplexities(dense, tokenizer, evaluation, progress)
+        pruned = ModelSource.of(source.with_model(str(written)), tokenizer=None).open_stream()
+        _report_perplexity(dense_ppl, _perplexities(pruned, tokenizer, evaluation, progress), mask, workdir)
     return written
 
 
@@ -560,6 +625,9 @@ def _sequential_dtype(source: ModelSource, run_on: str) -> str | torch.dtype:
 
 def _auto_budget_setup(prof: Profile, source: ModelSource) -> tuple[ModelSource, dict[str, torch.Tensor]]:
     """The loaded model (as a source) and the held-out calibration windows that ``-B auto`` scores budgets on."""
+    if not source.is_loaded and source.placement() == "stream":
+        raise MoePruneError("-B auto scores every budget on the model in memory, and this model streams from disk "
+                            "here; pass a number (-B 20) or --no-stream on a machine that holds the model.")
     loaded = source.load()
     _check_same_model(prof, loaded)
     return source.with_model(loaded), auto_budget.held_out_sets(prof, source.load_tokenizer(loaded))
@@ -572,11 +640,15 @@ def _reconstruct(
     """ExpertSparsity selections for each K, from activations captured once into the work directory
     (``options``: see :class:`~moeprune.options.ReconstructionOptions`; unset ones are the model's preset)."""
     opts = options.resolved(source)  # the window rule, before the model loads
-    loaded = source.load()
+    streamed = source.open_stream() if not source.is_loaded and source.placement() == "stream" else None
+    loaded = streamed.model if streamed is not None else source.load()
     _check_same_model(prof, loaded)
     spec = _reconstruction_corpus(prof, opts.corpus)
     tokenizer = source.load_tokenizer(loaded)
     windows = calibration_windows(spec, tokenizer, opts.windows, opts.seq_len, opts.seed)
+    if streamed is not None:  # one layer-major pass, nothing captured to the work directory
+        return reconstruction_selection_streamed(streamed, windows, kept, progress=progress, loss=opts.loss,
+                                                 token_budget=opts.tokens)
     workdir = Path(opts.workdir or workdir or "moeprune-work")
     key = f"{spec.name}-{windows.shape[0]}x{windows.shape[1]}-seed{opts.seed}"
     with output_root(workdir):  # reconstruction/<key>/ below it: never through a link

@@ -209,7 +209,7 @@ def _run_profile(args: argparse.Namespace) -> None:
 def _add_plan(p: argparse.ArgumentParser) -> None:
     p.add_argument("profile", help="profile directory written by `moeprune profile`")
     _plan_options(p, many=True)
-    _model_options(p, positional=False)
+    _model_options(p, positional=False, stream=True)
     p.add_argument("--model", default=None, help="model for expert-sparsity (default: the profile's model)")
     p.add_argument("--out", required=True, help="directory for the mask files (<method>-<rho>.json)")
     p.add_argument("--overwrite", action="store_true",
@@ -242,7 +242,7 @@ def _run_plan(args: argparse.Namespace) -> None:
 
 
 def _add_apply(p: argparse.ArgumentParser) -> None:
-    _model_options(p)
+    _model_options(p, stream=True)
     p.add_argument("mask", help="mask.json written by `moeprune plan`")
     p.add_argument("--out", required=True, help="directory for the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -289,7 +289,7 @@ def _run_apply(args: argparse.Namespace) -> None:
 
 
 def _add_prune(p: argparse.ArgumentParser) -> None:
-    _model_options(p)
+    _model_options(p, stream=True)
     add_flags(p, Calibration, "calibration", skip=["checkpoint_every"])
     _plan_options(p, many=False)
     p.add_argument("--out", required=True, help="directory for the pruned checkpoint")
@@ -325,7 +325,7 @@ def _run_prune(args: argparse.Namespace) -> None:
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
-    _model_options(p)
+    _model_options(p, stream=True)
     p.add_argument("--mask", default=None, help="mask.json applied in memory (no export needed)")
     _force_option(p)
     add_flags(p, EvalSettings, "evaluation")
@@ -346,7 +346,7 @@ def _run_eval(args: argparse.Namespace) -> None:
 def _add_experiment(p: argparse.ArgumentParser) -> None:
     from moeprune.loading import ModelSource  # lazy: torch
 
-    _model_options(p)
+    _model_options(p, stream=True)
     add_flags(p, ModelSource, only=["preset_name"])
     add_flags(p, GridOptions, "grid")
     add_flags(p, Calibration, "calibration", skip=["seed", "checkpoint_every"])

@@ -105,6 +105,12 @@ def run_experiment(
     source, settings = resolve_experiment(model, grid, calibration, reconstruction, evaluation, recovery)
     grid, calibration, recon = settings.grid, settings.calibration, settings.reconstruction
     evaluation, recovery, methods = settings.evaluation, settings.recovery, settings.methods
+    if not source.is_loaded and source.placement() == "stream":
+        raise MoePruneError(
+            f"experiment keeps one model in memory for every cell, and {source.name} streams from disk here "
+            "(--stream, or too little memory); run the stages streamed instead (moeprune profile/plan/apply/eval "
+            "--stream), or pass --no-stream on a machine that holds the model."
+        )
     loaded = source.load()
     tokenizer = source.load_tokenizer(loaded)
     record = {

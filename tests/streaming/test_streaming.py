@@ -15,10 +15,11 @@ from moeprune import api
 from moeprune.cli import main
 from moeprune.errors import MoePruneError
 from moeprune.loading import ModelSource
-from moeprune.options import Calibration
+from moeprune.options import Calibration, EvalSettings
 from moeprune.profiling.runner import profile_windows
 from moeprune.profiling.sequential import profile_windows_layer_major
 from moeprune.profiling.stats import SUM_FIELDS
+from moeprune.reconstruction import reconstruction_selection, reconstruction_selection_streamed
 from moeprune.streaming import layers as stream_layers
 from moeprune.streaming import memory
 from moeprune.streaming.layers import DiskLayers
@@ -32,6 +33,10 @@ from tests.tiny_models import build_model, save_model
 # moeprune's DeepSeek-MoE port.
 ARCHS = ["qwen2_moe", "mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "deepseek"]
 CALIBRATION = ["--corpus", "wiki", "--samples", "4", "--seq-len", "32", "--batch-size", "2"]
+
+
+def _src(path, stream: bool | None = None) -> ModelSource:
+    return ModelSource.of(str(path), device="cpu", stream=stream)
 
 
 def _saved(arch: str, path: Path) -> torch.nn.Module:
@@ -223,3 +228,151 @@ def test_stream_refuses_memory_too_small_for_one_layer(tiny_checkpoint, tmp_path
     assert not (tmp_path / "o").exists()
     with pytest.raises(MoePruneError, match="Too little memory"):
         ModelSource.of(str(tiny_checkpoint), device="cpu").open_stream(Memory(4096, "test"))
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def test_streamed_perplexity_equals_in_memory_with_and_without_a_mask(tiny_checkpoint, text_corpus, tmp_path):
+    prof = api.profile(_src(tiny_checkpoint, False), [f"notes={text_corpus}"], tmp_path / "prof",
+                       calibration={"samples": 4, "seq_len": 16}, progress=False)
+    mask = api.plan(prof, "frequency", 0.5, progress=False)
+    settings = EvalSettings(ppl_datasets=(str(text_corpus),), ppl_seq_len=24, max_windows=5, tasks="none",
+                            eval_batch_size=2)
+    for m in (None, mask):
+        kwargs = dict(mask=m, settings=settings, progress=False)
+        streamed = api.evaluate(_src(tiny_checkpoint, True), **kwargs)
+        plain = api.evaluate(_src(tiny_checkpoint, False), **kwargs)
+        (a,), (b,) = streamed["perplexity"].values(), plain["perplexity"].values()
+        assert a["windows"] == b["windows"] == 5
+        assert a["nll"] == pytest.approx(b["nll"], rel=1e-5)
+        assert streamed["footprint"] == plain["footprint"]
+        assert streamed["metadata"]["stream"] is True
+    dense = api.evaluate(_src(tiny_checkpoint, True), settings=settings, progress=False)
+    assert streamed["footprint"]["params_total"] < dense["footprint"]["params_total"]
+
+
+def test_streamed_lm_eval_loglikelihoods_equal_in_memory(tiny_checkpoint, tokenizer, monkeypatch):
+    from moeprune.evaluation.hflm import SplitSafeHFLM, StreamedHFLM
+    from moeprune.loading import load_model
+
+    model = load_model(str(tiny_checkpoint), device="cpu")
+    place = ModelSource.of(str(tiny_checkpoint), device="cpu", stream=True).open_stream()
+    texts = ["The cat sat on", "A river runs", "Numbers are", "The cat sat on the"]
+    requests = [((a, b), tokenizer.encode(a), tokenizer.encode(b))
+                for a in texts for b in (" the mat", " quickly", " x")]
+    plain = SplitSafeHFLM(pretrained=model, tokenizer=tokenizer, batch_size=3)._loglikelihood_tokens(requests)
+    loads = []
+    load = stream_layers.DiskLayers._load_layer
+    monkeypatch.setattr(stream_layers.DiskLayers, "_load_layer", lambda self, i: (loads.append(i), load(self, i)))
+    lm = StreamedHFLM(place, tokenizer=tokenizer, batch_size=3)
+    lm.chunk_bytes = 1  # one batch per chunk: the chunked path, every layer read once per batch
+    streamed = lm._loglikelihood_tokens(requests)
+    assert [g for _, g in streamed] == [g for _, g in plain]
+    assert [ll for ll, _ in streamed] == pytest.approx([ll for ll, _ in plain], rel=1e-5)
+    # chunks of one batch: every layer read once per batch HFLM runs (5 here: two rounds of split requests)
+    assert len(loads) == len(place.layers) * 5
+
+
+def test_streamed_eval_with_tasks_equals_in_memory(tiny_checkpoint, tmp_path):
+    settings = EvalSettings(ppl_datasets=(), tasks="bundled", limit=3, eval_batch_size=4)
+    streamed = api.evaluate(_src(tiny_checkpoint, True), settings=settings, progress=False)
+    plain = api.evaluate(_src(tiny_checkpoint, False), settings=settings, progress=False)
+    assert streamed["summary"]["tasks"] == pytest.approx(plain["summary"]["tasks"], rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ expert-sparsity
+def _outcome(run):
+    try:
+        return {k: {i: (r.kept, round(r.loss, 4)) for i, r in layers.items()} for k, layers in run().items()}
+    except MoePruneError as err:
+        return f"refused: {err}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_streamed_expert_sparsity_equals_in_memory(arch, tmp_path):
+    model = _saved(arch, tmp_path / arch)
+    windows = _windows(model.config.vocab_size, n=4, length=16)
+    kwargs = dict(batch_size=2, progress=False, loss="per-batch", loss_batch=2)
+    plain = _outcome(lambda: reconstruction_selection(model, windows, [4, 6], tmp_path / "work", "k", **kwargs))
+    place = DiskLayers(tmp_path / arch, model.config, torch.float32)
+    streamed = _outcome(lambda: reconstruction_selection_streamed(place, windows, [4, 6], **kwargs))
+    assert streamed == plain
+    assert isinstance(plain, str) or all(len(layers) for layers in plain.values())
+
+
+def test_plan_expert_sparsity_streamed_equals_in_memory(tiny_checkpoint, text_corpus, tmp_path):
+    prof = api.profile(_src(tiny_checkpoint, False), [f"c4={text_corpus}"], tmp_path / "prof",
+                       calibration={"samples": 4, "seq_len": 16}, progress=False)
+    masks = {}
+    for stream in (True, False):
+        recon = {"samples": 4, "seq_len": 16, "workdir": str(tmp_path / "w")}
+        masks[stream] = api.plan(prof, "tb-coverage", 0.5, model=_src(tiny_checkpoint, stream),
+                                 reconstruction=recon, progress=False)
+    assert masks[True].layers == masks[False].layers
+
+
+# ------------------------------------------------------------------------------------------ apply, prune, recovery
+@pytest.fixture(scope="module")
+def half_mask(tiny_checkpoint, tmp_path_factory):
+    prof = api.profile(_src(tiny_checkpoint, False), ["wiki"], tmp_path_factory.mktemp("prof"),
+                       calibration={"samples": 4, "seq_len": 16}, progress=False)
+    return api.plan(prof, "frequency", 0.5, progress=False)
+
+
+def test_streamed_apply_writes_the_model_free_checkpoint_verified(tiny_checkpoint, half_mask, tmp_path):
+    streamed = api.apply(_src(tiny_checkpoint, True), half_mask, tmp_path / "s", progress=False)
+    plain = api.apply(_src(tiny_checkpoint, False), half_mask, tmp_path / "p", progress=False)
+    a, b = load_file(streamed / "model.safetensors"), load_file(plain / "model.safetensors")
+    fused = {k for k in b if "experts" in k}
+    assert fused  # the in-memory export's fused experts; the streamed one keeps the source's layout
+    with torch.no_grad():
+        from moeprune.loading import load_model
+
+        ids = _windows(128, 2, 12)
+        x = load_model(str(streamed), device="cpu")(input_ids=ids).logits
+        y = load_model(str(plain), device="cpu")(input_ids=ids).logits
+    torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    assert (streamed / "mask.json").exists() and len(a) > 0
+
+
+def test_streamed_apply_verification_catches_a_wrong_checkpoint(tiny_checkpoint, half_mask, tmp_path, monkeypatch):
+    from moeprune.surgery import shards
+
+    real = shards._pruned_shard
+
+    def corrupted(*args, **kwargs):
+        tensors = real(*args, **kwargs)
+        name = next(k for k in sorted(tensors) if "mlp.gate.weight" in k)
+        tensors[name] = tensors[name] + 1.0
+        return tensors
+
+    monkeypatch.setattr(shards, "_pruned_shard", corrupted)
+    with pytest.raises(MoePruneError, match="Verification failed"):
+        api.apply(_src(tiny_checkpoint, True), half_mask, tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()
+
+
+def test_recovery_is_refused_up_front_when_streaming(tiny_checkpoint, half_mask, tmp_path, capsys, no_reads):
+    mask_file = half_mask.save(tmp_path / "mask.json") or tmp_path / "mask.json"
+    _refused(capsys, ["apply", tiny_checkpoint, mask_file, "--device", "cpu", "--stream", "--recover", "router-kd",
+                      "--recover-seq-len", "32", "--out", tmp_path / "o"], "--recover needs the whole model in memory",
+             "GiB")
+    assert not (tmp_path / "o").exists()
+
+
+def test_prune_streamed_end_to_end(tiny_checkpoint, text_corpus, tmp_path):
+    calibration = {"corpora": (f"c4={text_corpus}",), "samples": 4, "seq_len": 16, "batch_size": 2}
+    recon = {"samples": 4, "seq_len": 16}
+    streamed = api.prune(_src(tiny_checkpoint, True), 0.5, tmp_path / "s", calibration=calibration,
+                         reconstruction=recon, progress=False)
+    plain = api.prune(_src(tiny_checkpoint, False), 0.5, tmp_path / "p", calibration=calibration,
+                      reconstruction=recon, progress=False)
+    a = json.loads((streamed / "mask.json").read_text())
+    b = json.loads((plain / "mask.json").read_text())
+    assert a["layers"] == b["layers"]
+
+
+def test_experiment_refuses_to_stream_up_front(tiny_checkpoint, tmp_path, capsys, no_reads):
+    _refused(capsys, ["experiment", tiny_checkpoint, *CALIBRATION, "--methods", "frequency", "--ppl-seq-len", "32",
+                      "--device", "cpu", "--stream", "--out", tmp_path / "grid"],
+             "experiment keeps one model in memory", "--stream")
+    assert not (tmp_path / "grid").exists()

@@ -27,6 +27,7 @@ from moeprune.evaluation.zeroshot import (
 )
 from moeprune.io import write_json_atomic
 from moeprune.options import EvalSettings
+from moeprune.streaming.layers import DiskLayers
 
 
 def evaluate(
@@ -46,7 +47,8 @@ def evaluate(
     """
     start = time.time()
     tasks = settings.tasks if tasks is None else tasks
-    results: dict[str, Any] = {"metadata": dict(metadata or {}), "footprint": footprint(model)}
+    net = model.model if isinstance(model, DiskLayers) else model
+    results: dict[str, Any] = {"metadata": dict(metadata or {}), "footprint": footprint(net)}
     results["perplexity"] = {
         name: perplexity(
             model,

@@ -23,7 +23,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from lm_eval.models.huggingface import HFLM
+
+from moeprune.streaming.layers import DiskLayers
+from moeprune.streaming.runner import run_layer_major
 
 # HFLM's request form: ((context, continuation) strings, context tokens, continuation tokens).
 Request = tuple[tuple[str, str], list[int], list[int]]
@@ -64,3 +68,62 @@ class SplitSafeHFLM(HFLM):
             for i, answer in zip(indices, part, strict=True):
                 out[i] = answer
         return out
+
+
+class StreamedHFLM(SplitSafeHFLM):
+    """Log-likelihoods of a model streamed from disk (:class:`~moeprune.streaming.layers.DiskLayers`), layer-major.
+
+    HFLM's own loop runs twice over the same requests: a dry pass records the padded batches it would run (its
+    model calls answered with zero logits, its answers dropped), then the real pass, whose model calls are answered
+    from logits computed layer-major: the recorded batches from the call asked for onwards, as many as hold
+    ``chunk_bytes`` of logits (at least one), every decoder layer read once per chunk. Same batches, same padding,
+    same order as in memory, so the log-likelihoods are the in-memory ones.
+    """
+
+    chunk_bytes: int = 2 << 30
+
+    def __init__(self, place: DiskLayers, **kwargs: Any) -> None:
+        super().__init__(pretrained=place.model, **kwargs)
+        self.place = place
+        self._device = place.device
+        self._mode: str | None = None
+        self._recorded: list[torch.Tensor] = []
+        self._logits: dict[int, torch.Tensor] = {}
+        self._calls = 0
+
+    def _loglikelihood_tokens(
+        self, requests: list[Request], disable_tqdm: bool = False, override_bs: int | None = None
+    ) -> list[tuple[float, bool]]:
+        try:
+            self._mode, self._recorded = "record", []
+            super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
+            self._mode, self._calls, self._logits = "replay", 0, {}
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        finally:
+            self._mode, self._recorded, self._logits = None, [], {}
+
+    def _model_call(self, inps: torch.Tensor, attn_mask: Any = None, labels: Any = None) -> torch.Tensor:
+        if self._mode == "record":
+            self._recorded.append(inps.detach().cpu())
+            return torch.zeros(*inps.shape, self.place.config.vocab_size, dtype=torch.float32, device=inps.device)
+        if self._mode != "replay":
+            raise RuntimeError("A streamed model answers log-likelihood requests only.")
+        call, self._calls = self._calls, self._calls + 1
+        if call not in self._logits:
+            self._compute_from(call)
+        return self._logits.pop(call).to(inps.device)
+
+    def _compute_from(self, first: int) -> None:
+        vocab, size = self.place.config.vocab_size, torch.tensor([], dtype=self.place.dtype).element_size()
+        last, total = first, 0
+        while last < len(self._recorded):
+            total += self._recorded[last].numel() * vocab * size
+            if last > first and total > self.chunk_bytes:
+                break
+            last += 1
+        batches = [{"input_ids": ids} for ids in self._recorded[first:last]]
+
+        def keep(b: int, logits: torch.Tensor) -> None:
+            self._logits[first + b] = logits.to("cpu")
+
+        run_layer_major(self.place, batches, on_logits=keep, progress=False, desc="lm-eval (streamed from disk)")

@@ -23,6 +23,8 @@ from moeprune.bundled import read_bundled_corpus
 from moeprune.errors import MoePruneError
 from moeprune.io import parse_json, read_bytes, read_text
 from moeprune.options import fit_window
+from moeprune.streaming.layers import DiskLayers
+from moeprune.streaming.runner import run_layer_major
 from moeprune.surgery import masked
 
 # The bundled testbed's domains: calibration corpora, held-out domains, the never-trained one.
@@ -116,9 +118,14 @@ def split_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = Non
 def window_nll(
     model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 1, progress: bool = False, desc: str = "ppl"
 ) -> float:
-    """Summed NLL (float64) of every window's tokens 1..seq_len-1 given the tokens before them."""
+    """Summed NLL (float64) of every window's tokens 1..seq_len-1 given the tokens before them.
+
+    ``model`` may be a :class:`~moeprune.streaming.layers.DiskLayers`: the windows then run layer-major, every
+    decoder layer read from disk once for all of them."""
     from tqdm.auto import tqdm
 
+    if isinstance(model, DiskLayers):
+        return _streamed_nll(model, windows, batch_size, progress, desc)
     device = _input_device(model)
     total = torch.zeros((), dtype=torch.float64)
     starts = range(0, windows.shape[0], batch_size)
@@ -127,6 +134,18 @@ def window_nll(
         logits = model(input_ids=batch, use_cache=False).logits
         total += sequence_nll(logits[:, :-1], batch[:, 1:]).cpu()
     return float(total)
+
+
+def _streamed_nll(place: DiskLayers, windows: torch.Tensor, batch_size: int, progress: bool, desc: str) -> float:
+    batches = [{"input_ids": b} for b in torch.split(windows, batch_size)]
+    totals = torch.zeros(len(batches), dtype=torch.float64)
+
+    def nll(b: int, logits: torch.Tensor) -> None:
+        labels = batches[b]["input_ids"].to(logits.device)
+        totals[b] = sequence_nll(logits[:, :-1], labels[:, 1:]).cpu()
+
+    run_layer_major(place, batches, on_logits=nll, progress=progress, desc=f"{desc} (streamed from disk)")
+    return float(totals.sum())
 
 
 def held_out_nll(model: torch.nn.Module, mask: Any, sets: Mapping[str, torch.Tensor], batch_size: int = 4) -> dict:

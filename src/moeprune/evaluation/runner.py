@@ -21,8 +21,10 @@ from moeprune.io import check_output_file, write_json_atomic
 from moeprune.loading import ModelSource, model_name
 from moeprune.options import EvalSettings
 from moeprune.planning.mask import ExpertMask
+from moeprune.streaming.layers import DiskLayers
 from moeprune.surgery import masked
 from moeprune.surgery.delta import apply_delta
+from moeprune.surgery.slicing import masked_on_load
 
 NO_TASKS = {"none", ""}
 
@@ -66,12 +68,17 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Perplexity and zero-shot accuracy of ``model`` (a model source, or what :meth:`ModelSource.of` takes),
     under ``mask`` when given, with resolved ``settings`` (``EvalSettings(...).resolved(source)``: the api does
-    it); the result (with a ``summary``) is written atomically to ``out`` when given."""
+    it); the result (with a ``summary``) is written atomically to ``out`` when given.
+
+    A source that streams (see :meth:`ModelSource.placement`) is evaluated from disk one decoder layer at a time:
+    perplexity runs all windows layer-major, lm-eval's batches are computed layer-major in chunks, and the mask is
+    applied to each layer as it is read."""
     source = ModelSource.of(model)
     if out is not None:
         check_output_file(out, overwrite=overwrite)  # an unwritable --out fails now, not after the evaluation
-    loaded = source.load()
-    tok = source.load_tokenizer(loaded)
+    streamed = not source.is_loaded and source.placement() == "stream"
+    loaded = source.open_stream() if streamed else source.load()
+    tok = source.load_tokenizer(loaded.model if streamed else loaded)
     mask_path = None if mask is None or isinstance(mask, ExpertMask) else mask
     if mask_path is not None:
         mask = ExpertMask.load(mask_path)
@@ -82,7 +89,8 @@ def evaluate_model(
         mask=mask,
         mask_path=mask_path,
         progress=progress,
-        metadata={"model": model_name(loaded) if source.is_loaded else str(source.model)},
+        metadata={"model": model_name(loaded) if source.is_loaded else str(source.model),
+                  **({"stream": True} if streamed else {})},
     )
     if out is not None:
         write_json_atomic(out, results)
@@ -90,7 +98,7 @@ def evaluate_model(
 
 
 def evaluate_loaded(
-    model: torch.nn.Module,
+    model: torch.nn.Module | DiskLayers,
     tokenizer: Any,
     settings: EvalSettings,
     *,
@@ -106,11 +114,20 @@ def evaluate_loaded(
     if settings.ppl_datasets is None or settings.ppl_seq_len is None or settings.tasks is None:
         raise MoePruneError("evaluate_loaded takes resolved settings: EvalSettings(...).resolved(source).")
     # Measured before masking: masked() slices in place, so footprint() inside it is the pruned size.
-    dense = dense_footprint or footprint(model)
+    streamed = isinstance(model, DiskLayers)
+    net = model.model if streamed else model
+    dense = dense_footprint or footprint(net)
     meta = dict(metadata or {})
     tasks = resolve_tasks(settings.tasks)
     if mask is None:
         results = evaluate(model, tokenizer, settings, tasks=tasks, progress=progress, metadata=meta)
+    elif streamed:
+        if delta:
+            raise MoePruneError("A recovery delta cannot be applied to a model streamed from disk; evaluate the "
+                                "exported checkpoint instead (it holds the delta).")
+        with masked_on_load(model, mask):
+            results = evaluate(model, tokenizer, settings, tasks=tasks, progress=progress, metadata=meta)
+            results["footprint"] = _pruned_footprint(net, mask)
     else:
         with masked(model, mask):
             apply_delta(model, dict(delta or {}))
@@ -119,6 +136,12 @@ def evaluate_loaded(
     results["footprint_vs_dense"] = compare_footprints(dense, results["footprint"])
     results["summary"] = summarise(results)
     return results
+
+
+def _pruned_footprint(model: torch.nn.Module, mask: ExpertMask) -> dict[str, Any]:
+    """The footprint of the pruned model, for a streamed one: its meta skeleton sliced (nothing is read)."""
+    with masked(model, mask):
+        return footprint(model)
 
 
 def summarise(results: Mapping[str, Any]) -> dict[str, Any]:

@@ -35,6 +35,7 @@ import torch
 
 from moeprune.errors import MoePruneError
 from moeprune.evaluation.tasks import BUNDLED_TASKS, HELDOUT_TASKS, TASKS_DIR
+from moeprune.streaming.layers import DiskLayers
 
 COMMON_TASKS: tuple[str, ...] = ("arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande", "boolq")
 # The paper's stress tests: MMLU (5-shot, lm-eval's `mmlu` group, acc weighted by subtask size), GSM8K
@@ -227,15 +228,23 @@ def _build(manager: Any, name: str) -> list[Any]:
     return [loaded["groups"][name]] if name in loaded["groups"] else list(loaded["tasks"].values())
 
 
-def _hflm(model: torch.nn.Module, tokenizer: Any, batch_size: int | str, max_length: int | None) -> Any:
+def _hflm(model: Any, tokenizer: Any, batch_size: int | str, max_length: int | None) -> Any:
     # HFLM misscores a request whose text equals another's split at a different point (evaluation/hflm.py).
-    from moeprune.evaluation.hflm import SplitSafeHFLM  # lazy: hflm imports lm-eval, needed only for zero-shot
+    from moeprune.evaluation.hflm import SplitSafeHFLM, StreamedHFLM  # lazy: lm-eval, needed only for zero-shot
+
+    if isinstance(model, DiskLayers):  # no batch-size search: it would run the model outside the recorded batches
+        size = batch_size if isinstance(batch_size, int) else STREAMED_BATCH_SIZE
+        return _reused(("streamed", id(model), id(tokenizer), size, max_length),
+                       lambda: StreamedHFLM(model, tokenizer=tokenizer, batch_size=size, max_length=max_length))
 
     # id() is a safe key: the cached wrapper holds the model and tokenizer, so neither id can be reused.
     return _reused(
         ("hflm", id(model), id(tokenizer), batch_size, max_length),
         lambda: SplitSafeHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length),
     )
+
+
+STREAMED_BATCH_SIZE = 8  # for a streamed model given --eval-batch-size auto
 
 
 def _include_paths(extra: str | Path | Sequence[str | Path] | None) -> list[str]:

@@ -30,7 +30,14 @@ from moeprune.errors import MoePruneError
 from moeprune.loading import config_hash, model_name
 from moeprune.planning.mask import ExpertMask, LayerMask, kept_count
 from moeprune.reconstruction.capture import WorkDir, capture_moe_inputs, within_budget
-from moeprune.reconstruction.guard import check_routing
+from moeprune.reconstruction.guard import (
+    GUARD_TOKENS,
+    Observed,
+    check_observed_layer,
+    check_routing,
+    guard_tokens,
+    observe,
+)
 from moeprune.reconstruction.loss import DEFAULT_TOKEN_CHUNK, LOSSES, LayerProblem
 from moeprune.reconstruction.search import (
     EXACT_LIMIT,
@@ -39,6 +46,8 @@ from moeprune.reconstruction.search import (
     search_layer,
     search_layer_many,
 )
+from moeprune.streaming.layers import DiskLayers
+from moeprune.streaming.runner import run_layer_major
 
 # NAEE's loss (Lu et al. 2024, their code's defaults): summed over batches of 8 windows. Their calibration
 # (128 windows of 2048 tokens of C4) is the paper preset's (moeprune.presets).
@@ -58,6 +67,7 @@ __all__ = [
     "check_routing",
     "expert_sparsity_mask",
     "reconstruction_selection",
+    "reconstruction_selection_streamed",
     "search_layer",
     "search_layer_many",
     "selections",
@@ -106,6 +116,71 @@ def reconstruction_selection(
         for k, result in search_layer_many(problem, ks, exact_limit, max_swap_passes).items():
             results[k][layer.index] = result
         del problem  # free this layer's Gram before the next one is built
+    return results
+
+
+def reconstruction_selection_streamed(
+    place: DiskLayers,
+    token_windows: torch.Tensor,
+    kept_per_layer: int | list[int],
+    *,
+    batch_size: int = 4,
+    token_chunk: int = DEFAULT_TOKEN_CHUNK,
+    max_tokens: int | None = None,
+    exact_limit: int = EXACT_LIMIT,
+    max_swap_passes: int = MAX_SWAP_PASSES,
+    progress: bool = True,
+    loss: str = DEFAULT_LOSS,
+    loss_batch: int = DEFAULT_LOSS_BATCH,
+    token_budget: int | None = None,
+) -> Results:
+    """:func:`reconstruction_selection` for a model streamed from disk, in one layer-major pass that reads every
+    layer once: the routing guard's tokens run first as their own batch (observed as :func:`check_routing` observes
+    them), then the calibration batches, each MoE layer's inputs kept in memory for that layer only; once a layer has
+    run on every batch, the guard checks it and the search runs on its inputs before it is freed. Nothing is
+    written to the work directory."""
+    if loss not in LOSSES:
+        raise MoePruneError(f"Unknown reconstruction loss {loss!r}; use one of {', '.join(LOSSES)}.")
+    ks = sorted({kept_per_layer} if isinstance(kept_per_layer, int) else set(kept_per_layer))
+    token_windows = within_budget(token_windows, token_budget)
+    model = place.model
+    layers = {layer.index: layer for layer in moe_layers(model)}
+    batches = [{"input_ids": guard_tokens(token_windows, GUARD_TOKENS)}]
+    batches += [{"input_ids": b} for b in torch.split(token_windows, batch_size)]
+    batch_tokens = loss_batch * token_windows.shape[1] if loss == "per-batch" else None
+    results: Results = {k: {} for k in ks}
+    seen: dict[str, Any] = {}
+    captured: list[torch.Tensor] = []
+
+    def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        captured.append(hidden.detach().reshape(-1, hidden.shape[-1]).to("cpu").contiguous())
+
+    def on_inputs(index: int, batch: int, _hidden: torch.Tensor) -> None:
+        layer = layers.get(index)
+        if layer is None:
+            return
+        if batch == 0:  # the guard's tokens
+            seen["observed"] = Observed([], [], [])
+            seen["undo"] = observe(layer, seen["observed"])
+        elif batch == 1:
+            seen.pop("undo")()
+            seen["hook"] = layer.block.register_forward_pre_hook(capture, with_kwargs=True)
+
+    def on_done(index: int, _module: nn.Module) -> None:
+        layer = layers.get(index)
+        if layer is None:
+            return
+        seen.pop("hook").remove()
+        check_observed_layer(model, layer, seen.pop("observed"))
+        hidden = torch.cat(captured)
+        captured.clear()
+        problem = LayerProblem.build(layer, model.config, hidden, token_chunk, max_tokens, batch_tokens=batch_tokens)
+        for k, result in search_layer_many(problem, ks, exact_limit, max_swap_passes).items():
+            results[k][index] = result
+
+    run_layer_major(place, batches, on_layer_inputs=on_inputs, on_layer_done=on_done, progress=progress,
+                    desc="expert-sparsity (streamed from disk)")
     return results
 
 

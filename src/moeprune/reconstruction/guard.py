@@ -12,6 +12,7 @@ to the router logits of the same input. Any disagreement beyond float tolerance 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -52,23 +53,27 @@ def check_routing(model: nn.Module, token_windows: torch.Tensor, max_tokens: int
     cut short; at least one window's worth of positions when ``max_tokens`` < L).
     """
     layers = moe_layers(model)
-    tokens = _guard_tokens(token_windows, max_tokens)
+    tokens = guard_tokens(token_windows, max_tokens)
     observed = _observe(model, layers, tokens)
     for layer in layers:
-        seen = observed[layer.index]
-        if not seen.index:
-            continue  # the layer routed nothing on these tokens (cannot happen for an MoE block in use)
-        problem = compare_layer(layer, model.config, seen)
-        if problem:
-            raise refusal(model, layer, problem)
-        tolerance = max(OUTPUT_RTOL, 4 * torch.finfo(next(model.parameters()).dtype).eps)
-        if layer.spec.layout != "scaled_inputs" and seen.output_gap > tolerance:
-            model_type = getattr(model.config, "model_type", "?")
-            raise MoePruneError(
-                f"expert-sparsity cannot reconstruct {model_type}'s MoE output exactly (layer {layer.index}: the "
-                f"block transforms its routed experts' output, e.g. a norm after the experts: off by "
-                f"{seen.output_gap:.3g}); plan with another method, or TB-Coverage with --candidate reap."
-            )
+        check_observed_layer(model, layer, observed[layer.index])
+
+
+def check_observed_layer(model: nn.Module, layer: MoELayer, seen: Observed) -> None:
+    """Raise :class:`MoePruneError` unless the rule reproduces what ``layer`` was seen routing (:func:`observe`)."""
+    if not seen.index:
+        return  # the layer routed nothing on these tokens (cannot happen for an MoE block in use)
+    problem = compare_layer(layer, model.config, seen)
+    if problem:
+        raise refusal(model, layer, problem)
+    tolerance = max(OUTPUT_RTOL, 4 * torch.finfo(next(model.parameters()).dtype).eps)
+    if layer.spec.layout != "scaled_inputs" and seen.output_gap > tolerance:
+        model_type = getattr(model.config, "model_type", "?")
+        raise MoePruneError(
+            f"expert-sparsity cannot reconstruct {model_type}'s MoE output exactly (layer {layer.index}: the "
+            f"block transforms its routed experts' output, e.g. a norm after the experts: off by "
+            f"{seen.output_gap:.3g}); plan with another method, or TB-Coverage with --candidate reap."
+        )
 
 
 def compare_layer(layer: MoELayer, config, seen: Observed) -> str:
@@ -118,7 +123,7 @@ def _difference(
     return ""
 
 
-def _guard_tokens(token_windows: torch.Tensor, max_tokens: int) -> torch.Tensor:
+def guard_tokens(token_windows: torch.Tensor, max_tokens: int) -> torch.Tensor:
     if token_windows.dim() != 2 or token_windows.numel() == 0:
         raise MoePruneError(f"Token windows must be a non-empty [samples, seq_len], got {tuple(token_windows.shape)}.")
     seq_len = token_windows.shape[1]
@@ -129,22 +134,31 @@ def _guard_tokens(token_windows: torch.Tensor, max_tokens: int) -> torch.Tensor:
 def _observe(model: nn.Module, layers: list[MoELayer], tokens: torch.Tensor) -> dict[int, Observed]:
     """Each layer's input and its routed (index, weights), from one instrumented forward on ``tokens``."""
     observed = {layer.index: Observed([], [], []) for layer in layers}
-    hooks, undo = [], []
+    undo = []
     try:
         for layer in layers:
-            seen = observed[layer.index]
-            hooks.append(layer.block.register_forward_pre_hook(_input_recorder(seen), with_kwargs=True))
-            hooks.append(layer.block.register_forward_hook(_output_checker(seen), with_kwargs=True))
-            undo.append(layer.install_routed_call(_routing_recorder(layer, seen)))
+            undo.append(observe(layer, observed[layer.index]))
         runner = getattr(model, "base_model", model)
         with torch.no_grad():
             runner(input_ids=tokens.to(next(model.parameters()).device), use_cache=False)
     finally:
-        for hook in hooks:
-            hook.remove()
         for restore in undo:
             restore()
     return observed
+
+
+def observe(layer: MoELayer, seen: Observed) -> Callable[[], None]:
+    """Record into ``seen`` what ``layer`` is given and how it routes, until the returned undo is called."""
+    hooks = [layer.block.register_forward_pre_hook(_input_recorder(seen), with_kwargs=True),
+             layer.block.register_forward_hook(_output_checker(seen), with_kwargs=True)]
+    restore = layer.install_routed_call(_routing_recorder(layer, seen))
+
+    def undo() -> None:
+        for hook in hooks:
+            hook.remove()
+        restore()
+
+    return undo
 
 
 def _input_recorder(seen: Observed):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -121,8 +122,16 @@ class DiskLayers:
         )
         self.groups, self.outside = self._group_keys()
         self.stats = StreamStats()
+        # Called with (index, layer) right after a layer is read, e.g. to apply a mask in memory; each returns the
+        # undo (or None), called before the layer is freed.
+        self.layer_hooks: list[Callable[[int, nn.Module], Callable[[], None] | None]] = []
+        self._undo: dict[int, list[Callable[[], None]]] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeprune-read-ahead")
         self._ahead: tuple[int, Future] | None = None
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
 
     # ---------------------------------------------------------------------------------- sizes
     def layer_bytes(self, index: int) -> int:
@@ -187,6 +196,8 @@ class DiskLayers:
             self._ahead = (index, self._pool.submit(self._load_layer, index))
 
     def free(self, index: int) -> None:
+        for undo in reversed(self._undo.pop(index, [])):
+            undo()
         _to_meta(self.layers[index])
 
     def close(self) -> None:
@@ -206,6 +217,8 @@ class DiskLayers:
         if meta:
             raise MoePruneError(f"Decoder layer {index}: {len(meta)} weight(s) are missing from {self.folder} (e.g. "
                                 f"{self.prefix}.{index}.{meta[0]}); re-download or re-save the checkpoint.")
+        undo = [hook(index, self.layers[index]) for hook in self.layer_hooks]
+        self._undo[index] = [u for u in undo if u is not None]
         self.stats.layers_read += 1
 
     def _materialize(self, keys: list[str]) -> None:

@@ -96,16 +96,19 @@ def run_layer_major(
     *,
     on_logits: Callable[[int, torch.Tensor], None] | None = None,
     on_layer_inputs: Callable[[int, int, torch.Tensor], None] | None = None,
+    on_layer_done: Callable[[int, nn.Module], None] | None = None,
     progress: bool = True,
     desc: str = "layer by layer",
 ) -> RunReport:
     """Run ``batches`` through ``place.model`` layer-major; see the module docstring.
 
-    ``on_layer_inputs(layer, batch, hidden)`` sees each decoder layer's input hidden states; ``on_logits(batch,
-    logits)`` each batch's logits (then the head runs). Forward hooks installed on the model's modules fire as
-    in an ordinary forward pass.
+    ``on_layer_inputs(layer, batch, hidden)`` sees each decoder layer's input hidden states before the layer runs
+    on that batch; ``on_layer_done(layer, module)`` is called once the layer has run on every batch, before it is
+    freed; ``on_logits(batch, logits)`` sees each batch's logits (then the head runs). Forward hooks installed on
+    the model's modules fire as in an ordinary forward pass.
     """
     model, layers = place.model, place.layers
+    place.stats = StreamStats()  # this run's reads only (a reader serves one run per corpus, chunk, ...)
     report = RunReport(stats=place.stats)
     start = time.perf_counter()
     try:
@@ -127,6 +130,8 @@ def run_layer_major(
                 output = layer(hidden, **_to(kwargs[b][index], place.device))
                 parked[b] = (output[0] if isinstance(output, tuple) else output).to("cpu")
                 bar.update(1)
+            if on_layer_done is not None:
+                on_layer_done(index, layer)
             place.free(index)
         bar.close()
         report.layers_s = time.perf_counter() - start

@@ -38,11 +38,13 @@ from moeprune.loading import (
 )
 from moeprune.planning.mask import ExpertMask
 from moeprune.quant import QuantFormat, checkpoint_bytes, describe
+from moeprune.streaming.layers import DiskLayers
+from moeprune.streaming.runner import run_layer_major
 from moeprune.surgery.config_json import pruned_config_json, source_config_json, without_quantization
 from moeprune.surgery.delta import Recovery, apply_delta
 from moeprune.surgery.model_card import CardInfo, exported_mask, render_model_card
-from moeprune.surgery.shards import check_quantized_source, pruned_config, write_pruned_tensors
-from moeprune.surgery.slicing import apply_mask, count_parameters, masked
+from moeprune.surgery.shards import check_quantized_source, prune_checkpoint_files, pruned_config, write_pruned_tensors
+from moeprune.surgery.slicing import apply_mask, count_parameters, masked, masked_on_load
 from moeprune.surgery.tokenizer_files import write_tokenizer
 
 log = logging.getLogger(__name__)
@@ -195,6 +197,63 @@ class Reference:
                 f"{len(wrong)} tensors ({', '.join(wrong[:3])}...); nothing was written. This is a moeprune bug "
                 "for this architecture: please report it (or pass verify=False / --no-verify at your own risk)."
             )
+
+
+def export_streamed(place: DiskLayers, mask: ExpertMask, out_dir: str | Path, *, overwrite: bool = False,
+                    verify: bool = True, progress: bool = True, force: bool = False,
+                    trust_remote_code: bool = False) -> Path:
+    """``apply`` of a model streamed from disk: the checkpoint is written shard by shard (as ``--model-free``),
+    then verified without ever holding the model: the source under ``mask`` (applied to each layer as it is read)
+    and the written checkpoint each run layer-major on the verification tokens, and every layer's weights (after
+    transformers' conversions, in the compute dtype) and the logits must agree as in the in-memory verification."""
+
+    def check(folder: Path) -> None:
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, place.config.vocab_size, VERIFY_SHAPE, generator=generator)
+        with masked_on_load(place, mask):
+            expected, weights = _streamed_reference(place, ids)
+        written = DiskLayers(folder, load_config(folder, trust_remote_code), place.dtype, place.device,
+                             trust_remote_code)
+        actual, reloaded = _streamed_reference(written, ids)
+        wrong = sorted(set(weights) ^ set(reloaded)) + [n for n in sorted(set(weights) & set(reloaded))
+                                                         if weights[n] != reloaded[n]]
+        if wrong:
+            raise MoePruneError(
+                f"Verification failed: the written checkpoint's weights differ from the masked source's in "
+                f"{len(wrong)} tensors ({', '.join(wrong[:3])}...); nothing was written. This is a moeprune bug "
+                "for this architecture: please report it (or pass --no-verify at your own risk)."
+            )
+        diff = (actual - expected).abs().max().item() if actual.shape == expected.shape else float("inf")
+        tolerance = _tolerance(place.dtype, expected)
+        if not diff <= tolerance:
+            raise MoePruneError(
+                f"Verification failed: the written checkpoint's logits differ from the masked source's by "
+                f"{diff:.3g} (> {tolerance:.3g}); nothing was written. This is a moeprune bug for this "
+                "architecture: please report it (or pass --no-verify at your own risk)."
+            )
+        log.info("Verified (streamed): the written checkpoint's weights and logits match the masked source "
+                 "(max |diff| %.3g, %s)", diff, str(place.dtype).removeprefix("torch."))
+
+    return prune_checkpoint_files(place.folder, mask, out_dir, overwrite=overwrite, progress=progress, force=force,
+                                  trust_remote_code=trust_remote_code, verify=check if verify else None)
+
+
+def _streamed_reference(place: DiskLayers, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, tuple]]:
+    """Logits on ``ids`` and the fingerprint of every weight, each layer's taken while it is materialized."""
+    weights: dict[str, tuple] = {}
+    logits: list[torch.Tensor] = []
+    inside = {id(p) for p in place.layers.parameters()}
+
+    def layer_done(index: int, layer: nn.Module) -> None:
+        weights.update({f"{place.prefix}.{index}.{n}": fingerprint(p) for n, p in layer.named_parameters()})
+
+    def head(_batch: int, out: torch.Tensor) -> None:
+        logits.append(out.float().cpu())
+        weights.update({n: fingerprint(p) for n, p in place.model.named_parameters() if id(p) not in inside})
+
+    run_layer_major(place, [{"input_ids": ids}], on_logits=head, on_layer_done=layer_done, progress=False,
+                    desc="verify (streamed from disk)")
+    return logits[0], weights
 
 
 def fingerprint(tensor: torch.Tensor) -> tuple:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -54,8 +55,11 @@ def prune_checkpoint_files(
     progress: bool = True,
     force: bool = False,
     trust_remote_code: bool = False,
+    verify: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write the pruned checkpoint of the local safetensors checkpoint ``source`` into ``out``.
+
+    ``verify(folder)`` is called on the complete checkpoint before it replaces ``out`` (an error leaves nothing).
 
     The mask gets the checks plain apply makes (expert count, config hash, top-k, routing groups); ``force``
     accepts a mask planned for a model with another config hash (the CLI's ``--force``). ``trust_remote_code``
@@ -76,6 +80,8 @@ def prune_checkpoint_files(
         export = {"format": card.format, "bytes_before": card.bytes_before, "bytes_after": card.bytes_after}
         replace(mask, extra={**mask.extra, "export": export}).save(tmp / "mask.json")
         (tmp / "README.md").write_text(render_model_card(card).replace("moeprune apply", "moeprune apply --model-free"))
+        if verify is not None:
+            verify(tmp)
     return Path(out)
 
 

@@ -21,6 +21,7 @@ from moeprune.errors import MoePruneError
 from moeprune.loading import model_name
 from moeprune.planning.fit import check_mask_routable as check_routable_by_config
 from moeprune.planning.mask import ExpertMask
+from moeprune.streaming.layers import DiskLayers
 
 # Module attributes that cache the routed-expert count (matched by name, never by value alone, so that
 # e.g. a hidden size that happens to equal N is left alone).
@@ -79,16 +80,22 @@ def _remap_hash_tables(layer: MoELayer, num_experts: int, ids: list[int]) -> Non
 def _check_hash_tables(model: nn.Module, mask: ExpertMask) -> None:
     """A hash-routed layer sends each token to fixed experts: none of them may be removed."""
     for layer in moe_layers(model):
-        for module, name in _hash_tables(layer):
-            used = set(module._buffers[name].unique().tolist())
-            removed = sorted(used - set(mask.kept(layer.index)))
-            if removed:
-                raise MoePruneError(
-                    f"Layer {layer.index} routes tokens by a fixed token -> expert table ({name}) that sends "
-                    f"tokens to experts {removed}, which the mask removes; a hash-routed layer cannot lose an "
-                    "expert that its table uses. Keep every expert such a table uses, or prune a model "
-                    "without hash-routed layers."
-                )
+        _check_hash_tables_of(layer, mask)
+
+
+def _check_hash_tables_of(layer: MoELayer, mask: ExpertMask) -> None:
+    for module, name in _hash_tables(layer):
+        if module._buffers[name].is_meta:
+            continue
+        used = set(module._buffers[name].unique().tolist())
+        removed = sorted(used - set(mask.kept(layer.index)))
+        if removed:
+            raise MoePruneError(
+                f"Layer {layer.index} routes tokens by a fixed token -> expert table ({name}) that sends "
+                f"tokens to experts {removed}, which the mask removes; a hash-routed layer cannot lose an "
+                "expert that its table uses. Keep every expert such a table uses, or prune a model "
+                "without hash-routed layers."
+            )
 
 
 def _layer_modules(layer: MoELayer) -> list[nn.Module]:
@@ -165,15 +172,53 @@ def masked(model: nn.Module, mask: ExpertMask) -> Iterator[nn.Module]:
     """
     layers = moe_layers(model)
     snapshots = [_Snapshot.take(m) for layer in layers for m in _layer_modules(layer)]
-    config_state = {k: v for k, v in vars(model.config).items() if k in NUM_EXPERTS_KEYS}
-    key = layers[0].spec.num_experts_key
-    nested = config_value(model.config, key) if "." in key else None
+    restore_config = _config_snapshot(model, layers)
     try:
         apply_mask(model, mask)
         yield model
     finally:
         for snapshot in snapshots:
             snapshot.restore()
+        restore_config()
+
+
+@contextmanager
+def masked_on_load(place: DiskLayers, mask: ExpertMask) -> Iterator[DiskLayers]:
+    """:func:`masked` for a model streamed from disk: each MoE layer is sliced to the experts ``mask`` keeps as
+    soon as it is read, and put back whole before it is freed; the config says K for the ``with`` block."""
+    model = place.model
+    layers = moe_layers(model)
+    by_index = {layer.index: layer for layer in layers}
+    num_experts = _common_num_experts(layers)
+    mask.check_model(list(by_index), num_experts, model_name(model))
+    check_routable_by_config(mask, {**routing_meta(model.config), "top_k": top_k_of(model)})
+
+    def slice_on_load(index: int, _module: nn.Module) -> Any:
+        layer = by_index.get(index)
+        if layer is None:  # a dense layer
+            return None
+        _check_hash_tables_of(layer, mask)
+        snapshots = [_Snapshot.take(m) for m in _layer_modules(layer)]
+        slice_moe_layer(layer, mask.kept(index))
+        return lambda: [snapshot.restore() for snapshot in snapshots]
+
+    restore_config = _config_snapshot(model, layers)
+    place.layer_hooks.append(slice_on_load)
+    try:
+        _set_config_count(model.config, layers[0].spec.num_experts_key, num_experts, mask.kept_per_layer)
+        yield place
+    finally:
+        place.layer_hooks.remove(slice_on_load)
+        restore_config()
+
+
+def _config_snapshot(model: nn.Module, layers: list[MoELayer]) -> Any:
+    """A function that puts the config's expert-count keys back as they are now."""
+    config_state = {k: v for k, v in vars(model.config).items() if k in NUM_EXPERTS_KEYS}
+    key = layers[0].spec.num_experts_key
+    nested = config_value(model.config, key) if "." in key else None
+
+    def restore() -> None:
         for alias in NUM_EXPERTS_KEYS:
             if alias in vars(model.config) and alias not in config_state:
                 delattr(model.config, alias)
@@ -181,6 +226,8 @@ def masked(model: nn.Module, mask: ExpertMask) -> Iterator[nn.Module]:
             setattr(model.config, name, value)
         if nested is not None:
             set_config_value(model.config, key, nested)
+
+    return restore
 
 
 def count_parameters(model: nn.Module) -> int:
