@@ -509,3 +509,29 @@ def test_c7_recovery_counts_are_bounded_too():
     for name in ("samples", "epochs", "batch_size", "seq_len"):
         with pytest.raises(MoePruneError, match="at most"):
             RecoveryOptions(kind="router-kd", **{name: 10**20})
+
+
+def test_c4_cells_follow_the_bytes_of_local_evaluation_files(tiny_checkpoint, tmp_path, monkeypatch):
+    from moeprune import experiment
+    from moeprune.loading import load_model, load_tokenizer
+    from moeprune.options import EvalSettings
+
+    loaded = load_model(tiny_checkpoint, device="cpu")
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    ppl = tmp_path / "held.txt"
+    ppl.write_text("some held-out text\n")
+    runs = []
+
+    def fake_cell(*args, **kwargs):
+        runs.append(1)
+        return {"cell": "dense", "method": "dense", "variant": "dense", "retain": 1.0, "summary": {"ppl": {}}}
+
+    monkeypatch.setattr(experiment, "run_cell", fake_cell)
+    settings = EvalSettings(ppl_datasets=(str(ppl),), tasks="none")
+    out = tmp_path / "grid"
+    experiment.evaluate_grid(loaded, tokenizer, out, [], settings, progress=False)
+    experiment.evaluate_grid(loaded, tokenizer, out, [], settings, progress=False)
+    assert len(runs) == 1  # reused
+    ppl.write_text("other held-out text\n")
+    experiment.evaluate_grid(loaded, tokenizer, out, [], settings, progress=False)
+    assert len(runs) == 2  # the file changed at the same path: measured again

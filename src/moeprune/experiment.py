@@ -39,6 +39,7 @@ from moeprune.evaluation.zeroshot import reuse_lm_eval
 from moeprune.io import (
     SEAL_KEY,
     check_own_folder,
+    file_sha256,
     make_dirs,
     output_root,
     path_inside,
@@ -410,6 +411,10 @@ def evaluate_grid(
     (resume after a crash or a kill). Recovery deltas are cached in ``out/recovery``."""
     dense_fp = footprint(model)
     model_inputs = cell_inputs(model, tokenizer, None)
+    # The bytes of every local evaluation file (a --ppl FILE, a --ppl-data copy): edited at the same path, the
+    # cells that measured it are recomputed, not reused.
+    local = [*(evaluation.ppl_datasets or ()), *(evaluation.ppl_sources or {}).values()]
+    model_inputs["eval_files_sha256"] = {str(f): file_sha256(f) for f in local if Path(str(f)).is_file()}
     cells = []
     shared = _SharedCalibration(model, tokenizer, recovery, progress)
     cells_dir = make_dirs(out / "cells")  # created (and later read) without following a link

@@ -486,6 +486,15 @@ def open_regular_file(path: str | Path, what: str) -> int:
     return fd
 
 
+def file_sha256(path: str | Path, what: str = "Input file") -> str:
+    """SHA-256 of a regular file's bytes, read in blocks (a cache key's record of an input's content)."""
+    digest = hashlib.sha256()
+    with os.fdopen(open_regular_file(path, what), "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def check_regular_file(path: str | Path, what: str) -> None:
     """Fail now unless ``path`` is a readable regular file (for inputs another library reads itself)."""
     os.close(open_regular_file(path, what))
