@@ -233,3 +233,11 @@ def test_a_layout_moeprune_does_not_write_back_is_refused_with_the_fix(small_fp8
     err = _refused(capsys, ["apply", str(small_fp8), str(mask), "--out", str(out), *(["--model-free"] * model_free)],
                    out)
     assert "does not write back in its own format" in err and "--dequantize" in err and len(err.splitlines()) == 1
+
+
+def test_recovery_on_a_quantized_source_is_refused_before_it_runs(small_fp8, tmp_path, capsys, text_corpus):
+    mask = _mask_file(small_fp8, tmp_path)
+    out = tmp_path / "out"
+    err = _refused(capsys, ["apply", str(small_fp8), str(mask), "--out", str(out), "--recover", "router-kd",
+                            "--recover-corpus", f"notes={text_corpus}", "--recover-seq-len", "16"], out)
+    assert "is quantized (fp8)" in err and "--dequantize with --recover" in err and len(err.splitlines()) == 1

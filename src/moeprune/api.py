@@ -337,6 +337,13 @@ def apply(
         _check_output(out, source, overwrite, mask_file)
         return export_streamed(streamed.open_stream(), mask, out, overwrite=overwrite, verify=verify,
                                progress=progress, force=force, trust_remote_code=source.trust_remote_code)
+    recovering = isinstance(recovery, Recovery) or (isinstance(recovery, RecoveryOptions) and recovery.active)
+    if recovering and not dequantize and source.quantization:
+        raise MoePruneError(
+            f"{source.name} is quantized ({source.quantization.get('quant_method', '?')}) and a recovery changes "
+            "float tensors that its format cannot hold as they are; pass --dequantize with --recover (then quantize "
+            "the result again, docs/apply.md), or apply without --recover."
+        )
     if isinstance(recovery, Recovery):
         recovery.check_mask(mask)
     elif recovery is not None:
