@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from moeprune import api, loading
+from moeprune.bundled import bundled_model_path
 from moeprune.errors import MoePruneError
 from moeprune.loading import load_model, weight_bytes
 from tests.tiny_models import build_model, save_model
@@ -99,17 +100,24 @@ def test_asking_for_cuda_without_it_names_the_fix(bf16_checkpoint, calls, monkey
         load_model(bf16_checkpoint, device="cuda:1")
 
 
+def _with_tokenizer(path: Path, **settings) -> loading.ModelSource:
+    """The checkpoint (saved without tokenizer files) with the testbed's tokenizer: the API's preflight checks it."""
+    return loading.ModelSource.of(path, tokenizer=str(bundled_model_path()), **settings)
+
+
 def test_profile_loads_a_fitting_model_on_the_gpu(bf16_checkpoint, calls, monkeypatch) -> None:
     _fake_gpus(monkeypatch, [10 * _bytes(bf16_checkpoint)])
     with pytest.raises(_Loaded):
-        api.profile(bf16_checkpoint, ["wiki"], "unused", calibration={"seq_len": 32}, progress=False)
+        api.profile(_with_tokenizer(bf16_checkpoint), ["wiki"], "unused", calibration={"seq_len": 32},
+                    progress=False)
     assert calls[-1]["device_map"] == {"": 0} and calls[-1]["dtype"] == "auto"
 
 
 def test_profile_parks_a_too_big_model_on_the_cpu_in_its_own_dtype(bf16_checkpoint, calls, monkeypatch) -> None:
     _fake_gpus(monkeypatch, [_bytes(bf16_checkpoint) // 4] * 2)  # not even all GPUs together hold it
     with pytest.raises(_Loaded):
-        api.profile(bf16_checkpoint, ["wiki"], "unused", calibration={"seq_len": 32}, progress=False)
+        api.profile(_with_tokenizer(bf16_checkpoint), ["wiki"], "unused", calibration={"seq_len": 32},
+                    progress=False)
     # Layer-sequential: weights on the CPU, in bf16 (they run on the GPU), not upcast to fp32.
     assert "device_map" not in calls[-1] and calls[-1]["dtype"] == torch.bfloat16
 
@@ -118,6 +126,6 @@ def test_the_fit_check_honours_trust_remote_code(tmp_path, calls, monkeypatch) -
     remote = save_model(build_model("deepseek"), tmp_path / "remote")
     _fake_gpus(monkeypatch, [10 * weight_bytes(loading.load_config(remote, True), "auto", True)])
     with pytest.raises(_Loaded):
-        api.profile(loading.ModelSource.of(remote, trust_remote_code=True), ["wiki"], "unused",
+        api.profile(_with_tokenizer(remote, trust_remote_code=True), ["wiki"], "unused",
                     calibration={"seq_len": 32}, progress=False)
     assert calls[-1]["device_map"] == {"": 0} and calls[-1]["trust_remote_code"] is True

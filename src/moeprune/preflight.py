@@ -262,7 +262,7 @@ def _check_apply(args: argparse.Namespace) -> None:
         check_tokenizer_source(args.tokenizer, None)
     mask = load_mask(args.mask)
     if args.model_free:
-        check_checkpoint_files(source)
+        check_checkpoint_files(source, compute=False)  # sliced, never dequantized
         check_mask_for_checkpoint(mask, source, force=args.force, trust_remote_code=args.trust_remote_code)
     else:
         model = _source(args)
