@@ -34,6 +34,13 @@ from tests.arch_sweep import (
 STATUS = {"exact": "exact", "refused": "refused", "wrong": "**WRONG**", "error": "**traceback**"}
 
 
+STREAM_HELP = (
+    "Column *stream* (`--stream`, weights read from disk one decoder layer at a time; `tests/arch_sweep.py` "
+    "`run_stream_case`): *exact* when the model saved and streamed back through transformers' own conversions gives "
+    "the in-memory profile (counts equal, sums to 1e-5) and logits (to the *exact* tolerance above); *refused* with "
+    "the reason (a model whose layers hand the next one more than their hidden states cannot run layer by layer).")
+
+
 def render(results: list[CaseResult], recon: dict[str, CaseResult] | None = None,
            recovery: dict[str, tuple[CaseResult, CaseResult]] | None = None,
            stream: dict[str, CaseResult] | None = None) -> str:
@@ -60,10 +67,7 @@ def render(results: list[CaseResult], recon: dict[str, CaseResult] | None = None
         "dense model is left bit-identical, and when merge accepts the expert layout and replaces only kept "
         "experts' tensors; *no* with the reason where moeprune refuses it.",
         "",
-        "Column *stream* (`--stream`, weights read from disk one decoder layer at a time; `tests/arch_sweep.py` "
-        "`run_stream_case`): *exact* when the model saved and streamed back through transformers' own conversions "
-        "gives the in-memory profile (counts equal, sums to 1e-5) and logits (to the *exact* tolerance above); "
-        "*refused* with the reason.",
+        STREAM_HELP,
         "",
         f"**{counts['exact']} exact, {counts['refused']} refused, {counts['wrong']} wrong, "
         f"{counts['error']} tracebacks** of {len(results)} model types.",
@@ -121,13 +125,18 @@ def _stream_cell(result: CaseResult | None) -> str:
 
 
 def add_stream_column(markdown: str, stream: dict[str, CaseResult]) -> str:
-    """The matrix with its *stream* column (re)computed, the other columns as they were (a stream-only sweep)."""
-    lines = markdown.splitlines()
+    """The matrix with its *stream* column (re)computed for the types in ``stream``, the other cells as they were (a
+    stream-only sweep); the column's count line is the whole column's."""
+    lines = [line for line in markdown.splitlines() if not line.startswith("stream: **")]
+    text = "\n".join(lines)
+    if STREAM_HELP not in text:  # the column's description, before the count lines
+        text = text.replace("\n\n**", f"\n\n{STREAM_HELP}\n\n**", 1)
+    lines = re.sub(r"\n{3,}", "\n\n", text).splitlines()
     rows = {line.split(" | ")[0].lstrip("| "): i for i, line in enumerate(lines) if line.startswith("| ")}
-    header = lines[rows["model type"]]
-    if " stream |" not in header:
-        lines[rows["model type"]] = header.replace(" merge | reason |", " merge | stream | reason |")
-        lines[rows["model type"] + 1] = "| --- " * 8 + "|"
+    header = rows["model type"]
+    if " stream |" not in lines[header]:
+        lines[header] = lines[header].replace(" merge | reason |", " merge | stream | reason |")
+        lines[header + 1] = "| --- " * 8 + "|"
         for name, i in rows.items():
             if name not in ("model type", "---"):
                 cells = lines[i].split(" | ")
@@ -137,10 +146,11 @@ def add_stream_column(markdown: str, stream: dict[str, CaseResult]) -> str:
             cells = lines[rows[name]].split(" | ")
             cells[6] = _stream_cell(result)
             lines[rows[name]] = " | ".join(cells)
-    text = "\n".join(lines) + "\n"
-    text = re.sub(r"\n\nstream: \*\*.*?\*\*\.\n", "\n", text)
-    marker = "\n\n| model type |"
-    return text.replace(marker, "\n" + _stream_counts(stream)[1] + "\n" + marker, 1) if stream else text
+    column = {name: lines[i].split(" | ")[6] for name, i in rows.items() if name not in ("model type", "---")}
+    counts = {status: sum(cell.split(" (")[0] == shown for cell in column.values()) for status, shown in STATUS.items()}
+    lines[header:header] = [f"stream: **{counts['exact']} exact, {counts['refused']} refused, {counts['wrong']} "
+                            f"wrong, {counts['error']} tracebacks**.", ""]
+    return "\n".join(lines) + "\n"
 
 
 def _recovery_cell(result: CaseResult | None, pruning: CaseResult) -> str:

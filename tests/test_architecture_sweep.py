@@ -21,7 +21,14 @@ from moeprune.errors import MoePruneError
 from moeprune.profiling.instrument import StatsRecorder
 from moeprune.profiling.runner import model_meta
 from moeprune.surgery import apply_mask, masked
-from tests.arch_sweep import build_model, check_model, moe_model_types, run_case, run_reconstruction_case
+from tests.arch_sweep import (
+    build_model,
+    check_model,
+    moe_model_types,
+    run_case,
+    run_reconstruction_case,
+    run_stream_case,
+)
 from tests.surgery import make_mask
 
 # Refused architectures and a pattern their refusal message must match (the reason, never a traceback).
@@ -170,3 +177,30 @@ def test_ergo_is_refused_by_model_free_apply_whose_name_rules_miss_its_post_norm
     model.save_pretrained(tmp_path / "source")
     with pytest.raises(MoePruneError, match=r"no router weight .* Use plain `moeprune apply`"):
         prune_checkpoint_files(tmp_path / "source", make_mask(model), tmp_path / "out", progress=False)
+
+
+# Architectures that do not stream, and why: their decoder layers hand the next one more than the hidden states
+# (a residual or mixer state, extra positional inputs), or moeprune cannot profile them at all.
+STREAM_REFUSED = {
+    "doge": r"product-key embeddings",
+    "jetmoe": r"attention is a mixture of experts too",
+    "gemma4_text": r"more than the hidden states positionally",
+    "inkling2_loop_text": r"more than the hidden states positionally",
+    "inkling2_text": r"more than the hidden states positionally",
+    "glm_moe_dsa": r"hand the next layer more than their hidden states",
+    "hy_v4": r"hand the next layer more than their hidden states",
+    "kolibri1_1": r"hand the next layer more than their hidden states",
+    "zaya": r"hand the next layer more than their hidden states",
+}
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_streaming_is_exact_or_refused_with_reason(model_type: str, tmp_path: Path) -> None:
+    """Saved and streamed back one decoder layer at a time (docs/streaming.md): the in-memory profile and logits,
+    or a refusal naming the reason (the support matrix's *stream* column)."""
+    result = run_stream_case(model_type, tmp_path)
+    if model_type in STREAM_REFUSED:
+        assert result.status == "refused", result
+        assert re.search(STREAM_REFUSED[model_type], result.reason), result.reason
+    else:
+        assert result.status == "exact", f"{model_type}: {result.status}: {result.reason}"

@@ -63,11 +63,29 @@ class RunReport:
                 f"{read}")
 
 
-class _Record(nn.Module):
+class _Stub(nn.Module):
+    """Stands in for a decoder layer; attributes the model's loop reads off its layers (``attention_type``,
+    ``block_type``, ...) come from the real layer, which is not registered as a submodule."""
+
+    def __init__(self, real: nn.Module | None) -> None:
+        super().__init__()
+        self.__dict__["_real"] = real
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            real = self.__dict__.get("_real")
+            if real is None:
+                raise
+            return getattr(real, name)
+
+
+class _Record(_Stub):
     """Stands in for decoder layer ``index`` while the embeddings run: records its inputs, passes hidden on."""
 
-    def __init__(self, index: int, sink: list[tuple[tuple, dict]]) -> None:
-        super().__init__()
+    def __init__(self, index: int, sink: list[tuple[tuple, dict]], real: nn.Module | None = None) -> None:
+        super().__init__(real)
         self.index = index
         self.sink = sink
 
@@ -78,15 +96,19 @@ class _Record(nn.Module):
         return args[0]
 
 
-class _Replay(nn.Module):
-    """Stands in for every decoder layer while the head runs: returns the parked final hidden states."""
+class _Replay(_Stub):
+    """Stands in for a decoder layer while the head runs: returns the parked final hidden states."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.hidden: torch.Tensor | None = None
+    def __init__(self, real: nn.Module | None = None, hidden: list[torch.Tensor | None] | None = None) -> None:
+        super().__init__(real)
+        self.__dict__["_hidden"] = hidden if hidden is not None else [None]
+
+    @property
+    def hidden(self) -> torch.Tensor | None:
+        return self.__dict__["_hidden"][0]
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.hidden
+        return self.__dict__["_hidden"][0]
 
 
 @torch.inference_mode()
@@ -154,10 +176,16 @@ def _embed(model: nn.Module, layers: nn.ModuleList, batches: Sequence[Batch], de
     kwargs: list[list[dict]] = []
     for batch in batches:
         sink: list[tuple[tuple, dict]] = []
-        stubs = nn.ModuleList([_Record(i, sink) for i in range(len(layers))])
+        stubs = nn.ModuleList([_Record(i, sink, layers[i]) for i in range(len(layers))])
         with detached_layers(model, layers, stubs):
             inputs = _inputs(batch, device)
-            model.base_model(**inputs, use_cache=False)
+            try:
+                model.base_model(**inputs, use_cache=False)
+            except (ValueError, TypeError) as err:  # e.g. `hidden, residual = layer(...)`: state beyond the hidden
+                raise MoePruneError(
+                    f"{type(model).__name__}'s decoder layers hand the next layer more than their hidden states "
+                    f"({err}); it cannot run layer by layer: run it with --no-stream on a machine that holds it."
+                ) from err
         if len(sink) != len(layers):
             raise MoePruneError(f"The model called {len(sink)} of its {len(layers)} decoder layers in its forward "
                                 "pass; it cannot run layer by layer (run it with --no-stream).")
@@ -177,14 +205,14 @@ def _embed(model: nn.Module, layers: nn.ModuleList, batches: Sequence[Batch], de
 
 def _head(place: LayerPlace, batches: Sequence[Batch], parked: list[torch.Tensor],
           on_logits: Callable[[int, torch.Tensor], None]) -> None:
-    replay = _Replay()
-    stubs = nn.ModuleList([replay] * len(place.layers))
+    hidden: list[torch.Tensor | None] = [None]  # shared by every stub: the batch's final hidden states
+    stubs = nn.ModuleList([_Replay(layer, hidden) for layer in place.layers])
     with detached_layers(place.model, place.layers, stubs):
         for b, batch in enumerate(batches):
-            replay.hidden = parked[b].to(place.device)
+            hidden[0] = parked[b].to(place.device)
             output = place.model(**_inputs(batch, place.device), use_cache=False)
             on_logits(b, output.logits if hasattr(output, "logits") else output[0])
-    replay.hidden = None
+    hidden[0] = None
 
 
 def _inputs(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
