@@ -27,10 +27,10 @@ COMMON = dict(vocab_size=128, hidden_size=128, num_hidden_layers=3, num_attentio
               max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
-def config(arch: str, expert_width: int = 128, num_experts: int = 8, vocab_size: int = 128) -> object:
+def config(arch: str, expert_width: int = 128, num_experts: int = 8, vocab_size: int = 128, **overrides) -> object:
     """A tiny deepseek_v3 or qwen3_moe whose linear weights are whole 128 x 128 blocks (``expert_width`` is the
     routed experts' intermediate size: pass one the block does not divide to test the refusal)."""
-    common = {**COMMON, "vocab_size": vocab_size}
+    common = {**COMMON, "vocab_size": vocab_size, **overrides}
     if arch == "deepseek_v3":
         return DeepseekV3Config(
             **common, intermediate_size=256, n_routed_experts=num_experts, num_experts_per_tok=2,

@@ -494,3 +494,18 @@ def test_c7_a_diverged_recovery_is_blamed_on_its_settings(tiny_checkpoint, mask_
 def test_c7_a_learning_rate_that_only_diverges_is_refused_up_front(lr, model, mask_file, tmp_path, capsys):
     refused(capsys, ["apply", model, mask_file, "--out", tmp_path / "o", "--recover", "router-kd", "--recover-lr", lr,
                      "--recover-corpus", "wiki"], "--recover-lr", untouched=(model,))
+
+
+@pytest.mark.parametrize("flags", [["--batch-size", str(10**20)], ["--samples", str(2**31)],
+                                   ["--seq-len", str(10**20)]])
+def test_c7_counts_beyond_what_torch_takes(flags, tiny_checkpoint, tmp_path, capsys):
+    """--batch-size 10**20 was an 'Overflow when unpacking long long' traceback inside torch.split."""
+    refused(capsys, ["profile", tiny_checkpoint, "--corpus", "wiki", *flags, "--out", tmp_path / "p"], "at most")
+
+
+def test_c7_recovery_counts_are_bounded_too():
+    from moeprune.recovery import RecoveryOptions
+
+    for name in ("samples", "epochs", "batch_size", "seq_len"):
+        with pytest.raises(MoePruneError, match="at most"):
+            RecoveryOptions(kind="router-kd", **{name: 10**20})

@@ -241,3 +241,17 @@ def test_recovery_on_a_quantized_source_is_refused_before_it_runs(small_fp8, tmp
     err = _refused(capsys, ["apply", str(small_fp8), str(mask), "--out", str(out), "--recover", "router-kd",
                             "--recover-corpus", f"notes={text_corpus}", "--recover-seq-len", "16"], out)
     assert "is quantized (fp8)" in err and "--dequantize with --recover" in err and len(err.splitlines()) == 1
+
+
+def test_a_partial_block_outside_the_experts_is_refused_for_compute_only(tmp_path, tokenizer, capsys, text_corpus):
+    """3 heads of 64: q/k/v_proj have 192 rows, two 128-row blocks of which the last is partial. transformers 5.25
+    dequantizes with the block read from the scale grid (192 / 2 = 96 rows): wrong weights. Profiling is refused;
+    model-free apply, which never dequantizes, slices the checkpoint as it is."""
+    source = write_fp8_block(build("qwen3_moe", vocab_size=len(tokenizer), num_attention_heads=3,
+                                   num_key_value_heads=3), tmp_path / "fp8")
+    tokenizer.save_pretrained(source)
+    err = _refused(capsys, ["profile", str(source), "--corpus", f"notes={text_corpus}", *CALIBRATION, "--out",
+                            str(tmp_path / "prof")], tmp_path / "prof")
+    assert "ends in a partial 128 x 128 block" in err and "--model-free" in err and len(err.splitlines()) == 1
+    mask = _mask_file(source, tmp_path)
+    assert main(["apply", str(source), str(mask), "--out", str(tmp_path / "out"), "--model-free"]) == 0

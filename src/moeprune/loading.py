@@ -362,9 +362,10 @@ def check_device(device: str | None) -> None:
                             "cpu or cuda.")
 
 
-def check_checkpoint_files(model: Any) -> None:
+def check_checkpoint_files(model: Any, compute: bool = True) -> None:
     """Every safetensors file of a local checkpoint opens (its header covers the file) and every shard the
-    index names exists."""
+    index names exists; a quantized one passes :func:`check_quantized_files` (``compute``: it will be loaded and
+    dequantized; False for model-free apply, which only slices it)."""
     if not isinstance(model, str | Path):
         return
     folder = Path(resolve_model_path(model))
@@ -385,7 +386,7 @@ def check_checkpoint_files(model: Any) -> None:
             raise MoePruneError(
                 f"{path} is truncated or corrupt ({err}); re-download or re-save the checkpoint."
             ) from err
-    check_quantized_files(folder)
+    check_quantized_files(folder, compute)
 
 
 def dequantizing_quantizer(quantization: dict[str, Any] | None) -> Any:
@@ -401,9 +402,10 @@ def dequantizing_quantizer(quantization: dict[str, Any] | None) -> Any:
     return quantizer
 
 
-def check_quantized_files(folder: Path) -> QuantFormat | None:
+def check_quantized_files(folder: Path, compute: bool = True) -> QuantFormat | None:
     """A quantized checkpoint's layout, checked from config.json and the safetensors headers before any weight is
-    read (a method transformers cannot read, a missing scale, a block the expert shape does not divide)."""
+    read (a method transformers cannot read, a missing scale, a block the expert shape does not divide; with
+    ``compute``, any FP8 weight transformers' dequantization would get wrong)."""
     config_file = folder / "config.json"
     if not config_file.is_file():
         return None
@@ -411,7 +413,7 @@ def check_quantized_files(folder: Path) -> QuantFormat | None:
     if not config.get("quantization_config"):
         return None
     shards = sorted(p.name for p in folder.glob("*.safetensors"))
-    return check_checkpoint(folder, config, header_info(folder, shards))
+    return check_checkpoint(folder, config, header_info(folder, shards), compute=compute)
 
 
 def check_tokenizer_source(model: str, tokenizer: str | None) -> None:

@@ -49,6 +49,15 @@ def check_count(value: Any, flag: str, *, optional: bool = False) -> None:
         raise MoePruneError(f"{flag} must be a whole number of at least 1 (got {value!r}); omit it for the default.")
     if value < 1:
         raise at_least_one(flag, value)
+    if value > MAX_COUNT:
+        raise too_large(flag, value)
+
+
+MAX_COUNT = 2**31 - 1  # any count (windows, tokens, batch size, epochs): beyond it torch's int64 arithmetic overflows
+
+
+def too_large(flag: str, got: Any) -> MoePruneError:
+    return MoePruneError(f"{flag} must be at most {MAX_COUNT} (got {got}); omit it for the default.")
 
 
 MAX_SEED = 2**32 - 1  # what every generator moeprune seeds takes (numpy's is the narrowest); recovery adds 10000

@@ -52,6 +52,7 @@ from moeprune.loading import (  # noqa: F401 (check_tokenizer re-exported)
     resolve_model_path,
 )
 from moeprune.options import (
+    MAX_COUNT,
     Calibration,
     EvalSettings,
     GridOptions,
@@ -60,6 +61,7 @@ from moeprune.options import (
     check_seed,
     non_negative,
     parse_ppl_data,
+    too_large,
 )
 from moeprune.planning import registry
 from moeprune.planning.fit import (
@@ -129,6 +131,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
     for name in POSITIVE_FLAGS:
         if any(value < 1 for value in _numbers(args, name)):
             raise at_least_one(f"--{_flag(name)}", getattr(args, name))
+        if any(value > MAX_COUNT for value in _numbers(args, name)):  # 10**20 overflowed inside torch
+            raise too_large(f"--{_flag(name)}", getattr(args, name))
     for name, least in MINIMUM_FLAGS.items():
         if any(value < least for value in _numbers(args, name)):
             raise MoePruneError(f"--{_flag(name)} must be at least {least} (got {getattr(args, name)}); a window "
@@ -275,7 +279,7 @@ def _check_apply(args: argparse.Namespace) -> None:
         check_tokenizer_source(args.tokenizer, None)
     mask = load_mask(args.mask)
     if args.model_free:
-        check_checkpoint_files(source)
+        check_checkpoint_files(source, compute=False)  # sliced, never dequantized
         check_mask_for_checkpoint(mask, source, force=args.force, trust_remote_code=args.trust_remote_code)
     else:
         model = _source(args)

@@ -188,11 +188,13 @@ def checkpoint_bytes(folder: str | Path) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- checks
-def check_checkpoint(folder: str | Path, config: Mapping[str, Any],
-                     headers: Mapping[str, tuple[str, tuple[int, ...]]]) -> QuantFormat | None:
+def check_checkpoint(folder: str | Path, config: Mapping[str, Any], headers: Mapping[str, tuple[str, tuple[int, ...]]],
+                     *, compute: bool = False) -> QuantFormat | None:
     """The checkpoint's layout, after the checks that need only ``config`` and the safetensors ``headers``
     ({name: (dtype string, shape)}): every quantized weight has its companions; an FP8 block-scaled weight's
-    scale grid is ceil(shape / block) and, for routed experts, the block divides the shape."""
+    scale grid is ceil(shape / block) and, for routed experts, the block divides the shape. ``compute`` (the model
+    will be loaded and dequantized): the block must divide every FP8 weight, since transformers 5.25's
+    dequantization takes the block from the scale grid (a ragged edge block gives wrong weights, or an error)."""
     fmt = format_of(config.get("quantization_config"), name=str(folder))
     if fmt is None or fmt.key == "generic":
         return fmt
@@ -210,7 +212,8 @@ def check_checkpoint(folder: str | Path, config: Mapping[str, Any],
                 "incomplete (a partial download or a bad conversion): re-download it."
             )
         if fmt.key == "fp8-block":
-            _check_fp8_block(folder, payload, shape, headers[parts.names[".weight_scale_inv"]][1], fmt.block)
+            _check_fp8_block(folder, payload, shape, headers[parts.names[".weight_scale_inv"]][1], fmt.block,
+                             compute)
         if fmt.key == "mxfp4" and tuple(headers[parts.names["_scales"]][1]) != tuple(shape[:-1]):
             raise MoePruneError(
                 f"{folder}: {payload} has shape {list(shape)} but {base}_scales has "
@@ -227,7 +230,7 @@ def _quantized_weight(dtype: str, parts: WeightParts, fmt: QuantFormat) -> bool:
 
 
 def _check_fp8_block(folder: str | Path, name: str, shape: tuple[int, ...], scale: tuple[int, ...],
-                     block: tuple[int, int] | None) -> None:
+                     block: tuple[int, int] | None, compute: bool = False) -> None:
     if block is None or len(shape) < 2:
         return
     grid = (*shape[:-2], *(math.ceil(d / b) for d, b in zip(shape[-2:], block, strict=True)))
@@ -242,6 +245,14 @@ def _check_fp8_block(folder: str | Path, name: str, shape: tuple[int, ...], scal
             f"{block[0]} x {block[1]} blocks (weight_block_size); transformers' dequantization reads the block from "
             "the scale grid and would compute wrong weights. Use a checkpoint quantized with a block that divides "
             "the expert shape (or its unquantized release)."
+        )
+    # transformers' block is shape // grid per dim: right where the grid is 1 (one block, whole) or the block divides
+    if compute and any(g > 1 and d % b for d, g, b in zip(shape[-2:], grid[-2:], block, strict=True)):
+        raise MoePruneError(
+            f"{folder}: {name} of shape {list(shape[-2:])} ends in a partial {block[0]} x {block[1]} block, and "
+            "transformers' dequantization reads the block from the scale grid, so it would compute wrong weights (or "
+            "fail) when loading; prune it with `moeprune apply --model-free` (no dequantization), or use its "
+            "unquantized release for profiling."
         )
 
 

@@ -17,7 +17,17 @@ from typing import Any
 
 from moeprune.data.corpora import parse_corpus
 from moeprune.errors import MoePruneError
-from moeprune.options import RECOVERY_KINDS, PresetSource, Source, check_seed, fit_window, flag, given_flags, unset
+from moeprune.options import (
+    RECOVERY_KINDS,
+    PresetSource,
+    Source,
+    check_count,
+    check_seed,
+    fit_window,
+    flag,
+    given_flags,
+    unset,
+)
 
 KINDS = RECOVERY_KINDS
 NONE, ROUTER_KD, MERGE, MERGE_ROUTER_KD = KINDS
@@ -91,6 +101,7 @@ class RecoveryOptions:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise MoePruneError(f"--recover-{name.replace('_', '-')} must be a whole number of at least 1 "
                                     f"(got {value!r}); omit it for the default.")
+            check_count(value, f"--recover-{name.replace('_', '-')}")  # and at most MAX_COUNT
         if self.seq_len is not None and self.seq_len < 2:
             raise MoePruneError(f"--recover-seq-len must be at least 2 tokens (got {self.seq_len}).")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
