@@ -49,6 +49,7 @@ def masks(profiled, tmp_path_factory):
     (["--recover", "merge", "--recover-lr", "0.1"], "--recover-lr only apply to router-kd"),
     (["--model-free", "--dtype", "bfloat16"], "--dtype has no effect here"),
     (["--model-free", "--tokenizer", "x"], "--tokenizer has no effect here"),
+    (["--model-free", "--no-verify"], "--no-verify has no effect here"),
 ])
 def test_apply_refuses_flags_it_would_ignore(extra, expected, tiny_checkpoint, masks, tmp_path, capsys,
                                             no_weights):
@@ -74,6 +75,8 @@ def test_sequential_profiling_refuses_checkpoint_every_and_torchrun(tiny_checkpo
     refused(capsys, ["profile", tiny_checkpoint, *CALIBRATION, "--sequential", "--checkpoint-every", "4",
                      "--out", tmp_path / "p"], "--checkpoint-every does not apply to --sequential",
             untouched=(tmp_path,))
+    refused(capsys, ["profile", tiny_checkpoint, *CALIBRATION, "--sequential", "--stream", "--out", tmp_path / "p"],
+            "choose one", untouched=(tmp_path,))
     monkeypatch.setenv("WORLD_SIZE", "2")
     refused(capsys, ["profile", tiny_checkpoint, *CALIBRATION, "--sequential", "--out", tmp_path / "p"],
             "runs in one process", untouched=(tmp_path,))
@@ -86,6 +89,10 @@ def test_experiment_and_eval_refuse_flags_they_would_ignore(tiny_checkpoint, tmp
     refused(capsys, [*base, "--reap-samples", "4"], "--reap-samples has no effect", untouched=(tmp_path,))
     refused(capsys, [*base, "--recover", "merge", "--recover-lr", "0.1"], "only apply to router-kd",
             untouched=(tmp_path,))
+    refused(capsys, [*base, "--seeds", "1", "2"], "--seeds has no effect", "seeded methods", untouched=(tmp_path,))
+    refused(capsys, ["eval", tiny_checkpoint, *NO_TASKS, "--limit", "5"], "--limit has no effect",
+            "--tasks none skips")
+    refused(capsys, ["eval", tiny_checkpoint, *NO_TASKS, "--ppl", "--ppl-windows", "2"], "--ppl-windows has no effect")
     refused(capsys, ["eval", tiny_checkpoint, *NO_TASKS, "--overwrite"], "--overwrite has no effect")
     refused(capsys, ["eval", tiny_checkpoint, *NO_TASKS, "--force"], "--force has no effect")
 

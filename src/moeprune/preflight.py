@@ -184,9 +184,9 @@ def _check_ignored(args: argparse.Namespace) -> None:
         _refuse_ignored(_given(args, ("recover_epochs", "recover_lr", "recover_batch_size")),
                         "to router-kd training (--recover router-kd or merge+router-kd)")
     if getattr(args, "model_free", False):
-        _refuse_ignored(_given(args, ("dtype", "device", "tokenizer", "recover")),
+        _refuse_ignored(_given(args, ("dtype", "device", "tokenizer", "recover", "no_verify", "stream")),
                         "when the model is built (--model-free copies the checkpoint's tensors and tokenizer files "
-                        "as they are)")
+                        "as they are, and verifies from the safetensors)")
     method = _method(args)
     if args.verb in ("plan", "prune") and method in registry.REGISTRY:
         if not _reconstructs_any([method], args.candidate):
@@ -203,6 +203,15 @@ def _check_ignored(args: argparse.Namespace) -> None:
                                 "layer for all windows; a killed run starts the corpus over); drop it.")
         if args.sequential and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise MoePruneError(SEQUENTIAL_ONE_PROCESS)
+        if args.sequential and getattr(args, "stream", None):
+            raise MoePruneError("--sequential (weights in CPU memory) and --stream (weights read from disk) are two "
+                                "ways to run one layer at a time; choose one.")
+    if args.verb in ("eval", "experiment"):
+        if args.tasks is not None and not resolve_tasks(args.tasks):
+            _refuse_ignored(_given(args, ("limit", "eval_batch_size")), "to zero-shot tasks, which --tasks none skips")
+        if args.ppl is not None and not args.ppl:
+            _refuse_ignored(_given(args, ("ppl_seq_len", "ppl_windows", "ppl_data")),
+                            "to perplexity, which an empty --ppl skips")
     if args.verb == "eval":
         if getattr(args, "overwrite", False) and not args.out:
             _refuse_ignored(["--overwrite"], "with --out (eval prints its results otherwise)")
@@ -217,6 +226,10 @@ def _check_ignored(args: argparse.Namespace) -> None:
         if "reap" not in methods or reap_off:
             _refuse_ignored(_given(args, ("reap_samples", "reap_seq_len")), "to REAP on its own corpus "
                                                                              "(--reap-corpus SPEC with reap)")
+        seeded = [m for m in methods if m in registry.REGISTRY and PlanRequest(
+            m, seed=None, candidate=args.candidate if registry.method_spec(m).protects else None).seeded]
+        if not seeded:
+            _refuse_ignored(_given(args, ("seeds",)), "to seeded methods (random), which --methods leaves out")
 
 
 def _method(args: argparse.Namespace) -> str:
