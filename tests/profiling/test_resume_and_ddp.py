@@ -110,3 +110,24 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_torchrun_ranks_stream_their_own_batches(tiny_checkpoint, tmp_path):
+    """Each rank streams every layer over its share of the batches; the all-reduced sums are one process's."""
+    args = ["--corpus", "wiki", "--samples", "8", "--seq-len", "32", "--batch-size", "2", "--device", "cpu"]
+    single = tmp_path / "single"
+    subprocess.run(_cli(str(tiny_checkpoint), *args, "--no-stream", "--out", str(single)), check=True, env=_env(),
+                   capture_output=True)
+    parallel = tmp_path / "parallel"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "moeprune", "profile",
+         str(tiny_checkpoint), *args, "--stream", "--out", str(parallel)],
+        env=_env(), capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    one, two = ExpertStats.load(single / "wiki.safetensors"), ExpertStats.load(parallel / "wiki.safetensors")
+    assert torch.equal(two.count, one.count)
+    for name in SUM_FIELDS:
+        torch.testing.assert_close(getattr(two, name), getattr(one, name), rtol=1e-5, atol=1e-7, msg=name)
+    assert two.meta["world_size"] == 2 and two.meta["stream"] is True and two.meta["tokens"] == one.meta["tokens"]
