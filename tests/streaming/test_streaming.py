@@ -370,9 +370,3 @@ def test_prune_streamed_end_to_end(tiny_checkpoint, text_corpus, tmp_path):
     b = json.loads((plain / "mask.json").read_text())
     assert a["layers"] == b["layers"]
 
-
-def test_experiment_refuses_to_stream_up_front(tiny_checkpoint, tmp_path, capsys, no_reads):
-    _refused(capsys, ["experiment", tiny_checkpoint, *CALIBRATION, "--methods", "frequency", "--ppl-seq-len", "32",
-                      "--device", "cpu", "--stream", "--out", tmp_path / "grid"],
-             "experiment keeps one model in memory", "--stream")
-    assert not (tmp_path / "grid").exists()
