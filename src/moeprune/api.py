@@ -58,7 +58,7 @@ from moeprune.preflight import check_evaluation, check_model, check_profile, che
 from moeprune.presets import PAPER, PRESETS, is_bundled, preset_for  # noqa: F401 (re-export)
 from moeprune.profiling.runner import SEQUENTIAL_ONE_PROCESS, is_distributed, profile_model, weights_fingerprint
 from moeprune.profiling.stats import Profile
-from moeprune.reconstruction import reconstruction_selection, reconstruction_selection_streamed
+from moeprune.reconstruction import SearchSettings, WorkDir, reconstruction_selection, reconstruction_selection_streamed
 from moeprune.recovery import Recovery, RecoveryOptions, recovery_corpora
 from moeprune.recovery import recover as recover_loaded
 from moeprune.streaming.memory import available_memory, gib
@@ -209,13 +209,12 @@ def plan_many(
         chosen, losses = given[retain] if given is not None else _found(selections, k)
 
         def plan_with(budget: int | str | None, retain: float = retain, chosen: Any = chosen) -> ExpertMask:
+            one = replace(req, retains=(retain,), protect_budget=budget, candidate=candidate) if spec.protects \
+                else replace(req, retains=(retain,))
             return plan_from_profile(
-                prof, req.method, retain, seed=req.plan_seed,
-                protect_budget=budget if spec.protects else None,
-                candidate=candidate if spec.protects else None,
+                prof, one,
                 candidate_masks=chosen if spec.protects else None,
                 precomputed=chosen if spec.needs_model and not spec.protects else None,
-                score_corpus=req.score_corpus,
             )
 
         if req.auto:
@@ -646,16 +645,14 @@ def _reconstruct(
     spec = _reconstruction_corpus(prof, opts.corpus)
     tokenizer = source.load_tokenizer(loaded)
     windows = calibration_windows(spec, tokenizer, opts.windows, opts.seq_len, opts.seed)
+    search = SearchSettings(loss=opts.loss, token_budget=opts.tokens)
     if streamed is not None:  # one layer-major pass, nothing captured to the work directory
-        return reconstruction_selection_streamed(streamed, windows, kept, progress=progress, loss=opts.loss,
-                                                 token_budget=opts.tokens)
+        return reconstruction_selection_streamed(streamed, windows, kept, search, progress=progress)
     workdir = Path(opts.workdir or workdir or "moeprune-work")
     key = f"{spec.name}-{windows.shape[0]}x{windows.shape[1]}-seed{opts.seed}"
     with output_root(workdir):  # reconstruction/<key>/ below it: never through a link
-        return reconstruction_selection(
-            loaded, windows, kept, workdir, key, corpus=spec.name, progress=progress,
-            loss=opts.loss, token_budget=opts.tokens,
-        )
+        return reconstruction_selection(loaded, windows, kept, WorkDir(workdir, key), search, corpus=spec.name,
+                                        progress=progress)
 
 
 def _check_same_model(prof: Profile, model: Any) -> None:
