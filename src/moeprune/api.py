@@ -593,8 +593,7 @@ def evaluate(
 
 
 def _perplexities(model: Any, tokenizer: Any, evaluation: EvalSettings, progress: bool) -> dict[str, dict]:
-    return {name: perplexity(model, tokenizer, name, seq_len=evaluation.ppl_seq_len, progress=progress)
-            for name in evaluation.ppl_datasets}
+    return {name: perplexity(model, tokenizer, name, evaluation, progress=progress) for name in evaluation.ppl_datasets}
 
 
 def _report_perplexity(dense: dict[str, dict], pruned: dict[str, dict], mask: ExpertMask, workdir: Path) -> None:

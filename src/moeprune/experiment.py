@@ -555,12 +555,10 @@ def run_cell(
         model,
         tokenizer,
         evaluation,
-        mask=mask,
-        mask_path=mask_path,
+        variant=None if mask is None else runner.Variant(mask, mask_path, None if recovery is None else recovery.delta),
         dense_footprint=dense_fp,
         progress=progress,
         metadata={"model": model_name(model)},
-        delta=None if recovery is None else recovery.delta,
     )
     if recovery is not None:
         result["recovery"] = recovery.record
