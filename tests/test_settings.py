@@ -61,7 +61,7 @@ def seen(monkeypatch) -> list[dict[str, Any]]:
                         lambda spec, tok, n, seq_len, seed: stop(verb="reconstruct", corpus=spec.name, windows=n,
                                                                  seq_len=seq_len, seed=seed))
     monkeypatch.setattr(api_module, "export_pruned",
-                        lambda source, mask, out, **kw: stop(verb="export", source=source_of(source),
+                        lambda source, mask, out, *a, **kw: stop(verb="export", source=source_of(source),
                                                              recovery=kw.get("recovery")))
     monkeypatch.setattr(api_module, "recover_loaded",
                         lambda model, mask, options, **kw: stop(verb="recover", options=options))

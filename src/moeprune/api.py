@@ -62,8 +62,8 @@ from moeprune.reconstruction import SearchSettings, WorkDir, reconstruction_sele
 from moeprune.recovery import Recovery, RecoveryOptions, recovery_corpora
 from moeprune.recovery import recover as recover_loaded
 from moeprune.streaming.memory import available_memory, gib
-from moeprune.surgery import export_pruned
-from moeprune.surgery.export import export_streamed
+from moeprune.surgery import ExportOptions, export_pruned
+from moeprune.surgery.export import STREAMED_DEQUANTIZE, export_streamed
 
 log = logging.getLogger("moeprune")
 
@@ -326,16 +326,15 @@ def apply(
     check_mask_for_config(mask, source.config, force=force)
     check_mask_layers(mask, source.config, source.trust_remote_code)
     recovery = _recovery_request(recover)
+    writing = ExportOptions(overwrite=overwrite, verify=verify, force=force, dequantize=dequantize)
     streamed = _streamed_apply_source(source)
     if streamed is not None:
         if isinstance(recovery, Recovery) or (isinstance(recovery, RecoveryOptions) and recovery.active):
             raise MoePruneError(recovery_not_streamed(streamed))
         if dequantize:
-            raise MoePruneError("--dequantize writes the model dequantized from memory, and this model streams from "
-                                "disk here; drop --dequantize (the export keeps the source's format) or --no-stream.")
+            raise MoePruneError(STREAMED_DEQUANTIZE)
         _check_output(out, source, overwrite, mask_file)
-        return export_streamed(streamed.open_stream(), mask, out, overwrite=overwrite, verify=verify,
-                               progress=progress, force=force, trust_remote_code=source.trust_remote_code)
+        return export_streamed(streamed.open_stream(), mask, out, writing, progress=progress)
     recovering = isinstance(recovery, Recovery) or (isinstance(recovery, RecoveryOptions) and recovery.active)
     if recovering and not dequantize and source.quantization:
         raise MoePruneError(
@@ -352,8 +351,7 @@ def apply(
     if isinstance(recovery, RecoveryOptions):
         recovery = _recovery(source, mask, recovery, progress) if recovery.active else None
         _release_memory()  # the copy recovery loaded is gone before the export loads the checkpoint again
-    return export_pruned(source, mask, out, overwrite=overwrite, verify=verify, progress=progress,
-                         recovery=recovery, dequantize=dequantize)
+    return export_pruned(source, mask, out, writing, recovery=recovery, progress=progress)
 
 
 def _streamed_apply_source(source: ModelSource) -> ModelSource | None:
