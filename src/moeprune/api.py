@@ -445,7 +445,7 @@ def _recovery(source: ModelSource, mask: ExpertMask, options: RecoveryOptions, p
 
 def prune(
     model: Any,
-    retain: float,
+    retain: float | PlanRequest,
     out: str | Path,
     *,
     calibration: Calibration | Mapping[str, Any] | None = None,
@@ -455,22 +455,21 @@ def prune(
     workdir: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
-    **request: Any,
 ) -> Path:
     """Profile, plan and apply in one call; the profile is kept in ``workdir`` (default ``OUT.work``).
-    ``request``: the plan's fields (method, default tb-coverage; seed, protect_budget, candidate; a seeded
-    method's seed defaults to ``calibration.seed``);
+    ``retain``: a ratio in (0, 1], planned with tb-coverage and its defaults, or a
+    :class:`~moeprune.planning.request.PlanRequest` of one ratio naming the method and its fields
+    (``PlanRequest("random", 0.5, seed=1)``; a seeded method's seed defaults to ``calibration.seed``);
     ``calibration``: the profiling corpora and windows (unset fields: the model's preset, as on the CLI);
     ``recover``: a recovery computed on the loaded model before the export (see :func:`apply`).
 
     With ``ppl_datasets`` (names, or EvalSettings) the dense model and the written checkpoint are scored on
     those held-out sets and a table is printed (and saved as ``workdir/perplexity.json``)."""
     source = source_of(model)
-    method = request.pop("method", "tb-coverage")
     calibration = _typed(calibration, Calibration, "calibration")
-    if request.get("seed") is None and _seeded(method, request):  # a seeded method follows the calibration seed
-        request["seed"] = calibration.seed
-    req = PlanRequest.of(method, [retain], request)
+    req = _one_plan(retain)
+    if req.seed is None and req.seeded:  # a seeded method follows the calibration seed
+        req = replace(req, seed=calibration.seed)
     recon = _typed(reconstruction, ReconstructionOptions, "reconstruction")
     options = _recovery_request(recover)  # every type checked before anything is read from the model
     if isinstance(options, Recovery):
@@ -546,13 +545,14 @@ def _prune_streamed(source: ModelSource, req: PlanRequest, out: str | Path, work
     return written
 
 
-def _seeded(method: Any, request: Mapping[str, Any]) -> bool:
-    """Whether ``method`` (with the request's candidate) reads a seed: prune passes its --seed only then."""
-    if not isinstance(method, str) or method not in registry.REGISTRY:
-        return False
-    chosen = registry.candidate_of(method, request.get("candidate"))
-    return registry.method_spec(method).seeded or (chosen in registry.REGISTRY and
-                                                   registry.method_spec(chosen).seeded)
+def _one_plan(retain: Any) -> PlanRequest:
+    """prune's plan: tb-coverage at one ratio, or a PlanRequest of one ratio."""
+    if not isinstance(retain, PlanRequest):
+        return PlanRequest.of("tb-coverage", [retain])
+    if len(retain.retains) != 1:
+        raise MoePruneError(f"prune makes one mask: give a PlanRequest of one retain ratio, not {len(retain.retains)} "
+                            f"({', '.join(map(str, retain.retains))}).")
+    return retain
 
 
 def _names(value: Any, what: str) -> tuple[str, ...]:

@@ -304,10 +304,9 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
 def _run_prune(args: argparse.Namespace) -> None:
     from moeprune import api  # lazy: the api pulls in torch; --help stays fast
 
-    request = plan_request(args)
     out = api.prune(
         model_source(args),
-        args.retain,
+        plan_request(args),
         args.out,
         calibration=Calibration.from_args(args),
         reconstruction=ReconstructionOptions.from_args(args),
@@ -316,10 +315,6 @@ def _run_prune(args: argparse.Namespace) -> None:
         workdir=args.workdir,
         overwrite=args.overwrite,
         progress=_progress(args),
-        method=request.method,
-        seed=request.seed,
-        protect_budget=request.protect_budget,
-        candidate=request.candidate,
     )
     print(f"pruned checkpoint written to {out}")
 
