@@ -14,14 +14,13 @@ from typing import Any
 from moeprune.errors import MoePruneError
 from moeprune.planning.base import Method, PlanContext, Selections
 from moeprune.planning.groups import expert_groups, split_budget
-from moeprune.planning.mask import ExpertMask, LayerMask, kept_count
+from moeprune.planning.mask import ExpertMask, LayerMask, kept_count, record_protection
 from moeprune.planning.registry import REGISTRY, MethodSpec, check_request, method_spec
 from moeprune.planning.request import PlanRequest
 from moeprune.profiling.stats import Profile
 
 # The registry itself (name -> MethodSpec): `name in METHODS` and `list(METHODS)` read as before.
 METHODS = REGISTRY
-CLAMP_NOTE_START = "TB-Coverage is round-robin alone"
 
 # Paper settings (arXiv 2607.01710): B=20 of N=60 experts, B=24 of N=64.
 PAPER_PROTECT_BUDGETS = {60: 20, 64: 24}
@@ -125,21 +124,6 @@ def _one_request(request: PlanRequest | str, retain: float | None) -> PlanReques
         raise MoePruneError(f"plan makes one mask and the request has {len(request.retains)} retain ratios; pass "
                             "retain=, or plan them all with moeprune.api.plan_many.")
     return request
-
-
-def record_protection(mask: ExpertMask, requested: int | str) -> None:
-    """Write B as requested, whether the candidate counted, and a note when B >= K made it irrelevant."""
-    mask.protect_budget_requested = requested
-    k, budget = mask.kept_per_layer, mask.protect_budget or 0
-    mask.candidate_used = budget < k
-    mask.notes = [n for n in mask.notes if not n.startswith(CLAMP_NOTE_START)]
-    if not mask.candidate_used:
-        clamped = isinstance(requested, int) and requested > k
-        asked = f"B={requested} > K={k}, so B is clamped to K" if clamped else f"B = K = {k}"
-        mask.notes.append(
-            f"{CLAMP_NOTE_START}: {asked}; every kept expert is protected by round-robin over the corpus "
-            f"rankings, and the candidate ({mask.candidate}) is not computed or used."
-        )
 
 
 def _check_score_corpus(profile: Profile, spec: MethodSpec, corpus: str | None) -> None:
