@@ -54,7 +54,16 @@ from moeprune.planning import plan as plan_from_profile
 from moeprune.planning.fit import check_mask_for_config, check_mask_layers
 from moeprune.planning.mask import ExpertMask, kept_count
 from moeprune.planning.request import PlanRequest
-from moeprune.preflight import check_evaluation, check_model, check_profile, check_recovery, input_files
+from moeprune.preflight import (
+    check_dequantize,
+    check_eval_out,
+    check_evaluation,
+    check_model,
+    check_profile,
+    check_recovery,
+    check_something_to_measure,
+    input_files,
+)
 from moeprune.presets import PAPER, PRESETS, is_bundled, preset_for  # noqa: F401 (re-export)
 from moeprune.profiling.runner import SEQUENTIAL_ONE_PROCESS, is_distributed, profile_model, weights_fingerprint
 from moeprune.profiling.stats import Profile
@@ -326,6 +335,7 @@ def apply(
     check_model(source)
     check_mask_for_config(mask, source.config, force=force)
     check_mask_layers(mask, source.config, source.trust_remote_code)
+    check_dequantize(source, dequantize)
     recovery = _recovery_request(recover)
     streamed = _streamed_apply_source(source)
     if streamed is not None:
@@ -583,7 +593,10 @@ def evaluate(
     tasks of Common Avg. Returns the result dict with its ``summary`` (docs/experiments.md)."""
     source = source_of(model)
     settings = check_evaluation(source, _typed(settings, EvalSettings, "settings"))
+    check_something_to_measure(settings.ppl_datasets, settings.tasks)
     check_model(source)
+    if out is not None:  # as the CLI: never the mask, a file of the model or another input
+        check_eval_out(out, source, mask, settings, overwrite)
     if mask is not None:
         mask_file = None if isinstance(mask, ExpertMask) else mask
         checked = _mask(mask)

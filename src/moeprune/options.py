@@ -102,6 +102,9 @@ def add_flags(parser: Any, cls: type, title: str | None = None, *, only: Sequenc
             continue
         spec = f.metadata["flag"]
         settings = {**spec["argparse"], **(override or {}).get(f.name, {})}
+        settings["type"] = ASCII_TYPES.get(settings.get("type"), settings.get("type"))  # "٣", "1_0": not numbers
+        if settings["type"] is None:
+            del settings["type"]
         text = settings.pop("help", spec["help"])
         if spec["preset"]:
             text += f" ({help_default(spec['preset'])})"
@@ -120,6 +123,29 @@ def given_flags(cls: type, args: argparse.Namespace) -> dict[str, Any]:
     return {name: value for name, value in values.items() if value is not None}
 
 
+_ASCII_INT = re.compile(r"[+-]?[0-9]+")
+_ASCII_FLOAT = re.compile(r"[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|nan|inf|infinity)", re.IGNORECASE)
+
+
+def int_arg(text: str) -> int:
+    """An integer flag: ASCII digits only (Python's ``int`` also takes Unicode digits such as "٣" and "1_0")."""
+    value = str(text).strip()
+    if not _ASCII_INT.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r} (write a whole number in ASCII digits, e.g. 16)")
+    return int(value)
+
+
+def float_arg(text: str) -> float:
+    """A number flag: ASCII only (Python's ``float`` also takes "٠.٥" and "1_0")."""
+    value = str(text).strip()
+    if not _ASCII_FLOAT.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r} (write a number in ASCII, e.g. 0.5)")
+    return float(value)
+
+
+ASCII_TYPES = {int: int_arg, float: float_arg}
+
+
 def eval_batch_size_arg(text: str) -> int | str:
     """``--eval-batch-size``: a positive integer, ``auto`` or ``auto:N``."""
     value = str(text).strip().lower()
@@ -135,10 +161,9 @@ def budget_arg(text: str) -> int | str:
     """A protect budget on the command line: a whole number or 'auto'."""
     if text.strip().lower() == "auto":
         return "auto"
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'auto' (e.g. -B 20, -B auto)") from None
+    if not _ASCII_INT.fullmatch(text.strip()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'auto' (e.g. -B 20, -B auto)")
+    return int(text)
 
 
 class Source(Protocol):
