@@ -319,7 +319,8 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise MoePruneError(f"Profile metadata {path}: 'moe_layers' {layers} is not increasing; {fix}.")
     if "corpus" in meta:  # a corpus spec of known fields and a plain name (it names files when it is used)
         spec = corpus_spec_from_record(meta["corpus"], f"Profile metadata {path}", fix)
-        if spec.name != path.stem.removesuffix(".partial"):  # the file's name is the corpus name planning reports and masks record
+        # the file's name is the corpus name planning reports and masks record
+        if spec.name != path.stem.removesuffix(".partial"):
             raise MoePruneError(f"Profile metadata {path} describes corpus {spec.name!r}, not {path.stem!r}; {fix}.")
     return meta
 
