@@ -50,7 +50,6 @@ def test_c7_number_flags_take_ascii_only(argv, tiny_checkpoint, profiled, tmp_pa
     (lambda m: m.__setitem__("format", "moeprune.mask/1"), "format"),
     (lambda m: m.__setitem__("moe_layers", [m["moe_layers"][0]] * 2), "not increasing"),
     (lambda m: m.__setitem__("moe_layers", m["moe_layers"][::-1]), "not increasing"),
-    (lambda m: m["corpus"].__setitem__("name", "web"), "describes corpus 'web'"),
     (lambda m: m.__setitem__("dtype", 5), "'dtype'"),
 ])
 def test_c1_profile_metadata_says_what_its_file_is(edit, expected, profiled, tmp_path, capsys):
@@ -115,3 +114,44 @@ def test_c5_inspect_trust_remote_code_on_a_mask_or_profile(profiled, mask_file, 
 def test_c5_model_free_refuses_no_stream_too(model, mask_file, tmp_path, capsys):
     refused(capsys, ["apply", model, mask_file, "--out", tmp_path / "o", "--model-free", "--no-stream"],
             "--no-stream has no effect here", untouched=(tmp_path,))
+
+
+# ------------------------------------------------------------------ C6: the Python API's door
+def test_c6_numpy_scalars_are_the_numbers_they_hold(profiled):
+    np = pytest.importorskip("numpy")
+    mask = api.plan(profiled, "random", np.float32(0.5), seed=np.int64(3), progress=False)
+    assert mask.retain == 0.5 and mask.seed == 3
+    assert api.plan_many(profiled, "reap", [np.float64(0.5)], progress=False)[0].retain == 0.5
+
+
+@pytest.mark.parametrize("call, expected", [
+    (lambda m, mk, t: api.profile(m, out=t / "p", calibration={"samples": 2.0, "seq_len": 16, "corpora": ["wiki"]}),
+     "--samples must be a whole number"),
+    (lambda m, mk, t: api.profile(m, out=5), "out must be a path"),
+    (lambda m, mk, t: api.profile(m, out=t / "p", stream="yes"), "stream must be True or False"),
+    (lambda m, mk, t: api.apply(m, mk, None), "out must be a path"),
+    (lambda m, mk, t: api.apply(m, mk, t / "o", overwrite="no"), "overwrite must be True or False"),
+    (lambda m, mk, t: api.apply(m, mk, t / "o", verify="no"), "verify must be True or False"),
+    (lambda m, mk, t: api.evaluate(m, settings={"ppl_datasets": ["wiki"], "tasks": 5}), "tasks must be"),
+    (lambda m, mk, t: api.evaluate(m, settings={"ppl_datasets": ["wiki"], "tasks": "none"}, overwrite=True),
+     "overwrite=True has no effect"),
+    (lambda m, mk, t: api.evaluate(m, settings={"ppl_datasets": ["wiki"], "tasks": "none"}, force=True),
+     "force=True has no effect"),
+    (lambda m, mk, t: api.prune(m, 0.5, t / "o", method="reap", workdir=7), "workdir must be a path"),
+    (lambda m, mk, t: api.plan(t, "random", 0.5, seed=3.0), "must be a whole number"),
+])
+def test_c6_the_api_refuses_what_the_cli_cannot_be_given(call, expected, model, mask_file, tmp_path):
+    before = snapshot(tmp_path, model)
+    with pytest.raises(MoePruneError, match=expected):
+        call(model, mask_file, tmp_path)
+    assert snapshot(tmp_path, model) == before
+
+
+def test_c6_run_experiment_checks_its_path_and_switches(model, tmp_path):
+    from moeprune.experiment import run_experiment
+
+    with pytest.raises(MoePruneError, match="out_dir must be a path"):
+        run_experiment(model, None)
+    with pytest.raises(MoePruneError, match="plots must be True or False"):
+        run_experiment(model, tmp_path / "x", plots="no")
+    assert not (tmp_path / "x").exists()

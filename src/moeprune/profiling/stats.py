@@ -318,10 +318,7 @@ def read_meta(path: Path) -> dict[str, Any]:
     if layers != sorted(set(layers)):  # one entry per MoE layer, in order (planning zips them with the sums)
         raise MoePruneError(f"Profile metadata {path}: 'moe_layers' {layers} is not increasing; {fix}.")
     if "corpus" in meta:  # a corpus spec of known fields and a plain name (it names files when it is used)
-        spec = corpus_spec_from_record(meta["corpus"], f"Profile metadata {path}", fix)
-        # the file's name is the corpus name planning reports and masks record
-        if spec.name != path.stem.removesuffix(".partial"):
-            raise MoePruneError(f"Profile metadata {path} describes corpus {spec.name!r}, not {path.stem!r}; {fix}.")
+        corpus_spec_from_record(meta["corpus"], f"Profile metadata {path}", fix)
     return meta
 
 
