@@ -259,7 +259,11 @@ def main() -> None:
                  "--out", str(work / "masks")],
         "apply": ["apply", str(checkpoint), str(work / "masks" / "reap-0.50.json"), "--model-free",
                   "--out", str(work / "pruned"), "--overwrite"],
-        # TB-Coverage at 50%: its candidate is the expert-sparsity search, streamed (one pass over the layers)
+        # expert-sparsity at 50%: its reconstruction captures streamed (one pass over the layers), kept in the profile
+        "plan-es": ["plan", str(work / "prof"), "--method", "expert-sparsity", "--retain", "0.5", "--model",
+                    str(checkpoint), "--recon-samples", str(args.windows), "--recon-seq-len", "1024",
+                    "--dtype", "bfloat16", "--device", "cpu", "--out", str(work / "masks-es")],
+        # TB-Coverage at 50%: its candidate is the expert-sparsity search (the captures above are reused when present)
         "plan-tb": ["plan", str(work / "prof"), "--method", "tb-coverage", "--retain", "0.5", "--model",
                     str(checkpoint), "--recon-samples", str(args.windows), "--recon-seq-len", "1024",
                     "--dtype", "bfloat16", "--device", "cpu", "--out", str(work / "masks-tb")],

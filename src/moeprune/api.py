@@ -48,13 +48,22 @@ from moeprune.loading import (  # noqa: F401 (re-export)
     model_name,
     resolve_model_path,
 )
-from moeprune.options import Calibration, EvalSettings, ReconstructionOptions
+from moeprune.options import Calibration, EvalSettings, ReconstructionOptions, check_path, check_switches, plain
 from moeprune.planning import auto_budget, candidate_needed, paper_protect_budget, registry
 from moeprune.planning import plan as plan_from_profile
 from moeprune.planning.fit import check_mask_for_config, check_mask_layers
 from moeprune.planning.mask import ExpertMask, kept_count
 from moeprune.planning.request import PlanRequest
-from moeprune.preflight import check_evaluation, check_model, check_profile, check_recovery, input_files
+from moeprune.preflight import (
+    check_dequantize,
+    check_eval_out,
+    check_evaluation,
+    check_model,
+    check_profile,
+    check_recovery,
+    check_something_to_measure,
+    input_files,
+)
 from moeprune.presets import PAPER, PRESETS, is_bundled, preset_for  # noqa: F401 (re-export)
 from moeprune.profiling.runner import SEQUENTIAL_ONE_PROCESS, is_distributed, profile_model, weights_fingerprint
 from moeprune.profiling.stats import Profile
@@ -104,6 +113,8 @@ def profile(
     decoder layer at a time (never the whole model in memory); ``None`` does so when the weights do not fit in the
     memory available to the process (see :meth:`ModelSource.placement`), ``False`` never.
     """
+    check_path(out, "out")
+    check_switches(sequential=sequential, progress=progress, stream=stream)
     source = ModelSource.of(source_of(model), stream=stream)
     settings = _typed(calibration, Calibration, "calibration")
     if corpora is not None:
@@ -152,6 +163,7 @@ def plan(
     """One mask; see :func:`plan_many` for several retain ratios sharing one reconstruction (and for planning on
     some corpora of a profile folder). ``request``: the :class:`~moeprune.planning.request.PlanRequest` fields
     (seed, protect_budget, candidate, score_corpus)."""
+    retain, request = plain(retain), {name: plain(v) for name, v in request.items()}
     if retain is not None and (isinstance(retain, bool) or not isinstance(retain, int | float)):
         raise MoePruneError(f"Retain ratio {retain!r} must be a number in (0, 1], e.g. 0.5 to keep half.")
     return plan_many(profile, method, None if retain is None else [retain], model=model,
@@ -180,7 +192,8 @@ def plan_many(
     masks) gives a protecting method its candidate instead of computing it again; their reconstruction losses
     are recorded as for a candidate computed here. ``corpora`` (names) plans on those corpora of a profile
     folder only, not on every corpus profiled there."""
-    req = PlanRequest.of(method, retains, request)
+    req = PlanRequest.of(method, plain(list(retains)) if isinstance(retains, list | tuple) else retains,
+                         {name: plain(v) for name, v in request.items()})
     spec = req.spec
     if candidate_masks is not None:
         registry.check_request(req.method, candidate_masks=candidate_masks)
@@ -319,12 +332,15 @@ def apply(
     :meth:`ModelSource.placement`) is written shard by shard and verified layer by layer against the source
     streamed from disk (:func:`moeprune.surgery.export.export_streamed`); a recovery is then refused before
     anything loads."""
+    check_path(out, "out")
+    check_switches(overwrite=overwrite, verify=verify, force=force, progress=progress, dequantize=dequantize)
     source = source_of(model)
     mask_file = None if isinstance(mask, ExpertMask) else mask
     mask = _mask(mask)
     check_model(source)
     check_mask_for_config(mask, source.config, force=force)
     check_mask_layers(mask, source.config, source.trust_remote_code)
+    check_dequantize(source, dequantize)
     recovery = _recovery_request(recover)
     writing = ExportOptions(overwrite=overwrite, verify=verify, force=force, dequantize=dequantize)
     streamed = _streamed_apply_source(source)
@@ -386,6 +402,7 @@ def recover(
         with masked(model, mask):
             apply_delta(model, rec.delta)   # the recovered model, until the block ends
     """
+    check_switches(progress=progress)
     source = source_of(model)
     mask = _mask(mask)
     options = _recovery_request(options)
@@ -465,6 +482,11 @@ def prune(
 
     With ``ppl_datasets`` (names, or EvalSettings) the dense model and the written checkpoint are scored on
     those held-out sets and a table is printed (and saved as ``workdir/perplexity.json``)."""
+    check_path(out, "out")
+    if workdir is not None:
+        check_path(workdir, "workdir")
+    check_switches(overwrite=overwrite, progress=progress)
+    retain, request = plain(retain), {name: plain(v) for name, v in request.items()}
     source = source_of(model)
     calibration = _typed(calibration, Calibration, "calibration")
     req = _one_plan(retain)
@@ -578,9 +600,19 @@ def evaluate(
     ``settings``: what to measure (:class:`~moeprune.options.EvalSettings` or a dict of its fields); unset fields
     are the model's preset: the bundled testbed's six domains and held-out tasks, else wikitext2, c4 and the six
     tasks of Common Avg. Returns the result dict with its ``summary`` (docs/experiments.md)."""
+    if out is not None:
+        check_path(out, "out")
+    check_switches(overwrite=overwrite, force=force, progress=progress)
+    if overwrite and out is None:  # as eval --overwrite without --out
+        raise MoePruneError("overwrite=True has no effect here: it applies only with out; drop it.")
+    if force and mask is None:
+        raise MoePruneError("force=True has no effect here: it applies only with a mask; drop it.")
     source = source_of(model)
     settings = check_evaluation(source, _typed(settings, EvalSettings, "settings"))
+    check_something_to_measure(settings.ppl_datasets, settings.tasks)
     check_model(source)
+    if out is not None:  # as the CLI: never the mask, a file of the model or another input
+        check_eval_out(out, source, mask, settings, overwrite)
     if mask is not None:
         mask_file = None if isinstance(mask, ExpertMask) else mask
         checked = _mask(mask)

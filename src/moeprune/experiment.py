@@ -52,7 +52,15 @@ from moeprune.io import (
     write_text_atomic,
 )
 from moeprune.loading import ModelSource, config_hash, model_name
-from moeprune.options import Calibration, EvalSettings, GridOptions, PresetSource, ReconstructionOptions
+from moeprune.options import (
+    Calibration,
+    EvalSettings,
+    GridOptions,
+    PresetSource,
+    ReconstructionOptions,
+    check_path,
+    check_switches,
+)
 from moeprune.planning import registry
 from moeprune.planning.mask import ExpertMask, kept_count
 from moeprune.planning.request import PlanRequest
@@ -102,6 +110,8 @@ def run_experiment(
     the profiled corpora's train splits unless it names its own.
 
     Returns ``{"settings", "cells", "files"}``; ``cells[0]`` is the dense model."""
+    check_path(out_dir, "out_dir")
+    check_switches(plots=plots, progress=progress)
     out = Path(out_dir)
     source, settings = resolve_experiment(model, grid, calibration, reconstruction, evaluation, recovery)
     grid, calibration, recon = settings.grid, settings.calibration, settings.reconstruction
