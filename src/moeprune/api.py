@@ -486,7 +486,7 @@ def prune(
     if workdir is not None:
         check_path(workdir, "workdir")
     check_switches(overwrite=overwrite, progress=progress)
-    retain, request = plain(retain), {name: plain(v) for name, v in request.items()}
+    retain = plain(retain)  # a numpy ratio; a PlanRequest as it is
     source = source_of(model)
     calibration = _typed(calibration, Calibration, "calibration")
     req = _one_plan(retain)
