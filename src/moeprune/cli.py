@@ -110,8 +110,28 @@ def _stdout_to_devnull() -> None:
     os.close(devnull)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the tool's error shape: a bad number, an unknown flag or a missing argument is one line naming
+    the problem and where the fix is (``moeprune plan: error: argument --retain: ...; see moeprune plan --help``),
+    exit 2, instead of the usage text above the error. Subparsers are made of this class too (argparse's default
+    ``parser_class`` is the parent's), so one method covers every verb; text echoed from the command line (an
+    unknown flag) cannot drive the terminal."""
+
+    def error(self, message: str):  # noqa: D102 (argparse's hook)
+        line = f"{self.prog}: error: {message.rstrip('. ')}; see {self.prog} --help"
+        self.exit(2, terminal_safe(line, keep_newlines=False) + "\n")
+
+    def parse_args(self, args=None, namespace=None):
+        # argparse reports unknown flags from the top parser ("see moeprune --help"); name the verb's help instead.
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            verb = getattr(self, "verbs", {}).get(getattr(parsed, "verb", None), self)
+            verb.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="moeprune",
         description="Prune routed experts from Mixture-of-Experts LMs (Generic TB-Coverage and baselines).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -136,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
             parents=[_output_options()],
         )
         adder(sub)
+    parser.verbs = verbs.choices
     return parser
 
 

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from moeprune.arch.adapters import spec_for
 from moeprune.errors import MoePruneError
 from moeprune.io import WEIGHT_SUFFIXES, atomic_directory, check_output_dir, read_config_json, read_weight_map
+from moeprune.loading import check_finite_tensor
 from moeprune.planning.fit import check_mask_for_checkpoint
 from moeprune.planning.mask import ExpertMask
 from moeprune.quant import QuantFormat, check_checkpoint, describe, dtype_size, header_info, is_writable
@@ -181,6 +182,8 @@ def _pruned_shard(path: Path, mask: ExpertMask, routers: set[int], flat: bool) -
             renamed = _prune_tensor(name, lambda n=name: handle.get_tensor(n), mask, flat)
             if renamed is None:
                 continue
+            # NaN/inf weights are a broken checkpoint, refused as plain apply refuses them (not exported as they are)
+            check_finite_tensor(name, renamed[1], path.parent)
             out[renamed[0]] = renamed[1].contiguous()
             router = ROUTER_KEY.match(name)
             if router and name.endswith(".weight") and int(router["layer"]) in mask.layers:
