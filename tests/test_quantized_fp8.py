@@ -197,7 +197,8 @@ def test_a_block_the_expert_shape_does_not_divide_is_refused(tmp_path, tokenizer
         assert "is not a whole number of 128 x 128 blocks" in err and "192" in err and len(err.splitlines()) == 1
 
 
-def test_per_tensor_fp8_is_written_back_too(tmp_path, tokenizer):
+@pytest.mark.parametrize("model_free", [False, True])
+def test_per_tensor_fp8_is_written_back_too(tmp_path, tokenizer, model_free):
     quantization = {**FP8_CONFIG, "weight_block_size": None}
     source = write_fp8_block(build("qwen3_moe", vocab_size=len(tokenizer)), tmp_path / "fp8", quantization=quantization)
     tokenizer.save_pretrained(source)
@@ -205,7 +206,7 @@ def test_per_tensor_fp8_is_written_back_too(tmp_path, tokenizer):
     mask_file = _mask_file(source, tmp_path)
     mask = ExpertMask.load(mask_file)
     out = tmp_path / "out"
-    assert main(["apply", str(source), str(mask_file), "--out", str(out)]) == 0
+    assert main(["apply", str(source), str(mask_file), "--out", str(out), *(["--model-free"] * model_free)]) == 0
     src, got = tensors(source), tensors(out)
     for new, old in enumerate(mask.kept(1)):
         for part in ("up_proj.weight", "up_proj.weight_scale_inv"):
@@ -255,3 +256,12 @@ def test_a_partial_block_outside_the_experts_is_refused_for_compute_only(tmp_pat
     assert "ends in a partial 128 x 128 block" in err and "--model-free" in err and len(err.splitlines()) == 1
     mask = _mask_file(source, tmp_path)
     assert main(["apply", str(source), str(mask), "--out", str(tmp_path / "out"), "--model-free"]) == 0
+    # the partial-block tensors pass through untouched; kept experts byte-identical, renumbered
+    src, got = tensors(source), tensors(tmp_path / "out")
+    for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight_scale_inv"):
+        assert torch.equal(got[name].reshape(-1).view(torch.uint8), src[name].reshape(-1).view(torch.uint8))
+    for new, old in enumerate(ExpertMask.load(mask).kept(1)):
+        for part in ("down_proj.weight", "down_proj.weight_scale_inv"):
+            ours = got[f"model.layers.1.mlp.experts.{new}.{part}"]
+            theirs = src[f"model.layers.1.mlp.experts.{old}.{part}"]
+            assert torch.equal(ours.reshape(-1).view(torch.uint8), theirs.reshape(-1).view(torch.uint8))

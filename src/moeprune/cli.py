@@ -110,8 +110,28 @@ def _stdout_to_devnull() -> None:
     os.close(devnull)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the tool's error shape: a bad number, an unknown flag or a missing argument is one line naming
+    the problem and where the fix is (``moeprune plan: error: argument --retain: ...; see moeprune plan --help``),
+    exit 2, instead of the usage text above the error. Subparsers are made of this class too (argparse's default
+    ``parser_class`` is the parent's), so one method covers every verb; text echoed from the command line (an
+    unknown flag) cannot drive the terminal."""
+
+    def error(self, message: str):  # noqa: D102 (argparse's hook)
+        line = f"{self.prog}: error: {message.rstrip('. ')}; see {self.prog} --help"
+        self.exit(2, terminal_safe(line, keep_newlines=False) + "\n")
+
+    def parse_args(self, args=None, namespace=None):
+        # argparse reports unknown flags from the top parser ("see moeprune --help"); name the verb's help instead.
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            verb = getattr(self, "verbs", {}).get(getattr(parsed, "verb", None), self)
+            verb.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="moeprune",
         description="Prune routed experts from Mixture-of-Experts LMs (Generic TB-Coverage and baselines).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -136,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
             parents=[_output_options()],
         )
         adder(sub)
+    parser.verbs = verbs.choices
     return parser
 
 
@@ -268,18 +289,18 @@ def _run_apply(args: argparse.Namespace) -> None:
     from moeprune import api  # lazy: the api pulls in torch; --help stays fast
 
     if args.model_free:
-        if args.dequantize:
-            raise MoePruneError("--model-free writes the source's tensors as they are and cannot --dequantize; drop "
-                                "--model-free (in-memory apply dequantizes) or drop --dequantize.")
         from moeprune.planning.mask import ExpertMask  # lazy: torch
-        from moeprune.surgery.shards import prune_checkpoint_files  # lazy: torch and safetensors
+        from moeprune.surgery import ExportOptions  # lazy: torch
+        from moeprune.surgery.shards import MODEL_FREE_DEQUANTIZE, prune_checkpoint_files  # lazy: torch, safetensors
 
+        if args.dequantize:
+            raise MoePruneError(MODEL_FREE_DEQUANTIZE)
         source = Path(api.resolve_model_path(args.model))
         if not source.is_dir():
             raise MoePruneError(f"--model-free needs a local checkpoint directory; {source} is not one.")
-        out = prune_checkpoint_files(source, ExpertMask.load(args.mask), args.out, overwrite=args.overwrite,
-                                     force=args.force, trust_remote_code=args.trust_remote_code,
-                                     progress=_progress(args))
+        out = prune_checkpoint_files(source, ExpertMask.load(args.mask), args.out,
+                                     ExportOptions(overwrite=args.overwrite, force=args.force),
+                                     trust_remote_code=args.trust_remote_code, progress=_progress(args))
         print(f"pruned checkpoint written to {out} (model-free, shard by shard)")
         return
     out = api.apply(model_source(args), args.mask, args.out, overwrite=args.overwrite, verify=not args.no_verify,
@@ -304,10 +325,9 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
 def _run_prune(args: argparse.Namespace) -> None:
     from moeprune import api  # lazy: the api pulls in torch; --help stays fast
 
-    request = plan_request(args)
     out = api.prune(
         model_source(args),
-        args.retain,
+        plan_request(args),
         args.out,
         calibration=Calibration.from_args(args),
         reconstruction=ReconstructionOptions.from_args(args),
@@ -316,10 +336,6 @@ def _run_prune(args: argparse.Namespace) -> None:
         workdir=args.workdir,
         overwrite=args.overwrite,
         progress=_progress(args),
-        method=request.method,
-        seed=request.seed,
-        protect_budget=request.protect_budget,
-        candidate=request.candidate,
     )
     print(f"pruned checkpoint written to {out}")
 

@@ -55,7 +55,15 @@ from moeprune.io import (
     write_text_atomic,
 )
 from moeprune.loading import ModelSource, config_hash, model_name
-from moeprune.options import Calibration, EvalSettings, GridOptions, PresetSource, ReconstructionOptions
+from moeprune.options import (
+    Calibration,
+    EvalSettings,
+    GridOptions,
+    PresetSource,
+    ReconstructionOptions,
+    check_path,
+    check_switches,
+)
 from moeprune.planning import registry
 from moeprune.planning.mask import ExpertMask, kept_count
 from moeprune.planning.request import PlanRequest
@@ -106,6 +114,8 @@ def run_experiment(
     the profiled corpora's train splits unless it names its own.
 
     Returns ``{"settings", "cells", "files"}``; ``cells[0]`` is the dense model."""
+    check_path(out_dir, "out_dir")
+    check_switches(plots=plots, progress=progress)
     out = Path(out_dir)
     source, settings = resolve_experiment(model, grid, calibration, reconstruction, evaluation, recovery)
     grid, calibration, recon = settings.grid, settings.calibration, settings.reconstruction
@@ -582,12 +592,10 @@ def run_cell(
         run.model,
         run.tokenizer,
         run.evaluation,
-        mask=mask,
-        mask_path=mask_path,
+        variant=None if mask is None else runner.Variant(mask, mask_path, None if recovery is None else recovery.delta),
         dense_footprint=dense_fp,
         progress=run.progress,
         metadata={"model": model_name(run.net), **({"stream": True} if run.streamed else {})},
-        delta=None if recovery is None else recovery.delta,
     )
     if recovery is not None:
         result["recovery"] = recovery.record

@@ -18,9 +18,14 @@ from moeprune.quant import describe as describe_format
 
 def describe(target: str, trust_remote_code: bool = False) -> str:
     path = Path(target)
-    if path.suffix == ".json" and path.is_file():
+    mask = path.suffix == ".json" and path.is_file()
+    prof = not mask and path.is_dir() and any(path.glob("*.safetensors")) and not (path / "config.json").exists()
+    if trust_remote_code and (mask or prof):
+        raise MoePruneError(f"--trust-remote-code has no effect here: it applies only to a model, and {target} is a "
+                            f"{'mask' if mask else 'profile folder'}; drop it.")
+    if mask:
         return describe_mask(path)
-    if path.is_dir() and any(path.glob("*.safetensors")) and not (path / "config.json").exists():
+    if prof:
         return describe_profile(path)
     return describe_model(target, trust_remote_code)
 

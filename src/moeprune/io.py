@@ -691,10 +691,10 @@ def check_output_file(out: str | Path, flag: str = "--out", sources: Iterable[st
         if source is None or not Path(source).exists():
             continue
         src = Path(source).resolve()
-        if target == src or (src in target.parents and out.exists()):
+        if target == src or src in target.parents:  # a new file inside the model folder changes the model too
             raise MoePruneError(
                 f"{flag} {out} is {'the input' if target == src else 'a file of the input'} {source}; writing it "
-                f"would replace it. Choose another {flag}."
+                f"would {'replace it' if target == src or out.exists() else 'add a file to it'}. Choose another {flag}."
             )
     if out.exists() and not overwrite:
         raise MoePruneError(f"{out} already exists; choose another {flag} or pass --overwrite to replace it.")

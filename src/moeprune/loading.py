@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from moeprune.arch.adapters import check_routing_counts
 from moeprune.bundled import bundled_model_path
-from moeprune.errors import MoePruneError
+from moeprune.errors import BrokenConfig, MoePruneError
 from moeprune.io import INDEX_FILE, read_config_json, read_weight_map
 from moeprune.models import register as register_ports
 from moeprune.options import flag, given_flags
@@ -72,8 +72,16 @@ def load_config(model: str | Path, trust_remote_code: bool = False):
     # Model types moeprune maintains a port of (DeepSeek-MoE) load through it, never through their hub code.
     register_ports()
     path = resolve_model_path(model)
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except StrictDataclassError as err:  # typed configs: `"num_experts_per_tok": "2"`, `"norm_topk_prob": 2`
+        cause = err.__cause__ or err
+        raise BrokenConfig(
+            f"{path}'s config.json holds a value of the wrong type: {str(cause).splitlines()[0]}. Fix config.json "
+            "(or re-download the checkpoint)."
+        ) from err
     except ValueError as err:
         if "trust_remote_code" in str(err):
             raise MoePruneError(
@@ -132,7 +140,8 @@ def load_model(
     except OSError as err:
         raise MoePruneError(f"Cannot load the weights of {path}: {err}") from err
     except RuntimeError as err:
-        if "mismatched" not in str(err):
+        # transformers 5 also fails while stacking per-expert tensors of different shapes (zero rows, say)
+        if "mismatched" not in str(err) and "conversion of the weights" not in str(err):
             raise
         raise MoePruneError(
             f"The tensors of {path} do not have the shapes its config.json describes (e.g. the config says more "
@@ -158,15 +167,24 @@ def check_finite_weights(model: torch.nn.Module, source: Any = None) -> None:
     """Every floating-point weight is finite: a NaN or inf weight is a broken checkpoint, named as such (with the
     tensor) before it turns into NaN statistics, a NaN perplexity or a failed verification blamed on moeprune."""
     for name, param in model.named_parameters():
-        if param.device.type == "meta" or not param.is_floating_point():
-            continue
-        for chunk in param.detach().reshape(-1).split(FINITE_CHUNK):
-            if not bool(torch.isfinite(chunk).all()):
-                where = f" of {source}" if source is not None else ""
-                raise MoePruneError(
-                    f"The weight {name}{where} holds NaN or infinite values: the checkpoint is broken (a bad save, "
-                    "download or conversion), not something moeprune can prune or score. Re-download or repair it."
-                )
+        if param.device.type != "meta":
+            check_finite_tensor(name, param.detach(), source)
+
+
+FINITE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float8 payloads are quantized data
+
+
+def check_finite_tensor(name: str, tensor: torch.Tensor, source: Any = None) -> None:
+    """One weight of :func:`check_finite_weights`; model-free apply checks each tensor it writes the same way."""
+    if tensor.dtype not in FINITE_DTYPES:
+        return
+    for chunk in tensor.reshape(-1).split(FINITE_CHUNK):
+        if not bool(torch.isfinite(chunk).all()):
+            where = f" of {source}" if source is not None else ""
+            raise MoePruneError(
+                f"The weight {name}{where} holds NaN or infinite values: the checkpoint is broken (a bad save, "
+                "download or conversion), not something moeprune can prune or score. Re-download or repair it."
+            )
 
 
 def choose_device_map(config, dtype: torch.dtype | str, device: str | None,

@@ -12,6 +12,7 @@ This module imports nothing heavy (no torch), so the CLI can use it.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
@@ -32,6 +33,29 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def plain(value: Any) -> Any:
+    """numpy scalars (alone, or in a list or tuple) as the Python numbers they are: the API's door takes
+    ``np.int64(3)`` as a seed and ``np.float32(0.5)`` as a ratio, as the CLI's numbers."""
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, list | tuple):
+        return type(value)(plain(v) for v in value)
+    return value
+
+
+def check_switches(**switches: Any) -> None:
+    """The API's on/off arguments are True, False (or None: "decide"): ``overwrite="no"`` would be true."""
+    for name, value in switches.items():
+        if value is not None and not isinstance(plain(value), bool):
+            raise MoePruneError(f"{name} must be True or False, not {value!r}.")
+
+
+def check_path(value: Any, what: str) -> None:
+    """An output or work path given to the API: a non-empty str or os.PathLike (5 or None was a TypeError)."""
+    if isinstance(value, bool) or not isinstance(value, str | os.PathLike) or not str(value):
+        raise MoePruneError(f"{what} must be a path (a str or pathlib.Path), not {value!r}.")
+
+
 def at_least_one(flag: str, got: Any) -> MoePruneError:
     """The one message for a count below 1 (``got`` as the user gave it, e.g. a list of retains)."""
     return MoePruneError(f"{flag} must be at least 1 (got {got}); omit it for the default.")
@@ -45,7 +69,7 @@ def check_count(value: Any, flag: str, *, optional: bool = False) -> None:
     """A whole number of at least 1 (None passes when ``optional``: the default)."""
     if value is None and optional:
         return
-    if not _number(value) or value != int(value):
+    if not _number(value) or not isinstance(value, int):  # 2.0 reached slicing as a float
         raise MoePruneError(f"{flag} must be a whole number of at least 1 (got {value!r}); omit it for the default.")
     if value < 1:
         raise at_least_one(flag, value)
@@ -64,7 +88,7 @@ MAX_SEED = 2**32 - 1  # what every generator moeprune seeds takes (numpy's is th
 
 
 def check_seed(value: Any, flag: str) -> None:
-    if not _number(value) or value != int(value):
+    if not _number(value) or not isinstance(value, int):
         raise MoePruneError(f"{flag} must be a whole number, 0 or more (got {value!r}).")
     if value < 0:
         raise non_negative(flag, value)
@@ -102,6 +126,9 @@ def add_flags(parser: Any, cls: type, title: str | None = None, *, only: Sequenc
             continue
         spec = f.metadata["flag"]
         settings = {**spec["argparse"], **(override or {}).get(f.name, {})}
+        settings["type"] = ASCII_TYPES.get(settings.get("type"), settings.get("type"))  # "٣", "1_0": not numbers
+        if settings["type"] is None:
+            del settings["type"]
         text = settings.pop("help", spec["help"])
         if spec["preset"]:
             text += f" ({help_default(spec['preset'])})"
@@ -120,6 +147,29 @@ def given_flags(cls: type, args: argparse.Namespace) -> dict[str, Any]:
     return {name: value for name, value in values.items() if value is not None}
 
 
+_ASCII_INT = re.compile(r"[+-]?[0-9]+")
+_ASCII_FLOAT = re.compile(r"[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|nan|inf|infinity)", re.IGNORECASE)
+
+
+def int_arg(text: str) -> int:
+    """An integer flag: ASCII digits only (Python's ``int`` also takes Unicode digits such as "٣" and "1_0")."""
+    value = str(text).strip()
+    if not _ASCII_INT.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r} (write a whole number in ASCII digits, e.g. 16)")
+    return int(value)
+
+
+def float_arg(text: str) -> float:
+    """A number flag: ASCII only (Python's ``float`` also takes "٠.٥" and "1_0")."""
+    value = str(text).strip()
+    if not _ASCII_FLOAT.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r} (write a number in ASCII, e.g. 0.5)")
+    return float(value)
+
+
+ASCII_TYPES = {int: int_arg, float: float_arg}
+
+
 def eval_batch_size_arg(text: str) -> int | str:
     """``--eval-batch-size``: a positive integer, ``auto`` or ``auto:N``."""
     value = str(text).strip().lower()
@@ -135,10 +185,9 @@ def budget_arg(text: str) -> int | str:
     """A protect budget on the command line: a whole number or 'auto'."""
     if text.strip().lower() == "auto":
         return "auto"
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'auto' (e.g. -B 20, -B auto)") from None
+    if not _ASCII_INT.fullmatch(text.strip()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'auto' (e.g. -B 20, -B auto)")
+    return int(text)
 
 
 class Source(Protocol):
@@ -210,7 +259,7 @@ def _coerce(cls: type, value: Any, what: str) -> Any:
         unknown = sorted(set(value) - known)
         if unknown:
             raise MoePruneError(f"Unknown {what} option(s) {unknown}; known: {', '.join(sorted(known))}.")
-        return cls(**value)
+        return cls(**{name: plain(v) for name, v in value.items()})
     raise MoePruneError(f"{what} options must be a {cls.__name__} or a dict, not {type(value).__name__}.")
 
 
@@ -372,6 +421,9 @@ class EvalSettings(_Keyed):
                                     f"{type(self.ppl_datasets).__name__} (e.g. ppl_datasets=['wiki']).")
             object.__setattr__(self, "ppl_datasets", tuple(self.ppl_datasets))
         if self.tasks is not None and not isinstance(self.tasks, str):
+            if not isinstance(self.tasks, Sequence) or not all(isinstance(t, str) for t in self.tasks):
+                raise MoePruneError(f"tasks must be a task name, 'none' or a list of task names, not {self.tasks!r} "
+                                    "(e.g. tasks=['arc_easy']).")
             object.__setattr__(self, "tasks", tuple(self.tasks))
         if self.ppl_sources is not None and not isinstance(self.ppl_sources, Mapping):
             raise MoePruneError(f"ppl_sources must be a dict of NAME: PATH, not {type(self.ppl_sources).__name__}.")

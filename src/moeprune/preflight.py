@@ -60,7 +60,6 @@ from moeprune.options import (
     at_least_one,
     check_seed,
     non_negative,
-    parse_ppl_data,
     too_large,
 )
 from moeprune.planning import registry
@@ -165,7 +164,11 @@ def _flag(name: str) -> str:
 
 def _given(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
     """The flags among ``names`` given on the command line (argparse leaves the others None or False)."""
-    return [f"--{_flag(n)}" for n in names if getattr(args, n, None) not in (None, False, [])]
+    return [f"--no-{_flag(n)}" if getattr(args, n, None) is False else f"--{_flag(n)}" for n in names
+            if getattr(args, n, None) not in (None, False, []) or (n in NEGATABLE and getattr(args, n, None) is False)]
+
+
+NEGATABLE = ("stream", "sequential")  # --no-stream is given too (argparse leaves these None when not given)
 
 
 def _refuse_ignored(given: list[str], needs: str) -> None:
@@ -193,7 +196,7 @@ def _check_ignored(args: argparse.Namespace) -> None:
             _refuse_ignored(_given(args, RECON_FLAGS), f"to expert-sparsity's reconstruction, which "
                                                        f"--method {method} does not run")
     if args.verb == "plan" and not _reconstructs_any([method], args.candidate) and args.protect_budget != "auto":
-        _refuse_ignored(_given(args, ("model", "dtype", "device", "tokenizer")),
+        _refuse_ignored(_given(args, ("model", "dtype", "device", "tokenizer", "stream", "trust_remote_code")),
                         f"when planning runs the model (expert-sparsity, -B auto); --method {method} plans "
                         "from the profile alone")
     if args.verb == "profile":
@@ -213,6 +216,7 @@ def _check_ignored(args: argparse.Namespace) -> None:
             _refuse_ignored(_given(args, ("ppl_seq_len", "ppl_windows", "ppl_data")),
                             "to perplexity, which an empty --ppl skips")
     if args.verb == "eval":
+        check_something_to_measure(args.ppl, args.tasks)
         if getattr(args, "overwrite", False) and not args.out:
             _refuse_ignored(["--overwrite"], "with --out (eval prints its results otherwise)")
         if getattr(args, "force", False) and not args.mask:
@@ -286,6 +290,7 @@ def _check_apply(args: argparse.Namespace) -> None:
         check_model(model)
         check_mask_for_config(mask, model.config, force=args.force)
         check_mask_layers(mask, model.config, args.trust_remote_code)
+        check_dequantize(model, args.dequantize)
         for options in _recoveries(args):
             check_recovery(model, options, mask=mask, where=f"the mask {args.mask}")
 
@@ -316,9 +321,7 @@ def _check_eval(args: argparse.Namespace) -> None:
     check_model(model)
     settings = EvalSettings.from_args(args)
     if args.out:
-        sources = parse_ppl_data(args.ppl_data) or {}
-        inputs = [local_model(args.model), args.mask, args.tokenizer, *(args.ppl or []), *sources.values()]
-        check_output_file(args.out, sources=inputs, overwrite=args.overwrite)
+        check_eval_out(args.out, model, args.mask, settings, args.overwrite)
     check_evaluation(model, settings, "eval --tasks (zero-shot)")
     if args.mask:
         mask = load_mask(args.mask)
@@ -394,6 +397,30 @@ def check_evaluation(source: ModelSource, settings: EvalSettings, what: str = "e
     if tasks:
         check_tasks(tasks)
     return resolved
+
+
+def check_something_to_measure(ppl: Any, tasks: Any) -> None:
+    """eval with an empty ``--ppl`` and ``--tasks none`` would load the model and report nothing."""
+    if ppl is not None and not ppl and tasks is not None and not resolve_tasks(tasks):
+        raise MoePruneError("Nothing to evaluate: --ppl is empty and --tasks none; give --ppl DATASET (e.g. "
+                            "wikitext2) or --tasks TASK (e.g. arc_easy).")
+
+
+def check_dequantize(source: ModelSource, dequantize: bool) -> None:
+    """``--dequantize`` (``api.apply(dequantize=True)``) needs a quantized checkpoint; on a float one it would be
+    silently ignored."""
+    if dequantize and not source.is_loaded and not source.quantization:
+        _refuse_ignored(["--dequantize"], f"to a quantized checkpoint; {source.name} holds float weights")
+
+
+def check_eval_out(out: str | Path, source: ModelSource, mask: Any, settings: EvalSettings,
+                   overwrite: bool) -> Path:
+    """eval's results file (CLI and ``api.evaluate``): not an input (the model folder or a file in it, the mask,
+    the tokenizer, a perplexity file), replaced only with ``overwrite``."""
+    mask_file = None if mask is None or not isinstance(mask, str | Path) else mask
+    inputs = [local_model(source), mask_file, source.tokenizer if isinstance(source.tokenizer, str | Path) else None,
+              *(settings.ppl_datasets or []), *(settings.ppl_sources or {}).values()]
+    return check_output_file(out, sources=inputs, overwrite=overwrite)
 
 
 def check_recovery(source: ModelSource, options: RecoveryOptions, *, mask: ExpertMask | None = None,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-from moeprune.errors import MoePruneError
+from moeprune.errors import BrokenConfig, MoePruneError
 
 # Config keys that hold the routed-expert count, in the order we look for them.
 NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -232,11 +232,15 @@ def _check_counts(num_experts: Any, top_k: Any, spec: ArchSpec) -> None:
     def whole(value: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
 
+    for key, value in ((spec.num_experts_key, num_experts), (spec.top_k_key, top_k)):
+        if value is not None and not whole(value):  # configs without transformers' typing (remote code, ports)
+            raise BrokenConfig(f"The model's config.json says {key}={value!r}: it must be a whole number; fix "
+                                "config.json (or re-download the checkpoint).")
     if whole(num_experts) and num_experts < 1:
-        raise MoePruneError(f"The model's config.json says {spec.num_experts_key}={num_experts}: no routed experts; "
+        raise BrokenConfig(f"The model's config.json says {spec.num_experts_key}={num_experts}: no routed experts; "
                             "fix config.json (or re-download the checkpoint).")
     if whole(top_k) and whole(num_experts) and not 1 <= top_k <= num_experts:
-        raise MoePruneError(
+        raise BrokenConfig(
             f"The model's config.json says {spec.top_k_key}={top_k} with {num_experts} experts; the router must "
             f"choose between 1 and {num_experts} experts per token. Fix config.json (or re-download the checkpoint)."
         )

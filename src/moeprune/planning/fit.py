@@ -15,7 +15,7 @@ from typing import Any
 
 from moeprune.arch import moe_layers
 from moeprune.arch.adapters import routing_meta
-from moeprune.errors import MoePruneError
+from moeprune.errors import BrokenConfig, MoePruneError
 from moeprune.io import read_config_json
 from moeprune.loading import config_hash, load_config
 from moeprune.planning.groups import expert_groups
@@ -125,6 +125,8 @@ def _config_or_json(folder: Path, trust_remote_code: bool) -> Any:
     model-free apply never runs the checkpoint's code, so it must not need --trust-remote-code."""
     try:
         return load_config(folder, trust_remote_code)
+    except BrokenConfig:
+        raise  # a broken config.json is not read another way
     except MoePruneError:
         path = folder / "config.json"
         if not path.exists():

@@ -293,7 +293,7 @@ META_TYPES: dict[str, tuple[type, ...]] = {
     "tokens": (int,), "samples": (int,), "samples_requested": (int,), "seq_len": (int,), "seed": (int,),
     "num_experts": (int,), "top_k": (int, type(None)), "n_group": (int, type(None)),
     "topk_group": (int, type(None)), "moe_layers": (list,), "world_size": (int,), "windows_done": (int,),
-    "finished_at": (int, float), "settings": (dict,), "versions": (dict,),
+    "finished_at": (int, float), "settings": (dict,), "versions": (dict,), "dtype": (str,),
 }
 
 
@@ -311,9 +311,16 @@ def read_meta(path: Path) -> dict[str, Any]:
                                  or (isinstance(value, int | float) and value < 0))
         if wrong or (key == "moe_layers" and not all(_is_int(v) and v >= 0 for v in value or [])):
             raise MoePruneError(f"Profile metadata {path}: {key!r} is {value!r}, not {_kind(types)}; {fix}.")
+    if meta.get("format") != PROFILE_FORMAT:  # moeprune has written it since its first profile
+        raise MoePruneError(f"Profile metadata {path}: format {terminal_safe(repr(meta.get('format')))}, not "
+                            f"{PROFILE_FORMAT!r}; {fix}.")
+    layers = meta.get("moe_layers") or []
+    if layers != sorted(set(layers)):  # one entry per MoE layer, in order (planning zips them with the sums)
+        raise MoePruneError(f"Profile metadata {path}: 'moe_layers' {layers} is not increasing; {fix}.")
     if "corpus" in meta:  # a corpus spec of known fields and a plain name (it names files when it is used)
         corpus_spec_from_record(meta["corpus"], f"Profile metadata {path}", fix)
     return meta
+
 
 
 def _kind(types: tuple[type, ...]) -> str:

@@ -69,10 +69,20 @@ def check_source(folder: Path, shards: list[str], mask: ExpertMask) -> dict[str,
                 "is incomplete: re-download it."
             )
     experts: dict[tuple[int, str], set[int]] = defaultdict(set)
-    for name in shapes:
+    sizes: dict[tuple[int, str], dict[tuple[int, ...], int]] = defaultdict(dict)
+    for name, (_, shape) in shapes.items():
         match = EXPERT_KEY.match(name)
         if match and int(match["layer"]) in mask.layers:
-            experts[(int(match["layer"]), f"{match['head']}.*.{match['rest']}")].add(int(match["expert"]))
+            key = (int(match["layer"]), f"{match['head']}.*.{match['rest']}")
+            experts[key].add(int(match["expert"]))
+            sizes[key].setdefault(shape, int(match["expert"]))
+    for (layer, pattern), seen in sorted(sizes.items()):
+        if len(seen) > 1:  # one expert of another shape (e.g. zero rows): a broken save, not something to export
+            shown = ", ".join(f"expert {e}: {list(shape)}" for shape, e in list(seen.items())[:3])
+            raise MoePruneError(
+                f"{folder}: layer {layer}'s {pattern} tensors differ in shape ({shown}); the experts of a layer are "
+                "all one shape, so the checkpoint is broken: re-download or repair it."
+            )
     for (layer, pattern), ids in sorted(experts.items()):
         if ids != set(range(mask.num_experts)):
             missing = sorted(set(range(mask.num_experts)) - ids)[:5]

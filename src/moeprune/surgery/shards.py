@@ -35,39 +35,49 @@ from tqdm.auto import tqdm
 from moeprune.arch.adapters import spec_for
 from moeprune.errors import MoePruneError
 from moeprune.io import WEIGHT_SUFFIXES, atomic_directory, check_output_dir, read_config_json, read_weight_map
+from moeprune.loading import check_finite_tensor
 from moeprune.planning.fit import check_mask_for_checkpoint
 from moeprune.planning.mask import ExpertMask
 from moeprune.quant import QuantFormat, check_checkpoint, describe, dtype_size, header_info, is_writable
 from moeprune.surgery.config_json import with_expert_count, with_pruned_quantization
 from moeprune.surgery.keys import EXPERT_KEY, FUSED_KEY, ROUTER_KEY, sliced_shape
 from moeprune.surgery.model_card import CardInfo, exported_mask, render_model_card
+from moeprune.surgery.options import ExportOptions
 from moeprune.surgery.shard_checks import check_source, check_written, expected_output
 
 INDEX_FILE = "model.safetensors.index.json"
+MODEL_FREE_DEQUANTIZE = ("--model-free writes the source's tensors as they are and cannot --dequantize; drop "
+                         "--model-free (in-memory apply dequantizes) or drop --dequantize.")
 
 
 def prune_checkpoint_files(
     source: str | Path,
     mask: ExpertMask,
     out: str | Path,
+    options: ExportOptions | None = None,
     *,
-    overwrite: bool = False,
     progress: bool = True,
-    force: bool = False,
     trust_remote_code: bool = False,
-    verify: Callable[[Path], None] | None = None,
+    check: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write the pruned checkpoint of the local safetensors checkpoint ``source`` into ``out``.
 
-    ``verify(folder)`` is called on the complete checkpoint before it replaces ``out`` (an error leaves nothing).
+    ``options`` (:class:`~moeprune.surgery.options.ExportOptions`): ``overwrite`` an existing ``out``; ``force``
+    accepts a mask planned for a model with another config hash (the CLI's ``--force``); ``dequantize`` is refused
+    (the source's tensors are written as they are). ``check(folder)`` is called on the complete checkpoint before
+    it replaces ``out`` (an error leaves nothing): the streamed writer's verification.
 
-    The mask gets the checks plain apply makes (expert count, config hash, top-k, routing groups); ``force``
-    accepts a mask planned for a model with another config hash (the CLI's ``--force``). ``trust_remote_code``
-    only lets transformers build a remote-code config to compute its hash; no model code is run."""
+    The mask gets the checks plain apply makes (expert count, config hash, top-k, routing groups).
+    ``trust_remote_code`` only lets transformers build a remote-code config to compute its hash; no model code is
+    run."""
+    options = options or ExportOptions()
+    if options.dequantize:
+        raise MoePruneError(MODEL_FREE_DEQUANTIZE)
+    overwrite = options.overwrite
     source = Path(source)
     mask = exported_mask(mask)  # no recovery runs here: a recovery the input mask claims is not recorded
     check_output_dir(out, sources=[source], overwrite=overwrite)
-    check_mask_for_checkpoint(mask, source, force=force, trust_remote_code=trust_remote_code)
+    check_mask_for_checkpoint(mask, source, force=options.force, trust_remote_code=trust_remote_code)
     config = read_config_json(source)
     fmt = check_quantized_source(source, config)
     with atomic_directory(out, overwrite=overwrite) as tmp:
@@ -80,8 +90,8 @@ def prune_checkpoint_files(
         export = {"format": card.format, "bytes_before": card.bytes_before, "bytes_after": card.bytes_after}
         replace(mask, extra={**mask.extra, "export": export}).save(tmp / "mask.json")
         (tmp / "README.md").write_text(render_model_card(card).replace("moeprune apply", "moeprune apply --model-free"))
-        if verify is not None:
-            verify(tmp)
+        if check is not None:
+            check(tmp)
     return Path(out)
 
 
@@ -172,6 +182,8 @@ def _pruned_shard(path: Path, mask: ExpertMask, routers: set[int], flat: bool) -
             renamed = _prune_tensor(name, lambda n=name: handle.get_tensor(n), mask, flat)
             if renamed is None:
                 continue
+            # NaN/inf weights are a broken checkpoint, refused as plain apply refuses them (not exported as they are)
+            check_finite_tensor(name, renamed[1], path.parent)
             out[renamed[0]] = renamed[1].contiguous()
             router = ROUTER_KEY.match(name)
             if router and name.endswith(".weight") and int(router["layer"]) in mask.layers:
