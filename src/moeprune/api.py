@@ -71,6 +71,7 @@ from moeprune.reconstruction import SearchSettings, WorkDir, reconstruction_sele
 from moeprune.recovery import Recovery, RecoveryOptions, recovery_corpora
 from moeprune.recovery import recover as recover_loaded
 from moeprune.streaming.memory import available_memory, gib
+from moeprune.streaming.parked import spill_into
 from moeprune.surgery import ExportOptions, export_pruned
 from moeprune.surgery.export import STREAMED_DEQUANTIZE, export_streamed
 
@@ -139,15 +140,17 @@ def profile(
     if streamed:
         layers = source.open_stream()
         tokenizer = source.load_tokenizer(layers.model)
-        return profile_model(layers, tokenizer, specs, out, settings, progress=progress)
+        with spill_into(out):  # parked activations above the budget: a temporary file in the profile folder
+            return profile_model(layers, tokenizer, specs, out, settings, progress=progress)
     sequential_device = None
     if sequential:
         sequential_device = source.device or ("cuda" if torch.cuda.is_available() else "cpu")
         source = ModelSource.of(source, device="cpu", dtype=_sequential_dtype(source, sequential_device))
     loaded = source.load()
     tokenizer = source.load_tokenizer(loaded)
-    return profile_model(loaded, tokenizer, specs, out, settings, progress=progress,
-                         sequential_device=sequential_device)
+    with spill_into(out):  # --sequential parks its activations as a streamed run does
+        return profile_model(loaded, tokenizer, specs, out, settings, progress=progress,
+                             sequential_device=sequential_device)
 
 
 def plan(
@@ -350,7 +353,8 @@ def apply(
         if dequantize:
             raise MoePruneError(STREAMED_DEQUANTIZE)
         _check_output(out, source, overwrite, mask_file)
-        return export_streamed(streamed.open_stream(), mask, out, writing, progress=progress)
+        with spill_into(Path(out).absolute().parent):  # beside the checkpoint being written
+            return export_streamed(streamed.open_stream(), mask, out, writing, progress=progress)
     recovering = isinstance(recovery, Recovery) or (isinstance(recovery, RecoveryOptions) and recovery.active)
     if recovering and not dequantize and source.quantization:
         raise MoePruneError(
@@ -559,12 +563,19 @@ def _prune_streamed(source: ModelSource, req: PlanRequest, out: str | Path, work
     mask.save(workdir / mask_filename(mask))
     written = apply(source, mask, out, overwrite=overwrite, progress=progress)
     if evaluation is not None:
+        _streamed_ppl_report(source, written, mask, evaluation, workdir, progress)
+    return written
+
+
+def _streamed_ppl_report(source: ModelSource, written: Path, mask: ExpertMask, evaluation: EvalSettings,
+                         workdir: Path, progress: bool) -> None:
+    """prune --ppl streamed: the dense source and the written checkpoint, each read layer by layer."""
+    with spill_into(workdir):
         dense = source.open_stream()
         tokenizer = source.load_tokenizer(dense.model)
         dense_ppl = _perplexities(dense, tokenizer, evaluation, progress)
         pruned = ModelSource.of(source.with_model(str(written)), tokenizer=None).open_stream()
         _report_perplexity(dense_ppl, _perplexities(pruned, tokenizer, evaluation, progress), mask, workdir)
-    return written
 
 
 def _one_plan(retain: Any) -> PlanRequest:
@@ -619,7 +630,8 @@ def evaluate(
         check_mask_for_config(checked, source.config, force=force)
         check_mask_layers(checked, source.config, source.trust_remote_code)
         mask = mask_file if mask_file is not None else checked
-    return evaluate_model(source, mask=mask, settings=settings, out=out, overwrite=overwrite, progress=progress)
+    with spill_into(None if out is None else Path(out).absolute().parent):  # streamed: parked activations' spill
+        return evaluate_model(source, mask=mask, settings=settings, out=out, overwrite=overwrite, progress=progress)
 
 
 def _perplexities(model: Any, tokenizer: Any, evaluation: EvalSettings, progress: bool) -> dict[str, dict]:
@@ -675,8 +687,9 @@ def _reconstruct(
     tokenizer = source.load_tokenizer(loaded)
     windows = calibration_windows(spec, tokenizer, opts.windows, opts.seq_len, opts.seed)
     search = SearchSettings(loss=opts.loss, token_budget=opts.tokens)
-    if streamed is not None:  # one layer-major pass, nothing captured to the work directory
-        return reconstruction_selection_streamed(streamed, windows, kept, search, progress=progress)
+    if streamed is not None:  # one layer-major pass, nothing captured (parked activations may spill there)
+        with spill_into(opts.workdir or workdir):
+            return reconstruction_selection_streamed(streamed, windows, kept, search, progress=progress)
     workdir = Path(opts.workdir or workdir or "moeprune-work")
     key = f"{spec.name}-{windows.shape[0]}x{windows.shape[1]}-seed{opts.seed}"
     with output_root(workdir):  # reconstruction/<key>/ below it: never through a link

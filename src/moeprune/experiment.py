@@ -81,6 +81,7 @@ from moeprune.recovery import (
     teacher_targets,
 )
 from moeprune.streaming.layers import DiskLayers
+from moeprune.streaming.parked import spill_into
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,9 @@ def run_experiment(
     if any(k != "none" for k in kinds):  # recorded only when used, so older experiment.json files still match
         record["recovery"] = {"kinds": kinds, **{k: v for k, v in recovery.to_json().items() if k != "kind"}}
     check_own_folder(out, without_file("experiment.json"), "experiment")
-    with output_root(out):  # no folder below --out (cells/, masks/, recovery/, profile/) is written through a link
+    # No folder below --out (cells/, masks/, recovery/, profile/) is written through a link; streamed, the parked
+    # activations above their budget spill to a temporary file in --out (the profile's in profile/).
+    with output_root(out), spill_into(out):
         _check_settings(out, record)
         _remove_orphans(out)
         # Streamed, each stage reads the layers from disk again (profile, expert-sparsity's pass, every cell).

@@ -5,6 +5,8 @@
 ``layers``: where a model's decoder layers live while a run goes over them: in CPU memory (moved to the compute
 device one at a time) or on disk (materialized from the shards one at a time on a meta skeleton, through
 transformers' own weight conversions).
+``parked``: the hidden states parked between layers: in memory up to a budget, the rest in a temporary file inside
+the verb's output folder.
 ``runner``: the layer-major loop: embeddings for every batch, then each decoder layer on every parked batch, then
 the head; profiling, perplexity and lm-eval log-likelihoods are callbacks on it.
 """

@@ -3,7 +3,8 @@
 1. Embeddings for every batch: the model's own forward runs with its decoder layers swapped for stubs that record
    each layer's inputs (hidden states, attention mask, position embeddings: per layer, so models that alternate
    sliding-window and full attention get each layer's own mask) and pass the hidden states through. The hidden
-   states are parked on the CPU.
+   states are parked on the CPU (:mod:`moeprune.streaming.parked`: in memory up to a budget, the rest in a
+   temporary file inside the verb's output folder, removed when the run ends, fails or is interrupted).
 2. Each decoder layer in turn is loaded (:mod:`moeprune.streaming.layers`: moved to the device, or read from disk
    while the previous one computes), run on every parked batch, and freed.
 3. The head, when a callback wants logits: the model's own forward again, its layers swapped for stubs that return
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from moeprune.errors import MoePruneError
 from moeprune.streaming.layers import StreamStats, detached_layers
+from moeprune.streaming.parked import ParkedStore, default_budget
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +58,14 @@ class RunReport:
     layers_s: float = 0.0
     head_s: float = 0.0
     stats: StreamStats | None = None
+    spilled_bytes: int = 0  # parked activations written to the spill file (its size), 0 when all fit the budget
+    parked: str = ""  # where the parked activations were kept (ParkedStore.describe)
 
     def describe(self) -> str:
         read = f"; {self.stats.describe()}" if self.stats is not None and self.stats.bytes_read else ""
+        parked = f"; {self.parked}" if self.parked else ""
         return (f"embeddings {self.embed_s:.1f} s, decoder layers {self.layers_s:.1f} s, head {self.head_s:.1f} s"
-                f"{read}")
+                f"{read}{parked}")
 
 
 class _Stub(nn.Module):
@@ -121,6 +126,7 @@ def run_layer_major(
     on_layer_done: Callable[[int, nn.Module], None] | None = None,
     progress: bool = True,
     desc: str = "layer by layer",
+    budget: int | None = None,
 ) -> RunReport:
     """Run ``batches`` through ``place.model`` layer-major; see the module docstring.
 
@@ -128,24 +134,29 @@ def run_layer_major(
     on that batch; ``on_layer_done(layer, module)`` is called once the layer has run on every batch, before it is
     freed; ``on_logits(batch, logits)`` sees each batch's logits (then the head runs). Forward hooks installed on
     the model's modules fire as in an ordinary forward pass.
+
+    ``budget``: bytes of parked hidden states kept in CPU memory (default: :func:`parked_budget`); the batches
+    beyond it are parked in a temporary file (:class:`~moeprune.streaming.parked.ParkedStore`), removed on return,
+    on an exception and on Ctrl-C.
     """
     model, layers = place.model, place.layers
     place.stats = StreamStats()  # this run's reads only (a reader serves one run per corpus, chunk, ...)
     report = RunReport(stats=place.stats)
     start = time.perf_counter()
+    parked = ParkedStore(parked_budget(place) if budget is None else budget)
     try:
         place.load_outside()
-        parked, kwargs = _embed(model, layers, batches, place.device)
+        kwargs = _embed(model, layers, batches, place.device, parked)
         if on_logits is None:
             place.free_outside()
         report.embed_s = time.perf_counter() - start
 
         start = time.perf_counter()
-        bar = tqdm(total=len(layers) * len(parked), desc=desc, unit="batch", disable=not progress)
+        bar = tqdm(total=len(layers) * len(batches), desc=desc, unit="batch", disable=not progress)
         for index in range(len(layers)):
             layer = place.load(index)
             place.prefetch(index + 1)
-            for b in range(len(parked)):
+            for b in range(len(batches)):
                 hidden = parked[b].to(place.device)
                 if on_layer_inputs is not None:
                     on_layer_inputs(index, b, hidden)
@@ -163,18 +174,30 @@ def run_layer_major(
             _head(place, batches, parked, on_logits)
             place.free_outside()
             report.head_s = time.perf_counter() - start
+        report.spilled_bytes, report.parked = parked.spilled_bytes, parked.describe()
     finally:
+        parked.close()  # the spill file too, whatever ended the run
         place.close()
     log.info("%s: %s", desc, report.describe())
     return report
 
 
-def _embed(model: nn.Module, layers: nn.ModuleList, batches: Sequence[Batch], device: torch.device
-           ) -> tuple[list[torch.Tensor], list[list[dict]]]:
-    """Each batch's hidden states entering layer 0 (on the CPU), and each layer's other inputs per batch."""
-    parked: list[torch.Tensor] = []
+def parked_budget(place: LayerPlace) -> int:
+    """The default budget of parked activations in memory: ``MOEPRUNE_PARKED_BYTES``, else a fraction of the
+    memory available less the two decoder layers a streamed run materializes (one read ahead) and its embeddings
+    and head (a run whose weights sit in memory has counted them already)."""
+    layer_bytes = getattr(place, "layer_bytes", None)
+    if layer_bytes is None or not len(place.layers):
+        return default_budget()
+    return default_budget(max(layer_bytes(i) for i in range(len(place.layers))), place.outside_bytes())
+
+
+def _embed(model: nn.Module, layers: nn.ModuleList, batches: Sequence[Batch], device: torch.device,
+           parked: ParkedStore) -> list[list[dict]]:
+    """Each batch's hidden states entering layer 0 into ``parked``; each layer's other inputs per batch (kept in
+    memory: position embeddings and masks, one tensor shared by the layers)."""
     kwargs: list[list[dict]] = []
-    for batch in batches:
+    for b, batch in enumerate(batches):
         sink: list[tuple[tuple, dict]] = []
         stubs = nn.ModuleList([_Record(i, sink, layers[i]) for i in range(len(layers))])
         with detached_layers(model, layers, stubs):
@@ -198,12 +221,12 @@ def _embed(model: nn.Module, layers: nn.ModuleList, batches: Sequence[Batch], de
             raise MoePruneError("The model passes its decoder layers more than the hidden states positionally; it "
                                 "cannot run layer by layer (run it with --no-stream).")
         memo: dict[int, Any] = {}
-        parked.append(first.to("cpu"))
+        parked[b] = first
         kwargs.append([_to(kw, "cpu", memo) for _, kw in sink])
-    return parked, kwargs
+    return kwargs
 
 
-def _head(place: LayerPlace, batches: Sequence[Batch], parked: list[torch.Tensor],
+def _head(place: LayerPlace, batches: Sequence[Batch], parked: ParkedStore,
           on_logits: Callable[[int, torch.Tensor], None]) -> None:
     hidden: list[torch.Tensor | None] = [None]  # shared by every stub: the batch's final hidden states
     stubs = nn.ModuleList([_Replay(layer, hidden) for layer in place.layers])
