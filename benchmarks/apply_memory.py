@@ -74,7 +74,7 @@ def child(args: argparse.Namespace) -> None:
     import transformers  # noqa: F401
 
     from moeprune.planning.mask import ExpertMask, LayerMask
-    from moeprune.surgery import export_pruned
+    from moeprune.surgery import ExportOptions, export_pruned
     from moeprune.surgery.shards import prune_checkpoint_files
 
     config = json.loads((Path(args.checkpoint) / "config.json").read_text())
@@ -90,9 +90,10 @@ def child(args: argparse.Namespace) -> None:
     if args.mode == "load":  # the floor: transformers' own from_pretrained in the checkpoint dtype
         transformers.AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype="auto")
     elif args.mode == "model-free":
-        prune_checkpoint_files(args.checkpoint, mask, args.out, overwrite=True, progress=False)
+        prune_checkpoint_files(args.checkpoint, mask, args.out, ExportOptions(overwrite=True), progress=False)
     else:
-        export_pruned(args.checkpoint, mask, args.out, overwrite=True, verify=args.mode == "apply", progress=False)
+        export_pruned(args.checkpoint, mask, args.out, ExportOptions(overwrite=True, verify=args.mode == "apply"),
+                      progress=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     print(json.dumps({"baseline_kib": baseline, "peak_kib": peak, "anon_baseline_kib": anon_baseline,
                       "anon_peak_kib": sampler.stop(), "gpu_peak_bytes": _gpu_peak()}))

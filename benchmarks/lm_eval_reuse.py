@@ -23,6 +23,7 @@ import time
 from moeprune.arch import moe_layers
 from moeprune.evaluation.zeroshot import reuse_lm_eval, zero_shot
 from moeprune.loading import load_model, load_tokenizer
+from moeprune.options import EvalSettings
 from moeprune.planning.mask import ExpertMask, LayerMask
 from moeprune.surgery import masked
 
@@ -37,12 +38,13 @@ def random_mask(model, retain: float, seed: int) -> ExpertMask:
 
 
 def run_cell(model, tok, mask: ExpertMask | None, args: argparse.Namespace) -> tuple[float, dict]:
+    settings = EvalSettings(tasks=args.tasks, limit=args.limit, eval_batch_size=args.batch_size)
     start = time.perf_counter()
     if mask is None:
-        result = zero_shot(model, tok, tasks=args.tasks, limit=args.limit, batch_size=args.batch_size)
+        result = zero_shot(model, tok, settings)
     else:
         with masked(model, mask):
-            result = zero_shot(model, tok, tasks=args.tasks, limit=args.limit, batch_size=args.batch_size)
+            result = zero_shot(model, tok, settings)
     return time.perf_counter() - start, result["tasks"]
 
 

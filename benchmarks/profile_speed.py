@@ -164,11 +164,11 @@ elif task in ("apply", "model-free"):
     from moeprune.planning.mask import ExpertMask
     mask = ExpertMask.load(extra)
     if task == "apply":
-        from moeprune.surgery import export_pruned
-        export_pruned(path, mask, extra + ".out", progress=False, overwrite=True, verify=False)
+        from moeprune.surgery import ExportOptions, export_pruned
+        export_pruned(path, mask, extra + ".out", ExportOptions(overwrite=True, verify=False), progress=False)
     else:
         from moeprune.surgery.shards import prune_checkpoint_files
-        prune_checkpoint_files(path, mask, extra + ".free", progress=False, overwrite=True)
+        prune_checkpoint_files(path, mask, extra + ".free", ExportOptions(overwrite=True), progress=False)
 print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 """
 

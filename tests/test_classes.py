@@ -529,9 +529,10 @@ def test_c4_cells_follow_the_bytes_of_local_evaluation_files(tiny_checkpoint, tm
     monkeypatch.setattr(experiment, "run_cell", fake_cell)
     settings = EvalSettings(ppl_datasets=(str(ppl),), tasks="none")
     out = tmp_path / "grid"
-    experiment.evaluate_grid(loaded, tokenizer, out, [], settings, progress=False)
-    experiment.evaluate_grid(loaded, tokenizer, out, [], settings, progress=False)
+    run = experiment.CellRun(loaded, tokenizer, settings, progress=False)
+    experiment.evaluate_grid(run, out, [])
+    experiment.evaluate_grid(run, out, [])
     assert len(runs) == 1  # reused
     ppl.write_text("other held-out text\n")
-    experiment.evaluate_grid(loaded, tokenizer, out, [], settings, progress=False)
+    experiment.evaluate_grid(run, out, [])
     assert len(runs) == 2  # the file changed at the same path: measured again

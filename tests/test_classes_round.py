@@ -11,6 +11,7 @@ import pytest
 from moeprune import api
 from moeprune.errors import MoePruneError
 from moeprune.inspect import describe
+from moeprune.planning.request import PlanRequest
 from tests.test_contract import (  # noqa: F401 (fixtures)
     CALIBRATION,
     mask_file,
@@ -137,7 +138,7 @@ def test_c6_numpy_scalars_are_the_numbers_they_hold(profiled):
      "overwrite=True has no effect"),
     (lambda m, mk, t: api.evaluate(m, settings={"ppl_datasets": ["wiki"], "tasks": "none"}, force=True),
      "force=True has no effect"),
-    (lambda m, mk, t: api.prune(m, 0.5, t / "o", method="reap", workdir=7), "workdir must be a path"),
+    (lambda m, mk, t: api.prune(m, PlanRequest("reap", 0.5), t / "o", workdir=7), "workdir must be a path"),
     (lambda m, mk, t: api.plan(t, "random", 0.5, seed=3.0), "must be a whole number"),
 ])
 def test_c6_the_api_refuses_what_the_cli_cannot_be_given(call, expected, model, mask_file, tmp_path):

@@ -211,3 +211,67 @@ def test_stages_never_read_presets_or_the_preflight(graph: dict[str, set[str]]) 
              if b in ("moeprune.presets", "moeprune.preflight")}
     assert reads == set(), "stages that read the presets or the preflight"
     assert {"moeprune.api -> moeprune.preflight"} <= {f"{a} -> {b}" for a, t in graph.items() for b in t}
+
+
+# ---------------------------------------------------------------------------------------------- widths (issue 26)
+# Parameters that travel together are bundled into the typed options (options.Calibration, ReconstructionOptions,
+# EvalSettings, PlanRequest, surgery.ExportOptions, reconstruction.SearchSettings, ...), so signatures stay narrow.
+# Counted as at commit 48b5973: every parameter, self/cls not, *args and **kwargs one each.
+WIDE = 8  # a public function with this many parameters or more is "wide"
+MAX_WIDE = 4  # 16 before issue 26's second half (api.prune, plan_many, apply, run_experiment left); may only fall
+MAX_VERB = 10  # the widest public verb
+VERBS = {"api": ("profile", "plan", "plan_many", "apply", "prune", "evaluate", "recover"),
+         "experiment": ("run_experiment",)}
+
+
+def _width(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    a = node.args
+    n = len(a.posonlyargs) + len(a.args) + len(a.kwonlyargs) + bool(a.vararg) + bool(a.kwarg)
+    return n - 1 if a.args and a.args[0].arg in ("self", "cls") else n
+
+
+def _widths(sources: dict[str, str]) -> dict[str, int]:
+    """``{"module:function": parameters}`` for every public function (methods too) of ``{module: source}``."""
+    return {
+        f"{module}:{node.name}": _width(node)
+        for module, text in sources.items()
+        for node in ast.walk(ast.parse(text))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and not node.name.startswith("_")
+    }
+
+
+def _package_widths() -> dict[str, int]:
+    return _widths({_module(p): p.read_text() for p in sorted(PACKAGE.rglob("*.py"))})
+
+
+def _wide(widths: dict[str, int]) -> dict[str, int]:
+    return {name: n for name, n in widths.items() if n >= WIDE}
+
+
+def _verbs(widths: dict[str, int]) -> dict[str, int]:
+    return {f"moeprune.{m}:{v}": widths[f"moeprune.{m}:{v}"] for m, names in VERBS.items() for v in names}
+
+
+def test_public_functions_stay_narrow() -> None:
+    wide = _wide(_package_widths())
+    assert len(wide) <= MAX_WIDE, (
+        f"{len(wide)} public functions take {WIDE} or more parameters (at most {MAX_WIDE}): bundle the ones that "
+        f"travel together into the typed options instead: {sorted(wide.items(), key=lambda kv: -kv[1])}"
+    )
+
+
+def test_verbs_take_at_most_ten_parameters() -> None:
+    too_wide = {name: n for name, n in _verbs(_package_widths()).items() if n > MAX_VERB}
+    assert too_wide == {}, f"verbs with more than {MAX_VERB} parameters (bundle settings into options)"
+
+
+def test_the_width_counts_can_fail() -> None:
+    """A planted wide function is counted (self not, *args and **kwargs one each) and a wide verb is found."""
+    planted = _widths({"moeprune.api": "class A:\n    def f(self, a, b, *c, d, e, f, g, **h): ...\n"
+                                       "def prune(a, b, c, d, e, f, g, h, i, j, k): ...\n"
+                                       "def _private(a, b, c, d, e, f, g, h): ...\n"})
+    assert planted == {"moeprune.api:f": 8, "moeprune.api:prune": 11}
+    assert _wide(planted) == planted
+    assert {name: n for name, n in _verbs({**_package_widths(), **planted}).items() if n > MAX_VERB} == {
+        "moeprune.api:prune": 11}
+    assert set(_verbs(_package_widths())) == {f"moeprune.{m}:{v}" for m, names in VERBS.items() for v in names}

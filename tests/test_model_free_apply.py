@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from moeprune.arch import moe_layers
 from moeprune.errors import MoePruneError
 from moeprune.planning.mask import ExpertMask, LayerMask
-from moeprune.surgery import export_pruned
+from moeprune.surgery import ExportOptions, export_pruned
 from moeprune.surgery.shards import prune_checkpoint_files
 from tests.tiny_models import build_model
 
@@ -91,7 +91,8 @@ def test_mask_of_another_config_is_refused_from_python_unless_forced(tmp_path):
     with pytest.raises(MoePruneError, match="config hash .*--force"):
         prune_checkpoint_files(tmp_path / "source", mask, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
-    out = prune_checkpoint_files(tmp_path / "source", mask, tmp_path / "out", progress=False, force=True)
+    out = prune_checkpoint_files(tmp_path / "source", mask, tmp_path / "out", ExportOptions(force=True),
+                                 progress=False)
     assert ExpertMask.load(out / "mask.json").extra["config_hash"] == mask.extra["config_hash"]
     mask.extra["config_hash"] = config_hash(model.config)  # planned for this model: accepted without force
     prune_checkpoint_files(tmp_path / "source", mask, tmp_path / "same", progress=False)

@@ -61,7 +61,7 @@ def seen(monkeypatch) -> list[dict[str, Any]]:
                         lambda spec, tok, n, seq_len, seed: stop(verb="reconstruct", corpus=spec.name, windows=n,
                                                                  seq_len=seq_len, seed=seed))
     monkeypatch.setattr(api_module, "export_pruned",
-                        lambda source, mask, out, **kw: stop(verb="export", source=source_of(source),
+                        lambda source, mask, out, *a, **kw: stop(verb="export", source=source_of(source),
                                                              recovery=kw.get("recovery")))
     monkeypatch.setattr(api_module, "recover_loaded",
                         lambda model, mask, options, **kw: stop(verb="recover", options=options))
@@ -123,6 +123,8 @@ def test_python_and_the_cli_resolve_the_same_settings(which, seen, hub_like, pro
     _both(seen, ["apply", model, mask, "--out", tmp_path / "a", "--recover", "router-kd"],
           lambda: api.apply(model, mask, tmp_path / "a", recover=RecoveryOptions(kind="router-kd")))
     _both(seen, ["eval", model, "--mask", mask], lambda: api.evaluate(model, mask))
+    _both(seen, ["prune", model, "--retain", "0.5", "--out", tmp_path / "pr"],
+          lambda: api.prune(model, 0.5, tmp_path / "pr"))
     _both(seen, ["experiment", model, "--out", tmp_path / "x"], lambda: run_experiment(model, tmp_path / "x"))
 
     # ... and they are the model's preset, known from its name before anything loaded.

@@ -10,6 +10,7 @@ import moeprune.loading as loading
 from moeprune import api
 from moeprune.errors import MoePruneError
 from moeprune.planning.mask import ExpertMask
+from moeprune.planning.request import PlanRequest
 from moeprune.recovery import Recovery, RecoveryOptions
 from tests.test_contract import CALIBRATION, ok, refused
 
@@ -141,7 +142,7 @@ def test_wrong_types_are_one_line_errors(tiny_checkpoint, profiled, masks, tmp_p
         (lambda: run_experiment(str(tiny_checkpoint), tmp_path / "x", grid={"methods": ["frequency"]},
                                 calibration={"seq_len": 32}, evaluation={"ppl_seq_len": 32, "tasks": "none"},
                                 recovery={"lr": 0.1}), "have no effect: the grid recovers nothing"),
-        (lambda: api.prune(str(tiny_checkpoint), 0.5, tmp_path / "o", method="reap", seed=2),
+        (lambda: api.prune(str(tiny_checkpoint), PlanRequest("reap", 0.5, seed=2), tmp_path / "o"),
          "--plan-seed only applies to seeded methods"),
     ]
     for call, message in cases:

@@ -67,12 +67,12 @@ from moeprune.preflight import (
 from moeprune.presets import PAPER, PRESETS, is_bundled, preset_for  # noqa: F401 (re-export)
 from moeprune.profiling.runner import SEQUENTIAL_ONE_PROCESS, is_distributed, profile_model, weights_fingerprint
 from moeprune.profiling.stats import Profile
-from moeprune.reconstruction import reconstruction_selection, reconstruction_selection_streamed
+from moeprune.reconstruction import SearchSettings, WorkDir, reconstruction_selection, reconstruction_selection_streamed
 from moeprune.recovery import Recovery, RecoveryOptions, recovery_corpora
 from moeprune.recovery import recover as recover_loaded
 from moeprune.streaming.memory import available_memory, gib
-from moeprune.surgery import export_pruned
-from moeprune.surgery.export import export_streamed
+from moeprune.surgery import ExportOptions, export_pruned
+from moeprune.surgery.export import STREAMED_DEQUANTIZE, export_streamed
 
 log = logging.getLogger("moeprune")
 
@@ -222,13 +222,12 @@ def plan_many(
         chosen, losses = given[retain] if given is not None else _found(selections, k)
 
         def plan_with(budget: int | str | None, retain: float = retain, chosen: Any = chosen) -> ExpertMask:
+            one = replace(req, retains=(retain,), protect_budget=budget, candidate=candidate) if spec.protects \
+                else replace(req, retains=(retain,))
             return plan_from_profile(
-                prof, req.method, retain, seed=req.plan_seed,
-                protect_budget=budget if spec.protects else None,
-                candidate=candidate if spec.protects else None,
+                prof, one,
                 candidate_masks=chosen if spec.protects else None,
                 precomputed=chosen if spec.needs_model and not spec.protects else None,
-                score_corpus=req.score_corpus,
             )
 
         if req.auto:
@@ -343,16 +342,15 @@ def apply(
     check_mask_layers(mask, source.config, source.trust_remote_code)
     check_dequantize(source, dequantize)
     recovery = _recovery_request(recover)
+    writing = ExportOptions(overwrite=overwrite, verify=verify, force=force, dequantize=dequantize)
     streamed = _streamed_apply_source(source)
     if streamed is not None:
         if isinstance(recovery, Recovery) or (isinstance(recovery, RecoveryOptions) and recovery.active):
             raise MoePruneError(recovery_not_streamed(streamed))
         if dequantize:
-            raise MoePruneError("--dequantize writes the model dequantized from memory, and this model streams from "
-                                "disk here; drop --dequantize (the export keeps the source's format) or --no-stream.")
+            raise MoePruneError(STREAMED_DEQUANTIZE)
         _check_output(out, source, overwrite, mask_file)
-        return export_streamed(streamed.open_stream(), mask, out, overwrite=overwrite, verify=verify,
-                               progress=progress, force=force, trust_remote_code=source.trust_remote_code)
+        return export_streamed(streamed.open_stream(), mask, out, writing, progress=progress)
     recovering = isinstance(recovery, Recovery) or (isinstance(recovery, RecoveryOptions) and recovery.active)
     if recovering and not dequantize and source.quantization:
         raise MoePruneError(
@@ -369,8 +367,7 @@ def apply(
     if isinstance(recovery, RecoveryOptions):
         recovery = _recovery(source, mask, recovery, progress) if recovery.active else None
         _release_memory()  # the copy recovery loaded is gone before the export loads the checkpoint again
-    return export_pruned(source, mask, out, overwrite=overwrite, verify=verify, progress=progress,
-                         recovery=recovery, dequantize=dequantize)
+    return export_pruned(source, mask, out, writing, recovery=recovery, progress=progress)
 
 
 def _streamed_apply_source(source: ModelSource) -> ModelSource | None:
@@ -465,7 +462,7 @@ def _recovery(source: ModelSource, mask: ExpertMask, options: RecoveryOptions, p
 
 def prune(
     model: Any,
-    retain: float,
+    retain: float | PlanRequest,
     out: str | Path,
     *,
     calibration: Calibration | Mapping[str, Any] | None = None,
@@ -475,11 +472,11 @@ def prune(
     workdir: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
-    **request: Any,
 ) -> Path:
     """Profile, plan and apply in one call; the profile is kept in ``workdir`` (default ``OUT.work``).
-    ``request``: the plan's fields (method, default tb-coverage; seed, protect_budget, candidate; a seeded
-    method's seed defaults to ``calibration.seed``);
+    ``retain``: a ratio in (0, 1], planned with tb-coverage and its defaults, or a
+    :class:`~moeprune.planning.request.PlanRequest` of one ratio naming the method and its fields
+    (``PlanRequest("random", 0.5, seed=1)``; a seeded method's seed defaults to ``calibration.seed``);
     ``calibration``: the profiling corpora and windows (unset fields: the model's preset, as on the CLI);
     ``recover``: a recovery computed on the loaded model before the export (see :func:`apply`).
 
@@ -489,13 +486,12 @@ def prune(
     if workdir is not None:
         check_path(workdir, "workdir")
     check_switches(overwrite=overwrite, progress=progress)
-    retain, request = plain(retain), {name: plain(v) for name, v in request.items()}
+    retain = plain(retain)  # a numpy ratio; a PlanRequest as it is
     source = source_of(model)
-    method = request.pop("method", "tb-coverage")
     calibration = _typed(calibration, Calibration, "calibration")
-    if request.get("seed") is None and _seeded(method, request):  # a seeded method follows the calibration seed
-        request["seed"] = calibration.seed
-    req = PlanRequest.of(method, [retain], request)
+    req = _one_plan(retain)
+    if req.seed is None and req.seeded:  # a seeded method follows the calibration seed
+        req = replace(req, seed=calibration.seed)
     recon = _typed(reconstruction, ReconstructionOptions, "reconstruction")
     options = _recovery_request(recover)  # every type checked before anything is read from the model
     if isinstance(options, Recovery):
@@ -571,13 +567,14 @@ def _prune_streamed(source: ModelSource, req: PlanRequest, out: str | Path, work
     return written
 
 
-def _seeded(method: Any, request: Mapping[str, Any]) -> bool:
-    """Whether ``method`` (with the request's candidate) reads a seed: prune passes its --seed only then."""
-    if not isinstance(method, str) or method not in registry.REGISTRY:
-        return False
-    chosen = registry.candidate_of(method, request.get("candidate"))
-    return registry.method_spec(method).seeded or (chosen in registry.REGISTRY and
-                                                   registry.method_spec(chosen).seeded)
+def _one_plan(retain: Any) -> PlanRequest:
+    """prune's plan: tb-coverage at one ratio, or a PlanRequest of one ratio."""
+    if not isinstance(retain, PlanRequest):
+        return PlanRequest.of("tb-coverage", [retain])
+    if len(retain.retains) != 1:
+        raise MoePruneError(f"prune makes one mask: give a PlanRequest of one retain ratio, not {len(retain.retains)} "
+                            f"({', '.join(map(str, retain.retains))}).")
+    return retain
 
 
 def _names(value: Any, what: str) -> tuple[str, ...]:
@@ -626,8 +623,7 @@ def evaluate(
 
 
 def _perplexities(model: Any, tokenizer: Any, evaluation: EvalSettings, progress: bool) -> dict[str, dict]:
-    return {name: perplexity(model, tokenizer, name, seq_len=evaluation.ppl_seq_len, progress=progress)
-            for name in evaluation.ppl_datasets}
+    return {name: perplexity(model, tokenizer, name, evaluation, progress=progress) for name in evaluation.ppl_datasets}
 
 
 def _report_perplexity(dense: dict[str, dict], pruned: dict[str, dict], mask: ExpertMask, workdir: Path) -> None:
@@ -678,16 +674,14 @@ def _reconstruct(
     spec = _reconstruction_corpus(prof, opts.corpus)
     tokenizer = source.load_tokenizer(loaded)
     windows = calibration_windows(spec, tokenizer, opts.windows, opts.seq_len, opts.seed)
+    search = SearchSettings(loss=opts.loss, token_budget=opts.tokens)
     if streamed is not None:  # one layer-major pass, nothing captured to the work directory
-        return reconstruction_selection_streamed(streamed, windows, kept, progress=progress, loss=opts.loss,
-                                                 token_budget=opts.tokens)
+        return reconstruction_selection_streamed(streamed, windows, kept, search, progress=progress)
     workdir = Path(opts.workdir or workdir or "moeprune-work")
     key = f"{spec.name}-{windows.shape[0]}x{windows.shape[1]}-seed{opts.seed}"
     with output_root(workdir):  # reconstruction/<key>/ below it: never through a link
-        return reconstruction_selection(
-            loaded, windows, kept, workdir, key, corpus=spec.name, progress=progress,
-            loss=opts.loss, token_budget=opts.tokens,
-        )
+        return reconstruction_selection(loaded, windows, kept, WorkDir(workdir, key), search, corpus=spec.name,
+                                        progress=progress)
 
 
 def _check_same_model(prof: Profile, model: Any) -> None:

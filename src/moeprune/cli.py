@@ -289,18 +289,18 @@ def _run_apply(args: argparse.Namespace) -> None:
     from moeprune import api  # lazy: the api pulls in torch; --help stays fast
 
     if args.model_free:
-        if args.dequantize:
-            raise MoePruneError("--model-free writes the source's tensors as they are and cannot --dequantize; drop "
-                                "--model-free (in-memory apply dequantizes) or drop --dequantize.")
         from moeprune.planning.mask import ExpertMask  # lazy: torch
-        from moeprune.surgery.shards import prune_checkpoint_files  # lazy: torch and safetensors
+        from moeprune.surgery import ExportOptions  # lazy: torch
+        from moeprune.surgery.shards import MODEL_FREE_DEQUANTIZE, prune_checkpoint_files  # lazy: torch, safetensors
 
+        if args.dequantize:
+            raise MoePruneError(MODEL_FREE_DEQUANTIZE)
         source = Path(api.resolve_model_path(args.model))
         if not source.is_dir():
             raise MoePruneError(f"--model-free needs a local checkpoint directory; {source} is not one.")
-        out = prune_checkpoint_files(source, ExpertMask.load(args.mask), args.out, overwrite=args.overwrite,
-                                     force=args.force, trust_remote_code=args.trust_remote_code,
-                                     progress=_progress(args))
+        out = prune_checkpoint_files(source, ExpertMask.load(args.mask), args.out,
+                                     ExportOptions(overwrite=args.overwrite, force=args.force),
+                                     trust_remote_code=args.trust_remote_code, progress=_progress(args))
         print(f"pruned checkpoint written to {out} (model-free, shard by shard)")
         return
     out = api.apply(model_source(args), args.mask, args.out, overwrite=args.overwrite, verify=not args.no_verify,
@@ -325,10 +325,9 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
 def _run_prune(args: argparse.Namespace) -> None:
     from moeprune import api  # lazy: the api pulls in torch; --help stays fast
 
-    request = plan_request(args)
     out = api.prune(
         model_source(args),
-        args.retain,
+        plan_request(args),
         args.out,
         calibration=Calibration.from_args(args),
         reconstruction=ReconstructionOptions.from_args(args),
@@ -337,10 +336,6 @@ def _run_prune(args: argparse.Namespace) -> None:
         workdir=args.workdir,
         overwrite=args.overwrite,
         progress=_progress(args),
-        method=request.method,
-        seed=request.seed,
-        protect_budget=request.protect_budget,
-        candidate=request.candidate,
     )
     print(f"pruned checkpoint written to {out}")
 

@@ -12,7 +12,10 @@
     results.json, results.csv, report.md, plots/*.png
 
 One model is loaded for everything: profiling, reconstruction and every cell (masks are applied in
-memory with ``surgery.masked``, which restores the model afterwards).
+memory with ``surgery.masked``, which restores the model afterwards). A model that streams (``--stream``, or too
+large for the memory available) is never loaded whole: every stage reads its decoder layers from disk one at a
+time (the profile, expert-sparsity's pass, and each cell's evaluation, its mask applied to each layer as it is
+read), so streamed cells equal in-memory ones; recovery is refused up front there.
 
 Orchestration only: this module sits above :mod:`moeprune.api` (profile, plan_many) and calls the
 evaluation and recovery stages below it; nothing in the package imports it but the CLI.
@@ -77,6 +80,7 @@ from moeprune.recovery import (
     recover,
     teacher_targets,
 )
+from moeprune.streaming.layers import DiskLayers
 
 log = logging.getLogger(__name__)
 
@@ -116,16 +120,15 @@ def run_experiment(
     source, settings = resolve_experiment(model, grid, calibration, reconstruction, evaluation, recovery)
     grid, calibration, recon = settings.grid, settings.calibration, settings.reconstruction
     evaluation, recovery, methods = settings.evaluation, settings.recovery, settings.methods
-    if not source.is_loaded and source.placement() == "stream":
-        raise MoePruneError(
-            f"experiment keeps one model in memory for every cell, and {source.name} streams from disk here "
-            "(--stream, or too little memory); run the stages streamed instead (moeprune profile/plan/apply/eval "
-            "--stream), or pass --no-stream on a machine that holds the model."
-        )
-    loaded = source.load()
-    tokenizer = source.load_tokenizer(loaded)
+    streamed = not source.is_loaded and source.placement() == "stream"
+    if streamed and any(k != NONE for k in grid.recover):  # before anything loads
+        raise MoePruneError(api.recovery_not_streamed(source))
+    # Streamed: a meta skeleton whose layers are read from disk for each pass (every cell), never the whole model.
+    loaded = source.open_stream() if streamed else source.load()
+    net = loaded.model if streamed else loaded
+    tokenizer = source.load_tokenizer(net)
     record = {
-        "model": model_name(loaded) if source.is_loaded else str(source.model),
+        "model": model_name(net) if source.is_loaded else str(source.model),
         "retains": list(grid.retains),
         "methods": methods,
         "seeds": list(grid.seeds),
@@ -133,17 +136,19 @@ def run_experiment(
         "evaluation": _evaluation_record(evaluation),
     }
     kinds = list(grid.recover)
-    _check_recovery_axis(kinds, loaded, grid.retains)
+    _check_recovery_axis(kinds, net, grid.retains)
     if any(k != "none" for k in kinds):  # recorded only when used, so older experiment.json files still match
         record["recovery"] = {"kinds": kinds, **{k: v for k, v in recovery.to_json().items() if k != "kind"}}
     check_own_folder(out, without_file("experiment.json"), "experiment")
     with output_root(out):  # no folder below --out (cells/, masks/, recovery/, profile/) is written through a link
         _check_settings(out, record)
         _remove_orphans(out)
-        running = ModelSource.of(source.with_model(loaded), tokenizer=tokenizer)
+        # Streamed, each stage reads the layers from disk again (profile, expert-sparsity's pass, every cell).
+        running = ModelSource.of(source, stream=True) if streamed \
+            else ModelSource.of(source.with_model(loaded), tokenizer=tokenizer)
         _profile(running, out, calibration, grid, methods, progress)
         masks = plan_grid(out, running, grid, methods, calibration, recon, progress)
-        cells = evaluate_grid(loaded, tokenizer, out, masks, evaluation, progress, kinds, recovery)
+        cells = evaluate_grid(CellRun(loaded, tokenizer, evaluation, progress), out, masks, kinds, recovery)
         files = write_outputs(out, record, cells, plots=plots)
     return {"settings": record, "cells": cells, "files": {k: str(v) for k, v in files.items()}}
 
@@ -279,6 +284,8 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
 
 def _profile(source: ModelSource, out: Path, calibration: Calibration, grid: GridOptions, methods: Sequence[str],
              progress: bool) -> None:
+    if source.stream:  # a layer-major run finishes each layer for all windows: no mid-corpus checkpoints
+        calibration = dataclasses.replace(calibration, checkpoint_every=None)
     if grid.reap and "reap" in methods:  # first: a hub corpus that cannot load (offline) fails before the long profile
         reap = dataclasses.replace(calibration, corpora=(grid.reap,), samples=grid.reap_samples,
                                    seq_len=grid.reap_seq_len)
@@ -405,20 +412,43 @@ def cell_id(mask: ExpertMask | None, recover: str = "none") -> str:
     return stem if recover == "none" else f"{stem}+{recover}"
 
 
+@dataclasses.dataclass(frozen=True)
+class CellRun:
+    """What every cell of a grid is evaluated with: the model (loaded, or a
+    :class:`~moeprune.streaming.layers.DiskLayers` streaming it from disk), its tokenizer and the resolved
+    evaluation settings."""
+
+    model: Any
+    tokenizer: Any
+    evaluation: EvalSettings
+    progress: bool = True
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.model, DiskLayers)
+
+    @property
+    def net(self) -> Any:
+        """The torch model (for a streamed one its meta skeleton: names, config and footprint, no weights)."""
+        return self.model.model if self.streamed else self.model
+
+
 @reuse_lm_eval()  # lm-eval's tasks and model wrapper are built once for all cells
 def evaluate_grid(
-    model: Any,
-    tokenizer: Any,
+    run: CellRun,
     out: Path,
     masks: Sequence[tuple[Path, ExpertMask]],
-    evaluation: EvalSettings,
-    progress: bool = True,
     recover: Sequence[str] = ("none",),
     recovery: Any = None,
 ) -> list[dict[str, Any]]:
     """Dense first, then every mask (and per mask every recovery kind in ``recover``); each cell is written
     to ``out/cells`` as soon as it is done, and a cell whose file exists is read back instead of recomputed
-    (resume after a crash or a kill). Recovery deltas are cached in ``out/recovery``."""
+    (resume after a crash or a kill). Recovery deltas are cached in ``out/recovery``.
+
+    A streamed model reads its weights once per cell and evaluation pass (each perplexity dataset, each chunk of
+    lm-eval's batches); a cell's numbers do not depend on it, so cells computed in memory are reused streamed and
+    the other way round."""
+    model, tokenizer, evaluation = run.net, run.tokenizer, run.evaluation
     dense_fp = footprint(model)
     model_inputs = cell_inputs(model, tokenizer, None)
     # The bytes of every local evaluation file (a --ppl FILE, a --ppl-data copy): edited at the same path, the
@@ -426,7 +456,7 @@ def evaluate_grid(
     local = [*(evaluation.ppl_datasets or ()), *(evaluation.ppl_sources or {}).values()]
     model_inputs["eval_files_sha256"] = {str(f): file_sha256(f) for f in local if Path(str(f)).is_file()}
     cells = []
-    shared = _SharedCalibration(model, tokenizer, recovery, progress)
+    shared = _SharedCalibration(model, tokenizer, recovery, run.progress)
     cells_dir = make_dirs(out / "cells")  # created (and later read) without following a link
     for path, mask in [(None, None), *masks]:
         for kind in ["none"] if mask is None else recover:
@@ -439,7 +469,7 @@ def evaluate_grid(
                 cells.append(cached)
                 continue
             found = None if kind == "none" else _cell_recovery(out, model, mask, recovery.with_kind(kind), shared)
-            cell = run_cell(model, tokenizer, mask, path, dense_fp, evaluation, progress, found)
+            cell = run_cell(run, mask, path, dense_fp, found)
             cell["inputs"] = inputs
             write_json_atomic(file, sealed(cell))  # sealed: a cell edited by hand is recomputed, not reported
             cells.append(cell)
@@ -548,13 +578,10 @@ def read_cell(file: Path, expected_id: str, inputs: dict[str, Any] | None = None
 
 
 def run_cell(
-    model: Any,
-    tokenizer: Any,
+    run: CellRun,
     mask: ExpertMask | None,
     mask_path: Path | None,
     dense_fp: dict[str, int],
-    evaluation: EvalSettings,
-    progress: bool,
     recovery: Any = None,
 ) -> dict[str, Any]:
     """One evaluation, with the fields the report groups by (cell, method, retain, seed, recover) on top;
@@ -562,15 +589,13 @@ def run_cell(
     kind = "none" if recovery is None else recovery.record.get("kind", "none")
     # Looked up at call time, so a test can count (or fail) the per-cell evaluations.
     result = runner.evaluate_loaded(
-        model,
-        tokenizer,
-        evaluation,
-        mask=mask,
-        mask_path=mask_path,
+        run.model,
+        run.tokenizer,
+        run.evaluation,
+        variant=None if mask is None else runner.Variant(mask, mask_path, None if recovery is None else recovery.delta),
         dense_footprint=dense_fp,
-        progress=progress,
-        metadata={"model": model_name(model)},
-        delta=None if recovery is None else recovery.delta,
+        progress=run.progress,
+        metadata={"model": model_name(run.net), **({"stream": True} if run.streamed else {})},
     )
     if recovery is not None:
         result["recovery"] = recovery.record

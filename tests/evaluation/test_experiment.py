@@ -41,7 +41,7 @@ def _counting(monkeypatch, fail_at: int | None = None) -> list[str]:
     real, calls = runner.evaluate_loaded, []
 
     def wrapper(*args, **kwargs):
-        calls.append(kwargs["mask"].method if kwargs.get("mask") is not None else "dense")
+        calls.append(kwargs["variant"].mask.method if kwargs.get("variant") is not None else "dense")
         if fail_at is not None and len(calls) == fail_at:
             raise RuntimeError("killed")
         return real(*args, **kwargs)

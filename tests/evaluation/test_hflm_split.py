@@ -14,6 +14,7 @@ from lm_eval.tasks import TaskManager
 from moeprune.evaluation.hflm import SplitSafeHFLM, split_rounds
 from moeprune.evaluation.tasks.data import read_items
 from moeprune.evaluation.zeroshot import _hflm, zero_shot
+from moeprune.options import EvalSettings
 from tests.evaluation import bundled_tokenizer, tiny_lm
 
 CLOZE, DOMAIN = 25, 57  # the first colliding pair in the committed task files
@@ -71,7 +72,7 @@ def test_cloze_scores_the_same_alone_and_with_domain(lm_and_tok, monkeypatch):
     runs = []
     for tasks in ("heldout_cloze", "heldout_cloze,heldout_domain"):
         recorded.clear()
-        zero_shot(model, tok, tasks=tasks, limit=DOMAIN + 1, batch_size=8)
+        zero_shot(model, tok, EvalSettings(tasks=tasks, limit=DOMAIN + 1, eval_batch_size=8))
         runs.append({key: ll for key, ll in recorded.items() if key[0] == "heldout_cloze"})
     alone, together = runs
     assert len(alone) == 4 * (DOMAIN + 1) and alone.keys() == together.keys()

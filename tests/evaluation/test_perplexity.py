@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from moeprune.bundled import read_bundled_corpus
 from moeprune.errors import MoePruneError
 from moeprune.evaluation.perplexity import load_eval_text, perplexity, sequence_nll, split_windows
+from moeprune.options import EvalSettings
 from tests.evaluation import bundled_tokenizer, tiny_lm
 
 SEQ = 64
@@ -50,7 +51,7 @@ def reference_ppl(model, tok, text: str, seq_len: int) -> tuple[float, int, int]
 
 
 def test_matches_hand_computation(model, tok, text_file):
-    got = perplexity(model, tok, str(text_file), seq_len=SEQ, progress=False)
+    got = perplexity(model, tok, str(text_file), EvalSettings(ppl_seq_len=SEQ), progress=False)
     want, windows, tokens = reference_ppl(model, tok, text_file.read_text(encoding="utf-8"), SEQ)
     assert got["windows"] == windows >= 3
     assert got["tokens"] == tokens == windows * (SEQ - 1)
@@ -60,10 +61,10 @@ def test_matches_hand_computation(model, tok, text_file):
 
 
 def test_batching_and_max_windows(model, tok, text_file):
-    one = perplexity(model, tok, str(text_file), seq_len=SEQ, progress=False)
-    batched = perplexity(model, tok, str(text_file), seq_len=SEQ, batch_size=3, progress=False)
+    one = perplexity(model, tok, str(text_file), EvalSettings(ppl_seq_len=SEQ), progress=False)
+    batched = perplexity(model, tok, str(text_file), EvalSettings(ppl_seq_len=SEQ), batch_size=3, progress=False)
     assert batched["ppl"] == pytest.approx(one["ppl"], rel=1e-5)
-    first2 = perplexity(model, tok, str(text_file), seq_len=SEQ, max_windows=2, progress=False)
+    first2 = perplexity(model, tok, str(text_file), EvalSettings(ppl_seq_len=SEQ, max_windows=2), progress=False)
     assert first2["windows"] == 2 and first2["tokens"] == 2 * (SEQ - 1)
     assert first2["ppl"] != pytest.approx(one["ppl"], rel=1e-6)
 
@@ -118,11 +119,12 @@ def test_local_c4_uses_first_documents_and_caps_windows(model, tok, tmp_path, mo
     _, text, _ = load_eval_text("c4", {"c4": path})
     assert text == " ".join(docs[:1100])
     monkeypatch.setattr(ppl_module, "C4_WINDOWS", 2)
-    assert perplexity(model, tok, "c4", seq_len=SEQ, sources={"c4": path}, progress=False)["windows"] == 2
+    assert perplexity(model, tok, "c4", EvalSettings(ppl_seq_len=SEQ, ppl_sources={"c4": path}),
+                      progress=False)["windows"] == 2
 
 
 def test_bad_requests(model, tok, text_file):
     with pytest.raises(MoePruneError, match="max_position_embeddings"):
-        perplexity(model, tok, str(text_file), seq_len=4096, progress=False)
+        perplexity(model, tok, str(text_file), EvalSettings(ppl_seq_len=4096), progress=False)
     with pytest.raises(MoePruneError, match="Unknown perplexity dataset"):
-        perplexity(model, tok, "no-such-dataset", seq_len=SEQ, progress=False)
+        perplexity(model, tok, "no-such-dataset", EvalSettings(ppl_seq_len=SEQ), progress=False)

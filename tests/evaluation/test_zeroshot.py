@@ -88,7 +88,7 @@ def test_stress_tasks_run_with_their_shots(monkeypatch):
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", fake_evaluate)
     tok = bundled_tokenizer()
-    out = zero_shot(tiny_lm(len(tok)), tok, tasks="stress,bundled_wiki_cont")
+    out = zero_shot(tiny_lm(len(tok)), tok, EvalSettings(tasks="stress,bundled_wiki_cont"))
     assert calls == [(["bundled_wiki_cont"], 0), (["minerva_math500"], 4), (["mmlu", "gsm8k"], 5)]
     assert out["settings"]["num_fewshot"] == {**FEWSHOT, "bundled_wiki_cont": 0}
     assert out["tasks"]["gsm8k"]["exact_match@strict-match"] == 0.25 and out["common_avg"] is None

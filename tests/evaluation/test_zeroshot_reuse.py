@@ -11,6 +11,7 @@ from lm_eval.tasks import TaskManager
 
 from moeprune.errors import MoePruneError
 from moeprune.evaluation.zeroshot import eval_batch_size, reuse_lm_eval, zero_shot
+from moeprune.options import EvalSettings
 from moeprune.planning.mask import ExpertMask, LayerMask
 from moeprune.surgery import masked
 from tests.evaluation import bundled_tokenizer, tiny_lm
@@ -35,7 +36,7 @@ def _grid(model, tok) -> list[tuple[list[float], dict]]:
 
 def _cell(model, tok) -> tuple[list[float], dict]:
     _LOGLIK.clear()
-    tasks = zero_shot(model, tok, tasks="bundled", limit=LIMIT, batch_size=4)["tasks"]
+    tasks = zero_shot(model, tok, EvalSettings(tasks="bundled", limit=LIMIT, eval_batch_size=4))["tasks"]
     return list(_LOGLIK), tasks
 
 
@@ -101,7 +102,8 @@ def test_auto_batch_size_reaches_lm_eval(counted, monkeypatch):
     # out-of-memory; a tiny model fits at once.
     monkeypatch.setattr(HFLM, "__init__", partialmethod(HFLM.__init__, max_batch_size=4))
     tok = bundled_tokenizer()
-    settings = zero_shot(tiny_lm(len(tok)), tok, tasks="bundled_wiki_cont", limit=2, batch_size="auto")["settings"]
+    settings = zero_shot(tiny_lm(len(tok)), tok, EvalSettings(tasks="bundled_wiki_cont", limit=2,
+                                                             eval_batch_size="auto"))["settings"]
     assert settings["batch_size"] == "auto" and settings["batch_sizes_found"] == [4]
 
 

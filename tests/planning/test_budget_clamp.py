@@ -6,7 +6,7 @@ import pytest
 
 from moeprune import api
 from moeprune.cli import main
-from moeprune.planning import candidate_needed, plan
+from moeprune.planning import PlanRequest, candidate_needed, plan
 from moeprune.planning.mask import ExpertMask
 from moeprune.planning.tb_coverage import round_robin
 from moeprune.reconstruction.search import SearchResult
@@ -29,14 +29,14 @@ def test_paper_default_at_25_percent_is_clamped_and_recorded() -> None:
 def test_clamped_mask_is_the_round_robin_and_never_computes_the_candidate() -> None:
     prof = random_profile(3, 1, 16, top_k=2)
     # expert-sparsity without selections raises if asked: B >= K must not ask.
-    mask = plan(prof, "tb-coverage", 0.25, protect_budget=7, candidate="expert-sparsity")
+    mask = plan(prof, PlanRequest("tb-coverage", 0.25, protect_budget=7, candidate="expert-sparsity"))
     rankings = [sorted(range(16), key=lambda e, c=c: (-float(prof.reap_scores()[c, 0, e]), e)) for c in range(3)]
     assert mask.layers[1].protected == round_robin(rankings, 4)
     assert mask.kept(1) == sorted(round_robin(rankings, 4))
 
 
 def test_below_k_uses_the_candidate_and_has_no_note() -> None:
-    mask = plan(random_profile(2, 1, 60, top_k=4), "tb-coverage", 0.5, candidate="reap")
+    mask = plan(random_profile(2, 1, 60, top_k=4), PlanRequest("tb-coverage", 0.5, candidate="reap"))
     assert (mask.protect_budget, mask.protect_budget_requested, mask.candidate_used, mask.notes) == (20, 20, True, [])
     assert candidate_needed(60, 30, None) and not candidate_needed(60, 15, None) and not candidate_needed(8, 4, 4)
 
@@ -71,7 +71,7 @@ def test_non_integer_budget_is_refused(budget) -> None:
     from moeprune.errors import MoePruneError
 
     with pytest.raises(MoePruneError, match="whole number"):
-        plan(random_profile(2, 1, 8), "tb-coverage", 0.5, protect_budget=budget)
+        plan(random_profile(2, 1, 8), PlanRequest("tb-coverage", 0.5, protect_budget=budget))
 
 
 def test_cli_budget_is_a_number_or_auto(tmp_path, capsys) -> None:
@@ -87,4 +87,4 @@ def test_model_free_plan_refuses_auto_with_the_fix() -> None:
     from moeprune.errors import MoePruneError
 
     with pytest.raises(MoePruneError, match="B='auto'.*load the model"):
-        plan(random_profile(2, 1, 8), "tb-coverage", 0.5, protect_budget="auto")
+        plan(random_profile(2, 1, 8), PlanRequest("tb-coverage", 0.5, protect_budget="auto"))

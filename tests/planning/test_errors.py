@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moeprune.errors import MoePruneError
-from moeprune.planning import plan
+from moeprune.planning import PlanRequest, plan
 
 from . import random_profile
 
@@ -32,25 +32,26 @@ def test_unknown_method_lists_the_known_ones(profile) -> None:
 
 
 def test_budget_above_k_is_clamped_not_refused(profile) -> None:
-    mask = plan(profile, "tb-coverage", 0.5, protect_budget=5)
+    mask = plan(profile, PlanRequest("tb-coverage", 0.5, protect_budget=5))
     assert (mask.protect_budget, mask.protect_budget_requested, mask.candidate_used) == (4, 5, False)
 
 
 def test_negative_budget(profile) -> None:
-    with pytest.raises(MoePruneError, match=r"B=-1 is negative"):
-        plan(profile, "tb-coverage", 0.5, protect_budget=-1)
+    with pytest.raises(MoePruneError, match=r"--protect-budget \(-B\) must be 0 or more \(got -1\)"):
+        plan(profile, PlanRequest("tb-coverage", 0.5, protect_budget=-1))
 
 
 @pytest.mark.parametrize("options", [{"protect_budget": 2}, {"candidate": "reap"}, {"candidate_masks": {}}])
 def test_protection_options_only_for_tb_coverage(profile, options) -> None:
     with pytest.raises(MoePruneError, match=r"only applies to tb-coverage; drop it for 'frequency'"):
-        plan(profile, "frequency", 0.5, **options)
+        request = PlanRequest("frequency", 0.5, **{k: v for k, v in options.items() if k != "candidate_masks"})
+        plan(profile, request, candidate_masks=options.get("candidate_masks"))
 
 
 @pytest.mark.parametrize("candidate", ["nope", "tb-coverage"])
 def test_bad_candidate(profile, candidate: str) -> None:
     with pytest.raises(MoePruneError, match=r"Unknown candidate method.*use one of: random, frequency"):
-        plan(profile, "tb-coverage", 0.5, candidate=candidate)
+        plan(profile, PlanRequest("tb-coverage", 0.5, candidate=candidate))
 
 
 def test_model_method_without_selections(profile) -> None:
@@ -60,7 +61,7 @@ def test_model_method_without_selections(profile) -> None:
         plan(profile, "expert-sparsity", 0.5)
     # As tb-coverage's candidate, the message still names expert-sparsity (not tb-coverage).
     with pytest.raises(MoePruneError, match=r"'expert-sparsity' selects .*candidate_masks="):
-        plan(profile, "tb-coverage", 0.5, candidate="expert-sparsity")
+        plan(profile, PlanRequest("tb-coverage", 0.5, candidate="expert-sparsity"))
 
 
 def test_selections_of_the_wrong_size_or_missing_layers(profile) -> None:
@@ -71,10 +72,10 @@ def test_selections_of_the_wrong_size_or_missing_layers(profile) -> None:
 
 
 def test_negative_seed_for_random(profile) -> None:
-    with pytest.raises(MoePruneError, match=r"non-negative integer"):
-        plan(profile, "random", 0.5, seed=-1)
+    with pytest.raises(MoePruneError, match=r"--plan-seed must be 0 or more"):
+        plan(profile, PlanRequest("random", 0.5, seed=-1))
 
 
 def test_both_protection_options_named_in_plural(profile) -> None:
     with pytest.raises(MoePruneError, match=r"protect_budget, candidate only apply to tb-coverage; drop them"):
-        plan(profile, "frequency", 0.5, protect_budget=2, candidate="reap")
+        plan(profile, PlanRequest("frequency", 0.5, protect_budget=2, candidate="reap"))

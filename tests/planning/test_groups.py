@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moeprune.errors import MoePruneError
-from moeprune.planning import plan
+from moeprune.planning import PlanRequest, plan
 from moeprune.planning.groups import split_budget
 
 from . import make_profile, profile_only, random_profile
@@ -23,7 +23,7 @@ def per_group(ids: list[int], group_size: int, n_group: int) -> list[int]:
 @pytest.mark.parametrize("retain", [0.5, 0.75])
 def test_each_group_keeps_k_over_g(method: str, retain: float) -> None:
     profile = random_profile(2, 3, 16, **V3)
-    mask = plan(profile, method, retain, **profile_only(method))
+    mask = plan(profile, PlanRequest(method, retain, **profile_only(method)))
     k = int(retain * 16)
     for layer in profile.layer_ids:
         assert per_group(mask.kept(layer), 4, 4) == [k // 4] * 4
@@ -41,7 +41,7 @@ def test_protect_budget_is_split_over_groups_lowest_first() -> None:
     assert split_budget(3, 4) == [1, 1, 1, 0]
     assert split_budget(8, 4) == [2, 2, 2, 2]
     profile = random_profile(3, 2, 16, **V3)
-    mask = plan(profile, "tb-coverage", 0.5, protect_budget=5, candidate="reap")
+    mask = plan(profile, PlanRequest("tb-coverage", 0.5, protect_budget=5, candidate="reap"))
     for layer in profile.layer_ids:
         protected = mask.layers[layer].protected
         assert per_group(protected, 4, 4) == [2, 1, 1, 1]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from moeprune.planning import METHODS, plan
+from moeprune.planning import METHODS, PlanRequest, plan
 from moeprune.planning.mask import ExpertMask
 
 from . import make_profile, profile_only, random_profile
@@ -23,7 +23,7 @@ def test_registry_lists_every_method() -> None:
 @pytest.mark.parametrize("retain", [0.25, 0.5, 0.75, 1.0])
 def test_every_method_keeps_exactly_k_per_layer(method: str, num_experts: int, retain: float) -> None:
     profile = random_profile(3, 4, num_experts, top_k=2)
-    mask = plan(profile, method, retain, **profile_only(method))
+    mask = plan(profile, PlanRequest(method, retain, **profile_only(method)))
     k = int(retain * num_experts)
     assert mask.kept_per_layer == k
     assert sorted(mask.layers) == profile.layer_ids
@@ -65,7 +65,7 @@ def test_mean_and_max_score_differ_on_a_specialist() -> None:
 @pytest.mark.parametrize("method", ["reap", "mean-score", "max-score", "tb-coverage"])
 def test_score_ties_go_to_the_lower_id(method: str) -> None:
     profile = make_profile([[[3, 5, 5, 5, 5, 1]], [[3, 5, 5, 5, 5, 1]]])
-    assert plan(profile, method, 0.5, **profile_only(method)).kept(1) == [1, 2, 3]
+    assert plan(profile, PlanRequest(method, 0.5, **profile_only(method))).kept(1) == [1, 2, 3]
 
 
 def test_each_layer_is_planned_from_its_own_row() -> None:
@@ -76,9 +76,9 @@ def test_each_layer_is_planned_from_its_own_row() -> None:
 
 def test_random_is_reproducible_per_seed_and_varies_with_seed_and_layer() -> None:
     profile = random_profile(1, 6, 64, top_k=2)
-    first = plan(profile, "random", 0.5, seed=3)
-    again = plan(profile, "random", 0.5, seed=3)
-    other = plan(profile, "random", 0.5, seed=4)
+    first = plan(profile, PlanRequest("random", 0.5, seed=3))
+    again = plan(profile, PlanRequest("random", 0.5, seed=3))
+    other = plan(profile, PlanRequest("random", 0.5, seed=4))
     assert first.to_json() == again.to_json()
     assert first.to_json()["layers"] != other.to_json()["layers"]
     assert len({tuple(first.kept(layer)) for layer in profile.layer_ids}) > 1
@@ -97,7 +97,8 @@ def test_expert_sparsity_uses_precomputed_selections() -> None:
 
 @pytest.mark.parametrize("method", PROFILE_METHODS)
 def test_mask_json_round_trips(method: str) -> None:
-    mask = plan(random_profile(2, 3, 16, top_k=2), method, 0.5, seed=1, **profile_only(method))
+    seed = 1 if METHODS[method].seeded else None
+    mask = plan(random_profile(2, 3, 16, top_k=2), PlanRequest(method, 0.5, seed=seed, **profile_only(method)))
     text = json.dumps(mask.to_json())
     back = ExpertMask.from_json(json.loads(text))
     assert back.to_json() == mask.to_json()
@@ -111,10 +112,10 @@ def test_reap_on_one_named_corpus() -> None:
     # corpus0 prefers the high ids, corpus1 the low ones; the pooled ranking follows corpus1's larger counts.
     profile = make_profile([[1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1]], [[1] * 6, [100] * 6])
     assert plan(profile, "reap", 0.5).kept(1) == [0, 1, 2]
-    on_code = plan(profile, "reap", 0.5, score_corpus="corpus0")
+    on_code = plan(profile, PlanRequest("reap", 0.5, score_corpus="corpus0"))
     assert on_code.kept(1) == [3, 4, 5] and on_code.variant == "reap@corpus0"
     assert on_code.extra["corpora"] == ["corpus0"] and api.mask_filename(on_code) == "reap@corpus0-0.50.json"
     with pytest.raises(MoePruneError, match=r"'code' is not in the profile.*corpus0, corpus1.*--corpus code="):
-        plan(profile, "reap", 0.5, score_corpus="code")
+        plan(profile, PlanRequest("reap", 0.5, score_corpus="code"))
     with pytest.raises(MoePruneError, match="only applies to reap"):
-        plan(profile, "frequency", 0.5, score_corpus="corpus0")
+        plan(profile, PlanRequest("frequency", 0.5, score_corpus="corpus0"))

@@ -10,7 +10,7 @@ from moeprune import api
 from moeprune.cli import main
 from moeprune.errors import MoePruneError
 from moeprune.evaluation import report
-from moeprune.planning import plan, registry
+from moeprune.planning import PlanRequest, plan, registry
 from moeprune.planning.base import PlanContext, ranked
 from moeprune.planning.mask import ExpertMask, LayerMask
 from moeprune.planning.registry import MethodSpec
@@ -55,11 +55,11 @@ def test_one_row_is_all_a_method_needs(throwaway, tmp_path, capsys) -> None:
     assert main(["inspect", str(out / "least-frequent-0.50.json")]) == 0
     assert "method least-frequent" in capsys.readouterr().out
     assert report.method_label("least-frequent") == "Least-frequent"
-    tb = plan(profile, "tb-coverage", 0.5, protect_budget=1, candidate="least-frequent")
+    tb = plan(profile, PlanRequest("tb-coverage", 0.5, protect_budget=1, candidate="least-frequent"))
     assert all(set(tb.layers[layer].extra["candidate"]) == set(mask.kept(layer)) for layer in profile.layer_ids)
     # Its row's traits are the only thing that gates options: no protect budget for it.
     with pytest.raises(MoePruneError, match=r"protect_budget only applies to tb-coverage; drop it for 'least-freq"):
-        plan(profile, "least-frequent", 0.5, protect_budget=1)
+        plan(profile, PlanRequest("least-frequent", 0.5, protect_budget=1))
 
 
 def test_gone_once_unregistered_and_names_are_unique(throwaway) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from moeprune.bundled import bundled_model_path, read_bundled_corpus
 from moeprune.loading import load_model
-from moeprune.surgery import export_pruned
+from moeprune.surgery import ExportOptions, export_pruned
 from tests.surgery import make_mask
 
 from .conftest import run_side, side_python
@@ -67,7 +67,7 @@ def test_quantize_then_prune_keeps_llm_compressors_format(tmp_path: Path) -> Non
     in_memory = tmp_path / "pruned"
     # --force: the mask was made on the bundled model, whose config.json transformers 5.17 re-saved for the source.
     assert main(["apply", str(source), str(tmp_path / "mask.json"), "--out", str(in_memory), "--force"]) == 0
-    model_free = prune_checkpoint_files(source, mask, tmp_path / "pruned-mf", progress=False, force=True)
+    model_free = prune_checkpoint_files(source, mask, tmp_path / "pruned-mf", ExportOptions(force=True), progress=False)
     src, got, free = tensors(source), tensors(in_memory), tensors(model_free)
     assert sorted(got) == sorted(free) and all(torch.equal(got[n], free[n]) for n in got)
     for j, e in enumerate(mask.kept(0)):

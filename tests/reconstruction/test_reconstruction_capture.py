@@ -12,6 +12,7 @@ from moeprune.arch.view import moe_layers
 from moeprune.errors import MoePruneError
 from moeprune.planning.mask import ExpertMask
 from moeprune.reconstruction import (
+    SearchSettings,
     WorkDir,
     capture_moe_inputs,
     expert_sparsity_mask,
@@ -79,14 +80,14 @@ def test_same_key_other_tokens_is_an_error(tmp_path: Path) -> None:
 def test_selection_for_several_k_and_mask(tmp_path: Path) -> None:
     model = build_model("deepseek_v3")
     tokens = windows(model.config.vocab_size)
-    results = reconstruction_selection(model, tokens, [4, 6], tmp_path, "k", progress=False)
+    results = reconstruction_selection(model, tokens, [4, 6], WorkDir(tmp_path, "k"), progress=False)
     assert sorted(results) == [4, 6]
     assert all(len(r.kept) == 4 and r.search == "exact" for r in results[4].values())
     assert selections(results, 6) == {layer: r.kept for layer, r in results[6].items()}
     kept, loss = results[6][1]  # results unpack as (kept, loss)
     assert kept == results[6][1].kept and loss == results[6][1].loss
 
-    mask = expert_sparsity_mask(model, tokens, 0.5, tmp_path, "k", progress=False, corpus="c4")
+    mask = expert_sparsity_mask(model, tokens, 0.5, WorkDir(tmp_path, "k"), progress=False, corpus="c4")
     assert isinstance(mask, ExpertMask) and mask.method == "expert-sparsity" and mask.kept_per_layer == 4
     for layer, lm in mask.layers.items():
         assert lm.kept == results[4][layer].kept
@@ -117,12 +118,14 @@ def test_capture_writes_each_activation_once(tmp_path: Path, monkeypatch: pytest
 def test_token_budget_bounds_the_captured_tokens(tmp_path: Path) -> None:
     model = build_model("mixtral")
     tokens = windows(model.config.vocab_size)  # 4 windows of 16
-    results = reconstruction_selection(model, tokens, 4, tmp_path, "k", token_budget=40, progress=False)
+    results = reconstruction_selection(model, tokens, 4, WorkDir(tmp_path, "k"), SearchSettings(token_budget=40),
+                                       progress=False)
     meta = WorkDir(tmp_path, "k").read_meta()
     assert meta["tokens"] == 32 <= 40 and meta["samples"] == 2  # whole windows only
     assert all(WorkDir(tmp_path, "k").load_layer(i).shape[0] == 32 for i in meta["layers"])
     assert sorted(results) == [4]
     with pytest.raises(MoePruneError, match="recon-tokens"):
-        reconstruction_selection(model, tokens, 4, tmp_path, "k2", token_budget=SEQ_LEN - 1, progress=False)
+        reconstruction_selection(model, tokens, 4, WorkDir(tmp_path, "k2"), SearchSettings(token_budget=SEQ_LEN - 1),
+                                 progress=False)
     with pytest.raises(MoePruneError, match="per-batch"):
-        reconstruction_selection(model, tokens, 4, tmp_path, "k", loss="frobenius", progress=False)
+        SearchSettings(loss="frobenius")

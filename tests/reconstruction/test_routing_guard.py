@@ -9,7 +9,7 @@ import torch
 
 from moeprune.arch import adapters
 from moeprune.errors import MoePruneError
-from moeprune.reconstruction import check_routing, reconstruction_selection
+from moeprune.reconstruction import WorkDir, check_routing, reconstruction_selection
 from tests import arch_sweep
 from tests.tiny_models import ARCH_NAMES, build_model
 
@@ -42,7 +42,7 @@ def test_a_sigmoid_router_on_the_softmax_rule_is_refused_before_any_capture(monk
     check_routing(model, TOKENS)  # its row maps it to the DeepSeek-V3 rule: exact
     monkeypatch.delitem(adapters.ROUTING_RULES, "glm4_moe")  # back to the softmax_topk fallback
     with pytest.raises(MoePruneError, match=rf"cannot re-route glm4_moe's router exactly .*other experts.*{FIX}"):
-        reconstruction_selection(model, TOKENS, 4, tmp_path, "k", progress=False)
+        reconstruction_selection(model, TOKENS, 4, WorkDir(tmp_path, "k"), progress=False)
     assert not (tmp_path / "reconstruction").exists()  # refused before the capture pass
 
 

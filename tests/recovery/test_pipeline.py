@@ -14,6 +14,7 @@ from moeprune import api
 from moeprune.cli import main
 from moeprune.loading import load_model
 from moeprune.options import Calibration
+from moeprune.planning.request import PlanRequest
 from moeprune.recovery import Recovery, RecoveryOptions, apply_delta
 from moeprune.surgery import masked
 from tests.surgery import make_mask
@@ -195,7 +196,7 @@ def test_apply_without_corpora_anywhere_needs_recover_corpus(tiny_checkpoint, tm
 
 
 def test_prune_recovers_on_the_profiled_corpora(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    out = api.prune(tiny_checkpoint, 0.5, tmp_path / "out", method="frequency",
+    out = api.prune(tiny_checkpoint, PlanRequest("frequency", 0.5), tmp_path / "out",
                     calibration=Calibration(corpora=("wiki",), samples=4, seq_len=32, batch_size=2), progress=False,
                     recover=replace(KD, corpora=None))
     record = json.loads((out / "mask.json").read_text())["extra"]["recovery"]

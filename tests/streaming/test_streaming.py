@@ -19,7 +19,12 @@ from moeprune.options import Calibration, EvalSettings
 from moeprune.profiling.runner import profile_windows
 from moeprune.profiling.sequential import profile_windows_layer_major
 from moeprune.profiling.stats import SUM_FIELDS
-from moeprune.reconstruction import reconstruction_selection, reconstruction_selection_streamed
+from moeprune.reconstruction import (
+    SearchSettings,
+    WorkDir,
+    reconstruction_selection,
+    reconstruction_selection_streamed,
+)
 from moeprune.streaming import layers as stream_layers
 from moeprune.streaming import memory
 from moeprune.streaming.layers import DiskLayers
@@ -291,10 +296,11 @@ def _outcome(run):
 def test_streamed_expert_sparsity_equals_in_memory(arch, tmp_path):
     model = _saved(arch, tmp_path / arch)
     windows = _windows(model.config.vocab_size, n=4, length=16)
-    kwargs = dict(batch_size=2, progress=False, loss="per-batch", loss_batch=2)
-    plain = _outcome(lambda: reconstruction_selection(model, windows, [4, 6], tmp_path / "work", "k", **kwargs))
+    search = SearchSettings(batch_size=2, loss="per-batch", loss_batch=2)
+    plain = _outcome(lambda: reconstruction_selection(model, windows, [4, 6], WorkDir(tmp_path / "work", "k"), search,
+                                                      progress=False))
     place = DiskLayers(tmp_path / arch, model.config, torch.float32)
-    streamed = _outcome(lambda: reconstruction_selection_streamed(place, windows, [4, 6], **kwargs))
+    streamed = _outcome(lambda: reconstruction_selection_streamed(place, windows, [4, 6], search, progress=False))
     assert streamed == plain
     assert isinstance(plain, str) or all(len(layers) for layers in plain.values())
 
@@ -370,9 +376,3 @@ def test_prune_streamed_end_to_end(tiny_checkpoint, text_corpus, tmp_path):
     b = json.loads((plain / "mask.json").read_text())
     assert a["layers"] == b["layers"]
 
-
-def test_experiment_refuses_to_stream_up_front(tiny_checkpoint, tmp_path, capsys, no_reads):
-    _refused(capsys, ["experiment", tiny_checkpoint, *CALIBRATION, "--methods", "frequency", "--ppl-seq-len", "32",
-                      "--device", "cpu", "--stream", "--out", tmp_path / "grid"],
-             "experiment keeps one model in memory", "--stream")
-    assert not (tmp_path / "grid").exists()

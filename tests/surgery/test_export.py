@@ -14,7 +14,7 @@ from moeprune.arch.view import moe_layers
 from moeprune.errors import MoePruneError
 from moeprune.loading import ModelSource, load_model
 from moeprune.planning.mask import ExpertMask
-from moeprune.surgery import apply_mask, export_pruned
+from moeprune.surgery import ExportOptions, apply_mask, export_pruned
 from tests.tiny_models import ARCH_NAMES, build_model, save_model
 
 from . import keep_all, logits, make_mask, max_diff
@@ -33,9 +33,9 @@ def sources(tmp_path_factory):
     return get
 
 
-def _export(arch: str, source: Path, mask: ExpertMask, out: Path, **kwargs) -> Path:
-    return export_pruned(ModelSource.of(source, trust_remote_code=arch == "deepseek"), mask, out, progress=False,
-                         **kwargs)
+def _export(arch: str, source: Path, mask: ExpertMask, out: Path, options: ExportOptions | None = None) -> Path:
+    return export_pruned(ModelSource.of(source, trust_remote_code=arch == "deepseek"), mask, out, options,
+                         progress=False)
 
 
 def _reload(arch: str, path: Path):
@@ -99,7 +99,7 @@ def test_existing_output_needs_overwrite(sources, tmp_path: Path) -> None:
     mask = make_mask(build_model("qwen3_moe"))
     with pytest.raises(MoePruneError, match=r"already exists.*--overwrite"):
         _export("qwen3_moe", sources("qwen3_moe"), mask, out)
-    _export("qwen3_moe", sources("qwen3_moe"), mask, out, overwrite=True)
+    _export("qwen3_moe", sources("qwen3_moe"), mask, out, ExportOptions(overwrite=True))
     assert not (out / "old.txt").exists() and (out / "config.json").exists()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -50,28 +51,12 @@ def evaluate(
     net = model.model if isinstance(model, DiskLayers) else model
     results: dict[str, Any] = {"metadata": dict(metadata or {}), "footprint": footprint(net)}
     results["perplexity"] = {
-        name: perplexity(
-            model,
-            tokenizer,
-            name,
-            seq_len=settings.ppl_seq_len,
-            max_windows=settings.max_windows,
-            progress=progress,
-            sources=settings.ppl_sources or None,
-        )
-        for name in settings.ppl_datasets or ()
+        name: perplexity(model, tokenizer, name, settings, progress=progress) for name in settings.ppl_datasets or ()
     }
     names = [tasks] if isinstance(tasks, str) else list(tasks or ())
     if names and not all(n.strip().lower() in ("none", "") for n in names):
-        results["zero_shot"] = zero_shot(
-            model,
-            tokenizer,
-            tasks=tasks,
-            limit=settings.limit,
-            batch_size=settings.eval_batch_size,
-            include_path=include_path,
-            progress=progress,
-        )
+        results["zero_shot"] = zero_shot(model, tokenizer, replace(settings, tasks=tasks), include_path=include_path,
+                                         progress=progress)
     results["versions"] = versions()
     results["seconds"] = round(time.time() - start, 1)
     return results

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from moeprune.bundled import read_bundled_corpus
 from moeprune.errors import MoePruneError
 from moeprune.io import parse_json, read_bytes, read_text
-from moeprune.options import fit_window
+from moeprune.options import EvalSettings, fit_window
 from moeprune.streaming.layers import DiskLayers
 from moeprune.streaming.runner import run_layer_major
 from moeprune.surgery import masked
@@ -57,16 +57,21 @@ def perplexity(
     model: torch.nn.Module,
     tokenizer: Any,
     dataset: str,
-    seq_len: int,
+    settings: EvalSettings,
+    *,
     batch_size: int = 1,
-    max_windows: int | None = None,
     progress: bool = True,
-    sources: Mapping[str, str | Path] | None = None,
 ) -> dict[str, Any]:
     """Perplexity of ``model`` on ``dataset``: a name in ``PPL_DATASETS`` or a local text file path.
 
-    ``sources`` maps a dataset name to a local file that replaces its hub download (offline use).
+    ``settings`` (:class:`~moeprune.options.EvalSettings`): the window ``ppl_seq_len`` (required: resolve the
+    settings for the model, or give it), at most ``max_windows`` windows, and ``ppl_sources``, which maps a dataset
+    name to a local file that replaces its hub download (offline use).
     """
+    seq_len, max_windows, sources = settings.ppl_seq_len, settings.max_windows, settings.ppl_sources or None
+    if seq_len is None:
+        raise MoePruneError("perplexity needs a window: pass EvalSettings(ppl_seq_len=...) or settings resolved for "
+                            "the model (EvalSettings(...).resolved(source)).")
     _check_seq_len(model, seq_len)
     name, text, protocol = load_eval_text(dataset, sources)
     ids = tokenize(tokenizer, text)

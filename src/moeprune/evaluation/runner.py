@@ -9,6 +9,7 @@ loaded model.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,17 @@ def resolve_tasks(tasks: str | Sequence[str] | None) -> list[str]:
     if not names or all(n.strip().lower() in NO_TASKS for n in names):
         return []
     return expand_tasks([n for n in names if n.strip().lower() not in NO_TASKS])
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The pruned variant an evaluation runs in memory: ``mask`` (applied for the evaluation, restored afterwards),
+    ``path`` (the mask's file, recorded in the result) and ``delta`` (a recovery's replacement tensors, applied
+    inside the mask)."""
+
+    mask: ExpertMask
+    path: str | Path | None = None
+    delta: Mapping[str, torch.Tensor] | None = None
 
 
 def mask_record(mask: ExpertMask, path: str | Path | None = None) -> dict[str, Any]:
@@ -86,8 +98,7 @@ def evaluate_model(
         loaded,
         tok,
         settings,
-        mask=mask,
-        mask_path=mask_path,
+        variant=None if mask is None else Variant(mask, mask_path),
         progress=progress,
         metadata={"model": model_name(loaded) if source.is_loaded else str(source.model),
                   **({"stream": True} if streamed else {})},
@@ -102,15 +113,13 @@ def evaluate_loaded(
     tokenizer: Any,
     settings: EvalSettings,
     *,
-    mask: ExpertMask | None = None,
-    mask_path: str | Path | None = None,
+    variant: Variant | None = None,
     dense_footprint: dict[str, int] | None = None,
     progress: bool = True,
     metadata: Mapping[str, Any] | None = None,
-    delta: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """One evaluation of an already loaded model, dense or under ``mask`` (restored afterwards), with resolved
-    ``settings``; ``delta`` (a recovery's replacement tensors) is applied inside the mask."""
+    """One evaluation of an already loaded model, dense or as ``variant`` (its mask restored afterwards), with
+    resolved ``settings``."""
     if settings.ppl_datasets is None or settings.ppl_seq_len is None or settings.tasks is None:
         raise MoePruneError("evaluate_loaded takes resolved settings: EvalSettings(...).resolved(source).")
     # Measured before masking: masked() slices in place, so footprint() inside it is the pruned size.
@@ -119,6 +128,7 @@ def evaluate_loaded(
     dense = dense_footprint or footprint(net)
     meta = dict(metadata or {})
     tasks = resolve_tasks(settings.tasks)
+    mask, delta = (None, None) if variant is None else (variant.mask, variant.delta)
     if mask is None:
         results = evaluate(model, tokenizer, settings, tasks=tasks, progress=progress, metadata=meta)
     elif streamed:
@@ -132,7 +142,7 @@ def evaluate_loaded(
         with masked(model, mask):
             apply_delta(model, dict(delta or {}))
             results = evaluate(model, tokenizer, settings, tasks=tasks, progress=progress, metadata=meta)
-    results["mask"] = None if mask is None else mask_record(mask, mask_path)
+    results["mask"] = None if variant is None else mask_record(variant.mask, variant.path)
     results["footprint_vs_dense"] = compare_footprints(dense, results["footprint"])
     results["summary"] = summarise(results)
     return results

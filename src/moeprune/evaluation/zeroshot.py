@@ -35,6 +35,7 @@ import torch
 
 from moeprune.errors import MoePruneError
 from moeprune.evaluation.tasks import BUNDLED_TASKS, HELDOUT_TASKS, TASKS_DIR
+from moeprune.options import EvalSettings
 from moeprune.streaming.layers import DiskLayers
 
 COMMON_TASKS: tuple[str, ...] = ("arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande", "boolq")
@@ -141,9 +142,8 @@ def expand_tasks(tasks: str | Sequence[str]) -> list[str]:
 def zero_shot(
     model: torch.nn.Module,
     tokenizer: Any,
-    tasks: str | Sequence[str] = COMMON_TASKS,
-    limit: int | float | None = None,
-    batch_size: int | str = 8,
+    settings: EvalSettings | None = None,
+    *,
     max_length: int | None = None,
     include_path: str | Path | Sequence[str | Path] | None = None,
     seed: int = 1234,
@@ -151,14 +151,19 @@ def zero_shot(
 ) -> dict[str, Any]:
     """Run lm-eval's ``simple_evaluate`` (0 shots, or ``FEWSHOT``'s); per-task metrics, the averages, settings.
 
-    The bundled offline tasks are always on the include path; ``include_path`` adds more task folders.
-    ``batch_size``: an integer, ``auto`` or ``auto:N`` (see :func:`eval_batch_size`). ``progress=False`` hides
-    the log-likelihood progress bar (lm-eval's bars while it builds requests stay).
+    ``settings`` (:class:`~moeprune.options.EvalSettings`; None: its defaults): ``tasks`` (names or presets; None:
+    ``COMMON_TASKS``), ``limit`` examples per task and ``eval_batch_size`` (an integer, ``auto`` or ``auto:N``, see
+    :func:`eval_batch_size`). The bundled offline tasks are always on the include path; ``include_path`` adds more
+    task folders. ``progress=False`` hides the log-likelihood progress bar (lm-eval's bars while it builds requests
+    stay).
     """
+    settings = settings or EvalSettings()
+    tasks = COMMON_TASKS if settings.tasks is None else settings.tasks
+    limit = settings.limit
     import lm_eval
 
     names = expand_tasks(tasks)
-    batch_size = eval_batch_size(batch_size)
+    batch_size = eval_batch_size(settings.eval_batch_size)
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     raw: dict[str, Any] = {"results": {}, "n-samples": {}}
     shots = {name: FEWSHOT.get(name, 0) for name in names}

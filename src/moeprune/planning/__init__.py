@@ -14,18 +14,18 @@ from typing import Any
 from moeprune.errors import MoePruneError
 from moeprune.planning.base import Method, PlanContext, Selections
 from moeprune.planning.groups import expert_groups, split_budget
-from moeprune.planning.mask import ExpertMask, LayerMask, kept_count
+from moeprune.planning.mask import ExpertMask, LayerMask, kept_count, record_protection
 from moeprune.planning.registry import REGISTRY, MethodSpec, check_request, method_spec
+from moeprune.planning.request import PlanRequest
 from moeprune.profiling.stats import Profile
 
 # The registry itself (name -> MethodSpec): `name in METHODS` and `list(METHODS)` read as before.
 METHODS = REGISTRY
-CLAMP_NOTE_START = "TB-Coverage is round-robin alone"
 
 # Paper settings (arXiv 2607.01710): B=20 of N=60 experts, B=24 of N=64.
 PAPER_PROTECT_BUDGETS = {60: 20, 64: 24}
 
-__all__ = ["METHODS", "MethodSpec", "PlanContext", "candidate_needed", "default_protect_budget", "plan"]
+__all__ = ["METHODS", "MethodSpec", "PlanContext", "PlanRequest", "candidate_needed", "default_protect_budget", "plan"]
 
 
 def paper_protect_budget(num_experts: int) -> int:
@@ -46,28 +46,27 @@ def candidate_needed(num_experts: int, kept: int, protect_budget: int | None) ->
 
 def plan(
     profile: Profile,
-    method: str,
-    retain: float,
+    request: PlanRequest | str,
+    retain: float | None = None,
     *,
-    seed: int = 0,
-    protect_budget: int | None = None,
-    candidate: str | None = None,
     candidate_masks: Selections | None = None,
     precomputed: Selections | None = None,
-    model: Any = None,
-    score_corpus: str | None = None,
 ) -> ExpertMask:
-    """Keep K = floor(retain * N) experts in every MoE layer of ``profile`` by ``method``.
+    """Keep K = floor(retain * N) experts in every MoE layer of ``profile`` as ``request`` asks: a
+    :class:`~moeprune.planning.request.PlanRequest` of one retain ratio (or ``retain`` picks the one to plan), or a
+    method name with ``retain`` (the request's other fields at their defaults).
 
-    ``protect_budget`` (B, default :func:`default_protect_budget`), ``candidate`` (a method name, default
-    the method's ``MethodSpec.default_candidate``: expert-sparsity for tb-coverage, which needs the model,
-    so without ``candidate_masks`` name a profile-only one, e.g. ``candidate="reap"``) and
-    ``candidate_masks`` ({decoder layer: kept ids}, a candidate made elsewhere; ``candidate`` then only
-    labels it) apply to tb-coverage. ``precomputed``
-    carries the selections of a method that needs the model, e.g. expert-sparsity. ``score_corpus`` (reap
-    only) ranks on that profiled corpus alone instead of the pooled corpora; the mask's variant is then
-    ``reap@<corpus>``.
+    The request's ``protect_budget`` (B, default :func:`default_protect_budget`), ``candidate`` (a method name,
+    default the method's ``MethodSpec.default_candidate``: expert-sparsity for tb-coverage, which needs the model,
+    so without ``candidate_masks`` name a profile-only one, e.g. ``candidate="reap"``) and ``candidate_masks``
+    ({decoder layer: kept ids}, a candidate made elsewhere; ``candidate`` then only labels it) apply to
+    tb-coverage. ``precomputed`` carries the selections of a method that needs the model, e.g. expert-sparsity.
+    The request's ``score_corpus`` (reap only) ranks on that profiled corpus alone instead of the pooled corpora;
+    the mask's variant is then ``reap@<corpus>``.
     """
+    req = _one_request(request, retain)
+    method, retain, seed = req.method, req.retains[0], req.plan_seed
+    protect_budget, candidate, score_corpus = req.protect_budget, req.candidate, req.score_corpus
     spec = check_request(method, protect_budget, candidate, candidate_masks=candidate_masks)
     _check_score_corpus(profile, spec, score_corpus)
     meta, num_experts = profile.meta, profile.num_experts
@@ -88,7 +87,6 @@ def plan(
         candidate=candidate,
         candidate_masks=_normalise(candidate_masks),
         precomputed=_normalise(precomputed),
-        model=model,
         score_corpus=score_corpus,
         candidate_select=None if computes is None else computes.select,
     )
@@ -116,19 +114,16 @@ def plan(
     return mask
 
 
-def record_protection(mask: ExpertMask, requested: int | str) -> None:
-    """Write B as requested, whether the candidate counted, and a note when B >= K made it irrelevant."""
-    mask.protect_budget_requested = requested
-    k, budget = mask.kept_per_layer, mask.protect_budget or 0
-    mask.candidate_used = budget < k
-    mask.notes = [n for n in mask.notes if not n.startswith(CLAMP_NOTE_START)]
-    if not mask.candidate_used:
-        clamped = isinstance(requested, int) and requested > k
-        asked = f"B={requested} > K={k}, so B is clamped to K" if clamped else f"B = K = {k}"
-        mask.notes.append(
-            f"{CLAMP_NOTE_START}: {asked}; every kept expert is protected by round-robin over the corpus "
-            f"rankings, and the candidate ({mask.candidate}) is not computed or used."
-        )
+def _one_request(request: PlanRequest | str, retain: float | None) -> PlanRequest:
+    """The request for one mask: a method name with ``retain``, or a request narrowed to ``retain``."""
+    if not isinstance(request, PlanRequest):
+        return PlanRequest.of(request, None if retain is None else [retain])
+    if retain is not None:
+        return replace(request, retains=(retain,))
+    if len(request.retains) != 1:
+        raise MoePruneError(f"plan makes one mask and the request has {len(request.retains)} retain ratios; pass "
+                            "retain=, or plan them all with moeprune.api.plan_many.")
+    return request
 
 
 def _check_score_corpus(profile: Profile, spec: MethodSpec, corpus: str | None) -> None:

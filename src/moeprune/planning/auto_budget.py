@@ -25,7 +25,7 @@ import torch
 from moeprune.data.corpora import CorpusSpec, parse_corpus
 from moeprune.data.sampling import held_out_windows
 from moeprune.errors import MoePruneError
-from moeprune.planning.mask import ExpertMask
+from moeprune.planning.mask import ExpertMask, record_protection
 
 AUTO = "auto"
 HELD_OUT_WINDOWS = 16  # per calibration corpus
@@ -69,8 +69,6 @@ def choose(
     ``score(mask)`` gives {corpus: mean token NLL} of the model under ``mask`` on ``sets`` (the caller runs the
     model: :func:`moeprune.evaluation.perplexity.held_out_nll`), so planning stays "profile in, mask out";
     ``sets`` are read here only for the record (their names and shapes)."""
-    from moeprune.planning import record_protection  # lazy: planning/__init__ imports this module
-
     tried: dict[int, dict[str, Any]] = {}
     best: tuple[float, ExpertMask] | None = None
     for budget in budget_grid(kept, paper_budget):

@@ -37,7 +37,6 @@ class PlanContext:
     candidate_masks: Selections | None = None  # tb-coverage: a candidate selection made elsewhere
     candidate_select: Method | None = None  # tb-coverage: the candidate's select function (no masks given)
     precomputed: Selections | None = None  # selections of a method that needs the model (expert-sparsity)
-    model: Any = None
     score_corpus: str | None = None  # reap: rank on this profiled corpus alone instead of the pooled corpora
     extra: dict[str, Any] = field(default_factory=dict)
     # Shared (not copied) by dataclasses.replace, so per-group contexts reuse the layer-wide scores.

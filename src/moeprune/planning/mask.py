@@ -284,3 +284,21 @@ def _check_fields(obj: dict[str, Any]) -> None:
                 raise MoePruneError(
                     f"mask layer {key} {field_name!r} is {ids!r}; expert ids must be a list of integers; {fix}."
                 )
+
+
+CLAMP_NOTE_START = "TB-Coverage is round-robin alone"
+
+
+def record_protection(mask: ExpertMask, requested: int | str) -> None:
+    """Write B as requested, whether the candidate counted, and a note when B >= K made it irrelevant."""
+    mask.protect_budget_requested = requested
+    k, budget = mask.kept_per_layer, mask.protect_budget or 0
+    mask.candidate_used = budget < k
+    mask.notes = [n for n in mask.notes if not n.startswith(CLAMP_NOTE_START)]
+    if not mask.candidate_used:
+        clamped = isinstance(requested, int) and requested > k
+        asked = f"B={requested} > K={k}, so B is clamped to K" if clamped else f"B = K = {k}"
+        mask.notes.append(
+            f"{CLAMP_NOTE_START}: {asked}; every kept expert is protected by round-robin over the corpus "
+            f"rankings, and the candidate ({mask.candidate}) is not computed or used."
+        )

@@ -38,7 +38,7 @@ from moeprune.io import (
 from moeprune.loading import config_hash, model_name, resolve_model_path
 from moeprune.options import Calibration, fit_window
 from moeprune.profiling.instrument import StatsRecorder
-from moeprune.profiling.sequential import profile_windows_layer_major, profile_windows_sequential
+from moeprune.profiling.sequential import Share, profile_windows_layer_major, profile_windows_sequential
 from moeprune.profiling.stats import ExpertStats, Profile, check_one_model, finished_corpora
 from moeprune.streaming.layers import DiskLayers
 
@@ -128,10 +128,10 @@ def _profile_model(model: Any, stream: DiskLayers | None, tokenizer: Any, corpor
         windows = calibration_windows(spec, tokenizer, settings.samples, settings.seq_len, settings.seed)
         meta = {**base_meta, **wanted, "samples": int(windows.shape[0]), "tokens": int(windows.numel())}
         if stream is not None:
-            rank, world = _rank_world()
+            share = Share(*_rank_world())
             stats = _reduced(profile_windows_layer_major(
-                stream, windows, settings.batch_size, meta, progress and rank == 0,
-                f"profile {spec.name} (streamed from disk)", rank, world))
+                stream, windows, settings.batch_size, meta, share=share, progress=progress and share.rank == 0,
+                desc=f"profile {spec.name} (streamed from disk)"))
             stats.meta["stream"] = True
         elif sequential_device is not None:
             stats = _sequential(model, windows, settings.batch_size, sequential_device, meta, progress,

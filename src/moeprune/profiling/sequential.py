@@ -13,6 +13,7 @@ all-reduced (by the caller) as on the plain path.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,7 +36,19 @@ def profile_windows_sequential(
     desc: str = "profile (sequential)",
 ) -> ExpertStats:
     """Sums over ``windows [S, L]``, the weights in CPU memory, one decoder layer at a time on ``device``."""
-    return profile_windows_layer_major(ResidentLayers(model, device), windows, batch_size, meta, progress, desc)
+    return profile_windows_layer_major(ResidentLayers(model, device), windows, batch_size, meta, progress=progress,
+                                       desc=desc)
+
+
+@dataclass(frozen=True)
+class Share:
+    """This process's share of the calibration batches: every ``world``-th batch from ``rank`` (one process: all)."""
+
+    rank: int = 0
+    world: int = 1
+
+    def takes(self, step: int) -> bool:
+        return step % self.world == self.rank
 
 
 def profile_windows_layer_major(
@@ -43,14 +56,14 @@ def profile_windows_layer_major(
     windows: torch.Tensor,
     batch_size: int,
     meta: dict[str, Any],
+    *,
+    share: Share = Share(),
     progress: bool = True,
     desc: str = "profile (layer by layer)",
-    rank: int = 0,
-    world: int = 1,
 ) -> ExpertStats:
-    """Sums over this rank's share of ``windows [S, L]`` (every ``world``-th batch from ``rank``), layer-major."""
+    """Sums over this process's ``share`` of ``windows [S, L]`` (under torchrun, its rank's batches), layer-major."""
     recorder = StatsRecorder(moe_layers(place.model), device=place.device)
-    batches = [{"input_ids": b} for step, b in enumerate(torch.split(windows, batch_size)) if step % world == rank]
+    batches = [{"input_ids": b} for step, b in enumerate(torch.split(windows, batch_size)) if share.takes(step)]
     with recorder.installed():
         if batches:
             run_layer_major(place, batches, progress=progress, desc=desc)

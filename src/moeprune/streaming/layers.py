@@ -99,6 +99,7 @@ class DiskLayers:
         self.checkpoint = Checkpoint.open(self.folder)
         self.device = torch.device(device)
         self.dtype = dtype
+        self.trust_remote_code = trust_remote_code
         with init_empty_weights():  # parameters on meta; buffers (rotary tables) computed on the CPU as usual
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         model.eval()

@@ -43,6 +43,7 @@ from moeprune.streaming.runner import run_layer_major
 from moeprune.surgery.config_json import pruned_config_json, source_config_json, without_quantization
 from moeprune.surgery.delta import Recovery, apply_delta
 from moeprune.surgery.model_card import CardInfo, exported_mask, render_model_card
+from moeprune.surgery.options import ExportOptions
 from moeprune.surgery.shards import check_quantized_source, prune_checkpoint_files, pruned_config, write_pruned_tensors
 from moeprune.surgery.slicing import apply_mask, count_parameters, masked, masked_on_load
 from moeprune.surgery.tokenizer_files import write_tokenizer
@@ -59,6 +60,8 @@ VERIFY_HALF_RTOL = 1e-2
 MAX_SHARD_SIZE = "5GB"
 FINGERPRINT_CHUNK = 1 << 26  # bytes hashed per step, so GPU tensors are copied to the CPU in small pieces
 VERIFY_SHAPE = (2, 32)  # random sequences x tokens compared at verification
+STREAMED_DEQUANTIZE = ("--dequantize writes the model dequantized from memory, and this model streams from disk here; "
+                       "drop --dequantize (the export keeps the source's format) or --no-stream.")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model")
 
@@ -67,12 +70,10 @@ def export_pruned(
     model: ModelSource | nn.Module | str | Path,
     mask: ExpertMask | str | Path,
     out_dir: str | Path,
+    options: ExportOptions | None = None,
     *,
-    overwrite: bool = False,
-    verify: bool = True,
-    progress: bool = True,
     recovery: Recovery | None = None,
-    dequantize: bool = False,
+    progress: bool = True,
 ) -> Path:
     """Prune a model to ``mask`` and save it as a checkpoint in ``out_dir``; returns ``out_dir``.
 
@@ -80,12 +81,16 @@ def export_pruned(
     pruned only for the duration of the export and restored afterwards; a path or hub id is loaded with the
     source's ``dtype`` ("auto": the checkpoint's own) on its ``device`` (default: the GPU when there is one, see
     loading.load_model). The source's ``tokenizer`` is a path or a tokenizer object (default: the model's own
-    directory, skipped with a warning when it has none). With ``verify`` the written checkpoint is
-    reloaded in the same dtype and placement and its weights and logits compared with the in-memory
-    pruned model's (see :class:`Reference`). ``recovery`` (a :class:`moeprune.recovery.Recovery`) replaces the
+    directory, skipped with a warning when it has none). ``options``
+    (:class:`~moeprune.surgery.options.ExportOptions`): ``overwrite`` an existing ``out_dir``; ``dequantize`` a
+    quantized source; with ``verify`` the written checkpoint is reloaded in the same dtype and placement and its
+    weights and logits compared with the in-memory pruned model's (see :class:`Reference`); the caller checks the
+    mask against the model (``force``). ``recovery`` (a :class:`moeprune.recovery.Recovery`) replaces the
     tensors its delta names after slicing: the verification then holds the checkpoint to the recovered
     model, and mask.json and the model card record the recovery.
     """
+    options = options or ExportOptions()
+    overwrite, verify, dequantize = options.overwrite, options.verify, options.dequantize
     out = Path(out_dir)
     given = ModelSource.of(model)
     model_or_path, tokenizer = given.model, given.tokenizer
@@ -199,13 +204,18 @@ class Reference:
             )
 
 
-def export_streamed(place: DiskLayers, mask: ExpertMask, out_dir: str | Path, *, overwrite: bool = False,
-                    verify: bool = True, progress: bool = True, force: bool = False,
-                    trust_remote_code: bool = False) -> Path:
+def export_streamed(place: DiskLayers, mask: ExpertMask, out_dir: str | Path, options: ExportOptions | None = None, *,
+                    progress: bool = True) -> Path:
     """``apply`` of a model streamed from disk: the checkpoint is written shard by shard (as ``--model-free``),
     then verified without ever holding the model: the source under ``mask`` (applied to each layer as it is read)
     and the written checkpoint each run layer-major on the verification tokens, and every layer's weights (after
-    transformers' conversions, in the compute dtype) and the logits must agree as in the in-memory verification."""
+    transformers' conversions, in the compute dtype) and the logits must agree as in the in-memory verification.
+    ``options``: :class:`~moeprune.surgery.options.ExportOptions` (``dequantize`` refused); remote code is trusted
+    as ``place`` trusts it."""
+    options = options or ExportOptions()
+    if options.dequantize:
+        raise MoePruneError(STREAMED_DEQUANTIZE)
+    trust_remote_code = place.trust_remote_code
 
     def check(folder: Path) -> None:
         generator = torch.Generator().manual_seed(0)
@@ -234,8 +244,8 @@ def export_streamed(place: DiskLayers, mask: ExpertMask, out_dir: str | Path, *,
         log.info("Verified (streamed): the written checkpoint's weights and logits match the masked source "
                  "(max |diff| %.3g, %s)", diff, str(place.dtype).removeprefix("torch."))
 
-    return prune_checkpoint_files(place.folder, mask, out_dir, overwrite=overwrite, progress=progress, force=force,
-                                  trust_remote_code=trust_remote_code, verify=check if verify else None)
+    return prune_checkpoint_files(place.folder, mask, out_dir, options, progress=progress,
+                                  trust_remote_code=trust_remote_code, check=check if options.verify else None)
 
 
 def _streamed_reference(place: DiskLayers, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, tuple]]:

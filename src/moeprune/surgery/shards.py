@@ -42,33 +42,42 @@ from moeprune.quant import QuantFormat, check_checkpoint, describe, dtype_size, 
 from moeprune.surgery.config_json import with_expert_count, with_pruned_quantization
 from moeprune.surgery.keys import EXPERT_KEY, FUSED_KEY, ROUTER_KEY, sliced_shape
 from moeprune.surgery.model_card import CardInfo, exported_mask, render_model_card
+from moeprune.surgery.options import ExportOptions
 from moeprune.surgery.shard_checks import check_source, check_written, expected_output
 
 INDEX_FILE = "model.safetensors.index.json"
+MODEL_FREE_DEQUANTIZE = ("--model-free writes the source's tensors as they are and cannot --dequantize; drop "
+                         "--model-free (in-memory apply dequantizes) or drop --dequantize.")
 
 
 def prune_checkpoint_files(
     source: str | Path,
     mask: ExpertMask,
     out: str | Path,
+    options: ExportOptions | None = None,
     *,
-    overwrite: bool = False,
     progress: bool = True,
-    force: bool = False,
     trust_remote_code: bool = False,
-    verify: Callable[[Path], None] | None = None,
+    check: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write the pruned checkpoint of the local safetensors checkpoint ``source`` into ``out``.
 
-    ``verify(folder)`` is called on the complete checkpoint before it replaces ``out`` (an error leaves nothing).
+    ``options`` (:class:`~moeprune.surgery.options.ExportOptions`): ``overwrite`` an existing ``out``; ``force``
+    accepts a mask planned for a model with another config hash (the CLI's ``--force``); ``dequantize`` is refused
+    (the source's tensors are written as they are). ``check(folder)`` is called on the complete checkpoint before
+    it replaces ``out`` (an error leaves nothing): the streamed writer's verification.
 
-    The mask gets the checks plain apply makes (expert count, config hash, top-k, routing groups); ``force``
-    accepts a mask planned for a model with another config hash (the CLI's ``--force``). ``trust_remote_code``
-    only lets transformers build a remote-code config to compute its hash; no model code is run."""
+    The mask gets the checks plain apply makes (expert count, config hash, top-k, routing groups).
+    ``trust_remote_code`` only lets transformers build a remote-code config to compute its hash; no model code is
+    run."""
+    options = options or ExportOptions()
+    if options.dequantize:
+        raise MoePruneError(MODEL_FREE_DEQUANTIZE)
+    overwrite = options.overwrite
     source = Path(source)
     mask = exported_mask(mask)  # no recovery runs here: a recovery the input mask claims is not recorded
     check_output_dir(out, sources=[source], overwrite=overwrite)
-    check_mask_for_checkpoint(mask, source, force=force, trust_remote_code=trust_remote_code)
+    check_mask_for_checkpoint(mask, source, force=options.force, trust_remote_code=trust_remote_code)
     config = read_config_json(source)
     fmt = check_quantized_source(source, config)
     with atomic_directory(out, overwrite=overwrite) as tmp:
@@ -81,8 +90,8 @@ def prune_checkpoint_files(
         export = {"format": card.format, "bytes_before": card.bytes_before, "bytes_after": card.bytes_after}
         replace(mask, extra={**mask.extra, "export": export}).save(tmp / "mask.json")
         (tmp / "README.md").write_text(render_model_card(card).replace("moeprune apply", "moeprune apply --model-free"))
-        if verify is not None:
-            verify(tmp)
+        if check is not None:
+            check(tmp)
     return Path(out)
 
 
