@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,6 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-DISK_BYTES_PER_S = 447e6  # cold sequential read of a 1.1 GB shard on this machine (shared/facts.md, 2026-12-07)
 
 
 # ------------------------------------------------------------------------------------------ the checkpoint
@@ -99,7 +99,9 @@ def child(argv: list[str], cgroup: str | None, report: Path) -> None:
 
     rc = main(argv)
     io = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     report.write_text(json.dumps({"rc": rc, "wall_s": time.perf_counter() - start,
+                                  "cpu_s": usage.ru_utime + usage.ru_stime,  # every thread, imports included
                                   "peak_rss": _vm_hwm(),
                                   "read_bytes": int(io["read_bytes"])}))
 
@@ -119,6 +121,7 @@ def run_stage(name: str, argv: list[str], cap_bytes: int | None, checkpoint: Pat
     cap = MemoryCap(cap_bytes) if cap_bytes else None
     report = work / f"{name}.report.json"
     log = work / f"{name}.log"
+    load_before = os.getloadavg()[0]
     try:
         cmd = [sys.executable, __file__, "--child", json.dumps(argv), "--report", str(report)]
         cmd += ["--cgroup", str(cap.path)] if cap else []
@@ -133,6 +136,7 @@ def run_stage(name: str, argv: list[str], cap_bytes: int | None, checkpoint: Pat
     finally:
         if cap:
             cap.close()
+    result["load_1min"] = [load_before, os.getloadavg()[0]]  # the machine is shared: say how busy it was
     result["log_tail"] = log.read_text().strip().splitlines()[-3:]
     print(f"{name}: {json.dumps(result)}", file=sys.stderr, flush=True)
     return result
@@ -163,18 +167,33 @@ def compute_seconds(checkpoint: Path, windows: int, seq_len: int, batch_size: in
         layer = place.load(1)
         recorder = StatsRecorder(moe_layers(place.model))
         with recorder.installed():
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             for b, hidden in enumerate(parked):
                 layer(hidden, **kwargs[b][1])
-            per_layer = time.perf_counter() - start
+            per_layer, per_layer_cpu = time.perf_counter() - start, time.process_time() - cpu
         head = 0.0
         if with_head:
             start = time.perf_counter()
             for hidden in parked:
                 place.model.lm_head(place.model.model.norm(hidden))
             head = time.perf_counter() - start
-    return {"embed_s": embed, "per_layer_s": per_layer, "head_s": head,
-            "compute_s": embed + per_layer * len(place.layers) + head}
+    return {"embed_s": embed, "per_layer_s": per_layer, "head_s": head, "per_layer_cpu_s": per_layer_cpu,
+            "compute_s": embed + per_layer * len(place.layers) + head,
+            "compute_cpu_s": per_layer_cpu * len(place.layers),
+            "load_1min_compute": os.getloadavg()[0]}
+
+
+def disk_speed(checkpoint: Path) -> float:
+    """Cold sequential read speed of the checkpoint's largest shard, bytes/s, measured now (page cache evicted)."""
+    from apply_memory import _drop_page_cache
+
+    _drop_page_cache(checkpoint)
+    shard = max(checkpoint.glob("*.safetensors"), key=lambda f: f.stat().st_size)
+    start, total = time.perf_counter(), 0
+    with open(shard, "rb", buffering=0) as handle:
+        while chunk := handle.read(16 << 20):
+            total += len(chunk)
+    return total / (time.perf_counter() - start)
 
 
 def gpu_stream(checkpoint: Path, windows: int, fraction: float) -> dict[str, Any]:
@@ -250,6 +269,7 @@ def main() -> None:
     else:
         results["checkpoint_bytes"] = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
     results["write_s"] = time.perf_counter() - start
+    results["disk_bytes_per_s"] = speed = disk_speed(checkpoint)
     cap = int(args.cap_gib * 2**30)
     calib = ["--corpus", "wiki", "--corpus", "web", "--samples", str(args.windows), "--seq-len", "1024",
              "--batch-size", "2", "--dtype", "bfloat16", "--device", "cpu"]
@@ -280,10 +300,13 @@ def main() -> None:
         result = run_stage(name, stages[name], cap, checkpoint, work)
         if name == "profile":
             result.update(compute_seconds(checkpoint, 2 * args.windows, 1024, 2, with_head=False))
-            read_s = result["read_bytes"] / DISK_BYTES_PER_S
+            read_s = result["read_bytes"] / speed
             result["read_s"] = read_s
             result["ratio"] = result["wall_s"] / max(result["compute_s"], read_s)
-        result["read_floor_s"] = result.get("read_bytes", 0) / DISK_BYTES_PER_S
+            # contention-free view on a shared machine: CPU seconds streamed (every thread, start-up included)
+            # against the CPU seconds of the same layers in memory
+            result["cpu_ratio"] = result["cpu_s"] / result["compute_cpu_s"]
+        result["read_floor_s"] = result.get("read_bytes", 0) / speed
         results["stages"][name] = result
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))

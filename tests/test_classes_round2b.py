@@ -96,3 +96,133 @@ def test_c7_an_expert_of_another_shape_is_a_broken_checkpoint(model, mask_file, 
     refused(capsys, ["apply", model, mask_file, "--model-free", "--out", tmp_path / "o"], "differ in shape",
             untouched=(model,))
     assert not (tmp_path / "o").exists() and not (tmp_path / "p").exists()
+
+
+# ------------------------------------------------------------------ C4: stale reuse
+def _same_size_same_mtime_edit(model) -> None:
+    """Scale one expert's weights in place and put the file's times back (`touch -r`): same size, same mtime."""
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    path = model / "model.safetensors"
+    before = path.stat()
+    weights = load_file(str(path))
+    name = next(k for k in weights if "experts.0.down_proj" in k)
+    weights[name] = weights[name] * 1.5
+    save_file(weights, str(path), metadata={"format": "pt"})
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
+
+
+def test_c4_weights_changed_in_place_with_the_mtime_put_back(model, tmp_path, capsys):
+    from moeprune.io import checkpoint_fingerprint
+
+    prof = tmp_path / "p"
+    ok(["profile", model, *CALIBRATION, "--out", prof])
+    old = checkpoint_fingerprint(model)
+    _same_size_same_mtime_edit(model)
+    assert checkpoint_fingerprint(model) != old  # names, sizes, mtimes and headers are all the same
+    # it was "already profiled"; now the folder's corpus is of other weights
+    refused(capsys, ["profile", model, *CALIBRATION, "--out", prof], "other weights", untouched=(prof,))
+
+
+def test_c4_a_copy_keeps_its_fingerprint(model, tiny_checkpoint):
+    from moeprune.io import checkpoint_fingerprint
+
+    assert checkpoint_fingerprint(model) == checkpoint_fingerprint(tiny_checkpoint)  # copytree keeps the times
+
+
+def _interrupted_profile(model, out, monkeypatch) -> None:
+    """A profile run killed after two of four windows: `out/wiki.partial.*` holds a resume checkpoint."""
+    from moeprune.profiling import runner
+
+    real, calls = runner.profile_windows, []
+
+    def interrupted(loaded, *args, **kwargs):
+        def stop(module, args, kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+
+        hook = loaded.base_model.register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            return real(loaded, *args, **kwargs)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(runner, "profile_windows", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        api.profile(str(model), ["wiki"], str(out), calibration=RESUMED, progress=False)
+    monkeypatch.undo()
+    assert (out / "wiki.partial.safetensors").exists()
+
+
+RESUMED = {"samples": 4, "seq_len": 16, "batch_size": 1, "checkpoint_every": 1}
+
+
+def _edit_sums(folder, scale):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "wiki.partial.safetensors"
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    tensors["gate_sum"] = tensors["gate_sum"] * scale
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _edit_meta(folder, **changes):
+    path = folder / "wiki.partial.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("edit", [
+    lambda folder: None,  # a genuine resume equals a clean run
+    lambda folder: _edit_sums(folder, 3.0),  # sums edited, counts intact: was resumed from
+    lambda folder: _edit_meta(folder, windows_done=3),  # was resumed, then its profile refused after the work
+    lambda folder: _edit_meta(folder, windows_done=999),
+    lambda folder: _edit_meta(folder, windows_done=-1),
+], ids=["genuine", "sums-edited", "windows-done-3", "windows-done-999", "windows-done-negative"])
+def test_c4_a_resume_checkpoint_edited_by_hand_is_not_resumed_from(edit, tiny_checkpoint, tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    clean = tmp_path / "clean"
+    api.profile(str(tiny_checkpoint), ["wiki"], str(clean), calibration=RESUMED, progress=False)
+    resumed = tmp_path / "resumed"
+    _interrupted_profile(tiny_checkpoint, resumed, monkeypatch)
+    edit(resumed)
+    api.profile(str(tiny_checkpoint), ["wiki"], str(resumed), calibration=RESUMED, progress=False)
+    want, got = load_file(str(clean / "wiki.safetensors")), load_file(str(resumed / "wiki.safetensors"))
+    assert all(torch.allclose(got[k], want[k]) for k in want)
+    assert not (resumed / "wiki.partial.safetensors").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "nan", "rows", "other-layer-shape"])
+def test_c4_captured_inputs_are_checked_before_use(damage, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from moeprune.reconstruction import WorkDir, capture_moe_inputs
+    from tests.reconstruction.test_reconstruction_loss import windows
+    from tests.tiny_models import build_model
+
+    model = build_model("qwen2_moe")
+    folder = capture_moe_inputs(model, windows(model.config.vocab_size), tmp_path, "k", batch_size=3, progress=False)
+    batch = folder / "batch_00000.safetensors"
+    tensors = load_file(str(batch))
+    if damage == "truncated":
+        batch.write_bytes(batch.read_bytes()[:100])
+    else:
+        if damage == "nan":
+            tensors["layer_0"][0, 0] = float("nan")
+        elif damage == "rows":
+            tensors["layer_0"] = tensors["layer_0"][:-1]
+        else:
+            tensors["layer_0"] = torch.zeros(tensors["layer_0"].shape[0], 3)
+        save_file(tensors, str(batch))
+    # a traceback inside safetensors or torch.cat, or NaN inputs silently reconstructed from, before
+    with pytest.raises(MoePruneError, match="Captured inputs.*delete"):
+        WorkDir(tmp_path, "k").load_layer(0)

@@ -218,7 +218,7 @@ def test_stages_never_read_presets_or_the_preflight(graph: dict[str, set[str]]) 
 # EvalSettings, PlanRequest, surgery.ExportOptions, reconstruction.SearchSettings, ...), so signatures stay narrow.
 # Counted as at commit 48b5973: every parameter, self/cls not, *args and **kwargs one each.
 WIDE = 8  # a public function with this many parameters or more is "wide"
-MAX_WIDE = 6  # 16 before issue 26's second half; may only fall
+MAX_WIDE = 4  # 16 before issue 26's second half (api.prune, plan_many, apply, run_experiment left); may only fall
 MAX_VERB = 10  # the widest public verb
 VERBS = {"api": ("profile", "plan", "plan_many", "apply", "prune", "evaluate", "recover"),
          "experiment": ("run_experiment",)}

@@ -607,11 +607,19 @@ def read_weight_map(folder: str | Path) -> dict[str, str]:
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
+TENSOR_SAMPLE = 4096  # bytes of each tensor's data a checkpoint fingerprint reads (its first ones)
+
+
 def checkpoint_fingerprint(folder: str | Path) -> str | None:
     """A cheap fingerprint of a local checkpoint's weights (None when ``folder`` is not a local folder): for
     every weight file, its name, size and modification time, and for safetensors files their whole header
-    (tensor names, dtypes, shapes and offsets); the index file's content too. Weights rewritten in place (same
-    shapes) change the times; a copy keeps them (cp -p, copytree) or is profiled again, never reused wrongly."""
+    (tensor names, dtypes, shapes and offsets) and the first ``TENSOR_SAMPLE`` bytes of every tensor's data;
+    the index file's content too. Weights rewritten in place change the times, and any tensor rewritten (a
+    fine-tune, a conversion, one expert scaled) changes its first bytes even when the times are put back
+    (``touch -r``) and the size is the same. Not a full hash: that would read every weight once more before each
+    run (a second pass over the disk for a model that streams); an edit confined to a tensor's later bytes with
+    the times restored goes unseen. A copy keeps the times (cp -p, copytree) or is profiled again, never reused
+    wrongly."""
     folder = Path(folder)
     if not folder.is_dir():
         return None
@@ -622,12 +630,37 @@ def checkpoint_fingerprint(folder: str | Path) -> str | None:
         st = path.stat()
         digest.update(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
         if path.suffix == ".safetensors" and st.st_size >= 8:
-            with open(path, "rb") as handle:
-                length = int.from_bytes(handle.read(8), "little")
-                digest.update(handle.read(min(length, MAX_JSON_BYTES)))
+            _safetensors_sample(path, st.st_size, digest)
         elif path.name.endswith(".index.json"):
             digest.update(path.read_bytes()[:MAX_JSON_BYTES])
     return digest.hexdigest()
+
+
+def _safetensors_sample(path: Path, size: int, digest: Any) -> None:
+    """The header and the first bytes of each tensor's data (one small positioned read per tensor, without
+    read-ahead: a fingerprint of a 60 GB checkpoint reads a few MB)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        length = int.from_bytes(os.pread(fd, 8, 0), "little")
+        header = os.pread(fd, min(length, MAX_JSON_BYTES), 8)
+        digest.update(header)
+        try:
+            entries = json.loads(header)
+        except ValueError:
+            return  # not a safetensors header: its bytes (and the file's size and time) are the fingerprint
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        starts = sorted(
+            entry["data_offsets"][0] for name, entry in entries.items()
+            if name != "__metadata__" and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list)
+            and entry["data_offsets"] and isinstance(entry["data_offsets"][0], int)
+        ) if isinstance(entries, dict) else []
+        for start in starts:
+            offset = 8 + length + start
+            if 0 <= offset < size:
+                digest.update(os.pread(fd, TENSOR_SAMPLE, offset))
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------ untrusted text

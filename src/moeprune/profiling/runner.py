@@ -148,6 +148,10 @@ def _profile_model(model: Any, stream: DiskLayers | None, tokenizer: Any, corpor
                 "overflow (weights holding NaN/inf, or activations beyond this dtype's range: try --dtype float32); "
                 "nothing was saved for this corpus."
             )
+        if problem:  # never saved: a profile that would be refused on load (the checkpoint resumed from is removed)
+            _remove_partial(out_dir / f"{spec.name}.partial.safetensors")
+            raise MoePruneError(f"Profiling {spec.name} gave invalid statistics ({problem}); nothing was saved for "
+                                "this corpus and its checkpoint was removed: run `moeprune profile` again.")
         if _is_rank0():
             # Checked again under the folder's lock: a run of another model that finished meanwhile is not
             # silently replaced or mixed with (two profiles started together into one new folder).
@@ -192,10 +196,22 @@ def profile_windows(
                 windows_done = done + sum(len(b) for b in batches[:finished])
                 total.meta.update(meta, windows_done=windows_done)
                 if partial_path is not None and finished < len(batches) and _is_rank0():
+                    total.meta["checkpoint_sha256"] = checkpoint_seal(total)
                     total.save(partial_path)
     bar.close()
     total.meta.pop("windows_done", None)
+    total.meta.pop("checkpoint_sha256", None)
     return total
+
+
+def checkpoint_seal(stats: ExpertStats) -> str:
+    """SHA-256 of a resume checkpoint's sums and the windows they cover: a checkpoint edited by hand (its sums
+    scaled, its ``windows_done`` changed) is not resumed from; the corpus starts over."""
+    digest = hashlib.sha256(f"windows_done={stats.meta.get('windows_done')!r}\0".encode())
+    for name, tensor in sorted(stats.tensors().items()):
+        digest.update(f"{name}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor.cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _sequential(model, windows, batch_size: int, device: str, meta, progress: bool, desc: str) -> ExpertStats:
@@ -211,6 +227,8 @@ def _resume(partial_path: Path | None, meta: dict[str, Any], layers) -> tuple[Ex
     try:
         partial = ExpertStats.load(partial_path)
     except MoePruneError:  # a corrupt checkpoint is only lost time: start the corpus over
+        return empty, 0
+    if partial.meta.get("checkpoint_sha256") != checkpoint_seal(partial):  # edited, or written before the seal
         return empty, 0
     if not _matches(partial.meta, {k: meta[k] for k in IDENTITY_KEYS}) or partial.meta.get("world_size", 1) != meta.get(
         "world_size", 1

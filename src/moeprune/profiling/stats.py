@@ -152,7 +152,12 @@ class ExpertStats:
         if len(rows) and not torch.equal(rows, rows[:1].expand_as(rows)):
             return f"count sums to different token totals in different layers ({sorted(set(rows.tolist()))})"
         top_k, tokens = self.meta.get("top_k"), self.meta.get("tokens")
-        if "windows_done" in self.meta or not _is_int(top_k) or not _is_int(tokens) or not len(rows):
+        if "windows_done" in self.meta:  # a checkpoint: the windows it says it covers, each of seq_len tokens
+            done, seq_len = self.meta.get("windows_done"), self.meta.get("seq_len")
+            if not _is_int(done) or done < 0:
+                return f"windows_done is {done!r}, not a count of windows"
+            tokens = done * seq_len if _is_int(seq_len) else None
+        if not _is_int(top_k) or not _is_int(tokens) or not len(rows):
             return None
         if int(rows[0]) != top_k * tokens:
             return (f"count sums to {int(rows[0])} routings per layer, but {tokens} tokens routed to top-{top_k} "

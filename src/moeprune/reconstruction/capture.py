@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from moeprune.arch.view import moe_layers
@@ -81,10 +81,24 @@ class WorkDir:
         if meta is None or layer not in meta["layers"]:
             raise MoePruneError(f"No captured inputs for layer {layer} in {self.dir}; run the capture first.")
         pieces = []
+        redo = f"delete {self.dir} (a cache of captured inputs) and run again"
         for batch in range(meta["batches"]):
-            with safe_open(self.part_path(batch), framework="pt") as handle:
-                pieces.append(handle.get_tensor(f"layer_{layer}"))
-        return torch.cat(pieces)
+            path = self.part_path(batch)
+            try:
+                with safe_open(path, framework="pt") as handle:
+                    pieces.append(handle.get_tensor(f"layer_{layer}"))
+            except (SafetensorError, OSError) as err:
+                raise MoePruneError(f"Captured inputs {path} are truncated or corrupt ({err}); {redo}.") from err
+        # Checked before use like every cached file: another capture's batch, a file cut short or edited.
+        shapes = {tuple(piece.shape[1:]) for piece in pieces}
+        rows = sum(piece.shape[0] for piece in pieces)
+        if len(shapes) > 1 or any(piece.dim() != 2 for piece in pieces) or rows != meta.get("tokens", rows):
+            raise MoePruneError(f"Captured inputs in {self.dir} do not hold {meta.get('tokens')} tokens of one "
+                                f"hidden size for layer {layer}; {redo}.")
+        inputs = torch.cat(pieces)
+        if not bool(torch.isfinite(inputs).all()):
+            raise MoePruneError(f"Captured inputs in {self.dir} hold NaN or infinite values for layer {layer}; {redo}.")
+        return inputs
 
 
 def _is_count(value: Any) -> bool:
