@@ -126,7 +126,6 @@ def run_layer_major(
     on_layer_done: Callable[[int, nn.Module], None] | None = None,
     progress: bool = True,
     desc: str = "layer by layer",
-    budget: int | None = None,
 ) -> RunReport:
     """Run ``batches`` through ``place.model`` layer-major; see the module docstring.
 
@@ -135,15 +134,15 @@ def run_layer_major(
     freed; ``on_logits(batch, logits)`` sees each batch's logits (then the head runs). Forward hooks installed on
     the model's modules fire as in an ordinary forward pass.
 
-    ``budget``: bytes of parked hidden states kept in CPU memory (default: :func:`parked_budget`); the batches
-    beyond it are parked in a temporary file (:class:`~moeprune.streaming.parked.ParkedStore`), removed on return,
+    The parked hidden states stay in CPU memory up to :func:`parked_budget`; the batches beyond it are parked in
+    a temporary file (:class:`~moeprune.streaming.parked.ParkedStore`), removed on return,
     on an exception and on Ctrl-C.
     """
     model, layers = place.model, place.layers
     place.stats = StreamStats()  # this run's reads only (a reader serves one run per corpus, chunk, ...)
     report = RunReport(stats=place.stats)
     start = time.perf_counter()
-    parked = ParkedStore(parked_budget(place) if budget is None else budget)
+    parked = ParkedStore(parked_budget(place))
     try:
         place.load_outside()
         kwargs = _embed(model, layers, batches, place.device, parked)
