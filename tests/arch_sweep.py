@@ -238,7 +238,7 @@ def _error_result(model_type: str, err: Exception) -> CaseResult:
 def run_reconstruction_case(model_type: str, workdir: Path | None = None) -> CaseResult:
     """Plan ``expert-sparsity`` (half the experts) on ``model_type``'s tiny model: "exact" when the routing
     guard passes and every MoE layer gets a mask, "refused" with the guard's (or the table's) message."""
-    from moeprune.reconstruction import WorkDir, expert_sparsity_mask
+    from moeprune.reconstruction import SearchSettings, WorkDir, expert_sparsity_mask
 
     with contextlib.ExitStack() as stack:
         if workdir is None:
@@ -246,7 +246,8 @@ def run_reconstruction_case(model_type: str, workdir: Path | None = None) -> Cas
         try:
             spec_for(tiny_config(model_type))
             model = build_model(model_type)
-            mask = expert_sparsity_mask(model, RECON_TOKENS, 0.5, workdir, "sweep", loss="global", progress=False)
+            mask = expert_sparsity_mask(model, RECON_TOKENS, 0.5, WorkDir(workdir, "sweep"),
+                                        SearchSettings(loss="global"), progress=False)
         except MoePruneError as err:
             return CaseResult(model_type, "refused", str(err))
         except Exception as err:  # noqa: BLE001 - reported as a traceback, never as a result
