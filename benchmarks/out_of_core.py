@@ -227,6 +227,27 @@ def gpu_stream(checkpoint: Path, windows: int, fraction: float) -> dict[str, Any
     return out
 
 
+def table(files: list[Path]) -> str:
+    """docs/benchmarks.md's table: one row per model and stage."""
+    rows = ["| model | stage | wall | CPU | load (1 min, before/after) | peak RSS | cgroup peak | read | read floor | "
+            "compute in memory | wall / max(compute, read) | CPU / in-memory CPU |", "|" + "---|" * 12]
+    for file in files:
+        results = json.loads(Path(file).read_text())
+        speed = results.get("disk_bytes_per_s")
+        for name, r in results["stages"].items():
+            load = "/".join(f"{x:.1f}" for x in r.get("load_1min", [])) or "-"
+            compute = f"{r['compute_s']:.0f} s" if "compute_s" in r else ""
+            ratio = f"**{r['ratio']:.2f}**" if "ratio" in r else ""
+            cpu_ratio = f"{r['cpu_ratio']:.2f}" if "cpu_ratio" in r else ""
+            floor = f"{r['read_bytes'] / speed:.0f} s" if speed else f"{r.get('read_floor_s', 0):.0f} s"
+            rows.append(f"| {results['model']} | {name} | {r['wall_s']:.0f} s | "
+                        f"{r['cpu_s']:.0f} s | " if "cpu_s" in r else f"| {results['model']} | {name} | "
+                        f"{r['wall_s']:.0f} s | - | ")
+            rows[-1] += (f"{load} | {r['peak_rss'] / 1e9:.2f} GB | {r.get('cgroup_peak', 0) / 2**30:.2f} GiB | "
+                         f"{r['read_bytes'] / 1e9:.1f} GB | {floor} | {compute} | {ratio} | {cpu_ratio} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen1.5-moe-a2.7b")
@@ -236,6 +257,7 @@ def main() -> None:
     parser.add_argument("--stages", nargs="+", default=["profile", "plan", "apply"])
     parser.add_argument("--out", type=Path, default=HERE / "out" / "out_of_core.json")
     parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers (a smoke test)")
+    parser.add_argument("--table", type=Path, nargs="+", help="print the markdown table of these results files")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint (default: deleted at the end)")
     parser.add_argument("--gpu", action="store_true", help="stream onto the GPU instead of capping host memory")
     parser.add_argument("--gpu-fraction", type=float, default=0.25, help="GPU memory cap, times the model's bytes")
@@ -245,6 +267,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(json.loads(args.child), args.cgroup, args.report)
+    if args.table:
+        print(table(args.table))
+        return None
 
     if args.gpu:
         checkpoint = args.dir / args.model
