@@ -230,7 +230,7 @@ def gpu_stream(checkpoint: Path, windows: int, fraction: float) -> dict[str, Any
 def table(files: list[Path]) -> str:
     """docs/benchmarks.md's table: one row per model and stage."""
     rows = ["| model | stage | wall | CPU | load (1 min, before/after) | peak RSS | cgroup peak | read | read floor | "
-            "compute in memory | wall / max(compute, read) | CPU / in-memory CPU |", "|" + "---|" * 12]
+            "compute in memory | wall / max(compute, read) | wall / compute | CPU / in-memory CPU |", "|" + "---|" * 13]
     for file in files:
         results = json.loads(Path(file).read_text())
         speed = results.get("disk_bytes_per_s")
@@ -239,12 +239,14 @@ def table(files: list[Path]) -> str:
             compute = f"{r['compute_s']:.0f} s" if "compute_s" in r else ""
             ratio = f"**{r['ratio']:.2f}**" if "ratio" in r else ""
             cpu_ratio = f"{r['cpu_ratio']:.2f}" if "cpu_ratio" in r else ""
+            over_compute = f"{r['wall_s'] / r['compute_s']:.2f}" if "compute_s" in r else ""
             floor = f"{r['read_bytes'] / speed:.0f} s" if speed else f"{r.get('read_floor_s', 0):.0f} s"
             rows.append(f"| {results['model']} | {name} | {r['wall_s']:.0f} s | "
                         f"{r['cpu_s']:.0f} s | " if "cpu_s" in r else f"| {results['model']} | {name} | "
                         f"{r['wall_s']:.0f} s | - | ")
             rows[-1] += (f"{load} | {r['peak_rss'] / 1e9:.2f} GB | {r.get('cgroup_peak', 0) / 2**30:.2f} GiB | "
-                         f"{r['read_bytes'] / 1e9:.1f} GB | {floor} | {compute} | {ratio} | {cpu_ratio} |")
+                         f"{r['read_bytes'] / 1e9:.1f} GB | {floor} | {compute} | {ratio} | {over_compute} | "
+                         f"{cpu_ratio} |")
     return "\n".join(rows)
 
 
