@@ -227,6 +227,7 @@ class DiskLayers:
         from transformers.utils import logging as hf_logging
 
         start = time.perf_counter()
+        self.checkpoint.will_need(keys)  # the kernel reads the layer's bytes now, whether or not they are copied
         handles = {}
         try:
             state = {}
