@@ -234,7 +234,8 @@ def table(files: list[Path]) -> str:
     for file in files:
         results = json.loads(Path(file).read_text())
         speed = results.get("disk_bytes_per_s")
-        for name, r in results["stages"].items():
+        for stage, r in results["stages"].items():
+            name = f"{stage}, {results['windows_per_corpus']} x 1024 a corpus" if stage == "profile" else stage
             load = "/".join(f"{x:.1f}" for x in r.get("load_1min", [])) or "-"
             compute = f"{r['compute_s']:.0f} s" if "compute_s" in r else ""
             ratio = f"**{r['ratio']:.2f}**" if "ratio" in r else ""
