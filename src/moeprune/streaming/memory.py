@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -127,3 +128,26 @@ def should_stream(weight_bytes: int, memory: Memory | None = None) -> tuple[bool
     return True, (f"streaming the weights from disk one decoder layer at a time: they take {gib(weight_bytes)} in "
                   f"their compute dtype, more than {FIT_FRACTION:.0%} of the {memory.describe()} (--no-stream "
                   "loads them whole)")
+
+
+_LIBC: Any = None
+
+
+def release_free_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc ``malloc_trim``; nothing elsewhere).
+
+    A layer-major pass allocates and frees the same few hundred MB per layer (captured inputs, Grams, expert
+    outputs); glibc keeps freed heap memory for reuse, fragmented, so the process's anonymous memory grew by about
+    330 MB a layer in a streamed expert-sparsity pass over DeepSeek-MoE-16B until an 8 GiB cgroup killed it at layer
+    12 of 28. Trimming once a layer is freed keeps it flat (measured: 1.1-2.8 GB throughout, no growth)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from moeprune.errors import MoePruneError
 from moeprune.streaming.layers import StreamStats, detached_layers
+from moeprune.streaming.memory import release_free_heap
 from moeprune.streaming.parked import ParkedStore, default_budget
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,7 @@ def run_layer_major(
             if on_layer_done is not None:
                 on_layer_done(index, layer)
             place.free(index)
+            release_free_heap()  # or the heap keeps each layer's freed scratch memory, fragmented
         bar.close()
         report.layers_s = time.perf_counter() - start
 
