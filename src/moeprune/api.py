@@ -63,6 +63,7 @@ from moeprune.preflight import (
     check_recovery,
     check_something_to_measure,
     input_files,
+    recovery_options,
 )
 from moeprune.presets import PAPER, PRESETS, is_bundled, preset_for  # noqa: F401 (re-export)
 from moeprune.profiling.runner import SEQUENTIAL_ONE_PROCESS, is_distributed, profile_model, weights_fingerprint
@@ -442,11 +443,7 @@ class _RecoveryFields:
 
     @staticmethod
     def coerce(value: Mapping[str, Any]) -> RecoveryOptions:
-        known = set(RecoveryOptions.__dataclass_fields__)
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise MoePruneError(f"Unknown recover option(s) {unknown}; known: {', '.join(sorted(known))}.")
-        return RecoveryOptions(**value)
+        return recovery_options(value)
 
 
 def _resolved_recovery(source: ModelSource, mask: ExpertMask, options: RecoveryOptions) -> RecoveryOptions:
