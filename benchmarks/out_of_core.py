@@ -242,12 +242,11 @@ def table(files: list[Path]) -> str:
             cpu_ratio = f"{r['cpu_ratio']:.2f}" if "cpu_ratio" in r else ""
             over_compute = f"{r['wall_s'] / r['compute_s']:.2f}" if "compute_s" in r else ""
             floor = f"{r['read_bytes'] / speed:.0f} s" if speed else f"{r.get('read_floor_s', 0):.0f} s"
-            rows.append(f"| {results['model']} | {name} | {r['wall_s']:.0f} s | "
-                        f"{r['cpu_s']:.0f} s | " if "cpu_s" in r else f"| {results['model']} | {name} | "
-                        f"{r['wall_s']:.0f} s | - | ")
-            rows[-1] += (f"{load} | {r['peak_rss'] / 1e9:.2f} GB | {r.get('cgroup_peak', 0) / 2**30:.2f} GiB | "
-                         f"{r['read_bytes'] / 1e9:.1f} GB | {floor} | {compute} | {ratio} | {over_compute} | "
-                         f"{cpu_ratio} |")
+            cpu = f"{r['cpu_s']:.0f} s" if "cpu_s" in r else "-"
+            rows.append(f"| {results['model']} | {name} | {r['wall_s']:.0f} s | {cpu} | {load} | "
+                        f"{r['peak_rss'] / 1e9:.2f} GB | {r.get('cgroup_peak', 0) / 2**30:.2f} GiB | "
+                        f"{r['read_bytes'] / 1e9:.1f} GB | {floor} | {compute} | {ratio} | {over_compute} | "
+                        f"{cpu_ratio} |")
     return "\n".join(rows)
 
 
